@@ -1,0 +1,5 @@
+"""clip_sort.py: not implemented yet (see the open issues)."""
+import sys
+
+if __name__ == '__main__':
+    sys.exit("error: clip_sort.py is not implemented yet; see the project's open issues")

@@ -1,0 +1,5 @@
+"""fid_score.py: not implemented yet (see the open issues)."""
+import sys
+
+if __name__ == '__main__':
+    sys.exit("error: fid_score.py is not implemented yet; see the project's open issues")

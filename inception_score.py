@@ -1,0 +1,5 @@
+"""inception_score.py: not implemented yet (see the open issues)."""
+import sys
+
+if __name__ == '__main__':
+    sys.exit("error: inception_score.py is not implemented yet; see the project's open issues")

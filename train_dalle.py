@@ -1,0 +1,5 @@
+"""train_dalle.py: not implemented yet (see the open issues)."""
+import sys
+
+if __name__ == '__main__':
+    sys.exit("error: train_dalle.py is not implemented yet; see the project's open issues")

@@ -1,0 +1,964 @@
+"""Shared plumbing for every t2i-repro script: config, CLI, device, seeding,
+distributed, logging, metrics, checkpoints and the data readers.
+
+Scripts read top to bottom like their paper; everything that is not the paper
+lives here, once.
+"""
+import argparse
+import collections
+import csv
+import difflib
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+def run_main(fn):
+    """Call fn(); turn UserError into a one-line message and a non-zero exit."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------
+# Config: defaults in one dict per script, YAML merged over them, --set on top.
+# ----------------------------------------------------------------------------
+class Cfg(dict):
+    """A dict with attribute access (cfg.TRAIN.BATCH_SIZE), nested."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def __setattr__(self, k, v):
+        self[k] = v
+
+    def to_dict(self):
+        return {k: v.to_dict() if isinstance(v, Cfg) else v for k, v in self.items()}
+
+
+def to_cfg(d):
+    return Cfg({k: to_cfg(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+def _check_type(key, default, value, source):
+    """Values must keep the default's type (int may stand for float; None means any)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{source}: {key}={value!r}: expected true/false")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return list(value)
+    if type(default) is not type(value):
+        raise UserError(f"{source}: {key}={value!r}: expected {type(default).__name__} "
+                        f"like the default {default!r}")
+    return value
+
+
+def _unknown_key(key, valid, source):
+    close = difflib.get_close_matches(key.split('.')[-1], [v.split('.')[-1] for v in valid], n=3)
+    full = [v for v in valid if v.split('.')[-1] in close][:3] or difflib.get_close_matches(key, valid, n=3)
+    hint = f"; did you mean {', '.join(full)}?" if full else ""
+    raise UserError(f"{source}: unknown cfg key '{key}'{hint}")
+
+
+def _flat_keys(d, prefix=''):
+    out = []
+    for k, v in d.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out += _flat_keys(v, prefix + k + '.')
+    return out
+
+
+def merge_cfg(base, override, source, prefix=''):
+    """Merge dict `override` into Cfg `base` in place; unknown keys are errors."""
+    for k, v in override.items():
+        key = prefix + str(k)
+        if k not in base:
+            _unknown_key(key, _flat_keys(base), source)
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise UserError(f"{source}: {key} is a section; expected a mapping, got {v!r}")
+            merge_cfg(base[k], v, source, key + '.')
+        else:
+            base[k] = _check_type(key, base[k], v, source)
+    return base
+
+
+def apply_set(cfg, assignments):
+    """--set A.B=VALUE (VALUE parsed as a YAML scalar/list)."""
+    for item in assignments or []:
+        if '=' not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split('=', 1)
+        try:
+            value = yaml.safe_load(raw) if raw != '' else ''
+        except yaml.YAMLError:
+            value = raw
+        node = value
+        for part in reversed(key.split('.')):
+            node = {part: node}
+        merge_cfg(cfg, node, '--set')
+    return cfg
+
+
+def load_yaml(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: cfg file not found")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of cfg keys at the top level")
+    return data
+
+
+# Keys every script's cfg has; the common flags write into them.
+COMMON_DEFAULTS = {
+    'CONFIG_NAME': '',     # names the run directory when OUT_DIR is empty
+    'OUT_DIR': '',         # run directory (--out)
+    'SEED': 0,             # --seed
+    'GPU_ID': -1,          # --gpu; -1 = CPU
+    'DETERMINISTIC': False,
+}
+
+
+def base_parser(description, positional=None):
+    """The flags every script shares. `positional` adds script-specific ones."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument('--cfg', help='YAML file merged over the defaults')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='override one cfg key (dotted for sections; repeatable)')
+    p.add_argument('--gpu', type=int, default=None, help='CUDA device index; -1 = CPU')
+    p.add_argument('--seed', type=int, default=None)
+    p.add_argument('--out', default=None, help='run directory')
+    p.add_argument('--resume', default=None, help="'auto' (newest checkpoint in the run dir) or a path")
+    p.add_argument('--deterministic', action='store_true', default=None)
+    return p
+
+
+def build_cfg(defaults, args):
+    """defaults <- YAML (--cfg) <- common flags <- --set."""
+    cfg = to_cfg({**COMMON_DEFAULTS, **defaults})
+    if args.cfg:
+        merge_cfg(cfg, load_yaml(args.cfg), args.cfg)
+    flags = {'GPU_ID': args.gpu, 'SEED': args.seed, 'OUT_DIR': args.out,
+             'DETERMINISTIC': args.deterministic}
+    merge_cfg(cfg, {k: v for k, v in flags.items() if v is not None}, 'command line')
+    apply_set(cfg, args.set)
+    if not cfg.OUT_DIR:
+        name = cfg.CONFIG_NAME or os.path.splitext(os.path.basename(args.cfg or 'run'))[0]
+        cfg.OUT_DIR = os.path.join('output', name)
+    return cfg
+
+
+def save_cfg(cfg, out_dir):
+    atomic_write_text(os.path.join(out_dir, 'cfg.yml'),
+                      yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------
+# Device, seeding, distributed
+# ----------------------------------------------------------------------------
+def get_device(gpu):
+    """gpu < 0: CPU. Under torchrun the local rank picks the GPU."""
+    if gpu is None or gpu < 0:
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        raise UserError(f"--gpu {gpu}: CUDA was asked for but none is available "
+                        "(torch.cuda.is_available() is False); use --gpu -1 for the CPU")
+    n = torch.cuda.device_count()
+    index = int(os.environ.get('LOCAL_RANK', gpu)) if is_distributed_env() else gpu
+    if index >= n:
+        raise UserError(f"--gpu {index}: only {n} CUDA device(s) visible")
+    torch.cuda.set_device(index)
+    return torch.device('cuda', index)
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def is_distributed_env():
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+
+def init_distributed(device):
+    """Start the process group when launched by torchrun; returns (rank, world)."""
+    import torch.distributed as dist
+    if not is_distributed_env():
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return dist.get_rank(), dist.get_world_size()
+
+
+def cleanup_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank():
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def wrap_ddp(model, device, **kw):
+    if get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, **kw)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, 'module') else model
+
+
+def all_gather_with_grad(x):
+    """Concatenate x from every rank; the local shard keeps its gradient, so a
+    contrastive loss sees the global batch as negatives (open_clip's scheme)."""
+    import torch.distributed as dist
+    world = get_world_size()
+    if world == 1:
+        return x
+    parts = [torch.zeros_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[get_rank()] = x
+    return torch.cat(parts, 0)
+
+
+def all_reduce_mean(value):
+    """Average a python float / tensor over ranks (for logging)."""
+    import torch.distributed as dist
+    if get_world_size() == 1:
+        return value
+    t = torch.as_tensor(value, dtype=torch.float64, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t)
+    return (t / get_world_size()).item()
+
+
+def make_loader(dataset, batch_size, shuffle, drop_last=False, workers=0, seed=0, collate_fn=None):
+    """A DataLoader that shards with DistributedSampler under torchrun."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    sampler = None
+    if get_world_size() > 1:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
+        shuffle = False
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                      drop_last=drop_last, num_workers=workers, collate_fn=collate_fn,
+                      generator=g, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available())
+
+
+def set_epoch(loader, epoch):
+    if hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+
+
+# ----------------------------------------------------------------------------
+# Run setup, logging, progress, TensorBoard, metrics.json
+# ----------------------------------------------------------------------------
+class _NullWriter:
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+def get_logger(out_dir=None, name='t2i'):
+    log = logging.getLogger(name)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if not is_main():
+        log.addHandler(logging.NullHandler())
+        return log
+    fmt = logging.Formatter('%(asctime)s %(message)s', '%Y-%m-%d %H:%M:%S')
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(fmt)
+    log.addHandler(sh)
+    if out_dir:
+        fh = logging.FileHandler(os.path.join(out_dir, 'log.txt'))
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return log
+
+
+class Run:
+    """What a script gets from setup(): cfg, device, run dir, log, TensorBoard writer."""
+
+    def __init__(self, cfg, device, rank, world, log, writer):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.out, self.log, self.writer = cfg.OUT_DIR, log, writer
+        self.main = rank == 0
+
+
+def setup(args, defaults, tensorboard=True):
+    """Parse cfg, choose the device, start DDP, seed, create the run dir and logs."""
+    cfg = build_cfg(defaults, args)
+    device = get_device(cfg.GPU_ID)
+    rank, world = init_distributed(device)
+    seed_everything(cfg.SEED + rank, cfg.DETERMINISTIC)
+    if rank == 0:
+        os.makedirs(cfg.OUT_DIR, exist_ok=True)
+        save_cfg(cfg, cfg.OUT_DIR)
+    log = get_logger(cfg.OUT_DIR if rank == 0 else None)
+    writer = _NullWriter()
+    if tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.OUT_DIR, 'tb'))
+    log.info(f"run dir {cfg.OUT_DIR} | device {device} | world {world} | seed {cfg.SEED}")
+    return Run(cfg, device, rank, world, log, writer)
+
+
+def log_images(writer, tag, images, step, nrow=8):
+    """images in [-1, 1], shape (N, 3, H, W): one grid in TensorBoard."""
+    import torchvision.utils as vutils
+    grid = vutils.make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow,
+                            normalize=True, value_range=(-1, 1))
+    writer.add_image(tag, grid, step)
+
+
+def save_image_grid(images, path, nrow=8):
+    import torchvision.utils as vutils
+    vutils.save_image(images.detach().float().cpu().clamp(-1, 1), path, nrow=nrow,
+                      normalize=True, value_range=(-1, 1))
+
+
+class progress:
+    """tqdm on a terminal; on a pipe or nohup log, one plain line every
+    `every` steps (and at the end) instead of carriage-return spam."""
+
+    def __init__(self, iterable=None, total=None, desc='', every=50, disable=None, log=None):
+        self.iterable, self.desc, self.every = iterable, desc, max(1, every)
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, '__len__') else None)
+        self.disable = (not is_main()) if disable is None else disable
+        self.tty = sys.stderr.isatty()
+        self.log, self.n, self.postfix, self.t0 = log, 0, {}, time.time()
+        self._bar = None
+        if self.tty and not self.disable:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.total, desc=desc, dynamic_ncols=True)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def set_postfix(self, **kw):
+        self.postfix = {k: (f'{v:.4g}' if isinstance(v, float) else v) for k, v in kw.items()}
+        if self._bar is not None:
+            self._bar.set_postfix(self.postfix, refresh=False)
+
+    def update(self, n=1):
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif not self.disable and (self.n % self.every == 0 or self.n == self.total):
+            self._line()
+
+    def _line(self):
+        dt = time.time() - self.t0
+        rate = self.n / dt if dt > 0 else 0.0
+        tot = f'/{self.total}' if self.total else ''
+        post = ' '.join(f'{k}={v}' for k, v in self.postfix.items())
+        msg = f'{self.desc} {self.n}{tot} [{dt:.0f}s, {rate:.2f} it/s] {post}'.strip()
+        (self.log.info if self.log else print)(msg)
+        sys.stdout.flush()
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def write_metrics(out_dir, metrics, name='metrics.json'):
+    """Final numbers of a run, merged into <run dir>/metrics.json (atomic)."""
+    if not is_main():
+        return
+    path = os.path.join(out_dir, name)
+    data = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError:
+                data = {}
+    data.update(metrics)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def check_finite(loss, name, step):
+    """A NaN/inf loss stops the run before anything is saved over a good checkpoint."""
+    if not torch.isfinite(loss).all():
+        raise UserError(f"loss '{name}' is {loss.item()} at step {step}; stopping without "
+                        "saving (lower the learning rate or try --set ...AMP=false)")
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: atomic writes, keep the last K, resume, kind checks
+# ----------------------------------------------------------------------------
+def _fsync_dir(d):
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path, data):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(d)
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def atomic_torch_save(obj, path):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    st = {'python': random.getstate(),
+          'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+          'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st['cuda'] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate(tuple(st['python'][:1]) + (tuple(st['python'][1]),) + tuple(st['python'][2:]))
+    n = st['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    torch.set_rng_state(st['torch'])
+    if 'cuda' in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st['cuda'])
+
+
+def save_checkpoint(out_dir, kind, step, models, optimizers=None, schedulers=None,
+                    scaler=None, epoch=0, cfg=None, extra=None, keep=3, name=None):
+    """Save the full training state atomically as <out>/checkpoints/<kind>_<step>.pt
+    and delete all but the newest `keep` of this kind. Only rank 0 writes."""
+    if not is_main():
+        return None
+    ckpt = {
+        'kind': kind, 'format': 1, 'step': int(step), 'epoch': int(epoch),
+        'models': {k: unwrap(m).state_dict() for k, m in models.items()},
+        'optimizers': {k: o.state_dict() for k, o in (optimizers or {}).items()},
+        'schedulers': {k: s.state_dict() for k, s in (schedulers or {}).items()},
+        'scaler': scaler.state_dict() if scaler is not None else None,
+        'rng': rng_state(),
+        'cfg': cfg.to_dict() if isinstance(cfg, Cfg) else cfg,
+        'extra': extra or {},
+    }
+    d = os.path.join(out_dir, 'checkpoints')
+    path = os.path.join(d, name or f'{kind}_{step:08d}.pt')
+    atomic_torch_save(ckpt, path)
+    if keep and keep > 0:
+        for old in list_checkpoints(out_dir, kind)[:-keep]:
+            os.remove(old)
+    return path
+
+
+def list_checkpoints(out_dir, kind):
+    """This kind's step checkpoints in the run dir, oldest first."""
+    d = os.path.join(out_dir, 'checkpoints')
+    if not os.path.isdir(d):
+        return []
+    pat = re.compile(rf'^{re.escape(kind)}_(\d+)\.pt$')
+    found = [(int(m.group(1)), os.path.join(d, f)) for f in os.listdir(d) if (m := pat.match(f))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path, kind=None, map_location='cpu'):
+    """torch.load(weights_only=True) and check the checkpoint is of the expected kind."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})")
+    if not isinstance(ckpt, dict) or 'kind' not in ckpt:
+        raise UserError(f"{path}: not a t2i-repro training checkpoint (no 'kind' entry)")
+    if kind is not None and ckpt['kind'] != kind:
+        raise UserError(f"{path}: checkpoint of kind '{ckpt['kind']}', expected '{kind}'")
+    return ckpt
+
+
+def resolve_resume(resume, out_dir, kind, log=None):
+    """--resume auto: newest loadable checkpoint of `kind` in the run dir (None if
+    there is none); --resume PATH: that file. Returns the loaded checkpoint or None."""
+    if not resume:
+        return None
+    if resume != 'auto':
+        return load_checkpoint(resume, kind)
+    for path in reversed(list_checkpoints(out_dir, kind)):
+        try:
+            ckpt = load_checkpoint(path, kind)
+        except UserError as e:
+            if log:
+                log.warning(f"skipping unreadable checkpoint: {e}")
+            continue
+        if log:
+            log.info(f"resuming from {path} (step {ckpt['step']})")
+        return ckpt
+    if log:
+        log.info(f"--resume auto: no {kind} checkpoint in {out_dir}; starting fresh")
+    return None
+
+
+def restore_checkpoint(ckpt, models, optimizers=None, schedulers=None, scaler=None, rng=True):
+    """Load every piece of state saved by save_checkpoint back into live objects."""
+    for k, m in models.items():
+        if k not in ckpt['models']:
+            raise UserError(f"checkpoint has no model '{k}' (has {sorted(ckpt['models'])})")
+        unwrap(m).load_state_dict(ckpt['models'][k])
+    for k, o in (optimizers or {}).items():
+        o.load_state_dict(ckpt['optimizers'][k])
+    for k, s in (schedulers or {}).items():
+        s.load_state_dict(ckpt['schedulers'][k])
+    if scaler is not None and ckpt.get('scaler') is not None:
+        scaler.load_state_dict(ckpt['scaler'])
+    if rng:
+        set_rng_state(ckpt['rng'])
+    return ckpt['step'], ckpt['epoch']
+
+
+# ----------------------------------------------------------------------------
+# Restricted unpickler for dataset pickles (AttnGAN's filenames/captions/class_info)
+# ----------------------------------------------------------------------------
+_SAFE_GLOBALS = {('builtins', n) for n in ('list', 'dict', 'tuple', 'set', 'frozenset',
+                                            'int', 'float', 'str', 'bytes', 'bool', 'complex')}
+_SAFE_GLOBALS.add(('collections', 'OrderedDict'))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing global '{module}.{name}'")
+
+
+def safe_pickle_load(path):
+    """Load a dataset pickle allowing only plain containers, strings and numbers.
+    Python 2 pickles (AttnGAN's) decode byte strings as latin-1."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    with open(path, 'rb') as f:
+        try:
+            obj = _RestrictedUnpickler(f, encoding='latin1').load()
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{path}: unsafe or corrupt pickle ({e}); only plain "
+                            "lists/dicts/strings/numbers are accepted")
+        except Exception as e:
+            raise UserError(f"{path}: unreadable pickle ({type(e).__name__}: {e})")
+    return obj
+
+
+def safe_pickle_dump(obj, path):
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=2))
+
+
+# ----------------------------------------------------------------------------
+# Data: images, the AttnGAN/DM-GAN layout (CUB, COCO), COCO json, CSV, jsonl, folders
+# ----------------------------------------------------------------------------
+IMG_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
+
+
+class BadImage(UserError):
+    pass
+
+
+def load_image(path):
+    """An RGB PIL image, or BadImage naming the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.convert('RGB')
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"{path}: unreadable image ({type(e).__name__}: {e})")
+
+
+def list_images(folder, recursive=True):
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: image folder not found")
+    out = []
+    for root, _, files in os.walk(folder):
+        out += [os.path.join(root, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+        if not recursive:
+            break
+    return sorted(out)
+
+
+def tokenize_attngan(text):
+    """AttnGAN's tokenisation: lowercase, RegexpTokenizer(r'\\w+'), ASCII only."""
+    text = text.replace('\ufffd\ufffd', ' ').lower()
+    return [t.encode('ascii', 'ignore').decode('ascii') for t in re.findall(r'\w+', text)
+            if t.encode('ascii', 'ignore')]
+
+
+def _require(path, what):
+    if not os.path.exists(path):
+        raise UserError(f"{path}: missing ({what})")
+    return path
+
+
+def _read_captions_txt(path, n):
+    """The first n non-empty captions of text/<key>.txt."""
+    _require(path, f'caption file with {n} lines')
+    with open(path, encoding='utf-8', errors='replace') as f:
+        caps = [line.strip() for line in f if line.strip()]
+    if len(caps) < n:
+        raise UserError(f"{path}: has {len(caps)} captions, CAPTIONS_PER_IMAGE expects {n}")
+    return caps[:n]
+
+
+def read_attngan_split(data_dir, split):
+    """Keys of a split from <data_dir>/<split>/filenames.pickle."""
+    path = _require(os.path.join(data_dir, split, 'filenames.pickle'),
+                    f"AttnGAN layout: list of image keys for the '{split}' split")
+    keys = safe_pickle_load(path)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise UserError(f"{path}: expected a list of image keys (str)")
+    return keys
+
+
+def build_vocab(tokenized_captions):
+    """AttnGAN's vocabulary: index 0 is '<end>' (padding), then words in first-seen order."""
+    ixtoword, wordtoix = {0: '<end>'}, {'<end>': 0}
+    for cap in tokenized_captions:
+        for w in cap:
+            if w not in wordtoix:
+                wordtoix[w] = len(ixtoword)
+                ixtoword[len(ixtoword)] = w
+    return ixtoword, wordtoix
+
+
+class AttnGANData:
+    """The AttnGAN/DM-GAN on-disk layout for birds (CUB-200-2011) and COCO:
+
+        <data_dir>/{train,test}/filenames.pickle   image keys
+        <data_dir>/{train,test}/class_info.pickle  class id per key (optional)
+        <data_dir>/text/<key>.txt                  CAPTIONS_PER_IMAGE lines
+        <data_dir>/captions.pickle                 [train_ids, test_ids, ixtoword, wordtoix]
+        birds: <data_dir>/CUB_200_2011/{images/<key>.jpg, images.txt, bounding_boxes.txt}
+        coco:  <data_dir>/images/<key>.jpg
+
+    captions.pickle is built (and written) from the text files when absent, as AttnGAN does.
+    """
+
+    def __init__(self, data_dir, captions_per_image):
+        if not os.path.isdir(data_dir):
+            raise UserError(f"{data_dir}: data directory not found (expected the AttnGAN "
+                            "layout: train/ test/ text/ and images)")
+        self.data_dir, self.n_caps = data_dir, captions_per_image
+        self.is_birds = os.path.isdir(os.path.join(data_dir, 'CUB_200_2011'))
+        self.image_dir = os.path.join(data_dir, 'CUB_200_2011', 'images') if self.is_birds \
+            else os.path.join(data_dir, 'images')
+        _require(self.image_dir, 'image folder')
+        self.keys = {s: read_attngan_split(data_dir, s) for s in ('train', 'test')}
+        self.bbox = self._load_bbox() if self.is_birds else {}
+        cap_path = os.path.join(data_dir, 'captions.pickle')
+        if os.path.isfile(cap_path):
+            x = safe_pickle_load(cap_path)
+            if not (isinstance(x, list) and len(x) == 4):
+                raise UserError(f"{cap_path}: expected [train_ids, test_ids, ixtoword, wordtoix]")
+            self.ids = {'train': x[0], 'test': x[1]}
+            self.ixtoword, self.wordtoix = x[2], x[3]
+        else:
+            toks = {s: [tokenize_attngan(c) for k in self.keys[s] for c in self.raw_captions(k)]
+                    for s in ('train', 'test')}
+            self.ixtoword, self.wordtoix = build_vocab(toks['train'] + toks['test'])
+            self.ids = {s: [[self.wordtoix[w] for w in c] for c in toks[s]] for s in toks}
+            safe_pickle_dump([self.ids['train'], self.ids['test'], self.ixtoword, self.wordtoix],
+                             cap_path)
+        for s in ('train', 'test'):
+            if len(self.ids[s]) != len(self.keys[s]) * self.n_caps:
+                raise UserError(f"{cap_path}: {len(self.ids[s])} {s} captions for "
+                                f"{len(self.keys[s])} images x {self.n_caps} captions; "
+                                "CAPTIONS_PER_IMAGE does not match this dataset")
+
+    def _load_bbox(self):
+        root = os.path.join(self.data_dir, 'CUB_200_2011')
+        names = {}
+        with open(_require(os.path.join(root, 'images.txt'), 'CUB "<id> <path>" list')) as f:
+            for line in f:
+                if line.strip():
+                    i, p = line.split()
+                    names[i] = p[:-4]
+        bbox = {}
+        with open(_require(os.path.join(root, 'bounding_boxes.txt'), 'CUB "<id> x y w h" list')) as f:
+            for line in f:
+                if line.strip():
+                    i, *box = line.split()
+                    bbox[names[i]] = [float(v) for v in box]
+        return bbox
+
+    def raw_captions(self, key):
+        return _read_captions_txt(os.path.join(self.data_dir, 'text', key + '.txt'), self.n_caps)
+
+    def class_ids(self, split):
+        path = os.path.join(self.data_dir, split, 'class_info.pickle')
+        if os.path.isfile(path):
+            ids = safe_pickle_load(path)
+            if len(ids) != len(self.keys[split]):
+                raise UserError(f"{path}: {len(ids)} class ids for {len(self.keys[split])} images")
+            return [int(c) for c in ids]
+        return list(range(len(self.keys[split])))   # AttnGAN: no file -> every image its own class
+
+    def image_path(self, key):
+        return os.path.join(self.image_dir, key + '.jpg')
+
+
+def crop_to_bbox(img, bbox):
+    """AttnGAN's bird crop: a square of half-side 0.75 * max(w, h) around the box centre."""
+    width, height = img.size
+    r = int(max(bbox[2], bbox[3]) * 0.75)
+    cx, cy = int((2 * bbox[0] + bbox[2]) / 2), int((2 * bbox[1] + bbox[3]) / 2)
+    y1, y2 = max(0, cy - r), min(height, cy + r)
+    x1, x2 = max(0, cx - r), min(width, cx + r)
+    return img.crop([x1, y1, x2, y2])
+
+
+class TextImageDataset(torch.utils.data.Dataset):
+    """AttnGAN/DM-GAN TextDataset: one random caption of an image (two with
+    `two_captions`, for the contrastive variants) and the image pyramid
+    base_size * 2**i, i < branch_num, in [-1, 1]."""
+
+    def __init__(self, data, split, base_size=64, branch_num=3, words_num=18, train=True,
+                 two_captions=False, image_size=None):
+        import torchvision.transforms as T
+        self.d, self.split, self.words_num, self.train = data, split, words_num, train
+        self.keys, self.ids = data.keys[split], data.ids[split]
+        self.class_ids = data.class_ids(split)
+        self.two = two_captions
+        self.sizes = [base_size * 2 ** i for i in range(branch_num)] if image_size is None else [image_size]
+        top = self.sizes[-1]
+        self.aug = T.Compose([T.Resize(int(top * 76 / 64)), T.RandomCrop(top), T.RandomHorizontalFlip()]) \
+            if train else T.Compose([T.Resize(int(top * 76 / 64)), T.CenterCrop(top)])
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+        self.skipped = 0
+
+    def __len__(self):
+        return len(self.keys)
+
+    def caption(self, index):
+        """Padded word ids (0 = <end>) and length; long captions keep a random
+        order-preserving subset of words_num words, as AttnGAN does."""
+        sent = [w for w in self.ids[index] if w != 0]
+        x = np.zeros(self.words_num, dtype=np.int64)
+        n = len(sent)
+        if n <= self.words_num:
+            x[:n] = sent
+        else:
+            keep = np.sort(np.random.permutation(n)[:self.words_num])
+            x[:] = np.asarray(sent)[keep]
+            n = self.words_num
+        return torch.from_numpy(x), max(n, 1)
+
+    def images(self, key):
+        import torchvision.transforms.functional as TF
+        img = load_image(self.d.image_path(key))
+        if key in self.d.bbox:
+            img = crop_to_bbox(img, self.d.bbox[key])
+        img = self.aug(img)
+        out = []
+        for s in self.sizes:
+            im = img if s == img.size[0] else TF.resize(img, [s, s])
+            out.append(self.to_tensor(im))
+        return out
+
+    def __getitem__(self, index):
+        key = self.keys[index]
+        try:
+            imgs = self.images(key)
+        except BadImage as e:
+            self.skipped += 1
+            logging.getLogger('t2i').warning(f"skipping {e} ({self.skipped} skipped in this worker)")
+            return self[(index + 1) % len(self)]
+        n = self.d.n_caps
+        picks = np.random.choice(n, 2, replace=False) if self.two and n > 1 else \
+            [np.random.randint(n)] * (2 if self.two else 1)
+        item = {'imgs': imgs, 'class_id': self.class_ids[index], 'key': key, 'index': index}
+        texts = self.d.raw_captions(key)
+        for j, p in enumerate(picks):
+            cap, n_words = self.caption(index * n + p)
+            sfx = '' if j == 0 else str(j + 1)
+            item['caption' + sfx], item['cap_len' + sfx], item['text' + sfx] = cap, n_words, texts[p]
+        return item
+
+
+def read_coco_json(json_path, image_dir):
+    """COCO-2014 official captions json -> [(image path, [captions...])], by image id."""
+    _require(json_path, 'COCO captions json (annotations/captions_<split>2014.json)')
+    with open(json_path) as f:
+        try:
+            js = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{json_path}: not valid JSON ({e})")
+    if 'images' not in js or 'annotations' not in js:
+        raise UserError(f"{json_path}: expected keys 'images' and 'annotations'")
+    caps = collections.defaultdict(list)
+    for a in js['annotations']:
+        caps[a['image_id']].append(a['caption'].strip())
+    return [(os.path.join(image_dir, im['file_name']), caps[im['id']])
+            for im in sorted(js['images'], key=lambda im: im['id']) if caps[im['id']]]
+
+
+def _resolve(path, base_dir):
+    return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+def read_csv_pairs(path, img_key='filepath', caption_key='title', sep='\t'):
+    """open_clip's CSV (--csv-img-key/--csv-caption-key, tab-separated by default).
+    Relative image paths are taken relative to the CSV file's folder."""
+    _require(path, 'CSV of image paths and captions')
+    with open(path, newline='', encoding='utf-8') as f:
+        reader = csv.DictReader(f, delimiter=sep)
+        for key in (img_key, caption_key):
+            if key not in (reader.fieldnames or []):
+                raise UserError(f"{path}: no column '{key}' (columns: {reader.fieldnames}; "
+                                f"separator {sep!r})")
+        base = os.path.dirname(os.path.abspath(path))
+        return [(_resolve(r[img_key], base), r[caption_key]) for r in reader]
+
+
+def read_jsonl_pairs(path):
+    """BriVL-Generation's DALLE data: lines {"image_path": ..., "sentences": ...}."""
+    _require(path, 'jsonl with image_path/sentences lines')
+    base, out = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                out.append((_resolve(r['image_path'], base), r['sentences']))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{n}: expected {{\"image_path\": ..., \"sentences\": ...}} "
+                                f"({type(e).__name__})")
+    return out
+
+
+def read_folder_pairs(folder):
+    """DALLE-pytorch's folder format: an image and a same-stem .txt (one caption a
+    line) anywhere below `folder`."""
+    pairs = []
+    for img in list_images(folder):
+        txt = os.path.splitext(img)[0] + '.txt'
+        if os.path.isfile(txt):
+            with open(txt, encoding='utf-8') as f:
+                caps = [line.strip() for line in f if line.strip()]
+            if caps:
+                pairs.append((img, caps))
+    if not pairs:
+        raise UserError(f"{folder}: no image with a same-stem .txt caption file found")
+    return pairs
+
+
+def read_pairs(path, **csv_kw):
+    """Any of the pair formats, chosen by what `path` is."""
+    if os.path.isdir(path):
+        return read_folder_pairs(path)
+    if path.endswith('.jsonl'):
+        return read_jsonl_pairs(path)
+    if path.endswith(('.csv', '.tsv')):
+        return read_csv_pairs(path, **csv_kw)
+    raise UserError(f"{path}: expected a folder, a .jsonl, or a .csv/.tsv file")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(image, caption) pairs from read_pairs; a caption list yields a random one.
+    Unreadable images are skipped (the next item is returned) and counted."""
+
+    def __init__(self, pairs, transform, tokenize=None):
+        self.pairs, self.transform, self.tokenize = pairs, transform, tokenize
+        self.skipped = 0
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        path, text = self.pairs[i]
+        if isinstance(text, (list, tuple)):
+            text = text[np.random.randint(len(text))]
+        try:
+            img = self.transform(load_image(path))
+        except BadImage as e:
+            self.skipped += 1
+            logging.getLogger('t2i').warning(f"skipping {e} ({self.skipped} skipped in this worker)")
+            return self[(i + 1) % len(self)]
+        return img, (self.tokenize(text) if self.tokenize else text)
