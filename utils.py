@@ -83,8 +83,11 @@ def _check_type(key, default, value, source):
 
 
 def _unknown_key(key, valid, source):
-    close = difflib.get_close_matches(key.split('.')[-1], [v.split('.')[-1] for v in valid], n=3)
-    full = [v for v in valid if v.split('.')[-1] in close][:3] or difflib.get_close_matches(key, valid, n=3)
+    """Name the closest valid keys: full dotted paths, matched on the whole path and on the leaf."""
+    leaf = key.split('.')[-1]
+    close = difflib.get_close_matches(key, valid, n=3) + \
+        [v for v in valid if v.split('.')[-1] in difflib.get_close_matches(leaf, [v.split('.')[-1] for v in valid], n=3)]
+    full = list(dict.fromkeys(close))[:3]
     hint = f"; did you mean {', '.join(full)}?" if full else ""
     raise UserError(f"{source}: unknown cfg key '{key}'{hint}")
 
@@ -103,7 +106,7 @@ def merge_cfg(base, override, source, prefix=''):
     for k, v in override.items():
         key = prefix + str(k)
         if k not in base:
-            _unknown_key(key, _flat_keys(base), source)
+            _unknown_key(key, _flat_keys(base, prefix), source)
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise UserError(f"{source}: {key} is a section; expected a mapping, got {v!r}")
@@ -962,3 +965,31 @@ class PairDataset(torch.utils.data.Dataset):
             logging.getLogger('t2i').warning(f"skipping {e} ({self.skipped} skipped in this worker)")
             return self[(i + 1) % len(self)]
         return img, (self.tokenize(text) if self.tokenize else text)
+
+
+# ----------------------------------------------------------------------------
+# Metrics shared by every experiment (R-precision, CLIP score)
+# ----------------------------------------------------------------------------
+def r_precision(image_emb, text_emb, class_ids=None, n_neg=99, folds=10, seed=0):
+    """R-precision as DM-GAN evaluates it: image i against its true caption
+    (text_emb[i]) and n_neg captions of images of other classes, ranked by cosine;
+    a hit when the true caption ranks first. Mean and std over `folds` equal
+    folds (the original's slicing dropped one trial per fold; we do not).
+    Returns (mean, std)."""
+    img = torch.nn.functional.normalize(torch.as_tensor(image_emb, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.as_tensor(text_emb, dtype=torch.float64), dim=-1)
+    n = img.shape[0]
+    cls = np.arange(n) if class_ids is None else np.asarray(class_ids)
+    rng = np.random.RandomState(seed)
+    hits = np.zeros(n, dtype=np.float64)
+    for i in range(n):
+        others = np.flatnonzero(cls != cls[i])
+        if len(others) < n_neg:
+            raise UserError(f"R-precision needs {n_neg} captions of other classes; only "
+                            f"{len(others)} for item {i}")
+        cand = torch.cat([txt[i:i + 1], txt[rng.choice(others, n_neg, replace=False)]])
+        sims = cand @ img[i]
+        hits[i] = float(sims[0] > sims[1:].max())
+    per_fold = np.array_split(rng.permutation(hits), folds)
+    scores = np.array([f.mean() for f in per_fold if len(f)])
+    return float(scores.mean()), float(scores.std())
