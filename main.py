@@ -1,5 +1,365 @@
-"""main.py: not implemented yet (see the open issues)."""
-import sys
+"""DM-GAN (Zhu et al., CVPR 2019) conditioned on a DAMSM or CLIP text encoder
+(T2I_CLIP-GAN / DM-GAN+CL), training and evaluation.
+
+  python main.py --cfg cfg/clip_bird_DMGAN.yml --gpu 0        # train (TRAIN.FLAG: true)
+  python main.py --cfg cfg/eval_clip_bird.yml --gpu 0         # generate + R-precision (TRAIN.FLAG: false)
+  torchrun --nproc_per_node=N main.py --cfg ...              # data-parallel
+"""
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+import utils
+
+DEFAULTS = {
+    'MODEL': 'DMGAN',
+    'DATASET_NAME': 'birds',
+    'DATA_DIR': 'data/birds',
+    'WORKERS': 4,
+    'TREE': {'BRANCH_NUM': 3, 'BASE_SIZE': 64},
+    'TRAIN': {
+        'FLAG': True,                 # false: evaluate NET_G
+        'NET_G': '',                  # generator checkpoint to evaluate
+        'NET_E': '',                  # .../text_encoder<N>.pth from pretrain_DAMSM.py
+        'BATCH_SIZE': 64,
+        'MAX_EPOCH': 600,
+        'SNAPSHOT_INTERVAL': 2000,    # epochs between checkpoints
+        'DISCRIMINATOR_LR': 2e-4,
+        'GENERATOR_LR': 2e-4,
+        'EMA_DECAY': 0.999,
+        'AMP': False,                 # bf16 autocast
+        'KEEP_CHECKPOINTS': 3,
+        'LOG_EVERY': 50,
+        'SMOOTH': {'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0, 'LAMBDA': 1.0},
+        'CONTRASTIVE': {'ENABLE': False, 'TEMPERATURE': 0.5, 'WEIGHT': 0.2},
+    },
+    'GAN': {'DF_DIM': 64, 'GF_DIM': 128, 'Z_DIM': 100, 'CONDITION_DIM': 100, 'R_NUM': 2},
+    'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10, 'WORDS_NUM': 18},
+    'EVAL': {
+        'NUM_IMAGES': 30000,          # DM-GAN: one image per caption, up to 30,000
+        'MAX_PASSES': 11,             # passes over the test set
+        'BATCH_SIZE': 10,
+        'R_NEG': 99,                  # R-precision: true caption + 99 of other classes
+        'R_FOLDS': 10,
+        'SEED': 100,
+        'JUDGE': '',                  # shapes judge checkpoint: attribute accuracy
+        'BASELINE': False,            # also score an untrained generator on the same captions
+    },
+}
+
+
+# ----------------------------------------------------------------------------
+# Data and text features
+# ----------------------------------------------------------------------------
+def build_dataset(cfg, split, train, two_captions=False):
+    data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
+    return utils.TextImageDataset(data, split, base_size=cfg.TREE.BASE_SIZE,
+                                  branch_num=cfg.TREE.BRANCH_NUM, words_num=cfg.TEXT.WORDS_NUM,
+                                  train=train, two_captions=two_captions)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, texts, device):
+    """Frozen text features: words (B, D, T), sentence (B, D), padding mask (B, T)."""
+    words, sent, pad = text_encoder.encode(list(texts))
+    return words.to(device).float(), sent.to(device).float(), pad.to(device)
+
+
+def build_generator(cfg, text_dim):
+    return models.DMGANGenerator(cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, cfg.GAN.CONDITION_DIM, text_dim,
+                                 cfg.TREE.BRANCH_NUM, cfg.GAN.R_NUM)
+
+
+def init_weights(m):
+    """DM-GAN's weights_init: orthogonal conv/linear, BN gamma ~ N(1, 0.02)."""
+    if isinstance(m, models.SpectralNorm):
+        nn.init.orthogonal_(m.weight_bar.data)
+    elif isinstance(m, (nn.Conv2d, nn.Linear)) and 'weight' in m._parameters:
+        nn.init.orthogonal_(m.weight.data)
+        if m.bias is not None:
+            m.bias.data.zero_()
+    elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        m.weight.data.normal_(1.0, 0.02)
+        m.bias.data.zero_()
+
+
+def load_encoders(cfg, device):
+    if not cfg.TRAIN.NET_E:
+        raise utils.UserError("TRAIN.NET_E: empty; point it at a text_encoder<N>.pth written by "
+                              "pretrain_DAMSM.py (the image encoder is read from beside it)")
+    text_enc, image_enc = models.load_encoders(cfg.TRAIN.NET_E, device)
+    for m in (text_enc, image_enc):
+        m.eval().requires_grad_(False)
+    if text_enc.dim != cfg.TEXT.EMBEDDING_DIM:
+        raise utils.UserError(f"TEXT.EMBEDDING_DIM={cfg.TEXT.EMBEDDING_DIM} but {cfg.TRAIN.NET_E} "
+                              f"gives {text_enc.dim}-d features; set it to {text_enc.dim}")
+    return text_enc, image_enc
+
+
+# ----------------------------------------------------------------------------
+# Losses (DM-GAN code/miscc/losses.py; T2I_CLIP-GAN trainer.py)
+# ----------------------------------------------------------------------------
+def bce(logits, target):
+    # BCE on logits == the original's sigmoid + BCELoss, without its saturation.
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
+
+
+def discriminator_loss(netD, real, fake, sent):
+    """(uncond_real + cond_real)/2 + (uncond_fake + cond_fake + cond_wrong)/3, the wrong
+    pair being real image i with caption i+1 (AttnGAN Eq. 4 with its mismatched term)."""
+    real_h, fake_h = netD(real), netD(fake.detach())
+    cond_real = bce(netD.cond(real_h, sent), 1.0)
+    cond_fake = bce(netD.cond(fake_h, sent), 0.0)
+    cond_wrong = bce(netD.cond(real_h[:-1], sent[1:]), 0.0)
+    uncond_real, uncond_fake = bce(netD.uncond(real_h), 1.0), bce(netD.uncond(fake_h), 0.0)
+    return (uncond_real + cond_real) / 2 + (uncond_fake + cond_fake + cond_wrong) / 3
+
+
+def generator_adv_loss(netsD, fakes, sent):
+    """Sum over stages of the unconditional and conditional "fool D" terms (DM-GAN Eq. 11)."""
+    total = 0.0
+    for netD, fake in zip(netsD, fakes):
+        h = netD(fake)
+        total = total + bce(netD.uncond(h), 1.0) + bce(netD.cond(h, sent), 1.0)
+    return total
+
+
+def damsm_loss(image_encoder, fake, words, sent, pad, class_ids, g):
+    """DAMSM word + sentence losses, both directions, on the last stage's image
+    (AttnGAN Eq. 10-14), with the frozen encoders; weighted by LAMBDA by the caller."""
+    regions, global_feat = image_encoder.encode(fake)
+    cap_lens = (~pad).sum(1)
+    w0, w1 = models.words_loss(regions, words, cap_lens, class_ids, g.GAMMA1, g.GAMMA2, g.GAMMA3)[:2]
+    s0, s1 = models.sent_loss(global_feat, sent, class_ids, g.GAMMA3)
+    return w0 + w1 + s0 + s1, global_feat
+
+
+def kl_loss(mu, logvar):
+    """KL(N(mu, sigma) || N(0, I)) of conditioning augmentation (StackGAN Eq. 3)."""
+    return -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+def ema_update(ema, model, decay):
+    """avg = decay * avg + (1 - decay) * p after every G step; BN statistics copied."""
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1 - decay)
+        for be, b in zip(ema.buffers(), model.buffers()):
+            be.copy_(b)
+
+
+def train(run, args):
+    cfg, dev, log = run.cfg, run.device, run.log
+    T, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
+    text_enc, image_enc = load_encoders(cfg, dev)
+    ds = build_dataset(cfg, 'train', train=True, two_captions=contrastive)
+    loader = utils.make_loader(ds, T.BATCH_SIZE, shuffle=True, drop_last=True,
+                               workers=cfg.WORKERS, seed=cfg.SEED)
+    if len(loader) == 0:
+        raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} exceeds the {len(ds)} training images")
+    sizes = [cfg.TREE.BASE_SIZE * 2 ** i for i in range(cfg.TREE.BRANCH_NUM)]
+    netG = build_generator(cfg, text_enc.dim).to(dev)
+    netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.dim) for s in sizes]).to(dev)
+    netG.apply(init_weights)
+    netsD.apply(init_weights)
+    netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
+    optG = torch.optim.Adam(netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999))
+    optsD = [torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=T.DISCRIMINATOR_LR,
+                              betas=(0.5, 0.999)) for d in netsD]
+    step, start_epoch = 0, 0
+    ckpt = utils.resolve_resume(args.resume, run.out, 'dmgan', log)
+    nets = {'G': netG, 'G_ema': netG_ema, **{f'D{i}': d for i, d in enumerate(netsD)}}
+    opts = {'G': optG, **{f'D{i}': o for i, o in enumerate(optsD)}}
+    if ckpt:
+        step, start_epoch = utils.restore_checkpoint(ckpt, nets, opts)
+    G, Ds = utils.wrap_ddp(netG, dev), [utils.wrap_ddp(d, dev) for d in netsD]
+    for D, netD in zip(Ds, netsD):        # the logit heads are reached through the wrapper's module
+        D.cond, D.uncond = netD.cond, netD.uncond
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=T.AMP)
+    fixed = fixed_test_batch(cfg, text_enc, dev)
+    log.info(f"G {count(netG):,} params, D {[count(d) for d in netsD]}, {len(ds)} images, "
+             f"{len(loader)} steps/epoch, contrastive={contrastive}")
+    t0, last = time.time(), {}
+    for epoch in range(start_epoch, T.MAX_EPOCH):
+        utils.set_epoch(loader, epoch)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
+        for batch in bar:
+            reals = [im.to(dev, non_blocking=True) for im in batch['imgs']]
+            class_ids = batch['class_id'].to(dev)
+            views = [batch['text']] + ([batch['text2']] if contrastive else [])
+            noise = torch.randn(reals[0].shape[0], cfg.GAN.Z_DIM, device=dev)   # same z for both views
+            feats = [encode_text(text_enc, v, dev) for v in views]
+            with amp:
+                outs = [G(noise, s, w, p) for w, s, p in feats]
+            # --- D: every stage, summed over caption views
+            errD_total = 0.0
+            for i, (D, optD) in enumerate(zip(Ds, optsD)):
+                optD.zero_grad(set_to_none=True)
+                with amp:
+                    errD = sum(discriminator_loss(D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats))
+                utils.check_finite(errD, f'D{i}', step)
+                errD.backward()
+                optD.step()
+                errD_total += errD.item()
+            # --- G: adversarial + LAMBDA * DAMSM + KL (+ contrastive between the two fakes)
+            optG.zero_grad(set_to_none=True)
+            with amp:
+                errG, img_codes, damsm_total = 0.0, [], 0.0
+                for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
+                    damsm, code = damsm_loss(image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH)
+                    errG = errG + generator_adv_loss(Ds, fakes, sent) + T.SMOOTH.LAMBDA * damsm + kl_loss(mu, logvar)
+                    img_codes.append(code)
+                    damsm_total += damsm.item()
+                if contrastive:
+                    # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
+                    a, b = (utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes)
+                    cl = models.nt_xent(a, b, T.CONTRASTIVE.TEMPERATURE)
+                    errG = errG + T.CONTRASTIVE.WEIGHT * cl
+            utils.check_finite(errG, 'G', step)
+            errG.backward()
+            optG.step()
+            ema_update(netG_ema, netG, T.EMA_DECAY)
+            step += 1
+            last = {'loss_D': errD_total, 'loss_G': errG.item(), 'damsm': damsm_total}
+            bar.set_postfix(**last)
+            if step % T.LOG_EVERY == 0:
+                for k, v in last.items():
+                    run.writer.add_scalar(f'train/{k}', v, step)
+        write_samples(run, netG_ema, fixed, epoch + 1)
+        if (epoch + 1) % T.SNAPSHOT_INTERVAL == 0 or epoch + 1 == T.MAX_EPOCH:
+            path = utils.save_checkpoint(run.out, 'dmgan', step, nets, opts, epoch=epoch + 1, cfg=cfg,
+                                         extra={'text_dim': text_enc.dim}, keep=T.KEEP_CHECKPOINTS)
+            log.info(f"epoch {epoch + 1}: saved {path}")
+    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
+                                  **{f'final_{k}': v for k, v in last.items()},
+                                  'checkpoint': (utils.list_checkpoints(run.out, 'dmgan') or [''])[-1]})
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def fixed_test_batch(cfg, text_enc, dev, n=8):
+    """The same test captions and noise for every sample grid."""
+    ds = build_dataset(cfg, 'test', train=False)
+    idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)
+    texts = [ds.d.raw_captions(ds.keys[i])[0] for i in idx]
+    g = torch.Generator().manual_seed(cfg.EVAL.SEED)
+    return texts, encode_text(text_enc, texts, dev), torch.randn(len(texts), cfg.GAN.Z_DIM, generator=g).to(dev)
+
+
+@torch.no_grad()
+def write_samples(run, netG, fixed, epoch):
+    """TensorBoard: per-stage grids and the memory stage's word attention of the fixed captions."""
+    if not run.main:
+        return
+    texts, (words, sent, pad), z = fixed
+    imgs, atts, _, _ = netG(z, sent, words, pad)
+    for i, im in enumerate(imgs):
+        utils.log_images(run.writer, f'samples/stage{i}_{im.shape[-1]}px', im, epoch)
+    if atts:
+        a = atts[0][:, :6]                                     # first 6 words
+        a = a / a.flatten(2).amax(2)[:, :, None, None].clamp_min(1e-8)
+        utils.log_images(run.writer, 'samples/word_attention', a.flatten(0, 1)[:, None].expand(-1, 3, -1, -1) * 2 - 1,
+                         epoch, nrow=6)
+    run.writer.add_text('samples/captions', '\n\n'.join(texts), epoch)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation (DM-GAN trainer.sampling): one image per caption, R-precision
+# ----------------------------------------------------------------------------
+def load_generator(cfg, text_dim, dev):
+    if not cfg.TRAIN.NET_G:
+        raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint to evaluate")
+    ckpt = utils.load_checkpoint(cfg.TRAIN.NET_G, 'dmgan', map_location=dev)
+    netG = build_generator(cfg, text_dim).to(dev)
+    try:
+        netG.load_state_dict(ckpt['models']['G_ema'])      # the averaged generator, as DM-GAN saves
+    except RuntimeError as e:
+        raise utils.UserError(f"{cfg.TRAIN.NET_G}: generator does not match the cfg's GAN/TREE keys "
+                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})")
+    return netG.eval()
+
+
+@torch.no_grad()
+def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=None):
+    """Passes over the test set (a random caption per image per pass, seeded) up to
+    EVAL.NUM_IMAGES images; saves each final-stage image when out_dir is given."""
+    E = cfg.EVAL
+    ds = build_dataset(cfg, 'test', train=False)
+    rng = np.random.RandomState(E.SEED)
+    g = torch.Generator().manual_seed(E.SEED)
+    img_codes, sent_codes, classes, records = [], [], [], []
+    n_target = min(E.NUM_IMAGES, E.MAX_PASSES * len(ds))
+    bar = utils.progress(total=n_target, desc='generate', every=max(1, n_target // 10), log=log)
+    for p in range(E.MAX_PASSES):
+        for start in range(0, len(ds), E.BATCH_SIZE):
+            idx = list(range(start, min(start + E.BATCH_SIZE, len(ds), start + n_target - len(records))))
+            if not idx:
+                break
+            keys = [ds.keys[i] for i in idx]
+            texts = [ds.d.raw_captions(k)[rng.randint(cfg.TEXT.CAPTIONS_PER_IMAGE)] for k in keys]
+            words, sent, pad = encode_text(text_enc, texts, dev)
+            z = torch.randn(len(idx), cfg.GAN.Z_DIM, generator=g).to(dev)
+            fake = netG(z, sent, words, pad)[0][-1]
+            img_codes.append(image_enc.encode(fake)[1].float().cpu())
+            sent_codes.append(sent.cpu())
+            classes += [ds.class_ids[i] for i in idx]
+            for k, t, im in zip(keys, texts, fake):
+                name = f"{k.replace('/', '__')}_{p}.png"
+                records.append({'file': name, 'key': k, 'caption': t})
+                if out_dir:
+                    utils.save_image_grid(im[None], os.path.join(out_dir, name), nrow=1)
+            bar.update(len(idx))
+        if len(records) >= n_target:
+            break
+    bar.close()
+    img, sent = torch.cat(img_codes), torch.cat(sent_codes)
+    r_mean, r_std = utils.r_precision(img, sent, classes, n_neg=E.R_NEG, folds=E.R_FOLDS, seed=E.SEED)
+    return {'r_precision': r_mean, 'r_precision_std': r_std, 'num_images': len(records)}, records
+
+
+def evaluate(run):
+    cfg, dev, log = run.cfg, run.device, run.log
+    text_enc, image_enc = load_encoders(cfg, dev)
+    netG = load_generator(cfg, text_enc.dim, dev)
+    out_dir = os.path.join(run.out, 'valid', 'single')
+    os.makedirs(out_dir, exist_ok=True)
+    scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir, log)
+    utils.atomic_write_text(os.path.join(out_dir, 'captions.json'), json.dumps(records, indent=0))
+    log.info(f"R-precision {scores['r_precision']:.4f} ± {scores['r_precision_std']:.4f} "
+             f"over {scores['num_images']} images in {out_dir}")
+    if cfg.EVAL.BASELINE:
+        torch.manual_seed(cfg.EVAL.SEED)
+        untrained = build_generator(cfg, text_enc.dim).to(dev)
+        untrained.apply(init_weights)
+        base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, log)
+        scores.update({f'untrained_{k}': v for k, v in base.items()})
+        log.info(f"untrained generator: R-precision {base['r_precision']:.4f}")
+    utils.write_metrics(run.out, {**scores, 'images_dir': out_dir, 'net_g': cfg.TRAIN.NET_G})
+
+
+def main():
+    args = utils.base_parser(__doc__.splitlines()[0]).parse_args()
+    model = (utils.load_yaml(args.cfg).get('MODEL', 'DMGAN') if args.cfg else 'DMGAN')
+    if model != 'DMGAN':
+        raise utils.UserError(f"{args.cfg}: MODEL={model!r} is not implemented yet (DMGAN is)")
+    run = utils.setup(args, DEFAULTS)
+    if run.cfg.TRAIN.FLAG:
+        train(run, args)
+    else:
+        evaluate(run)
+
 
 if __name__ == '__main__':
-    sys.exit("error: main.py is not implemented yet; see the project's open issues")
+    utils.run_main(main)

@@ -297,15 +297,28 @@ def make_loader(dataset, batch_size, shuffle, drop_last=False, workers=0, seed=0
         shuffle = False
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                      drop_last=drop_last, num_workers=workers, collate_fn=collate_fn,
-                      generator=g, persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                        drop_last=drop_last, num_workers=workers, collate_fn=collate_fn,
+                        generator=g, worker_init_fn=_seed_worker,
+                        pin_memory=torch.cuda.is_available())
+    loader.base_seed = seed
+    return loader
+
+
+def _seed_worker(worker_id):
+    # torch seeds each worker; numpy and random would otherwise repeat the same stream.
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
 
 
 def set_epoch(loader, epoch):
+    """Make the epoch's order (and worker seeds) a function of (seed, epoch) alone,
+    so a run resumed at an epoch boundary sees the same batches as an uninterrupted one."""
     if hasattr(loader.sampler, 'set_epoch'):
         loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(getattr(loader, 'base_seed', 0) * 100003 + epoch)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""DM-GAN: parameter-count parity with the original, memory attention, losses."""
+import math
+
+import pytest
+import torch
+
+import main
+import models
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize('r_num, expected', [(2, 21_449_042), (3, 22_335_314)])   # param_counts.md
+def test_generator_parameter_count_equals_original(r_num, expected):
+    G = models.DMGANGenerator(gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=r_num)
+    assert n_params(G) == expected
+
+
+@pytest.mark.parametrize('size, expected', [(64, 1_887_218), (128, 5_174_258), (256, 18_301_938)])
+def test_discriminator_parameter_count_equals_original(size, expected):
+    assert n_params(models.DMGANDiscriminator(size, df_dim=32, text_dim=256)) == expected
+
+
+def test_memory_mask_is_per_sample():
+    """Padding words of sample b must get zero attention in sample b only."""
+    torch.manual_seed(0)
+    mem = models.DynamicMemory(ngf=8, nef=6)
+    h, words = torch.randn(3, 8, 4, 4), torch.randn(3, 6, 5)
+    pad = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    out, att = mem(h, words, pad)
+    assert att.shape == (3, 5, 4, 4)
+    torch.testing.assert_close(att.sum(1), torch.ones(3, 4, 4))
+    assert (att[pad] == 0).all() and (att[~pad] > 0).all()
+    # Each sample alone gives the same result as in the batch (nothing leaks across samples).
+    for b in range(3):
+        o1, a1 = mem(h[b:b + 1], words[b:b + 1], pad[b:b + 1])
+        torch.testing.assert_close(o1[0], out[b])
+        torch.testing.assert_close(a1[0], att[b])
+
+
+def test_generator_and_discriminator_shapes():
+    G = models.DMGANGenerator(gf_dim=4, z_dim=10, cond_dim=6, text_dim=12, branch_num=3, r_num=1)
+    imgs, atts, mu, logvar = G(torch.randn(2, 10), torch.randn(2, 12), torch.randn(2, 12, 7),
+                               torch.zeros(2, 7, dtype=torch.bool))
+    assert [tuple(i.shape) for i in imgs] == [(2, 3, 64, 64), (2, 3, 128, 128), (2, 3, 256, 256)]
+    assert [tuple(a.shape) for a in atts] == [(2, 7, 64, 64), (2, 7, 128, 128)]
+    assert mu.shape == logvar.shape == (2, 6) and imgs[0].abs().max() <= 1
+    for s, im in zip((64, 128, 256), imgs):
+        D = models.DMGANDiscriminator(s, df_dim=4, text_dim=12)
+        h = D(im)
+        assert h.shape == (2, 32, 4, 4)
+        assert D.uncond(h).shape == D.cond(h, torch.randn(2, 12)).shape == (2,)
+
+
+def test_spectral_norm_has_unit_top_singular_value():
+    torch.manual_seed(0)
+    sn = models.SpectralNorm(torch.nn.Conv2d(4, 6, 3))
+    for _ in range(50):                      # power iterations converge during training forwards
+        sn(torch.randn(1, 4, 5, 5))
+    w = sn.module.weight.detach().reshape(6, -1)
+    assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, rel=1e-3)
+    assert not sn.weight_u.requires_grad and sn.weight_bar.requires_grad
+
+
+def test_discriminator_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    D = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
+    real, fake, sent = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1, torch.randn(3, 4)
+    for _ in range(30):                       # converge the spectral-norm power iteration,
+        D(real)
+    D.eval()                                  # then freeze it for the comparison
+    got = main.discriminator_loss(D, real, fake, sent)
+    sig = torch.sigmoid
+    rh, fh = D(real), D(fake)
+
+    def bce(p, y):
+        return -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+    want = (bce(sig(D.uncond(rh)), 1) + bce(sig(D.cond(rh, sent)), 1)) / 2 + \
+        (bce(sig(D.uncond(fh)), 0) + bce(sig(D.cond(fh, sent)), 0) + bce(sig(D.cond(rh[:2], sent[1:])), 0)) / 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_loss_and_ema():
+    mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(4.0)]])
+    # KL per dim: 0.5 * (sigma^2 + mu^2 - 1 - log sigma^2), mean over dims
+    want = (0.5 * (1 + 1 - 1 - 0) + 0.5 * (4 + 0 - 1 - math.log(4.0))) / 2
+    assert main.kl_loss(mu, logvar).item() == pytest.approx(want)
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.detach().clone()
+    main.ema_update(a, b, 0.9)
+    torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight)
