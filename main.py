@@ -20,7 +20,6 @@ import utils
 
 DEFAULTS = {
     'MODEL': 'DMGAN',
-    'DATASET_NAME': 'birds',
     'DATA_DIR': 'data/birds',
     'WORKERS': 4,
     'TREE': {'BRANCH_NUM': 3, 'BASE_SIZE': 64},
@@ -41,7 +40,8 @@ DEFAULTS = {
         'CONTRASTIVE': {'ENABLE': False, 'TEMPERATURE': 0.5, 'WEIGHT': 0.2},
     },
     'GAN': {'DF_DIM': 64, 'GF_DIM': 128, 'Z_DIM': 100, 'CONDITION_DIM': 100, 'R_NUM': 2},
-    'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10, 'WORDS_NUM': 18},
+    # The word limit is the text encoder's own (its tokenizer's context length).
+    'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10},
     'EVAL': {
         'NUM_IMAGES': 30000,          # DM-GAN: one image per caption, up to 30,000
         'MAX_PASSES': 11,             # passes over the test set
@@ -61,8 +61,8 @@ DEFAULTS = {
 def build_dataset(cfg, split, train, two_captions=False):
     data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
     return utils.TextImageDataset(data, split, base_size=cfg.TREE.BASE_SIZE,
-                                  branch_num=cfg.TREE.BRANCH_NUM, words_num=cfg.TEXT.WORDS_NUM,
-                                  train=train, two_captions=two_captions)
+                                  branch_num=cfg.TREE.BRANCH_NUM, train=train,
+                                  two_captions=two_captions)
 
 
 @torch.no_grad()
@@ -73,8 +73,10 @@ def encode_text(text_encoder, texts, device):
 
 
 def build_generator(cfg, text_dim):
+    if cfg.TREE.BASE_SIZE not in (32, 64):
+        raise utils.UserError(f"TREE.BASE_SIZE={cfg.TREE.BASE_SIZE}: expected 64 (DM-GAN) or 32 (embedded cfg)")
     return models.DMGANGenerator(cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, cfg.GAN.CONDITION_DIM, text_dim,
-                                 cfg.TREE.BRANCH_NUM, cfg.GAN.R_NUM)
+                                 cfg.TREE.BRANCH_NUM, cfg.GAN.R_NUM, cfg.TREE.BASE_SIZE)
 
 
 def init_weights(m):
@@ -97,9 +99,9 @@ def load_encoders(cfg, device):
     text_enc, image_enc = models.load_encoders(cfg.TRAIN.NET_E, device)
     for m in (text_enc, image_enc):
         m.eval().requires_grad_(False)
-    if text_enc.dim != cfg.TEXT.EMBEDDING_DIM:
+    if text_enc.spec['dim'] != cfg.TEXT.EMBEDDING_DIM:
         raise utils.UserError(f"TEXT.EMBEDDING_DIM={cfg.TEXT.EMBEDDING_DIM} but {cfg.TRAIN.NET_E} "
-                              f"gives {text_enc.dim}-d features; set it to {text_enc.dim}")
+                              f"gives {text_enc.spec['dim']}-d features; set it to {text_enc.spec['dim']}")
     return text_enc, image_enc
 
 
@@ -135,8 +137,7 @@ def damsm_loss(image_encoder, fake, words, sent, pad, class_ids, g):
     """DAMSM word + sentence losses, both directions, on the last stage's image
     (AttnGAN Eq. 10-14), with the frozen encoders; weighted by LAMBDA by the caller."""
     regions, global_feat = image_encoder.encode(fake)
-    cap_lens = (~pad).sum(1)
-    w0, w1 = models.words_loss(regions, words, cap_lens, class_ids, g.GAMMA1, g.GAMMA2, g.GAMMA3)[:2]
+    w0, w1, _ = models.words_loss(regions, words, pad, class_ids, g.GAMMA1, g.GAMMA2, g.GAMMA3)
     s0, s1 = models.sent_loss(global_feat, sent, class_ids, g.GAMMA3)
     return w0 + w1 + s0 + s1, global_feat
 
@@ -168,8 +169,8 @@ def train(run, args):
     if len(loader) == 0:
         raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} exceeds the {len(ds)} training images")
     sizes = [cfg.TREE.BASE_SIZE * 2 ** i for i in range(cfg.TREE.BRANCH_NUM)]
-    netG = build_generator(cfg, text_enc.dim).to(dev)
-    netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.dim) for s in sizes]).to(dev)
+    netG = build_generator(cfg, text_enc.spec['dim']).to(dev)
+    netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.spec['dim']) for s in sizes]).to(dev)
     netG.apply(init_weights)
     netsD.apply(init_weights)
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
@@ -223,7 +224,7 @@ def train(run, args):
                 if contrastive:
                     # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
                     a, b = (utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes)
-                    cl = models.nt_xent(a, b, T.CONTRASTIVE.TEMPERATURE)
+                    cl = models.nt_xent_loss(a, b, T.CONTRASTIVE.TEMPERATURE)
                     errG = errG + T.CONTRASTIVE.WEIGHT * cl
             utils.check_finite(errG, 'G', step)
             errG.backward()
@@ -238,7 +239,7 @@ def train(run, args):
         write_samples(run, netG_ema, fixed, epoch + 1)
         if (epoch + 1) % T.SNAPSHOT_INTERVAL == 0 or epoch + 1 == T.MAX_EPOCH:
             path = utils.save_checkpoint(run.out, 'dmgan', step, nets, opts, epoch=epoch + 1, cfg=cfg,
-                                         extra={'text_dim': text_enc.dim}, keep=T.KEEP_CHECKPOINTS)
+                                         extra={'text_dim': text_enc.spec['dim']}, keep=T.KEEP_CHECKPOINTS)
             log.info(f"epoch {epoch + 1}: saved {path}")
     utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
                                   **{f'final_{k}': v for k, v in last.items()},
@@ -280,13 +281,19 @@ def write_samples(run, netG, fixed, epoch):
 # ----------------------------------------------------------------------------
 def load_generator(cfg, text_dim, dev):
     if not cfg.TRAIN.NET_G:
-        raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint to evaluate")
-    ckpt = utils.load_checkpoint(cfg.TRAIN.NET_G, 'dmgan', map_location=dev)
+        raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint (or its run dir)")
+    path = cfg.TRAIN.NET_G
+    if os.path.isdir(path):                  # a run directory: its newest checkpoint
+        found = utils.list_checkpoints(path, 'dmgan')
+        if not found:
+            raise utils.UserError(f"TRAIN.NET_G={path}: no dmgan_<step>.pt under {path}/checkpoints")
+        path = found[-1]
+    ckpt = utils.load_checkpoint(path, 'dmgan', map_location=dev)
     netG = build_generator(cfg, text_dim).to(dev)
     try:
         netG.load_state_dict(ckpt['models']['G_ema'])      # the averaged generator, as DM-GAN saves
     except RuntimeError as e:
-        raise utils.UserError(f"{cfg.TRAIN.NET_G}: generator does not match the cfg's GAN/TREE keys "
+        raise utils.UserError(f"{path}: generator does not match the cfg's GAN/TREE keys "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})")
     return netG.eval()
 
@@ -332,7 +339,7 @@ def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=No
 def evaluate(run):
     cfg, dev, log = run.cfg, run.device, run.log
     text_enc, image_enc = load_encoders(cfg, dev)
-    netG = load_generator(cfg, text_enc.dim, dev)
+    netG = load_generator(cfg, text_enc.spec['dim'], dev)
     out_dir = os.path.join(run.out, 'valid', 'single')
     os.makedirs(out_dir, exist_ok=True)
     scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir, log)
@@ -341,7 +348,7 @@ def evaluate(run):
              f"over {scores['num_images']} images in {out_dir}")
     if cfg.EVAL.BASELINE:
         torch.manual_seed(cfg.EVAL.SEED)
-        untrained = build_generator(cfg, text_enc.dim).to(dev)
+        untrained = build_generator(cfg, text_enc.spec['dim']).to(dev)
         untrained.apply(init_weights)
         base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, log)
         scores.update({f'untrained_{k}': v for k, v in base.items()})

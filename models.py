@@ -202,6 +202,605 @@ class FIDInceptionV3(nn.Module):
 # Text/image encoders: DAMSM (AttnGAN/DM-GAN), CLIP finetuned, CLIP from scratch
 # ============================================================================
 # [section: encoders]
+# One API for every family, so generators and metrics never ask which one they hold:
+#   text encoder   encode(texts) -> words (B, D, T), sent (B, D), pad_mask (B, T) (True = padding)
+#                  forward(ids, lengths) -> the same, on ids from its own .tokenizer
+#   image encoder  encode(images) / forward(images) -> regions (B, D, h, w), global (B, D);
+#                  images in [-1, 1] at any size (resized and normalised inside)
+# Each module keeps a plain `spec` dict (family, sizes, vocabulary) from which
+# build_text_encoder / build_image_encoder rebuild it; load_encoders reads the files
+# pretrain_DAMSM.py writes. The families:
+#   damsm    AttnGAN's RNN_ENCODER (bi-LSTM) and CNN_ENCODER (Inception-v3)  gan_refs.md §1
+#   clip_hf  a transformers CLIP, finetuned with DAMSM + NT-Xent (T2I_CLIP-GAN) gan_refs.md §2
+#   clip     CLIP from scratch as open_clip builds it (ModifiedResNet or ViT)  dalle.md §3
+import os  # noqa: E402
+
+import utils  # noqa: E402  (AttnGAN tokenisation, UserError, checkpoints)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP preprocessing (dalle.md §3)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_URL_FILE = 'inception_v3_google-0cc3c7bd.pth'   # torchvision's IMAGENET1K_V1 file
+
+
+class Tokenizer:
+    """Text -> (ids (B, L) long, lengths (B,) long), padded to L = context_length.
+
+    kind 'attngan': AttnGAN's word ids (lowercase, \\w+, ASCII; 0 = '<end>' pads; no start
+        or end token). Long captions keep their first L words.
+    kind 'words':   the same vocabulary plus '<sot>' and '<eot>' as the two largest ids (as
+        in CLIP's BPE) for the transformers; the embedded runs need no external file.
+    kind 'clip':    CLIP's BPE (transformers.CLIPTokenizer); 'bert': BERT WordPiece
+        (BertTokenizer, e.g. the Chinese vocab.txt). Truncation keeps the end token.
+    The vocabulary itself is in the spec, so a checkpoint carries its tokenizer."""
+
+    def __init__(self, spec):
+        self.spec, self.kind, self.context_length = spec, spec['kind'], spec['context_length']
+        self.vocab_size = len(spec['vocab'])
+        vocab = {w: i for i, w in enumerate(spec['vocab'])}
+        if self.kind in ('attngan', 'words'):
+            self.index, self.pad_id = vocab, 0
+            self.sot, self.eot = (vocab['<sot>'], vocab['<eot>']) if self.kind == 'words' else (None, None)
+        else:
+            from transformers import BertTokenizer, CLIPTokenizer
+            self.hf = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in spec['merges']]) \
+                if self.kind == 'clip' else BertTokenizer(vocab=vocab)
+            self.pad_id = self.hf.pad_token_id
+        self.has_specials = self.kind != 'attngan'
+
+    def __call__(self, texts):
+        L = self.context_length
+        if self.kind in ('clip', 'bert'):
+            enc = self.hf(list(texts), padding='max_length', truncation=True, max_length=L,
+                          return_tensors='pt')
+            return enc['input_ids'], enc['attention_mask'].sum(1)
+        ids = torch.full((len(texts), L), self.pad_id, dtype=torch.long)
+        lengths = torch.ones(len(texts), dtype=torch.long)
+        for i, text in enumerate(texts):
+            toks = [self.index[w] for w in utils.tokenize_attngan(text) if w in self.index]
+            toks = [self.sot] + toks[:L - 2] + [self.eot] if self.sot is not None else toks[:L]
+            if toks:
+                ids[i, :len(toks)] = torch.tensor(toks)
+                lengths[i] = len(toks)
+        return ids, lengths
+
+    def token_strings(self, ids, length):
+        """The tokens of one caption as strings (for attention-map labels)."""
+        ids = [int(t) for t in ids[:length]]
+        if self.kind in ('clip', 'bert'):
+            return [t.replace('</w>', '') for t in self.hf.convert_ids_to_tokens(ids)]
+        return [self.spec['vocab'][t] for t in ids]
+
+
+def tokenizer_spec(kind, context_length, path='', words=None):
+    """A Tokenizer spec. 'attngan'/'words': `words` = AttnGAN's ixtoword in id order
+    (index 0 '<end>'); 'clip': CLIPTokenizer from a hub name or local folder; 'bert': a
+    WordPiece vocab.txt, a folder holding one, or a hub name."""
+    spec = {'kind': kind, 'context_length': int(context_length)}
+    if kind in ('attngan', 'words'):
+        spec['vocab'] = list(words) + (['<sot>', '<eot>'] if kind == 'words' else [])
+        return spec
+    from transformers import BertTokenizer, CLIPTokenizer
+    try:
+        if kind == 'clip':
+            tok = CLIPTokenizer.from_pretrained(path)
+        elif os.path.isfile(path):
+            tok = BertTokenizer(vocab=path)
+        else:
+            tok = BertTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f"{path}: cannot load a {kind} tokenizer offline "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    vocab = tok.get_vocab()
+    spec['vocab'] = [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if len(spec['vocab']) != max(vocab.values()) + 1:
+        raise utils.UserError(f"{path}: tokenizer ids are not contiguous")
+    if kind == 'clip':
+        import json
+        spec['merges'] = [list(m) if isinstance(m, (list, tuple)) else m.split(' ')
+                          for m in json.loads(tok.backend_tokenizer.to_str())['model']['merges']]
+    return spec
+
+
+def _prepare(images, size, mean=None, std=None):
+    """[-1, 1] images at any size -> the network's input: bilinear resize to `size`, then
+    (x+1)/2 normalised with mean/std when given (Inception takes [-1, 1], as AttnGAN feeds it)."""
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False)
+    if mean is not None:
+        m = images.new_tensor(mean).view(1, 3, 1, 1)
+        s = images.new_tensor(std).view(1, 3, 1, 1)
+        images = ((images + 1) / 2 - m) / s
+    return images
+
+
+def _word_features(states, lengths, keep_special):
+    """Token states (B, T, D) -> words (B, D, T'), pad_mask (B, T'). Without specials the
+    start token and the end token (at length-1) are dropped, as T2I_CLIP-GAN's
+    rm_special_token; a caption without words keeps its end token."""
+    T = states.shape[1]
+    if keep_special:
+        return states.transpose(1, 2), torch.arange(T, device=states.device)[None] >= lengths[:, None]
+    words = states[:, 1:max(T - 1, 2)]
+    n = (lengths - 2).clamp(min=1)
+    return words.transpose(1, 2), torch.arange(words.shape[1], device=states.device)[None] >= n[:, None]
+
+
+class TextEncoder(nn.Module):
+    def encode(self, texts):
+        """Raw captions -> words (B, D, T), sent (B, D), pad_mask (B, T), on this module's device."""
+        ids, lengths = self.tokenizer(texts)
+        dev = next(self.parameters()).device
+        return self(ids.to(dev), lengths.to(dev))
+
+    def word_strings(self, text):
+        """The words of one caption as the word features see them (attention-map labels)."""
+        ids, lengths = self.tokenizer([text])
+        toks = self.tokenizer.token_strings(ids[0], int(lengths[0]))
+        return toks if self.keep_special or not self.tokenizer.has_specials else toks[1:-1] or toks[-1:]
+
+
+class ImageEncoder(nn.Module):
+    def encode(self, images):
+        """Images in [-1, 1] -> regions (B, D, h, w), global (B, D)."""
+        return self(images)
+
+
+# ---- damsm: AttnGAN's encoders ---------------------------------------------------------------
+class RNNTextEncoder(TextEncoder):
+    """AttnGAN's RNN_ENCODER: Embedding(n_words, 300) initialised U(±0.1) -> dropout 0.5 ->
+    1-layer bi-LSTM with D/2 units per direction. Words = the outputs (B, D, T); sentence =
+    the two final hidden states concatenated (gan_refs.md §1)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec, self.keep_special = spec, True
+        self.tokenizer = Tokenizer(spec['tokenizer'])
+        self.encoder = nn.Embedding(self.tokenizer.vocab_size, spec['word_dim'])
+        self.drop = nn.Dropout(spec['dropout'])
+        self.rnn = nn.LSTM(spec['word_dim'], spec['dim'] // 2, batch_first=True, bidirectional=True)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+
+    def forward(self, ids, lengths):
+        T = ids.shape[1]
+        x = nn.utils.rnn.pack_padded_sequence(self.drop(self.encoder(ids)), lengths.cpu(),
+                                              batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.rnn(x)
+        out = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
+        sent = h.transpose(0, 1).reshape(ids.shape[0], -1)      # [forward; backward]
+        return out.transpose(1, 2), sent, torch.arange(T, device=ids.device)[None] >= lengths[:, None]
+
+
+INCEPTION_REGIONS = ['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'maxpool1', 'Conv2d_3b_1x1',
+                     'Conv2d_4a_3x3', 'maxpool2', 'Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a',
+                     'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e']
+INCEPTION_GLOBAL = ['Mixed_7a', 'Mixed_7b', 'Mixed_7c']
+
+
+def _small_cnn(width):
+    """The embedded runs' stand-in for Inception (no ImageNet weights offline, and a
+    trainable Inception is ~3 img/s on 2 CPU cores): conv stages of stride 2; regions after
+    three (1/8 of the input), global after four."""
+    def stage(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    w = width
+    return (nn.Sequential(*stage(3, w), *stage(w, 2 * w), *stage(2 * w, 4 * w)),
+            nn.Sequential(*stage(4 * w, 8 * w)), 4 * w, 8 * w)
+
+
+class CNNImageEncoder(ImageEncoder):
+    """AttnGAN's CNN_ENCODER: Inception-v3 up to Mixed_6e gives the 17x17x768 regions
+    (conv1x1 to D, no bias); on through Mixed_7c and the 8x8 average pool, Linear(2048, D)
+    gives the global code. Input bilinear to 299, in [-1, 1]. The backbone loads torchvision's
+    ImageNet weights (load_inception_weights) and is frozen, BatchNorm statistics included,
+    unless spec['train_backbone']; the two new layers start U(±0.1) (gan_refs.md §1).
+    backbone 'small' swaps Inception for _small_cnn (embedded runs only)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        if spec['backbone'] == 'inception_v3':
+            import torchvision
+            net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+            self.to_regions = nn.Sequential(*[getattr(net, n) for n in INCEPTION_REGIONS])
+            self.to_global = nn.Sequential(*[getattr(net, n) for n in INCEPTION_GLOBAL])
+            c_reg, c_glob = 768, 2048
+        elif spec['backbone'] == 'small':
+            self.to_regions, self.to_global, c_reg, c_glob = _small_cnn(spec['width'])
+        else:
+            raise utils.UserError(f"MODEL.CNN.BACKBONE={spec['backbone']!r}: expected inception_v3 or small")
+        self.emb_features = nn.Conv2d(c_reg, spec['dim'], 1, bias=False)
+        self.emb_cnn_code = nn.Linear(c_glob, spec['dim'])
+        for p in (self.emb_features.weight, self.emb_cnn_code.weight):
+            nn.init.uniform_(p, -0.1, 0.1)
+        if not spec['train_backbone']:
+            self.to_regions.requires_grad_(False)
+            self.to_global.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not self.spec['train_backbone']:     # frozen means frozen BatchNorm statistics too
+            self.to_regions.eval()
+            self.to_global.eval()
+        return self
+
+    def forward(self, images, regions=True):
+        x = self.to_regions(_prepare(images, self.spec['image_size']))
+        code = self.emb_cnn_code(self.to_global(x).mean((2, 3)))
+        return self.emb_features(x), code
+
+
+def load_inception_weights(encoder, path, log=None):
+    """torchvision's ImageNet Inception-v3 into a CNNImageEncoder: `path` a .pth file, 'auto'
+    = torchvision's cache (torch.hub dir) if the file is there, '' = keep the random init."""
+    if path == 'auto':
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', INCEPTION_URL_FILE)
+        if not os.path.isfile(path):
+            if log:
+                log.warning(f"no ImageNet Inception-v3 at {path}: the image encoder's backbone "
+                            "stays randomly initialised (fine for tests, useless for real DAMSM)")
+            return
+    elif not path:
+        return
+    if not os.path.isfile(path):
+        raise utils.UserError(f"{path}: Inception-v3 weights file not found (MODEL.PRETRAINED)")
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    for part, layers in (('to_regions', INCEPTION_REGIONS), ('to_global', INCEPTION_GLOBAL)):
+        own = {}
+        for key, value in state.items():
+            top, rest = key.split('.', 1)
+            if top in layers:                       # AuxLogits and fc are not used
+                own[f'{layers.index(top)}.{rest}'] = value
+        getattr(encoder, part).load_state_dict(own)
+    if log:
+        log.info(f"Inception-v3 ImageNet weights from {path}")
+
+
+# ---- clip_hf: a transformers CLIP (T2I_CLIP-GAN) --------------------------------------------
+class HFCLIPTextEncoder(TextEncoder):
+    """T2I_CLIP-GAN's text side: the CLIP text transformer; sentence = text_projection of the
+    end token's state; words = the token states (a Linear to D where the width differs; the
+    original's ViT-B/32 has width 512 = D and uses them as they are), start and end tokens
+    dropped unless spec['keep_special'] (gan_refs.md §2)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+        self.spec, self.keep_special = spec, spec['keep_special']
+        self.tokenizer = Tokenizer(spec['tokenizer'])
+        self.model = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(spec['config']))
+        width = spec['config']['hidden_size']
+        self.word_proj = nn.Linear(width, spec['dim']) if width != spec['dim'] else nn.Identity()
+
+    def forward(self, ids, lengths):
+        T = int(lengths.max())          # causal: states before T ignore the padding after it
+        ids = ids[:, :T]
+        mask = (torch.arange(T, device=ids.device)[None] < lengths[:, None]).long()
+        states = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        sent = self.model.text_projection(states[torch.arange(len(ids), device=ids.device), lengths - 1])
+        words, pad = _word_features(self.word_proj(states), lengths, self.keep_special)
+        return words, sent, pad
+
+
+class HFCLIPImageEncoder(ImageEncoder):
+    """T2I_CLIP-GAN's image side: global = CLIP's image embedding (visual_projection of the
+    class token); regions = the patch tokens (class token dropped: 7x7 = 49 for ViT-B/32 at
+    224) through a new Linear(width, D) (the original's linear_subr). CLIP mean/std."""
+
+    def __init__(self, spec):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+        self.spec = spec
+        self.model = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(spec['config']))
+        self.linear_subr = nn.Linear(spec['config']['hidden_size'], spec['dim'])
+
+    def forward(self, images, regions=True):
+        out = self.model(pixel_values=_prepare(images, self.spec['config']['image_size'], CLIP_MEAN, CLIP_STD))
+        patches = self.linear_subr(out.last_hidden_state[:, 1:])
+        g = int(round(patches.shape[1] ** 0.5))
+        return patches.transpose(1, 2).reshape(len(patches), -1, g, g), out.image_embeds
+
+
+# ---- clip: CLIP from scratch (open_clip's model configs) ------------------------------------
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block (CLIP): x + attn(ln_1(x)); x + mlp(ln_2(x)), MLP ×4 with GELU.
+    Attention through scaled_dot_product_attention (is_causal for the text)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x, causal):
+        B, T, C = x.shape
+        q, k, v = self.in_proj(self.ln_1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        x = x + self.out_proj(a.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln_2(x))
+
+
+def _init_blocks(blocks, width):
+    """open_clip's TextTransformer init (std width^-0.5 for attention, scaled for projections)."""
+    proj_std = width ** -0.5 * (2 * len(blocks)) ** -0.5
+    for b in blocks:
+        nn.init.normal_(b.in_proj.weight, std=width ** -0.5)
+        nn.init.normal_(b.out_proj.weight, std=proj_std)
+        nn.init.normal_(b.mlp[0].weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(b.mlp[2].weight, std=proj_std)
+
+
+class CLIPTextTransformer(TextEncoder):
+    """open_clip's text tower: token + learned position embeddings, causal pre-LN transformer,
+    final LayerNorm, projection to D. The sentence is the state at the end token, i.e. the
+    last real token (CLIP's EOT, BERT's [SEP]); the copied T2I code pooled at the largest id,
+    which with BERT ids is some character, not [SEP] (dalle.md §2). Words = every token state
+    projected to D. Causal attention lets us run only up to the longest caption in the batch:
+    later positions cannot change earlier ones, so this is exact."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec, self.keep_special = spec, spec['keep_special']
+        self.tokenizer = Tokenizer(spec['tokenizer'])
+        W, L = spec['width'], self.tokenizer.context_length
+        self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, W)
+        self.positional_embedding = nn.Parameter(torch.randn(L, W) * 0.01)
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(W, spec['heads']) for _ in range(spec['layers'])])
+        self.ln_final = nn.LayerNorm(W)
+        self.text_projection = nn.Parameter(torch.randn(W, spec['dim']) * W ** -0.5)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        _init_blocks(self.blocks, W)
+
+    def forward(self, ids, lengths):
+        T = int(lengths.max())
+        x = self.token_embedding(ids[:, :T]) + self.positional_embedding[:T]
+        for blk in self.blocks:
+            x = blk(x, causal=True)
+        states = self.ln_final(x) @ self.text_projection
+        sent = states[torch.arange(len(ids), device=ids.device), lengths - 1]
+        words, pad = _word_features(states, lengths, self.keep_special)
+        return words, sent, pad
+
+
+class Bottleneck(nn.Module):
+    """CLIP's ResNet bottleneck: 1x1, 3x3, 1x1 convs; stride by a 2x2 average pool before the
+    last conv (anti-aliased), and an average pool before the 1x1 downsample conv."""
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        cout = planes * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride > 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                                            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.avgpool(F.relu(self.bn2(self.conv2(out)), inplace=True))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)), inplace=True)
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling: the mean token (plus positions) attends over all positions.
+    Only that query is computed (open_clip computes every position's and keeps the first).
+    Regions: each position's value through the output projection (the same map the pooled
+    vector is a convex combination of)."""
+
+    def __init__(self, grid, width, heads, dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(grid ** 2 + 1, width) / width ** 0.5)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
+        self.c_proj = nn.Linear(width, dim)
+        self.heads = heads
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
+            nn.init.normal_(lin.weight, std=width ** -0.5)
+
+    def forward(self, x, regions=True):
+        B, C, H, W = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([x.mean(1, keepdim=True), x], 1) + self.positional_embedding
+        heads = lambda t: t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
+        v = self.v_proj(x)
+        a = F.scaled_dot_product_attention(heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(v))
+        pooled = self.c_proj(a.transpose(1, 2).reshape(B, C))
+        if not regions:
+            return None, pooled
+        return self.c_proj(v[:, 1:]).transpose(1, 2).reshape(B, -1, H, W), pooled
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet (open_clip RN50 = layers [3, 4, 6, 3], width 64): a three-conv stem with
+    an average pool, four bottleneck stages, attention pooling with width*32/64 heads."""
+
+    def __init__(self, layers, width, image_size, dim, head_width=64):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False), nn.BatchNorm2d(w // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(w // 2, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+            nn.AvgPool2d(2))
+        stages, cin = [], w
+        for i, n in enumerate(layers):
+            planes = w * 2 ** i
+            blocks = [Bottleneck(cin, planes, 1 if i == 0 else 2)] + [Bottleneck(planes * 4, planes) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = planes * 4
+        self.stages = nn.Sequential(*stages)
+        self.attnpool = AttentionPool2d(image_size // 32, cin, cin // head_width, dim)
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)      # each residual branch starts as identity
+
+    def forward(self, x, regions=True):
+        return self.attnpool(self.stages(self.stem(x)), regions)
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's ViT: patch conv, class token, learned positions, ln_pre, transformer, ln_post,
+    projection. Global = the class token; regions = the patch tokens, both projected to D."""
+
+    def __init__(self, layers, width, image_size, patch_size, dim, head_width=64):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.blocks = nn.ModuleList([ResidualAttentionBlock(width, width // head_width) for _ in range(layers)])
+        self.proj = nn.Parameter(scale * torch.randn(width, dim))
+
+    def forward(self, x, regions=True):
+        x = self.conv1(x)
+        B, C, H, W = x.shape
+        x = torch.cat([self.class_embedding.expand(B, 1, C), x.flatten(2).transpose(1, 2)], 1)
+        x = self.ln_pre(x + self.positional_embedding)
+        for blk in self.blocks:
+            x = blk(x, causal=False)
+        if not regions:
+            return None, self.ln_post(x[:, 0]) @ self.proj
+        x = self.ln_post(x) @ self.proj
+        return x[:, 1:].transpose(1, 2).reshape(B, -1, H, W), x[:, 0]
+
+
+class CLIPImageEncoder(ImageEncoder):
+    """open_clip's image tower: ModifiedResNet when patch_size is 0, else a ViT of depth
+    layers[0]. CLIP mean/std; `regions=False` skips the region map (not needed by the CLIP
+    loss)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        s = spec
+        if s['patch_size'] > 0:
+            if len(s['layers']) != 1:
+                raise utils.UserError(f"MODEL.CLIP.VISION_LAYERS={s['layers']}: a ViT (PATCH_SIZE > 0) "
+                                      "takes one entry, its depth")
+            self.net = VisionTransformer(s['layers'][0], s['width'], s['image_size'], s['patch_size'],
+                                         s['dim'], s['head_width'])
+        else:
+            if len(s['layers']) != 4:
+                raise utils.UserError(f"MODEL.CLIP.VISION_LAYERS={s['layers']}: a ResNet takes 4 stage depths")
+            self.net = ModifiedResNet(s['layers'], s['width'], s['image_size'], s['dim'], s['head_width'])
+
+    def forward(self, images, regions=True):
+        return self.net(_prepare(images, self.spec['image_size'], CLIP_MEAN, CLIP_STD), regions)
+
+
+# ---- building, saving, loading ---------------------------------------------------------------
+TEXT_ENCODERS = {'damsm': RNNTextEncoder, 'clip_hf': HFCLIPTextEncoder, 'clip': CLIPTextTransformer}
+IMAGE_ENCODERS = {'damsm': CNNImageEncoder, 'clip_hf': HFCLIPImageEncoder, 'clip': CLIPImageEncoder}
+
+
+def build_text_encoder(spec):
+    return TEXT_ENCODERS[spec['family']](spec)
+
+
+def build_image_encoder(spec):
+    return IMAGE_ENCODERS[spec['family']](spec)
+
+
+def load_encoders(net_e, device='cpu'):
+    """AttnGAN's convention: TRAIN.NET_E = .../text_encoder<N>.pth, the image encoder beside it
+    as image_encoder<N>.pth. Both rebuilt from the spec they carry, in eval mode and frozen
+    (requires_grad False; gradients still flow to their inputs)."""
+    folder, name = os.path.split(net_e)
+    if 'text_encoder' not in name:
+        raise utils.UserError(f"{net_e}: expected a text_encoder<N>.pth written by pretrain_DAMSM.py")
+    out = []
+    for path, kind, build in ((net_e, 'text_encoder', build_text_encoder),
+                              (os.path.join(folder, name.replace('text_encoder', 'image_encoder')),
+                               'image_encoder', build_image_encoder)):
+        ckpt = utils.load_checkpoint(path, kind)
+        module = build(ckpt['extra']['spec'])
+        module.load_state_dict(ckpt['models'][kind])
+        out.append(module.to(device).eval().requires_grad_(False))
+    return tuple(out)
+
+
+# ---- losses -----------------------------------------------------------------------------------
+def func_attention(words, regions, gamma1, pad_mask=None):
+    """AttnGAN's word-region attention (GlobalAttention.func_attention). words (B, D, T),
+    regions (B, D, h, w). Eq. 8: s = e^T v, normalised over the words for each region;
+    Eq. 9: α = softmax over the regions of γ1·s; region context c_i = Σ_j α_ij v_j.
+    Padded words are masked out of Eq. 8. Returns c (B, D, T), α (B, T, h, w)."""
+    B, D, T = words.shape
+    h, w = regions.shape[2:]
+    ctx = regions.reshape(B, D, h * w)
+    s = torch.bmm(ctx.transpose(1, 2), words)                               # (B, R, T)
+    if pad_mask is not None:
+        s = s.masked_fill(pad_mask[:, None, :], float('-inf'))
+    alpha = (s.softmax(dim=2).transpose(1, 2) * gamma1).softmax(dim=2)     # (B, T, R)
+    return torch.bmm(ctx, alpha.transpose(1, 2)), alpha.reshape(B, T, h, w)
+
+
+def _cosine(a, b, dim, eps=1e-8):
+    """AttnGAN's cosine_similarity: a·b / max(|a||b|, eps)."""
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp(min=eps)
+
+
+def _match_losses(scores, class_ids):
+    """Cross-entropy of the matching score matrix (rows images, columns captions) in both
+    directions; pairs of the same class other than the true one masked out (AttnGAN)."""
+    if class_ids is not None:
+        same = class_ids[:, None] == class_ids[None, :]
+        same.fill_diagonal_(False)
+        scores = scores.masked_fill(same, float('-inf'))
+    labels = torch.arange(len(scores), device=scores.device)
+    return F.cross_entropy(scores, labels), F.cross_entropy(scores.t(), labels)
+
+
+def words_loss(regions, words, pad_mask, class_ids=None, gamma1=4.0, gamma2=5.0, gamma3=10.0):
+    """DAMSM word loss (AttnGAN Eq. 10-13; miscc/losses.words_loss). For image Q and
+    caption D: R(Q, D) = log Σ_words exp(γ2·cos(c_i, e_i)) (Eq. 10; the paper's 1/γ2 power
+    is left out, as in AttnGAN's code); P(D_i|Q_i) = softmax over the batch of γ3·R (Eq. 11);
+    loss0 = -Σ log P(D_i|Q_i), loss1 = -Σ log P(Q_i|D_i) (Eq. 12-13), batch means.
+    Returns loss0, loss1 and each caption's attention map on its own image (T, h, w)."""
+    B = words.shape[0]
+    sims, maps = [], []
+    for i in range(B):                      # caption i against every image, as the original
+        word = words[i:i + 1].expand(B, -1, -1)
+        mask = pad_mask[i:i + 1].expand(B, -1)
+        context, attn = func_attention(word, regions, gamma1, mask)
+        maps.append(attn[i])
+        r = (gamma2 * _cosine(word, context, dim=1)).masked_fill(mask, float('-inf'))
+        sims.append(torch.logsumexp(r, dim=1))                  # Eq. 10
+    loss0, loss1 = _match_losses(torch.stack(sims, 1) * gamma3, class_ids)
+    return loss0, loss1, maps
+
+
+def sent_loss(img_code, sent_code, class_ids=None, gamma3=10.0):
+    """DAMSM sentence loss (AttnGAN Eq. 10-13 on the global vectors): R(Q, D) = cos(q, e),
+    ×γ3, cross-entropy in both directions with the same class masking (miscc/losses.sent_loss)."""
+    return _match_losses(_cosine(img_code[:, None], sent_code[None], dim=2) * gamma3, class_ids)
+
+
+def clip_loss(img, txt, logit_scale):
+    """CLIP's contrastive loss (Radford et al. 2021, Fig. 3): logits = exp(t)·cos(I, T),
+    symmetric cross-entropy, (L_image + L_text) / 2."""
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = logit_scale.exp() * img @ txt.t()
+    labels = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def nt_xent_loss(z1, z2, tau=0.5):
+    """SimCLR's NT-Xent (Chen et al. 2020, Eq. 1): each of the 2N views against the other
+    2N-1, its positive being the other view of the same item; mean over the 2N terms
+    (T2I_CL's nt_xent.py, used by T2I_CLIP-GAN on two captions of one image, τ = 0.5)."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = (z @ z.t() / tau).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float('-inf'))
+    n = len(z1)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, targets)
 
 
 # ============================================================================
@@ -255,15 +854,15 @@ class CANet(nn.Module):
 
 
 class InitStageG(nn.Module):
-    """Initial stage: [c, z] -> 4x4 x ngf -> four up-blocks -> 64x64 x ngf/16."""
+    """Initial stage: [c, z] -> 4x4 x ngf -> up-blocks halving channels -> base_size
+    (64 in DM-GAN: four up-blocks to 64x64 x ngf/16)."""
 
-    def __init__(self, ngf, in_dim):
+    def __init__(self, ngf, in_dim, n_up=4):
         super().__init__()
         self.ngf = ngf
         self.fc = nn.Sequential(nn.Linear(in_dim, ngf * 4 * 4 * 2, bias=False),
                                 nn.BatchNorm1d(ngf * 4 * 4 * 2), GLU())
-        self.upsample = nn.Sequential(up_block(ngf, ngf // 2), up_block(ngf // 2, ngf // 4),
-                                      up_block(ngf // 4, ngf // 8), up_block(ngf // 8, ngf // 16))
+        self.upsample = nn.Sequential(*[up_block(ngf // 2 ** i, ngf // 2 ** (i + 1)) for i in range(n_up)])
 
     def forward(self, z, c):
         return self.upsample(self.fc(torch.cat([c, z], 1)).view(-1, self.ngf, 4, 4))
@@ -319,13 +918,16 @@ class NextStageG(nn.Module):
 
 
 class DMGANGenerator(nn.Module):
-    """G_NET: CA, initial 64x64 stage, then branch_num - 1 memory stages (128, 256)."""
+    """G_NET: CA, initial 64x64 stage, then branch_num - 1 memory stages (128, 256).
+    base_size 32 (embedded cfg only) starts with three up-blocks instead of four."""
 
-    def __init__(self, gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=2):
+    def __init__(self, gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=2,
+                 base_size=64):
         super().__init__()
         self.z_dim = z_dim
+        n_up = int(math.log2(base_size // 4))
         self.ca_net = CANet(text_dim, cond_dim)
-        self.init_stage = InitStageG(gf_dim * 16, z_dim + cond_dim)
+        self.init_stage = InitStageG(gf_dim * 2 ** n_up, z_dim + cond_dim, n_up)
         self.stages = nn.ModuleList([NextStageG(gf_dim, text_dim, r_num) for _ in range(branch_num - 1)])
         self.img_heads = nn.ModuleList([nn.Sequential(conv3x3(gf_dim, 3), nn.Tanh())
                                         for _ in range(branch_num)])
@@ -365,7 +967,9 @@ class SpectralNorm(nn.Module):
                 v = F.normalize(w.t() @ self.weight_u, dim=0, eps=1e-12)
                 self.weight_v.copy_(v)
                 self.weight_u.copy_(F.normalize(w @ v, dim=0, eps=1e-12))
-        sigma = self.weight_u @ (w @ self.weight_v)
+        # Clones: D runs on real and fake before one backward, and the next forward's
+        # in-place power iteration must not change what this one's graph saved.
+        sigma = self.weight_u.clone() @ (w @ self.weight_v.clone())
         self.module.weight = self.weight_bar / sigma
         return self.module(x)
 
@@ -397,9 +1001,13 @@ class DMGANDiscriminator(nn.Module):
     def __init__(self, img_size, df_dim=64, text_dim=256):
         super().__init__()
         ndf, lrelu = df_dim, (lambda: nn.LeakyReLU(0.2))
-        layers = [sn_conv(3, ndf, 4, 2, 1), lrelu(), sn_conv(ndf, ndf * 2, 4, 2, 1), lrelu(),
-                  sn_conv(ndf * 2, ndf * 4, 4, 2, 1), lrelu(), sn_conv(ndf * 4, ndf * 8, 4, 2, 1), lrelu()]
-        extra = int(math.log2(img_size // 64))          # 0 / 1 / 2 more down-blocks
+        trunk = [3, ndf, ndf * 2, ndf * 4, ndf * 8]      # 64 -> 4 in four 4x4/2 convs
+        if img_size < 64:                                # embedded 32px stage: the last three
+            trunk = [3] + trunk[-int(math.log2(img_size // 4)):]
+        layers = []
+        for cin, cout in zip(trunk[:-1], trunk[1:]):
+            layers += [sn_conv(cin, cout, 4, 2, 1), lrelu()]
+        extra = int(math.log2(max(img_size, 64) // 64))  # 0 / 1 / 2 more down-blocks
         c = ndf * 8
         for _ in range(extra):
             layers += [sn_conv(c, c * 2, 4, 2, 1), lrelu()]
@@ -419,6 +1027,164 @@ class DMGANDiscriminator(nn.Module):
 # XMC-GAN (Zhang et al. 2021)
 # ============================================================================
 # [section: xmcgan]
+# Structure from the original Flax code (xmcgan/nets/xmc_net.py, nets/common.py,
+# libml/layers.py); images in [-1, 1] here (the original's G ends with (x+1)/2).
+# 64 is ours, for the embedded CPU runs (the original has 128 and 256 only): the 128 tables
+# with one resolution level fewer, so attention and D's regions stay at 16x16.
+XMC_G_CHANNELS = {64: [8, 4, 2, 1], 128: [16, 8, 4, 2, 1], 256: [16, 8, 8, 4, 2, 1]}
+XMC_D_CHANNELS = {64: ([2, 4, 8, 8], [True, True, True, False]),
+                  128: ([2, 4, 8, 16, 16], [True, True, True, True, False]),
+                  256: ([2, 4, 8, 8, 16, 16], [True, True, True, True, True, False])}
+
+
+def l2n(x, dim=-1):
+    return F.normalize(x, dim=dim, eps=1e-6)
+
+
+class CondBN(nn.Module):
+    """Self-modulation (conditional BN): BN without affine, then x * (1 + gamma(c)) + beta(c);
+    gamma/beta from a Dense layer on the global condition, or, local=True, from a 1x1
+    conv on a spatial condition map (the attentional self-modulation of XMC-GAN Sec. 4.1)."""
+
+    def __init__(self, channels, cond_dim, local=False):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False, momentum=0.1)   # flax momentum 0.9
+        make = (lambda: nn.Conv2d(cond_dim, channels, 1)) if local else (lambda: nn.Linear(cond_dim, channels))
+        self.gamma, self.beta, self.local = make(), make(), local
+
+    def forward(self, x, c):
+        g, b = self.gamma(c), self.beta(c)
+        if not self.local:
+            g, b = g[:, :, None, None], b[:, :, None, None]
+        return self.bn(x) * (g + 1) + b
+
+
+class XMCGenBlock(nn.Module):
+    """Residual up-block: CBN-ReLU-up-conv3-CBN-ReLU-conv3, shortcut up-conv1x1.
+    local=True is GenSpatialBlock, whose second CBN uses the upsampled condition."""
+
+    def __init__(self, cin, cout, cond_dim, local=False):
+        super().__init__()
+        self.n1, self.n2 = CondBN(cin, cond_dim, local), CondBN(cout, cond_dim, local)
+        self.c1, self.c2 = nn.Conv2d(cin, cout, 3, 1, 1), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.sc = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, c0, c1=None):
+        h = F.interpolate(F.relu(self.n1(x, c0)), scale_factor=2, mode='nearest')
+        h = self.c2(F.relu(self.n2(self.c1(h), c0 if c1 is None else c1)))
+        return h + self.sc(F.interpolate(x, scale_factor=2, mode='nearest'))
+
+
+def attention_for_g(regions, words, gamma, pad_mask):
+    """Word-region attention of G: cosine x gamma, softmax over words (padding
+    masked), context = attention-weighted sum of L2-normalised words.
+    regions (B, R, D), words (B, T, D) -> (B, R, D), attention (B, R, T)."""
+    r, w = l2n(regions), l2n(words)
+    logits = gamma * r @ w.transpose(1, 2)
+    if pad_mask is not None:
+        logits = logits.masked_fill(pad_mask[:, None, :], -1e9)
+    att = logits.softmax(-1)
+    return att @ w, att
+
+
+class XMCGenerator(nn.Module):
+    """XMC-GAN generator (Sec. 4.1): global condition [Dense(sentence); z] drives the
+    self-modulated up-blocks to 16x16; there, word-region attention gives a region
+    context that, with the tiled global condition, modulates the later blocks."""
+
+    def __init__(self, img_size=128, gf_dim=96, z_dim=128, text_dim=768, gamma=15.0):
+        super().__init__()
+        if img_size not in XMC_G_CHANNELS:
+            raise ValueError(f'XMC-GAN image size {img_size}: expected one of {sorted(XMC_G_CHANNELS)}')
+        ch = [gf_dim * m for m in XMC_G_CHANNELS[img_size]]
+        self.z_dim, self.gf16, self.gamma = z_dim, gf_dim * 16, gamma
+        gdim = 2 * z_dim
+        self.sent_dense = nn.Linear(text_dim, z_dim)
+        self.z_dense = nn.Linear(z_dim, gf_dim * 16 * 4 * 4)
+        self.blocks = nn.ModuleList([XMCGenBlock(gf_dim * 16, ch[0], gdim), XMCGenBlock(ch[0], ch[1], gdim)])
+        self.region_proj = nn.Conv2d(ch[1], text_dim, 1)
+        sdim = text_dim + gdim
+        self.spatial_blocks = nn.ModuleList([XMCGenBlock(ch[i - 1], ch[i], sdim, local=True)
+                                             for i in range(2, len(ch))])
+        self.out_norm = CondBN(ch[-1], sdim, local=True)
+        self.to_rgb = nn.Conv2d(ch[-1], 3, 3, 1, 1)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_normal_(m.weight)        # glorot_normal, as the original
+                nn.init.zeros_(m.bias)
+
+    def forward(self, z, sent, words, pad_mask):
+        """z (B, z_dim), sent (B, D), words (B, T, D), pad_mask (B, T) -> image in [-1, 1]."""
+        g = torch.cat([self.sent_dense(sent), z], 1)
+        x = self.z_dense(z).view(-1, self.gf16, 4, 4)
+        for blk in self.blocks:
+            x = blk(x, g)
+        B, _, H, W = x.shape
+        ctx, _ = attention_for_g(self.region_proj(x).flatten(2).transpose(1, 2), words, self.gamma, pad_mask)
+        cond = torch.cat([ctx.transpose(1, 2).reshape(B, -1, H, W), g[:, :, None, None].expand(-1, -1, H, W)], 1)
+        for blk in self.spatial_blocks:
+            up = F.interpolate(cond, scale_factor=2, mode='nearest')
+            x = blk(x, cond, up)
+            cond = up
+        return torch.tanh(self.to_rgb(F.relu(self.out_norm(x, cond))))
+
+
+def sn(m):
+    return nn.utils.parametrizations.spectral_norm(m)
+
+
+class XMCDiscBlock(nn.Module):
+    """ReLU-conv3-ReLU-conv3 (+avg-pool), shortcut conv1x1 (+avg-pool); optimized=True
+    is the first block (conv3-ReLU-conv3-pool, shortcut pool-conv1x1)."""
+
+    def __init__(self, cin, cout, down, optimized=False):
+        super().__init__()
+        self.c1, self.c2 = sn(nn.Conv2d(cin, cout, 3, 1, 1)), sn(nn.Conv2d(cout, cout, 3, 1, 1))
+        self.sc = sn(nn.Conv2d(cin, cout, 1)) if (down or cin != cout or optimized) else None
+        self.down, self.optimized = down, optimized
+
+    def forward(self, x):
+        pool = (lambda t: F.avg_pool2d(t, 2)) if self.down else (lambda t: t)
+        if self.optimized:
+            return pool(self.c2(F.relu(self.c1(x)))) + self.sc(pool(x))
+        h = pool(self.c2(F.relu(self.c1(F.relu(x)))))
+        return h + pool(self.sc(x) if self.sc is not None else x)
+
+
+class XMCDiscriminator(nn.Module):
+    """Spectral-norm residual D with projection conditioning (Sec. 4.2). Returns the
+    logit, the pooled feature (sentence and image contrastive losses), the projected
+    sentence, and region features at cond_size x cond_size projected to the word
+    dimension (word contrastive loss)."""
+
+    def __init__(self, img_size=128, df_dim=96, text_dim=768, cond_size=16):
+        super().__init__()
+        mults, downs = XMC_D_CHANNELS[img_size]
+        self.blocks = nn.ModuleList([XMCDiscBlock(3, df_dim, True, optimized=True)])
+        c, size, self.cond_index = df_dim, img_size // 2, None
+        for i, (m, d) in enumerate(zip(mults, downs)):
+            self.blocks.append(XMCDiscBlock(c, df_dim * m, d))
+            c, size = df_dim * m, size // 2 if d else size
+            if size == cond_size:
+                self.cond_index, cond_ch = i + 1, c
+        self.out = sn(nn.Linear(c, 1))
+        self.sent_proj = sn(nn.Linear(text_dim, c))
+        self.region_proj = sn(nn.Conv2d(cond_ch, text_dim, 1))
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_normal_(m.parametrizations.weight.original if hasattr(m, 'parametrizations')
+                                       else m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, sent):
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i == self.cond_index:
+                regions = self.region_proj(x).flatten(2).transpose(1, 2)      # (B, R, D)
+        pooled = F.relu(x).sum((2, 3))
+        sent_c = self.sent_proj(sent)
+        logit = self.out(pooled).squeeze(1) + (pooled * sent_c).sum(1)
+        return logit, pooled, sent_c, regions
 
 
 # ============================================================================

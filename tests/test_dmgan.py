@@ -82,6 +82,19 @@ def test_discriminator_loss_matches_hand_computation():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_discriminator_trains_with_two_forwards_per_backward():
+    """D sees real and fake before one backward; spectral norm's power iteration runs in both."""
+    torch.manual_seed(0)
+    D = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
+    opt = torch.optim.Adam([p for p in D.parameters() if p.requires_grad])
+    real, fake, sent = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 4)
+    for _ in range(2):
+        opt.zero_grad()
+        main.discriminator_loss(D, real, fake, sent).backward()
+        opt.step()
+    assert D.img_code[0].weight_bar.grad is not None and D.img_code[0].weight_u.grad is None
+
+
 def test_kl_loss_and_ema():
     mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(4.0)]])
     # KL per dim: 0.5 * (sigma^2 + mu^2 - 1 - log sigma^2), mean over dims
