@@ -357,10 +357,15 @@ def evaluate(run):
 
 
 def main():
-    args = utils.base_parser(__doc__.splitlines()[0]).parse_args()
+    parser = utils.base_parser(__doc__.splitlines()[0])
+    args = parser.parse_known_args()[0]
     model = (utils.load_yaml(args.cfg).get('MODEL', 'DMGAN') if args.cfg else 'DMGAN')
+    if model == 'XMCGAN':                 # its own defaults and flags (xmc_gan.py)
+        import xmc_gan
+        return xmc_gan.main()
     if model != 'DMGAN':
-        raise utils.UserError(f"{args.cfg}: MODEL={model!r} is not implemented yet (DMGAN is)")
+        raise utils.UserError(f"{args.cfg}: MODEL={model!r}: expected DMGAN or XMCGAN")
+    args = parser.parse_args()
     run = utils.setup(args, DEFAULTS)
     if run.cfg.TRAIN.FLAG:
         train(run, args)

@@ -104,3 +104,97 @@ def test_kl_loss_and_ema():
     before = a.weight.detach().clone()
     main.ema_update(a, b, 0.9)
     torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight)
+
+
+# ---------------------------------------------------------------- the script, end to end
+import json          # noqa: E402
+import os            # noqa: E402
+import signal        # noqa: E402
+import subprocess    # noqa: E402
+import sys           # noqa: E402
+import time          # noqa: E402
+
+import pretrain_DAMSM   # noqa: E402
+import utils            # noqa: E402
+from conftest import ROOT   # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def tiny_encoder(tmp_path_factory, tiny_shapes):
+    """A random-init CLIP-family encoder pair over the tiny dataset's vocabulary, saved as
+    pretrain_DAMSM.py saves them."""
+    torch.manual_seed(0)
+    data = utils.AttnGANData(tiny_shapes, 10)
+    words = [data.ixtoword[i] for i in range(1, len(data.ixtoword))]
+    tok = models.tokenizer_spec('words', 30, words=words)
+    text = models.build_text_encoder({'family': 'clip', 'dim': 16, 'tokenizer': tok, 'width': 16, 'heads': 2,
+                                      'layers': 1, 'keep_special': False})
+    image = models.build_image_encoder({'family': 'clip', 'dim': 16, 'image_size': 32, 'layers': [1],
+                                        'width': 16, 'head_width': 8, 'patch_size': 8})
+    out = tmp_path_factory.mktemp('enc')
+    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
+    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
+    return str(out / 'checkpoints' / 'text_encoder1.pth')
+
+
+def dmgan_args(cfg, out, data, enc, *sets):
+    argv = [sys.executable, os.path.join(ROOT, 'main.py'), '--cfg', os.path.join(ROOT, 'cfg', cfg),
+            '--out', str(out), '--deterministic', '--set', f'DATA_DIR={data}', '--set', f'TRAIN.NET_E={enc}',
+            '--set', 'WORKERS=0', '--set', 'GAN.GF_DIM=2', '--set', 'GAN.DF_DIM=2', '--set', 'GAN.Z_DIM=8',
+            '--set', 'GAN.CONDITION_DIM=8', '--set', 'TEXT.EMBEDDING_DIM=16']
+    for s in sets:
+        argv += ['--set', s]
+    return argv
+
+
+def run_ok(argv):
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize('contrastive', [True, False])
+def test_train_then_evaluate(tiny_shapes, tiny_encoder, tmp_path, contrastive):
+    train_sets = ['TRAIN.BATCH_SIZE=4', 'TRAIN.MAX_EPOCH=1', f'TRAIN.CONTRASTIVE.ENABLE={str(contrastive).lower()}']
+    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_encoder, *train_sets))
+    m = json.load(open(tmp_path / 'train' / 'metrics.json'))
+    assert m['train_steps'] == 10 and m['checkpoint'].endswith('dmgan_00000010.pt')
+    assert os.listdir(tmp_path / 'train' / 'tb')                # TensorBoard events written
+    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'eval', tiny_shapes, tiny_encoder, 'TRAIN.FLAG=false',
+                      f'TRAIN.NET_G={tmp_path / "train"}', 'EVAL.NUM_IMAGES=30', 'EVAL.BATCH_SIZE=7',
+                      'EVAL.R_NEG=5', 'EVAL.R_FOLDS=3', 'EVAL.BASELINE=true'))
+    m = json.load(open(tmp_path / 'eval' / 'metrics.json'))
+    out = tmp_path / 'eval' / 'valid' / 'single'
+    pngs = sorted(f for f in os.listdir(out) if f.endswith('.png'))
+    records = json.load(open(out / 'captions.json'))
+    assert m['num_images'] == len(pngs) == len(records) == 30       # 20 test images, then 10 of pass 2
+    assert sorted(r['file'] for r in records) == pngs
+    assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
+    from PIL import Image
+    assert Image.open(out / pngs[0]).size == (64, 64)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, tmp_path):
+    sets = ['TRAIN.BATCH_SIZE=4', 'TRAIN.MAX_EPOCH=3', 'TRAIN.CONTRASTIVE.ENABLE=false']
+    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'straight', tiny_shapes, tiny_encoder, *sets))
+    straight = json.load(open(tmp_path / 'straight' / 'metrics.json'))
+    argv = dmgan_args('shapes_DMGAN.yml', tmp_path / 'killed', tiny_shapes, tiny_encoder, *sets)
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = tmp_path / 'killed' / 'checkpoints'
+    while p.poll() is None and not (ck.is_dir() and any(f.startswith('dmgan_') and f.endswith('.pt')
+                                                        for f in os.listdir(ck))):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)           # killed during epoch 2
+    p.wait()
+    assert not (tmp_path / 'killed' / 'metrics.json').exists()
+    run_ok(argv + ['--resume', 'auto'])
+    resumed = json.load(open(tmp_path / 'killed' / 'metrics.json'))
+    for k in ('train_steps', 'final_loss_D', 'final_loss_G', 'final_damsm'):
+        assert resumed[k] == straight[k], k
+
+
+def test_eval_refuses_wrong_checkpoint_kind(tiny_shapes, tiny_encoder, tmp_path):
+    r = subprocess.run(dmgan_args('shapes_DMGAN.yml', tmp_path / 'e', tiny_shapes, tiny_encoder,
+                                  'TRAIN.FLAG=false', f'TRAIN.NET_G={tiny_encoder}'),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "kind 'text_encoder', expected 'dmgan'" in r.stderr
