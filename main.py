@@ -298,15 +298,27 @@ def load_generator(cfg, text_dim, dev):
     return netG.eval()
 
 
+def to_uint8(x):
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def judge_scores(judge, images_u8, keys):
+    """Attribute accuracy of images (uint8) against the captions' ground truth (fid_score's judge)."""
+    import fid_score
+    batches = (b.float() / 127.5 - 1 for b in torch.cat(images_u8).split(250))
+    return {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, batches, keys).items()}
+
+
 @torch.no_grad()
-def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=None):
+def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=None, judge=None):
     """Passes over the test set (a random caption per image per pass, seeded) up to
-    EVAL.NUM_IMAGES images; saves each final-stage image when out_dir is given."""
+    EVAL.NUM_IMAGES images; saves each final-stage image when out_dir is given;
+    R-precision, and the judge's attribute accuracy when a judge is given."""
     E = cfg.EVAL
     ds = build_dataset(cfg, 'test', train=False)
     rng = np.random.RandomState(E.SEED)
     g = torch.Generator().manual_seed(E.SEED)
-    img_codes, sent_codes, classes, records = [], [], [], []
+    img_codes, sent_codes, classes, records, fakes_u8 = [], [], [], [], []
     n_target = min(E.NUM_IMAGES, E.MAX_PASSES * len(ds))
     bar = utils.progress(total=n_target, desc='generate', every=max(1, n_target // 10), log=log)
     for p in range(E.MAX_PASSES):
@@ -320,6 +332,8 @@ def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=No
             z = torch.randn(len(idx), cfg.GAN.Z_DIM, generator=g).to(dev)
             fake = netG(z, sent, words, pad)[0][-1]
             img_codes.append(image_enc.encode(fake)[1].float().cpu())
+            if judge is not None:
+                fakes_u8.append(to_uint8(fake))
             sent_codes.append(sent.cpu())
             classes += [ds.class_ids[i] for i in idx]
             for k, t, im in zip(keys, texts, fake):
@@ -333,7 +347,22 @@ def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=No
     bar.close()
     img, sent = torch.cat(img_codes), torch.cat(sent_codes)
     r_mean, r_std = utils.r_precision(img, sent, classes, n_neg=E.R_NEG, folds=E.R_FOLDS, seed=E.SEED)
-    return {'r_precision': r_mean, 'r_precision_std': r_std, 'num_images': len(records)}, records
+    scores = {'r_precision': r_mean, 'r_precision_std': r_std, 'num_images': len(records)}
+    if judge is not None:
+        scores.update(judge_scores(judge, fakes_u8, [r['key'] for r in records]))
+    return scores, records
+
+
+def real_image_baselines(cfg, judge):
+    """The judge on real test images with their own captions (the ceiling) and with the
+    caption of another random test image (what ignoring the text would score)."""
+    ds = build_dataset(cfg, 'test', train=False)
+    reals = [to_uint8(ds.images(k)[-1][None]) for k in ds.keys]
+    perm = np.random.RandomState(cfg.EVAL.SEED).permutation(len(ds))
+    perm = np.where(perm == np.arange(len(ds)), (perm + 1) % len(ds), perm)   # never its own image
+    own = judge_scores(judge, reals, ds.keys)
+    wrong = judge_scores(judge, [reals[j] for j in perm], ds.keys)
+    return {**{f'real_{k}': v for k, v in own.items()}, **{f'wrong_caption_{k}': v for k, v in wrong.items()}}
 
 
 def evaluate(run):
@@ -342,7 +371,11 @@ def evaluate(run):
     netG = load_generator(cfg, text_enc.spec['dim'], dev)
     out_dir = os.path.join(run.out, 'valid', 'single')
     os.makedirs(out_dir, exist_ok=True)
-    scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir, log)
+    judge = None
+    if cfg.EVAL.JUDGE:
+        import fid_score
+        judge = fid_score.load_judge(cfg.EVAL.JUDGE, dev)
+    scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir, log, judge)
     utils.atomic_write_text(os.path.join(out_dir, 'captions.json'), json.dumps(records, indent=0))
     log.info(f"R-precision {scores['r_precision']:.4f} ± {scores['r_precision_std']:.4f} "
              f"over {scores['num_images']} images in {out_dir}")
@@ -350,9 +383,13 @@ def evaluate(run):
         torch.manual_seed(cfg.EVAL.SEED)
         untrained = build_generator(cfg, text_enc.spec['dim']).to(dev)
         untrained.apply(init_weights)
-        base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, log)
+        base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, log, judge)
         scores.update({f'untrained_{k}': v for k, v in base.items()})
         log.info(f"untrained generator: R-precision {base['r_precision']:.4f}")
+        if judge is not None:
+            scores.update(real_image_baselines(cfg, judge))
+    if judge is not None:
+        log.info('judge: ' + ', '.join(f'{k}={v:.3f}' for k, v in scores.items() if 'judge_all' in k))
     utils.write_metrics(run.out, {**scores, 'images_dir': out_dir, 'net_g': cfg.TRAIN.NET_G})
 
 

@@ -137,6 +137,19 @@ def tiny_encoder(tmp_path_factory, tiny_shapes):
     return str(out / 'checkpoints' / 'text_encoder1.pth')
 
 
+@pytest.fixture(scope='module')
+def tiny_judge(tmp_path_factory, tiny_shapes):
+    """A random-init shapes judge saved as fid_score.py --train_judge saves it."""
+    import fid_score
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp('judge')
+    judge = models.ShapesJudge(width=4, cell_dim=4, image_size=32)
+    utils.save_checkpoint(str(out), 'judge', 0, {'judge': judge}, name='judge_final.pt',
+                          extra={'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
+                                 'attributes': fid_score.caption_attributes(tiny_shapes)})
+    return str(out)
+
+
 def dmgan_args(cfg, out, data, enc, *sets):
     argv = [sys.executable, os.path.join(ROOT, 'main.py'), '--cfg', os.path.join(ROOT, 'cfg', cfg),
             '--out', str(out), '--deterministic', '--set', f'DATA_DIR={data}', '--set', f'TRAIN.NET_E={enc}',
@@ -154,7 +167,7 @@ def run_ok(argv):
 
 
 @pytest.mark.parametrize('contrastive', [True, False])
-def test_train_then_evaluate(tiny_shapes, tiny_encoder, tmp_path, contrastive):
+def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, contrastive):
     train_sets = ['TRAIN.BATCH_SIZE=4', 'TRAIN.MAX_EPOCH=1', f'TRAIN.CONTRASTIVE.ENABLE={str(contrastive).lower()}']
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_encoder, *train_sets))
     m = json.load(open(tmp_path / 'train' / 'metrics.json'))
@@ -162,7 +175,7 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tmp_path, contrastive):
     assert os.listdir(tmp_path / 'train' / 'tb')                # TensorBoard events written
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'eval', tiny_shapes, tiny_encoder, 'TRAIN.FLAG=false',
                       f'TRAIN.NET_G={tmp_path / "train"}', 'EVAL.NUM_IMAGES=30', 'EVAL.BATCH_SIZE=7',
-                      'EVAL.R_NEG=5', 'EVAL.R_FOLDS=3', 'EVAL.BASELINE=true'))
+                      'EVAL.R_NEG=5', 'EVAL.R_FOLDS=3', 'EVAL.BASELINE=true', f'EVAL.JUDGE={tiny_judge}'))
     m = json.load(open(tmp_path / 'eval' / 'metrics.json'))
     out = tmp_path / 'eval' / 'valid' / 'single'
     pngs = sorted(f for f in os.listdir(out) if f.endswith('.png'))
@@ -170,6 +183,9 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tmp_path, contrastive):
     assert m['num_images'] == len(pngs) == len(records) == 30       # 20 test images, then 10 of pass 2
     assert sorted(r['file'] for r in records) == pngs
     assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
+    for prefix in ('judge_', 'untrained_judge_', 'real_judge_', 'wrong_caption_judge_'):
+        for attr in ('shape', 'colour', 'size', 'position', 'all'):
+            assert 0 <= m[prefix + attr] <= 1, prefix + attr
     from PIL import Image
     assert Image.open(out / pngs[0]).size == (64, 64)
 
