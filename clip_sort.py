@@ -1,5 +1,131 @@
-"""clip_sort.py: not implemented yet (see the open issues)."""
-import sys
+"""Rerank generated images by their similarity to the caption with a CLIP-like model
+(text2img's clip_sort.py, which used BriVL).
+
+  python clip_sort.py TEXT IMG_NUM SAVE_PATH --clip_path output/clip_shapes/text_encoder30.pth
+  python clip_sort.py TEXT IMG_NUM SAVE_PATH --clip_model openai/clip-vit-base-patch32   # or a local dir
+  python clip_sort.py TEXT IMG_NUM SAVE_PATH --clip_model OFA-Sys/chinese-clip-vit-base-patch16
+
+Scores SAVE_PATH/{i}.png (or .jpg), i < IMG_NUM, by the cosine of the image and caption
+embeddings; prints the ranking and writes SAVE_PATH/ranking.json and SAVE_PATH/top{K}.png
+(the best K with their scores).
+"""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+import models
+import utils
+
+DEFAULTS = {
+    'CLIP_PATH': '',              # text_encoder<N>.pth of pretrain_DAMSM.py (image_encoder<N>.pth beside it)
+    'CLIP_MODEL': '',             # transformers CLIP or Chinese-CLIP: hub name or local dir
+    'TOP_K': 4,                   # dalle.md §2: text2img's README shows the top 4
+    'BATCH_SIZE': 32,
+}
+FLAGS = {'clip_path': 'CLIP_PATH', 'clip_model': 'CLIP_MODEL', 'top_k': 'TOP_K'}
+
+
+def parse_args(argv=None):
+    p = utils.base_parser(__doc__.splitlines()[0])
+    p.add_argument('text')
+    p.add_argument('img_num', type=int)
+    p.add_argument('save_path')
+    p.add_argument('--clip_path', default=None, help='text_encoder<N>.pth of pretrain_DAMSM.py')
+    p.add_argument('--clip_model', default=None, help='transformers CLIP / Chinese-CLIP, hub name or dir')
+    p.add_argument('--top_k', type=int, default=None)
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join(args.save_path, 'clip_sort')
+    return utils.flags_to_set(args, FLAGS)
+
+
+def image_files(save_path, n):
+    files = []
+    for i in range(n):
+        f = next((os.path.join(save_path, f'{i}{e}') for e in ('.png', '.jpg')
+                  if os.path.isfile(os.path.join(save_path, f'{i}{e}'))), None)
+        if f is None:
+            raise utils.UserError(f"{save_path}: no {i}.png or {i}.jpg (IMG_NUM={n}; dalle_gen.py writes them)")
+        files.append(f)
+    return files
+
+
+@torch.no_grad()
+def scores_project(clip_path, text, files, device, batch_size):
+    """Cosine of the sentence and global image embeddings of our encoders."""
+    import torchvision.transforms.functional as TF
+    text_enc, image_enc = models.load_encoders(clip_path, device)
+    sent = text_enc.encode([text])[1].float()
+    out = []
+    for i in range(0, len(files), batch_size):
+        x = torch.stack([TF.to_tensor(utils.load_image(f)) * 2 - 1 for f in files[i:i + batch_size]]).to(device)
+        out.append(F.cosine_similarity(image_enc.encode(x)[1].float(), sent, dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def scores_transformers(name, text, files, device, batch_size):
+    """Cosine of text_embeds and image_embeds of a transformers CLIPModel / ChineseCLIPModel,
+    with the processor saved beside the model."""
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+    try:
+        config = AutoConfig.from_pretrained(name)
+        if config.model_type not in ('clip', 'chinese_clip'):
+            raise utils.UserError(f"{name}: model_type {config.model_type!r}; expected clip or chinese_clip")
+        model = AutoModel.from_pretrained(name).to(device).eval()
+        processor = AutoProcessor.from_pretrained(name)
+    except OSError as e:
+        raise utils.UserError(f"{name}: cannot load a transformers CLIP model ({str(e).splitlines()[0][:160]}); "
+                              "give a local directory (no downloads here)")
+    out = []
+    for i in range(0, len(files), batch_size):
+        imgs = [utils.load_image(f) for f in files[i:i + batch_size]]
+        inputs = processor(text=[text], images=imgs, return_tensors='pt', padding=True).to(device)
+        o = model(**inputs)
+        out.append(F.cosine_similarity(o.image_embeds.float(), o.text_embeds.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def top_grid(files, ranking, scores, k, path):
+    """The best k images side by side, each with its rank and score written on it."""
+    from PIL import ImageDraw
+    import torchvision.transforms.functional as TF
+    tiles = []
+    for r, i in enumerate(ranking[:k]):
+        im = utils.load_image(files[i])
+        ImageDraw.Draw(im).text((2, 2), f'#{r + 1} {scores[i]:.3f}', fill=(255, 255, 255), stroke_width=1,
+                                stroke_fill=(0, 0, 0))
+        tiles.append(TF.to_tensor(im) * 2 - 1)
+    utils.save_image_grid(torch.stack(tiles), path, nrow=len(tiles))
+
+
+def main():
+    args = parse_args()
+    run = utils.setup(args, DEFAULTS, tensorboard=False)
+    cfg, log = run.cfg, run.log
+    if bool(cfg.CLIP_PATH) == bool(cfg.CLIP_MODEL):
+        raise utils.UserError("give exactly one of --clip_path (our encoders) and --clip_model (transformers)")
+    files = image_files(args.save_path, args.img_num)
+    if cfg.CLIP_PATH:
+        scores = scores_project(cfg.CLIP_PATH, args.text, files, run.device, cfg.BATCH_SIZE)
+    else:
+        scores = scores_transformers(cfg.CLIP_MODEL, args.text, files, run.device, cfg.BATCH_SIZE)
+    ranking = torch.argsort(scores, descending=True).tolist()
+    rows = [{'rank': r + 1, 'index': i, 'file': os.path.basename(files[i]), 'score': round(float(scores[i]), 6)}
+            for r, i in enumerate(ranking)]
+    print(f"ranking for {args.text!r} ({cfg.CLIP_PATH or cfg.CLIP_MODEL}):")
+    for row in rows:
+        print(f"  #{row['rank']:<3d} {row['file']:<10s} {row['score']:.4f}")
+    utils.atomic_write_text(os.path.join(args.save_path, 'ranking.json'),
+                            json.dumps({'text': args.text, 'model': cfg.CLIP_PATH or cfg.CLIP_MODEL,
+                                        'ranking': rows}, indent=1, ensure_ascii=False))
+    k = min(cfg.TOP_K, len(files))
+    top_grid(files, ranking, scores.tolist(), k, os.path.join(args.save_path, f'top{k}.png'))
+    log.info(f"ranking.json and top{k}.png in {args.save_path}")
+    utils.write_metrics(run.out, {'text': args.text, 'best': rows[0]['file'], 'best_score': rows[0]['score'],
+                                  'mean_score': float(scores.mean()), 'top_k_mean_score': float(scores[ranking[:k]].mean())})
+
 
 if __name__ == '__main__':
-    sys.exit("error: clip_sort.py is not implemented yet; see the project's open issues")
+    utils.run_main(main)

@@ -1,5 +1,91 @@
-"""dalle_gen.py: not implemented yet (see the open issues)."""
-import sys
+"""Sample images for one caption from a trained DALLE (text2img's dalle_gen.py).
+
+  python dalle_gen.py "a large red circle in the center." 16 output/samples/red_circle \
+      --dalle_path output/shapes_dalle/checkpoints/shapes_dalle.pt
+  python dalle_gen.py TEXT IMG_NUM SAVE_PATH --cfg cfg/dalle/shapes_gen.yml [--top_k 0.9 --temperature 1 --batch_size 8]
+
+Writes SAVE_PATH/{i}.png, SAVE_PATH/grid.png and SAVE_PATH/caption.txt. Sampling uses a
+key/value cache: the caption goes through the transformer once, then each image token is one
+single-position step. --top_k < 1 is DALLE-pytorch's filter threshold (keep the best
+(1 - top_k) share), counted over the image vocabulary; --top_k >= 1 keeps that many tokens.
+"""
+import os
+import time
+
+import torch
+
+import train_dalle
+import utils
+
+DEFAULTS = {
+    'DALLE_PATH': '',             # a train_dalle.py checkpoint (it carries the VAE and tokenizer)
+    'BATCH_SIZE': 4,              # dalle.md §1.5: generate.py --batch_size 4
+    'TOP_K': 0.9,                 # dalle.md §1.5: filter_thres 0.9 in text2img's dalle_gen.py
+    'TEMPERATURE': 1.0,
+    'USE_CACHE': True,            # false: a full forward per token (DALLE-pytorch's default)
+}
+FLAGS = {'dalle_path': 'DALLE_PATH', 'batch_size': 'BATCH_SIZE', 'top_k': 'TOP_K', 'temperature': 'TEMPERATURE'}
+
+
+def parse_args(argv=None):
+    p = utils.base_parser(__doc__.splitlines()[0])
+    p.add_argument('text')
+    p.add_argument('img_num', type=int)
+    p.add_argument('save_path')
+    p.add_argument('--dalle_path', default=None)
+    p.add_argument('--batch_size', type=int, default=None)
+    p.add_argument('--top_k', type=float, default=None)
+    p.add_argument('--temperature', type=float, default=None)
+    args = p.parse_args(argv)
+    if args.img_num < 1:
+        raise utils.UserError(f"IMG_NUM={args.img_num}: expected at least 1")
+    args.out = args.out or args.save_path
+    return utils.flags_to_set(args, FLAGS)
+
+
+@torch.no_grad()
+def generate(dalle, vae, text_ids, n, batch_size, top_k, temperature, seed, use_cache=True, log=None):
+    """n images for one caption, in batches; returns (images in [-1, 1], seconds spent sampling tokens)."""
+    g = torch.Generator(device=text_ids.device).manual_seed(seed)
+    images, t_tokens = [], 0.0
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        t0 = time.time()
+        tokens = dalle.generate_image_tokens(text_ids.expand(b, -1), top_k, temperature, g, use_cache)
+        t_tokens += time.time() - t0
+        images.append(vae.decode(tokens).float().clamp(-1, 1).cpu())
+        if log:
+            log.info(f"{start + b}/{n} images")
+    return torch.cat(images), t_tokens
+
+
+def main():
+    args = parse_args()
+    run = utils.setup(args, DEFAULTS, tensorboard=False)
+    cfg, log = run.cfg, run.log
+    if not cfg.DALLE_PATH:
+        raise utils.UserError("DALLE_PATH (--dalle_path): empty; give a train_dalle.py checkpoint")
+    dalle, vae, tokenizer = train_dalle.load_dalle(utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device)
+    dalle.eval()
+    unknown = tokenizer.unknown_words(args.text)
+    if unknown:
+        log.warning(f"words not in the training vocabulary (read as <unk>): {unknown}")
+    ids = tokenizer.encode(args.text)
+    if len(ids) > dalle.text_seq_len:
+        log.warning(f"caption has {len(ids)} tokens; keeping the first {dalle.text_seq_len}")
+    text_ids = tokenizer.tokenize(args.text, dalle.text_seq_len, truncate=True)[None].to(run.device)
+    images, secs = generate(dalle, vae, text_ids, args.img_num, cfg.BATCH_SIZE, cfg.TOP_K, cfg.TEMPERATURE,
+                            cfg.SEED, cfg.USE_CACHE, log)
+    os.makedirs(args.save_path, exist_ok=True)
+    for i, im in enumerate(images):
+        utils.save_image_grid(im[None], os.path.join(args.save_path, f'{i}.png'), nrow=1)
+    utils.save_image_grid(images, os.path.join(args.save_path, 'grid.png'), nrow=min(8, len(images)))
+    utils.atomic_write_text(os.path.join(args.save_path, 'caption.txt'), args.text + '\n')
+    tps = args.img_num * dalle.image_seq_len / max(secs, 1e-9)
+    log.info(f"{args.img_num} images in {args.save_path} ({tps:.1f} image tokens/s, cache={cfg.USE_CACHE})")
+    utils.write_metrics(run.out, {'text': args.text, 'img_num': args.img_num, 'tokens_per_second': tps,
+                                  'sampling_seconds': round(secs, 2), 'dalle_path': cfg.DALLE_PATH})
+
 
 if __name__ == '__main__':
-    sys.exit("error: dalle_gen.py is not implemented yet; see the project's open issues")
+    utils.run_main(main)

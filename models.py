@@ -197,6 +197,59 @@ class FIDInceptionV3(nn.Module):
     def logits(self, pool3):
         return pool3 @ self.fc.weight.t()
 
+    def fused(self):
+        """A copy for fast inference computing the same function: every BatchNorm folded
+        into its convolution (w * g / sqrt(v + eps), bias b - m * g / sqrt(v + eps),
+        folded in float64) and channels_last memory. Only float32 rounding differs from
+        the unfused network (tests/test_metrics.py measures it against pytorch-fid)."""
+        net = FIDInceptionV3()
+        net.load_state_dict(self.state_dict())
+        for unit in net.modules():
+            if isinstance(unit, InceptionConv):
+                bn = unit.bn
+                scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                weight = unit.conv.weight.double() * scale[:, None, None, None]
+                unit.conv.weight = nn.Parameter(weight.float())
+                unit.conv.bias = nn.Parameter((bn.bias.double() - bn.running_mean.double() * scale).float())
+                unit.bn = nn.Identity()
+        return net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+
+class ShapesJudge(nn.Module):
+    """The synthetic dataset's own judge (project-defined; in the spirit of SOA's
+    detector for COCO): a small CNN whose features are pooled onto the dataset's 3x3
+    grid of cells, and one shared head per cell predicting whether an object sits
+    there and its shape, colour and size. Objects occupy distinct cells
+    (preprocess_data.sample_scene), so the occupied cells in reading order are the
+    objects of attributes.json. Input: RGB in [-1, 1] at any size (resized to
+    `image_size`). `features` (9 cells x cell_dim) serve as the "shapes FID" features."""
+
+    def __init__(self, n_shapes=6, n_colours=8, n_sizes=2, width=32, cell_dim=32, image_size=64):
+        super().__init__()
+        self.image_size, self.splits = image_size, [1, n_shapes, n_colours, n_sizes]
+
+        def unit(cin, cout, k, stride):
+            return [nn.Conv2d(cin, cout, k, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        w = width
+        self.backbone = nn.Sequential(*unit(3, w, 4, 2), *unit(w, 2 * w, 3, 2), *unit(2 * w, 2 * w, 3, 1),
+                                      *unit(2 * w, 4 * w, 3, 2), *unit(4 * w, 4 * w, 3, 1))   # 64 -> 8x8
+        self.cell = nn.Sequential(nn.Conv2d(4 * w, cell_dim, 1), nn.ReLU(inplace=True))
+        self.head = nn.Conv2d(cell_dim, sum(self.splits), 1)
+
+    def cells(self, x):
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode='bilinear',
+                              align_corners=False, antialias=True)
+        return self.cell(F.adaptive_avg_pool2d(self.backbone(x), 3))     # (N, cell_dim, 3, 3)
+
+    def features(self, x):
+        return self.cells(x).flatten(1)
+
+    def forward(self, x):
+        """Per cell (reading order): objectness logit, shape, colour and size logits."""
+        out = self.head(self.cells(x)).flatten(2).transpose(1, 2)      # (N, 9, 1+6+8+2)
+        return torch.split(out, self.splits, dim=-1)
+
 
 # ============================================================================
 # Text/image encoders: DAMSM (AttnGAN/DM-GAN), CLIP finetuned, CLIP from scratch
@@ -240,11 +293,14 @@ class Tokenizer:
         if self.kind in ('attngan', 'words'):
             self.index, self.pad_id = vocab, 0
             self.sot, self.eot = (vocab['<sot>'], vocab['<eot>']) if self.kind == 'words' else (None, None)
+        elif self.kind == 'clip':
+            from transformers import CLIPTokenizer
+            self.hf = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in spec['merges']])
+            self.sot, self.eot, self.pad_id = self.hf.bos_token_id, self.hf.eos_token_id, self.hf.pad_token_id
         else:
-            from transformers import BertTokenizer, CLIPTokenizer
-            self.hf = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in spec['merges']]) \
-                if self.kind == 'clip' else BertTokenizer(vocab=vocab)
-            self.pad_id = self.hf.pad_token_id
+            from transformers import BertTokenizer
+            self.hf = BertTokenizer(vocab=vocab)
+            self.sot, self.eot, self.pad_id = self.hf.cls_token_id, self.hf.sep_token_id, self.hf.pad_token_id
         self.has_specials = self.kind != 'attngan'
 
     def __call__(self, texts):
@@ -302,10 +358,12 @@ def tokenizer_spec(kind, context_length, path='', words=None):
 
 
 def _prepare(images, size, mean=None, std=None):
-    """[-1, 1] images at any size -> the network's input: bilinear resize to `size`, then
-    (x+1)/2 normalised with mean/std when given (Inception takes [-1, 1], as AttnGAN feeds it)."""
+    """[-1, 1] images at any size -> the network's input: bilinear resize to `size`
+    (antialiased when shrinking), then (x+1)/2 normalised with mean/std when given
+    (Inception takes [-1, 1], as AttnGAN feeds it)."""
     if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False)
+        images = F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False,
+                               antialias=images.shape[-1] > size)
     if mean is not None:
         m = images.new_tensor(mean).view(1, 3, 1, 1)
         s = images.new_tensor(std).view(1, 3, 1, 1)
@@ -727,21 +785,6 @@ def load_encoders(net_e, device='cpu'):
 
 
 # ---- losses -----------------------------------------------------------------------------------
-def func_attention(words, regions, gamma1, pad_mask=None):
-    """AttnGAN's word-region attention (GlobalAttention.func_attention). words (B, D, T),
-    regions (B, D, h, w). Eq. 8: s = e^T v, normalised over the words for each region;
-    Eq. 9: α = softmax over the regions of γ1·s; region context c_i = Σ_j α_ij v_j.
-    Padded words are masked out of Eq. 8. Returns c (B, D, T), α (B, T, h, w)."""
-    B, D, T = words.shape
-    h, w = regions.shape[2:]
-    ctx = regions.reshape(B, D, h * w)
-    s = torch.bmm(ctx.transpose(1, 2), words)                               # (B, R, T)
-    if pad_mask is not None:
-        s = s.masked_fill(pad_mask[:, None, :], float('-inf'))
-    alpha = (s.softmax(dim=2).transpose(1, 2) * gamma1).softmax(dim=2)     # (B, T, R)
-    return torch.bmm(ctx, alpha.transpose(1, 2)), alpha.reshape(B, T, h, w)
-
-
 def _cosine(a, b, dim, eps=1e-8):
     """AttnGAN's cosine_similarity: a·b / max(|a||b|, eps)."""
     return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp(min=eps)
@@ -759,21 +802,29 @@ def _match_losses(scores, class_ids):
 
 
 def words_loss(regions, words, pad_mask, class_ids=None, gamma1=4.0, gamma2=5.0, gamma3=10.0):
-    """DAMSM word loss (AttnGAN Eq. 10-13; miscc/losses.words_loss). For image Q and
-    caption D: R(Q, D) = log Σ_words exp(γ2·cos(c_i, e_i)) (Eq. 10; the paper's 1/γ2 power
-    is left out, as in AttnGAN's code); P(D_i|Q_i) = softmax over the batch of γ3·R (Eq. 11);
-    loss0 = -Σ log P(D_i|Q_i), loss1 = -Σ log P(Q_i|D_i) (Eq. 12-13), batch means.
+    """DAMSM word loss (AttnGAN Eq. 8-13; miscc/losses.words_loss, GlobalAttention.func_attention).
+    regions (B, D, h, w) = v, words (B, D, T) = e, pad_mask (B, T) True at padding.
+    For caption i and image j: s = e^T v normalised over the words for each region (Eq. 8;
+    padding masked out); α = softmax over the regions of γ1·s (Eq. 9); region context
+    c_k = Σ_r α_kr v_r; R(Q_j, D_i) = log Σ_k exp(γ2·cos(c_k, e_k)) (Eq. 10; the paper's 1/γ2
+    power is left out, as in AttnGAN's code); P(D_i|Q_i) = softmax over the batch of γ3·R
+    (Eq. 11); loss0 = -mean log P(D_i|Q_i), loss1 = -mean log P(Q_i|D_i) (Eq. 12-13).
+    All caption-image pairs at once, in chunks of captions to bound memory.
     Returns loss0, loss1 and each caption's attention map on its own image (T, h, w)."""
-    B = words.shape[0]
+    B, D, T = words.shape
+    h, w = regions.shape[2:]
+    ctx = regions.reshape(B, D, h * w)
+    chunk = max(1, (1 << 22) // (B * T * max(h * w, D)))
     sims, maps = [], []
-    for i in range(B):                      # caption i against every image, as the original
-        word = words[i:i + 1].expand(B, -1, -1)
-        mask = pad_mask[i:i + 1].expand(B, -1)
-        context, attn = func_attention(word, regions, gamma1, mask)
-        maps.append(attn[i])
-        r = (gamma2 * _cosine(word, context, dim=1)).masked_fill(mask, float('-inf'))
-        sims.append(torch.logsumexp(r, dim=1))                  # Eq. 10
-    loss0, loss1 = _match_losses(torch.stack(sims, 1) * gamma3, class_ids)
+    for c0 in range(0, B, chunk):
+        e, pad = words[c0:c0 + chunk], pad_mask[c0:c0 + chunk]                 # (C, D, T), (C, T)
+        s = torch.einsum('jdr,idt->ijrt', ctx, e).masked_fill(pad[:, None, None], float('-inf'))
+        alpha = (s.softmax(dim=3).transpose(2, 3) * gamma1).softmax(dim=3)    # (C, B, T, R)
+        c = torch.einsum('jdr,ijtr->ijdt', ctx, alpha)                         # (C, B, D, T)
+        cos = (c * e[:, None]).sum(2) / (c.norm(dim=2) * e.norm(dim=1)[:, None]).clamp(min=1e-8)
+        sims.append(torch.logsumexp((gamma2 * cos).masked_fill(pad[:, None], float('-inf')), dim=2))
+        maps += [alpha[k, c0 + k].reshape(T, h, w) for k in range(len(e))]
+    loss0, loss1 = _match_losses(torch.cat(sims).t() * gamma3, class_ids)     # rows images
     return loss0, loss1, maps
 
 
@@ -1044,7 +1095,10 @@ def l2n(x, dim=-1):
 class CondBN(nn.Module):
     """Self-modulation (conditional BN): BN without affine, then x * (1 + gamma(c)) + beta(c);
     gamma/beta from a Dense layer on the global condition, or, local=True, from a 1x1
-    conv on a spatial condition map (the attentional self-modulation of XMC-GAN Sec. 4.1)."""
+    conv on a spatial condition map (the attentional self-modulation of XMC-GAN Sec. 4.1).
+    A condition map coarser than x is upsampled (nearest) after the 1x1 conv, not before as
+    the original does: the two are equal (a 1x1 conv commutes with nearest upsampling), and
+    this never builds the (text_dim + 2 z_dim)-channel map at full resolution."""
 
     def __init__(self, channels, cond_dim, local=False):
         super().__init__()
@@ -1056,12 +1110,15 @@ class CondBN(nn.Module):
         g, b = self.gamma(c), self.beta(c)
         if not self.local:
             g, b = g[:, :, None, None], b[:, :, None, None]
+        elif g.shape[-2:] != x.shape[-2:]:
+            g, b = (F.interpolate(t, size=x.shape[-2:], mode='nearest') for t in (g, b))
         return self.bn(x) * (g + 1) + b
 
 
 class XMCGenBlock(nn.Module):
     """Residual up-block: CBN-ReLU-up-conv3-CBN-ReLU-conv3, shortcut up-conv1x1.
-    local=True is GenSpatialBlock, whose second CBN uses the upsampled condition."""
+    local=True is GenSpatialBlock: both CBNs take the spatial condition, each at its own
+    resolution (the second one at the upsampled resolution, as the original)."""
 
     def __init__(self, cin, cout, cond_dim, local=False):
         super().__init__()
@@ -1069,9 +1126,9 @@ class XMCGenBlock(nn.Module):
         self.c1, self.c2 = nn.Conv2d(cin, cout, 3, 1, 1), nn.Conv2d(cout, cout, 3, 1, 1)
         self.sc = nn.Conv2d(cin, cout, 1)
 
-    def forward(self, x, c0, c1=None):
-        h = F.interpolate(F.relu(self.n1(x, c0)), scale_factor=2, mode='nearest')
-        h = self.c2(F.relu(self.n2(self.c1(h), c0 if c1 is None else c1)))
+    def forward(self, x, c):
+        h = F.interpolate(F.relu(self.n1(x, c)), scale_factor=2, mode='nearest')
+        h = self.c2(F.relu(self.n2(self.c1(h), c)))
         return h + self.sc(F.interpolate(x, scale_factor=2, mode='nearest'))
 
 
@@ -1122,10 +1179,8 @@ class XMCGenerator(nn.Module):
         B, _, H, W = x.shape
         ctx, _ = attention_for_g(self.region_proj(x).flatten(2).transpose(1, 2), words, self.gamma, pad_mask)
         cond = torch.cat([ctx.transpose(1, 2).reshape(B, -1, H, W), g[:, :, None, None].expand(-1, -1, H, W)], 1)
-        for blk in self.spatial_blocks:
-            up = F.interpolate(cond, scale_factor=2, mode='nearest')
-            x = blk(x, cond, up)
-            cond = up
+        for blk in self.spatial_blocks:      # the 16x16 condition; CondBN upsamples its gamma/beta
+            x = blk(x, cond)
         return torch.tanh(self.to_rgb(F.relu(self.out_norm(x, cond))))
 
 
@@ -1187,7 +1242,555 @@ class XMCDiscriminator(nn.Module):
         return logit, pooled, sent_c, regions
 
 
+RESNET50_FILES = ('resnet50-0676ba61.pth', 'resnet50-11ad3fa6.pth')   # torchvision IMAGENET1K_V1, _V2
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class PretrainedResNet50(nn.Module):
+    """The frozen ImageNet ResNet-50 of XMC-GAN's pretrained image contrastive loss: [-1, 1]
+    images, bilinear to 224 (pretrained_model_utils.py), ImageNet mean/std (torchvision's weights
+    expect it; the original fed [0, 1] to its own Flax port), -> the 1000 logits (its `outputs`).
+    weights: a .pth file, 'auto' (torchvision's cache, else random init with a warning) or ''."""
+
+    def __init__(self, weights='auto', log=None):
+        super().__init__()
+        import torchvision
+        self.net = torchvision.models.resnet50(weights=None)
+        path = weights
+        if weights == 'auto':
+            found = [p for p in (os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES)
+                     if os.path.isfile(p)]
+            path = found[0] if found else ''
+            if not found and log:
+                log.warning("no ImageNet ResNet-50 in torchvision's cache: the pretrained image contrastive "
+                            "loss runs on a random-init ResNet-50 (fine for tests, not for a real run)")
+        if path:
+            if not os.path.isfile(path):
+                raise utils.UserError(f"{path}: ResNet-50 weights file not found (TRAIN.RESNET)")
+            self.net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+            if log:
+                log.info(f"ResNet-50 ImageNet weights from {path}")
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)         # frozen, BatchNorm statistics included
+
+    def forward(self, images):
+        x = F.interpolate((images + 1) / 2, size=(224, 224), mode='bilinear', align_corners=False)
+        return self.net((x - self.mean) / self.std)
+
+
 # ============================================================================
 # DALLE: DiscreteVAE, taming VQGAN, DALLE transformer
 # ============================================================================
 # [section: dalle]
+# Both image tokenizers share one interface: images in [-1, 1] -> get_codebook_indices
+# (B, h*w) -> decode -> images in [-1, 1]; attributes image_size, fmap_size, num_tokens,
+# hparams, class_name. DALLE only sees that interface.
+class VAEResBlock(nn.Module):
+    """DALLE-pytorch's ResBlock: conv3 -> ReLU -> conv3 -> ReLU -> conv1, plus the input."""
+
+    def __init__(self, chan):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(chan, chan, 3, padding=1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(chan, chan, 3, padding=1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(chan, chan, 1))
+
+    def forward(self, x):
+        return self.net(x) + x
+
+
+class DiscreteVAE(nn.Module):
+    """The discrete VAE of DALLE-pytorch (dalle.md §1.2): num_layers strided 4x4 convs,
+    resblocks, a 1x1 conv to logits over the codebook; Gumbel-softmax picks (soft) codes,
+    whose codebook vectors the transposed-conv decoder turns back into an image.
+    Module names and shapes equal DALLE-pytorch 1.6.6's, so `vae.pt` files load both ways.
+    Works in DALLE-pytorch's normalised space: images in [-1, 1] (it normalises [0, 1]
+    inputs by (x - 0.5) / 0.5 inside; we take them already normalised)."""
+    class_name = 'DiscreteVAE'
+
+    def __init__(self, image_size=256, num_tokens=512, codebook_dim=512, num_layers=3,
+                 num_resnet_blocks=0, hidden_dim=64, channels=3):
+        super().__init__()
+        if image_size % (2 ** num_layers):
+            raise ValueError(f"image_size {image_size} is not divisible by 2**num_layers={2 ** num_layers}")
+        self.hparams = dict(image_size=image_size, num_tokens=num_tokens, codebook_dim=codebook_dim,
+                            num_layers=num_layers, num_resnet_blocks=num_resnet_blocks,
+                            hidden_dim=hidden_dim, channels=channels)
+        self.image_size, self.num_tokens = image_size, num_tokens
+        self.fmap_size = image_size // 2 ** num_layers
+        self.codebook = nn.Embedding(num_tokens, codebook_dim)
+        enc, cin = [], channels
+        for _ in range(num_layers):
+            enc.append(nn.Sequential(nn.Conv2d(cin, hidden_dim, 4, stride=2, padding=1), nn.ReLU(inplace=True)))
+            cin = hidden_dim
+        enc += [VAEResBlock(hidden_dim) for _ in range(num_resnet_blocks)]
+        enc.append(nn.Conv2d(hidden_dim, num_tokens, 1))
+        dec = [nn.Conv2d(codebook_dim, hidden_dim, 1)] if num_resnet_blocks else []
+        dec += [VAEResBlock(hidden_dim) for _ in range(num_resnet_blocks)]
+        cin = hidden_dim if num_resnet_blocks else codebook_dim
+        for _ in range(num_layers):
+            dec.append(nn.Sequential(nn.ConvTranspose2d(cin, hidden_dim, 4, stride=2, padding=1),
+                                     nn.ReLU(inplace=True)))
+            cin = hidden_dim
+        dec.append(nn.Conv2d(hidden_dim, channels, 1))
+        self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+
+    def forward(self, images, temperature=0.9, hard=False):
+        """Training pass: (reconstruction, logits (B, num_tokens, h, w)). The soft one-hot
+        from Gumbel-softmax mixes codebook vectors (hard=True: straight-through)."""
+        logits = self.encoder(images)
+        one_hot = F.gumbel_softmax(logits, tau=temperature, dim=1, hard=hard)
+        z = torch.einsum('bnhw,nd->bdhw', one_hot, self.codebook.weight)
+        return self.decoder(z), logits
+
+    @torch.no_grad()
+    def get_codebook_indices(self, images):
+        """Hard tokens: argmax of the logits, no Gumbel noise (B, h*w)."""
+        return self.encoder(images).argmax(1).flatten(1)
+
+    def decode(self, indices):
+        b, n = indices.shape
+        side = int(math.isqrt(n))
+        z = self.codebook(indices).view(b, side, side, -1).permute(0, 3, 1, 2)
+        return self.decoder(z)
+
+
+# ---- taming-transformers VQGAN (Esser et al. 2021): inference only ---------------------------
+# Module names, shapes and block order equal taming's VQModel (the key list of the ImageNet
+# f16/1024 checkpoint is in tests/data), so its `last.ckpt` loads with strict=True.
+def _group_norm(c):
+    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+
+
+class TamingResBlock(nn.Module):
+    """GroupNorm -> swish -> conv3, twice, plus the input (a 1x1 `nin_shortcut` when the
+    width changes)."""
+
+    def __init__(self, cin, cout, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (self.nin_shortcut(x) if hasattr(self, 'nin_shortcut') else x) + h
+
+
+class TamingAttnBlock(nn.Module):
+    """Single-head self-attention over the spatial positions, 1x1 convs for q, k, v, out."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (m(n).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class TamingDownsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))      # taming pads right/bottom only
+
+
+class TamingUpsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+class TamingEncoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
+                 in_channels=3, double_z=False, dropout=0.0, **_):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        res, cin, self.down = resolution, ch, nn.ModuleList()
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.block.append(TamingResBlock(cin, ch * mult, dropout))
+                cin = ch * mult
+                if res in attn_resolutions:
+                    stage.attn.append(TamingAttnBlock(cin))
+            if level != len(ch_mult) - 1:
+                stage.downsample = TamingDownsample(cin)
+                res //= 2
+            self.down.append(stage)
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1 = TamingResBlock(cin, cin, dropout), TamingAttnBlock(cin)
+        self.mid.block_2 = TamingResBlock(cin, cin, dropout)
+        self.norm_out = _group_norm(cin)
+        self.conv_out = nn.Conv2d(cin, 2 * z_channels if double_z else z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for stage in self.down:
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn):
+                    h = stage.attn[i](h)
+            if hasattr(stage, 'downsample'):
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class TamingDecoder(nn.Module):
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
+                 out_ch=3, dropout=0.0, **_):
+        super().__init__()
+        cin = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1, self.mid.attn_1 = TamingResBlock(cin, cin, dropout), TamingAttnBlock(cin)
+        self.mid.block_2 = TamingResBlock(cin, cin, dropout)
+        stages = []
+        for level in reversed(range(len(ch_mult))):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.block.append(TamingResBlock(cin, ch * ch_mult[level], dropout))
+                cin = ch * ch_mult[level]
+                if res in attn_resolutions:
+                    stage.attn.append(TamingAttnBlock(cin))
+            if level != 0:
+                stage.upsample = TamingUpsample(cin)
+                res *= 2
+            stages.insert(0, stage)        # up[0] is the finest level, as in taming
+        self.up = nn.ModuleList(stages)
+        self.norm_out = _group_norm(cin)
+        self.conv_out = nn.Conv2d(cin, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for stage in reversed(self.up):
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn):
+                    h = stage.attn[i](h)
+            if hasattr(stage, 'upsample'):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest codebook vector (VQ-VAE); only the lookup is needed to tokenise and decode."""
+
+    def __init__(self, n_embed, embed_dim):
+        super().__init__()
+        self.embedding = nn.Embedding(n_embed, embed_dim)
+
+    def indices(self, z):
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        e = self.embedding.weight
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        return d.argmin(1).view(z.shape[0], -1)
+
+
+class VQGAN(nn.Module):
+    """taming's VQModel (encoder, quant_conv, quantize, post_quant_conv, decoder) at the
+    config's ddconfig, as a frozen image tokenizer for DALLE."""
+    class_name = 'VQGAN'
+
+    def __init__(self, ddconfig, n_embed, embed_dim):
+        super().__init__()
+        self.hparams = dict(ddconfig=dict(ddconfig), n_embed=n_embed, embed_dim=embed_dim)
+        self.encoder, self.decoder = TamingEncoder(**ddconfig), TamingDecoder(**ddconfig)
+        self.quantize = VectorQuantizer(n_embed, embed_dim)
+        self.quant_conv = nn.Conv2d(ddconfig['z_channels'], embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig['z_channels'], 1)
+        self.image_size, self.num_tokens = ddconfig['resolution'], n_embed
+        self.fmap_size = ddconfig['resolution'] // 2 ** (len(ddconfig['ch_mult']) - 1)
+
+    @torch.no_grad()
+    def get_codebook_indices(self, images):
+        return self.quantize.indices(self.quant_conv(self.encoder(images)))
+
+    def decode(self, indices):
+        b, n = indices.shape
+        side = int(math.isqrt(n))
+        z = self.quantize.embedding(indices).view(b, side, side, -1).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
+
+
+def read_vqgan_config(path):
+    """model.yaml of taming-transformers -> (ddconfig, n_embed, embed_dim)."""
+    cfg = utils.load_yaml(path)
+    try:
+        p = cfg['model']['params']
+        target = cfg['model'].get('target', 'taming.models.vqgan.VQModel')
+        dd, n_embed, embed_dim = dict(p['ddconfig']), int(p['n_embed']), int(p['embed_dim'])
+    except (KeyError, TypeError, ValueError) as e:
+        raise utils.UserError(f"{path}: expected taming's model.params.{{ddconfig, n_embed, embed_dim}} ({e})")
+    if not target.endswith('VQModel'):
+        raise utils.UserError(f"{path}: model.target={target}: only taming.models.vqgan.VQModel is supported")
+    return dd, n_embed, embed_dim
+
+
+def load_vqgan(model_path, config_path):
+    """The public taming checkpoint (a Lightning `last.ckpt` with 'state_dict', or a bare
+    state dict) with strict=True; the training loss's 'loss.*' entries (discriminator,
+    LPIPS) are dropped, every other key must match."""
+    dd, n_embed, embed_dim = read_vqgan_config(config_path)
+    vae = VQGAN(dd, n_embed, embed_dim)
+    if not os.path.isfile(model_path):
+        raise utils.UserError(f"{model_path}: VQGAN checkpoint not found")
+    try:
+        ckpt = torch.load(model_path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise utils.UserError(
+            f"{model_path}: torch.load(weights_only=True) refused it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); if you trust the file, extract its weights once: "
+            "python -c \"import torch; c=torch.load('last.ckpt', weights_only=False); "
+            "torch.save({'state_dict': c['state_dict']}, 'vqgan_weights.ckpt')\"")
+    sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise utils.UserError(f"{model_path}: expected a dict with 'state_dict' or a state dict")
+    sd = {k: v for k, v in sd.items() if not k.startswith('loss.')}
+    try:
+        vae.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise utils.UserError(f"{model_path}: does not match {config_path} "
+                              f"({' '.join(str(e).split())[:400]})")
+    return vae
+
+
+def build_vae(class_name, hparams):
+    if class_name == 'DiscreteVAE':
+        return DiscreteVAE(**hparams)
+    if class_name == 'VQGAN':
+        return VQGAN(**hparams)
+    raise utils.UserError(f"vae class {class_name!r}: expected DiscreteVAE or VQGAN")
+
+
+def load_discrete_vae(path):
+    """A DALLE-pytorch `vae.pt` ({'hparams', 'weights'}, as train_vae.py also writes it) or a
+    train_vae.py training checkpoint."""
+    if not os.path.isfile(path):
+        raise utils.UserError(f"{path}: VAE file not found")
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(obj, dict) and 'hparams' in obj and 'weights' in obj:
+        hparams, weights = obj['hparams'], obj['weights']
+    elif isinstance(obj, dict) and obj.get('kind') == 'vae':
+        hparams, weights = obj['extra']['hparams'], obj['models']['vae']
+    else:
+        raise utils.UserError(f"{path}: expected DALLE-pytorch's {{'hparams', 'weights'}} or a "
+                              "train_vae.py checkpoint")
+    known = {'image_size', 'num_tokens', 'codebook_dim', 'num_layers', 'num_resnet_blocks',
+             'hidden_dim', 'channels'}
+    vae = DiscreteVAE(**{k: v for k, v in hparams.items() if k in known})
+    try:
+        vae.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise utils.UserError(f"{path}: weights do not match its hparams ({' '.join(str(e).split())[:300]})")
+    return vae
+
+
+# ---- DALLE (Ramesh et al. 2021) as DALLE-pytorch builds it -----------------------------------
+class KVCache:
+    """Keys and values of every past position of one attention layer, preallocated so
+    sampling appends one position per step without copying the past."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.len = 0
+
+    def append(self, k, v, max_len):
+        if self.k is None:
+            shape = (k.shape[0], k.shape[1], max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        n = k.shape[2]
+        self.k[:, :, self.len:self.len + n], self.v[:, :, self.len:self.len + n] = k, v
+        self.len += n
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention: qkv without bias, dim_head^-0.5 scaling (DALLE-pytorch
+    attention.py), computed by scaled_dot_product_attention."""
+
+    def __init__(self, dim, heads, dim_head, dropout=0.0):
+        super().__init__()
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x, cache=None, max_len=None):
+        B, N, _ = x.shape
+        q, k, v = self.to_qkv(x).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        past = 0
+        if cache is not None:
+            past = cache.len
+            k, v = cache.append(k, v, max_len)
+        if past and N > 1:                  # a block of new positions after a cached prefix
+            mask = torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:                               # full causal pass, or one new position seeing all
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=N > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(y.transpose(1, 2).reshape(B, N, -1))
+
+
+class GEGLUFeedForward(nn.Module):
+    """Linear(dim, 2·mult·dim) -> GEGLU -> Linear(mult·dim, dim) (DALLE-pytorch transformer.py)."""
+
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.fc_in, self.fc_out = nn.Linear(dim, dim * mult * 2), nn.Linear(dim * mult, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        x, gate = self.fc_in(x).chunk(2, dim=-1)
+        return self.fc_out(self.drop(x * F.gelu(gate)))
+
+
+class DALLEBlock(nn.Module):
+    """Pre-norm residual block with LayerScale (CaiT): x + γ·f(LN(x)). γ starts at 0.1 for the
+    first 18 layers, 1e-5 up to 24, 1e-6 after (DALLE-pytorch's per-layer rule)."""
+
+    def __init__(self, dim, heads, dim_head, layer, attn_dropout=0.0, ff_dropout=0.0):
+        super().__init__()
+        eps = 0.1 if layer <= 18 else 1e-5 if layer <= 24 else 1e-6
+        self.norm_attn, self.attn = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dim_head, attn_dropout)
+        self.norm_ff, self.ff = nn.LayerNorm(dim), GEGLUFeedForward(dim, 4, ff_dropout)
+        self.scale_attn = nn.Parameter(torch.full((dim,), eps))
+        self.scale_ff = nn.Parameter(torch.full((dim,), eps))
+
+    def forward(self, x, cache=None, max_len=None):
+        x = x + self.attn(self.norm_attn(x), cache, max_len) * self.scale_attn
+        return x + self.ff(self.norm_ff(x)) * self.scale_ff
+
+
+class DALLE(nn.Module):
+    """One causal transformer over [<bos>, text (text_seq_len), image tokens (fmap²)].
+    Padding (id 0) in the text becomes a distinct id per position (num_text_tokens +
+    position) so that padding is predictable; one output head over text ids then image ids,
+    where text positions may only predict text and image positions only image tokens
+    (the logits mask of DALLE-pytorch; here each part is computed over its own slice of the
+    head, which equals the masked softmax and skips the masked logits). Positions: learned
+    embeddings for the text, an axial (row + column) embedding for the image grid.
+    Parameter count equals DALLE-pytorch 1.6.6's DALLE with train_dalle.py's defaults."""
+
+    def __init__(self, num_text_tokens, text_seq_len, num_image_tokens, image_fmap_size, dim=512,
+                 depth=2, heads=8, dim_head=64, attn_dropout=0.0, ff_dropout=0.0, loss_img_weight=7.0):
+        super().__init__()
+        self.hparams = dict(num_text_tokens=num_text_tokens, text_seq_len=text_seq_len,
+                            num_image_tokens=num_image_tokens, image_fmap_size=image_fmap_size, dim=dim,
+                            depth=depth, heads=heads, dim_head=dim_head, attn_dropout=attn_dropout,
+                            ff_dropout=ff_dropout, loss_img_weight=loss_img_weight)
+        self.text_seq_len, self.image_seq_len = text_seq_len, image_fmap_size ** 2
+        self.num_text_tokens = num_text_tokens + text_seq_len      # + a pad id per position
+        self.num_image_tokens, self.loss_img_weight = num_image_tokens, loss_img_weight
+        self.text_emb = nn.Embedding(self.num_text_tokens, dim)
+        self.image_emb = nn.Embedding(num_image_tokens, dim)
+        self.text_pos_emb = nn.Embedding(text_seq_len + 1, dim)    # +1 for <bos>
+        self.image_pos_row = nn.Parameter(torch.randn(image_fmap_size, dim))
+        self.image_pos_col = nn.Parameter(torch.randn(image_fmap_size, dim))
+        self.blocks = nn.ModuleList(DALLEBlock(dim, heads, dim_head, i + 1, attn_dropout, ff_dropout)
+                                    for i in range(depth))
+        self.norm_out = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, self.num_text_tokens + num_image_tokens)
+
+    @property
+    def seq_len(self):
+        return self.text_seq_len + self.image_seq_len
+
+    def text_with_bos(self, text):
+        """(B, text_seq_len) ids with 0 = padding -> (B, 1 + text_seq_len): <bos>=0, then the
+        text with each padding position given its own id."""
+        pad_ids = torch.arange(self.text_seq_len, device=text.device) + self.num_text_tokens - self.text_seq_len
+        return F.pad(torch.where(text == 0, pad_ids, text), (1, 0), value=0)
+
+    def image_pos(self, start, n):
+        idx = torch.arange(start, start + n, device=self.image_pos_row.device)
+        f = self.image_pos_row.shape[0]
+        return self.image_pos_row[idx // f] + self.image_pos_col[idx % f]
+
+    def embed(self, text_bos=None, image=None, image_start=0):
+        """Token + position embeddings of the text part and/or image tokens from image_start."""
+        parts = []
+        if text_bos is not None:
+            parts.append(self.text_emb(text_bos) + self.text_pos_emb.weight[:text_bos.shape[1]])
+        if image is not None and image.shape[1]:
+            parts.append(self.image_emb(image) + self.image_pos(image_start, image.shape[1]))
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def transformer(self, x, caches=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None, self.seq_len)
+        return self.norm_out(x)
+
+    def text_logits(self, h):
+        return F.linear(h, self.to_logits.weight[:self.num_text_tokens], self.to_logits.bias[:self.num_text_tokens])
+
+    def image_logits(self, h):
+        return F.linear(h, self.to_logits.weight[self.num_text_tokens:], self.to_logits.bias[self.num_text_tokens:])
+
+    def forward(self, text, image):
+        """Training loss (CE_text + w·CE_img) / (w + 1), w = loss_img_weight (DALLE-pytorch).
+        text (B, text_seq_len), image tokens (B, image_seq_len). Returns (loss, CE_text, CE_img)."""
+        tb = self.text_with_bos(text)
+        h = self.transformer(self.embed(tb, image[:, :-1]))        # the last token predicts nothing
+        T = self.text_seq_len
+        loss_text = F.cross_entropy(self.text_logits(h[:, :T]).flatten(0, 1).float(), tb[:, 1:].flatten())
+        loss_img = F.cross_entropy(self.image_logits(h[:, T:]).flatten(0, 1).float(), image.flatten())
+        w = self.loss_img_weight
+        return (loss_text + w * loss_img) / (w + 1), loss_text, loss_img
+
+    def masked_logits(self, text, image):
+        """DALLE-pytorch's formulation, for checking: logits over the joint vocabulary with
+        text positions masked off the image ids and image positions off the text ids."""
+        tb = self.text_with_bos(text)
+        h = self.transformer(self.embed(tb, image[:, :-1]))
+        logits = self.to_logits(h)
+        pos = torch.arange(h.shape[1], device=h.device)[:, None]
+        ids = torch.arange(logits.shape[-1], device=h.device)[None]
+        is_img_pos, is_img_id = pos >= self.text_seq_len, ids >= self.num_text_tokens
+        return logits.masked_fill(is_img_pos != is_img_id, -torch.finfo(logits.dtype).max), tb
+
+    @torch.no_grad()
+    def generate_image_tokens(self, text, top_k=0.9, temperature=1.0, generator=None, use_cache=True):
+        """Sample image tokens for text (B, text_seq_len). top_k < 1: keep the best
+        max(1, int((1 - top_k)·num_image_tokens)) image tokens (DALLE-pytorch's filter_thres,
+        but counted over the image vocabulary only); top_k >= 1: keep that many. Then
+        argmax(logits/temperature + Gumbel noise). With use_cache, the text is run once and
+        every later step feeds one token through the cached keys/values."""
+        tb = self.text_with_bos(text)
+        B, dev = text.shape[0], text.device
+        k = max(1, int((1 - top_k) * self.num_image_tokens)) if top_k < 1 else min(int(top_k), self.num_image_tokens)
+        caches = [KVCache() for _ in self.blocks] if use_cache else None
+        out = torch.empty(B, 0, dtype=torch.long, device=dev)
+        for i in range(self.image_seq_len):
+            if use_cache:
+                x = self.embed(tb) if i == 0 else self.embed(None, out[:, -1:], i - 1)
+            else:
+                x = self.embed(tb, out)
+            h = self.transformer(x, caches)[:, -1]
+            logits = self.image_logits(h).float()
+            kth = logits.topk(k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float('-inf'))
+            u = torch.rand(logits.shape, generator=generator, device=dev)
+            gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
+            out = torch.cat([out, (logits / max(temperature, 1e-8) + gumbel).argmax(-1, keepdim=True)], 1)
+        return out

@@ -3,13 +3,17 @@
   shapes  the embedded synthetic dataset (coloured shapes with captions) in the
           AttnGAN/CUB layout, plus CSV, jsonl and COCO-json views of it
           python preprocess_data.py --cfg cfg/preprocess/shapes.yml
-  embed   caption embeddings for XMC-GAN (BERT, or a project text encoder)   [not implemented yet]
-  filter  the Wukong-style caption/image filter for the DALLE pipeline       [not implemented yet]
+  embed   caption embeddings for XMC-GAN (BERT, or a project text encoder)
+          python preprocess_data.py --cfg cfg/preprocess/coco_bert.yml [--gpu 0]
+  filter  the Wukong-style caption/image filter of text2img over a local CSV of (image, caption):
+          CLIP CSVs and DALLE jsonl, 9:1 split
+          python preprocess_data.py --cfg cfg/preprocess/wukong_food.yml
 """
 import json
 import math
 import os
 import random
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -27,6 +31,34 @@ DEFAULTS = {
         'P_TWO_OBJECTS': 0.3,   # share of images with two objects
         'CAPTIONS_PER_IMAGE': 10,
         'JPEG_QUALITY': 95,
+    },
+    'EMBED': {                  # XMC-GAN's caption embeddings (its preprocess_data.py)
+        'SOURCE': 'coco',       # 'coco': official captions json; 'attngan': the AttnGAN/CUB layout
+        'DATA_DIR': 'data/coco',
+        'SPLITS': {'train': 'train2014', 'test': 'val2014'},  # coco: captions_<v>.json + <v>/ images
+        'CAPTIONS_PER_IMAGE': 10,   # attngan only: the dataset's captions per image
+        'MAX_CAPTIONS': 5,      # captions kept per image (0 = all); the original keeps COCO's first 5
+        'ENCODER': 'bert-base-uncased',   # transformers hub name or folder, or a text_encoder<N>.pth
+        'MAX_LEN': 17,          # tokens, [CLS] and [SEP] included
+        'BATCH_SIZE': 256,
+        'SHARD_SIZE': 8192,     # captions per shard file
+        'OUT_DIR': 'data/coco/xmc_bert',
+    },
+    'FILTER': {                 # dalle.md §2: text2img form_data/dealData_wukong.ipynb
+        'INPUT_CSV': 'data/wukong/data.csv',   # local images: columns IMG_KEY, CAPTION_KEY
+        'IMG_KEY': 'filepath',
+        'CAPTION_KEY': 'caption',
+        'SEP': ',',
+        'KEYWORDS': 'data/wukong/foodNames.txt',   # one keyword a line
+        'MAX_CAPTION_LEN': 32,  # characters
+        'FORBIDDEN': '[\\d？【】《》\\:\\?<>"]',    # regex: digits and these marks
+        'MAX_PIECE_LEN': 18,    # longest piece between ; , or whitespace
+        'KEYWORD_MAX_LEN': 6,   # substrings up to this long are looked up in KEYWORDS
+        'MAX_ASPECT': 3.0,      # long side / short side
+        'MIN_SIDE': 32,         # pixels, both sides (the original's w*w > 1000 checked the width twice)
+        'VAL_FRACTION': 0.1,
+        'SPLIT_SEED': 0,        # the original: df.sample(frac=0.9, random_state=0)
+        'OUT_DIR': 'data/wukong',
     },
 }
 
@@ -251,6 +283,193 @@ def summarize(root, log):
         log.info(f'  "{cap}"')
 
 
+# ----------------------------------------------------------------------------
+# XMC-GAN caption embeddings: per-token features and sentence vectors, fp16 shards
+# ----------------------------------------------------------------------------
+def caption_table(E, split):
+    """One split's images [[key, image path, class id, first caption row, n captions]] and
+    captions [(key, caption index, text)], in image order."""
+    src = E.SPLITS[split]
+    if E.SOURCE == 'coco':
+        pairs = utils.read_coco_json(os.path.join(E.DATA_DIR, 'annotations', f'captions_{src}.json'),
+                                     os.path.join(E.DATA_DIR, src))
+        # COCO has no classes: every image is its own (R-precision's "other classes")
+        items = [(os.path.splitext(os.path.basename(p))[0], p, i, caps) for i, (p, caps) in enumerate(pairs)]
+    elif E.SOURCE == 'attngan':
+        data = utils.AttnGANData(E.DATA_DIR, E.CAPTIONS_PER_IMAGE)
+        if src not in data.keys:
+            raise utils.UserError(f"EMBED.SPLITS.{split}={src!r}: the AttnGAN layout has train and test")
+        items = [(k, data.image_path(k), c, data.raw_captions(k))
+                 for k, c in zip(data.keys[src], data.class_ids(src))]
+    else:
+        raise utils.UserError(f"EMBED.SOURCE={E.SOURCE!r}: expected coco or attngan")
+    images, captions = [], []
+    for key, path, cls, caps in items:
+        caps = caps[:E.MAX_CAPTIONS] if E.MAX_CAPTIONS > 0 else caps
+        images.append([key, path, int(cls), len(captions), len(caps)])
+        captions += [(key, j, text) for j, text in enumerate(caps)]
+    return images, captions
+
+
+def caption_encoder(E, device):
+    """encode(texts) -> words (B, MAX_LEN, D), lengths (B,), sentence (B, D); and what it is."""
+    import torch.nn.functional as F
+    L = E.MAX_LEN
+    if E.ENCODER.endswith('.pth'):          # a project encoder (pretrain_DAMSM.py)
+        import models
+        text_enc = models.load_encoders(E.ENCODER, device)[0]
+
+        def encode(texts):
+            words, sent, pad = text_enc.encode(list(texts))
+            words, pad = words.transpose(1, 2)[:, :L], pad[:, :L]
+            # its own sentence vector: the one its contrastive training aligned with images
+            return F.pad(words, (0, 0, 0, L - words.shape[1])), (~pad).sum(1).clamp(min=1), sent
+        return encode, {'kind': 'project', 'name': E.ENCODER, 'dim': text_enc.spec['dim']}
+    from transformers import AutoModel, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(E.ENCODER)
+        bert = AutoModel.from_pretrained(E.ENCODER).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f"EMBED.ENCODER={E.ENCODER}: cannot load a transformers model and tokenizer "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+    def encode(texts):
+        # [CLS] + first L-2 word pieces + [SEP], zero-padded to L, as the original
+        enc = tok(list(texts), padding='max_length', truncation=True, max_length=L, return_tensors='pt').to(device)
+        h = bert(**enc).last_hidden_state
+        n = enc['attention_mask'].sum(1)
+        # The original's sentence: the sum of all L outputs (padding positions included) / true length
+        return h, n, h.sum(1) / n[:, None]
+    return encode, {'kind': 'transformers', 'name': E.ENCODER, 'dim': bert.config.hidden_size}
+
+
+def embed_captions(E, device, log, encoder=None):
+    """Write <OUT_DIR>/<split>_<i>.pt shards of SHARD_SIZE captions (fp16 words (N, L, D),
+    lengths, fp16 sentences, keys, caption indices, texts) and index.json (settings, encoder,
+    image table). Resumable: a shard on disk is complete (written atomically) and skipped."""
+    import time
+
+    import torch
+    encode, info = encoder or caption_encoder(E, device)
+    settings = {k: E[k] for k in ('SOURCE', 'DATA_DIR', 'MAX_CAPTIONS', 'ENCODER', 'MAX_LEN', 'SHARD_SIZE')}
+    settings['SPLITS'] = dict(E.SPLITS)
+    index_path = os.path.join(E.OUT_DIR, 'index.json')
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            old = json.load(f)['settings']
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise utils.UserError(f"{index_path}: embeddings written with other settings {diff} (old, new); "
+                                  "choose another EMBED.OUT_DIR or delete it")
+    tables = {s: caption_table(E, s) for s in E.SPLITS}
+    S = E.SHARD_SIZE
+    index = {'settings': settings, 'encoder': info, 'max_len': E.MAX_LEN, 'dim': info['dim'],
+             'dtype': 'float16', 'complete': False, 'splits': {
+                 s: {'num_captions': len(caps), 'shard_size': S, 'images': images,
+                     'shards': [f'{s}_{i:05d}.pt' for i in range(math.ceil(len(caps) / S))]}
+                 for s, (images, caps) in tables.items()}}
+    os.makedirs(E.OUT_DIR, exist_ok=True)
+    utils.atomic_write_text(index_path, json.dumps(index))
+    done = skipped = 0
+    for split, (_, caps) in tables.items():
+        done_split = 0
+        todo = [i for i, name in enumerate(index['splits'][split]['shards'])
+                if not os.path.isfile(os.path.join(E.OUT_DIR, name))]
+        skipped += len(index['splits'][split]['shards']) - len(todo)
+        n_batches = sum(math.ceil(len(caps[i * S:(i + 1) * S]) / E.BATCH_SIZE) for i in todo)
+        bar = utils.progress(total=n_batches, desc=f'embed {split}', every=max(1, n_batches // 20), log=log)
+        for i in todo:
+            rows = caps[i * S:(i + 1) * S]
+            words, lengths, sents = [], [], []
+            with torch.inference_mode():
+                for b in range(0, len(rows), E.BATCH_SIZE):
+                    w, n, s = encode([t for _, _, t in rows[b:b + E.BATCH_SIZE]])
+                    words.append(w.half().cpu())
+                    lengths.append(n.cpu())
+                    sents.append(s.half().cpu())
+                    done, done_split = done + len(w), done_split + len(w)
+                    bar.set_postfix(captions_per_s=round(done_split / max(time.time() - bar.t0, 1e-6)))
+                    bar.update()
+            utils.atomic_torch_save({'words': torch.cat(words), 'lengths': torch.cat(lengths).long(),
+                                     'sent': torch.cat(sents), 'keys': [k for k, _, _ in rows],
+                                     'caption_index': torch.tensor([j for _, j, _ in rows]),
+                                     'texts': [t for _, _, t in rows]},
+                                    os.path.join(E.OUT_DIR, index['splits'][split]['shards'][i]))
+        bar.close()
+    index['complete'] = True
+    utils.atomic_write_text(index_path, json.dumps(index))
+    size = sum(os.path.getsize(os.path.join(E.OUT_DIR, n)) for sp in index['splits'].values() for n in sp['shards'])
+    log.info(f"{E.OUT_DIR}: {done} captions embedded, {skipped} finished shards skipped; "
+             f"{sum(len(c) for _, c in tables.values())} captions x {E.MAX_LEN} x {info['dim']} "
+             f"in {size / 1e9:.3f} GB (fp16)")
+    return index
+
+
+# ----------------------------------------------------------------------------
+# filter: text2img's Wukong food subset (dealData_wukong.ipynb), over local images
+# ----------------------------------------------------------------------------
+def caption_rule(caption, c, forbidden, keywords):
+    """The first caption rule a caption breaks, or None."""
+    if len(caption) > c.MAX_CAPTION_LEN:
+        return 'caption_too_long'
+    if forbidden.search(caption):
+        return 'forbidden_characters'
+    if any(len(p) > c.MAX_PIECE_LEN for p in re.split(r'[;,\s]', caption)):
+        return 'piece_too_long'
+    if not any(caption[i:i + n] in keywords for i in range(len(caption))
+               for n in range(1, c.KEYWORD_MAX_LEN + 1)):
+        return 'no_keyword'
+    return None
+
+
+def image_rule(path, c):
+    """The first image rule an image breaks, or None (reads the header only)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError):
+        return 'unreadable_image'
+    if max(w, h) > c.MAX_ASPECT * min(w, h):
+        return 'aspect_ratio'
+    if min(w, h) < c.MIN_SIDE:
+        return 'too_small'
+    return None
+
+
+def filter_pairs(c, log):
+    """Caption rules, then image rules (each drop counted under its first broken rule), a
+    seeded 9:1 split; writes {train,val}_clean.csv (open_clip: tab, filepath/title) and
+    DALLE.{train,val}.jsonl, image paths relative to OUT_DIR."""
+    pairs = utils.read_csv_pairs(c.INPUT_CSV, c.IMG_KEY, c.CAPTION_KEY, c.SEP)
+    if not os.path.isfile(c.KEYWORDS):
+        raise utils.UserError(f"{c.KEYWORDS}: keyword file not found (one keyword a line)")
+    with open(c.KEYWORDS, encoding='utf-8') as f:
+        keywords = {w.strip() for w in f if w.strip()}
+    forbidden = re.compile(c.FORBIDDEN)
+    drops, kept = {}, []
+    for path, caption in pairs:
+        caption = caption.strip()
+        rule = caption_rule(caption, c, forbidden, keywords) or image_rule(path, c)
+        if rule:
+            drops[rule] = drops.get(rule, 0) + 1
+        else:
+            kept.append((path, caption))
+    order = np.random.RandomState(c.SPLIT_SEED).permutation(len(kept))
+    n_val = int(round(c.VAL_FRACTION * len(kept)))
+    splits = {'train': [kept[i] for i in order[n_val:]], 'val': [kept[i] for i in order[:n_val]]}
+    os.makedirs(c.OUT_DIR, exist_ok=True)
+    for split, items in splits.items():
+        rel = [(os.path.relpath(os.path.abspath(p), os.path.abspath(c.OUT_DIR)), t) for p, t in items]
+        utils.atomic_write_text(os.path.join(c.OUT_DIR, f'{split}_clean.csv'),
+                                'filepath\ttitle\n' + ''.join(f'{p}\t{t}\n' for p, t in rel))
+        utils.atomic_write_text(os.path.join(c.OUT_DIR, f'DALLE.{split}.jsonl'), ''.join(
+            json.dumps({'image_path': p, 'sentences': t}, ensure_ascii=False) + '\n' for p, t in rel))
+    log.info(f"{c.INPUT_CSV}: {len(pairs)} pairs -> {len(kept)} kept (train {len(splits['train'])}, "
+             f"val {len(splits['val'])}); dropped: " + ', '.join(f'{k} {v}' for k, v in sorted(drops.items())))
+    return {'input_pairs': len(pairs), 'kept': len(kept), 'train': len(splits['train']),
+            'val': len(splits['val']), **{f'dropped_{k}': v for k, v in drops.items()}}
+
+
 def main():
     args = utils.base_parser(__doc__.splitlines()[0]).parse_args()
     run = utils.setup(args, DEFAULTS, tensorboard=False)
@@ -261,8 +480,12 @@ def main():
         summarize(cfg.SHAPES.OUT_DIR, run.log)
         utils.write_metrics(run.out, {'dataset': cfg.SHAPES.OUT_DIR, 'num_train': cfg.SHAPES.NUM_TRAIN,
                                       'num_test': cfg.SHAPES.NUM_TEST})
-    elif cfg.TASK in ('embed', 'filter'):
-        raise utils.UserError(f"TASK={cfg.TASK}: not implemented yet (see the XMC-GAN / DALLE issues)")
+    elif cfg.TASK == 'embed':
+        index = embed_captions(cfg.EMBED, run.device, run.log)
+        utils.write_metrics(run.out, {'embeddings': cfg.EMBED.OUT_DIR, 'dim': index['dim'], **{
+            f'num_captions_{s}': sp['num_captions'] for s, sp in index['splits'].items()}})
+    elif cfg.TASK == 'filter':
+        utils.write_metrics(run.out, filter_pairs(cfg.FILTER, run.log))
     else:
         raise utils.UserError(f"TASK={cfg.TASK!r}: expected one of shapes, embed, filter")
 

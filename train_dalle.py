@@ -1,5 +1,364 @@
-"""train_dalle.py: not implemented yet (see the open issues)."""
-import sys
+"""DALL-E (Ramesh et al. 2021) as DALLE-pytorch trains it: a causal transformer over text
+tokens then image tokens of a frozen discrete VAE or taming VQGAN.
+
+  python train_dalle.py --image_text_folder DALLE.train.jsonl --vae_path vae.pt --chinese --amp \
+      --dalle_output_file_name vae_dalle                          # the text2img seed command
+  python train_dalle.py --image_text_folder DALLE.train.jsonl --vqgan_model_path last.ckpt \
+      --vqgan_config_path model.yaml --chinese --amp
+  python train_dalle.py --cfg cfg/dalle/shapes_dalle.yml          # the embedded run
+  python train_dalle.py --dalle_path <run>/checkpoints/dalle_00001000.pt   # resume (or --resume auto)
+  torchrun --nproc_per_node=N train_dalle.py ...                   # data-parallel
+
+Data: a DALLE jsonl ({"image_path", "sentences"} lines), a folder of images with same-stem
+.txt captions, or an open_clip CSV. Checkpoints in <run>/checkpoints: dalle_<step>.pt and,
+at the end, <DALLE_OUTPUT_FILE_NAME>.pt, both with the VAE inside (dalle_gen.py needs nothing else).
+"""
+import inspect
+import os
+import time
+
+import torch
+
+import models
+import utils
+
+DEFAULTS = {
+    'IMAGE_TEXT_FOLDER': '',      # jsonl, folder (image + .txt) or csv
+    'VAE_PATH': '',               # DALLE-pytorch vae.pt / train_vae.py output
+    'VQGAN_MODEL_PATH': '',       # taming last.ckpt (with VQGAN_CONFIG_PATH model.yaml)
+    'VQGAN_CONFIG_PATH': '',
+    'DALLE_OUTPUT_FILE_NAME': 'dalle',
+    'WORKERS': 4,
+    'TEXT': {
+        'TOKENIZER': 'clip',      # clip (BPE) | chinese (--chinese, BERT WordPiece) | words (built from the captions)
+        'TOKENIZER_PATH': '',     # hub name or local dir/file; '' = openai/clip-vit-base-patch32 / hfl/chinese-roberta-wwm-ext
+        'TEXT_SEQ_LEN': 32,       # dalle.md §1.4: T2I's default (upstream 256)
+        'TRUNCATE_CAPTIONS': False,
+    },
+    'MODEL': {                    # dalle.md §1.4: DALLE-pytorch train_dalle.py defaults
+        'DIM': 512,
+        'DEPTH': 2,
+        'HEADS': 8,
+        'DIM_HEAD': 64,
+        'ATTN_DROPOUT': 0.0,
+        'FF_DROPOUT': 0.0,
+        'LOSS_IMG_WEIGHT': 7.0,
+    },
+    'TRAIN': {
+        'EPOCHS': 20,
+        'BATCH_SIZE': 32,         # T2I's default (upstream 4)
+        'LEARNING_RATE': 3e-4,    # Adam
+        'CLIP_GRAD_NORM': 0.5,
+        'LR_DECAY': False,        # ReduceLROnPlateau(0.5, patience 10, cooldown 10, min 1e-6) per epoch
+        'AMP': False,             # mixed precision: autocast in AMP_DTYPE
+        'AMP_DTYPE': 'bfloat16',  # or float16 (CUDA only, with a GradScaler)
+        'RANDOM_RESIZE_CROP_LOWER_RATIO': 0.75,
+        'MAX_STEPS': 0,           # stop after this many steps in all (0: EPOCHS decide); not in DALLE-pytorch
+        'SAVE_EVERY_N_STEPS': 1000,
+        'KEEP_N_CHECKPOINTS': 5,  # T2I's default (upstream keeps all); 0 keeps all
+        'LOG_EVERY': 50,
+        'SAMPLE_EVERY': 1000,     # steps between sample grids in TensorBoard; 0 = at epoch ends only
+        'NUM_SAMPLES': 4,
+    },
+    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0},   # for the TensorBoard samples (dalle.md §1.5)
+}
+
+FLAGS = {'image_text_folder': 'IMAGE_TEXT_FOLDER', 'vae_path': 'VAE_PATH',
+         'vqgan_model_path': 'VQGAN_MODEL_PATH', 'vqgan_config_path': 'VQGAN_CONFIG_PATH',
+         'dalle_output_file_name': 'DALLE_OUTPUT_FILE_NAME', 'bpe_path': 'TEXT.TOKENIZER_PATH',
+         'text_seq_len': 'TEXT.TEXT_SEQ_LEN', 'truncate_captions': 'TEXT.TRUNCATE_CAPTIONS',
+         'dim': 'MODEL.DIM', 'depth': 'MODEL.DEPTH', 'heads': 'MODEL.HEADS', 'dim_head': 'MODEL.DIM_HEAD',
+         'attn_dropout': 'MODEL.ATTN_DROPOUT', 'ff_dropout': 'MODEL.FF_DROPOUT',
+         'loss_img_weight': 'MODEL.LOSS_IMG_WEIGHT', 'epochs': 'TRAIN.EPOCHS',
+         'batch_size': 'TRAIN.BATCH_SIZE', 'learning_rate': 'TRAIN.LEARNING_RATE',
+         'clip_grad_norm': 'TRAIN.CLIP_GRAD_NORM', 'lr_decay': 'TRAIN.LR_DECAY', 'amp': 'TRAIN.AMP',
+         'random_resize_crop_lower_ratio': 'TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO',
+         'save_every_n_steps': 'TRAIN.SAVE_EVERY_N_STEPS', 'keep_n_checkpoints': 'TRAIN.KEEP_N_CHECKPOINTS'}
+BOOL_FLAGS = ('truncate_captions', 'lr_decay', 'amp')
+STR_FLAGS = ('image_text_folder', 'vae_path', 'vqgan_model_path', 'vqgan_config_path',
+             'dalle_output_file_name', 'bpe_path')
+FLOAT_FLAGS = ('attn_dropout', 'ff_dropout', 'loss_img_weight', 'learning_rate', 'clip_grad_norm',
+               'random_resize_crop_lower_ratio')
+
+
+def parse_args(argv=None):
+    p = utils.base_parser(__doc__.splitlines()[0])
+    for flag, key in FLAGS.items():
+        if flag in BOOL_FLAGS:
+            p.add_argument(f'--{flag}', action='store_true', default=None, help=f'cfg {key}')
+        else:
+            typ = str if flag in STR_FLAGS else float if flag in FLOAT_FLAGS else int
+            p.add_argument(f'--{flag}', type=typ, default=None, help=f'cfg {key}')
+    p.add_argument('--chinese', action='store_true', help='TEXT.TOKENIZER=chinese (BERT WordPiece)')
+    p.add_argument('--dalle_path', default=None, help='resume from this checkpoint (= --resume PATH)')
+    args = p.parse_args(argv)
+    if args.chinese:
+        args.set = ['TEXT.TOKENIZER=chinese'] + args.set
+    if args.dalle_path:
+        if args.resume and args.resume != args.dalle_path:
+            raise utils.UserError("--dalle_path and --resume name different checkpoints; give one")
+        args.resume = args.dalle_path
+    return utils.flags_to_set(args, FLAGS)
+
+
+# ----------------------------------------------------------------------------
+# Text: tokenizers with 0 = padding (dalle.md §1.6)
+# ----------------------------------------------------------------------------
+class Tokenizer:
+    """encode(text) -> ids >= 1 (0 is padding), vocab_size, and a `spec` saved in checkpoints.
+    clip: CLIP BPE without <sot>/<eot> as DALLE-pytorch's SimpleTokenizer, ids shifted by one so
+    that BPE id 0 ('!') does not collide with padding; chinese: BERT WordPiece (hfl/chinese-
+    roberta-wwm-ext vocabulary) without [CLS]/[SEP], [PAD] = 0; words: AttnGAN tokenisation and
+    a vocabulary of the training captions, 1 = <unk>."""
+
+    def __init__(self, spec):
+        self.spec, kind, path = spec, spec['kind'], spec.get('path', '')
+        if kind == 'words':
+            self.index = {w: i for i, w in enumerate(spec['vocab'])}
+            self.vocab_size = len(spec['vocab'])
+            return
+        import transformers
+        try:
+            if kind == 'clip':
+                self.hf = transformers.CLIPTokenizer.from_pretrained(path or 'openai/clip-vit-base-patch32')
+                self.shift, self.vocab_size = 1, len(self.hf) + 1
+            elif kind == 'chinese':
+                name = path or 'hfl/chinese-roberta-wwm-ext'
+                if os.path.isfile(name):     # a vocab.txt: transformers 5 names the argument `vocab`, 4 `vocab_file`
+                    v5 = 'vocab' in inspect.signature(transformers.BertTokenizer.__init__).parameters
+                    self.hf = transformers.BertTokenizer(**{'vocab' if v5 else 'vocab_file': name})
+                else:
+                    self.hf = transformers.BertTokenizer.from_pretrained(name)
+                self.shift, self.vocab_size = 0, self.hf.vocab_size
+            else:
+                raise utils.UserError(f"TEXT.TOKENIZER={kind!r}: expected clip, chinese or words")
+        except (OSError, ValueError) as e:
+            raise utils.UserError(f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}: cannot load the {kind} "
+                                  f"tokenizer ({str(e).splitlines()[0][:160]}); give a local directory or "
+                                  "vocabulary file (no downloads here)")
+
+    @classmethod
+    def from_captions(cls, captions):
+        words = sorted({w for c in captions for w in utils.tokenize_attngan(c)})
+        return cls({'kind': 'words', 'vocab': ['<pad>', '<unk>'] + words})
+
+    def encode(self, text):
+        if self.spec['kind'] == 'words':
+            return [self.index.get(w, 1) for w in utils.tokenize_attngan(text)]
+        return [i + self.shift for i in self.hf.encode(text, add_special_tokens=False)]
+
+    def unknown_words(self, text):
+        return [w for w in utils.tokenize_attngan(text) if w not in self.index] \
+            if self.spec['kind'] == 'words' else []
+
+    def tokenize(self, text, length, truncate):
+        ids = self.encode(text)
+        if len(ids) > length:
+            if not truncate:
+                raise utils.UserError(f"caption {text!r} has {len(ids)} tokens > TEXT_SEQ_LEN={length}; "
+                                      "use --truncate_captions or a longer --text_seq_len")
+            ids = ids[:length]
+        return torch.tensor(ids + [0] * (length - len(ids)), dtype=torch.long)
+
+
+def build_tokenizer(cfg, pairs=None):
+    t = cfg.TEXT
+    if t.TOKENIZER == 'words':
+        return Tokenizer.from_captions(c for _, caps in pairs for c in ([caps] if isinstance(caps, str) else caps))
+    return Tokenizer({'kind': t.TOKENIZER, 'path': t.TOKENIZER_PATH})
+
+
+# ----------------------------------------------------------------------------
+# Data: (image in [-1, 1], caption ids); captions tokenised once up front
+# ----------------------------------------------------------------------------
+def build_dataset(cfg, tokenizer, pairs, image_size):
+    import torchvision.transforms as T
+    ids = {}
+    for _, caps in pairs:
+        for c in [caps] if isinstance(caps, str) else caps:
+            if c not in ids:
+                ids[c] = tokenizer.tokenize(c, cfg.TEXT.TEXT_SEQ_LEN, cfg.TEXT.TRUNCATE_CAPTIONS)
+    lo = cfg.TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO
+    tf = T.Compose([T.RandomResizedCrop(image_size, scale=(lo, 1.0), ratio=(1.0, 1.0)), T.ToTensor(),
+                    T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    return utils.PairDataset(pairs, tf, tokenize=ids.__getitem__)
+
+
+def load_vae(cfg):
+    """A frozen image tokenizer: taming VQGAN (both VQGAN paths) or a DiscreteVAE (VAE_PATH)."""
+    if cfg.VQGAN_MODEL_PATH or cfg.VQGAN_CONFIG_PATH:
+        if not (cfg.VQGAN_MODEL_PATH and cfg.VQGAN_CONFIG_PATH):
+            raise utils.UserError("--vqgan_model_path and --vqgan_config_path go together")
+        if cfg.VAE_PATH:
+            raise utils.UserError("give either --vae_path or the VQGAN paths, not both")
+        return models.load_vqgan(cfg.VQGAN_MODEL_PATH, cfg.VQGAN_CONFIG_PATH)
+    if not cfg.VAE_PATH:
+        raise utils.UserError("no VAE: give --vae_path (train_vae.py's vae.pt) or --vqgan_model_path/"
+                              "--vqgan_config_path, or --dalle_path to resume")
+    return models.load_discrete_vae(cfg.VAE_PATH)
+
+
+def load_dalle(ckpt, device):
+    """DALLE, its VAE and tokenizer rebuilt from a train_dalle.py checkpoint."""
+    x = ckpt['extra']
+    vae = models.build_vae(x['vae_class_name'], x['vae_params'])
+    dalle = models.DALLE(**x['hparams'])
+    vae.load_state_dict(ckpt['models']['vae'])
+    dalle.load_state_dict(ckpt['models']['dalle'])
+    return dalle.to(device), vae.to(device).eval().requires_grad_(False), Tokenizer(x['tokenizer'])
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+def make_optimizer(params, lr):
+    # Fused Adam: the same update as torch.optim.Adam, in one kernel over all tensors.
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def train_step(model, vae, opt, images, text, c, amp, scaler=None):
+    """One step: tokenise the images with the frozen VAE, (CE_text + w·CE_img)/(w+1),
+    clip the gradient norm, Adam. Returns (loss, CE_text, CE_img) as floats."""
+    with amp, torch.no_grad():
+        image_tokens = vae.get_codebook_indices(images)
+    with amp:
+        loss, loss_text, loss_img = model(text, image_tokens)
+    opt.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), c.CLIP_GRAD_NORM)
+    scaler.step(opt) if scaler else opt.step()
+    if scaler:
+        scaler.update()
+    return loss.detach(), loss_text.item(), loss_img.item()
+
+
+def autocast(device, c):
+    """bf16 autocast on CPU and CUDA; fp16 (with a GradScaler) on CUDA only."""
+    if c.AMP_DTYPE not in ('bfloat16', 'float16'):
+        raise utils.UserError(f"TRAIN.AMP_DTYPE={c.AMP_DTYPE!r}: expected bfloat16 or float16")
+    fp16 = c.AMP and c.AMP_DTYPE == 'float16'
+    if fp16 and device.type != 'cuda':
+        raise utils.UserError("TRAIN.AMP_DTYPE=float16 needs CUDA; use bfloat16 on the CPU")
+    amp = torch.autocast(device.type, dtype=getattr(torch, c.AMP_DTYPE), enabled=c.AMP)
+    return amp, (torch.amp.GradScaler('cuda') if fp16 else None)
+
+
+def train(run, args):
+    cfg, dev, log, c = run.cfg, run.device, run.log, run.cfg.TRAIN
+    if not cfg.IMAGE_TEXT_FOLDER:
+        raise utils.UserError("IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv")
+    pairs = utils.read_pairs(cfg.IMAGE_TEXT_FOLDER)
+    ckpt = utils.resolve_resume(args.resume, run.out, 'dalle', log)
+    if ckpt:      # as DALLE-pytorch's --dalle_path: the model, VAE and tokenizer of the checkpoint
+        dalle, vae, tokenizer = load_dalle(ckpt, dev)
+        log.info(f"resumed model hparams {ckpt['extra']['hparams']} (the cfg's MODEL keys are not used)")
+    else:
+        vae = load_vae(cfg).to(dev).eval().requires_grad_(False)
+        tokenizer = build_tokenizer(cfg, pairs)
+        m = cfg.MODEL
+        dalle = models.DALLE(tokenizer.vocab_size, cfg.TEXT.TEXT_SEQ_LEN, vae.num_tokens, vae.fmap_size,
+                             m.DIM, m.DEPTH, m.HEADS, m.DIM_HEAD, m.ATTN_DROPOUT, m.FF_DROPOUT,
+                             m.LOSS_IMG_WEIGHT).to(dev)
+    if ckpt and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
+        raise utils.UserError(f"TEXT.TEXT_SEQ_LEN={cfg.TEXT.TEXT_SEQ_LEN} but the checkpoint has {dalle.text_seq_len}")
+    ds = build_dataset(cfg, tokenizer, pairs, vae.image_size)
+    loader = utils.make_loader(ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED)
+    if len(loader) == 0:
+        raise utils.UserError(f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training pairs")
+    opt = make_optimizer(dalle.parameters(), c.LEARNING_RATE)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=0.5, patience=10,
+                                                       cooldown=10, min_lr=1e-6) if c.LR_DECAY else None
+    amp, scaler = autocast(dev, c)
+    scheds = {'sched': sched} if sched else {}
+    step, epoch, skip = 0, 0, 0
+    if ckpt:
+        step, epoch = utils.restore_checkpoint(ckpt, {'dalle': dalle}, {'opt': opt}, scheds, scaler)
+        skip = ckpt['extra'].get('batches_done', 0)
+    model = utils.wrap_ddp(dalle, dev)
+    extra = {'hparams': dalle.hparams, 'vae_class_name': vae.class_name, 'vae_params': vae.hparams,
+             'tokenizer': tokenizer.spec}
+    log.info(f"DALLE {sum(p.numel() for p in dalle.parameters()):,} params (VAE {vae.class_name} frozen), "
+             f"text {dalle.text_seq_len} + image {dalle.image_seq_len} tokens, vocab {tokenizer.vocab_size} "
+             f"({tokenizer.spec['kind']}), {len(ds)} pairs, {len(loader)} steps/epoch, amp={c.AMP}")
+    fixed = fixed_captions(pairs, tokenizer, cfg, c.NUM_SAMPLES)
+
+    def save(epoch, batches_done, name=None):
+        return utils.save_checkpoint(run.out, 'dalle', step, {'dalle': dalle, 'vae': vae}, {'opt': opt}, scheds,
+                                     scaler, epoch=epoch, cfg=cfg, extra={**extra, 'batches_done': batches_done},
+                                     keep=c.KEEP_N_CHECKPOINTS, name=name)
+
+    t0, start_step, last = time.time(), step, {}
+    where = (epoch, skip)               # (epoch, batches done in it) of the latest save
+    for epoch in range(epoch, c.EPOCHS if not (c.MAX_STEPS and step >= c.MAX_STEPS) else epoch):
+        utils.set_epoch(loader, epoch)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=c.LOG_EVERY, log=log)
+        epoch_loss, n, stop = 0.0, 0, False
+        for i, (images, text) in enumerate(bar):
+            if i < skip:    # resumed mid-epoch: the same order, past the batches done; loading
+                if i == skip - 1:   # them drew random numbers, so the saved RNG state goes back
+                    utils.set_rng_state(ckpt['rng'])
+                continue
+            loss, lt, li = train_step(model, vae, opt, images.to(dev, non_blocking=True), text.to(dev), c, amp, scaler)
+            utils.check_finite(loss, 'dalle', step)
+            step += 1
+            epoch_loss, n = epoch_loss + loss.item(), n + 1
+            last = {'loss': loss.item(), 'loss_text': lt, 'loss_img': li}
+            bar.set_postfix(**last)
+            if step % c.LOG_EVERY == 0:
+                for k, v in {**last, 'lr': opt.param_groups[0]['lr']}.items():
+                    run.writer.add_scalar(f'train/{k}', v, step)
+            if c.SAMPLE_EVERY and step % c.SAMPLE_EVERY == 0:
+                write_samples(run, dalle, vae, fixed, cfg.SAMPLE, step)
+            stop = bool(c.MAX_STEPS) and step >= c.MAX_STEPS
+            if stop and i + 1 < len(loader):
+                break
+            if c.SAVE_EVERY_N_STEPS and step % c.SAVE_EVERY_N_STEPS == 0 and i + 1 < len(loader):
+                save(epoch, i + 1)
+        skip = 0
+        where = (epoch, i + 1) if stop and i + 1 < len(loader) else (epoch + 1, 0)
+        if where[1] == 0 and sched and n:
+            sched.step(utils.all_reduce_mean(epoch_loss / n))
+        if not c.SAMPLE_EVERY or stop:
+            write_samples(run, dalle, vae, fixed, cfg.SAMPLE, step)
+        log.info(f"epoch {epoch}, step {step}: saved {save(*where)}")
+        if stop:
+            break
+    final = save(*where, name=f'{cfg.DALLE_OUTPUT_FILE_NAME}.pt')
+    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
+                                  'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
+                                  **{f'final_{k}': v for k, v in last.items()}, 'dalle_path': final})
+
+
+def fixed_captions(pairs, tokenizer, cfg, n):
+    """The first caption of n pairs spread over the data, for the sample grids."""
+    if n <= 0:
+        return [], None
+    step = max(1, len(pairs) // n)
+    texts = [(caps if isinstance(caps, str) else caps[0]) for _, caps in pairs[::step][:n]]
+    ids = torch.stack([tokenizer.tokenize(t, cfg.TEXT.TEXT_SEQ_LEN, True) for t in texts])
+    return texts, ids
+
+
+@torch.no_grad()
+def write_samples(run, dalle, vae, fixed, s, step):
+    texts, ids = fixed
+    if not run.main or not texts:
+        return
+    dalle.eval()
+    g = torch.Generator(device=run.device).manual_seed(0)
+    tokens = dalle.generate_image_tokens(ids.to(run.device), s.TOP_K, s.TEMPERATURE, generator=g)
+    utils.log_images(run.writer, 'samples/images', vae.decode(tokens).float().clamp(-1, 1), step, nrow=len(texts))
+    run.writer.add_text('samples/captions', '\n\n'.join(f'{i}: {t}' for i, t in enumerate(texts)), step)
+    dalle.train()
+
+
+def main():
+    args = parse_args()
+    run = utils.setup(args, DEFAULTS)
+    train(run, args)
+
 
 if __name__ == '__main__':
-    sys.exit("error: train_dalle.py is not implemented yet; see the project's open issues")
+    utils.run_main(main)

@@ -1,5 +1,297 @@
-"""train_vae.py: not implemented yet (see the open issues)."""
-import sys
+"""Discrete VAE of DALL-E (Ramesh et al. 2021) as DALLE-pytorch trains it: images -> a grid of
+codebook tokens -> images, the tokenizer of the DALLE pipeline.
+
+  python train_vae.py --image_folder DIR --batch_size 64 --num_layers 4 --num_tokens 1024 \
+      --emb_dim 256 --image_size 256                  # the text2img seed command
+  python train_vae.py --cfg cfg/dalle/shapes_vae.yml   # the embedded run
+  torchrun --nproc_per_node=N train_vae.py ...          # data-parallel
+
+Writes <run>/vae.pt ({'hparams', 'weights'}, readable by DALLE-pytorch) and training
+checkpoints in <run>/checkpoints (--resume auto).
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import models
+import utils
+
+DEFAULTS = {
+    'IMAGE_FOLDER': '',           # images at any depth below it
+    'WORKERS': 4,
+    'MODEL': {                    # dalle.md §1.1: DALLE-pytorch train_vae.py defaults
+        'IMAGE_SIZE': 128,
+        'NUM_TOKENS': 8192,
+        'NUM_LAYERS': 3,
+        'NUM_RESNET_BLOCKS': 2,
+        'EMB_DIM': 512,           # codebook_dim
+        'HIDDEN_DIM': 256,
+    },
+    'TRAIN': {
+        'EPOCHS': 20,
+        'BATCH_SIZE': 8,
+        'LEARNING_RATE': 1e-3,    # Adam
+        'LR_DECAY_RATE': 0.98,    # ExponentialLR, stepped every LR_DECAY_EVERY steps
+        'LR_DECAY_EVERY': 100,    # DALLE-pytorch stepped it at its log points, every 100 steps
+        'STARTING_TEMP': 1.0,
+        'TEMP_MIN': 0.5,
+        'ANNEAL_RATE': 1e-6,      # temp = max(STARTING_TEMP * exp(-ANNEAL_RATE * step), TEMP_MIN)
+        'KL_LOSS_WEIGHT': 0.0,
+        'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
+        'LOGIT_INIT_SCALE': 1.0,    # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
+        'SMOOTH_L1_LOSS': False,
+        'AMP': False,             # bf16 autocast
+        'LOG_EVERY': 100,         # scalars, codebook usage, reconstruction grids
+        'NUM_IMAGES_SAVE': 4,
+        'SAVE_EVERY_N_STEPS': 1000,
+        'KEEP_CHECKPOINTS': 3,
+    },
+    'EVAL': {
+        'HOLDOUT': '',            # csv/jsonl/folder of images kept out of training, for eval
+        'MAX_IMAGES': 1000,
+        'JUDGE': '',              # shapes judge checkpoint: attribute accuracy on reconstructions
+    },
+}
+
+# DALLE-pytorch's flags, as cfg keys (utils.flags_to_set).
+FLAGS = {'image_folder': 'IMAGE_FOLDER', 'image_size': 'MODEL.IMAGE_SIZE', 'num_tokens': 'MODEL.NUM_TOKENS',
+         'num_layers': 'MODEL.NUM_LAYERS', 'num_resnet_blocks': 'MODEL.NUM_RESNET_BLOCKS',
+         'emb_dim': 'MODEL.EMB_DIM', 'hidden_dim': 'MODEL.HIDDEN_DIM', 'epochs': 'TRAIN.EPOCHS',
+         'batch_size': 'TRAIN.BATCH_SIZE', 'learning_rate': 'TRAIN.LEARNING_RATE',
+         'lr_decay_rate': 'TRAIN.LR_DECAY_RATE', 'starting_temp': 'TRAIN.STARTING_TEMP',
+         'temp_min': 'TRAIN.TEMP_MIN', 'anneal_rate': 'TRAIN.ANNEAL_RATE',
+         'kl_loss_weight': 'TRAIN.KL_LOSS_WEIGHT', 'smooth_l1_loss': 'TRAIN.SMOOTH_L1_LOSS',
+         'num_images_save': 'TRAIN.NUM_IMAGES_SAVE'}
+
+
+def parse_args(argv=None):
+    p = utils.base_parser(__doc__.splitlines()[0])
+    for flag, key in FLAGS.items():
+        if flag == 'smooth_l1_loss':
+            p.add_argument('--smooth_l1_loss', action='store_true', default=None)
+        elif flag == 'image_folder':
+            p.add_argument('--image_folder', default=None, help='images at any depth below it')
+        else:
+            typ = float if any(s in flag for s in ('rate', 'temp', 'weight')) else int
+            p.add_argument(f'--{flag}', type=typ, default=None, help=f'cfg {key}')
+    return utils.flags_to_set(p.parse_args(argv), FLAGS)
+
+
+# ----------------------------------------------------------------------------
+# Data: every image below IMAGE_FOLDER (no class subfolders needed), in [-1, 1]
+# ----------------------------------------------------------------------------
+def image_transform(size):
+    import torchvision.transforms as T
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+
+def holdout_paths(spec):
+    if not spec:
+        return []
+    if os.path.isdir(spec):
+        return utils.list_images(spec)
+    return sorted({os.path.abspath(p) for p, _ in utils.read_pairs(spec)})
+
+
+def build_dataset(cfg):
+    if not cfg.IMAGE_FOLDER:
+        raise utils.UserError("IMAGE_FOLDER (--image_folder): empty; give a folder of images")
+    held = set(holdout_paths(cfg.EVAL.HOLDOUT))
+    paths = [p for p in utils.list_images(cfg.IMAGE_FOLDER) if os.path.abspath(p) not in held]
+    if not paths:
+        raise utils.UserError(f"{cfg.IMAGE_FOLDER}: no images found (extensions {utils.IMG_EXTENSIONS})")
+    return utils.PairDataset([(p, '') for p in paths], image_transform(cfg.MODEL.IMAGE_SIZE))
+
+
+# ----------------------------------------------------------------------------
+# Losses (DALLE-pytorch DiscreteVAE.forward)
+# ----------------------------------------------------------------------------
+def vae_loss(images, recon, logits, c):
+    """Reconstruction (MSE, or smooth-L1) in the normalised space, plus KL_LOSS_WEIGHT times
+    KL(q(z|x) || uniform) per position, summed over positions and averaged over the batch
+    ('batchmean' as DALLE-pytorch)."""
+    rec = (F.smooth_l1_loss if c.SMOOTH_L1_LOSS else F.mse_loss)(recon.float(), images)
+    log_q = F.log_softmax(logits.float().flatten(2).transpose(1, 2), dim=-1)   # (B, h*w, K)
+    kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum() / logits.shape[0]
+    return rec + c.KL_LOSS_WEIGHT * kl, rec, kl
+
+
+def temperature(c, step):
+    """Annealed every step (DALLE-pytorch only annealed at its log points)."""
+    return max(c.STARTING_TEMP * math.exp(-c.ANNEAL_RATE * step), c.TEMP_MIN)
+
+
+def codebook_usage(counts):
+    """Perplexity exp(H) of the hard-code histogram and the share of codes used."""
+    p = counts / counts.sum().clamp_min(1)
+    h = -(p[p > 0] * p[p > 0].log()).sum()
+    return h.exp().item(), (counts > 0).float().mean().item()
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+def make_optimizer(params, lr):
+    # Fused Adam: the same update as torch.optim.Adam, in one kernel over all tensors.
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
+def train_step(model, opt, images, temp, c, amp, step=0):
+    """Gumbel-softmax reconstruction at temperature temp, the VAE loss, one Adam step."""
+    with amp:
+        recon, logits = model(images, temperature=temp, hard=c.STRAIGHT_THROUGH)
+    loss, rec, kl = vae_loss(images, recon, logits, c)
+    utils.check_finite(loss, 'vae', step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), rec.detach(), kl.detach(), recon.detach(), logits.detach()
+
+
+def save_vae_pt(vae, path):
+    """DALLE-pytorch's vae.pt: {'hparams': vae_params, 'weights': state_dict}."""
+    utils.atomic_torch_save({'hparams': dict(vae.hparams), 'weights': vae.state_dict()}, path)
+
+
+def train(run, args):
+    cfg, dev, log, c, m = run.cfg, run.device, run.log, run.cfg.TRAIN, run.cfg.MODEL
+    if m.IMAGE_SIZE % 2 ** m.NUM_LAYERS:
+        raise utils.UserError(f"MODEL.IMAGE_SIZE={m.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2 ** m.NUM_LAYERS}")
+    ds = build_dataset(cfg)
+    loader = utils.make_loader(ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS,
+                               seed=cfg.SEED)
+    if len(loader) == 0:
+        raise utils.UserError(f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training images")
+    vae = models.DiscreteVAE(m.IMAGE_SIZE, m.NUM_TOKENS, m.EMB_DIM, m.NUM_LAYERS, m.NUM_RESNET_BLOCKS,
+                             m.HIDDEN_DIM).to(dev)
+    with torch.no_grad():   # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
+        vae.encoder[-1].weight.mul_(c.LOGIT_INIT_SCALE)
+        vae.encoder[-1].bias.mul_(c.LOGIT_INIT_SCALE)
+    opt = make_optimizer(vae.parameters(), c.LEARNING_RATE)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.LR_DECAY_RATE)
+    step, epoch, skip = 0, 0, 0
+    ckpt = utils.resolve_resume(args.resume, run.out, 'vae', log)
+    if ckpt:
+        step, epoch = utils.restore_checkpoint(ckpt, {'vae': vae}, {'opt': opt}, {'sched': sched})
+        skip = ckpt['extra'].get('batches_done', 0)
+    model = utils.wrap_ddp(vae, dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.AMP)
+    log.info(f"DiscreteVAE {sum(p.numel() for p in vae.parameters()):,} params, {len(ds)} images, "
+             f"{vae.fmap_size}x{vae.fmap_size} tokens of {m.NUM_TOKENS}, {len(loader)} steps/epoch")
+    counts = torch.zeros(m.NUM_TOKENS, device=dev)
+    t0, last, start_step = time.time(), {}, step
+
+    def save(epoch, batches_done):
+        utils.save_checkpoint(run.out, 'vae', step, {'vae': vae}, {'opt': opt}, {'sched': sched},
+                              epoch=epoch, cfg=cfg, keep=c.KEEP_CHECKPOINTS,
+                              extra={'hparams': vae.hparams, 'batches_done': batches_done})
+        if run.main:
+            save_vae_pt(vae, os.path.join(run.out, 'vae.pt'))
+
+    for epoch in range(epoch, c.EPOCHS):
+        utils.set_epoch(loader, epoch)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=c.LOG_EVERY, log=log)
+        for i, (images, _) in enumerate(bar):
+            if i < skip:    # resumed mid-epoch: the same order, past the batches done; loading
+                if i == skip - 1:   # them drew random numbers, so the saved RNG state goes back
+                    utils.set_rng_state(ckpt['rng'])
+                continue
+            images = images.to(dev, non_blocking=True)
+            temp = temperature(c, step)
+            loss, rec, kl, recon, logits = train_step(model, opt, images, temp, c, amp, step)
+            step += 1
+            if step % c.LR_DECAY_EVERY == 0:
+                sched.step()
+            counts += torch.bincount(logits.detach().argmax(1).flatten(), minlength=m.NUM_TOKENS)
+            last = {'loss': loss.item(), 'recon': rec.item(), 'kl': kl.item(), 'temp': temp}
+            bar.set_postfix(**last)
+            if step % c.LOG_EVERY == 0:
+                ppl, used = codebook_usage(counts)
+                counts.zero_()
+                last.update(perplexity=ppl, codes_used=used)
+                for k, v in {**last, 'lr': sched.get_last_lr()[0]}.items():
+                    run.writer.add_scalar(f'train/{k}', v, step)
+                log_reconstructions(run, vae, images, recon, c.NUM_IMAGES_SAVE, step)
+            if c.SAVE_EVERY_N_STEPS and step % c.SAVE_EVERY_N_STEPS == 0 and i + 1 < len(loader):
+                save(epoch, i + 1)
+        skip = 0
+        save(epoch + 1, 0)
+    if run.main:
+        save_vae_pt(vae, os.path.join(run.out, 'vae-final.pt'))
+    metrics = {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
+               'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
+               **{f'final_{k}': v for k, v in last.items()}, 'vae_pt': os.path.join(run.out, 'vae.pt')}
+    if cfg.EVAL.HOLDOUT and run.main:
+        metrics.update(evaluate(cfg, vae, dev, log, run))
+    utils.write_metrics(run.out, metrics)
+
+
+@torch.no_grad()
+def log_reconstructions(run, vae, images, recon, n, step):
+    """Originals, soft (Gumbel) and hard (argmax codes) reconstructions, one row each."""
+    if not run.main or n <= 0:
+        return
+    vae.eval()
+    hard = vae.decode(vae.get_codebook_indices(images[:n]))
+    vae.train()
+    grid = torch.cat([images[:n], recon[:n].float().clamp(-1, 1), hard.float().clamp(-1, 1)])
+    utils.log_images(run.writer, 'reconstructions/original_soft_hard', grid, step, nrow=n)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: hard-code reconstructions of held-out images
+# ----------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(cfg, vae, dev, log, run=None):
+    """MSE of hard reconstructions in [-1, 1] and codebook usage on the held-out images; with
+    EVAL.JUDGE, the shapes judge's colour/shape accuracy on originals and reconstructions."""
+    paths = holdout_paths(cfg.EVAL.HOLDOUT)[:cfg.EVAL.MAX_IMAGES]
+    if not paths:
+        raise utils.UserError(f"EVAL.HOLDOUT={cfg.EVAL.HOLDOUT}: no images")
+    ds = utils.PairDataset([(p, '') for p in paths], image_transform(cfg.MODEL.IMAGE_SIZE))
+    vae.eval()
+    originals, recons, counts, se = [], [], torch.zeros(vae.num_tokens), 0.0
+    for i in range(0, len(ds), 64):
+        x = torch.stack([ds[j][0] for j in range(i, min(i + 64, len(ds)))]).to(dev)
+        idx = vae.get_codebook_indices(x)
+        r = vae.decode(idx).clamp(-1, 1)
+        se += F.mse_loss(r, x, reduction='sum').item()
+        counts += torch.bincount(idx.flatten().cpu(), minlength=vae.num_tokens).float()
+        originals.append(x.cpu())
+        recons.append(r.cpu())
+    originals, recons = torch.cat(originals), torch.cat(recons)
+    ppl, used = codebook_usage(counts)
+    out = {'holdout_images': len(ds), 'holdout_mse': se / originals.numel(), 'holdout_perplexity': ppl,
+           'holdout_codes_used': used}
+    if run is not None:
+        utils.save_image_grid(torch.cat([originals[:8], recons[:8]]), os.path.join(run.out, 'holdout_recon.png'))
+    if cfg.EVAL.JUDGE:
+        out.update(judge_scores(cfg.EVAL.JUDGE, paths, originals, recons, dev))
+    log.info(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items()))
+    return out
+
+
+def judge_scores(judge_path, paths, originals, recons, dev):
+    """The metrics issue's shapes judge on originals and on reconstructions of the same images."""
+    import fid_score
+    judge = fid_score.load_judge(judge_path, dev)
+    keys = [fid_score.shapes_key(p) for p in paths]
+    orig = fid_score.judge_accuracy(judge, originals, keys)
+    rec = fid_score.judge_accuracy(judge, recons, keys)
+    out = {f'judge_original_{k}': v for k, v in orig.items()}
+    out.update({f'judge_recon_{k}': v for k, v in rec.items()})
+    out.update({f'judge_ratio_{k}': rec[k] / max(orig[k], 1e-8) for k in orig})
+    return out
+
+
+def main():
+    args = parse_args()
+    run = utils.setup(args, DEFAULTS)
+    train(run, args)
+
 
 if __name__ == '__main__':
-    sys.exit("error: train_vae.py is not implemented yet; see the project's open issues")
+    utils.run_main(main)

@@ -185,6 +185,16 @@ def build_cfg(defaults, args):
     return cfg
 
 
+def flags_to_set(args, mapping):
+    """Script flags that stand for cfg keys ({'batch_size': 'TRAIN.BATCH_SIZE'}, as DALLE-pytorch's
+    CLI has them): each flag given (not None) becomes KEY=value ahead of --set, so a flag
+    overrides the cfg file and an explicit --set overrides the flag."""
+    given = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in mapping.items()
+             if getattr(args, flag, None) is not None]
+    args.set = given + list(args.set or [])
+    return args
+
+
 def save_cfg(cfg, out_dir):
     atomic_write_text(os.path.join(out_dir, 'cfg.yml'),
                       yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -992,17 +1002,63 @@ def r_precision(image_emb, text_emb, class_ids=None, n_neg=99, folds=10, seed=0)
     img = torch.nn.functional.normalize(torch.as_tensor(image_emb, dtype=torch.float64), dim=-1)
     txt = torch.nn.functional.normalize(torch.as_tensor(text_emb, dtype=torch.float64), dim=-1)
     n = img.shape[0]
+    if txt.shape[0] != n:
+        raise UserError(f"R-precision: {n} images but {txt.shape[0]} captions")
     cls = np.arange(n) if class_ids is None else np.asarray(class_ids)
+    _, inverse, counts = np.unique(cls, return_inverse=True, return_counts=True)
+    if n - counts.max() < n_neg:
+        raise UserError(f"R-precision needs {n_neg} captions of other classes for every image; "
+                        f"only {n - counts.max()} for the largest class ({n} images)")
     rng = np.random.RandomState(seed)
+
+    def negatives(i):
+        """n_neg distinct captions of other classes, uniformly: draws without replacement
+        by rejection (no O(n) scan per image); an exact choice where the pool is small."""
+        if n - counts[inverse[i]] < 4 * n_neg:
+            return rng.choice(np.flatnonzero(cls != cls[i]), n_neg, replace=False)
+        while True:
+            cand = rng.randint(0, n, 2 * n_neg)
+            cand = cand[cls[cand] != cls[i]]
+            cand = cand[np.sort(np.unique(cand, return_index=True)[1])]
+            if len(cand) >= n_neg:
+                return cand[:n_neg]
+
     hits = np.zeros(n, dtype=np.float64)
-    for i in range(n):
-        others = np.flatnonzero(cls != cls[i])
-        if len(others) < n_neg:
-            raise UserError(f"R-precision needs {n_neg} captions of other classes; only "
-                            f"{len(others)} for item {i}")
-        cand = torch.cat([txt[i:i + 1], txt[rng.choice(others, n_neg, replace=False)]])
-        sims = cand @ img[i]
-        hits[i] = float(sims[0] > sims[1:].max())
+    for start in range(0, n, 256):
+        rows = np.arange(start, min(n, start + 256))
+        cand = torch.from_numpy(np.stack([np.concatenate([[i], negatives(i)]) for i in rows]))
+        sims = torch.einsum('bkd,bd->bk', txt[cand], img[rows])        # true caption first
+        hits[rows] = (sims[:, 0] >= sims[:, 1:].max(1).values).double().numpy()  # DM-GAN: argmax == 0
     per_fold = np.array_split(rng.permutation(hits), folds)
     scores = np.array([f.mean() for f in per_fold if len(f)])
     return float(scores.mean()), float(scores.std())
+
+
+def clip_score(image_emb, text_emb, w=2.5):
+    """CLIPScore (Hessel et al. 2021, Eq. 1): w * max(cos(image_i, text_i), 0) for each
+    pair, averaged over the pairs; w = 2.5 as in the paper (some tools report 100 * cos)."""
+    img = torch.nn.functional.normalize(torch.as_tensor(image_emb, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.as_tensor(text_emb, dtype=torch.float64), dim=-1)
+    return float((w * (img * txt).sum(-1).clamp(min=0)).mean())
+
+
+@torch.no_grad()
+def encode_pairs(image_encoder, text_encoder, images, texts, batch_size=100):
+    """Global image and sentence features of (image, caption) pairs, with any encoder
+    pair of models.py's encoders API (DAMSM CNN/RNN, finetuned or scratch CLIP):
+    image_encoder.encode(images in [-1, 1]) -> (regions, global),
+    text_encoder.encode(list of str) -> (words, sent, pad_mask)."""
+    dev = next(image_encoder.parameters()).device
+    img, txt = [], []
+    for i in range(0, len(texts), batch_size):
+        img.append(image_encoder.encode(images[i:i + batch_size].to(dev))[1].float().cpu())
+        txt.append(text_encoder.encode(list(texts[i:i + batch_size]))[1].float().cpu())
+    return torch.cat(img), torch.cat(txt)
+
+
+def clip_metrics(image_emb, text_emb, n_neg=99, folds=10, seed=0):
+    """CLIP score and CLIP-R-precision (Park et al. 2021: the true caption against 99
+    captions of other images, any class) on features from a CLIP-like encoder pair."""
+    r_mean, r_std = r_precision(image_emb, text_emb, None, n_neg, folds, seed)
+    return {'clip_score': clip_score(image_emb, text_emb), 'clip_r_precision': r_mean,
+            'clip_r_precision_std': r_std}

@@ -1,0 +1,144 @@
+"""Training steps/s of our RN50 CLIP (models.py, family clip) against open_clip's, in one run:
+same model config (open_clip model_configs/RN50.json), random init, the same batch of images
+and BPE-tokenised captions, CLIP's loss, AdamW without decay on gains/biases, the logit-scale
+clamp. Rounds alternate between the two so that a busy machine slows both alike.
+
+    python bench/clip.py                       # CPU, batch 4
+    python bench/clip.py --device cuda --batch 64 --steps 20
+
+Ours differs in how, not what, it computes: the text transformer runs only up to the longest
+caption of the batch (exact under the causal mask), the attention pool computes only the query
+it keeps, and attention goes through scaled_dot_product_attention. The row 'ours, text padded
+to 77' switches off the first of these, for a like-for-like count of text FLOPs.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+import utils  # noqa: E402
+
+CAPTIONS = ['a red circle on the left', 'there is a large blue square in the top right corner',
+            'the small green star is below the yellow triangle', 'a tiny pink cross near the bottom',
+            'an orange diamond to the left of a purple circle', 'a big cyan rhombus in the middle',
+            'the little red plus sign is at the lower left', 'a large yellow five-pointed star at the top']
+
+
+def adamw(model):
+    """open_clip's param groups: no weight decay on gains, biases and logit_scale."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': rest, 'weight_decay': 0.0}],
+                             lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+
+
+class Ours(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        vocab = {'kind': 'words', 'context_length': 77, 'vocab': [f'w{i}' for i in range(49406)] + ['<sot>', '<eot>']}
+        self.text = models.build_text_encoder({'family': 'clip', 'dim': 1024, 'tokenizer': vocab, 'width': 512,
+                                               'heads': 8, 'layers': 12, 'keep_special': False})
+        self.image = models.build_image_encoder({'family': 'clip', 'dim': 1024, 'image_size': 224,
+                                                 'layers': [3, 4, 6, 3], 'width': 64, 'head_width': 64,
+                                                 'patch_size': 0})
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def make_steps(batch, device, pad_text):
+    import open_clip
+    ids = open_clip.get_tokenizer('RN50')([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]).to(device)
+    lengths = ids.argmax(-1) + 1                     # up to and with the end token (the largest id)
+    images = torch.rand(batch, 3, 224, 224, device=device) * 2 - 1
+    normed = models._prepare(images, 224, models.CLIP_MEAN, models.CLIP_STD)   # what open_clip is fed
+
+    theirs = open_clip.create_model('RN50').to(device)
+    ours = Ours().to(device)
+    opts = {'open_clip': adamw(theirs), 'ours': adamw(ours)}
+
+    def step_theirs():
+        img, txt, scale = theirs(normed, ids)
+        loss = open_clip.ClipLoss()(img, txt, scale)
+        opts['open_clip'].zero_grad(set_to_none=True)
+        loss.backward()
+        opts['open_clip'].step()
+        with torch.no_grad():
+            theirs.logit_scale.clamp_(0, math.log(100))
+        return loss
+
+    text_lengths = torch.full_like(lengths, 77) if pad_text else lengths
+
+    def step_ours():
+        _, glob = ours.image(images, regions=False)
+        _, sent, _ = ours.text(ids, text_lengths)
+        loss = models.clip_loss(glob, sent, ours.logit_scale)
+        opts['ours'].zero_grad(set_to_none=True)
+        loss.backward()
+        opts['ours'].step()
+        with torch.no_grad():
+            ours.logit_scale.clamp_(0, math.log(100))
+        return loss
+
+    counts = {'open_clip': sum(p.numel() for p in theirs.parameters()),
+              'ours': sum(p.numel() for p in ours.parameters())}
+    return {'open_clip': step_theirs, 'ours': step_ours}, counts, int(lengths.max())
+
+
+def timed(fn, steps, device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = fn()
+    float(loss)
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--batch', type=int, default=4)
+    p.add_argument('--steps', type=int, default=2, help='timed steps per round')
+    p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--out', default='output/bench/clip.json')
+    args = p.parse_args()
+    device = utils.get_device(0 if args.device.startswith('cuda') else -1)
+    torch.manual_seed(0)
+    results = {}
+    for label, pad in (('ours', False), ('ours, text padded to 77', True)):
+        steps, counts, longest = make_steps(args.batch, device, pad)
+        for fn in steps.values():                      # warm-up
+            fn()
+        rates = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, fn in steps.items():
+                rates[name].append(timed(fn, args.steps, device))
+        med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+        results.setdefault('open_clip', []).append(med['open_clip'])
+        results[label] = med['ours']
+        print(f"{label:24s} {med['ours']:.3f} steps/s | open_clip {med['open_clip']:.3f} steps/s | "
+              f"ratio {med['ours'] / med['open_clip']:.2f} | rounds ours {['%.3f' % r for r in rates['ours']]} "
+              f"open_clip {['%.3f' % r for r in rates['open_clip']]}", flush=True)
+    summary = {'device': str(device), 'batch': args.batch, 'steps_per_round': args.steps, 'rounds': args.rounds,
+               'longest_caption_tokens': longest, 'parameters': counts,
+               'open_clip_steps_per_s': results['open_clip'], 'ours_steps_per_s': results['ours'],
+               'ours_padded_steps_per_s': results['ours, text padded to 77'],
+               'ratio': results['ours'] / results['open_clip'][0],
+               'ratio_padded': results['ours, text padded to 77'] / results['open_clip'][1],
+               'torch': torch.__version__, 'threads': torch.get_num_threads(),
+               'date': time.strftime('%Y-%m-%d %H:%M')}
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == '__main__':
+    main()

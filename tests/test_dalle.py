@@ -1,0 +1,479 @@
+"""The DALLE pipeline: DiscreteVAE/VQGAN layouts, the DALLE loss and sampling, and a smoke run
+of train_vae.py, train_dalle.py (resume, --chinese, CLIP BPE, VQGAN), dalle_gen.py,
+clip_sort.py and the Wukong-style filter, all on tiny configs."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import clip_sort  # noqa: E402
+import dalle_gen  # noqa: E402
+import models  # noqa: E402
+import preprocess_data  # noqa: E402
+import train_dalle  # noqa: E402
+import train_vae  # noqa: E402
+import utils  # noqa: E402
+
+# DALLE-pytorch 1.6.6 DiscreteVAE(image_size=16, num_layers=2, num_tokens=16, codebook_dim=8,
+# hidden_dim=8, num_resnet_blocks=1).state_dict(), keys and shapes read off the package.
+DP_VAE_HPARAMS = dict(image_size=16, num_layers=2, num_tokens=16, codebook_dim=8, hidden_dim=8,
+                      num_resnet_blocks=1)
+DP_VAE_LAYOUT = [
+    ('codebook.weight', (16, 8)), ('encoder.0.0.weight', (8, 3, 4, 4)), ('encoder.0.0.bias', (8,)),
+    ('encoder.1.0.weight', (8, 8, 4, 4)), ('encoder.1.0.bias', (8,)), ('encoder.2.net.0.weight', (8, 8, 3, 3)),
+    ('encoder.2.net.0.bias', (8,)), ('encoder.2.net.2.weight', (8, 8, 3, 3)), ('encoder.2.net.2.bias', (8,)),
+    ('encoder.2.net.4.weight', (8, 8, 1, 1)), ('encoder.2.net.4.bias', (8,)), ('encoder.3.weight', (16, 8, 1, 1)),
+    ('encoder.3.bias', (16,)), ('decoder.0.weight', (8, 8, 1, 1)), ('decoder.0.bias', (8,)),
+    ('decoder.1.net.0.weight', (8, 8, 3, 3)), ('decoder.1.net.0.bias', (8,)), ('decoder.1.net.2.weight', (8, 8, 3, 3)),
+    ('decoder.1.net.2.bias', (8,)), ('decoder.1.net.4.weight', (8, 8, 1, 1)), ('decoder.1.net.4.bias', (8,)),
+    ('decoder.2.0.weight', (8, 8, 4, 4)), ('decoder.2.0.bias', (8,)), ('decoder.3.0.weight', (8, 8, 4, 4)),
+    ('decoder.3.0.bias', (8,)), ('decoder.4.weight', (3, 8, 1, 1)), ('decoder.4.bias', (3,))]
+
+TINY_VQGAN_YAML = """model:
+  base_learning_rate: 4.5e-06
+  target: taming.models.vqgan.VQModel
+  params:
+    embed_dim: 8
+    n_embed: 16
+    ddconfig: {double_z: false, z_channels: 8, resolution: 16, in_channels: 3, out_ch: 3, ch: 32,
+               ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], dropout: 0.0}
+    lossconfig:
+      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
+      params: {disc_conditional: false, disc_in_channels: 3, disc_start: 250001, disc_weight: 0.8, codebook_weight: 1.0}
+"""
+
+
+def run_script(module, argv):
+    """module.main() with argv, in this process; returns the run's metrics.json."""
+    old = sys.argv
+    sys.argv = [module.__name__ + '.py'] + [str(a) for a in argv]
+    try:
+        module.main()
+    finally:
+        sys.argv = old
+        utils.cleanup_distributed()
+    out = argv[argv.index('--out') + 1] if '--out' in argv else None
+    if out is None:
+        return None
+    with open(os.path.join(out, 'metrics.json')) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts: DALLE-pytorch vae.pt, taming VQGAN
+# ----------------------------------------------------------------------------------------------
+def test_discrete_vae_layout_equals_dalle_pytorch(tmp_path):
+    ours = models.DiscreteVAE(**DP_VAE_HPARAMS)
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == DP_VAE_LAYOUT
+    # a DALLE-pytorch vae.pt: {'hparams', 'weights'} in its layout, as its train_vae.py saves it
+    torch.manual_seed(0)
+    weights = {k: torch.randn(s) for k, s in DP_VAE_LAYOUT}
+    torch.save({'hparams': {**DP_VAE_HPARAMS, 'channels': 3}, 'weights': weights}, tmp_path / 'vae.pt')
+    vae = models.load_discrete_vae(str(tmp_path / 'vae.pt'))
+    assert all(torch.equal(vae.state_dict()[k], w) for k, w in weights.items())
+    idx = vae.get_codebook_indices(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert idx.shape == (2, 16) and int(idx.max()) < 16
+    assert vae.decode(idx).shape == (2, 3, 16, 16)
+    torch.save({'hparams': DP_VAE_HPARAMS, 'weights': {**weights, 'extra.weight': torch.zeros(1)}}, tmp_path / 'bad.pt')
+    with pytest.raises(utils.UserError, match='do not match'):
+        models.load_discrete_vae(str(tmp_path / 'bad.pt'))
+
+
+def test_vqgan_keys_equal_taming_f16_1024():
+    with open(os.path.join(ROOT, 'tests', 'data', 'vqgan_imagenet_f16_1024_keys.txt')) as f:
+        expected = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+    dd = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
+              ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0)
+    with torch.device('meta'):
+        vq = models.VQGAN(dd, 1024, 256)
+    sd = vq.state_dict()
+    assert sorted(f'{k} {tuple(v.shape)}' for k, v in sd.items()) == sorted(expected)
+    assert sum(v.numel() for v in sd.values()) == 72141699 and vq.fmap_size == 16
+
+
+def write_tiny_vqgan(folder, extra_key=None):
+    """model.yaml + a Lightning-style last.ckpt ({'state_dict'} with the loss's keys) of a tiny VQGAN."""
+    cfg = folder / 'model.yaml'
+    cfg.write_text(TINY_VQGAN_YAML)
+    torch.manual_seed(0)
+    dd, n, e = models.read_vqgan_config(str(cfg))
+    sd = models.VQGAN(dd, n, e).state_dict()
+    sd['loss.discriminator.main.0.weight'] = torch.zeros(2)
+    if extra_key:
+        sd[extra_key] = torch.zeros(1)
+    torch.save({'state_dict': sd, 'global_step': 10, 'epoch': 1}, folder / 'last.ckpt')
+    return str(folder / 'last.ckpt'), str(cfg)
+
+
+def test_vqgan_loads_strict(tmp_path):
+    ckpt, cfg = write_tiny_vqgan(tmp_path)
+    vq = models.load_vqgan(ckpt, cfg)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    idx = vq.get_codebook_indices(x)
+    assert idx.shape == (2, 64) and vq.decode(idx).shape == (2, 3, 16, 16)
+    ckpt2, _ = write_tiny_vqgan(tmp_path, extra_key='encoder.unexpected.weight')
+    with pytest.raises(utils.UserError, match='does not match'):
+        models.load_vqgan(ckpt2, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# DALLE: loss masking, KV-cache sampling, top-k over image tokens
+# ----------------------------------------------------------------------------------------------
+def tiny_dalle(seed=0):
+    torch.manual_seed(seed)
+    return models.DALLE(num_text_tokens=50, text_seq_len=8, num_image_tokens=30, image_fmap_size=4, dim=32,
+                        depth=2, heads=2, dim_head=16).double().eval()
+
+
+def test_loss_equals_masked_joint_vocabulary_cross_entropy():
+    d = tiny_dalle()
+    text = torch.randint(1, 50, (3, 8))
+    text[:, 5:] = 0
+    image = torch.randint(0, 30, (3, 16))
+    loss, lt, li = d(text, image)
+    logits, tb = d.masked_logits(text, image)
+    T = d.text_seq_len
+    # text positions give no probability to image ids and vice versa
+    p = logits.softmax(-1)
+    assert p[:, :T, d.num_text_tokens:].max() == 0 and p[:, T:, :d.num_text_tokens].max() == 0
+    labels = torch.cat([tb[:, 1:], image + d.num_text_tokens], 1)
+    ref_t = F.cross_entropy(logits[:, :T].flatten(0, 1), labels[:, :T].flatten())
+    ref_i = F.cross_entropy(logits[:, T:].flatten(0, 1), labels[:, T:].flatten())
+    assert torch.allclose(lt.double(), ref_t, atol=1e-5) and torch.allclose(li.double(), ref_i, atol=1e-5)
+    assert torch.allclose(loss.double(), (ref_t + 7 * ref_i) / 8, atol=1e-5)
+    # padding gets a distinct id per position, predicted like any text token
+    assert tb[0, 6:].tolist() == [d.num_text_tokens - 8 + i for i in range(5, 8)]
+
+
+def test_kv_cache_sampling_equals_full_forward_sampling():
+    d = tiny_dalle()
+    text = torch.randint(1, 50, (3, 8))
+    text[:, 6:] = 0
+    for top_k in (0.9, 5, 0.0):
+        a = d.generate_image_tokens(text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=True)
+        b = d.generate_image_tokens(text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=False)
+        assert torch.equal(a, b) and a.shape == (3, 16)
+    assert len(set(a.flatten().tolist())) > 3        # really sampling, not a constant
+
+
+def test_top_k_counts_image_tokens_only():
+    """thres 0.9 keeps int(0.1 * 30) = 3 image tokens; over the joint vocabulary (DALLE-pytorch)
+    it would have been int(0.1 * (58 + 30)) = 8 > 3."""
+    d = tiny_dalle()
+    text = torch.randint(1, 50, (2, 8))
+    out = d.generate_image_tokens(text, 0.9, 1e4, torch.Generator().manual_seed(0), use_cache=True)
+    for i in range(d.image_seq_len):
+        with torch.no_grad():
+            h = d.transformer(d.embed(d.text_with_bos(text), out[:, :i]))[:, -1]
+            allowed = d.image_logits(h).topk(3, dim=-1).indices
+        assert (allowed == out[:, i:i + 1]).any(-1).all()
+    assert len(set(out.flatten().tolist())) > 3      # a hot temperature spreads over the allowed 3
+
+
+def test_parameter_count_equals_dalle_pytorch_train_dalle():
+    """56,392,872 = DALLE-pytorch 1.6.6 DALLE(dim 512, depth 8, heads 8, dim_head 64, text_seq_len 32,
+    21,128 text tokens, 1024 image tokens on a 16x16 grid) with train_dalle.py's defaults (learned
+    positional embeddings: no --rotary_emb, no --shift_tokens), VAE excluded; read off the package."""
+    with torch.device('meta'):
+        d = models.DALLE(21128, 32, 1024, 16, dim=512, depth=8, heads=8, dim_head=64)
+    assert sum(p.numel() for p in d.parameters()) == 56392872
+
+
+def test_amp_trains_in_bfloat16_and_fp16_needs_cuda():
+    d = models.DALLE(20, 4, 16, 2, dim=16, depth=1, heads=2, dim_head=8)
+    vae = models.DiscreteVAE(8, 16, 8, 2, 0, 8).eval()
+    seen = []
+    d.blocks[0].attn.to_qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    c = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': True})
+    amp, scaler = train_dalle.autocast(torch.device('cpu'), c)
+    opt = train_dalle.make_optimizer(d.parameters(), 1e-3)
+    before = d.text_emb.weight.detach().clone()
+    loss, _, _ = train_dalle.train_step(d, vae, opt, torch.rand(2, 3, 8, 8) * 2 - 1, torch.randint(1, 20, (2, 4)), c, amp)
+    assert seen == [torch.bfloat16] and torch.isfinite(loss) and scaler is None
+    assert d.text_emb.weight.dtype == torch.float32 and not torch.equal(before, d.text_emb.weight)
+    with pytest.raises(utils.UserError, match='needs CUDA'):
+        train_dalle.autocast(torch.device('cpu'), utils.to_cfg({**c, 'AMP_DTYPE': 'float16'}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scripts on the tiny shapes data
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def nested_images(tmp_path_factory, tiny_shapes):
+    """The tiny images at mixed depths, no class-folder structure."""
+    root = tmp_path_factory.mktemp('imgs')
+    for i, p in enumerate(utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images'))[:32]):
+        d = root / ('a' if i % 2 else 'b/c/d') if i % 3 else root
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / f'{i}.jpg')
+    return str(root)
+
+
+VAE_ARGS = ['--image_size', 16, '--num_layers', 2, '--num_tokens', 16, '--emb_dim', 8, '--hidden_dim', 8,
+            '--num_resnet_blocks', 1, '--batch_size', 8, '--set', 'WORKERS=0', '--set', 'TRAIN.LOG_EVERY=2']
+
+
+def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path):
+    a = tmp_path / 'a'
+    m = run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', a, *VAE_ARGS,
+                               '--set', 'TRAIN.SAVE_EVERY_N_STEPS=2', '--set', 'TRAIN.KEEP_CHECKPOINTS=0',
+                               '--set', 'TRAIN.ANNEAL_RATE=0.01'])
+    assert m['train_steps'] == 8 and m['final_temp'] < 1.0     # annealed every step
+    assert 0 < m['final_perplexity'] and 0 < m['final_codes_used'] <= 1
+    dp = torch.load(a / 'vae.pt', weights_only=True)           # what DALLE-pytorch's train_dalle reads
+    assert set(dp) == {'hparams', 'weights'} and dp['hparams']['num_tokens'] == 16
+    assert [(k, tuple(v.shape)) for k, v in dp['weights'].items()] == DP_VAE_LAYOUT
+    assert os.path.isfile(a / 'vae-final.pt') and os.listdir(a / 'tb')
+    # resume from step 2 (mid-epoch 0) -> the same weights as the uninterrupted run
+    b = tmp_path / 'b'
+    run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', b, *VAE_ARGS,
+                           '--set', 'TRAIN.ANNEAL_RATE=0.01', '--resume', a / 'checkpoints' / 'vae_00000002.pt'])
+    wa, wb = (torch.load(p / 'vae.pt', weights_only=True)['weights'] for p in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_train_vae_bad_input(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(utils.UserError, match='no images'):
+        run_script(train_vae, ['--image_folder', tmp_path / 'empty', '--out', tmp_path / 'o', *VAE_ARGS])
+    with pytest.raises(utils.UserError, match='divisible'):
+        run_script(train_vae, ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS, '--image_size', 18])
+
+
+@pytest.fixture(scope='module')
+def tiny_vae(tmp_path_factory, nested_images):
+    out = tmp_path_factory.mktemp('vae')
+    run_script(train_vae, ['--image_folder', nested_images, '--epochs', 1, '--out', out, *VAE_ARGS])
+    return str(out / 'vae.pt')
+
+
+DALLE_ARGS = ['--dim', 16, '--depth', 1, '--heads', 2, '--dim_head', 8, '--text_seq_len', 32, '--batch_size', 8,
+              '--set', 'WORKERS=0', '--set', 'TRAIN.LOG_EVERY=2', '--set', 'TRAIN.NUM_SAMPLES=2',
+              '--set', 'TRAIN.SAMPLE_EVERY=0']
+
+
+def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_path, tiny_encoder):
+    data = os.path.join(tiny_shapes, 'train.jsonl')         # 400 captions of 40 images
+    a = tmp_path / 'a'
+    args = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
+            *DALLE_ARGS, '--set', 'TRAIN.KEEP_N_CHECKPOINTS=0', '--set', 'TRAIN.SAVE_EVERY_N_STEPS=20']
+    m = run_script(train_dalle, [*args, '--out', a, '--dalle_output_file_name', 'vae_dalle'])
+    assert m['train_steps'] == 50 and m['final_loss'] > 0 and m['dalle_path'].endswith('vae_dalle.pt')
+    ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
+    assert {'hparams', 'vae_class_name', 'vae_params', 'tokenizer'} <= set(ck['extra'])
+    assert set(ck['models']) == {'dalle', 'vae'} and ck['optimizers']['opt']['state'] and ck['epoch'] == 1
+    # --dalle_path resumes mid-epoch (step 20 of 50): the same final weights
+    b = tmp_path / 'b'
+    run_script(train_dalle, [*args, '--out', b, '--dalle_path', a / 'checkpoints' / 'dalle_00000020.pt'])
+    wa = utils.load_checkpoint(str(a / 'checkpoints' / 'dalle_00000050.pt'))['models']['dalle']
+    wb = utils.load_checkpoint(str(b / 'checkpoints' / 'dalle_00000050.pt'))['models']['dalle']
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # dalle_gen: IMG_NUM images + grid, KV cache
+    g = tmp_path / 'gen'
+    run_script(dalle_gen, ['a large red circle in the center.', 5, g, '--dalle_path', m['dalle_path'],
+                           '--batch_size', 2, '--top_k', 0.5])
+    files = sorted(os.listdir(g))
+    assert {f'{i}.png' for i in range(5)} | {'grid.png', 'caption.txt'} <= set(files)
+    with open(g / 'metrics.json') as f:
+        assert json.load(f)['tokens_per_second'] > 0
+    # clip_sort with our encoders (--clip_path)
+    run_script(clip_sort, ['a large red circle in the center.', 5, g, '--clip_path', tiny_encoder, '--top_k', 3])
+    with open(g / 'ranking.json') as f:
+        r = json.load(f)
+    assert sorted(x['index'] for x in r['ranking']) == list(range(5))
+    scores = [x['score'] for x in r['ranking']]
+    assert scores == sorted(scores, reverse=True) and os.path.isfile(g / 'top3.png')
+
+
+def test_train_dalle_caption_too_long(tiny_shapes, tiny_vae, tmp_path):
+    data = os.path.join(tiny_shapes, 'train.jsonl')
+    base = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
+            *DALLE_ARGS, '--text_seq_len', 4]
+    with pytest.raises(utils.UserError, match=r"caption '.*' has \d+ tokens > TEXT_SEQ_LEN=4"):
+        run_script(train_dalle, [*base, '--out', tmp_path / 'a'])
+    m = run_script(train_dalle, [*base, '--out', tmp_path / 'b', '--truncate_captions', '--batch_size', 100])
+    assert m['train_steps'] == 4
+
+
+def chinese_folder(root, tiny_shapes):
+    """DALLE-pytorch's folder format with Chinese captions, and a tiny BERT vocab.txt."""
+    caps = ['红色的圆', '蓝色的方块', '绿色的三角形在左边', '黄色的星星']
+    for i, p in enumerate(utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images'))[:16]):
+        shutil.copy(p, root / f'{i}.jpg')
+        (root / f'{i}.txt').write_text(caps[i % 4] + '\n' + caps[(i + 1) % 4] + '\n', encoding='utf-8')
+    chars = sorted({ch for c in caps for ch in c})
+    vocab = root / 'vocab.txt'
+    vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + chars) + '\n', encoding='utf-8')
+    return str(vocab)
+
+
+def test_train_dalle_chinese_tokenizer(tiny_shapes, tiny_vae, tmp_path):
+    (tmp_path / 'data').mkdir()
+    vocab = chinese_folder(tmp_path / 'data', tiny_shapes)
+    m = run_script(train_dalle, ['--image_text_folder', tmp_path / 'data', '--vae_path', tiny_vae, '--chinese',
+                                 '--bpe_path', vocab, '--epochs', 1, *DALLE_ARGS, '--out', tmp_path / 'o'])
+    ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
+    assert ck['extra']['tokenizer'] == {'kind': 'chinese', 'path': vocab}
+    tok = train_dalle.Tokenizer(ck['extra']['tokenizer'])
+    ids = tok.tokenize('红色的圆', 6, False).tolist()
+    assert ids[4:] == [0, 0] and 0 not in ids[:4] and 1 not in ids[:4]      # no [UNK], no [CLS]/[SEP]
+    assert ck['extra']['hparams']['num_text_tokens'] == tok.vocab_size
+
+
+def tiny_clip_bpe_dir(path):
+    """A CLIP BPE tokenizer (a small alphabet + a few merges) as vocab.json/merges.txt, CLIP's files."""
+    alphabet = [chr(c) for c in range(ord('a'), ord('z') + 1)] + ['.', ',', ';']
+    vocab = {ch: i for i, ch in enumerate(alphabet + [ch + '</w>' for ch in alphabet])}
+    merges = [('r', 'e'), ('re', 'd</w>'), ('c', 'i'), ('ci', 'r')]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab['<|startoftext|>'], vocab['<|endoftext|>'] = len(vocab), len(vocab) + 1
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, 'vocab.json'), 'w') as f:
+        json.dump(vocab, f)
+    with open(os.path.join(path, 'merges.txt'), 'w') as f:
+        f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
+    return str(path)
+
+
+def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
+    bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
+    tok = train_dalle.Tokenizer({'kind': 'clip', 'path': bpe})
+    ids = tok.encode('a red circle.')
+    assert 0 not in ids and min(ids) >= 1 and len(ids) < len('a red circle.')   # shifted, merged
+    ckpt, cfg = write_tiny_vqgan(tmp_path)
+    data = os.path.join(tiny_shapes, 'test.jsonl')
+    m = run_script(train_dalle, ['--image_text_folder', data, '--vqgan_model_path', ckpt, '--vqgan_config_path', cfg,
+                                 '--bpe_path', bpe, '--epochs', 1, *DALLE_ARGS, '--batch_size', 100,
+                                 '--text_seq_len', 160, '--out', tmp_path / 'o'])
+    ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
+    assert ck['extra']['vae_class_name'] == 'VQGAN' and ck['extra']['hparams']['image_fmap_size'] == 8
+    dalle, vae, _ = train_dalle.load_dalle(ck, torch.device('cpu'))
+    assert isinstance(vae, models.VQGAN) and dalle.image_seq_len == 64
+    with pytest.raises(utils.UserError, match='go together'):
+        run_script(train_dalle, ['--image_text_folder', data, '--vqgan_model_path', ckpt, '--out', tmp_path / 'x'])
+
+
+# ----------------------------------------------------------------------------------------------
+# clip_sort with transformers CLIP and Chinese-CLIP (tiny random-init models saved to disk)
+# ----------------------------------------------------------------------------------------------
+def _gen_images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for i in range(n):
+        utils.save_image_grid(torch.rand(1, 3, 24, 24) * 2 - 1, str(folder / f'{i}.png'), nrow=1)
+
+
+def _tiny_vision():
+    return dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                image_size=32, patch_size=8)
+
+
+def test_clip_sort_transformers_clip(tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    bpe = tiny_clip_bpe_dir(tmp_path / 'clip')
+    tok = CLIPTokenizer.from_pretrained(bpe)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=32, bos_token_id=len(tok) - 2,
+                                      eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
+                     vision_config=_tiny_vision(), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(str(tmp_path / 'clip'))
+    ip = CLIPImageProcessor(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(tmp_path / 'clip'))
+    _gen_images(tmp_path / 'g', 4)
+    run_script(clip_sort, ['a red circle.', 4, tmp_path / 'g', '--clip_model', tmp_path / 'clip', '--top_k', 2])
+    with open(tmp_path / 'g' / 'ranking.json') as f:
+        r = json.load(f)['ranking']
+    scores = [x['score'] for x in r]
+    assert len(r) == 4 and scores == sorted(scores, reverse=True) and len(set(scores)) == 4
+    assert os.path.isfile(tmp_path / 'g' / 'top2.png')
+
+
+def test_clip_sort_transformers_chinese_clip(tmp_path):
+    from transformers import (BertTokenizer, ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel,
+                              ChineseCLIPProcessor)
+    (tmp_path / 'data').mkdir()
+    d = tmp_path / 'cn'
+    d.mkdir()
+    chars = sorted(set('红色的圆蓝方块'))
+    (d / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + chars) + '\n',
+                                 encoding='utf-8')
+    tok = BertTokenizer(str(d / 'vocab.txt'))
+    cfg = ChineseCLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32),
+                            vision_config=_tiny_vision(), projection_dim=8)
+    torch.manual_seed(0)
+    ChineseCLIPModel(cfg).save_pretrained(str(d))
+    ip = ChineseCLIPImageProcessor(size={'height': 32, 'width': 32}, crop_size={'height': 32, 'width': 32})
+    ChineseCLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(d))
+    _gen_images(tmp_path / 'g', 3)
+    run_script(clip_sort, ['红色的圆', 3, tmp_path / 'g', '--clip_model', d])
+    with open(tmp_path / 'g' / 'ranking.json', encoding='utf-8') as f:
+        r = json.load(f)
+    assert r['text'] == '红色的圆' and len(r['ranking']) == 3
+    with pytest.raises(utils.UserError, match='no 3.png'):
+        run_script(clip_sort, ['红色的圆', 4, tmp_path / 'g', '--clip_model', d])
+    with pytest.raises(utils.UserError, match='exactly one'):
+        run_script(clip_sort, ['红色的圆', 3, tmp_path / 'g'])
+
+
+@pytest.fixture(scope='module')
+def tiny_encoder(tmp_path_factory, tiny_shapes):
+    """A random-init CLIP-family encoder pair saved as pretrain_DAMSM.py saves them."""
+    import pretrain_DAMSM
+    torch.manual_seed(0)
+    data = utils.AttnGANData(tiny_shapes, 10)
+    words = [data.ixtoword[i] for i in range(1, len(data.ixtoword))]
+    tok = models.tokenizer_spec('words', 30, words=words)
+    text = models.build_text_encoder({'family': 'clip', 'dim': 16, 'tokenizer': tok, 'width': 16, 'heads': 2,
+                                      'layers': 1, 'keep_special': False})
+    image = models.build_image_encoder({'family': 'clip', 'dim': 16, 'image_size': 32, 'layers': [1],
+                                        'width': 16, 'head_width': 8, 'patch_size': 8})
+    out = tmp_path_factory.mktemp('enc')
+    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
+    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
+    return str(out / 'checkpoints' / 'text_encoder1.pth')
+
+
+# ----------------------------------------------------------------------------------------------
+# The Wukong-style filter on a hand-made CSV
+# ----------------------------------------------------------------------------------------------
+def test_wukong_filter_rules(tmp_path):
+    from PIL import Image
+    img = tmp_path / 'img'
+    img.mkdir()
+    sizes = {'ok': (64, 48), 'wide': (200, 40), 'tall': (40, 130), 'small': (60, 24), 'thin': (20, 50)}
+    for name, s in sizes.items():
+        Image.new('RGB', s, (200, 100, 50)).save(img / f'{name}.jpg')
+    (img / 'broken.jpg').write_bytes(b'not an image')
+    rows = [('ok', '美味的红烧肉'), ('ok', '一道家常菜，红烧肉'), ('ok', '好吃的米饭'), ('ok', '番茄炒蛋的做法'),
+            ('ok', '清蒸鱼'), ('ok', '糖醋排骨真好吃'), ('ok', '今天的红烧肉'), ('ok', '红烧肉和米饭'),
+            ('ok', '米饭'), ('ok', '排骨汤'),                                              # 10 kept
+            ('ok', '红烧肉' * 11),                                                         # 33 chars
+            ('ok', '3个红烧肉'), ('ok', '红烧肉？'), ('ok', '《红烧肉》'), ('ok', '红烧肉:好吃'),
+            ('ok', '红烧肉' + 'a' * 19), ('ok', '今天天气很好'),                             # no keyword
+            ('wide', '红烧肉'), ('tall', '红烧肉'), ('small', '红烧肉'), ('thin', '红烧肉'),
+            ('broken', '红烧肉')]
+    with open(tmp_path / 'data.csv', 'w', encoding='utf-8') as f:
+        f.write('filepath,caption\n' + ''.join(f'img/{n}.jpg,{c}\n' for n, c in rows))
+    (tmp_path / 'food.txt').write_text('红烧肉\n米饭\n番茄炒蛋\n清蒸鱼\n排骨\n', encoding='utf-8')
+    c = utils.to_cfg({**preprocess_data.DEFAULTS['FILTER'], 'INPUT_CSV': str(tmp_path / 'data.csv'),
+                      'KEYWORDS': str(tmp_path / 'food.txt'), 'OUT_DIR': str(tmp_path / 'out')})
+    m = preprocess_data.filter_pairs(c, utils.get_logger(None, 'filter'))
+    assert m == {'input_pairs': 22, 'kept': 10, 'train': 9, 'val': 1, 'dropped_caption_too_long': 1,
+                 'dropped_forbidden_characters': 4, 'dropped_piece_too_long': 1, 'dropped_no_keyword': 1,
+                 'dropped_aspect_ratio': 2, 'dropped_too_small': 2, 'dropped_unreadable_image': 1}
+    train = utils.read_csv_pairs(str(tmp_path / 'out' / 'train_clean.csv'))
+    val = utils.read_jsonl_pairs(str(tmp_path / 'out' / 'DALLE.val.jsonl'))
+    assert len(train) == 9 and len(val) == 1 and all(os.path.isfile(p) for p, _ in train + val)
+    assert {t for _, t in train + val} == {c for n, c in rows[:10]}
+    m2 = preprocess_data.filter_pairs(c, utils.get_logger(None, 'filter'))     # the split is seeded
+    assert m2 == m and utils.read_jsonl_pairs(str(tmp_path / 'out' / 'DALLE.val.jsonl')) == val

@@ -1,0 +1,352 @@
+"""Evaluation: FID equal to pytorch-fid, Inception Score equal to the original / torch-fidelity,
+R-precision and CLIP score on hand-built embeddings, the shapes judge."""
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from fid_weights import calibrated_random_weights
+
+import fid_score  # noqa: E402
+import inception_score  # noqa: E402
+import models  # noqa: E402
+import preprocess_data  # noqa: E402
+import utils  # noqa: E402
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+# ----------------------------------------------------------------------------
+# FID: the network, the parity with pytorch-fid, the CLI
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def fid_setup(tmp_path_factory):
+    """Two folders of 12 small PNGs from different distributions, and a random FID
+    Inception calibrated on them (pytorch-fid's file format)."""
+    root = tmp_path_factory.mktemp('fid')
+    rng = np.random.RandomState(0)
+    images = []
+    for name, shift in (('a', 0), ('b', 70)):
+        os.makedirs(root / name)
+        for i in range(12):
+            ramp = np.arange(32)[:, None, None] * 3
+            arr = np.clip(rng.randint(0, 128, (32, 32, 3)) + shift + ramp, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f'{i:02d}.png')
+            images.append(torch.from_numpy(arr).permute(2, 0, 1).float() / 255)
+    weights = calibrated_random_weights(torch.stack(images), str(root / 'w.pth'))
+    return str(root / 'a'), str(root / 'b'), weights
+
+
+def pytorch_fid_value(paths, weights, dims):
+    import pytorch_fid.fid_score as pf
+    import pytorch_fid.inception as pi
+    sd = torch.load(weights, weights_only=True)
+    with mock.patch.object(pi, 'load_state_dict_from_url', lambda *a, **k: sd):
+        return pf.calculate_fid_given_paths(list(paths), 50, 'cpu', dims, num_workers=0)
+
+
+def test_fid_inception_has_pytorch_fid_state_dict_layout():
+    import pytorch_fid.inception as pi
+    ours = models.FIDInceptionV3().state_dict()
+    with mock.patch.object(pi, 'load_state_dict_from_url', lambda *a, **k: ours):
+        theirs = pi.fid_inception_v3().state_dict()     # loads ours with strict=True
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    assert ours['fc.weight'].shape == (1008, 2048)
+
+
+def ours(paths, weights, dims, exact, method='eig'):
+    net = fid_score.feature_net(dims, weights, exact=exact)
+    stats = [fid_score.path_statistics(p, net, 50, 0) for p in paths]
+    return fid_score.frechet_distance(*stats[0], *stats[1], method=method)
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')
+def test_fid_parity_with_pytorch_fid_dims_64(fid_setup, tmp_path):
+    a, b, w = fid_setup
+    ref = pytorch_fid_value((a, b), w, 64)
+    assert ref > 1.0
+    # the CLI (default: BatchNorm folded, channels_last, eigenvalue trace)
+    p = run('fid_score.py', a, b, '--dims', '64', '--weights', w, '--num_workers', '0',
+            '--json', str(tmp_path / 'fid.json'))
+    assert p.returncode == 0, p.stderr
+    printed = float(p.stdout.split('FID:')[-1])
+    assert json.load(open(tmp_path / 'fid.json'))['fid'] == printed
+    assert abs(printed - ref) / ref < 1e-6
+    # --exact: pytorch-fid's arithmetic (unfused NCHW network, scipy sqrtm)
+    assert abs(ours((a, b), w, 64, exact=True, method='sqrtm') - ref) / ref < 1e-6
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')
+def test_fid_parity_with_pytorch_fid_dims_2048(fid_setup):
+    a, b, w = fid_setup
+    ref = pytorch_fid_value((a, b), w, 2048)
+    exact = ours((a, b), w, 2048, exact=True)
+    fast = ours((a, b), w, 2048, exact=False)
+    assert abs(exact - ref) / ref < 1e-6
+    # Folding BatchNorm and channels_last change float32 rounding only. On this random,
+    # badly conditioned network that moves FID by ~3e-6 relative, the same order as
+    # pytorch-fid's own value moves between 1 and 2 CPU threads (7e-7, README).
+    assert abs(fast - ref) / ref < 1e-5
+
+
+def test_fid_identical_folders_and_npz_round_trip(fid_setup, tmp_path, monkeypatch):
+    a, b, w = fid_setup
+    npz = str(tmp_path / 'a.npz')
+    p = run('fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0')
+    assert p.returncode == 0, p.stderr
+    p = run('fid_score.py', '--path', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0')
+    assert p.returncode == 0, p.stderr
+    assert abs(float(p.stdout.split('FID:')[-1])) < 1e-6          # a folder against its own statistics
+    with pytest.warns(UserWarning, match='singular'):
+        direct = ours((a, b), w, 64, exact=False)
+    net = fid_score.feature_net(64, w)
+    via_npz = fid_score.frechet_distance(*fid_score.path_statistics(npz, net),
+                                         *fid_score.path_statistics(b, net, 50, 0))
+    assert via_npz == pytest.approx(direct, rel=1e-12)
+    # saved statistics are never overwritten, nor mixed with another feature layer
+    monkeypatch.setattr(sys, 'argv', ['fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w])
+    with pytest.raises(utils.UserError, match='exists'):
+        fid_score.main()
+    with pytest.raises(utils.UserError, match='inception-64'):
+        fid_score.path_statistics(npz, fid_score.FeatureNet(None, 2048, 'inception-2048'))
+
+
+def test_fewer_images_than_dims_warns():
+    with pytest.warns(UserWarning, match='10 images for 64 features'):
+        fid_score.statistics(np.random.rand(10, 64), 'gen')
+
+
+def test_missing_weights_is_one_line(fid_setup, tmp_path):
+    a, b, _ = fid_setup
+    p = run('fid_score.py', a, b, env={**os.environ, 'TORCH_HOME': str(tmp_path)})
+    assert p.returncode == 2
+    msg = p.stderr.strip()
+    assert len(msg.splitlines()) == 1
+    assert fid_score.FID_WEIGHTS in msg and str(tmp_path) in msg and '--judge' in msg
+
+
+def test_eigenvalue_trace_agrees_with_sqrtm():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.RandomState(0)
+    mix = rng.randn(256, 256) * 0.1
+    for n in (2000, 100):                          # full-rank and singular covariances
+        x1, x2 = rng.randn(n, 256) @ mix, rng.randn(n, 256) @ mix + 0.05
+        mu1, s1, mu2, s2 = x1.mean(0), np.cov(x1, rowvar=False), x2.mean(0), np.cov(x2, rowvar=False)
+        eig = fid_score.frechet_distance(mu1, s1, mu2, s2)
+        sqrtm = fid_score.frechet_distance(mu1, s1, mu2, s2, method='sqrtm')
+        ref = calculate_frechet_distance(mu1, s1, mu2, s2)
+        assert sqrtm == pytest.approx(ref, rel=1e-12)
+        assert eig == pytest.approx(ref, rel=1e-12 if n > 256 else 1e-8)
+    # a product with a large imaginary residue is refused, as pytorch-fid refuses it
+    bad = -np.eye(4)
+    with pytest.raises(ValueError, match='imaginary'):
+        fid_score.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), bad)
+
+
+# ----------------------------------------------------------------------------
+# Inception Score
+# ----------------------------------------------------------------------------
+def test_inception_score_known_values():
+    mean, std = inception_score.inception_score(torch.zeros(100, 1008))
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    onehot = 60.0 * torch.eye(1008)[torch.arange(50) % 5]   # 5 classes, each split holds all 5
+    mean, std = inception_score.inception_score(onehot, splits=10)
+    assert mean == pytest.approx(5.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inception_score_equals_torch_fidelity():
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    logits = torch.randn(103, 1008, generator=torch.Generator().manual_seed(0)) * 4
+    for seed in (None, 2020):
+        ref = isc_features_to_metric(logits, splits=10, shuffle=seed is not None, rng_seed=seed or 0)
+        mean, std = inception_score.inception_score(logits, 10, seed)
+        assert mean == pytest.approx(ref['inception_score_mean'], rel=1e-10)
+        assert std == pytest.approx(ref['inception_score_std'], rel=1e-8)
+
+
+def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
+    a, _, w = fid_setup
+    p = run('inception_score.py', '--path', a, '--splits', '2', '--weights', w, '--num_workers', '0',
+            '--json', str(tmp_path / 'is.json'))
+    assert p.returncode == 0, p.stderr
+    res = json.load(open(tmp_path / 'is.json'))
+    assert res['images'] == 12 and res['net'] == 'tf' and 1.0 <= res['is_mean'] <= 1008
+    import torchvision
+    tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(tv.state_dict(), tmp_path / 'tv.pth')
+    net = inception_score.classifier('torchvision', str(tmp_path / 'tv.pth'), torch.device('cpu'))
+    logits = inception_score.folder_logits(a, net, batch_size=6, workers=0)
+    assert logits.shape == (12, 1000) and torch.isfinite(logits).all()
+
+
+# ----------------------------------------------------------------------------
+# R-precision, CLIP score (hand-built embeddings)
+# ----------------------------------------------------------------------------
+def orthonormal(n, d, seed=0):
+    q, _ = np.linalg.qr(np.random.RandomState(seed).randn(d, n))
+    return torch.from_numpy(q.T.copy())
+
+
+def test_r_precision_known_answers():
+    e = orthonormal(200, 256)
+    assert utils.r_precision(e, 3 * e) == (1.0, 0.0)                 # own caption is the image
+    # half the images face away from their caption: exactly half the trials are hits
+    sign = torch.ones(200, 1)
+    sign[::2] = -1
+    mean, _ = utils.r_precision(e, e * sign, folds=10)
+    assert mean == pytest.approx(0.5)
+    # a tie with a negative goes to the true caption (DM-GAN: argmax == 0)
+    assert utils.r_precision(e, torch.ones(200, 256))[0] == 1.0
+
+
+def test_r_precision_draws_negatives_from_other_classes():
+    """Every image's caption is beaten by captions of its own class, never by other classes'."""
+    n_cls, per = 40, 5
+    centres = orthonormal(n_cls + n_cls * per, 512)
+    cls = np.repeat(np.arange(n_cls), per)
+    img = centres[cls]
+    a = torch.linspace(0.2, 0.9, per).repeat(n_cls)[:, None]            # alignment with the image
+    txt = a * img + torch.sqrt(1 - a ** 2) * centres[n_cls:]
+    assert utils.r_precision(img, txt, cls) == (1.0, 0.0)
+    assert utils.r_precision(img, txt, None)[0] < 1.0   # any-caption negatives include own-class ones
+    with pytest.raises(utils.UserError, match='other classes'):
+        utils.r_precision(img[:60], txt[:60], cls[:60])
+
+
+def test_clip_score_and_clip_r_precision():
+    img = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    txt = torch.tensor([[0.6, 0.8], [3.0, -1.0]])                        # cos 0.6 and < 0
+    assert utils.clip_score(img, txt) == pytest.approx(2.5 * 0.6 / 2)
+    assert utils.clip_score(img, txt, w=1.0) == pytest.approx(0.3)
+
+    class Enc(torch.nn.Module):     # the encoders API of models.py, on embeddings it is handed
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            g = self.table[x[:, 0, 0, 0].long()] if torch.is_tensor(x) else self.table[[int(t) for t in x]]
+            return (None, g) if torch.is_tensor(x) else (None, g, None)
+
+    e = orthonormal(150, 200)
+    images = torch.arange(150.0)[:, None, None, None].expand(150, 3, 2, 2)
+    img, txt = utils.encode_pairs(Enc(e), Enc(e), images, [str(i) for i in range(150)], batch_size=64)
+    assert torch.equal(img, e.float()) and torch.equal(txt, e.float())
+    m = utils.clip_metrics(img, txt)
+    assert m == {'clip_score': pytest.approx(2.5), 'clip_r_precision': 1.0, 'clip_r_precision_std': 0.0}
+
+
+# ----------------------------------------------------------------------------
+# The shapes judge
+# ----------------------------------------------------------------------------
+def obj(shape, colour, size, cell):
+    return {'shape': shape, 'colour': colour, 'size': size, 'cell': cell}
+
+
+def test_judge_scene_matching_and_position():
+    one = {'objects': [obj('circle', 'red', 'small', 4)], 'relation': None}
+    assert fid_score.judge_scene([obj('circle', 'red', 'small', 4)], one)['all']
+    s = fid_score.judge_scene([obj('circle', 'red', 'small', 3)], one)
+    assert s['hits'] == [[True, True, True]] and not s['position'] and not s['all']
+    s = fid_score.judge_scene([], one)
+    assert not s['count'] and s['hits'] == [[False] * 3] and not s['position']
+
+    A, B = obj('star', 'blue', 'large', 0), obj('cross', 'pink', 'small', 2)
+    pair = {'objects': [A, B], 'relation': 'to the left of'}
+    assert fid_score.judge_scene([A, B], pair)['all']
+    # other cells, other reading order: still A left of B (column 0 < column 1)
+    moved = [dict(B, cell=1), dict(A, cell=6)]
+    assert fid_score.judge_scene(moved, pair)['all']
+    swapped = [dict(B, cell=0), dict(A, cell=5)]
+    s = fid_score.judge_scene(swapped, pair)
+    assert s['count'] and s['hits'] == [[True] * 3] * 2 and not s['position']
+    s = fid_score.judge_scene([A, B, obj('circle', 'red', 'small', 8)], pair)
+    assert not s['count'] and s['position'] and not s['all']
+
+
+def test_relation_from_cells_agrees_with_the_generator():
+    """The named-axis reading of cells holds for every relation sample_scene writes."""
+    import random
+    rng = random.Random(0)
+    for _ in range(3000):
+        scene = preprocess_data.sample_scene(rng, p_two=1.0)
+        a, b = scene['objects']
+        assert fid_score.relation_holds(scene['relation'], a['cell'], b['cell'])
+
+
+class Oracle(torch.nn.Module):
+    """A judge that reads the image's index from its first pixel and answers the truth."""
+
+    def __init__(self, scenes):
+        super().__init__()
+        self.targets = torch.stack([fid_score.cell_targets(s) for s in scenes])
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        t = self.targets[x[:, 0, 0, 0].round().long()]
+        def onehot(col, n):
+            return torch.nn.functional.one_hot(t[..., col].clamp(min=0), n).float() * 10
+        return (t[..., :1].float() * 20 - 10, onehot(1, 6), onehot(2, 8), onehot(3, 2))
+
+
+def test_judge_accuracy_with_an_oracle(tiny_shapes):
+    attrs = fid_score.caption_attributes(tiny_shapes)
+    keys = sorted(attrs)
+    judge = Oracle([attrs[k] for k in keys])
+    images = torch.arange(float(len(keys)))[:, None, None, None].expand(len(keys), 3, 4, 4)
+    acc = fid_score.judge_accuracy(judge, images, keys, attrs)
+    assert acc == {k: 1.0 for k in ('count', 'shape', 'colour', 'size', 'position', 'all')}
+    wrong = fid_score.judge_accuracy(judge, images, keys[1:] + keys[:1], attrs)
+    assert wrong['all'] < 0.5
+    with pytest.raises(utils.UserError, match='not a key'):
+        fid_score.judge_accuracy(judge, images[:1], ['nope'], attrs)
+
+
+def test_shapes_key():
+    key = '003.red_triangle/red_triangle_00042'
+    assert fid_score.shapes_key(f'data/shapes/CUB_200_2011/images/{key}.jpg') == key
+    assert fid_score.shapes_key(f'out/gen/{key}_s3.png') == key
+    with pytest.raises(utils.UserError, match='keys.json'):
+        fid_score.shapes_key('out/gen/0001.png')
+
+
+def test_train_judge_and_use_it(tiny_shapes, tmp_path):
+    out = tmp_path / 'judge'
+    p = run('fid_score.py', '--train_judge', '--cfg', 'cfg/judge_shapes.yml', '--out', str(out),
+            '--set', f'DATA_DIR={tiny_shapes}', '--set', 'JUDGE.IMAGE_SIZE=32', '--set', 'JUDGE.WIDTH=8',
+            '--set', 'JUDGE.CELL_DIM=8', '--set', 'TRAIN.EPOCHS=1', '--set', 'TRAIN.BATCH_SIZE=8',
+            '--set', 'TRAIN.WORKERS=0')
+    assert p.returncode == 0, p.stderr
+    m = json.load(open(out / 'metrics.json'))
+    assert m['feature_dim'] == 72 and 0 <= m['heldout_all'] <= 1 and 'wrong_caption_shape' in m
+    judge = fid_score.load_judge(str(out))
+    assert len(judge.attributes) == 60
+    # score a folder of "generated" images named by keys.json, and its shapes FID
+    attrs = fid_score.caption_attributes(tiny_shapes)
+    keys = utils.read_attngan_split(tiny_shapes, 'test')
+    gen = tmp_path / 'gen'
+    os.makedirs(gen)
+    for i, k in enumerate(keys):
+        Image.open(os.path.join(tiny_shapes, 'CUB_200_2011', 'images', k + '.jpg')).save(gen / f'{i:03d}.png')
+    json.dump({f'{i:03d}.png': k for i, k in enumerate(keys)}, open(gen / 'keys.json', 'w'))
+    p = run('fid_score.py', '--judge', str(out), '--accuracy', str(gen), '--json', str(tmp_path / 'acc.json'))
+    assert p.returncode == 0, p.stderr
+    acc = json.load(open(tmp_path / 'acc.json'))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(gen / f'{i:03d}.png'))).permute(2, 0, 1)
+                          for i in range(len(keys))]).float() / 127.5 - 1
+    assert acc['images'] == 20 and acc['shape'] == pytest.approx(
+        fid_score.judge_accuracy(judge, images, keys, attrs)['shape'])
+    p = run('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
+    assert p.returncode == 0, p.stderr
+    assert float(p.stdout.split('FID:')[-1]) < 1e-3     # the test images against their own statistics

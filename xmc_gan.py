@@ -1,0 +1,560 @@
+"""XMC-GAN (Zhang et al., CVPR 2021): a one-stage text-to-image GAN trained with contrastive
+losses between sentence and image, words and regions, real and fake images; reproduced from
+the original Flax code (google-research/xmcgan_image_generation; xmcgan.md, gan_refs.md §3).
+main.py hands over here when the cfg says MODEL: XMCGAN.
+
+  python preprocess_data.py --cfg cfg/preprocess/coco_bert.yml --gpu 0      # caption embeddings first
+  python main.py --cfg cfg/coco_xmc.yml --gpu 0 [--resume auto]             # train (TRAIN.FLAG: true)
+  torchrun --nproc_per_node=7 main.py --cfg cfg/coco_xmc.yml --gpu 0        # the original's 7 GPUs
+  python main.py --cfg cfg/eval_coco_xmc.yml --gpu 0 --set EVAL.WORKDIR=runs/exp [--watch]
+"""
+import copy
+import json
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import main as dmgan
+import models
+import utils
+
+DEFAULTS = {
+    'MODEL': 'XMCGAN',
+    'EMBEDDINGS': 'data/coco/xmc_bert',   # preprocess_data.py TASK embed: index.json + shards
+    'IMAGE_SIZE': 128,
+    'WORKERS': 4,
+    'GAN': {'GF_DIM': 96, 'DF_DIM': 96, 'Z_DIM': 128, 'GAMMA_FOR_G': 15.0, 'COND_SIZE': 16},
+    'TRAIN': {
+        'FLAG': True,                 # false: score the checkpoints of EVAL.WORKDIR
+        'BATCH_SIZE': 56,             # global per step; a rank loads BATCH_SIZE/world x D_STEPS_PER_G_STEP
+        'D_STEPS_PER_G_STEP': 2,
+        'MAX_EPOCH': 500,
+        'MAX_STEPS': 0,               # G steps; 0 = MAX_EPOCH epochs
+        'GENERATOR_LR': 1e-4,
+        'DISCRIMINATOR_LR': 4e-4,
+        'EMA_DECAY': 0.999,
+        'AMP': False,                 # bf16 autocast
+        'GATHER_NEGATIVES': True,     # contrastive negatives from every rank
+        'FLIP': True,                 # random horizontal flip of training images
+        'RESNET': 'auto',             # ImageNet ResNet-50 .pth ('auto' = torchvision's cache)
+        'CONTRASTIVE': {'TEMPERATURE': 0.1, 'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 50.0,
+                        'WORD': True, 'SENTENCE': True, 'IMAGE': True, 'PRETRAINED_IMAGE': True},
+        'CHECKPOINT_EVERY': 5000,     # G steps
+        'KEEP_CHECKPOINTS': 5,
+        'LOG_EVERY': 1000,
+    },
+    'EVAL': {
+        'WORKDIR': '',                # the training run dir whose checkpoints are scored
+        'NUM_IMAGES': 30000,          # per sampling; cycles through the test split
+        'REPEATS': 3,                 # samplings; scores are their mean and std
+        'BATCH_SIZE': 50,
+        'SEED': 42,
+        'FID': True,
+        'FID_FEATURES': 'inception',  # inception (pytorch-fid's weights) | judge (the shapes judge's)
+        'FID_WEIGHTS': '',            # pt_inception-2015-12-05 .pth ('' = torch hub's cache)
+        'FID_STATS': '',              # real test statistics .npz ('' = in the run dir); written when missing
+        'NET_E': '',                  # project text_encoder<N>.pth: R-precision ('' = none)
+        'R_NEG': 99,
+        'R_FOLDS': 10,
+        'JUDGE': '',                  # shapes judge (run dir or checkpoint): attribute accuracy
+        'BASELINE': False,            # also score an untrained generator on the same captions
+        'POLL_SECONDS': 60,           # --watch: pause between looks for new checkpoints
+    },
+}
+
+
+# ----------------------------------------------------------------------------
+# Data: images and one of their captions' precomputed embeddings
+# ----------------------------------------------------------------------------
+class EmbeddedCaptions:
+    """One split of preprocess_data.py's caption embeddings, memory-mapped: the image table
+    [key, path, class id, first row, n] and, per caption row, words (T, D), length, sentence, text."""
+
+    def __init__(self, root, split):
+        path = os.path.join(root, 'index.json')
+        if not os.path.isfile(path):
+            raise utils.UserError(f"{path}: no caption embeddings; run preprocess_data.py with TASK: embed "
+                                  "(cfg/preprocess/coco_bert.yml or shapes_text.yml) first")
+        with open(path) as f:
+            index = json.load(f)
+        if not index['complete']:
+            raise utils.UserError(f"{path}: unfinished; re-run preprocess_data.py with the same cfg to resume")
+        if split not in index['splits']:
+            raise utils.UserError(f"{path}: no '{split}' split (has {sorted(index['splits'])})")
+        sp = index['splits'][split]
+        self.dim, self.encoder = index['dim'], index['encoder']
+        self.images, self.shard_size = sp['images'], sp['shard_size']
+        self.shards = [torch.load(os.path.join(root, f), map_location='cpu', mmap=True, weights_only=True)
+                       for f in sp['shards']]
+
+    def caption(self, row):
+        s, i = self.shards[row // self.shard_size], row % self.shard_size
+        return s['words'][i].float(), int(s['lengths'][i]), s['sent'][i].float(), s['texts'][i]
+
+    def batch(self, rows, dev):
+        """G's text inputs for caption rows: sentences (B, D), words (B, T, D), padding mask; texts."""
+        caps = [self.caption(r) for r in rows]
+        words, lengths = torch.stack([c[0] for c in caps]).to(dev), torch.tensor([c[1] for c in caps], device=dev)
+        return torch.stack([c[2] for c in caps]).to(dev), words, pad_mask(lengths, words.shape[1]), [c[3] for c in caps]
+
+
+def pad_mask(lengths, T):
+    return torch.arange(T, device=lengths.device)[None] >= lengths[:, None]
+
+
+class XMCDataset(torch.utils.data.Dataset):
+    """An image, bilinearly resized to size x size without crop (tf.image.resize, no antialias)
+    and, with `flip`, flipped at random, in [-1, 1] (the original: [0, 1]); and one random
+    caption of it (coco_dataset.py). The randomness is a function of (seed, epoch, index), so
+    neither resuming nor the worker count changes what a step sees."""
+
+    def __init__(self, emb, size, flip, seed=0):
+        self.emb, self.size, self.flip, self.seed, self.epoch, self.skipped = emb, size, flip, seed, 0, 0
+
+    def __len__(self):
+        return len(self.emb.images)
+
+    def __getitem__(self, index):
+        _, path, _, first, n = self.emb.images[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        row = first + int(rng.integers(n))
+        try:
+            img = torch.from_numpy(np.asarray(utils.load_image(path), dtype=np.float32) / 255).permute(2, 0, 1)
+        except utils.BadImage as e:
+            self.skipped += 1
+            logging.getLogger('t2i').warning(f"skipping {e} ({self.skipped} skipped in this worker)")
+            return self[(index + 1) % len(self)]
+        img = F.interpolate(img[None], size=(self.size, self.size), mode='bilinear', align_corners=False)[0]
+        if self.flip and rng.random() < 0.5:
+            img = img.flip(-1)
+        words, length, sent, _ = self.emb.caption(row)
+        return {'image': img.clamp(0, 1) * 2 - 1, 'words': words, 'length': length, 'sent': sent}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's share of a permutation seeded by (seed, epoch), from batch `start` on: a
+    run resumed mid-epoch sees the batches an uninterrupted one would."""
+
+    def __init__(self, n, batch_size, seed):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, 0, 0
+        self.rank, self.world = utils.get_rank(), utils.get_world_size()
+        self.batches = n // self.world // batch_size
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return (self.batches - self.start) * self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[self.rank::self.world][:self.batches * self.batch_size]
+        return iter(order[self.start * self.batch_size:].tolist())
+
+
+def build_networks(cfg, text_dim):
+    if cfg.IMAGE_SIZE not in models.XMC_G_CHANNELS:
+        raise utils.UserError(f"IMAGE_SIZE={cfg.IMAGE_SIZE}: XMC-GAN's channel tables have "
+                              f"{sorted(models.XMC_G_CHANNELS)}")
+    return (models.XMCGenerator(cfg.IMAGE_SIZE, cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, text_dim, cfg.GAN.GAMMA_FOR_G),
+            models.XMCDiscriminator(cfg.IMAGE_SIZE, cfg.GAN.DF_DIM, text_dim, cfg.GAN.COND_SIZE))
+
+
+# ----------------------------------------------------------------------------
+# Losses (XMC-GAN Sec. 3-4; libml/losses.py, libml/attention_lib.py)
+# ----------------------------------------------------------------------------
+def hinge_loss(real_logit, fake_logit):
+    """Hinge loss (Sec. 3.2): L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))], L_G = -E[D(G(z))]."""
+    return F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean(), -fake_logit.mean()
+
+
+def contrastive_loss(a, b, tau):
+    """InfoNCE both ways (Sec. 3.1, Eq. 1): cosine / tau against every item of the batch,
+    cross-entropy with the pair's own as target, a->b plus b->a (summed, not averaged, as
+    attention_lib.contrastive_loss). L_sent: (image, sentence); L_img: (fake, real) (Sec. 4.1)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = a @ b.t() / tau
+    labels = torch.arange(len(a), device=a.device)
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
+
+
+def word_region_scores(regions, words, lengths, gamma1, gamma2):
+    """S_word(image b, caption c) for every pair (Sec. 4.1; attention_lib.word_loss): each word
+    attends over the L2-normalised regions with softmax(gamma1 * cos); S = log sum over the real
+    words of exp(gamma2 * cos(word, its region context)), / gamma2.
+    regions (B, R, D), words (C, T, D), lengths (C,) -> (B, C)."""
+    r, w = F.normalize(regions.float(), dim=-1), F.normalize(words.float(), dim=-1)
+    alpha = (gamma1 * torch.einsum('brd,ctd->bcrt', r, w)).softmax(dim=2)
+    context = torch.einsum('bcrt,brd->bctd', alpha, r)
+    sim = gamma2 * F.cosine_similarity(w[None], context, dim=-1)
+    return torch.logsumexp(sim.masked_fill(pad_mask(lengths, w.shape[1])[None], float('-inf')), -1) / gamma2
+
+
+def word_contrastive_loss(regions, words, lengths, gamma1, gamma2, gamma3):
+    """L_word (Sec. 4.1): gamma3 * S_word, cross-entropy over captions per image plus over
+    images per caption (AttnGAN's DAMSM word loss with XMC-GAN's 5 / 5 / 50)."""
+    s = gamma3 * word_region_scores(regions, words, lengths, gamma1, gamma2)
+    labels = torch.arange(len(s), device=s.device)
+    return F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels)
+
+
+def discriminator_losses(D, real, fake, p, C, gather, scale, fake_terms):
+    """One D forward on [real; fake] (the sentence projection serves both the projection logit
+    and L_sent, as the original) -> hinge (D, G) and the contrastive terms on D's features.
+    `gather` collects the global batch; `scale` (world size) turns DDP's gradient average into
+    the gradient of the global-batch loss."""
+    B = len(real)
+    logit, pooled, sent_c, regions = D(torch.cat([real, fake]), torch.cat([p['sent']] * 2))
+    (real_logit, fake_logit), (real_pool, fake_pool) = logit.float().split(B), pooled.float().split(B)
+    (real_reg, fake_reg), sent_c = regions.float().split(B), gather(sent_c[:B].float())
+    words, lengths, tau = gather(p['words']), gather(p['length']), C.TEMPERATURE
+    t = {}
+
+    def word(reg):
+        return scale * word_contrastive_loss(gather(reg), words, lengths, C.GAMMA1, C.GAMMA2, C.GAMMA3)
+    if C.SENTENCE:
+        t['real_sentence'] = scale * contrastive_loss(gather(real_pool), sent_c, tau)
+    if C.WORD:
+        t['real_word'] = word(real_reg)
+    if fake_terms and C.SENTENCE:
+        t['fake_sentence'] = scale * contrastive_loss(gather(fake_pool), sent_c, tau)
+    if fake_terms and C.WORD:
+        t['fake_word'] = word(fake_reg)
+    if fake_terms and C.IMAGE:
+        t['image'] = scale * contrastive_loss(gather(fake_pool), gather(real_pool), tau)
+    return (*hinge_loss(real_logit, fake_logit), t)
+
+
+# ----------------------------------------------------------------------------
+# Training (xmc_gan.py train_d / train_g_d, train_utils.train_step)
+# ----------------------------------------------------------------------------
+def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
+    """The batch's first D_STEPS_PER_G_STEP - 1 parts each drive a D-only step; on the last,
+    ONE forward of G and D gives d_loss and g_loss, and D and G update together from the same
+    weights (the original's jax.vjp pulled back with (1, 0) and (0, 1)). Returns scalars to log."""
+    (G, D, netG, netD), (optG, optD), C = nets, opts, cfg.TRAIN.CONTRASTIVE
+    n = len(batch['image']) // cfg.TRAIN.D_STEPS_PER_G_STEP
+    parts = [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(cfg.TRAIN.D_STEPS_PER_G_STEP)]
+    for p in parts:
+        p['pad'] = pad_mask(p['length'], p['words'].shape[1])
+        p['z'] = torch.randn(n, cfg.GAN.Z_DIM, device=p['sent'].device)
+    for p in parts[:-1]:
+        with torch.no_grad(), amp:
+            fake = netG(p['z'], p['sent'], p['words'], p['pad'])
+        with amp:
+            hinge_d, _, t = discriminator_losses(D, p['image'], fake, p, C, gather, scale, fake_terms=False)
+        d_loss = hinge_d + t.get('real_word', 0) + t.get('real_sentence', 0)
+        utils.check_finite(d_loss, 'd_loss', step)
+        optD.zero_grad(set_to_none=True)
+        d_loss.backward()
+        optD.step()
+    p = parts[-1]
+    with amp:
+        fake = G(p['z'], p['sent'], p['words'], p['pad'])
+        hinge_d, hinge_g, t = discriminator_losses(D, p['image'], fake, p, C, gather, scale, fake_terms=True)
+        c_loss_d = t.get('real_word', 0) + t.get('real_sentence', 0)
+        c_loss_g = t.get('fake_word', 0) + t.get('fake_sentence', 0) + t.get('image', 0)
+        c_loss_g_pretrained = 0
+        if resnet is not None:          # ImageNet ResNet-50 outputs of real vs fake (Sec. 4.1, L_img)
+            with torch.no_grad():
+                real_out = resnet(p['image'])
+            c_loss_g_pretrained = scale * contrastive_loss(gather(real_out.float()), gather(resnet(fake).float()),
+                                                           C.TEMPERATURE)
+    d_loss, g_loss = hinge_d + c_loss_d, hinge_g + c_loss_g + c_loss_g_pretrained
+    utils.check_finite(d_loss, 'd_loss', step)
+    utils.check_finite(g_loss, 'g_loss', step)
+    optD.zero_grad(set_to_none=True)
+    optG.zero_grad(set_to_none=True)
+    d_loss.backward(inputs=list(netD.parameters()), retain_graph=True)
+    g_loss.backward(inputs=list(netG.parameters()))
+    optD.step()
+    optG.step()
+    c = {k: (v.item() if torch.is_tensor(v) else v) / scale for k, v in     # the global-batch values
+         dict(c_loss_d=c_loss_d, c_loss_g=c_loss_g, c_loss_g_pretrained=c_loss_g_pretrained, **t).items()}
+    return {'d_loss': hinge_d.item() + c['c_loss_d'],
+            'g_loss': hinge_g.item() + c['c_loss_g'] + c['c_loss_g_pretrained'], **c}
+
+
+def train(run, args):
+    cfg, dev, log, T = run.cfg, run.device, run.log, run.cfg.TRAIN
+    emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'train')
+    ds = XMCDataset(emb, cfg.IMAGE_SIZE, flip=T.FLIP, seed=cfg.SEED)
+    if T.BATCH_SIZE % run.world:
+        raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE}: not divisible by the {run.world} ranks")
+    sampler = EpochSampler(len(ds), T.BATCH_SIZE // run.world * T.D_STEPS_PER_G_STEP, cfg.SEED)
+    if sampler.batches == 0:
+        raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} x D_STEPS_PER_G_STEP exceeds the {len(ds)} images")
+    # The loader's own generator (reseeded per epoch by set_epoch): starting an iterator must not
+    # draw from the global RNG that z comes from, or a resumed run would diverge.
+    loader = torch.utils.data.DataLoader(ds, sampler.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.WORKERS, pin_memory=dev.type == 'cuda',
+                                         generator=torch.Generator())
+    loader.base_seed = cfg.SEED
+    netG, netD = (m.to(dev) for m in build_networks(cfg, emb.dim))
+    netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
+    optG = torch.optim.Adam(netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999))     # coco_xmc.py beta1/2
+    optD = torch.optim.Adam(netD.parameters(), lr=T.DISCRIMINATOR_LR, betas=(0.5, 0.999))
+    resnet = models.PretrainedResNet50(T.RESNET, log).to(dev) if T.CONTRASTIVE.PRETRAINED_IMAGE else None
+    nets, opts = {'G': netG, 'G_ema': netG_ema, 'D': netD}, {'G': optG, 'D': optD}
+    step, epoch, done_in_epoch = 0, 0, 0
+    ckpt = utils.resolve_resume(args.resume, run.out, 'xmcgan', log)
+    if ckpt:
+        step, epoch = utils.restore_checkpoint(ckpt, nets, opts)
+        done_in_epoch = ckpt['extra']['batch']
+    G = utils.wrap_ddp(netG, dev)
+    D = utils.wrap_ddp(netD, dev, find_unused_parameters=not T.CONTRASTIVE.WORD)  # D's region conv
+    gather = utils.all_gather_with_grad if T.GATHER_NEGATIVES else (lambda x: x)
+    scale = run.world if T.GATHER_NEGATIVES else 1
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=T.AMP)
+    max_steps = T.MAX_STEPS or T.MAX_EPOCH * sampler.batches
+    test = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
+    log.info(f"G {count(netG):,} params, D {count(netD):,}; {len(ds)} images, {sampler.batches} steps/epoch "
+             f"of {sampler.batch_size} images per rank, {max_steps} steps; text {emb.encoder['name']} ({emb.dim}-d)")
+    t0, sums, n_sums, last = time.time(), {}, 0, {}
+    while step < max_steps:
+        if done_in_epoch >= sampler.batches:
+            epoch, done_in_epoch = epoch + 1, 0
+        ds.epoch, sampler.start = epoch, done_in_epoch
+        utils.set_epoch(loader, epoch)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
+        for batch in bar:
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            losses = train_step((G, D, netG, netD), (optG, optD), resnet, batch, cfg, amp, gather, scale, step)
+            sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
+            dmgan.ema_update(netG_ema, netG, T.EMA_DECAY)
+            step, done_in_epoch, n_sums = step + 1, done_in_epoch + 1, n_sums + 1
+            if step % T.LOG_EVERY == 0 or step == max_steps:      # interval means, as clu's Average
+                last = {k: v / n_sums for k, v in sums.items()}
+                bar.set_postfix(d_loss=last['d_loss'], g_loss=last['g_loss'])
+                for k, v in last.items():
+                    run.writer.add_scalar(f'train/{k}', v, step)
+                sums, n_sums = {}, 0
+            if step % T.CHECKPOINT_EVERY == 0 or step == max_steps:
+                path = utils.save_checkpoint(run.out, 'xmcgan', step, nets, opts, epoch=epoch, cfg=cfg,
+                                             extra={'batch': done_in_epoch, 'text_dim': emb.dim},
+                                             keep=T.KEEP_CHECKPOINTS)
+                write_samples(run, netG_ema, test, cfg.GAN.Z_DIM, cfg.EVAL.SEED, step)
+                log.info(f"step {step}: saved {path} " + ' '.join(f'{k}={v:.4g}' for k, v in last.items()))
+            if step >= max_steps:
+                break
+    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
+                                  **{f'final_{k}': v for k, v in last.items()},
+                                  'checkpoint': (utils.list_checkpoints(run.out, 'xmcgan') or [''])[-1]})
+
+
+def count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@torch.no_grad()
+def write_samples(run, netG, emb, z_dim, seed, step, path=None, n=8):
+    """The first caption of n test images spread over the split, with fixed noise: the same grid
+    at every checkpoint (TensorBoard, and `path` when given)."""
+    if not run.main:
+        return
+    rows = [emb.images[i][3] for i in np.linspace(0, len(emb.images) - 1, min(n, len(emb.images))).astype(int)]
+    dev = next(netG.parameters()).device
+    sent, words, pad, texts = emb.batch(rows, dev)
+    imgs = netG(torch.randn(len(rows), z_dim, generator=torch.Generator().manual_seed(seed)).to(dev), sent, words, pad)
+    utils.log_images(run.writer, 'samples/ema', imgs, step)
+    run.writer.add_text('samples/captions', '\n\n'.join(texts), step)
+    if path:
+        utils.save_image_grid(imgs, path, nrow=len(imgs))
+
+
+# ----------------------------------------------------------------------------
+# Evaluation (the original's test.sh: train_utils.test scores every checkpoint of a run)
+# ----------------------------------------------------------------------------
+STOP = {'requested': False}           # set by SIGTERM/SIGINT
+
+
+class Interrupted(Exception):
+    """A stop request while scoring: the checkpoint in progress gets no row."""
+
+
+class RPrecision:
+    """R-precision with the project encoder (utils.r_precision): a fake's global image code
+    against its caption's sentence code and R_NEG captions of other classes."""
+
+    def __init__(self, E, dev):
+        self.E, (self.text_enc, self.image_enc) = E, models.load_encoders(E.NET_E, dev)
+
+    def start(self, size):
+        self.img, self.txt, self.cls = [], [], []
+
+    def add(self, fake, texts, keys, classes):
+        self.img.append(self.image_enc.encode(fake)[1].float().cpu())
+        self.txt.append(self.text_enc.encode(list(texts))[1].float().cpu())
+        self.cls += classes
+
+    def result(self):
+        m, s = utils.r_precision(torch.cat(self.img), torch.cat(self.txt), self.cls, n_neg=self.E.R_NEG,
+                                 folds=self.E.R_FOLDS, seed=self.E.SEED)
+        return {'r_precision': m, 'r_precision_std': s}
+
+
+class JudgeAccuracy:
+    """The shapes judge's attribute accuracy (fid_score.judge_accuracy) of each fake against
+    the attributes of the image whose caption drew it."""
+
+    def __init__(self, fs, judge):
+        self.fs, self.judge = fs, judge
+
+    def start(self, size):
+        self.fakes, self.keys = [], []
+
+    def add(self, fake, texts, keys, classes):
+        self.fakes.append(fake.half().cpu())
+        self.keys += keys
+
+    def result(self):
+        acc = self.fs.judge_accuracy(self.judge, (x.float() for x in self.fakes), self.keys)
+        return {f'judge_{k}': v for k, v in acc.items()}
+
+
+class FID:
+    """FID (fid_score.py) of the fakes against the real test images' statistics: EVAL.FID_STATS,
+    computed from the test split at the generator's size (resized as in training) and saved when
+    missing. Features: the FID Inception's pool3, or (FID_FEATURES judge) the shapes judge's."""
+
+    def __init__(self, fs, cfg, emb, judge, dev):
+        self.fs, self.cfg, self.emb, self.dev, self.real = fs, cfg, emb, dev, {}
+        self.net = fs.feature_net(2048, cfg.EVAL.FID_WEIGHTS or None, judge, dev)
+
+    def real_statistics(self, size):
+        path = self.cfg.EVAL.FID_STATS or os.path.join(self.cfg.OUT_DIR, f'real_test_{size}px_{self.net.name}.npz')
+        if not os.path.isfile(path):
+            loader = torch.utils.data.DataLoader(XMCDataset(self.emb, size, flip=False), self.cfg.EVAL.BATCH_SIZE,
+                                                 num_workers=self.cfg.WORKERS)
+            act = np.concatenate([self.net((b['image'].to(self.dev) + 1) / 2) for b in loader])
+            self.fs.save_statistics(path, *self.fs.statistics(act, 'real test images'), self.net.name)
+        return self.fs.path_statistics(path, self.net)
+
+    def start(self, size):
+        if size not in self.real:
+            self.real[size] = self.real_statistics(size)
+        self.size, self.act = size, []
+
+    def add(self, fake, texts, keys, classes):
+        self.act.append(self.net((fake + 1) / 2))
+
+    def result(self):
+        mu, sigma = self.fs.statistics(np.concatenate(self.act), 'generated images')
+        return {'fid': self.fs.frechet_distance(mu, sigma, *self.real[self.size])}
+
+
+def build_metrics(cfg, emb, dev):
+    import fid_score
+    E, metrics = cfg.EVAL, []
+    judge = fid_score.load_judge(E.JUDGE, dev) if E.JUDGE else None
+    if judge is not None:
+        metrics.append(JudgeAccuracy(fid_score, judge))
+    if E.NET_E:
+        metrics.append(RPrecision(E, dev))
+    if E.FID:
+        if E.FID_FEATURES not in ('inception', 'judge') or (E.FID_FEATURES == 'judge' and judge is None):
+            raise utils.UserError(f"EVAL.FID_FEATURES={E.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE")
+        metrics.append(FID(fid_score, cfg, emb, judge if E.FID_FEATURES == 'judge' else None, dev))
+    if not metrics:
+        raise utils.UserError("EVAL: nothing to compute; set EVAL.FID, EVAL.NET_E or EVAL.JUDGE")
+    return metrics
+
+
+@torch.no_grad()
+def sample_and_score(netG, ccfg, emb, metrics, E, seed, dev):
+    """One sampling of NUM_IMAGES fakes: the test images in order (cycling), a seeded random
+    caption of each per pass, fresh noise; every metric sees every batch."""
+    g, n = torch.Generator().manual_seed(seed), len(emb.images)
+    for m in metrics:
+        m.start(ccfg.IMAGE_SIZE)
+    for start in range(0, E.NUM_IMAGES, E.BATCH_SIZE):
+        if STOP['requested']:
+            raise Interrupted()
+        items = [emb.images[j % n] + [j // n] for j in range(start, min(start + E.BATCH_SIZE, E.NUM_IMAGES))]
+        sent, words, pad, texts = emb.batch([first + int(np.random.default_rng([seed, p, first]).integers(k))
+                                             for _, _, _, first, k, p in items], dev)
+        fake = netG(torch.randn(len(items), ccfg.GAN.Z_DIM, generator=g).to(dev), sent, words, pad).float()
+        for m in metrics:
+            m.add(fake, texts, [it[0] for it in items], [it[2] for it in items])
+    return {k: v for m in metrics for k, v in m.result().items()}
+
+
+def score(netG, ccfg, emb, metrics, E, dev):
+    """Mean, and std across samplings, of REPEATS samplings (the original's eval_avg_num)."""
+    runs = [sample_and_score(netG, ccfg, emb, metrics, E, E.SEED + r, dev) for r in range(E.REPEATS)]
+    return {f'{k}{sfx}': float(fn([r[k] for r in runs])) for k in runs[0] if not k.endswith('_std')
+            for sfx, fn in (('', np.mean), ('_std', np.std))}
+
+
+def evaluate(run, watch):
+    """Score each xmcgan checkpoint of EVAL.WORKDIR not yet in <run dir>/eval.txt (EMA G); with
+    --watch, keep looking for new ones until SIGTERM. Rows go to eval.txt, TensorBoard
+    (eval/<metric> at the checkpoint's step) and metrics.json."""
+    cfg, dev, log, E = run.cfg, run.device, run.log, run.cfg.EVAL
+    if not os.path.isdir(os.path.join(E.WORKDIR, 'checkpoints')):
+        raise utils.UserError(f"EVAL.WORKDIR={E.WORKDIR!r}: no checkpoints/ folder (expected a training run dir)")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: STOP.update(requested=True))
+    emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
+    metrics = build_metrics(cfg, emb, dev)
+    table, mpath = os.path.join(run.out, 'eval.txt'), os.path.join(run.out, 'metrics.json')
+
+    def scored():
+        return {ln.split('\t')[0] for ln in open(table) if not ln.startswith('#')} if os.path.isfile(table) else set()
+    fmt = lambda s: ' '.join(f'{k}={v:.4f}' for k, v in s.items() if not k.endswith('_std'))  # noqa: E731
+    try:
+        while not STOP['requested']:
+            for path in [p for p in utils.list_checkpoints(E.WORKDIR, 'xmcgan') if os.path.basename(p) not in scored()]:
+                try:
+                    ckpt = utils.load_checkpoint(path, 'xmcgan', map_location=dev)
+                except utils.UserError as e:        # rotated away by KEEP_CHECKPOINTS meanwhile
+                    log.warning(f"skipping {e}")
+                    continue
+                ccfg, name, step, t0 = utils.to_cfg(ckpt['cfg']), os.path.basename(path), ckpt['step'], time.time()
+                if ckpt['extra']['text_dim'] != emb.dim:
+                    raise utils.UserError(f"{path}: trained on {ckpt['extra']['text_dim']}-d captions, but "
+                                          f"EMBEDDINGS={cfg.EMBEDDINGS} holds {emb.dim}-d ones")
+                if E.BASELINE and 'untrained' not in (json.load(open(mpath)) if os.path.isfile(mpath) else {}):
+                    torch.manual_seed(E.SEED)          # an untrained G: same architecture, same captions
+                    base = score(build_networks(ccfg, emb.dim)[0].to(dev).eval(), ccfg, emb, metrics, E, dev)
+                    utils.write_metrics(run.out, {'untrained': base})
+                    log.info(f"untrained generator: {fmt(base)}")
+                netG = build_networks(ccfg, emb.dim)[0].to(dev)
+                netG.load_state_dict(ckpt['models']['G_ema'])        # the EMA weights, as the original reports
+                scores = score(netG.eval(), ccfg, emb, metrics, E, dev)
+                header = '' if os.path.isfile(table) else '# checkpoint\tstep\tEMA G, mean and std of EVAL.REPEATS\n'
+                with open(table, 'a') as f:
+                    f.write(header + f"{name}\t{step}\t" + '\t'.join(f'{k}={v:.6g}' for k, v in scores.items()) + '\n')
+                for k, v in scores.items():
+                    run.writer.add_scalar(f'eval/{k}', v, step)
+                write_samples(run, netG, emb, ccfg.GAN.Z_DIM, E.SEED, step,
+                              os.path.join(run.out, f'samples_{step:08d}.png'))
+                utils.write_metrics(run.out, {f'eval/{name}': {'step': step, **scores}, 'latest': name})
+                log.info(f"{name} (step {step}, {time.time() - t0:.0f}s): {fmt(scores)}")
+            if not watch:
+                break
+            for _ in range(max(1, int(E.POLL_SECONDS))):
+                if not STOP['requested']:
+                    time.sleep(1)
+    except Interrupted:
+        log.info("stop requested: the checkpoint in progress was not scored")
+    log.info(f"{len(scored())} checkpoint(s) scored in {table}")
+
+
+def main():
+    parser = utils.base_parser(__doc__.splitlines()[0])
+    parser.add_argument('--watch', action='store_true', help='evaluation: keep scoring new checkpoints until SIGTERM')
+    args = parser.parse_args()
+    cfg = utils.build_cfg(DEFAULTS, args)
+    if not cfg.TRAIN.FLAG and args.out is None and cfg.EVAL.WORKDIR:
+        args.out = os.path.join(cfg.EVAL.WORKDIR, 'eval')      # the scores live beside the checkpoints
+    run = utils.setup(args, DEFAULTS)
+    if run.cfg.TRAIN.FLAG:
+        train(run, args)
+    else:
+        evaluate(run, args.watch)
