@@ -191,7 +191,7 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, tmp_path):
-    sets = ['TRAIN.BATCH_SIZE=4', 'TRAIN.MAX_EPOCH=3', 'TRAIN.CONTRASTIVE.ENABLE=false']
+    sets = ['TRAIN.BATCH_SIZE=8', 'TRAIN.MAX_EPOCH=2', 'TRAIN.CONTRASTIVE.ENABLE=false']
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'straight', tiny_shapes, tiny_encoder, *sets))
     straight = json.load(open(tmp_path / 'straight' / 'metrics.json'))
     argv = dmgan_args('shapes_DMGAN.yml', tmp_path / 'killed', tiny_shapes, tiny_encoder, *sets)
