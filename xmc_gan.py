@@ -58,11 +58,14 @@ DEFAULTS = {
         'FID_FEATURES': 'inception',  # inception (pytorch-fid's weights) | judge (the shapes judge's)
         'FID_WEIGHTS': '',            # pt_inception-2015-12-05 .pth ('' = torch hub's cache)
         'FID_STATS': '',              # real test statistics .npz ('' = in the run dir); written when missing
+        'IS': True,                   # Inception Score on the FID Inception's logits (its weights)
+        'IS_SPLITS': 1,
         'NET_E': '',                  # project text_encoder<N>.pth: R-precision ('' = none)
         'R_NEG': 99,
         'R_FOLDS': 10,
         'JUDGE': '',                  # shapes judge (run dir or checkpoint): attribute accuracy
         'BASELINE': False,            # also score an untrained generator on the same captions
+        'DMGAN': '',                  # a DM-GAN run dir: its samples of the same captions in the grids
         'POLL_SECONDS': 60,           # --watch: pause between looks for new checkpoints
     },
 }
@@ -352,19 +355,33 @@ def count(m):
 
 
 @torch.no_grad()
-def write_samples(run, netG, emb, z_dim, seed, step, path=None, n=8):
+def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=8):
     """The first caption of n test images spread over the split, with fixed noise: the same grid
-    at every checkpoint (TensorBoard, and `path` when given)."""
+    at every checkpoint in TensorBoard; at `path`, a row of the real images above it, and with
+    `dmgan_run` (EVAL.DMGAN) a third row: that DM-GAN run's EMA generator on the same captions
+    (its own encoder and noise). The captions go to <path>.txt."""
     if not run.main:
         return
-    rows = [emb.images[i][3] for i in np.linspace(0, len(emb.images) - 1, min(n, len(emb.images))).astype(int)]
+    idx = np.linspace(0, len(emb.images) - 1, min(n, len(emb.images))).astype(int)
     dev = next(netG.parameters()).device
-    sent, words, pad, texts = emb.batch(rows, dev)
-    imgs = netG(torch.randn(len(rows), z_dim, generator=torch.Generator().manual_seed(seed)).to(dev), sent, words, pad)
+    sent, words, pad, texts = emb.batch([emb.images[i][3] for i in idx], dev)
+    imgs = netG(torch.randn(len(idx), z_dim, generator=torch.Generator().manual_seed(seed)).to(dev), sent, words, pad)
     utils.log_images(run.writer, 'samples/ema', imgs, step)
     run.writer.add_text('samples/captions', '\n\n'.join(texts), step)
-    if path:
-        utils.save_image_grid(imgs, path, nrow=len(imgs))
+    if not path:
+        return
+    rows = [torch.stack([XMCDataset(emb, imgs.shape[-1], flip=False)[i]['image'] for i in idx]).to(dev), imgs]
+    if dmgan_run:
+        ckpt = utils.load_checkpoint(utils.list_checkpoints(dmgan_run, 'dmgan')[-1] if os.path.isdir(dmgan_run)
+                                     else dmgan_run, 'dmgan', map_location=dev)
+        dcfg = utils.to_cfg({**ckpt['cfg'], 'TRAIN': {**ckpt['cfg']['TRAIN'], 'NET_G': dmgan_run}})
+        text_enc = dmgan.load_encoders(dcfg, dev)[0]
+        d_words, d_sent, d_pad = dmgan.encode_text(text_enc, texts, dev)
+        z = torch.randn(len(idx), dcfg.GAN.Z_DIM, generator=torch.Generator().manual_seed(seed)).to(dev)
+        other = dmgan.load_generator(dcfg, text_enc.spec['dim'], dev)(z, d_sent, d_words, d_pad)[0][-1]
+        rows.append(F.interpolate(other, size=imgs.shape[-2:], mode='bilinear', align_corners=False))
+    utils.save_image_grid(torch.cat(rows), path, nrow=len(idx))
+    utils.atomic_write_text(os.path.splitext(path)[0] + '.txt', '\n'.join(texts) + '\n')
 
 
 # ----------------------------------------------------------------------------
@@ -417,6 +434,25 @@ class JudgeAccuracy:
         return {f'judge_{k}': v for k, v in acc.items()}
 
 
+class InceptionScore:
+    """IS (inception_score.py: the TF graph's 1008 logits) of a sampling in EVAL.IS_SPLITS splits
+    (the original's eval_metrics.py: 1)."""
+
+    def __init__(self, E, dev):
+        import inception_score
+        self.ism, self.splits = inception_score, E.IS_SPLITS
+        self.net = inception_score.classifier('tf', E.FID_WEIGHTS or None, dev)
+
+    def start(self, size):
+        self.logits = []
+
+    def add(self, fake, texts, keys, classes):
+        self.logits.append(self.net((fake + 1) / 2).double().cpu())
+
+    def result(self):
+        return {'is': self.ism.inception_score(torch.cat(self.logits), self.splits)[0]}
+
+
 class FID:
     """FID (fid_score.py) of the fakes against the real test images' statistics: EVAL.FID_STATS,
     computed from the test split at the generator's size (resized as in training) and saved when
@@ -460,8 +496,10 @@ def build_metrics(cfg, emb, dev):
         if E.FID_FEATURES not in ('inception', 'judge') or (E.FID_FEATURES == 'judge' and judge is None):
             raise utils.UserError(f"EVAL.FID_FEATURES={E.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE")
         metrics.append(FID(fid_score, cfg, emb, judge if E.FID_FEATURES == 'judge' else None, dev))
+    if E.IS:
+        metrics.append(InceptionScore(E, dev))
     if not metrics:
-        raise utils.UserError("EVAL: nothing to compute; set EVAL.FID, EVAL.NET_E or EVAL.JUDGE")
+        raise utils.UserError("EVAL: nothing to compute; set EVAL.FID, EVAL.IS, EVAL.NET_E or EVAL.JUDGE")
     return metrics
 
 
@@ -498,6 +536,8 @@ def evaluate(run, watch):
     cfg, dev, log, E = run.cfg, run.device, run.log, run.cfg.EVAL
     if not os.path.isdir(os.path.join(E.WORKDIR, 'checkpoints')):
         raise utils.UserError(f"EVAL.WORKDIR={E.WORKDIR!r}: no checkpoints/ folder (expected a training run dir)")
+    if E.DMGAN and not os.path.exists(E.DMGAN):
+        raise utils.UserError(f"EVAL.DMGAN={E.DMGAN}: no such DM-GAN run dir or checkpoint")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: STOP.update(requested=True))
     emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
@@ -533,7 +573,7 @@ def evaluate(run, watch):
                 for k, v in scores.items():
                     run.writer.add_scalar(f'eval/{k}', v, step)
                 write_samples(run, netG, emb, ccfg.GAN.Z_DIM, E.SEED, step,
-                              os.path.join(run.out, f'samples_{step:08d}.png'))
+                              os.path.join(run.out, f'samples_{step:08d}.png'), E.DMGAN)
                 utils.write_metrics(run.out, {f'eval/{name}': {'step': step, **scores}, 'latest': name})
                 log.info(f"{name} (step {step}, {time.time() - t0:.0f}s): {fmt(scores)}")
             if not watch:

@@ -3,7 +3,7 @@ same model config (open_clip model_configs/RN50.json), random init, the same bat
 and BPE-tokenised captions, CLIP's loss, AdamW without decay on gains/biases, the logit-scale
 clamp. Rounds alternate between the two so that a busy machine slows both alike.
 
-    python bench/clip.py                       # CPU, batch 4
+    python bench/clip.py --threads 1           # CPU, batch 4 (CPU time per step: steady on a shared machine)
     python bench/clip.py --device cuda --batch 64 --steps 20
 
 Ours differs in how, not what, it computes: the text transformer runs only up to the longest
@@ -90,15 +90,17 @@ def make_steps(batch, device, pad_text):
 
 
 def timed(fn, steps, device):
+    """-> (steps per wall second, CPU seconds per step). On a shared machine the CPU time
+    (with --threads 1) is the steadier measure of the work a step takes."""
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = fn()
-    float(loss)
+    float(loss.detach())
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t)
+    return steps / (time.perf_counter() - t), (time.process_time() - c) / steps
 
 
 def main():
@@ -107,32 +109,34 @@ def main():
     p.add_argument('--batch', type=int, default=4)
     p.add_argument('--steps', type=int, default=2, help='timed steps per round')
     p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = torch default)')
     p.add_argument('--out', default='output/bench/clip.json')
     args = p.parse_args()
     device = utils.get_device(0 if args.device.startswith('cuda') else -1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = {}
+    rows = {}
     for label, pad in (('ours', False), ('ours, text padded to 77', True)):
         steps, counts, longest = make_steps(args.batch, device, pad)
         for fn in steps.values():                      # warm-up
             fn()
-        rates = {name: [] for name in steps}
+        runs = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, fn in steps.items():
-                rates[name].append(timed(fn, args.steps, device))
-        med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
-        results.setdefault('open_clip', []).append(med['open_clip'])
-        results[label] = med['ours']
-        print(f"{label:24s} {med['ours']:.3f} steps/s | open_clip {med['open_clip']:.3f} steps/s | "
-              f"ratio {med['ours'] / med['open_clip']:.2f} | rounds ours {['%.3f' % r for r in rates['ours']]} "
-              f"open_clip {['%.3f' % r for r in rates['open_clip']]}", flush=True)
+                runs[name].append(timed(fn, args.steps, device))
+        med = {k: (sorted(r for r, _ in v)[len(v) // 2], sorted(c for _, c in v)[len(v) // 2]) for k, v in runs.items()}
+        rows[label] = {'ours_steps_per_s': med['ours'][0], 'open_clip_steps_per_s': med['open_clip'][0],
+                       'ratio': med['ours'][0] / med['open_clip'][0],
+                       'ours_cpu_s_per_step': med['ours'][1], 'open_clip_cpu_s_per_step': med['open_clip'][1],
+                       'cpu_ratio': med['open_clip'][1] / med['ours'][1]}
+        print(f"{label:24s} {med['ours'][0]:.3f} vs open_clip {med['open_clip'][0]:.3f} steps/s (ratio "
+              f"{rows[label]['ratio']:.2f}) | CPU s/step {med['ours'][1]:.2f} vs {med['open_clip'][1]:.2f} "
+              f"(ratio {rows[label]['cpu_ratio']:.2f})", flush=True)
     summary = {'device': str(device), 'batch': args.batch, 'steps_per_round': args.steps, 'rounds': args.rounds,
-               'longest_caption_tokens': longest, 'parameters': counts,
-               'open_clip_steps_per_s': results['open_clip'], 'ours_steps_per_s': results['ours'],
-               'ours_padded_steps_per_s': results['ours, text padded to 77'],
-               'ratio': results['ours'] / results['open_clip'][0],
-               'ratio_padded': results['ours, text padded to 77'] / results['open_clip'][1],
+               'longest_caption_tokens': longest, 'parameters': counts, 'results': rows,
                'torch': torch.__version__, 'threads': torch.get_num_threads(),
+               'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
                'date': time.strftime('%Y-%m-%d %H:%M')}
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out, 'w') as f:

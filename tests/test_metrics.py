@@ -93,9 +93,9 @@ def test_fid_parity_with_pytorch_fid_dims_2048(fid_setup):
     exact = ours((a, b), w, 2048, exact=True)
     fast = ours((a, b), w, 2048, exact=False)
     assert abs(exact - ref) / ref < 1e-6
-    # Folding BatchNorm and channels_last change float32 rounding only. On this random,
-    # badly conditioned network that moves FID by ~3e-6 relative, the same order as
-    # pytorch-fid's own value moves between 1 and 2 CPU threads (7e-7, README).
+    # Folding BatchNorm and channels_last change float32 rounding only: measured 7.7e-7
+    # here, while pytorch-fid's own value moves by 8e-6 between 1 and 2 CPU threads on this
+    # random network (README); the bound leaves room for other CPUs' kernels.
     assert abs(fast - ref) / ref < 1e-5
 
 

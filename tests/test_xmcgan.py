@@ -193,6 +193,19 @@ def judge(tmp_path_factory, tiny_shapes):
 
 
 @pytest.fixture(scope='module')
+def dmgan_run(tmp_path_factory, encoder):
+    """A (random-init) DM-GAN run dir on the same encoder, for the side-by-side sample grid."""
+    cfg = utils.to_cfg(main.DEFAULTS)
+    cfg.TREE.update(BRANCH_NUM=1, BASE_SIZE=32)
+    cfg.GAN.update(GF_DIM=4, Z_DIM=4, CONDITION_DIM=4, R_NUM=1)
+    cfg.TEXT.EMBEDDING_DIM, cfg.TRAIN.NET_E = 16, encoder
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp('dmgan')
+    utils.save_checkpoint(str(out), 'dmgan', 1, {'G_ema': main.build_generator(cfg, 16)}, cfg=cfg)
+    return str(out)
+
+
+@pytest.fixture(scope='module')
 def trained_run(tmp_path_factory, embeddings):
     out = tmp_path_factory.mktemp('runs') / 'straight'
     mp = pytest.MonkeyPatch()
@@ -244,16 +257,19 @@ def eval_cfg(embeddings, encoder, judge, workdir, out):
     return {'MODEL': 'XMCGAN', 'EMBEDDINGS': embeddings, 'OUT': str(out), 'WORKERS': 0, 'TRAIN': {'FLAG': False},
             'EVAL': {'WORKDIR': workdir, 'NET_E': encoder, 'NUM_IMAGES': 12, 'REPEATS': 2, 'BATCH_SIZE': 8,
                      'R_NEG': 5, 'R_FOLDS': 2, 'BASELINE': True, 'POLL_SECONDS': 1, 'JUDGE': judge,
-                     'FID_FEATURES': 'judge'}}
+                     'FID_FEATURES': 'judge', 'IS': False}}      # IS needs the FID Inception's weights
 
 
 def rows(path):
     return [line for line in open(path) if not line.startswith('#')]
 
 
-def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embeddings, encoder, judge, trained_run):
-    """FID on the judge's features against saved real statistics, judge accuracy, R-precision."""
+def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embeddings, encoder, judge, trained_run,
+                                                 dmgan_run):
+    """FID on the judge's features against saved real statistics, judge accuracy, R-precision;
+    sample grids of real images, XMC-GAN and DM-GAN on the same captions."""
     cfg = eval_cfg(embeddings, encoder, judge, trained_run, tmp_path / 'eval')
+    cfg['EVAL']['DMGAN'] = dmgan_run
     run_main(monkeypatch, cfg)
     table = tmp_path / 'eval' / 'eval.txt'
     assert [r.split('\t')[:2] for r in rows(table)] == [['xmcgan_00000001.pt', '1'], ['xmcgan_00000002.pt', '2']]
@@ -262,7 +278,10 @@ def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embedding
     assert 0 <= scores['r_precision'] <= 1 and 0 <= scores['judge_colour'] <= 1 and scores['fid'] > 0
     assert set(metrics['untrained']) == set(scores) - {'step'}
     assert len(list((tmp_path / 'eval').glob('real_test_64px_shapes-judge-36.npz'))) == 1
-    assert (tmp_path / 'eval' / 'samples_00000002.png').is_file() and os.listdir(tmp_path / 'eval' / 'tb')
+    from PIL import Image
+    grid = Image.open(tmp_path / 'eval' / 'samples_00000002.png')
+    assert grid.size == (2 + 8 * 66, 2 + 3 * 66) and os.listdir(tmp_path / 'eval' / 'tb')   # 3 rows of 8
+    assert len((tmp_path / 'eval' / 'samples_00000002.txt').read_text().splitlines()) == 8
     run_main(monkeypatch, cfg)
     assert len(rows(table)) == 2
 
