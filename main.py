@@ -377,6 +377,8 @@ def evaluate(run):
         judge = fid_score.load_judge(cfg.EVAL.JUDGE, dev)
     scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir, log, judge)
     utils.atomic_write_text(os.path.join(out_dir, 'captions.json'), json.dumps(records, indent=0))
+    utils.atomic_write_text(os.path.join(out_dir, 'keys.json'),       # fid_score.py --judge reads it
+                            json.dumps({r['file']: r['key'] for r in records}, indent=0))
     log.info(f"R-precision {scores['r_precision']:.4f} ± {scores['r_precision_std']:.4f} "
              f"over {scores['num_images']} images in {out_dir}")
     if cfg.EVAL.BASELINE:

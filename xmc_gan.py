@@ -66,6 +66,7 @@ DEFAULTS = {
         'JUDGE': '',                  # shapes judge (run dir or checkpoint): attribute accuracy
         'BASELINE': False,            # also score an untrained generator on the same captions
         'DMGAN': '',                  # a DM-GAN run dir: its samples of the same captions in the grids
+        'SAVE_IMAGES': False,         # the first sampling's images -> <out>/images_<step>/ (+ keys.json)
         'POLL_SECONDS': 60,           # --watch: pause between looks for new checkpoints
     },
 }
@@ -484,6 +485,30 @@ class FID:
         return {'fid': self.fs.frechet_distance(mu, sigma, *self.real[self.size])}
 
 
+class ImageDump:
+    """EVAL.SAVE_IMAGES: the fakes of a checkpoint's first sampling as PNGs in `dir`, with
+    keys.json (file -> dataset key), for fid_score.py, inception_score.py and the judge."""
+
+    def __init__(self):
+        self.dir = None
+
+    def start(self, size):
+        self.keys = {}
+
+    def add(self, fake, texts, keys, classes):
+        if self.dir:
+            for im, k in zip(fake, keys):
+                name = f'{len(self.keys):05d}.png'
+                utils.save_image_grid(im[None], os.path.join(self.dir, name), nrow=1)
+                self.keys[name] = k
+
+    def result(self):
+        if self.dir:
+            utils.atomic_write_text(os.path.join(self.dir, 'keys.json'), json.dumps(self.keys, indent=0))
+            self.dir = None                   # later samplings of the checkpoint are not saved
+        return {}
+
+
 def build_metrics(cfg, emb, dev):
     import fid_score
     E, metrics = cfg.EVAL, []
@@ -500,6 +525,8 @@ def build_metrics(cfg, emb, dev):
         metrics.append(InceptionScore(E, dev))
     if not metrics:
         raise utils.UserError("EVAL: nothing to compute; set EVAL.FID, EVAL.IS, EVAL.NET_E or EVAL.JUDGE")
+    if E.SAVE_IMAGES:
+        metrics.append(ImageDump())
     return metrics
 
 
@@ -565,7 +592,11 @@ def evaluate(run, watch):
                     utils.write_metrics(run.out, {'untrained': base})
                     log.info(f"untrained generator: {fmt(base)}")
                 netG = build_networks(ccfg, emb.dim)[0].to(dev)
-                netG.load_state_dict(ckpt['models']['G_ema'])        # the EMA weights, as the original reports
+                netG.load_state_dict(ckpt['models']['G_ema'])
+                for m in metrics:
+                    if isinstance(m, ImageDump):
+                        m.dir = os.path.join(run.out, f'images_{step:08d}')
+                        os.makedirs(m.dir, exist_ok=True)        # the EMA weights, as the original reports
                 scores = score(netG.eval(), ccfg, emb, metrics, E, dev)
                 header = '' if os.path.isfile(table) else '# checkpoint\tstep\tEMA G, mean and std of EVAL.REPEATS\n'
                 with open(table, 'a') as f:

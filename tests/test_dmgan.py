@@ -188,6 +188,12 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
             assert 0 <= m[prefix + attr] <= 1, prefix + attr
     from PIL import Image
     assert Image.open(out / pngs[0]).size == (64, 64)
+    # keys.json lets fid_score.py's judge score the dumped files: the same verdicts up to PNG rounding
+    r = subprocess.run([sys.executable, 'fid_score.py', '--judge', str(tiny_judge), '--accuracy', str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    acc = dict(zip(*[iter(r.stdout.split('attribute accuracy:')[1].split())] * 2))
+    assert abs(float(acc['colour']) - m['judge_colour']) < 0.05
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, tmp_path):

@@ -265,11 +265,11 @@ def rows(path):
 
 
 def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embeddings, encoder, judge, trained_run,
-                                                 dmgan_run):
+                                                 dmgan_run, tiny_shapes):
     """FID on the judge's features against saved real statistics, judge accuracy, R-precision;
     sample grids of real images, XMC-GAN and DM-GAN on the same captions."""
     cfg = eval_cfg(embeddings, encoder, judge, trained_run, tmp_path / 'eval')
-    cfg['EVAL']['DMGAN'] = dmgan_run
+    cfg['EVAL'].update(DMGAN=dmgan_run, SAVE_IMAGES=True)
     run_main(monkeypatch, cfg)
     table = tmp_path / 'eval' / 'eval.txt'
     assert [r.split('\t')[:2] for r in rows(table)] == [['xmcgan_00000001.pt', '1'], ['xmcgan_00000002.pt', '2']]
@@ -282,6 +282,10 @@ def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embedding
     grid = Image.open(tmp_path / 'eval' / 'samples_00000002.png')
     assert grid.size == (2 + 8 * 66, 2 + 3 * 66) and os.listdir(tmp_path / 'eval' / 'tb')   # 3 rows of 8
     assert len((tmp_path / 'eval' / 'samples_00000002.txt').read_text().splitlines()) == 8
+    dump = tmp_path / 'eval' / 'images_00000002'            # the first of 2 samplings: 12 images
+    keys = json.loads((dump / 'keys.json').read_text())
+    assert sorted(keys) == sorted(p.name for p in dump.glob('*.png')) and len(keys) == 12
+    assert set(keys.values()) <= set(json.load(open(os.path.join(tiny_shapes, 'attributes.json'))))
     run_main(monkeypatch, cfg)
     assert len(rows(table)) == 2
 
