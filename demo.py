@@ -1,12 +1,13 @@
-"""The embedded demo: every system of the mission, end to end, on the synthetic
-shapes dataset, then a report (output/demo/report.md and report.html).
+"""The embedded demo: every system of the mission, end to end, on the synthetic shapes
+dataset, then a report (output/demo/report.md and report.html).
 
-  python demo.py            # what `make demo` runs
-  DEMO_SCALE=4 python demo.py --out output/demo_x4   # every step scaled up (longer, better)
+  python demo.py                                   # what `make demo` runs
+  DEMO_SCALE=4 python demo.py --out output/demo_x4 # every training step 4x longer
 
-Each step is a documented command a user can run alone. A step whose outputs are
-complete is skipped, so re-running resumes after a failure or a kill; a failing step
-stops the demo with its command and the last line it printed.
+Each step is a documented command a user could run alone (printed before it runs; its
+output goes to <out>/logs/<step>.log). A step whose marker file exists is skipped, so
+re-running resumes after a failure or a kill, losing at most the step in progress; a
+failing step stops the demo with its command and the last line it printed.
 """
 import argparse
 import base64
@@ -18,117 +19,288 @@ import sys
 import time
 
 PY = sys.executable
+DATA = 'data/shapes'                     # preprocess_data.py --cfg cfg/preprocess/shapes.yml
+# Training length of each step at DEMO_SCALE 1, sized so the whole demo fits in ~15 minutes on
+# 2 CPU cores; the cfgs' own lengths (README: ~10 minutes each) are the longer runs.
+LENGTH = {'judge_epochs': 3, 'clip_epochs': 3, 'damsm_epochs': 1, 'dmgan_epochs': 1,
+          'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 250}
+SAMPLES_PER_CAPTION = 8                  # dalle_gen.py images per caption, reranked by clip_sort.py
 
 
-def scaled(n, scale):
-    return max(1, int(round(n * scale)))
+class Step:
+    def __init__(self, name, title, cmd, marker):
+        self.name, self.title, self.cmd, self.marker = name, title, [str(c) for c in cmd], marker
 
 
 def steps(out, scale):
-    """(name, title, command, marker file proving the step finished)."""
-    S = lambda n: scaled(n, scale)                       # noqa: E731
-    d = lambda *p: os.path.join(out, *p)                 # noqa: E731
-    enc = d('clip_shapes', 'Model')
+    """The pipeline up to the XMC-GAN evaluation; the DALLE steps follow (dalle_steps), as they
+    sample the captions that evaluation chose for the sample grid."""
+    n = lambda key: max(1, round(LENGTH[key] * scale))              # noqa: E731
+    d = lambda *p: os.path.join(out, *p)                             # noqa: E731
+    enc = d('clip', 'checkpoints', f"text_encoder{n('clip_epochs')}.pth")
     return [
-        ('data', 'synthetic dataset',
-         [PY, 'preprocess_data.py', '--cfg', 'cfg/preprocess/shapes.yml', '--out', d('data')],
-         d('data', 'metrics.json')),
-        ('judge', 'attribute judge',
-         [PY, 'fid_score.py', '--train_judge', '--cfg', 'cfg/judge_shapes.yml', '--out', d('judge'),
-          '--set', f'TRAIN.EPOCHS={S(3)}'],
-         d('judge', 'metrics.json')),
-        ('clip', 'CLIP-style encoder (DAMSM + contrastive)',
-         [PY, 'pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/clip_shapes.yml', '--out', d('clip_shapes'),
-          '--set', f'TRAIN.MAX_EPOCH={S(4)}'],
-         d('clip_shapes', 'metrics.json')),
-        ('damsm', 'DAMSM RNN/CNN baseline encoder',
-         [PY, 'pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml', '--out', d('damsm_shapes'),
-          '--set', f'TRAIN.MAX_EPOCH={S(2)}'],
-         d('damsm_shapes', 'metrics.json')),
-        ('dmgan', 'DM-GAN on the CLIP-style encoder',
-         [PY, 'main.py', '--cfg', 'cfg/shapes_DMGAN.yml', '--out', d('dmgan'),
-          '--set', f'TRAIN.MAX_EPOCH={S(4)}', '--set', f'TRAIN.NET_E={enc}/text_encoder_final.pth'],
-         d('dmgan', 'metrics.json')),
-        ('dmgan_eval', 'DM-GAN evaluation',
-         [PY, 'main.py', '--cfg', 'cfg/eval_shapes_DMGAN.yml', '--out', d('dmgan_eval'),
-          '--set', f'TRAIN.NET_G={d("dmgan")}', '--set', f'TRAIN.NET_E={enc}/text_encoder_final.pth',
-          '--set', f'EVAL.JUDGE={d("judge")}'],
-         d('dmgan_eval', 'metrics.json')),
+        Step('data', 'synthetic dataset (10,000 train / 1,000 test images)',
+             [PY, 'preprocess_data.py', '--cfg', 'cfg/preprocess/shapes.yml', '--out', d('data')],
+             d('data', 'metrics.json')),
+        Step('judge', 'attribute judge (metrics: attribute accuracy, shapes FID)',
+             [PY, 'fid_score.py', '--train_judge', '--cfg', 'cfg/judge_shapes.yml', '--out', d('judge'),
+              '--set', f"TRAIN.EPOCHS={n('judge_epochs')}"],
+             d('judge', 'test_stats.npz')),
+        Step('clip', 'CLIP-style encoder, DAMSM + contrastive (T2I_CLIP-GAN)',
+             [PY, 'pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/clip_shapes.yml', '--out', d('clip'),
+              '--set', f"TRAIN.MAX_EPOCH={n('clip_epochs')}"],
+             enc),
+        Step('damsm', 'DAMSM RNN/CNN encoder (AttnGAN baseline)',
+             [PY, 'pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml', '--out', d('damsm'),
+              '--set', f"TRAIN.MAX_EPOCH={n('damsm_epochs')}"],
+             d('damsm', 'checkpoints', f"text_encoder{n('damsm_epochs')}.pth")),
+        Step('dmgan', 'DM-GAN on the CLIP-style encoder',
+             [PY, 'main.py', '--cfg', 'cfg/shapes_DMGAN.yml', '--out', d('dmgan'),
+              '--set', f"TRAIN.MAX_EPOCH={n('dmgan_epochs')}", '--set', f'TRAIN.NET_E={enc}'],
+             d('dmgan', 'metrics.json')),
+        Step('dmgan_eval', 'DM-GAN evaluation: R-precision, judge, baselines, image dump',
+             [PY, 'main.py', '--cfg', 'cfg/eval_shapes_DMGAN.yml', '--out', d('dmgan_eval'),
+              '--set', f"TRAIN.NET_G={d('dmgan')}", '--set', f'TRAIN.NET_E={enc}',
+              '--set', f"EVAL.JUDGE={d('judge')}", '--set', 'EVAL.NUM_IMAGES=1000'],
+             d('dmgan_eval', 'metrics.json')),
+        Step('xmc_embed', 'caption embeddings for XMC-GAN (the CLIP-style text encoder)',
+             [PY, 'preprocess_data.py', '--cfg', 'cfg/preprocess/shapes_text.yml', '--out', d('xmc_embed'),
+              '--set', f'EMBED.ENCODER={enc}', '--set', f"EMBED.OUT_DIR={d('xmc_text')}"],
+             d('xmc_embed', 'metrics.json')),
+        Step('xmc', 'XMC-GAN',
+             [PY, 'main.py', '--cfg', 'cfg/shapes_xmc.yml', '--out', d('xmc'), '--set', f"EMBEDDINGS={d('xmc_text')}",
+              '--set', f"TRAIN.MAX_STEPS={n('xmc_steps')}", '--set', f"TRAIN.CHECKPOINT_EVERY={n('xmc_steps')}"],
+             d('xmc', 'metrics.json')),
+        Step('xmc_eval', 'XMC-GAN evaluation of its checkpoint: FID (judge), judge, R-precision, sample grid',
+             [PY, 'main.py', '--cfg', 'cfg/eval_shapes_xmc.yml', '--out', d('xmc_eval'),
+              '--set', f"EMBEDDINGS={d('xmc_text')}", '--set', f"EVAL.WORKDIR={d('xmc')}",
+              '--set', f'EVAL.NET_E={enc}', '--set', f"EVAL.JUDGE={d('judge')}", '--set', 'EVAL.REPEATS=1',
+              '--set', f"EVAL.DMGAN={d('dmgan')}", '--set', 'EVAL.SAVE_IMAGES=true'],
+             d('xmc_eval', 'metrics.json')),
+        Step('dmgan_fid', 'shapes FID of the DM-GAN images (fid_score.py, judge features)',
+             [PY, 'fid_score.py', d('dmgan_eval', 'valid', 'single'), d('judge', 'test_stats.npz'),
+              '--judge', d('judge'), '--json', d('dmgan_eval', 'fid.json')],
+             d('dmgan_eval', 'fid.json')),
+        Step('vae', 'discrete VAE (DALLE image tokens)',
+             [PY, 'train_vae.py', '--cfg', 'cfg/dalle/shapes_vae.yml', '--out', d('vae'),
+              '--set', f"TRAIN.EPOCHS={n('vae_epochs')}", '--set', f"EVAL.JUDGE={d('judge')}"],
+             d('vae', 'metrics.json')),
+        Step('dalle', 'DALLE on the VAE',
+             [PY, 'train_dalle.py', '--cfg', 'cfg/dalle/shapes_dalle.yml', '--out', d('dalle'),
+              '--vae_path', d('vae', 'vae.pt'), '--set', f"TRAIN.MAX_STEPS={n('dalle_steps')}"],
+             d('dalle', 'metrics.json')),
     ]
 
 
-def run_step(name, title, cmd, marker, log_dir):
+def grid_captions(out):
+    """The captions (and image keys) of the XMC-GAN evaluation's sample grid."""
+    names = sorted(f for f in os.listdir(os.path.join(out, 'xmc_eval')) if f.startswith('samples_') and f.endswith('.json'))
+    with open(os.path.join(out, 'xmc_eval', names[-1])) as f:
+        return json.load(f)
+
+
+def dalle_steps(out):
+    d = lambda *p: os.path.join(out, *p)                             # noqa: E731
+    todo = []
+    for i, row in enumerate(grid_captions(out)):
+        path = d('dalle_gen', f'{i}')
+        todo.append(Step(f'dalle_gen_{i}', f'dalle_gen.py: {row["caption"]!r}',
+                         [PY, 'dalle_gen.py', row['caption'], SAMPLES_PER_CAPTION, path, '--cfg', 'cfg/dalle/shapes_gen.yml',
+                          '--dalle_path', d('dalle', 'checkpoints', 'shapes_dalle.pt'), '--seed', 0],
+                         os.path.join(path, 'grid.png')))
+        todo.append(Step(f'clip_sort_{i}', 'clip_sort.py: rerank with the CLIP-style encoder',
+                         [PY, 'clip_sort.py', row['caption'], SAMPLES_PER_CAPTION, path, '--cfg', 'cfg/dalle/shapes_sort.yml',
+                          '--clip_path', steps_encoder(out)],
+                         os.path.join(path, 'ranking.json')))
+    return todo
+
+
+def steps_encoder(out):
+    return next(s.marker for s in steps(out, SCALE['value']) if s.name == 'clip')
+
+
+SCALE = {'value': 1.0}
+
+
+def run_step(step, i, total, log_dir):
     os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, f'{name}.log')
-    line = ' '.join(shlex.quote(c) for c in cmd)
-    print(f'[{name}] {title}\n  $ {line}', flush=True)
+    log_path = os.path.join(log_dir, f'{step.name}.log')
+    line = ' '.join(shlex.quote(c) for c in step.cmd)
+    print(f'\n[{i}/{total}] {step.name}: {step.title}\n  $ {line}', flush=True)
     t0 = time.time()
     with open(log_path, 'w') as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         last = ''
         for out_line in proc.stdout:
             log.write(out_line)
             if out_line.strip():
                 last = out_line.strip()
-                print(f'  {last[-150:]}', flush=True)
+                print(f'  {last[-160:]}', flush=True)
         proc.wait()
-    if proc.returncode != 0 or not os.path.isfile(marker):
+    if proc.returncode != 0 or not os.path.isfile(step.marker):
         cause = last or f'exit status {proc.returncode}'
-        sys.exit(f'demo: step "{name}" failed: {cause}\n  command: {line}\n  log: {log_path}')
+        sys.exit(f'demo: step "{step.name}" failed: {cause}\n  command: {line}\n  log: {log_path}')
+    print(f'[{i}/{total}] {step.name} done in {time.time() - t0:.0f}s', flush=True)
     return time.time() - t0
+
+
+def run_all(todo, times, out, offset, total):
+    path = os.path.join(out, 'step_times.json')
+    for i, step in enumerate(todo, offset + 1):
+        if os.path.isfile(step.marker):
+            print(f'[{i}/{total}] {step.name}: done already ({step.marker})', flush=True)
+            continue
+        times[step.name] = round(run_step(step, i, total, os.path.join(out, 'logs')), 1)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(times, f, indent=1)
+        os.replace(path + '.tmp', path)
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+
+def load(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def dalle_scores(out, rows):
+    """The judge on DALLE's images: every sample (what one random draw gets) and each caption's
+    top-1 after clip_sort.py; also the top-1 tiles and a random tile for the grid."""
+    import torch
+    from PIL import Image
+    import numpy as np
+    import fid_score
+    judge = fid_score.load_judge(os.path.join(out, 'judge'))
+    size = judge.image_size if hasattr(judge, 'image_size') else 64
+    to_t = lambda p: torch.from_numpy(np.asarray(Image.open(p).convert('RGB').resize((size, size), Image.BICUBIC)).copy()).permute(2, 0, 1).float() / 127.5 - 1   # noqa: E731
+    every, every_keys, top, first = [], [], [], []
+    for i, row in enumerate(rows):
+        path = os.path.join(out, 'dalle_gen', str(i))
+        ranking = load(os.path.join(path, 'ranking.json'))['ranking']
+        files = [os.path.join(path, f'{j}.png') for j in range(SAMPLES_PER_CAPTION)]
+        every += [to_t(f) for f in files]
+        every_keys += [row['key']] * len(files)
+        top.append(to_t(os.path.join(path, os.path.basename(ranking[0]['file']))))
+        first.append(to_t(files[0]))
+    keys = [r['key'] for r in rows]
+    before = fid_score.judge_accuracy(judge, torch.stack(every), every_keys)
+    after = fid_score.judge_accuracy(judge, torch.stack(top), keys)
+    return before, after, torch.stack(first), torch.stack(top)
+
+
+def write_grid(out, rows, dalle_first, dalle_top):
+    """grid.png: one column per caption; rows real, XMC-GAN, DM-GAN (the XMC-GAN evaluation's
+    sample grid), then DALLE's first sample and its CLIP top-1."""
+    import torch
+    import torchvision.utils as vutils
+    from PIL import Image
+    import numpy as np
+    names = sorted(f for f in os.listdir(os.path.join(out, 'xmc_eval')) if f.startswith('samples_') and f.endswith('.png'))
+    top = torch.from_numpy(np.asarray(Image.open(os.path.join(out, 'xmc_eval', names[-1])).convert('RGB')).copy())
+    top = top.permute(2, 0, 1).float() / 255
+    tile = (top.shape[-1] - 2) // len(rows) - 2
+    dalle = torch.nn.functional.interpolate(torch.cat([dalle_first, dalle_top]), size=(tile, tile), mode='bilinear',
+                                            align_corners=False)
+    bottom = vutils.make_grid((dalle.clamp(-1, 1) + 1) / 2, nrow=len(rows), padding=2)
+    vutils.save_image(torch.cat([top[:, :-2], bottom[:, :]], 1), os.path.join(out, 'grid.png'))
+
+
+def write_report(out, times, scale, total_s):
+    rows = grid_captions(out)
+    before, after, dalle_first, dalle_top = dalle_scores(out, rows)
+    write_grid(out, rows, dalle_first, dalle_top)
+    dm, dm_fid = load(os.path.join(out, 'dmgan_eval', 'metrics.json')), load(os.path.join(out, 'dmgan_eval', 'fid.json'))
+    xm = load(os.path.join(out, 'xmc_eval', 'metrics.json'))
+    xl, xu = xm.get(f"eval/{xm.get('latest')}", {}), xm.get('untrained', {})
+    clip, damsm = load(os.path.join(out, 'clip', 'metrics.json')), load(os.path.join(out, 'damsm', 'metrics.json'))
+    vae = load(os.path.join(out, 'vae', 'metrics.json'))
+    f = lambda v: '–' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v))   # noqa: E731
+    t = lambda *names: f'{sum(times.get(n, 0) for n in names):.0f} s'                     # noqa: E731
+    head = ['system', 'R-precision', 'judge: all', 'colour', 'shape', 'position', 'shapes FID', 'training time']
+    table = [
+        ['real test images, their own caption', '–', dm.get('real_judge_all'), dm.get('real_judge_colour'),
+         dm.get('real_judge_shape'), dm.get('real_judge_position'), '0', '–'],
+        ['real test images, a wrong caption', '–', dm.get('wrong_caption_judge_all'), dm.get('wrong_caption_judge_colour'),
+         dm.get('wrong_caption_judge_shape'), dm.get('wrong_caption_judge_position'), '–', '–'],
+        ['DM-GAN (CLIP-style encoder)', dm.get('r_precision'), dm.get('judge_all'), dm.get('judge_colour'),
+         dm.get('judge_shape'), dm.get('judge_position'), dm_fid.get('fid'), t('dmgan')],
+        ['DM-GAN, untrained', dm.get('untrained_r_precision'), dm.get('untrained_judge_all'),
+         dm.get('untrained_judge_colour'), dm.get('untrained_judge_shape'), dm.get('untrained_judge_position'), '–', '–'],
+        ['XMC-GAN', xl.get('r_precision'), xl.get('judge_all'), xl.get('judge_colour'), xl.get('judge_shape'),
+         xl.get('judge_position'), xl.get('fid'), t('xmc_embed', 'xmc')],
+        ['XMC-GAN, untrained', xu.get('r_precision'), xu.get('judge_all'), xu.get('judge_colour'), xu.get('judge_shape'),
+         xu.get('judge_position'), xu.get('fid'), '–'],
+        [f'DALLE, any of {SAMPLES_PER_CAPTION} samples ({len(rows)} captions)', '–', before['all'], before['colour'],
+         before['shape'], before['position'], '–', t('vae', 'dalle')],
+        ['DALLE, CLIP top-1 (clip_sort.py)', '–', after['all'], after['colour'], after['shape'], after['position'], '–', '–'],
+    ]
+    enc = [['CLIP-style encoder (DAMSM + contrastive)', clip.get('r_precision'), t('clip')],
+           ['DAMSM RNN/CNN encoder', damsm.get('r_precision'), t('damsm')]]
+    md = ['# t2i-repro embedded demo', '',
+          f"{time.strftime('%Y-%m-%d')}, DEMO_SCALE {scale}, {os.cpu_count()} CPU cores; total {total_s:.0f} s "
+          f"(this invocation; per-step times in step_times.json).", '',
+          'Generators, on the test captions (judge = attribute accuracy of the shapes judge; R-precision '
+          '= 1 true + 99 captions of other classes, chance 0.01; shapes FID = Fréchet distance on the '
+          "judge's features against the 1,000 real test images):", '',
+          '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    md += ['| ' + ' | '.join(f(v) if not isinstance(v, str) else v for v in r) + ' |' for r in table]
+    md += ['', 'Encoders (R-precision of real test images, chance 0.01):', '', '| encoder | R-precision | training time |',
+           '|---|---|---|'] + ['| ' + ' | '.join(f(v) if not isinstance(v, str) else v for v in r) + ' |' for r in enc]
+    if vae:
+        md += ['', f"Discrete VAE: the judge's colour accuracy on reconstructions "
+               f"{f(vae.get('judge_recon_colour'))} vs originals {f(vae.get('judge_original_colour'))}; shape "
+               f"{f(vae.get('judge_recon_shape'))} vs {f(vae.get('judge_original_shape'))}."]
+    md += ['', 'Inception Score: not computed (it needs the FID Inception weights, which cannot be fetched here; '
+           '`inception_score.py --path <images>` computes it where the file is present).',
+           '', '![samples](grid.png)', '',
+           'Columns: the captions below. Rows: the real test image, XMC-GAN, DM-GAN, DALLE (first sample), '
+           'DALLE (CLIP top-1 of 8).', '']
+    md += [f'{i + 1}. {r["caption"]}' for i, r in enumerate(rows)]
+    with open(os.path.join(out, 'report.md'), 'w') as fh:
+        fh.write('\n'.join(md) + '\n')
+    grid = base64.b64encode(open(os.path.join(out, 'grid.png'), 'rb').read()).decode()
+    html = ['<!doctype html><html><head><meta charset="utf-8"><title>t2i-repro demo</title>',
+            '<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{border:1px solid #ccc;'
+            'padding:3px 8px}table{border-collapse:collapse}</style></head><body>', f'<h1>{md[0][2:]}</h1>', f'<p>{md[2]}</p>']
+    html += [f'<p>{md[4]}</p>', table_html(head, table, f), '<p>Encoders (R-precision of real test images):</p>',
+             table_html(['encoder', 'R-precision', 'training time'], enc, f)]
+    html += [f'<p>{line}</p>' for line in md if line.startswith(('Discrete VAE', 'Inception Score'))]
+    html += [f'<img src="data:image/png;base64,{grid}" style="image-rendering:pixelated;width:100%">',
+             '<p>Columns: the captions below. Rows: the real test image, XMC-GAN, DM-GAN, DALLE (first sample), '
+             'DALLE (CLIP top-1 of 8).</p><ol>'] + [f'<li>{r["caption"]}</li>' for r in rows] + ['</ol></body></html>']
+    with open(os.path.join(out, 'report.html'), 'w') as fh:
+        fh.write('\n'.join(html))
+
+
+def table_html(head, rows, f):
+    cells = lambda r, tag: ''.join(f'<{tag}>{f(v) if not isinstance(v, str) else v}</{tag}>' for v in r)  # noqa: E731
+    return '<table><tr>' + cells(head, 'th') + '</tr>' + ''.join(f'<tr>{cells(r, "td")}</tr>' for r in rows) + '</table>'
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--out', default='output/demo')
-    ap.add_argument('--scale', type=float, default=float(os.environ.get('DEMO_SCALE', '1')))
+    ap.add_argument('--scale', type=float, default=float(os.environ.get('DEMO_SCALE', '1')),
+                    help='multiplies every training length (env DEMO_SCALE)')
     args = ap.parse_args()
+    if args.scale <= 0:
+        sys.exit(f'demo: --scale/DEMO_SCALE={args.scale}: expected a positive number')
+    SCALE['value'] = args.scale
     os.makedirs(args.out, exist_ok=True)
-    times_path = os.path.join(args.out, 'step_times.json')
-    times = json.load(open(times_path)) if os.path.isfile(times_path) else {}
+    times = load(os.path.join(args.out, 'step_times.json'))
     t0 = time.time()
-    todo = steps(args.out, args.scale)
-    for i, (name, title, cmd, marker) in enumerate(todo, 1):
-        print(f'=== step {i}/{len(todo)} ===', flush=True)
-        if os.path.isfile(marker):
-            print(f'[{name}] done already ({marker}); skipping', flush=True)
-            continue
-        times[name] = round(run_step(name, title, cmd, marker, os.path.join(args.out, 'logs')), 1)
-        with open(times_path, 'w') as f:
-            json.dump(times, f, indent=1)
-    write_report(args.out, times, args.scale)
-    print(f'demo finished in {time.time() - t0:.0f}s (steps: {times}); report: {args.out}/report.md')
-
-
-def load_metrics(out, name):
-    p = os.path.join(out, name, 'metrics.json')
-    return json.load(open(p)) if os.path.isfile(p) else {}
-
-
-def write_report(out, times, scale):
-    """report.md and a one-page report.html with the grid inlined."""
-    rows = []
-    for sysname, m in (('DM-GAN', load_metrics(out, 'dmgan_eval')),):
-        rows.append((sysname, m.get('r_precision'), m.get('untrained_r_precision'),
-                     m.get('judge_attribute_accuracy'), m.get('untrained_judge_attribute_accuracy')))
-    fmt = lambda v: '–' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v))  # noqa: E731
-    md = [f'# t2i-repro embedded demo\n', f'DEMO_SCALE {scale}; step times (s): {json.dumps(times)}\n',
-          '| system | R-precision | untrained R-precision | judge attribute acc. | untrained judge acc. |',
-          '|---|---|---|---|---|']
-    md += [f'| {r[0]} | ' + ' | '.join(fmt(v) for v in r[1:]) + ' |' for r in rows]
-    with open(os.path.join(out, 'report.md'), 'w') as f:
-        f.write('\n'.join(md) + '\n')
-    html = ['<html><head><meta charset="utf-8"><title>t2i-repro demo</title></head><body>',
-            '<h1>t2i-repro embedded demo</h1>', '<table border=1><tr><th>system</th><th>R-precision</th>'
-            '<th>untrained R-precision</th><th>judge acc.</th><th>untrained judge acc.</th></tr>']
-    html += ['<tr>' + ''.join(f'<td>{fmt(v)}</td>' for v in r) + '</tr>' for r in rows]
-    html.append('</table>')
-    grid = os.path.join(out, 'grid.png')
-    if os.path.isfile(grid):
-        html.append('<img src="data:image/png;base64,' + base64.b64encode(open(grid, 'rb').read()).decode() + '">')
-    html.append('</body></html>')
-    with open(os.path.join(out, 'report.html'), 'w') as f:
-        f.write('\n'.join(html))
+    first = steps(args.out, args.scale)
+    total = len(first) + 2 * 8 + 1
+    run_all(first, times, args.out, 0, total)
+    rest = dalle_steps(args.out)
+    run_all(rest, times, args.out, len(first), len(first) + len(rest) + 1)
+    print(f'\n[{total}/{total}] report', flush=True)
+    write_report(args.out, times, args.scale, time.time() - t0)
+    print(f'demo finished in {time.time() - t0:.0f}s; report: {args.out}/report.md and report.html')
 
 
 if __name__ == '__main__':

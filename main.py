@@ -159,6 +159,41 @@ def ema_update(ema, model, decay):
             be.copy_(b)
 
 
+def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T, amp, step):
+    """One D step per stage, then one G step, on a batch: reals per stage, text features of
+    each caption view (two with the contrastive term), the same z for every view."""
+    with amp:
+        outs = [G(noise, s, w, p) for w, s, p in feats]
+    # --- D: every stage, summed over caption views
+    errD_total = 0.0
+    for i, (D, optD) in enumerate(zip(Ds, optsD)):
+        optD.zero_grad(set_to_none=True)
+        with amp:
+            errD = sum(discriminator_loss(D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats))
+        utils.check_finite(errD, f'D{i}', step)
+        errD.backward()
+        optD.step()
+        errD_total += errD.item()
+    # --- G: adversarial + LAMBDA * DAMSM + KL (+ contrastive between the two fakes)
+    optG.zero_grad(set_to_none=True)
+    with amp:
+        errG, img_codes, damsm_total = 0.0, [], 0.0
+        for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
+            damsm, code = damsm_loss(image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH)
+            errG = errG + generator_adv_loss(Ds, fakes, sent) + T.SMOOTH.LAMBDA * damsm + kl_loss(mu, logvar)
+            img_codes.append(code)
+            damsm_total += damsm.item()
+        if len(feats) == 2:
+            # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
+            a, b = (utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes)
+            cl = models.nt_xent_loss(a, b, T.CONTRASTIVE.TEMPERATURE)
+            errG = errG + T.CONTRASTIVE.WEIGHT * cl
+    utils.check_finite(errG, 'G', step)
+    errG.backward()
+    optG.step()
+    return {'loss_D': errD_total, 'loss_G': errG.item(), 'damsm': damsm_total}
+
+
 def train(run, args):
     cfg, dev, log = run.cfg, run.device, run.log
     T, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
@@ -196,42 +231,13 @@ def train(run, args):
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
         for batch in bar:
             reals = [im.to(dev, non_blocking=True) for im in batch['imgs']]
-            class_ids = batch['class_id'].to(dev)
             views = [batch['text']] + ([batch['text2']] if contrastive else [])
             noise = torch.randn(reals[0].shape[0], cfg.GAN.Z_DIM, device=dev)   # same z for both views
             feats = [encode_text(text_enc, v, dev) for v in views]
-            with amp:
-                outs = [G(noise, s, w, p) for w, s, p in feats]
-            # --- D: every stage, summed over caption views
-            errD_total = 0.0
-            for i, (D, optD) in enumerate(zip(Ds, optsD)):
-                optD.zero_grad(set_to_none=True)
-                with amp:
-                    errD = sum(discriminator_loss(D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats))
-                utils.check_finite(errD, f'D{i}', step)
-                errD.backward()
-                optD.step()
-                errD_total += errD.item()
-            # --- G: adversarial + LAMBDA * DAMSM + KL (+ contrastive between the two fakes)
-            optG.zero_grad(set_to_none=True)
-            with amp:
-                errG, img_codes, damsm_total = 0.0, [], 0.0
-                for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
-                    damsm, code = damsm_loss(image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH)
-                    errG = errG + generator_adv_loss(Ds, fakes, sent) + T.SMOOTH.LAMBDA * damsm + kl_loss(mu, logvar)
-                    img_codes.append(code)
-                    damsm_total += damsm.item()
-                if contrastive:
-                    # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
-                    a, b = (utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes)
-                    cl = models.nt_xent_loss(a, b, T.CONTRASTIVE.TEMPERATURE)
-                    errG = errG + T.CONTRASTIVE.WEIGHT * cl
-            utils.check_finite(errG, 'G', step)
-            errG.backward()
-            optG.step()
+            last = train_step(G, Ds, optG, optsD, image_enc, reals, batch['class_id'].to(dev), feats, noise,
+                              T, amp, step)
             ema_update(netG_ema, netG, T.EMA_DECAY)
             step += 1
-            last = {'loss_D': errD_total, 'loss_G': errG.item(), 'damsm': damsm_total}
             bar.set_postfix(**last)
             if step % T.LOG_EVERY == 0:
                 for k, v in last.items():

@@ -360,7 +360,7 @@ def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=
     """The first caption of n test images spread over the split, with fixed noise: the same grid
     at every checkpoint in TensorBoard; at `path`, a row of the real images above it, and with
     `dmgan_run` (EVAL.DMGAN) a third row: that DM-GAN run's EMA generator on the same captions
-    (its own encoder and noise). The captions go to <path>.txt."""
+    (its own encoder and noise). The captions go to <path>.txt, with their image keys to <path>.json."""
     if not run.main:
         return
     idx = np.linspace(0, len(emb.images) - 1, min(n, len(emb.images))).astype(int)
@@ -383,6 +383,8 @@ def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=
         rows.append(F.interpolate(other, size=imgs.shape[-2:], mode='bilinear', align_corners=False))
     utils.save_image_grid(torch.cat(rows), path, nrow=len(idx))
     utils.atomic_write_text(os.path.splitext(path)[0] + '.txt', '\n'.join(texts) + '\n')
+    utils.atomic_write_text(os.path.splitext(path)[0] + '.json', json.dumps(
+        [{'key': emb.images[i][0], 'caption': t} for i, t in zip(idx, texts)], indent=1))
 
 
 # ----------------------------------------------------------------------------

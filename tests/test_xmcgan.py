@@ -282,6 +282,8 @@ def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embedding
     grid = Image.open(tmp_path / 'eval' / 'samples_00000002.png')
     assert grid.size == (2 + 8 * 66, 2 + 3 * 66) and os.listdir(tmp_path / 'eval' / 'tb')   # 3 rows of 8
     assert len((tmp_path / 'eval' / 'samples_00000002.txt').read_text().splitlines()) == 8
+    assert [r['caption'] for r in json.loads((tmp_path / 'eval' / 'samples_00000002.json').read_text())] == \
+        (tmp_path / 'eval' / 'samples_00000002.txt').read_text().splitlines()
     dump = tmp_path / 'eval' / 'images_00000002'            # the first of 2 samplings: 12 images
     keys = json.loads((dump / 'keys.json').read_text())
     assert sorted(keys) == sorted(p.name for p in dump.glob('*.png')) and len(keys) == 12
