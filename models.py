@@ -1012,7 +1012,7 @@ class SpectralNorm(nn.Module):
                                      requires_grad=False)
 
     def forward(self, x):
-        w = self.weight_bar.view(self.weight_bar.shape[0], -1)
+        w = self.weight_bar.reshape(self.weight_bar.shape[0], -1)
         if self.training:
             with torch.no_grad():
                 v = F.normalize(w.t() @ self.weight_u, dim=0, eps=1e-12)
