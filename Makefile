@@ -16,8 +16,8 @@ venv: $(VENV_OK)
 data: venv
 	$(PY) preprocess_data.py --cfg cfg/preprocess/shapes.yml
 
-demo: data
-	@echo "demo: the synthetic dataset is ready in data/shapes (later steps: see README)"
+demo: venv
+	$(PY) demo.py
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -238,8 +238,8 @@ def write_report(out, times, scale, total_s):
          before['shape'], before['position'], '–', t('vae', 'dalle')],
         ['DALLE, CLIP top-1 (clip_sort.py)', '–', after['all'], after['colour'], after['shape'], after['position'], '–', '–'],
     ]
-    enc = [['CLIP-style encoder (DAMSM + contrastive)', clip.get('r_precision'), t('clip')],
-           ['DAMSM RNN/CNN encoder', damsm.get('r_precision'), t('damsm')]]
+    enc = [['CLIP-style encoder (DAMSM + contrastive)', clip.get('R_precision'), t('clip')],
+           ['DAMSM RNN/CNN encoder', damsm.get('R_precision'), t('damsm')]]
     md = ['# t2i-repro embedded demo', '',
           f"{time.strftime('%Y-%m-%d')}, DEMO_SCALE {scale}, {os.cpu_count()} CPU cores; total {total_s:.0f} s "
           f"(this invocation; per-step times in step_times.json).", '',
