@@ -23,6 +23,7 @@ DEFAULTS = {
     'DATA_DIR': 'data/birds',
     'WORKERS': 4,
     'TREE': {'BRANCH_NUM': 3, 'BASE_SIZE': 64},
+    'DATA': {'FLIP': True, 'CROP': True},  # AttnGAN's training flips and 76/64 resize + crop
     'TRAIN': {
         'FLAG': True,                 # false: evaluate NET_G
         'NET_G': '',                  # generator checkpoint to evaluate
@@ -62,7 +63,7 @@ def build_dataset(cfg, split, train, two_captions=False):
     data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
     return utils.TextImageDataset(data, split, base_size=cfg.TREE.BASE_SIZE,
                                   branch_num=cfg.TREE.BRANCH_NUM, train=train,
-                                  two_captions=two_captions)
+                                  two_captions=two_captions, flip=cfg.DATA.FLIP, crop=cfg.DATA.CROP)
 
 
 @torch.no_grad()

@@ -156,10 +156,7 @@ def build_data(cfg):
         data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
         train = utils.TextImageDataset(data, 'train', base_size=size, branch_num=1,
                                        words_num=cfg.TEXT.WORDS_NUM, train=True,
-                                       two_captions=cfg.LOSS.NTXENT > 0)
-        if not D.FLIP:      # captions that say left/right (the shapes data) must not be mirrored
-            import torchvision.transforms as T
-            train.aug = T.Compose([t for t in train.aug.transforms if not isinstance(t, T.RandomHorizontalFlip)])
+                                       two_captions=cfg.LOSS.NTXENT > 0, flip=D.FLIP)
         test = utils.TextImageDataset(data, 'test', base_size=size, branch_num=1, train=False)
         cls = data.class_ids('test')
         keys = data.keys['test'][:num or None]

@@ -825,7 +825,7 @@ class TextImageDataset(torch.utils.data.Dataset):
     base_size * 2**i, i < branch_num, in [-1, 1]."""
 
     def __init__(self, data, split, base_size=64, branch_num=3, words_num=18, train=True,
-                 two_captions=False, image_size=None):
+                 two_captions=False, image_size=None, flip=True, crop=True):
         import torchvision.transforms as T
         self.d, self.split, self.words_num, self.train = data, split, words_num, train
         self.keys, self.ids = data.keys[split], data.ids[split]
@@ -833,8 +833,11 @@ class TextImageDataset(torch.utils.data.Dataset):
         self.two = two_captions
         self.sizes = [base_size * 2 ** i for i in range(branch_num)] if image_size is None else [image_size]
         top = self.sizes[-1]
-        self.aug = T.Compose([T.Resize(int(top * 76 / 64)), T.RandomCrop(top), T.RandomHorizontalFlip()]) \
-            if train else T.Compose([T.Resize(int(top * 76 / 64)), T.CenterCrop(top)])
+        # AttnGAN: resize to 76/64 of the size, then a random (train) or central (test) crop, and
+        # random flips in training; crop=False / flip=False for data whose captions name positions.
+        first = [T.Resize(int(top * 76 / 64)), T.RandomCrop(top) if train else T.CenterCrop(top)] if crop \
+            else [T.Resize([top, top])]
+        self.aug = T.Compose(first + ([T.RandomHorizontalFlip()] if train and flip else []))
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
         self.skipped = 0
 
