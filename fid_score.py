@@ -348,8 +348,8 @@ def judge_scene(pred, truth):
     for perm in itertools.permutations(range(len(pred)), min(len(objs), len(pred))):
         hits = [[pred[p][a] == objs[j][a] for a in ATTRIBUTES] for j, p in enumerate(perm)]
         hits += [[False] * len(ATTRIBUTES)] * (len(objs) - len(perm))
-        if len(perm) < len(objs):
-            position = False
+        if len(pred) != len(objs):     # extra (or missing) objects: no position credit, or an image
+            position = False            # of objects everywhere would have every lone object's cell
         elif len(objs) == 1:
             position = pred[perm[0]]['cell'] == objs[0]['cell']
         else:
