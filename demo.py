@@ -99,7 +99,7 @@ def grid_captions(out):
         return json.load(f)
 
 
-def dalle_steps(out):
+def dalle_steps(out, encoder):
     d = lambda *p: os.path.join(out, *p)                             # noqa: E731
     todo = []
     for i, row in enumerate(grid_captions(out)):
@@ -110,16 +110,9 @@ def dalle_steps(out):
                          os.path.join(path, 'grid.png')))
         todo.append(Step(f'clip_sort_{i}', 'clip_sort.py: rerank with the CLIP-style encoder',
                          [PY, 'clip_sort.py', row['caption'], SAMPLES_PER_CAPTION, path, '--cfg', 'cfg/dalle/shapes_sort.yml',
-                          '--clip_path', steps_encoder(out)],
+                          '--clip_path', encoder],
                          os.path.join(path, 'ranking.json')))
     return todo
-
-
-def steps_encoder(out):
-    return next(s.marker for s in steps(out, SCALE['value']) if s.name == 'clip')
-
-
-SCALE = {'value': 1.0}
 
 
 def run_step(step, i, total, log_dir):
@@ -289,14 +282,13 @@ def main():
     args = ap.parse_args()
     if args.scale <= 0:
         sys.exit(f'demo: --scale/DEMO_SCALE={args.scale}: expected a positive number')
-    SCALE['value'] = args.scale
     os.makedirs(args.out, exist_ok=True)
     times = load(os.path.join(args.out, 'step_times.json'))
     t0 = time.time()
     first = steps(args.out, args.scale)
     total = len(first) + 2 * 8 + 1
     run_all(first, times, args.out, 0, total)
-    rest = dalle_steps(args.out)
+    rest = dalle_steps(args.out, next(s.marker for s in first if s.name == 'clip'))
     run_all(rest, times, args.out, len(first), len(first) + len(rest) + 1)
     print(f'\n[{total}/{total}] report', flush=True)
     write_report(args.out, times, args.scale, time.time() - t0)
