@@ -2,7 +2,7 @@
 dataset, then a report (output/demo/report.md and report.html).
 
   python demo.py                                   # what `make demo` runs
-  DEMO_SCALE=4 python demo.py --out output/demo_x4 # every training step 4x longer
+  DEMO_SCALE=4 python demo.py                      # every training length 4x, in output/demo_x4
 
 Each step is a documented command a user could run alone (printed before it runs; its
 output goes to <out>/logs/<step>.log). A step whose marker file exists is skipped, so
@@ -276,12 +276,14 @@ def table_html(head, rows, f):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--out', default='output/demo')
+    ap.add_argument('--out', help='default output/demo, output/demo_x<scale> at another scale')
     ap.add_argument('--scale', type=float, default=float(os.environ.get('DEMO_SCALE', '1')),
                     help='multiplies every training length (env DEMO_SCALE)')
     args = ap.parse_args()
     if args.scale <= 0:
         sys.exit(f'demo: --scale/DEMO_SCALE={args.scale}: expected a positive number')
+    # another scale gets its own run dir: the markers of a run at one scale say nothing of another
+    args.out = args.out or ('output/demo' if args.scale == 1 else f'output/demo_x{args.scale:g}')
     os.makedirs(args.out, exist_ok=True)
     times = load(os.path.join(args.out, 'step_times.json'))
     t0 = time.time()
