@@ -181,6 +181,34 @@ def tiny_judge(tmp_path_factory, tiny_shapes):
     return str(out)
 
 
+@pytest.fixture(scope='module')
+def tiny_rnn_encoder(tmp_path_factory, tiny_shapes):
+    """A random-init DAMSM pair (bi-LSTM + small CNN) over AttnGAN's vocabulary of the tiny data."""
+    torch.manual_seed(0)
+    data = utils.AttnGANData(tiny_shapes, 10)
+    tok = models.tokenizer_spec('attngan', 18, words=[data.ixtoword[i] for i in range(len(data.ixtoword))])
+    text = models.build_text_encoder({'family': 'damsm', 'dim': 16, 'tokenizer': tok, 'word_dim': 8, 'dropout': 0.5})
+    image = models.build_image_encoder({'family': 'damsm', 'dim': 16, 'image_size': 32, 'backbone': 'small',
+                                        'width': 4, 'train_backbone': True})
+    out = tmp_path_factory.mktemp('rnn_enc')
+    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
+    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
+    return str(out / 'checkpoints' / 'text_encoder1.pth')
+
+
+def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_encoder, tmp_path):
+    """The original DM-GAN's conditioning: the DAMSM bi-LSTM words/sentence, the CNN's regions."""
+    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_rnn_encoder, 'TRAIN.BATCH_SIZE=4',
+                      'TRAIN.MAX_EPOCH=1', 'TRAIN.CONTRASTIVE.ENABLE=false'))
+    assert json.load(open(tmp_path / 'train' / 'metrics.json'))['train_steps'] == 10
+    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'eval', tiny_shapes, tiny_rnn_encoder, 'TRAIN.FLAG=false',
+                      f'TRAIN.NET_G={tmp_path / "train"}', 'EVAL.NUM_IMAGES=12', 'EVAL.BATCH_SIZE=5',
+                      'EVAL.R_NEG=5', 'EVAL.R_FOLDS=2'))
+    m = json.load(open(tmp_path / 'eval' / 'metrics.json'))
+    assert m['num_images'] == 12 and 0 <= m['r_precision'] <= 1
+    assert len([f for f in os.listdir(tmp_path / 'eval' / 'valid' / 'single') if f.endswith('.png')]) == 12
+
+
 def dmgan_args(cfg, out, data, enc, *sets):
     argv = [sys.executable, os.path.join(ROOT, 'main.py'), '--cfg', os.path.join(ROOT, 'cfg', cfg),
             '--out', str(out), '--deterministic', '--set', f'DATA_DIR={data}', '--set', f'TRAIN.NET_E={enc}',
