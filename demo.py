@@ -92,10 +92,15 @@ def steps(out, scale):
     ]
 
 
+def latest_samples(out, ext):
+    """The newest sample grid file (.png) or its captions (.json) of the XMC-GAN evaluation."""
+    names = sorted(f for f in os.listdir(os.path.join(out, 'xmc_eval')) if f.startswith('samples_') and f.endswith(ext))
+    return os.path.join(out, 'xmc_eval', names[-1])
+
+
 def grid_captions(out):
     """The captions (and image keys) of the XMC-GAN evaluation's sample grid."""
-    names = sorted(f for f in os.listdir(os.path.join(out, 'xmc_eval')) if f.startswith('samples_') and f.endswith('.json'))
-    with open(os.path.join(out, 'xmc_eval', names[-1])) as f:
+    with open(latest_samples(out, '.json')) as f:
         return json.load(f)
 
 
@@ -161,28 +166,23 @@ def load(path):
 
 
 def dalle_scores(out, rows):
-    """The judge on DALLE's images: every sample (what one random draw gets) and each caption's
-    top-1 after clip_sort.py; also the top-1 tiles and a random tile for the grid."""
+    """The judge on DALLE's images, read as `fid_score.py --accuracy` reads them: every sample
+    (what one random draw gets) and each caption's top-1 after clip_sort.py; also each
+    caption's first sample and top-1 for the grid."""
     import torch
-    from PIL import Image
-    import numpy as np
     import fid_score
     judge = fid_score.load_judge(os.path.join(out, 'judge'))
-    size = judge.image_size if hasattr(judge, 'image_size') else 64
-    to_t = lambda p: torch.from_numpy(np.asarray(Image.open(p).convert('RGB').resize((size, size), Image.BICUBIC)).copy()).permute(2, 0, 1).float() / 127.5 - 1   # noqa: E731
-    every, every_keys, top, first = [], [], [], []
+    files, keys, best = [], [], []
     for i, row in enumerate(rows):
         path = os.path.join(out, 'dalle_gen', str(i))
-        ranking = load(os.path.join(path, 'ranking.json'))['ranking']
-        files = [os.path.join(path, f'{j}.png') for j in range(SAMPLES_PER_CAPTION)]
-        every += [to_t(f) for f in files]
-        every_keys += [row['key']] * len(files)
-        top.append(to_t(os.path.join(path, os.path.basename(ranking[0]['file']))))
-        first.append(to_t(files[0]))
-    keys = [r['key'] for r in rows]
-    before = fid_score.judge_accuracy(judge, torch.stack(every), every_keys)
-    after = fid_score.judge_accuracy(judge, torch.stack(top), keys)
-    return before, after, torch.stack(first), torch.stack(top)
+        top1 = load(os.path.join(path, 'ranking.json'))['ranking'][0]['file']
+        best.append(len(files) + int(os.path.splitext(os.path.basename(top1))[0]))
+        files += [os.path.join(path, f'{j}.png') for j in range(SAMPLES_PER_CAPTION)]
+        keys += [row['key']] * SAMPLES_PER_CAPTION
+    images = torch.cat(list(fid_score.batches(files, 64, 0, 'cpu'))) * 2 - 1
+    before = fid_score.judge_accuracy(judge, images, keys)
+    after = fid_score.judge_accuracy(judge, images[best], [r['key'] for r in rows])
+    return before, after, images[::SAMPLES_PER_CAPTION], images[best]
 
 
 def write_grid(out, rows, dalle_first, dalle_top):
@@ -190,16 +190,14 @@ def write_grid(out, rows, dalle_first, dalle_top):
     sample grid), then DALLE's first sample and its CLIP top-1."""
     import torch
     import torchvision.utils as vutils
-    from PIL import Image
-    import numpy as np
-    names = sorted(f for f in os.listdir(os.path.join(out, 'xmc_eval')) if f.startswith('samples_') and f.endswith('.png'))
-    top = torch.from_numpy(np.asarray(Image.open(os.path.join(out, 'xmc_eval', names[-1])).convert('RGB')).copy())
-    top = top.permute(2, 0, 1).float() / 255
+    import torchvision.transforms.functional as TF
+    import utils
+    top = TF.to_tensor(utils.load_image(latest_samples(out, '.png')))
     tile = (top.shape[-1] - 2) // len(rows) - 2
     dalle = torch.nn.functional.interpolate(torch.cat([dalle_first, dalle_top]), size=(tile, tile), mode='bilinear',
                                             align_corners=False)
     bottom = vutils.make_grid((dalle.clamp(-1, 1) + 1) / 2, nrow=len(rows), padding=2)
-    vutils.save_image(torch.cat([top[:, :-2], bottom[:, :]], 1), os.path.join(out, 'grid.png'))
+    vutils.save_image(torch.cat([top[:, :-2], bottom], 1), os.path.join(out, 'grid.png'))
 
 
 def write_report(out, times, scale, total_s):

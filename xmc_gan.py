@@ -371,7 +371,8 @@ def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=
     run.writer.add_text('samples/captions', '\n\n'.join(texts), step)
     if not path:
         return
-    rows = [torch.stack([XMCDataset(emb, imgs.shape[-1], flip=False)[i]['image'] for i in idx]).to(dev), imgs]
+    reals = XMCDataset(emb, imgs.shape[-1], flip=False)
+    rows = [torch.stack([reals[i]['image'] for i in idx]).to(dev), imgs]
     if dmgan_run:
         ckpt = utils.load_checkpoint(utils.list_checkpoints(dmgan_run, 'dmgan')[-1] if os.path.isdir(dmgan_run)
                                      else dmgan_run, 'dmgan', map_location=dev)
@@ -594,11 +595,11 @@ def evaluate(run, watch):
                     utils.write_metrics(run.out, {'untrained': base})
                     log.info(f"untrained generator: {fmt(base)}")
                 netG = build_networks(ccfg, emb.dim)[0].to(dev)
-                netG.load_state_dict(ckpt['models']['G_ema'])
+                netG.load_state_dict(ckpt['models']['G_ema'])        # the EMA weights, as the original reports
                 for m in metrics:
                     if isinstance(m, ImageDump):
                         m.dir = os.path.join(run.out, f'images_{step:08d}')
-                        os.makedirs(m.dir, exist_ok=True)        # the EMA weights, as the original reports
+                        os.makedirs(m.dir, exist_ok=True)
                 scores = score(netG.eval(), ccfg, emb, metrics, E, dev)
                 header = '' if os.path.isfile(table) else '# checkpoint\tstep\tEMA G, mean and std of EVAL.REPEATS\n'
                 with open(table, 'a') as f:

@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main  # noqa: E402
@@ -85,7 +86,6 @@ def main_():
         amp = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         for i in range(args.warmup):
             step(amp, i)
-        from torch.utils.flop_counter import FlopCounterMode
         with FlopCounterMode(display=False) as fc:
             step(amp, 0)
         flops = fc.get_total_flops()
