@@ -23,7 +23,7 @@ DATA = 'data/shapes'                     # preprocess_data.py --cfg cfg/preproce
 # Training length of each step at DEMO_SCALE 1, sized so the whole demo fits in ~15 minutes on
 # 2 CPU cores; the cfgs' own lengths (README: ~10 minutes each) are the longer runs.
 LENGTH = {'judge_epochs': 3, 'clip_epochs': 2, 'damsm_epochs': 1, 'dmgan_epochs': 1,
-          'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 200}
+          'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 300}
 SAMPLES_PER_CAPTION = 8                  # dalle_gen.py images per caption, reranked by clip_sort.py
 
 
@@ -87,7 +87,8 @@ def steps(out, scale):
              d('vae', 'metrics.json')),
         Step('dalle', 'DALLE on the VAE',
              [PY, 'train_dalle.py', '--cfg', 'cfg/dalle/shapes_dalle.yml', '--out', d('dalle'),
-              '--vae_path', d('vae', 'vae.pt'), '--set', f"TRAIN.MAX_STEPS={n('dalle_steps')}"],
+              '--vae_path', d('vae', 'vae.pt'), '--set', f"TRAIN.MAX_STEPS={n('dalle_steps')}",
+              '--set', f"EVAL.JUDGE={d('judge')}"],
              d('dalle', 'metrics.json')),
     ]
 
@@ -208,7 +209,7 @@ def write_report(out, times, scale, total_s):
     xm = load(os.path.join(out, 'xmc_eval', 'metrics.json'))
     xl, xu = xm.get(f"eval/{xm.get('latest')}", {}), xm.get('untrained', {})
     clip, damsm = load(os.path.join(out, 'clip', 'metrics.json')), load(os.path.join(out, 'damsm', 'metrics.json'))
-    vae = load(os.path.join(out, 'vae', 'metrics.json'))
+    vae, dl = load(os.path.join(out, 'vae', 'metrics.json')), load(os.path.join(out, 'dalle', 'metrics.json'))
     f = lambda v: '–' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v))   # noqa: E731
     t = lambda *names: f'{sum(times.get(n, 0) for n in names):.0f} s'                     # noqa: E731
     head = ['system', 'R-precision', 'judge: all', 'colour', 'shape', 'position', 'shapes FID', 'training time']
@@ -225,9 +226,14 @@ def write_report(out, times, scale, total_s):
          xl.get('judge_position'), xl.get('fid'), t('xmc_embed', 'xmc')],
         ['XMC-GAN, untrained', xu.get('r_precision'), xu.get('judge_all'), xu.get('judge_colour'), xu.get('judge_shape'),
          xu.get('judge_position'), xu.get('fid'), '–'],
-        [f'DALLE, any of {SAMPLES_PER_CAPTION} samples ({len(rows)} captions)', '–', before['all'], before['colour'],
-         before['shape'], before['position'], '–', t('vae', 'dalle')],
-        ['DALLE, CLIP top-1 (clip_sort.py)', '–', after['all'], after['colour'], after['shape'], after['position'], '–', '–'],
+        [f"DALLE, one sample per caption ({dl.get('eval_captions', 0)} captions)", '–', dl.get('judge_all'),
+         dl.get('judge_colour'), dl.get('judge_shape'), dl.get('judge_position'), '–', t('vae', 'dalle')],
+        ['DALLE, untrained', '–', dl.get('untrained_judge_all'), dl.get('untrained_judge_colour'),
+         dl.get('untrained_judge_shape'), dl.get('untrained_judge_position'), '–', '–'],
+        [f'DALLE, all {SAMPLES_PER_CAPTION} samples of the {len(rows)} grid captions', '–', before['all'],
+         before['colour'], before['shape'], before['position'], '–', '–'],
+        [f'DALLE, CLIP top-1 of {SAMPLES_PER_CAPTION} (clip_sort.py)', '–', after['all'], after['colour'], after['shape'],
+         after['position'], '–', '–'],
     ]
     enc = [['CLIP-style encoder (DAMSM + contrastive)', clip.get('R_precision'), t('clip')],
            ['DAMSM RNN/CNN encoder', damsm.get('R_precision'), t('damsm')]]

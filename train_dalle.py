@@ -60,7 +60,13 @@ DEFAULTS = {
         'SAMPLE_EVERY': 1000,     # steps between sample grids in TensorBoard; 0 = at epoch ends only
         'NUM_SAMPLES': 4,
     },
-    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0},   # for the TensorBoard samples (dalle.md §1.5)
+    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0},   # for the TensorBoard samples and EVAL (dalle.md §1.5)
+    'EVAL': {                     # after training; not in DALLE-pytorch
+        'HOLDOUT': '',            # held-out (image, caption) pairs: jsonl, folder or csv
+        'NUM_CAPTIONS': 64,       # captions spread over HOLDOUT, one sample each
+        'JUDGE': '',              # shapes judge checkpoint: attribute accuracy of the samples
+        'BASELINE': False,        # also an untrained DALLE on the same captions
+    },
 }
 
 FLAGS = {'image_text_folder': 'IMAGE_TEXT_FOLDER', 'vae_path': 'VAE_PATH',
@@ -271,6 +277,8 @@ def train(run, args):
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=0.5, patience=10,
                                                        cooldown=10, min_lr=1e-6) if c.LR_DECAY else None
     amp, scaler = autocast(dev, c)
+    if c.AMP and c.AMP_DTYPE == 'bfloat16':
+        utils.warn_slow_bf16(dev, log)
     scheds = {'sched': sched} if sched else {}
     step, epoch, skip = 0, 0, 0
     if ckpt:
@@ -326,9 +334,50 @@ def train(run, args):
         if stop:
             break
     final = save(*where, name=f'{cfg.DALLE_OUTPUT_FILE_NAME}.pt')
-    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
-                                  'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
-                                  **{f'final_{k}': v for k, v in last.items()}, 'dalle_path': final})
+    metrics = {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
+               'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
+               **{f'final_{k}': v for k, v in last.items()}, 'dalle_path': final}
+    if cfg.EVAL.JUDGE and run.main:
+        metrics.update(evaluate(cfg, dalle, vae, tokenizer, dev, log, run.out))
+    utils.write_metrics(run.out, metrics)
+
+
+@torch.no_grad()
+def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
+    """One sample (SAMPLE's top-k and temperature) for each of EVAL.NUM_CAPTIONS held-out
+    captions, scored by the shapes judge against the attributes of the caption's own image
+    (the rule of `fid_score.py --accuracy`); with BASELINE, an untrained DALLE on the same
+    captions and noise. Writes holdout_samples.png (rows: trained, untrained)."""
+    import fid_score
+    E = cfg.EVAL
+    if not E.HOLDOUT:
+        raise utils.UserError("EVAL.JUDGE needs EVAL.HOLDOUT: held-out (image, caption) pairs")
+    pairs = utils.read_pairs(E.HOLDOUT)
+    pairs = pairs[::max(1, len(pairs) // E.NUM_CAPTIONS)][:E.NUM_CAPTIONS]
+    ids = torch.stack([tokenizer.tokenize(caps if isinstance(caps, str) else caps[0], cfg.TEXT.TEXT_SEQ_LEN, True)
+                       for _, caps in pairs]).to(dev)
+    keys = [fid_score.shapes_key(p) for p, _ in pairs]
+    judge = fid_score.load_judge(E.JUDGE, dev)
+
+    def sample(model):
+        model.eval()
+        g = torch.Generator(device=dev).manual_seed(cfg.SEED)
+        return torch.cat([vae.decode(model.generate_image_tokens(ids[i:i + 32], cfg.SAMPLE.TOP_K, cfg.SAMPLE.TEMPERATURE,
+                                                                 generator=g)).float().clamp(-1, 1).cpu()
+                          for i in range(0, len(ids), 32)])
+    images = sample(dalle)
+    res = {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, images, keys).items()}
+    rows = [images[:8]]
+    if E.BASELINE:
+        torch.manual_seed(cfg.SEED)            # same architecture, fresh initialisation
+        untrained = models.DALLE(**dalle.hparams).to(dev)
+        base = sample(untrained)
+        res.update({f'untrained_judge_{k}': v for k, v in fid_score.judge_accuracy(judge, base, keys).items()})
+        rows.append(base[:8])
+    utils.save_image_grid(torch.cat(rows), os.path.join(out, 'holdout_samples.png'), nrow=len(rows[0]))
+    res['eval_captions'] = len(ids)
+    log.info(' | '.join(f'{k} {v:.3f}' for k, v in res.items()))
+    return res
 
 
 def fixed_captions(pairs, tokenizer, cfg, n):

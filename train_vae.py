@@ -42,6 +42,8 @@ DEFAULTS = {
         'KL_LOSS_WEIGHT': 0.0,
         'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
         'LOGIT_INIT_SCALE': 1.0,    # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
+        'CODE_INIT': 'default',     # 'features': point each code's logit at an encoder feature of the first batch
+        'RESTART_DEAD_CODES': False,  # at each LOG_EVERY, codes unused since the last one re-point at batch features
         'SMOOTH_L1_LOSS': False,
         'AMP': False,             # bf16 autocast
         'LOG_EVERY': 100,         # scalars, codebook usage, reconstruction grids
@@ -134,6 +136,47 @@ def codebook_usage(counts):
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
+@torch.no_grad()
+def point_codes_at_features(vae, images, codes, scale):
+    """Make code k's logit scale * (h . f_k - |f_k|^2 / 2) for features f_k of random positions
+    of `images`: its argmax is then the nearest f_k, so every code wins somewhere (a k-means-style
+    start instead of the few codes a random logits layer favours). Same module, same state dict."""
+    feats = vae.encoder[:-1](images).permute(0, 2, 3, 1).flatten(0, 2).float()
+    f = feats[torch.randperm(len(feats), device=feats.device)[:len(codes)]]
+    conv = vae.encoder[-1]
+    conv.weight[codes] = (scale * f)[..., None, None].to(conv.weight.dtype)
+    conv.bias[codes] = (-scale * f.pow(2).sum(1) / 2).to(conv.bias.dtype)
+
+
+@torch.no_grad()
+def restart_dead_codes(vae, images, dead, scale):
+    """Each dead code k splits the code j that wins at a random position of `images` (feature
+    h0): k copies j's logits row and codebook vector and adds scale * (h . h0 - |h0|^2 / 2), so
+    it takes the part of j's inputs nearer h0 and reconstructions do not jump. Rank 0 decides,
+    every rank gets its result. Returns the number of codes restarted."""
+    dead = dead.nonzero().flatten()
+    conv, book = vae.encoder[-1], vae.codebook.weight
+    if len(dead) and utils.is_main():
+        feats = vae.encoder[:-1](images).permute(0, 2, 3, 1).flatten(0, 2)
+        pick = torch.randperm(len(feats), device=feats.device)[:len(dead)]
+        h0 = feats[pick]
+        dead = dead[:len(h0)]
+        j = F.conv2d(h0[..., None, None], conv.weight, conv.bias).flatten(1).argmax(1)
+        conv.weight[dead] = conv.weight[j] + scale * h0[..., None, None]
+        conv.bias[dead] = conv.bias[j] - scale * h0.pow(2).sum(1) / 2
+        book[dead] = book[j]
+    if utils.get_world_size() > 1:
+        for t in (conv.weight, conv.bias, book):
+            torch.distributed.broadcast(t, 0)
+    return len(dead)
+
+
+def feature_scale(vae, images, c):
+    """LOGIT_INIT_SCALE over the mean squared feature norm: logits of order LOGIT_INIT_SCALE."""
+    with torch.no_grad():
+        return c.LOGIT_INIT_SCALE / vae.encoder[:-1](images).pow(2).sum(1).mean().item()
+
+
 def make_optimizer(params, lr):
     # Fused Adam: the same update as torch.optim.Adam, in one kernel over all tensors.
     return torch.optim.Adam(params, lr=lr, fused=True)
@@ -167,27 +210,37 @@ def train(run, args):
         raise utils.UserError(f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training images")
     vae = models.DiscreteVAE(m.IMAGE_SIZE, m.NUM_TOKENS, m.EMB_DIM, m.NUM_LAYERS, m.NUM_RESNET_BLOCKS,
                              m.HIDDEN_DIM).to(dev)
-    with torch.no_grad():   # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
-        vae.encoder[-1].weight.mul_(c.LOGIT_INIT_SCALE)
-        vae.encoder[-1].bias.mul_(c.LOGIT_INIT_SCALE)
+    if c.CODE_INIT not in ('default', 'features'):
+        raise utils.UserError(f"TRAIN.CODE_INIT={c.CODE_INIT!r}: expected 'default' or 'features'")
+    if c.CODE_INIT == 'features':
+        first = torch.stack([ds[i][0] for i in torch.randperm(len(ds))[:64].tolist()]).to(dev)
+        point_codes_at_features(vae, first, torch.arange(m.NUM_TOKENS, device=dev), feature_scale(vae, first, c))
+    else:
+        with torch.no_grad():   # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
+            vae.encoder[-1].weight.mul_(c.LOGIT_INIT_SCALE)
+            vae.encoder[-1].bias.mul_(c.LOGIT_INIT_SCALE)
     opt = make_optimizer(vae.parameters(), c.LEARNING_RATE)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.LR_DECAY_RATE)
-    step, epoch, skip = 0, 0, 0
+    step, epoch, skip, counts = 0, 0, 0, None
     ckpt = utils.resolve_resume(args.resume, run.out, 'vae', log)
     if ckpt:
         step, epoch = utils.restore_checkpoint(ckpt, {'vae': vae}, {'opt': opt}, {'sched': sched})
         skip = ckpt['extra'].get('batches_done', 0)
+        counts = ckpt['extra'].get('code_counts')     # this window's code histogram, for RESTART_DEAD_CODES
     model = utils.wrap_ddp(vae, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.AMP)
+    if c.AMP:
+        utils.warn_slow_bf16(dev, log)
     log.info(f"DiscreteVAE {sum(p.numel() for p in vae.parameters()):,} params, {len(ds)} images, "
              f"{vae.fmap_size}x{vae.fmap_size} tokens of {m.NUM_TOKENS}, {len(loader)} steps/epoch")
-    counts = torch.zeros(m.NUM_TOKENS, device=dev)
+    counts = torch.zeros(m.NUM_TOKENS, device=dev) if counts is None else counts.to(dev)
     t0, last, start_step = time.time(), {}, step
 
     def save(epoch, batches_done):
         utils.save_checkpoint(run.out, 'vae', step, {'vae': vae}, {'opt': opt}, {'sched': sched},
                               epoch=epoch, cfg=cfg, keep=c.KEEP_CHECKPOINTS,
-                              extra={'hparams': vae.hparams, 'batches_done': batches_done})
+                              extra={'hparams': vae.hparams, 'batches_done': batches_done,
+                                     'code_counts': counts.cpu()})
         if run.main:
             save_vae_pt(vae, os.path.join(run.out, 'vae.pt'))
 
@@ -210,6 +263,8 @@ def train(run, args):
             bar.set_postfix(**last)
             if step % c.LOG_EVERY == 0:
                 ppl, used = codebook_usage(counts)
+                if c.RESTART_DEAD_CODES:
+                    last['restarted'] = restart_dead_codes(vae, images, counts == 0, feature_scale(vae, images, c))
                 counts.zero_()
                 last.update(perplexity=ppl, codes_used=used)
                 for k, v in {**last, 'lr': sched.get_last_lr()[0]}.items():

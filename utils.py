@@ -74,6 +74,11 @@ def _check_type(key, default, value, source):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, float) and isinstance(value, str):
+        try:        # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return list(value)
     if type(default) is not type(value):
@@ -216,6 +221,16 @@ def get_device(gpu):
         raise UserError(f"--gpu {index}: only {n} CUDA device(s) visible")
     torch.cuda.set_device(index)
     return torch.device('cuda', index)
+
+
+def warn_slow_bf16(device, log):
+    """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN
+    emulates it, slower than fp32."""
+    native = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
+        getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
+    if device.type == 'cpu' and not native:
+        log.warning("bf16 autocast on a CPU without AVX512-BF16/AMX is emulated and slower than fp32; "
+                    "set TRAIN.AMP=false")
 
 
 def seed_everything(seed, deterministic=False):

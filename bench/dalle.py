@@ -9,6 +9,8 @@ counts (asserted), dalle-pytorch's weights copied into ours so both compute the 
     python bench/dalle.py                      # the seed cfg (dalle.md §1.1, §1.4), CPU, batch 4
     python bench/dalle.py --preset small --threads 1
     python bench/dalle.py --device cuda --batch 16
+    python bench/dalle.py --preset small --amp     # ours as `--amp` runs it (bf16 autocast); dalle-pytorch's
+                                                   # --amp does nothing without DeepSpeed, so it stays fp32
 
 Ours differs in how, not what, it computes: Adam is the fused kernel; attention goes through
 scaled_dot_product_attention; each half of the output head is computed only for the
@@ -118,6 +120,8 @@ def main():
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--only', choices=['vae', 'dalle', 'sample'], action='append')
+    p.add_argument('--amp', action='store_true', help="ours with bf16 autocast, as train_vae/train_dalle's AMP "
+                   "(dalle-pytorch's --amp is a no-op without DeepSpeed: it runs fp32 either way)")
     p.add_argument('--json', default='', help='also write the results here')
     a = p.parse_args()
     if a.threads:
@@ -127,7 +131,8 @@ def main():
     P = PRESETS[a.preset]
     only = set(a.only or ['vae', 'dalle', 'sample'])
     res = {'preset': a.preset, 'batch': a.batch, 'device': str(dev), 'threads': torch.get_num_threads(),
-           'torch': torch.__version__, 'dalle_pytorch': '1.6.6', 'date': time.strftime('%Y-%m-%d %H:%M')}
+           'torch': torch.__version__, 'dalle_pytorch': '1.6.6', 'date': time.strftime('%Y-%m-%d %H:%M'),
+           'ours_amp': a.amp}
     torch.manual_seed(0)
     their_vae = dp.DiscreteVAE(**P['vae']).to(dev)
     our_vae = models.DiscreteVAE(**P['vae']).to(dev)
@@ -139,7 +144,7 @@ def main():
 
     if 'vae' in only:
         c = utils.to_cfg(train_vae.DEFAULTS['TRAIN'])
-        amp = torch.autocast(dev.type, enabled=False)
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp)
         opt_o = train_vae.make_optimizer(our_vae.parameters(), c.LEARNING_RATE)
         opt_t = torch.optim.Adam(their_vae.parameters(), lr=c.LEARNING_RATE)
 
@@ -179,7 +184,7 @@ def main():
         res['same_loss'] = {'ours': lo, 'theirs': lt}
 
     if 'dalle' in only:
-        c = utils.to_cfg(train_dalle.DEFAULTS['TRAIN'])
+        c = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': a.amp})
         amp, _ = train_dalle.autocast(dev, c)
         opt_o = train_dalle.make_optimizer(ours_m.parameters(), c.LEARNING_RATE)
         opt_t = torch.optim.Adam([q for q in theirs_m.parameters() if q.requires_grad], lr=c.LEARNING_RATE)

@@ -239,6 +239,41 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_train_vae_code_restarts_resume_exactly(nested_images, tmp_path):
+    # codes re-pointed at steps 4 and 8 from the histogram since the last log; the checkpoint at 6
+    # falls inside a window, so a resume must carry the histogram to restart the same codes
+    args = [*VAE_ARGS, '--epochs', 2, '--set', 'TRAIN.LOG_EVERY=4', '--set', 'TRAIN.CODE_INIT=features',
+            '--set', 'TRAIN.RESTART_DEAD_CODES=true', '--set', 'TRAIN.LOGIT_INIT_SCALE=10.0']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    m = run_script(train_vae, ['--image_folder', nested_images, '--out', a, *args, '--set', 'TRAIN.SAVE_EVERY_N_STEPS=2',
+                               '--set', 'TRAIN.KEEP_CHECKPOINTS=0'])
+    assert m['final_restarted'] > 0
+    run_script(train_vae, ['--image_folder', nested_images, '--out', b, *args,
+                           '--resume', a / 'checkpoints' / 'vae_00000006.pt'])
+    wa, wb = (torch.load(p / 'vae.pt', weights_only=True)['weights'] for p in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(utils.UserError, match="TRAIN.CODE_INIT='kmeans'"):
+        run_script(train_vae, ['--image_folder', nested_images, '--out', tmp_path / 'c', *args,
+                               '--set', 'TRAIN.CODE_INIT=kmeans'])
+
+
+def test_code_init_and_restarts_spread_the_codes():
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(16, 32, 8, 2, 1, 8)
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    c = utils.to_cfg({'LOGIT_INIT_SCALE': 10.0})
+    with torch.no_grad():
+        vae.encoder[-1].bias[0] += 1e3                   # code 0 wins everywhere: the collapse
+    assert vae.get_codebook_indices(x).unique().tolist() == [0]
+    recon = vae.decode(vae.get_codebook_indices(x))
+    n = train_vae.restart_dead_codes(vae, x, torch.arange(32) > 0, train_vae.feature_scale(vae, x, c))
+    assert n == 31 and torch.equal(vae.codebook.weight[1:], vae.codebook.weight[:1].expand(31, -1))
+    assert len(vae.get_codebook_indices(x).unique()) > 8   # the split codes each took some positions...
+    assert torch.allclose(vae.decode(vae.get_codebook_indices(x)), recon)   # ...with the parent's vector
+    train_vae.point_codes_at_features(vae, x, torch.arange(32), train_vae.feature_scale(vae, x, c))
+    assert len(vae.get_codebook_indices(x).unique()) > 16
+
+
 def test_train_vae_bad_input(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(utils.UserError, match='no images'):
@@ -259,13 +294,18 @@ DALLE_ARGS = ['--dim', 16, '--depth', 1, '--heads', 2, '--dim_head', 8, '--text_
               '--set', 'TRAIN.SAMPLE_EVERY=0']
 
 
-def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_path, tiny_encoder):
+def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_path, tiny_encoder, tiny_judge):
     data = os.path.join(tiny_shapes, 'train.jsonl')         # 400 captions of 40 images
     a = tmp_path / 'a'
     args = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
             *DALLE_ARGS, '--set', 'TRAIN.KEEP_N_CHECKPOINTS=0', '--set', 'TRAIN.SAVE_EVERY_N_STEPS=20']
-    m = run_script(train_dalle, [*args, '--out', a, '--dalle_output_file_name', 'vae_dalle'])
+    m = run_script(train_dalle, [*args, '--out', a, '--dalle_output_file_name', 'vae_dalle', '--set',
+                                 f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl', '--set', 'EVAL.NUM_CAPTIONS=6',
+                                 '--set', f'EVAL.JUDGE={tiny_judge}', '--set', 'EVAL.BASELINE=true'])
     assert m['train_steps'] == 50 and m['final_loss'] > 0 and m['dalle_path'].endswith('vae_dalle.pt')
+    assert m['eval_captions'] == 6 and os.path.isfile(a / 'holdout_samples.png')    # one sample per held-out caption
+    for attr in ('count', 'shape', 'colour', 'size', 'position', 'all'):
+        assert 0 <= m[f'judge_{attr}'] <= 1 and 0 <= m[f'untrained_judge_{attr}'] <= 1
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert {'hparams', 'vae_class_name', 'vae_params', 'tokenizer'} <= set(ck['extra'])
     assert set(ck['models']) == {'dalle', 'vae'} and ck['optimizers']['opt']['state'] and ck['epoch'] == 1

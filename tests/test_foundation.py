@@ -41,6 +41,9 @@ def test_cfg_merge_and_set(tmp_path):
                  '--set', 'TRAIN.FLAG=false', '--set', 'NAMES=[b, c]', '--seed', '7'])
     assert cfg.TRAIN.BATCH_SIZE == 10 and cfg.GAN.GF_DIM == 64
     assert cfg.TRAIN.LR == 1.0 and isinstance(cfg.TRAIN.LR, float)   # int accepted for a float key
+    assert parse(['--set', 'TRAIN.LR=3e-4']).TRAIN.LR == 3e-4         # YAML 1.1 reads this as a string
+    with pytest.raises(utils.UserError, match='expected float'):
+        parse(['--set', 'TRAIN.LR=fast'])
     assert cfg.TRAIN.FLAG is False and cfg.NAMES == ['b', 'c'] and cfg.SEED == 7
     assert cfg.TRAIN.NET_E == 'x/text_encoder200.pth'
     assert cfg.OUT_DIR == os.path.join('output', 'c')
