@@ -7,7 +7,8 @@
 
 Scores SAVE_PATH/{i}.png (or .jpg), i < IMG_NUM, by the cosine of the image and caption
 embeddings; prints the ranking and writes SAVE_PATH/ranking.json and SAVE_PATH/top{K}.png
-(the best K with their scores).
+(the best K with their scores). TEXT may hold several captions separated by '|', as for
+dalle_gen.py: caption k then ranks SAVE_PATH/<k>/, with the model loaded once.
 """
 import json
 import os
@@ -51,21 +52,23 @@ def image_files(save_path, n):
     return files
 
 
-@torch.no_grad()
-def scores_project(clip_path, text, files, device, batch_size):
+def project_scorer(clip_path, device, batch_size):
     """Cosine of the sentence and global image embeddings of our encoders."""
     import torchvision.transforms.functional as TF
     text_enc, image_enc = models.load_encoders(clip_path, device)
-    sent = text_enc.encode([text])[1].float()
-    out = []
-    for i in range(0, len(files), batch_size):
-        x = torch.stack([TF.to_tensor(utils.load_image(f)) * 2 - 1 for f in files[i:i + batch_size]]).to(device)
-        out.append(F.cosine_similarity(image_enc.encode(x)[1].float(), sent, dim=-1).cpu())
-    return torch.cat(out)
+
+    @torch.no_grad()
+    def score(text, files):
+        sent = text_enc.encode([text])[1].float()
+        out = []
+        for i in range(0, len(files), batch_size):
+            x = torch.stack([TF.to_tensor(utils.load_image(f)) * 2 - 1 for f in files[i:i + batch_size]]).to(device)
+            out.append(F.cosine_similarity(image_enc.encode(x)[1].float(), sent, dim=-1).cpu())
+        return torch.cat(out)
+    return score
 
 
-@torch.no_grad()
-def scores_transformers(name, text, files, device, batch_size):
+def transformers_scorer(name, device, batch_size):
     """Cosine of text_embeds and image_embeds of a transformers CLIPModel / ChineseCLIPModel,
     with the processor saved beside the model."""
     from transformers import AutoConfig, AutoModel, AutoProcessor
@@ -78,13 +81,17 @@ def scores_transformers(name, text, files, device, batch_size):
     except OSError as e:
         raise utils.UserError(f"{name}: cannot load a transformers CLIP model ({str(e).splitlines()[0][:160]}); "
                               "give a local directory (no downloads here)")
-    out = []
-    for i in range(0, len(files), batch_size):
-        imgs = [utils.load_image(f) for f in files[i:i + batch_size]]
-        inputs = processor(text=[text], images=imgs, return_tensors='pt', padding=True).to(device)
-        o = model(**inputs)
-        out.append(F.cosine_similarity(o.image_embeds.float(), o.text_embeds.float(), dim=-1).cpu())
-    return torch.cat(out)
+
+    @torch.no_grad()
+    def score(text, files):
+        out = []
+        for i in range(0, len(files), batch_size):
+            imgs = [utils.load_image(f) for f in files[i:i + batch_size]]
+            inputs = processor(text=[text], images=imgs, return_tensors='pt', padding=True).to(device)
+            o = model(**inputs)
+            out.append(F.cosine_similarity(o.image_embeds.float(), o.text_embeds.float(), dim=-1).cpu())
+        return torch.cat(out)
+    return score
 
 
 def top_grid(files, ranking, scores, k, path):
@@ -106,26 +113,32 @@ def main():
     cfg, log = run.cfg, run.log
     if bool(cfg.CLIP_PATH) == bool(cfg.CLIP_MODEL):
         raise utils.UserError("give exactly one of --clip_path (our encoders) and --clip_model (transformers)")
-    files = image_files(args.save_path, args.img_num)
-    if cfg.CLIP_PATH:
-        scores = scores_project(cfg.CLIP_PATH, args.text, files, run.device, cfg.BATCH_SIZE)
-    else:
-        scores = scores_transformers(cfg.CLIP_MODEL, args.text, files, run.device, cfg.BATCH_SIZE)
+    import dalle_gen
+    texts = dalle_gen.split_texts(args.text)
+    paths = dalle_gen.save_paths(args.save_path, len(texts))
+    files = [image_files(p, args.img_num) for p in paths]     # all present before the model loads
+    score = project_scorer(cfg.CLIP_PATH, run.device, cfg.BATCH_SIZE) if cfg.CLIP_PATH else \
+        transformers_scorer(cfg.CLIP_MODEL, run.device, cfg.BATCH_SIZE)
+    for text, path, f in zip(texts, paths, files):
+        rows = rank(cfg, text, f, score(text, f), path, log)
+    utils.write_metrics(run.out, {'texts': texts, 'best': rows[0]['file'], 'best_score': rows[0]['score']})
+
+
+def rank(cfg, text, files, scores, path, log):
+    """Print the ranking of files by scores, write ranking.json and the top-k grid in path."""
     ranking = torch.argsort(scores, descending=True).tolist()
     rows = [{'rank': r + 1, 'index': i, 'file': os.path.basename(files[i]), 'score': round(float(scores[i]), 6)}
             for r, i in enumerate(ranking)]
-    print(f"ranking for {args.text!r} ({cfg.CLIP_PATH or cfg.CLIP_MODEL}):")
+    print(f"ranking for {text!r} ({cfg.CLIP_PATH or cfg.CLIP_MODEL}):")
     for row in rows:
         print(f"  #{row['rank']:<3d} {row['file']:<10s} {row['score']:.4f}")
-    utils.atomic_write_text(os.path.join(args.save_path, 'ranking.json'),
-                            json.dumps({'text': args.text, 'model': cfg.CLIP_PATH or cfg.CLIP_MODEL,
+    utils.atomic_write_text(os.path.join(path, 'ranking.json'),
+                            json.dumps({'text': text, 'model': cfg.CLIP_PATH or cfg.CLIP_MODEL,
                                         'ranking': rows}, indent=1, ensure_ascii=False))
     k = min(cfg.TOP_K, len(files))
-    top_grid(files, ranking, scores.tolist(), k, os.path.join(args.save_path, f'top{k}.png'))
-    log.info(f"ranking.json and top{k}.png in {args.save_path}")
-    utils.write_metrics(run.out, {'text': args.text, 'best': rows[0]['file'], 'best_score': rows[0]['score'],
-                                  'mean_score': float(scores.mean()), 'top_k_mean_score': float(scores[ranking[:k]].mean())})
-
+    top_grid(files, ranking, scores.tolist(), k, os.path.join(path, f'top{k}.png'))
+    log.info(f"ranking.json and top{k}.png in {path}")
+    return rows
 
 if __name__ == '__main__':
     utils.run_main(main)

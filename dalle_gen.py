@@ -1,10 +1,12 @@
-"""Sample images for one caption from a trained DALLE (text2img's dalle_gen.py).
+"""Sample images for a caption from a trained DALLE (text2img's dalle_gen.py).
 
   python dalle_gen.py "a large red circle in the center." 16 output/samples/red_circle \
       --dalle_path output/shapes_dalle/checkpoints/shapes_dalle.pt
   python dalle_gen.py TEXT IMG_NUM SAVE_PATH --cfg cfg/dalle/shapes_gen.yml [--top_k 0.9 --temperature 1 --batch_size 8]
 
-Writes SAVE_PATH/{i}.png, SAVE_PATH/grid.png and SAVE_PATH/caption.txt. Sampling uses a
+Writes SAVE_PATH/{i}.png, SAVE_PATH/grid.png and SAVE_PATH/caption.txt; TEXT may hold several
+captions separated by '|' (as DALLE-pytorch's generate.py), each then in SAVE_PATH/<k>/, with the
+model loaded once. Sampling uses a
 key/value cache: the caption goes through the transformer once, then each image token is one
 single-position step. --top_k < 1 is DALLE-pytorch's filter threshold (keep the best
 (1 - top_k) share), counted over the image vocabulary; --top_k >= 1 keeps that many tokens.
@@ -67,25 +69,40 @@ def main():
         raise utils.UserError("DALLE_PATH (--dalle_path): empty; give a train_dalle.py checkpoint")
     dalle, vae, tokenizer = train_dalle.load_dalle(utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device)
     dalle.eval()
-    unknown = tokenizer.unknown_words(args.text)
-    if unknown:
-        log.warning(f"words not in the training vocabulary (read as <unk>): {unknown}")
-    ids = tokenizer.encode(args.text)
-    if len(ids) > dalle.text_seq_len:
-        log.warning(f"caption has {len(ids)} tokens; keeping the first {dalle.text_seq_len}")
-    text_ids = tokenizer.tokenize(args.text, dalle.text_seq_len, truncate=True)[None].to(run.device)
-    images, secs = generate(dalle, vae, text_ids, args.img_num, cfg.BATCH_SIZE, cfg.TOP_K, cfg.TEMPERATURE,
-                            cfg.SEED, cfg.USE_CACHE, log)
-    os.makedirs(args.save_path, exist_ok=True)
-    for i, im in enumerate(images):
-        utils.save_image_grid(im[None], os.path.join(args.save_path, f'{i}.png'), nrow=1)
-    utils.save_image_grid(images, os.path.join(args.save_path, 'grid.png'), nrow=min(8, len(images)))
-    utils.atomic_write_text(os.path.join(args.save_path, 'caption.txt'), args.text + '\n')
-    tps = args.img_num * dalle.image_seq_len / max(secs, 1e-9)
-    log.info(f"{args.img_num} images in {args.save_path} ({tps:.1f} image tokens/s, cache={cfg.USE_CACHE})")
-    utils.write_metrics(run.out, {'text': args.text, 'img_num': args.img_num, 'tokens_per_second': tps,
-                                  'sampling_seconds': round(secs, 2), 'dalle_path': cfg.DALLE_PATH})
+    texts = split_texts(args.text)
+    tps = []
+    for text, path in zip(texts, save_paths(args.save_path, len(texts))):
+        unknown = tokenizer.unknown_words(text)
+        if unknown:
+            log.warning(f"words not in the training vocabulary (read as <unk>): {unknown}")
+        ids = tokenizer.encode(text)
+        if len(ids) > dalle.text_seq_len:
+            log.warning(f"caption has {len(ids)} tokens; keeping the first {dalle.text_seq_len}")
+        text_ids = tokenizer.tokenize(text, dalle.text_seq_len, truncate=True)[None].to(run.device)
+        images, secs = generate(dalle, vae, text_ids, args.img_num, cfg.BATCH_SIZE, cfg.TOP_K, cfg.TEMPERATURE,
+                                cfg.SEED, cfg.USE_CACHE, log)
+        os.makedirs(path, exist_ok=True)
+        for i, im in enumerate(images):
+            utils.save_image_grid(im[None], os.path.join(path, f'{i}.png'), nrow=1)
+        utils.save_image_grid(images, os.path.join(path, 'grid.png'), nrow=min(8, len(images)))
+        utils.atomic_write_text(os.path.join(path, 'caption.txt'), text + '\n')
+        tps.append(args.img_num * dalle.image_seq_len / max(secs, 1e-9))
+        log.info(f"{args.img_num} images in {path} ({tps[-1]:.1f} image tokens/s, cache={cfg.USE_CACHE})")
+    utils.write_metrics(run.out, {'texts': texts, 'img_num': args.img_num, 'tokens_per_second': sum(tps) / len(tps),
+                                  'dalle_path': cfg.DALLE_PATH})
 
+
+def split_texts(text):
+    """TEXT, or several captions separated by '|' (DALLE-pytorch's generate.py convention)."""
+    texts = [t.strip() for t in text.split('|')]
+    if not all(texts):
+        raise utils.UserError(f"TEXT={text!r}: an empty caption between '|' separators")
+    return texts
+
+
+def save_paths(save_path, n):
+    """SAVE_PATH for one caption; SAVE_PATH/<i> for caption i of several."""
+    return [save_path] if n == 1 else [os.path.join(save_path, str(i)) for i in range(n)]
 
 if __name__ == '__main__':
     utils.run_main(main)

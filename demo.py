@@ -23,7 +23,7 @@ DATA = 'data/shapes'                     # preprocess_data.py --cfg cfg/preproce
 # Training length of each step at DEMO_SCALE 1, sized so the whole demo fits in ~15 minutes on
 # 2 CPU cores; the cfgs' own lengths (README: ~10 minutes each) are the longer runs.
 LENGTH = {'judge_epochs': 3, 'clip_epochs': 2, 'damsm_epochs': 1, 'dmgan_epochs': 1,
-          'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 300}
+          'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 200}
 SAMPLES_PER_CAPTION = 8                  # dalle_gen.py images per caption, reranked by clip_sort.py
 
 
@@ -106,19 +106,19 @@ def grid_captions(out):
 
 
 def dalle_steps(out, encoder):
+    """dalle_gen.py and clip_sort.py on the grid's captions, all in one call each ('|'-separated
+    captions; caption i in dalle_gen/<i>)."""
     d = lambda *p: os.path.join(out, *p)                             # noqa: E731
-    todo = []
-    for i, row in enumerate(grid_captions(out)):
-        path = d('dalle_gen', f'{i}')
-        todo.append(Step(f'dalle_gen_{i}', f'dalle_gen.py: {row["caption"]!r}',
-                         [PY, 'dalle_gen.py', row['caption'], SAMPLES_PER_CAPTION, path, '--cfg', 'cfg/dalle/shapes_gen.yml',
-                          '--dalle_path', d('dalle', 'checkpoints', 'shapes_dalle.pt'), '--seed', 0],
-                         os.path.join(path, 'grid.png')))
-        todo.append(Step(f'clip_sort_{i}', 'clip_sort.py: rerank with the CLIP-style encoder',
-                         [PY, 'clip_sort.py', row['caption'], SAMPLES_PER_CAPTION, path, '--cfg', 'cfg/dalle/shapes_sort.yml',
-                          '--clip_path', encoder],
-                         os.path.join(path, 'ranking.json')))
-    return todo
+    rows = grid_captions(out)
+    text, path = ' | '.join(r['caption'] for r in rows), d('dalle_gen')
+    return [Step('dalle_gen', f'dalle_gen.py: {SAMPLES_PER_CAPTION} samples for each of the {len(rows)} grid captions',
+                 [PY, 'dalle_gen.py', text, SAMPLES_PER_CAPTION, path, '--cfg', 'cfg/dalle/shapes_gen.yml',
+                  '--dalle_path', d('dalle', 'checkpoints', 'shapes_dalle.pt'), '--seed', 0],
+                 os.path.join(path, 'metrics.json')),
+            Step('clip_sort', 'clip_sort.py: rerank them with the CLIP-style encoder',
+                 [PY, 'clip_sort.py', text, SAMPLES_PER_CAPTION, path, '--cfg', 'cfg/dalle/shapes_sort.yml',
+                  '--clip_path', encoder, '--out', d('clip_sort')],
+                 d('clip_sort', 'metrics.json'))]
 
 
 def run_step(step, i, total, log_dir):
@@ -228,6 +228,8 @@ def write_report(out, times, scale, total_s):
          xu.get('judge_position'), xu.get('fid'), '–'],
         [f"DALLE, one sample per caption ({dl.get('eval_captions', 0)} captions)", '–', dl.get('judge_all'),
          dl.get('judge_colour'), dl.get('judge_shape'), dl.get('judge_position'), '–', t('vae', 'dalle')],
+        ['DALLE, the same samples against shuffled captions', '–', dl.get('shuffled_judge_all'),
+         dl.get('shuffled_judge_colour'), dl.get('shuffled_judge_shape'), dl.get('shuffled_judge_position'), '–', '–'],
         ['DALLE, untrained', '–', dl.get('untrained_judge_all'), dl.get('untrained_judge_colour'),
          dl.get('untrained_judge_shape'), dl.get('untrained_judge_position'), '–', '–'],
         [f'DALLE, all {SAMPLES_PER_CAPTION} samples of the {len(rows)} grid captions', '–', before['all'],
@@ -292,10 +294,10 @@ def main():
     times = load(os.path.join(args.out, 'step_times.json'))
     t0 = time.time()
     first = steps(args.out, args.scale)
-    total = len(first) + 2 * 8 + 1
+    total = len(first) + 2 + 1          # + dalle_gen, clip_sort, the report
     run_all(first, times, args.out, 0, total)
     rest = dalle_steps(args.out, next(s.marker for s in first if s.name == 'clip'))
-    run_all(rest, times, args.out, len(first), len(first) + len(rest) + 1)
+    run_all(rest, times, args.out, len(first), total)
     print(f'\n[{total}/{total}] report', flush=True)
     write_report(args.out, times, args.scale, time.time() - t0)
     print(f'demo finished in {time.time() - t0:.0f}s; report: {args.out}/report.md and report.html')

@@ -343,8 +343,7 @@ def relation_holds(relation, cell1, cell2):
 def judge_scene(pred, truth):
     """One image against its caption's attributes. Caption objects are matched to the
     judged objects one to one, maximising (attribute hits, position correct); a caption
-    object left unmatched misses every attribute, and so does each judged object beyond the
-    caption's count (else an image of objects everywhere would match every caption)."""
+    object left unmatched misses every attribute."""
     objs, best = truth['objects'], None
     for perm in itertools.permutations(range(len(pred)), min(len(objs), len(pred))):
         hits = [[pred[p][a] == objs[j][a] for a in ATTRIBUTES] for j, p in enumerate(perm)]
@@ -359,7 +358,6 @@ def judge_scene(pred, truth):
         if best is None or score > best[0]:
             best = (score, hits, position)
     _, hits, position = best
-    hits = hits + [[False] * len(ATTRIBUTES)] * max(0, len(pred) - len(objs))
     return {'count': len(pred) == len(objs), 'hits': hits, 'position': position,
             'all': len(pred) == len(objs) and position and all(map(all, hits))}
 
@@ -368,7 +366,7 @@ def judge_accuracy(judge, images, keys, attributes=None):
     """Attribute accuracy of images against the captions of `keys` (their attributes.json
     entries; default: those stored in the judge). images: (N, 3, H, W) in [-1, 1] or an
     iterable of such batches. Returns accuracies in [0, 1]: count (images), shape /
-    colour / size (object slots: the caption's objects plus extra judged ones), position (images: the cell of a lone object, the
+    colour / size (caption objects), position (images: the cell of a lone object, the
     relation of a pair), all (images with every one of these right)."""
     attributes = judge.attributes if attributes is None else attributes
     missing = [k for k in keys if k not in attributes]

@@ -346,8 +346,9 @@ def train(run, args):
 def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
     """One sample (SAMPLE's top-k and temperature) for each of EVAL.NUM_CAPTIONS held-out
     captions, scored by the shapes judge against the attributes of the caption's own image
-    (the rule of `fid_score.py --accuracy`); with BASELINE, an untrained DALLE on the same
-    captions and noise. Writes holdout_samples.png (rows: trained, untrained)."""
+    (the rule of `fid_score.py --accuracy`), and against the next caption's (shuffled: the
+    score the images get whatever the caption says); with BASELINE, an untrained DALLE on the
+    same captions and noise. Writes holdout_samples.png (rows: trained, untrained)."""
     import fid_score
     E = cfg.EVAL
     if not E.HOLDOUT:
@@ -367,6 +368,8 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
                           for i in range(0, len(ids), 32)])
     images = sample(dalle)
     res = {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, images, keys).items()}
+    # the same images, each against the next caption's image: what they score whatever the caption
+    res.update({f'shuffled_judge_{k}': v for k, v in fid_score.judge_accuracy(judge, images, keys[1:] + keys[:1]).items()})
     rows = [images[:8]]
     if E.BASELINE:
         torch.manual_seed(cfg.SEED)            # same architecture, fresh initialisation

@@ -42,7 +42,6 @@ DEFAULTS = {
         'KL_LOSS_WEIGHT': 0.0,
         'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
         'LOGIT_INIT_SCALE': 1.0,    # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
-        'CODE_INIT': 'default',     # 'features': point each code's logit at an encoder feature of the first batch
         'RESTART_DEAD_CODES': False,  # at each LOG_EVERY, codes unused since the last one re-point at batch features
         'SMOOTH_L1_LOSS': False,
         'AMP': False,             # bf16 autocast
@@ -137,18 +136,6 @@ def codebook_usage(counts):
 # Training
 # ----------------------------------------------------------------------------
 @torch.no_grad()
-def point_codes_at_features(vae, images, codes, scale):
-    """Make code k's logit scale * (h . f_k - |f_k|^2 / 2) for features f_k of random positions
-    of `images`: its argmax is then the nearest f_k, so every code wins somewhere (a k-means-style
-    start instead of the few codes a random logits layer favours). Same module, same state dict."""
-    feats = vae.encoder[:-1](images).permute(0, 2, 3, 1).flatten(0, 2).float()
-    f = feats[torch.randperm(len(feats), device=feats.device)[:len(codes)]]
-    conv = vae.encoder[-1]
-    conv.weight[codes] = (scale * f)[..., None, None].to(conv.weight.dtype)
-    conv.bias[codes] = (-scale * f.pow(2).sum(1) / 2).to(conv.bias.dtype)
-
-
-@torch.no_grad()
 def restart_dead_codes(vae, images, dead, scale):
     """Each dead code k splits the code j that wins at a random position of `images` (feature
     h0): k copies j's logits row and codebook vector and adds scale * (h . h0 - |h0|^2 / 2), so
@@ -172,7 +159,8 @@ def restart_dead_codes(vae, images, dead, scale):
 
 
 def feature_scale(vae, images, c):
-    """LOGIT_INIT_SCALE over the mean squared feature norm: logits of order LOGIT_INIT_SCALE."""
+    """LOGIT_INIT_SCALE over the mean squared encoder feature norm: a split moves logits by
+    about LOGIT_INIT_SCALE, well above the Gumbel noise."""
     with torch.no_grad():
         return c.LOGIT_INIT_SCALE / vae.encoder[:-1](images).pow(2).sum(1).mean().item()
 
@@ -210,15 +198,9 @@ def train(run, args):
         raise utils.UserError(f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training images")
     vae = models.DiscreteVAE(m.IMAGE_SIZE, m.NUM_TOKENS, m.EMB_DIM, m.NUM_LAYERS, m.NUM_RESNET_BLOCKS,
                              m.HIDDEN_DIM).to(dev)
-    if c.CODE_INIT not in ('default', 'features'):
-        raise utils.UserError(f"TRAIN.CODE_INIT={c.CODE_INIT!r}: expected 'default' or 'features'")
-    if c.CODE_INIT == 'features':
-        first = torch.stack([ds[i][0] for i in torch.randperm(len(ds))[:64].tolist()]).to(dev)
-        point_codes_at_features(vae, first, torch.arange(m.NUM_TOKENS, device=dev), feature_scale(vae, first, c))
-    else:
-        with torch.no_grad():   # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
-            vae.encoder[-1].weight.mul_(c.LOGIT_INIT_SCALE)
-            vae.encoder[-1].bias.mul_(c.LOGIT_INIT_SCALE)
+    with torch.no_grad():   # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
+        vae.encoder[-1].weight.mul_(c.LOGIT_INIT_SCALE)
+        vae.encoder[-1].bias.mul_(c.LOGIT_INIT_SCALE)
     opt = make_optimizer(vae.parameters(), c.LEARNING_RATE)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.LR_DECAY_RATE)
     step, epoch, skip, counts = 0, 0, 0, None
