@@ -284,7 +284,8 @@ def log_reconstructions(run, vae, images, recon, n, step):
 @torch.no_grad()
 def evaluate(cfg, vae, dev, log, run=None):
     """MSE of hard reconstructions in [-1, 1] and codebook usage on the held-out images; with
-    EVAL.JUDGE, the shapes judge's colour/shape accuracy on originals and reconstructions."""
+    EVAL.JUDGE, the shapes judge's colour/shape accuracy on originals and reconstructions, and on
+    the originals averaged over each token's pixels (what one colour per token keeps)."""
     paths = holdout_paths(cfg.EVAL.HOLDOUT)[:cfg.EVAL.MAX_IMAGES]
     if not paths:
         raise utils.UserError(f"EVAL.HOLDOUT={cfg.EVAL.HOLDOUT}: no images")
@@ -307,6 +308,12 @@ def evaluate(cfg, vae, dev, log, run=None):
         utils.save_image_grid(torch.cat([originals[:8], recons[:8]]), os.path.join(run.out, 'holdout_recon.png'))
     if cfg.EVAL.JUDGE:
         out.update(judge_scores(cfg.EVAL.JUDGE, paths, originals, recons, dev))
+        # a reference: the originals with one average colour per token, bilinearly enlarged back
+        S, f = originals.shape[-1], vae.fmap_size
+        grid = F.interpolate(F.interpolate(originals, size=f, mode='area'), size=S, mode='bilinear', align_corners=False)
+        ref = judge_scores(cfg.EVAL.JUDGE, paths, originals, grid, dev)
+        out.update({k.replace('judge_recon_', 'judge_token_average_').replace('judge_ratio_', 'judge_token_average_ratio_'): v
+                    for k, v in ref.items() if not k.startswith('judge_original_')})
     log.info(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items()))
     return out
 

@@ -221,12 +221,16 @@ VAE_ARGS = ['--image_size', 16, '--num_layers', 2, '--num_tokens', 16, '--emb_di
             '--num_resnet_blocks', 1, '--batch_size', 8, '--set', 'WORKERS=0', '--set', 'TRAIN.LOG_EVERY=2']
 
 
-def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path):
+def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shapes, tiny_judge):
     a = tmp_path / 'a'
     m = run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', a, *VAE_ARGS,
                                '--set', 'TRAIN.SAVE_EVERY_N_STEPS=2', '--set', 'TRAIN.KEEP_CHECKPOINTS=0',
-                               '--set', 'TRAIN.ANNEAL_RATE=0.01'])
+                               '--set', 'TRAIN.ANNEAL_RATE=0.01', '--set', f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl',
+                               '--set', f'EVAL.JUDGE={tiny_judge}'])
     assert m['train_steps'] == 8 and m['final_temp'] < 1.0     # annealed every step
+    assert m['holdout_images'] == 20 and os.path.isfile(a / 'holdout_recon.png')
+    for attr in ('colour', 'shape', 'size'):   # judge on originals, reconstructions, one colour per token
+        assert all(0 <= m[f'judge_{w}_{attr}'] <= 1 for w in ('original', 'recon', 'token_average'))
     assert 0 < m['final_perplexity'] and 0 < m['final_codes_used'] <= 1
     dp = torch.load(a / 'vae.pt', weights_only=True)           # what DALLE-pytorch's train_dalle reads
     assert set(dp) == {'hparams', 'weights'} and dp['hparams']['num_tokens'] == 16
