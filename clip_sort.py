@@ -140,5 +140,6 @@ def rank(cfg, text, files, scores, path, log):
     log.info(f"ranking.json and top{k}.png in {path}")
     return rows
 
+
 if __name__ == '__main__':
     utils.run_main(main)

@@ -104,5 +104,6 @@ def save_paths(save_path, n):
     """SAVE_PATH for one caption; SAVE_PATH/<i> for caption i of several."""
     return [save_path] if n == 1 else [os.path.join(save_path, str(i)) for i in range(n)]
 
+
 if __name__ == '__main__':
     utils.run_main(main)

@@ -42,7 +42,7 @@ DEFAULTS = {
         'KL_LOSS_WEIGHT': 0.0,
         'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
         'LOGIT_INIT_SCALE': 1.0,    # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
-        'RESTART_DEAD_CODES': False,  # at each LOG_EVERY, codes unused since the last one re-point at batch features
+        'RESTART_DEAD_CODES': False,  # at each LOG_EVERY, codes unused since the last one split busy codes
         'SMOOTH_L1_LOSS': False,
         'AMP': False,             # bf16 autocast
         'LOG_EVERY': 100,         # scalars, codebook usage, reconstruction grids
