@@ -31,6 +31,10 @@ def run_main(fn):
     """Call fn(); turn UserError into a one-line message and a non-zero exit."""
     try:
         fn()
+        # ranks leave together: one tearing gloo down while rank 0 still writes its checkpoint
+        # can abort the process ("terminate called without an active exception")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
