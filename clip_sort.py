@@ -113,9 +113,8 @@ def main():
     cfg, log = run.cfg, run.log
     if bool(cfg.CLIP_PATH) == bool(cfg.CLIP_MODEL):
         raise utils.UserError("give exactly one of --clip_path (our encoders) and --clip_model (transformers)")
-    import dalle_gen
-    texts = dalle_gen.split_texts(args.text)
-    paths = dalle_gen.save_paths(args.save_path, len(texts))
+    texts = utils.split_captions(args.text)
+    paths = utils.caption_dirs(args.save_path, len(texts))
     files = [image_files(p, args.img_num) for p in paths]     # all present before the model loads
     score = project_scorer(cfg.CLIP_PATH, run.device, cfg.BATCH_SIZE) if cfg.CLIP_PATH else \
         transformers_scorer(cfg.CLIP_MODEL, run.device, cfg.BATCH_SIZE)

@@ -69,9 +69,9 @@ def main():
         raise utils.UserError("DALLE_PATH (--dalle_path): empty; give a train_dalle.py checkpoint")
     dalle, vae, tokenizer = train_dalle.load_dalle(utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device)
     dalle.eval()
-    texts = split_texts(args.text)
+    texts = utils.split_captions(args.text)
     tps = []
-    for text, path in zip(texts, save_paths(args.save_path, len(texts))):
+    for text, path in zip(texts, utils.caption_dirs(args.save_path, len(texts))):
         unknown = tokenizer.unknown_words(text)
         if unknown:
             log.warning(f"words not in the training vocabulary (read as <unk>): {unknown}")
@@ -91,18 +91,6 @@ def main():
     utils.write_metrics(run.out, {'texts': texts, 'img_num': args.img_num, 'tokens_per_second': sum(tps) / len(tps),
                                   'dalle_path': cfg.DALLE_PATH})
 
-
-def split_texts(text):
-    """TEXT, or several captions separated by '|' (DALLE-pytorch's generate.py convention)."""
-    texts = [t.strip() for t in text.split('|')]
-    if not all(texts):
-        raise utils.UserError(f"TEXT={text!r}: an empty caption between '|' separators")
-    return texts
-
-
-def save_paths(save_path, n):
-    """SAVE_PATH for one caption; SAVE_PATH/<i> for caption i of several."""
-    return [save_path] if n == 1 else [os.path.join(save_path, str(i)) for i in range(n)]
 
 
 if __name__ == '__main__':

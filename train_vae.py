@@ -136,17 +136,18 @@ def codebook_usage(counts):
 # Training
 # ----------------------------------------------------------------------------
 @torch.no_grad()
-def restart_dead_codes(vae, images, dead, scale):
+def restart_dead_codes(vae, images, dead, init_scale):
     """Each dead code k splits the code j that wins at a random position of `images` (feature
-    h0): k copies j's logits row and codebook vector and adds scale * (h . h0 - |h0|^2 / 2), so
-    it takes the part of j's inputs nearer h0 and reconstructions do not jump. Rank 0 decides,
-    every rank gets its result. Returns the number of codes restarted."""
+    h0): k copies j's logits row and codebook vector and adds s * (h . h0 - |h0|^2 / 2), so it
+    takes the part of j's inputs nearer h0 and reconstructions do not jump; s = init_scale over
+    the mean squared feature norm moves logits by about init_scale, well above the Gumbel
+    noise. Rank 0 decides, every rank gets its result. Returns the number of codes restarted."""
     dead = dead.nonzero().flatten()
     conv, book = vae.encoder[-1], vae.codebook.weight
     if len(dead) and utils.is_main():
-        feats = vae.encoder[:-1](images).permute(0, 2, 3, 1).flatten(0, 2)
-        pick = torch.randperm(len(feats), device=feats.device)[:len(dead)]
-        h0 = feats[pick]
+        feats = vae.encoder[:-1](images).permute(0, 2, 3, 1).flatten(0, 2).float()
+        scale = init_scale / feats.pow(2).sum(1).mean()
+        h0 = feats[torch.randperm(len(feats), device=feats.device)[:len(dead)]]
         dead = dead[:len(h0)]
         j = F.conv2d(h0[..., None, None], conv.weight, conv.bias).flatten(1).argmax(1)
         conv.weight[dead] = conv.weight[j] + scale * h0[..., None, None]
@@ -156,13 +157,6 @@ def restart_dead_codes(vae, images, dead, scale):
         for t in (conv.weight, conv.bias, book):
             torch.distributed.broadcast(t, 0)
     return len(dead)
-
-
-def feature_scale(vae, images, c):
-    """LOGIT_INIT_SCALE over the mean squared encoder feature norm: a split moves logits by
-    about LOGIT_INIT_SCALE, well above the Gumbel noise."""
-    with torch.no_grad():
-        return c.LOGIT_INIT_SCALE / vae.encoder[:-1](images).pow(2).sum(1).mean().item()
 
 
 def make_optimizer(params, lr):
@@ -246,7 +240,7 @@ def train(run, args):
             if step % c.LOG_EVERY == 0:
                 ppl, used = codebook_usage(counts)
                 if c.RESTART_DEAD_CODES:
-                    last['restarted'] = restart_dead_codes(vae, images, counts == 0, feature_scale(vae, images, c))
+                    last['restarted'] = restart_dead_codes(vae, images, counts == 0, c.LOGIT_INIT_SCALE)
                 counts.zero_()
                 last.update(perplexity=ppl, codes_used=used)
                 for k, v in {**last, 'lr': sched.get_last_lr()[0]}.items():
@@ -307,27 +301,27 @@ def evaluate(cfg, vae, dev, log, run=None):
     if run is not None:
         utils.save_image_grid(torch.cat([originals[:8], recons[:8]]), os.path.join(run.out, 'holdout_recon.png'))
     if cfg.EVAL.JUDGE:
-        out.update(judge_scores(cfg.EVAL.JUDGE, paths, originals, recons, dev))
-        # a reference: the originals with one average colour per token, bilinearly enlarged back
+        # a reference beside the reconstructions: the originals with one average colour per
+        # token, bilinearly enlarged back (what a perfect one-colour-per-token code keeps)
         S, f = originals.shape[-1], vae.fmap_size
         grid = F.interpolate(F.interpolate(originals, size=f, mode='area'), size=S, mode='bilinear', align_corners=False)
-        ref = judge_scores(cfg.EVAL.JUDGE, paths, originals, grid, dev)
-        out.update({k.replace('judge_recon_', 'judge_token_average_').replace('judge_ratio_', 'judge_token_average_ratio_'): v
-                    for k, v in ref.items() if not k.startswith('judge_original_')})
+        out.update(judge_scores(cfg.EVAL.JUDGE, paths, originals, {'recon': recons, 'token_average': grid}, dev))
     log.info(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items()))
     return out
 
 
-def judge_scores(judge_path, paths, originals, recons, dev):
-    """The metrics issue's shapes judge on originals and on reconstructions of the same images."""
+def judge_scores(judge_path, paths, originals, others, dev):
+    """The metrics issue's shapes judge on originals and on each {name: images} of the same
+    images: judge_original_*, judge_<name>_* and judge_<name>_ratio_* (share of the originals')."""
     import fid_score
     judge = fid_score.load_judge(judge_path, dev)
     keys = [fid_score.shapes_key(p) for p in paths]
     orig = fid_score.judge_accuracy(judge, originals, keys)
-    rec = fid_score.judge_accuracy(judge, recons, keys)
     out = {f'judge_original_{k}': v for k, v in orig.items()}
-    out.update({f'judge_recon_{k}': v for k, v in rec.items()})
-    out.update({f'judge_ratio_{k}': rec[k] / max(orig[k], 1e-8) for k in orig})
+    for name, images in others.items():
+        acc = fid_score.judge_accuracy(judge, images, keys)
+        out.update({f'judge_{name}_{k}': v for k, v in acc.items()})
+        out.update({f'judge_{name}_ratio_{k}': acc[k] / max(orig[k], 1e-8) for k in orig})
     return out
 
 

@@ -988,6 +988,19 @@ def read_pairs(path, **csv_kw):
     raise UserError(f"{path}: expected a folder, a .jsonl, or a .csv/.tsv file")
 
 
+def split_captions(text):
+    """TEXT, or several captions separated by '|' (DALLE-pytorch's generate.py convention)."""
+    texts = [t.strip() for t in text.split('|')]
+    if not all(texts):
+        raise UserError(f"TEXT={text!r}: an empty caption between '|' separators")
+    return texts
+
+
+def caption_dirs(save_path, n):
+    """SAVE_PATH for one caption; SAVE_PATH/<i> for caption i of several."""
+    return [save_path] if n == 1 else [os.path.join(save_path, str(i)) for i in range(n)]
+
+
 class PairDataset(torch.utils.data.Dataset):
     """(image, caption) pairs from read_pairs; a caption list yields a random one.
     Unreadable images are skipped (the next item is returned) and counted."""

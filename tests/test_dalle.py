@@ -263,12 +263,11 @@ def test_dead_code_restarts_split_the_busy_code():
     torch.manual_seed(0)
     vae = models.DiscreteVAE(16, 32, 8, 2, 1, 8)
     x = torch.rand(8, 3, 16, 16) * 2 - 1
-    c = utils.to_cfg({'LOGIT_INIT_SCALE': 10.0})
     with torch.no_grad():
         vae.encoder[-1].bias[0] += 1e3                   # code 0 wins everywhere: the collapse
     assert vae.get_codebook_indices(x).unique().tolist() == [0]
     recon = vae.decode(vae.get_codebook_indices(x))
-    n = train_vae.restart_dead_codes(vae, x, torch.arange(32) > 0, train_vae.feature_scale(vae, x, c))
+    n = train_vae.restart_dead_codes(vae, x, torch.arange(32) > 0, 10.0)
     assert n == 31 and torch.equal(vae.codebook.weight[1:], vae.codebook.weight[:1].expand(31, -1))
     assert len(vae.get_codebook_indices(x).unique()) > 8   # the split codes each took some positions...
     assert torch.allclose(vae.decode(vae.get_codebook_indices(x)), recon)   # ...with the parent's vector
