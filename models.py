@@ -1338,13 +1338,35 @@ class DiscreteVAE(nn.Module):
         dec.append(nn.Conv2d(hidden_dim, channels, 1))
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
 
-    def forward(self, images, temperature=0.9, hard=False):
+    def forward(self, images, temperature=0.9, hard=False, reinmax=False):
         """Training pass: (reconstruction, logits (B, num_tokens, h, w)). The soft one-hot
-        from Gumbel-softmax mixes codebook vectors (hard=True: straight-through)."""
+        from Gumbel-softmax mixes codebook vectors (hard=True: straight-through; with
+        reinmax=True the straight-through gradient is ReinMax's, as upstream DALLE-pytorch's
+        `reinmax` option)."""
         logits = self.encoder(images)
-        one_hot = F.gumbel_softmax(logits, tau=temperature, dim=1, hard=hard)
-        z = torch.einsum('bnhw,nd->bdhw', one_hot, self.codebook.weight)
-        return self.decoder(z), logits
+        # Gumbel noise from uniforms: the distribution of F.gumbel_softmax, whose exponential_
+        # sampler took 40% of a CPU training step; codes on the last axis (contiguous softmax)
+        lg = logits.permute(0, 2, 3, 1).float()
+        u = torch.rand(lg.shape, device=lg.device).clamp_(1e-20, 1.0)
+        noisy = lg - torch.log(-torch.log(u))
+        book = self.codebook.weight
+        if not hard:
+            return self.decoder(((noisy / temperature).softmax(-1) @ book.float()).permute(0, 3, 1, 2)), logits
+        idx = noisy.argmax(dim=-1)          # a sample of softmax(logits), whatever the temperature
+        if reinmax:
+            # ReinMax (Liu et al. 2023, Alg. 2): a second-order (Heun) estimate of the gradient
+            # through the sample D: pi1 = (D + softmax(l / t)) / 2 reparametrised at l, 2 pi1 - pi0 / 2
+            pi0 = lg.softmax(-1)
+            pi1 = ((lg / temperature).softmax(-1) / 2).scatter_add(-1, idx[..., None], torch.full_like(lg[..., :1], 0.5))
+            pi1 = ((pi1.log() - lg).detach() + lg).softmax(-1)
+            grad_path = 2 * pi1 - pi0 / 2
+        else:
+            # straight-through: the gradients of (one_hot - soft.detach() + soft) @ codebook
+            grad_path = (noisy / temperature).softmax(-1)
+        # the forward takes the sampled code's vector; the codebook gets the hard code's gradient
+        z_soft = grad_path @ book.detach().float()
+        z = F.embedding(idx, book).float() + z_soft - z_soft.detach()
+        return self.decoder(z.permute(0, 3, 1, 2)), logits
 
     @torch.no_grad()
     def get_codebook_indices(self, images):

@@ -273,12 +273,71 @@ def test_dead_code_restarts_split_the_busy_code():
     assert torch.allclose(vae.decode(vae.get_codebook_indices(x)), recon)   # ...with the parent's vector
 
 
+def _dense_reference(vae, x, temp, hard, reinmax):
+    """The textbook formulas on dense one-hots (DALLE-pytorch's einsum), with the noise the
+    model draws: F.gumbel_softmax's straight-through and ReinMax (Liu et al. 2023, Alg. 2)."""
+    logits = vae.encoder(x)
+    lg = logits.permute(0, 2, 3, 1)
+    g = -torch.log(-torch.log(torch.rand(lg.shape).clamp(1e-20, 1.0)))
+    soft = ((lg + g) / temp).softmax(-1)
+    y = soft
+    if hard:
+        one_hot = F.one_hot((lg + g).argmax(-1), lg.shape[-1]).float()
+        y = one_hot - soft.detach() + soft
+        if reinmax:
+            pi0 = lg.softmax(-1)
+            pi1 = (one_hot + (lg / temp).softmax(-1)) / 2
+            pi1 = ((pi1.log() - lg).detach() + lg).softmax(-1)
+            pi2 = 2 * pi1 - pi0 / 2
+            y = one_hot + pi2 - pi2.detach()
+    z = torch.einsum('bhwn,nd->bdhw', y, vae.codebook.weight)
+    return vae.decoder(z)
+
+
+@pytest.mark.parametrize('hard,reinmax', [(False, False), (True, False), (True, True)])
+def test_vae_forward_equals_dense_gumbel_formulas(hard, reinmax):
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(16, 32, 8, 2, 1, 8)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    grads = []
+    for fn in (lambda: vae(x, temperature=0.7, hard=hard, reinmax=reinmax)[0], lambda: _dense_reference(vae, x, 0.7, hard, reinmax)):
+        vae.zero_grad()
+        torch.manual_seed(1)
+        out = fn()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in vae.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.allclose(u, v, atol=1e-5, rtol=1e-4) for u, v in zip(ga, gb))
+
+
+def test_vae_gumbel_codes_follow_the_softmax():
+    """The uniform-based Gumbel sampler draws codes with the probabilities softmax(logits)."""
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(2, 4, 3, 1, 0, 4)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    vae.encoder[-1].weight.zero_()
+    vae.encoder[-1].bias.copy_(torch.tensor([0.0, 1.0, 2.0, -1.0]))
+    vae.codebook.weight.copy_(torch.eye(4, 3))      # code 3 -> the zero vector, told apart by the decoder input
+    seen = []
+    vae.decoder = torch.nn.Identity()
+    for _ in range(50):
+        z = vae(torch.zeros(400, 3, 2, 2), hard=True)[0].flatten(1)
+        seen.append(torch.where(z.abs().sum(1) > 0, z.argmax(1), torch.full_like(z[:, 0], 3).long()))
+    freq = torch.bincount(torch.cat(seen), minlength=4).float() / 20000
+    assert torch.allclose(freq, torch.tensor([0.0, 1.0, 2.0, -1.0]).softmax(0), atol=0.01)
+
+
 def test_train_vae_bad_input(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(utils.UserError, match='no images'):
         run_script(train_vae, ['--image_folder', tmp_path / 'empty', '--out', tmp_path / 'o', *VAE_ARGS])
     with pytest.raises(utils.UserError, match='divisible'):
         run_script(train_vae, ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS, '--image_size', 18])
+    with pytest.raises(utils.UserError, match='REINMAX=true needs TRAIN.STRAIGHT_THROUGH'):
+        run_script(train_vae, ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS,
+                               '--set', 'TRAIN.REINMAX=true', '--set', 'TRAIN.STRAIGHT_THROUGH=false'])
 
 
 @pytest.fixture(scope='module')
