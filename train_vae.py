@@ -146,19 +146,25 @@ def codebook_usage(counts):
 # ----------------------------------------------------------------------------
 @torch.no_grad()
 def restart_dead_codes(vae, images, dead, init_scale):
-    """Each dead code k splits the code j that wins at a random position of `images` (feature
-    h0): k copies j's logits row and codebook vector and adds s * (h . h0 - |h0|^2 / 2), so it
+    """Each dead code k splits the code j that wins at a position of `images` (feature h0),
+    drawn with probability proportional to the hard reconstruction's squared error over that
+    token's pixels (edges and small objects, not the background most codes already cover):
+    k copies j's logits row and codebook vector and adds s * (h . h0 - |h0|^2 / 2), so it
     takes the part of j's inputs nearer h0 and reconstructions do not jump; s = init_scale over
     the mean squared feature norm moves logits by about init_scale, well above the Gumbel
     noise. Rank 0 decides, every rank gets its result. Returns the number of codes restarted."""
     dead = dead.nonzero().flatten()
     conv, book = vae.encoder[-1], vae.codebook.weight
     if len(dead) and utils.is_main():
-        feats = vae.encoder[:-1](images).permute(0, 2, 3, 1).flatten(0, 2).float()
+        feats = vae.encoder[:-1](images)
+        idx = conv(feats).max(1).indices
+        err = (vae.decode(idx.flatten(1)).float() - images).pow(2).mean(1, keepdim=True)
+        err = F.adaptive_avg_pool2d(err, idx.shape[-2:]).flatten()
+        feats = feats.permute(0, 2, 3, 1).flatten(0, 2).float()
         scale = init_scale / feats.pow(2).sum(1).mean()
-        h0 = feats[torch.randperm(len(feats), device=feats.device)[:len(dead)]]
+        pick = torch.multinomial(err + 1e-12, min(len(dead), len(err)))
+        h0, j = feats[pick], idx.flatten()[pick]
         dead = dead[:len(h0)]
-        j = F.conv2d(h0[..., None, None], conv.weight, conv.bias).flatten(1).argmax(1)
         conv.weight[dead] = conv.weight[j] + scale * h0[..., None, None]
         conv.bias[dead] = conv.bias[j] - scale * h0.pow(2).sum(1) / 2
         book[dead] = book[j]

@@ -164,6 +164,18 @@ def test_kv_cache_sampling_equals_full_forward_sampling():
     assert len(set(a.flatten().tolist())) > 3        # really sampling, not a constant
 
 
+def test_cpu_bf16_attention_equals_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 8) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(models.causal_attention_matmul(q, k, v), want, atol=1e-5)
+    attn = models.CausalSelfAttention(24, 3, 8)
+    x = torch.randn(2, 40, 24)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = attn(x)                                  # the matmul path
+    assert torch.allclose(got.float(), attn(x), atol=0.05)
+
+
 def test_top_k_counts_image_tokens_only():
     """thres 0.9 keeps int(0.1 * 30) = 3 image tokens; over the joint vocabulary (DALLE-pytorch)
     it would have been int(0.1 * (58 + 30)) = 8 > 3."""
@@ -271,6 +283,25 @@ def test_dead_code_restarts_split_the_busy_code():
     assert n == 31 and torch.equal(vae.codebook.weight[1:], vae.codebook.weight[:1].expand(31, -1))
     assert len(vae.get_codebook_indices(x).unique()) > 8   # the split codes each took some positions...
     assert torch.allclose(vae.decode(vae.get_codebook_indices(x)), recon)   # ...with the parent's vector
+
+
+def test_dead_code_restarts_seed_where_reconstruction_fails():
+    """Restarted codes start at features of badly reconstructed tokens: none from an image the
+    VAE already reconstructs exactly."""
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(32, 32, 8, 2, 1, 8)        # 8x8 tokens per image
+    with torch.no_grad():
+        vae.encoder[-1].bias[0] += 1e3                   # code 0 everywhere
+        exact = vae.decode(torch.zeros(1, 64, dtype=torch.long))   # decodes to itself: zero error
+    x = torch.cat([exact, torch.rand(1, 3, 32, 32) * 2 - 1])
+    w0 = vae.encoder[-1].weight[0].flatten().clone()
+    assert train_vae.restart_dead_codes(vae, x, torch.arange(32) >= 24, 10.0) == 8
+    with torch.no_grad():
+        feats = F.normalize(vae.encoder[:-1](x).permute(0, 2, 3, 1).flatten(1, 2), dim=-1)   # (2, 64, C)
+    h0 = F.normalize(vae.encoder[-1].weight[24:].flatten(1) - w0, dim=-1)     # each restart's h0 direction
+    best = (h0 @ feats.transpose(1, 2)).amax(2)                              # (2, 8): best match in each image
+    assert torch.allclose(best[1], torch.ones(8), atol=1e-4)               # all from the image it fails on
+    assert (best[0] < 1 - 1e-3).all()
 
 
 def _dense_reference(vae, x, temp, hard, reinmax):
