@@ -88,7 +88,7 @@ def steps(out, scale):
         Step('dalle', 'DALLE on the VAE',
              [PY, 'train_dalle.py', '--cfg', 'cfg/dalle/shapes_dalle.yml', '--out', d('dalle'),
               '--vae_path', d('vae', 'vae.pt'), '--set', f"TRAIN.MAX_STEPS={n('dalle_steps')}",
-              '--set', f"EVAL.JUDGE={d('judge')}"],
+              '--set', f"EVAL.JUDGE={d('judge')}", '--set', f'EVAL.ENCODER={enc}'],
              d('dalle', 'metrics.json')),
     ]
 
@@ -226,11 +226,11 @@ def write_report(out, times, scale, total_s):
          xl.get('judge_position'), xl.get('fid'), t('xmc_embed', 'xmc')],
         ['XMC-GAN, untrained', xu.get('r_precision'), xu.get('judge_all'), xu.get('judge_colour'), xu.get('judge_shape'),
          xu.get('judge_position'), xu.get('fid'), '–'],
-        [f"DALLE, one sample per caption ({dl.get('eval_captions', 0)} captions)", '–', dl.get('judge_all'),
+        [f"DALLE, one sample per caption ({dl.get('eval_captions', 0)} captions)", dl.get('r_precision'), dl.get('judge_all'),
          dl.get('judge_colour'), dl.get('judge_shape'), dl.get('judge_position'), '–', t('vae', 'dalle')],
         ['DALLE, the same samples against shuffled captions', '–', dl.get('shuffled_judge_all'),
          dl.get('shuffled_judge_colour'), dl.get('shuffled_judge_shape'), dl.get('shuffled_judge_position'), '–', '–'],
-        ['DALLE, untrained', '–', dl.get('untrained_judge_all'), dl.get('untrained_judge_colour'),
+        ['DALLE, untrained', dl.get('untrained_r_precision'), dl.get('untrained_judge_all'), dl.get('untrained_judge_colour'),
          dl.get('untrained_judge_shape'), dl.get('untrained_judge_position'), '–', '–'],
         [f'DALLE, all {SAMPLES_PER_CAPTION} samples of the {len(rows)} grid captions', '–', before['all'],
          before['colour'], before['shape'], before['position'], '–', '–'],

@@ -66,6 +66,8 @@ DEFAULTS = {
         'NUM_CAPTIONS': 64,       # captions spread over HOLDOUT, one sample each
         'JUDGE': '',              # shapes judge checkpoint: attribute accuracy of the samples
         'BASELINE': False,        # also an untrained DALLE on the same captions
+        'ENCODER': '',            # pretrain_DAMSM.py text_encoder<N>.pth: R-precision of the samples
+        'R_NEG': 99,              # R-precision negatives (DM-GAN's protocol), fewer if the captions lack them
     },
 }
 
@@ -348,7 +350,9 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
     captions, scored by the shapes judge against the attributes of the caption's own image
     (the rule of `fid_score.py --accuracy`), and against the next caption's (shuffled: the
     score the images get whatever the caption says); with BASELINE, an untrained DALLE on the
-    same captions and noise. Writes holdout_samples.png (rows: trained, untrained)."""
+    same captions and noise. With EVAL.ENCODER, the R-precision of the samples (DM-GAN's
+    protocol: true caption against R_NEG captions of images of other classes, by the encoder's
+    cosine). Writes holdout_samples.png (rows: trained, untrained)."""
     import fid_score
     E = cfg.EVAL
     if not E.HOLDOUT:
@@ -359,6 +363,7 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
                        for _, caps in pairs]).to(dev)
     keys = [fid_score.shapes_key(p) for p, _ in pairs]
     judge = fid_score.load_judge(E.JUDGE, dev)
+    r_precision = holdout_r_precision(E, pairs, [k.split('/')[0] for k in keys], dev)
 
     def sample(model):
         model.eval()
@@ -370,17 +375,37 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
     res = {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, images, keys).items()}
     # the same images, each against the next caption's image: what they score whatever the caption
     res.update({f'shuffled_judge_{k}': v for k, v in fid_score.judge_accuracy(judge, images, keys[1:] + keys[:1]).items()})
+    res.update(r_precision(images))
     rows = [images[:8]]
     if E.BASELINE:
         torch.manual_seed(cfg.SEED)            # same architecture, fresh initialisation
         untrained = models.DALLE(**dalle.hparams).to(dev)
         base = sample(untrained)
         res.update({f'untrained_judge_{k}': v for k, v in fid_score.judge_accuracy(judge, base, keys).items()})
+        res.update({f'untrained_{k}': v for k, v in r_precision(base).items() if k == 'r_precision'})
         rows.append(base[:8])
     utils.save_image_grid(torch.cat(rows), os.path.join(out, 'holdout_samples.png'), nrow=len(rows[0]))
     res['eval_captions'] = len(ids)
     log.info(' | '.join(f'{k} {v:.3f}' for k, v in res.items()))
     return res
+
+
+def holdout_r_precision(E, pairs, classes, dev):
+    """A function images -> {'r_precision', 'r_precision_std', 'r_precision_negatives'} with
+    EVAL.ENCODER's encoders on the pairs' first captions ({} without an encoder)."""
+    if not E.ENCODER:
+        return lambda images: {}
+    import numpy as np
+    text_enc, image_enc = models.load_encoders(E.ENCODER, dev)
+    sent = text_enc.encode([caps if isinstance(caps, str) else caps[0] for _, caps in pairs])[1].float().cpu()
+    n_neg = min(E.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max())
+
+    @torch.no_grad()
+    def score(images):
+        img = torch.cat([image_enc.encode(images[i:i + 64].to(dev))[1].float().cpu() for i in range(0, len(images), 64)])
+        mean, std = utils.r_precision(img, sent, classes, n_neg=n_neg)
+        return {'r_precision': mean, 'r_precision_std': std, 'r_precision_negatives': int(n_neg)}
+    return score
 
 
 def fixed_captions(pairs, tokenizer, cfg, n):

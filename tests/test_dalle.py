@@ -390,11 +390,18 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
             *DALLE_ARGS, '--set', 'TRAIN.KEEP_N_CHECKPOINTS=0', '--set', 'TRAIN.SAVE_EVERY_N_STEPS=20']
     m = run_script(train_dalle, [*args, '--out', a, '--dalle_output_file_name', 'vae_dalle', '--set',
                                  f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl', '--set', 'EVAL.NUM_CAPTIONS=6',
-                                 '--set', f'EVAL.JUDGE={tiny_judge}', '--set', 'EVAL.BASELINE=true'])
+                                 '--set', f'EVAL.JUDGE={tiny_judge}', '--set', 'EVAL.BASELINE=true',
+                                 '--set', f'EVAL.ENCODER={tiny_encoder}'])
     assert m['train_steps'] == 50 and m['final_loss'] > 0 and m['dalle_path'].endswith('vae_dalle.pt')
     assert m['eval_captions'] == 6 and os.path.isfile(a / 'holdout_samples.png')    # one sample per held-out caption
     for attr in ('count', 'shape', 'colour', 'size', 'position', 'all'):
         assert all(0 <= m[f'{p}judge_{attr}'] <= 1 for p in ('', 'untrained_', 'shuffled_'))
+    # R-precision of the samples with the encoder: every caption of another class as a negative
+    held = utils.read_pairs(f'{tiny_shapes}/test.jsonl')
+    held = held[::max(1, len(held) // 6)][:6]
+    classes = [os.path.basename(os.path.dirname(p)) for p, _ in held]
+    assert m['r_precision_negatives'] == 6 - max(classes.count(c) for c in classes)
+    assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert {'hparams', 'vae_class_name', 'vae_params', 'tokenizer'} <= set(ck['extra'])
     assert set(ck['models']) == {'dalle', 'vae'} and ck['optimizers']['opt']['state'] and ck['epoch'] == 1
