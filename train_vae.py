@@ -251,7 +251,7 @@ def train(run, args):
             step += 1
             if step % c.LR_DECAY_EVERY == 0:
                 sched.step()
-            counts += torch.bincount(logits.detach().argmax(1).flatten(), minlength=m.NUM_TOKENS)
+            counts += torch.bincount(logits.detach().max(1).indices.flatten(), minlength=m.NUM_TOKENS)
             last = {'loss': loss.item(), 'recon': rec.item(), 'temp': temp}
             bar.set_postfix(**last)
             if step % c.LOG_EVERY == 0:
