@@ -436,6 +436,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
                                             world, utils.all_gather_with_grad, ddp)
             if rank == 0:
                 torch.save({'values': values, 'grads': grads}, os.path.join(out_dir, f'{name}.pt'))
+        dist.barrier()      # leave together: a rank tearing gloo down while rank 0 writes can abort
     finally:
         dist.destroy_process_group()
 
