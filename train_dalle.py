@@ -359,11 +359,11 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
         raise utils.UserError("EVAL.JUDGE needs EVAL.HOLDOUT: held-out (image, caption) pairs")
     pairs = utils.read_pairs(E.HOLDOUT)
     pairs = pairs[::max(1, len(pairs) // E.NUM_CAPTIONS)][:E.NUM_CAPTIONS]
-    ids = torch.stack([tokenizer.tokenize(caps if isinstance(caps, str) else caps[0], cfg.TEXT.TEXT_SEQ_LEN, True)
-                       for _, caps in pairs]).to(dev)
+    texts = [caps if isinstance(caps, str) else caps[0] for _, caps in pairs]
+    ids = torch.stack([tokenizer.tokenize(t, cfg.TEXT.TEXT_SEQ_LEN, True) for t in texts]).to(dev)
     keys = [fid_score.shapes_key(p) for p, _ in pairs]
     judge = fid_score.load_judge(E.JUDGE, dev)
-    r_precision = holdout_r_precision(E, pairs, [k.split('/')[0] for k in keys], dev)
+    r_precision = holdout_r_precision(E, texts, [k.split('/')[0] for k in keys], dev)
 
     def sample(model):
         model.eval()
@@ -390,19 +390,17 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
     return res
 
 
-def holdout_r_precision(E, pairs, classes, dev):
+def holdout_r_precision(E, texts, classes, dev):
     """A function images -> {'r_precision', 'r_precision_std', 'r_precision_negatives'} with
-    EVAL.ENCODER's encoders on the pairs' first captions ({} without an encoder)."""
+    EVAL.ENCODER's encoders, image i against texts[i] ({} without an encoder)."""
     if not E.ENCODER:
         return lambda images: {}
     import numpy as np
     text_enc, image_enc = models.load_encoders(E.ENCODER, dev)
-    sent = text_enc.encode([caps if isinstance(caps, str) else caps[0] for _, caps in pairs])[1].float().cpu()
     n_neg = min(E.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max())
 
-    @torch.no_grad()
     def score(images):
-        img = torch.cat([image_enc.encode(images[i:i + 64].to(dev))[1].float().cpu() for i in range(0, len(images), 64)])
+        img, sent = utils.encode_pairs(image_enc, text_enc, images, texts)
         mean, std = utils.r_precision(img, sent, classes, n_neg=n_neg)
         return {'r_precision': mean, 'r_precision_std': std, 'r_precision_negatives': int(n_neg)}
     return score
