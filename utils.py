@@ -650,26 +650,66 @@ _SAFE_GLOBALS = {('builtins', n) for n in ('list', 'dict', 'tuple', 'set', 'froz
 _SAFE_GLOBALS.add(('collections', 'OrderedDict'))
 
 
+def _numeric_dtype(dt):
+    """np.dtype of a plain integer or float kind, else UnpicklingError."""
+    import numpy as np
+    dt = np.dtype(dt)
+    if dt.kind not in 'iuf' or dt.fields is not None or dt.subdtype is not None:
+        raise pickle.UnpicklingError(f"refusing numpy dtype {dt!r} (only integer and float kinds)")
+    return dt
+
+
+def _np_dtype(name, align=False, copy=False):
+    """numpy.dtype as pickles reconstruct it (AttnGAN's class_info.pickle: dtype('i8'))."""
+    if not isinstance(name, str):
+        raise pickle.UnpicklingError(f"refusing numpy dtype from {type(name).__name__}")
+    return _numeric_dtype(name)
+
+
+def _np_scalar(dtype, data):
+    """numpy.core.multiarray.scalar(dtype, raw bytes): an integer/float numpy scalar."""
+    import numpy as np
+    dt = _numeric_dtype(dtype)
+    if isinstance(data, str):                      # Python 2 pickles read with latin-1
+        data = data.encode('latin1')
+    if not isinstance(data, bytes) or len(data) != dt.itemsize:
+        raise pickle.UnpicklingError(f"numpy scalar of {dt}: expected {dt.itemsize} raw bytes")
+    return np.frombuffer(data, dt)[0]
+
+
+# numpy >= 2 pickles name the module numpy._core; older ones numpy.core.
+_NUMPY_GLOBALS = {('numpy', 'dtype'): _np_dtype, ('numpy.core.multiarray', 'scalar'): _np_scalar,
+                  ('numpy._core.multiarray', 'scalar'): _np_scalar}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) in _NUMPY_GLOBALS:
+            return _NUMPY_GLOBALS[module, name]
         raise pickle.UnpicklingError(f"refusing global '{module}.{name}'")
 
 
 def safe_pickle_load(path):
-    """Load a dataset pickle allowing only plain containers, strings and numbers.
-    Python 2 pickles (AttnGAN's) decode byte strings as latin-1."""
+    """Load a dataset pickle allowing only plain containers, strings, numbers and numpy
+    integer/float scalars. Python 2 pickles (AttnGAN's) decode byte strings as latin-1.
+    Protocol-0 pickles that went through a CRLF checkout are read as the original: every
+    '\\r\\n' is a '\\n' there (protocol 0 escapes control characters inside strings)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     with open(path, 'rb') as f:
-        try:
-            obj = _RestrictedUnpickler(f, encoding='latin1').load()
-        except pickle.UnpicklingError as e:
-            raise UserError(f"{path}: unsafe or corrupt pickle ({e}); only plain "
-                            "lists/dicts/strings/numbers are accepted")
-        except Exception as e:
-            raise UserError(f"{path}: unreadable pickle ({type(e).__name__}: {e})")
+        data = f.read()
+    crlf = not data.startswith(b'\x80') and b'\r\n' in data
+    if crlf:
+        data = data.replace(b'\r\n', b'\n')
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding='latin1').load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: unsafe or corrupt pickle ({e}); only plain "
+                        "lists/dicts/strings/numbers are accepted")
+    except Exception as e:
+        raise UserError(f"{path}: unreadable pickle ({type(e).__name__}: {e})")
     return obj
 
 
