@@ -20,7 +20,7 @@ import models
 import utils
 
 DEFAULTS = {
-    'CLIP_PATH': '',              # text_encoder<N>.pth of pretrain_DAMSM.py (image_encoder<N>.pth beside it)
+    'CLIP_PATH': '',              # text_encoder<N>.pth of pretrain_DAMSM.py or its run dir; '' = output/DAMSM
     'CLIP_MODEL': '',             # transformers CLIP or Chinese-CLIP: hub name or local dir
     'TOP_K': 4,                   # dalle.md §2: text2img's README shows the top 4
     'BATCH_SIZE': 32,
@@ -39,6 +39,20 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.out = args.out or os.path.join(args.save_path, 'clip_sort')
     return utils.flags_to_set(args, FLAGS)
+
+
+DEFAULT_CLIP_RUN = os.path.join('output', 'DAMSM')   # pretrain_DAMSM.py without --cfg/--out
+
+
+def find_encoder(path):
+    """A text_encoder<N>.pth, or the newest one of a run dir; one line saying what to train when absent."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        return models.newest_text_encoder(path)
+    raise utils.UserError(f"{path}: no CLIP encoder there; train one first (python pretrain_DAMSM.py "
+                          f"--train-data train.csv --model RN50 ... writes {DEFAULT_CLIP_RUN}/checkpoints), "
+                          "or give --clip_path / --clip_model")
 
 
 def image_files(save_path, n):
@@ -111,8 +125,11 @@ def main():
     args = parse_args()
     run = utils.setup(args, DEFAULTS, tensorboard=False)
     cfg, log = run.cfg, run.log
-    if bool(cfg.CLIP_PATH) == bool(cfg.CLIP_MODEL):
-        raise utils.UserError("give exactly one of --clip_path (our encoders) and --clip_model (transformers)")
+    if cfg.CLIP_PATH and cfg.CLIP_MODEL:
+        raise utils.UserError("give one of --clip_path (our encoders) and --clip_model (transformers), not both")
+    if not cfg.CLIP_MODEL:
+        cfg.CLIP_PATH = find_encoder(cfg.CLIP_PATH or DEFAULT_CLIP_RUN)
+        log.info(f"CLIP: {cfg.CLIP_PATH}")
     texts = utils.split_captions(args.text)
     paths = utils.caption_dirs(args.save_path, len(texts))
     files = [image_files(p, args.img_num) for p in paths]     # all present before the model loads

@@ -20,7 +20,7 @@ import train_dalle
 import utils
 
 DEFAULTS = {
-    'DALLE_PATH': '',             # a train_dalle.py checkpoint (it carries the VAE and tokenizer)
+    'DALLE_PATH': 'output/dalle/checkpoints/dalle.pt',   # train_dalle.py's default; it carries the VAE and tokenizer
     'BATCH_SIZE': 4,              # dalle.md §1.5: generate.py --batch_size 4
     'TOP_K': 0.9,                 # dalle.md §1.5: filter_thres 0.9 in text2img's dalle_gen.py
     'TEMPERATURE': 1.0,
@@ -65,8 +65,10 @@ def main():
     args = parse_args()
     run = utils.setup(args, DEFAULTS, tensorboard=False)
     cfg, log = run.cfg, run.log
-    if not cfg.DALLE_PATH:
-        raise utils.UserError("DALLE_PATH (--dalle_path): empty; give a train_dalle.py checkpoint")
+    if not os.path.isfile(cfg.DALLE_PATH):
+        raise utils.UserError(f"{cfg.DALLE_PATH}: no DALLE checkpoint there; train one first (python train_dalle.py "
+                              "--image_text_folder DATA writes output/dalle/checkpoints/dalle.pt), or give --dalle_path")
+    log.info(f"DALLE: {cfg.DALLE_PATH}")
     dalle, vae, tokenizer = train_dalle.load_dalle(utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device)
     dalle.eval()
     texts = utils.split_captions(args.text)

@@ -26,7 +26,7 @@ DEFAULTS = {
     'DATA': {'FLIP': True, 'CROP': True},  # AttnGAN's training flips and 76/64 resize + crop
     'TRAIN': {
         'FLAG': True,                 # false: evaluate NET_G
-        'NET_G': '',                  # generator checkpoint to evaluate
+        'NET_G': '',                  # generator to evaluate, or to fine-tune from (with netD<i>.pth beside it)
         'NET_E': '',                  # .../text_encoder<N>.pth from pretrain_DAMSM.py
         'BATCH_SIZE': 64,
         'MAX_EPOCH': 600,
@@ -41,8 +41,10 @@ DEFAULTS = {
         'CONTRASTIVE': {'ENABLE': False, 'TEMPERATURE': 0.5, 'WEIGHT': 0.2},
     },
     'GAN': {'DF_DIM': 64, 'GF_DIM': 128, 'Z_DIM': 100, 'CONDITION_DIM': 100, 'R_NUM': 2},
-    # The word limit is the text encoder's own (its tokenizer's context length).
-    'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10},
+    # The word limit is the text encoder's own (its tokenizer's context length); WORDS_NUM
+    # sets it for AttnGAN's released encoders, which carry none.
+    'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10,
+             'WORDS_NUM': 18},           # AttnGAN's released DAMSM encoders only (config.py default)
     'EVAL': {
         'NUM_IMAGES': 30000,          # DM-GAN: one image per caption, up to 30,000
         'MAX_PASSES': 11,             # passes over the test set
@@ -97,7 +99,10 @@ def load_encoders(cfg, device):
     if not cfg.TRAIN.NET_E:
         raise utils.UserError("TRAIN.NET_E: empty; point it at a text_encoder<N>.pth written by "
                               "pretrain_DAMSM.py (the image encoder is read from beside it)")
-    text_enc, image_enc = models.load_encoders(cfg.TRAIN.NET_E, device)
+    def vocabulary():           # AttnGAN's released encoders: the dataset's captions.pickle
+        data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
+        return [data.ixtoword[i] for i in range(len(data.ixtoword))]
+    text_enc, image_enc = models.load_encoders(cfg.TRAIN.NET_E, device, vocabulary, cfg.TEXT.WORDS_NUM)
     for m in (text_enc, image_enc):
         m.eval().requires_grad_(False)
     if text_enc.spec['dim'] != cfg.TEXT.EMBEDDING_DIM:
@@ -219,6 +224,8 @@ def train(run, args):
     opts = {'G': optG, **{f'D{i}': o for i, o in enumerate(optsD)}}
     if ckpt:
         step, start_epoch = utils.restore_checkpoint(ckpt, nets, opts)
+    elif T.NET_G:
+        init_from_released(T.NET_G, netG, netG_ema, netsD, dev, log)
     G, Ds = utils.wrap_ddp(netG, dev), [utils.wrap_ddp(d, dev) for d in netsD]
     for D, netD in zip(Ds, netsD):        # the logit heads are reached through the wrapper's module
         D.cond, D.uncond = netD.cond, netD.uncond
@@ -251,6 +258,23 @@ def train(run, args):
     utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
                                   **{f'final_{k}': v for k, v in last.items()},
                                   'checkpoint': (utils.list_checkpoints(run.out, 'dmgan') or [''])[-1]})
+
+
+def init_from_released(path, netG, netG_ema, netsD, dev, log):
+    """Fine-tuning start as DM-GAN's load_network: G from TRAIN.NET_G, each D_i from netD<i>.pth
+    beside it (the original's names or ours, our checkpoints' D<i>), the optimizers new."""
+    netG.load_state_dict(generator_state(path, dev))
+    netG_ema.load_state_dict(netG.state_dict())
+    for i, netD in enumerate(netsD):
+        d_path = os.path.join(os.path.dirname(path), f'netD{i}.pth')
+        raw = utils.load_weights(d_path, dev)
+        if not utils.is_state_dict(raw):
+            raise utils.UserError(f"{d_path}: expected a D_NET state dict (torch.save(netD.state_dict()))")
+        try:
+            netD.load_state_dict(models.convert_dmgan_state_dict(raw))
+        except RuntimeError as e:
+            raise utils.UserError(f"{d_path}: does not match D{i} of the cfg's GAN/TREE keys ({str(e)[:200]})")
+    log.info(f"fine-tuning from {path} and netD0..{len(netsD) - 1}.pth beside it")
 
 
 def count(m):
@@ -286,6 +310,17 @@ def write_samples(run, netG, fixed, epoch):
 # ----------------------------------------------------------------------------
 # Evaluation (DM-GAN trainer.sampling): one image per caption, R-precision
 # ----------------------------------------------------------------------------
+def generator_state(path, dev):
+    """The averaged generator of one of our checkpoints (G_ema, as DM-GAN saves it), or a G_NET
+    state dict released by the original code (bird_DMGAN.pth, netG_epoch_N.pth), renamed."""
+    raw = utils.load_weights(path, dev)
+    if utils.is_state_dict(raw):
+        if not models.is_original_dmgan(raw):
+            raise utils.UserError(f"{path}: a state dict, but not of DM-GAN's G_NET (no h_net1.* weights)")
+        return models.convert_dmgan_state_dict(raw)
+    return utils.load_checkpoint(path, 'dmgan', map_location=dev)['models']['G_ema']
+
+
 def load_generator(cfg, text_dim, dev):
     if not cfg.TRAIN.NET_G:
         raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint (or its run dir)")
@@ -295,10 +330,9 @@ def load_generator(cfg, text_dim, dev):
         if not found:
             raise utils.UserError(f"TRAIN.NET_G={path}: no dmgan_<step>.pt under {path}/checkpoints")
         path = found[-1]
-    ckpt = utils.load_checkpoint(path, 'dmgan', map_location=dev)
     netG = build_generator(cfg, text_dim).to(dev)
     try:
-        netG.load_state_dict(ckpt['models']['G_ema'])      # the averaged generator, as DM-GAN saves
+        netG.load_state_dict(generator_state(path, dev))
     except RuntimeError as e:
         raise utils.UserError(f"{path}: generator does not match the cfg's GAN/TREE keys "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})")

@@ -267,6 +267,7 @@ class ShapesJudge(nn.Module):
 #   clip_hf  a transformers CLIP, finetuned with DAMSM + NT-Xent (T2I_CLIP-GAN) gan_refs.md §2
 #   clip     CLIP from scratch as open_clip builds it (ModifiedResNet or ViT)  dalle.md §3
 import os  # noqa: E402
+import re  # noqa: E402
 
 import utils  # noqa: E402  (AttnGAN tokenisation, UserError, checkpoints)
 
@@ -490,18 +491,15 @@ class CNNImageEncoder(ImageEncoder):
 
 def load_inception_weights(encoder, path, log=None):
     """torchvision's ImageNet Inception-v3 into a CNNImageEncoder: `path` a .pth file, 'auto'
-    = torchvision's cache (torch.hub dir) if the file is there, '' = keep the random init."""
+    = torchvision's cache (torch.hub dir), '' = keep the random init. A named file that is
+    absent stops the run: a random frozen backbone would train DAMSM against noise."""
+    if not path:
+        return
     if path == 'auto':
         path = os.path.join(torch.hub.get_dir(), 'checkpoints', INCEPTION_URL_FILE)
-        if not os.path.isfile(path):
-            if log:
-                log.warning(f"no ImageNet Inception-v3 at {path}: the image encoder's backbone "
-                            "stays randomly initialised (fine for tests, useless for real DAMSM)")
-            return
-    elif not path:
-        return
     if not os.path.isfile(path):
-        raise utils.UserError(f"{path}: Inception-v3 weights file not found (MODEL.PRETRAINED)")
+        raise utils.UserError(f"{path}: Inception-v3 ImageNet weights not found (MODEL.PRETRAINED; 'auto' looks "
+                              "in torchvision's cache; '' trains from a random init)")
     state = torch.load(path, map_location='cpu', weights_only=True)
     for part, layers in (('to_regions', INCEPTION_REGIONS), ('to_global', INCEPTION_GLOBAL)):
         own = {}
@@ -766,22 +764,71 @@ def build_image_encoder(spec):
     return IMAGE_ENCODERS[spec['family']](spec)
 
 
-def load_encoders(net_e, device='cpu'):
+def newest_text_encoder(run_dir):
+    """<run_dir>/checkpoints/text_encoder<N>.pth (or in run_dir itself) with the largest N."""
+    for d in (os.path.join(run_dir, 'checkpoints'), run_dir):
+        found = [f for f in os.listdir(d) if re.fullmatch(r'text_encoder\d+\.pth', f)] if os.path.isdir(d) else []
+        if found:
+            return os.path.join(d, max(found, key=lambda f: int(f[12:-4])))
+    raise utils.UserError(f"{run_dir}: no text_encoder<N>.pth in it or its checkpoints/ (pretrain_DAMSM.py writes them)")
+
+
+def _attngan_image_key(key):
+    """CNN_ENCODER name (Conv2d_1a_3x3.conv.weight, ...) -> CNNImageEncoder name."""
+    top, rest = key.split('.', 1)
+    for part, layers in (('to_regions', INCEPTION_REGIONS), ('to_global', INCEPTION_GLOBAL)):
+        if top in layers:
+            return f'{part}.{layers.index(top)}.{rest}'
+    return key                                   # emb_features, emb_cnn_code
+
+
+def attngan_damsm_modules(text_state, image_state, words, words_num, text_path):
+    """AttnGAN's released DAMSM encoders (DAMSMencoders/bird/text_encoder200.pth + image_encoder200.pth,
+    plain state dicts of RNN_ENCODER and CNN_ENCODER in AttnGAN code/model.py): sizes read off the
+    weights, the vocabulary from the dataset's captions.pickle (`words` = ixtoword in id order), as
+    the original rebuilds RNN_ENCODER(len(ixtoword)). Loaded strictly."""
+    n_words, word_dim = text_state['encoder.weight'].shape
+    if n_words != len(words):
+        raise utils.UserError(f"{text_path}: an RNN_ENCODER over {n_words} words, but the dataset's "
+                              f"captions.pickle has {len(words)}; use the captions.pickle it was trained with")
+    text = build_text_encoder({'family': 'damsm', 'dim': 2 * text_state['rnn.weight_hh_l0'].shape[1],
+                               'tokenizer': tokenizer_spec('attngan', words_num, words=words),
+                               'word_dim': word_dim, 'dropout': 0.5})
+    image = build_image_encoder({'family': 'damsm', 'dim': image_state['emb_cnn_code.weight'].shape[0],
+                                 'image_size': 299, 'backbone': 'inception_v3', 'width': 0, 'train_backbone': False})
+    text.load_state_dict(text_state)
+    image.load_state_dict({_attngan_image_key(k): v for k, v in image_state.items()})
+    return text, image
+
+
+def load_encoders(net_e, device='cpu', attngan_words=None, words_num=18):
     """AttnGAN's convention: TRAIN.NET_E = .../text_encoder<N>.pth, the image encoder beside it
     as image_encoder<N>.pth. Both rebuilt from the spec they carry, in eval mode and frozen
-    (requires_grad False; gradients still flow to their inputs)."""
+    (requires_grad False; gradients still flow to their inputs). A run directory stands for
+    its newest text_encoder<N>.pth. AttnGAN's own released files (plain state dicts) load too,
+    given the dataset's vocabulary (`attngan_words()`, called only then) and word limit
+    (AttnGAN's TEXT.WORDS_NUM)."""
+    if os.path.isdir(net_e):
+        net_e = newest_text_encoder(net_e)
     folder, name = os.path.split(net_e)
     if 'text_encoder' not in name:
         raise utils.UserError(f"{net_e}: expected a text_encoder<N>.pth written by pretrain_DAMSM.py")
-    out = []
-    for path, kind, build in ((net_e, 'text_encoder', build_text_encoder),
-                              (os.path.join(folder, name.replace('text_encoder', 'image_encoder')),
-                               'image_encoder', build_image_encoder)):
-        ckpt = utils.load_checkpoint(path, kind)
-        module = build(ckpt['extra']['spec'])
-        module.load_state_dict(ckpt['models'][kind])
-        out.append(module.to(device).eval().requires_grad_(False))
-    return tuple(out)
+    paths = (net_e, os.path.join(folder, name.replace('text_encoder', 'image_encoder')))
+    raw = [utils.load_weights(p) for p in paths]
+    if all(utils.is_state_dict(r) for r in raw):
+        if attngan_words is None:
+            raise utils.UserError(f"{net_e}: AttnGAN's DAMSM weights carry no vocabulary; give the dataset's "
+                                  "captions.pickle (DATA_DIR)")
+        modules = attngan_damsm_modules(*raw, attngan_words(), words_num, net_e)
+    else:
+        modules = []
+        for path, kind, build in zip(paths, ('text_encoder', 'image_encoder'),
+                                     (build_text_encoder, build_image_encoder)):
+            ckpt = utils.load_checkpoint(path, kind)
+            module = build(ckpt['extra']['spec'])
+            module.load_state_dict(ckpt['models'][kind])
+            modules.append(module)
+    return tuple(m.to(device).eval().requires_grad_(False) for m in modules)
 
 
 # ---- losses -----------------------------------------------------------------------------------
@@ -1074,6 +1121,59 @@ class DMGANDiscriminator(nn.Module):
         return self.img_code(x)
 
 
+# ---- released checkpoints of the original code (torch.save(net.state_dict())) -----------------
+def _dmgan_g_key(key):
+    """G_NET name -> DMGANGenerator name: h_net1 is the initial stage (upsample1..4), h_net2/3
+    the memory stages (their memory, residual and upsample parts), img_netK the image heads."""
+    m = re.fullmatch(r'h_net1\.upsample(\d)\.(.*)', key)
+    if m:
+        return f'init_stage.upsample.{int(m[1]) - 1}.{m[2]}'
+    m = re.fullmatch(r'h_net1\.(fc\..*)', key)
+    if m:
+        return f'init_stage.{m[1]}'
+    m = re.fullmatch(r'h_net(\d)\.((residual|upsample)\..*)', key)
+    if m:
+        return f'stages.{int(m[1]) - 2}.{m[2]}'
+    m = re.fullmatch(r'h_net(\d)\.(.*)', key)
+    if m:
+        return f'stages.{int(m[1]) - 2}.memory.{m[2]}'
+    m = re.fullmatch(r'img_net(\d)\.img\.(.*)', key)
+    if m:
+        return f'img_heads.{int(m[1]) - 1}.{m[2]}'
+    return key                                   # ca_net.*
+
+
+# Sequential index of each original block's conv (D_NET128 has s32, s32_1; D_NET256 s32, s64, s64_1, s64_2).
+_DMGAN_D_TRUNK = {'s16': [0, 2, 4, 6], 's32': [8], 's32_1': [10], 's64': [10], 's64_1': [12], 's64_2': [14]}
+
+
+def _dmgan_d_key(key):
+    """D_NET64/128/256 name -> DMGANDiscriminator name. The original's img_code_s16 / s32 /
+    s64(_1, _2) blocks are one Sequential here (convs at even indices); its SpectralNorm keeps
+    weight_bar/u/v on the wrapped conv (`.module.weight_bar`), ours on the wrapper."""
+    key = re.sub(r'\.module\.(weight_bar|weight_u|weight_v)$', r'.\1', key)
+    m = re.fullmatch(r'img_code_(s\d+(?:_\d)?)\.(\d+)\.(.*)', key)
+    if m:
+        block, idx = m[1], int(m[2])
+        return f'img_code.{_DMGAN_D_TRUNK[block][idx // 2 if block == "s16" else 0]}.{m[3]}'
+    key = re.sub(r'^UNCOND_DNET\.outlogits\.0\.', 'uncond.outlogits.', key)
+    key = re.sub(r'^COND_DNET\.outlogits\.0\.', 'cond.outlogits.', key)
+    return re.sub(r'^COND_DNET\.jointConv\.', 'cond.joint.', key)
+
+
+def is_original_dmgan(state):
+    """True for a state dict written by the original DM-GAN code (G_NET or D_NET*)."""
+    return any(k.startswith(('h_net1.', 'img_code_s16.')) for k in state)
+
+
+def convert_dmgan_state_dict(state):
+    """A released G_NET (bird_DMGAN.pth, netG_epoch_N.pth) or D_NET (netD0/1/2.pth) state dict
+    of MinfengZhu/DM-GAN code/model.py -> the state dict of DMGANGenerator / DMGANDiscriminator
+    (load it with strict=True: every name and shape must match)."""
+    rename = _dmgan_d_key if any(k.startswith('img_code_s16.') for k in state) else _dmgan_g_key
+    return {rename(k): v for k, v in state.items()}
+
+
 # ============================================================================
 # XMC-GAN (Zhang et al. 2021)
 # ============================================================================
@@ -1250,7 +1350,8 @@ class PretrainedResNet50(nn.Module):
     """The frozen ImageNet ResNet-50 of XMC-GAN's pretrained image contrastive loss: [-1, 1]
     images, bilinear to 224 (pretrained_model_utils.py), ImageNet mean/std (torchvision's weights
     expect it; the original fed [0, 1] to its own Flax port), -> the 1000 logits (its `outputs`).
-    weights: a .pth file, 'auto' (torchvision's cache, else random init with a warning) or ''."""
+    weights: a .pth file, 'auto' (torchvision's cache) or '' (random init, for tests); a named
+    file that is absent stops the run."""
 
     def __init__(self, weights='auto', log=None):
         super().__init__()
@@ -1260,10 +1361,11 @@ class PretrainedResNet50(nn.Module):
         if weights == 'auto':
             found = [p for p in (os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES)
                      if os.path.isfile(p)]
-            path = found[0] if found else ''
-            if not found and log:
-                log.warning("no ImageNet ResNet-50 in torchvision's cache: the pretrained image contrastive "
-                            "loss runs on a random-init ResNet-50 (fine for tests, not for a real run)")
+            if not found:
+                raise utils.UserError(f"{os.path.join(torch.hub.get_dir(), 'checkpoints', RESNET50_FILES[0])}: "
+                                      "ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks in torchvision's "
+                                      "cache; give a .pth, or '' for a random init)")
+            path = found[0]
         if path:
             if not os.path.isfile(path):
                 raise utils.UserError(f"{path}: ResNet-50 weights file not found (TRAIN.RESNET)")

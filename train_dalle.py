@@ -23,8 +23,9 @@ import models
 import utils
 
 DEFAULTS = {
+    'CONFIG_NAME': 'dalle',       # run dir output/dalle without --cfg/--out (dalle_gen.py reads it)
     'IMAGE_TEXT_FOLDER': '',      # jsonl, folder (image + .txt) or csv
-    'VAE_PATH': '',               # DALLE-pytorch vae.pt / train_vae.py output
+    'VAE_PATH': '',               # DALLE-pytorch vae.pt; '' = output/vae/vae.pt, where train_vae.py leaves it
     'VQGAN_MODEL_PATH': '',       # taming last.ckpt (with VQGAN_CONFIG_PATH model.yaml)
     'VQGAN_CONFIG_PATH': '',
     'DALLE_OUTPUT_FILE_NAME': 'dalle',
@@ -192,7 +193,10 @@ def build_dataset(cfg, tokenizer, pairs, image_size):
     return utils.PairDataset(pairs, tf, tokenize=ids.__getitem__)
 
 
-def load_vae(cfg):
+DEFAULT_VAE_PATH = os.path.join('output', 'vae', 'vae.pt')   # train_vae.py without --cfg/--out
+
+
+def load_vae(cfg, log):
     """A frozen image tokenizer: taming VQGAN (both VQGAN paths) or a DiscreteVAE (VAE_PATH)."""
     if cfg.VQGAN_MODEL_PATH or cfg.VQGAN_CONFIG_PATH:
         if not (cfg.VQGAN_MODEL_PATH and cfg.VQGAN_CONFIG_PATH):
@@ -200,10 +204,12 @@ def load_vae(cfg):
         if cfg.VAE_PATH:
             raise utils.UserError("give either --vae_path or the VQGAN paths, not both")
         return models.load_vqgan(cfg.VQGAN_MODEL_PATH, cfg.VQGAN_CONFIG_PATH)
-    if not cfg.VAE_PATH:
-        raise utils.UserError("no VAE: give --vae_path (train_vae.py's vae.pt) or --vqgan_model_path/"
-                              "--vqgan_config_path, or --dalle_path to resume")
-    return models.load_discrete_vae(cfg.VAE_PATH)
+    path = cfg.VAE_PATH or DEFAULT_VAE_PATH
+    if not os.path.isfile(path):
+        raise utils.UserError(f"{path}: no VAE there; train one first (python train_vae.py --image_folder DIR "
+                              f"writes {DEFAULT_VAE_PATH}), or give --vae_path, the VQGAN paths or --dalle_path")
+    log.info(f"VAE: {path}")
+    return models.load_discrete_vae(path)
 
 
 def load_dalle(ckpt, device):
@@ -263,7 +269,7 @@ def train(run, args):
         dalle, vae, tokenizer = load_dalle(ckpt, dev)
         log.info(f"resumed model hparams {ckpt['extra']['hparams']} (the cfg's MODEL keys are not used)")
     else:
-        vae = load_vae(cfg).to(dev).eval().requires_grad_(False)
+        vae = load_vae(cfg, log).to(dev).eval().requires_grad_(False)
         tokenizer = build_tokenizer(cfg, pairs)
         m = cfg.MODEL
         dalle = models.DALLE(tokenizer.vocab_size, cfg.TEXT.TEXT_SEQ_LEN, vae.num_tokens, vae.fmap_size,

@@ -20,6 +20,7 @@ import models
 import utils
 
 DEFAULTS = {
+    'CONFIG_NAME': 'vae',          # run dir output/vae without --cfg/--out (train_dalle.py reads output/vae/vae.pt)
     'IMAGE_FOLDER': '',           # images at any depth below it
     'WORKERS': 4,
     'MODEL': {                    # dalle.md §1.1: DALLE-pytorch train_vae.py defaults
@@ -276,6 +277,7 @@ def train(run, args):
     if cfg.EVAL.HOLDOUT and run.main:
         metrics.update(evaluate(cfg, vae, dev, log, run))
     utils.write_metrics(run.out, metrics)
+    log.info(f"vae.pt: {os.path.join(run.out, 'vae.pt')} (train_dalle.py --vae_path)")
 
 
 @torch.no_grad()

@@ -587,15 +587,26 @@ def list_checkpoints(out_dir, kind):
     return [p for _, p in sorted(found)]
 
 
-def load_checkpoint(path, kind=None, map_location='cpu'):
-    """torch.load(weights_only=True) and check the checkpoint is of the expected kind."""
+def load_weights(path, map_location='cpu'):
+    """torch.load(weights_only=True) of a .pt/.pth file, or one line naming it."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})")
+
+
+def is_state_dict(obj):
+    """A plain torch.save(net.state_dict()), as the original repositories release their weights."""
+    return isinstance(obj, dict) and bool(obj) and 'kind' not in obj and \
+        all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def load_checkpoint(path, kind=None, map_location='cpu'):
+    """torch.load(weights_only=True) and check the checkpoint is of the expected kind."""
+    ckpt = load_weights(path, map_location)
     if not isinstance(ckpt, dict) or 'kind' not in ckpt:
         raise UserError(f"{path}: not a t2i-repro training checkpoint (no 'kind' entry)")
     if kind is not None and ckpt['kind'] != kind:

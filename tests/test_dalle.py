@@ -383,7 +383,8 @@ DALLE_ARGS = ['--dim', 16, '--depth', 1, '--heads', 2, '--dim_head', 8, '--text_
               '--set', 'TRAIN.SAMPLE_EVERY=0']
 
 
-def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_path, tiny_encoder, tiny_judge):
+def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_path, tiny_encoder, tiny_judge,
+                                                     monkeypatch):
     data = os.path.join(tiny_shapes, 'train.jsonl')         # 400 captions of 40 images
     a = tmp_path / 'a'
     args = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
@@ -440,6 +441,23 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
     assert os.path.isfile(many / '0' / 'ranking.json')
     with pytest.raises(utils.UserError, match="empty caption"):
         run_script(dalle_gen, ['a red circle. |', 2, tmp_path / 'bad', '--dalle_path', m['dalle_path']])
+    # the seed's lines, TEXT IMG_NUM SAVE_PATH and nothing else: the models where train_dalle.py and
+    # pretrain_DAMSM.py leave them without --cfg/--out, else one line saying what to train first
+    seed = tmp_path / 'seed'
+    seed.mkdir()
+    monkeypatch.chdir(seed)
+    with pytest.raises(utils.UserError, match=r'output/dalle/checkpoints/dalle.pt: no DALLE.*train_dalle.py'):
+        run_script(dalle_gen, ['a red circle.', 2, 'samples'])
+    with pytest.raises(utils.UserError, match=r'output/DAMSM: no CLIP encoder.*pretrain_DAMSM.py'):
+        run_script(clip_sort, ['a red circle.', 2, 'samples'])
+    with pytest.raises(utils.UserError, match=r'output/vae/vae.pt: no VAE.*train_vae.py'):
+        run_script(train_dalle, ['--image_text_folder', data, *DALLE_ARGS])
+    (seed / 'output' / 'dalle' / 'checkpoints').mkdir(parents=True)
+    shutil.copy(m['dalle_path'], seed / 'output' / 'dalle' / 'checkpoints' / 'dalle.pt')
+    shutil.copytree(os.path.dirname(tiny_encoder), seed / 'output' / 'DAMSM' / 'checkpoints')
+    run_script(dalle_gen, ['a red circle.', 2, 'samples'])
+    run_script(clip_sort, ['a red circle.', 2, 'samples'])
+    assert {'0.png', '1.png', 'grid.png', 'ranking.json'} <= set(os.listdir(seed / 'samples'))
 
 
 def test_train_dalle_caption_too_long(tiny_shapes, tiny_vae, tmp_path):
@@ -571,8 +589,8 @@ def test_clip_sort_transformers_chinese_clip(tmp_path):
     assert r['text'] == '红色的圆' and len(r['ranking']) == 3
     with pytest.raises(utils.UserError, match='no 3.png'):
         run_script(clip_sort, ['红色的圆', 4, tmp_path / 'g', '--clip_model', d])
-    with pytest.raises(utils.UserError, match='exactly one'):
-        run_script(clip_sort, ['红色的圆', 3, tmp_path / 'g'])
+    with pytest.raises(utils.UserError, match='not both'):
+        run_script(clip_sort, ['红色的圆', 3, tmp_path / 'g', '--clip_model', d, '--clip_path', d])
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import models  # noqa: E402
 import pretrain_DAMSM  # noqa: E402
 import utils  # noqa: E402
-from conftest import make_tiny_shapes  # noqa: E402
+from conftest import make_tiny_shapes, write_attngan_metadata  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,8 +281,11 @@ def test_inception_weights_load_into_the_cnn_encoder(tmp_path):
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def fixture_data(tmp_path_factory):
-    return make_tiny_shapes(tmp_path_factory.mktemp('enc') / 'shapes', num_train=8, num_test=8,
+    """Tiny shapes data whose metadata has the bytes of AttnGAN's birds.zip, as a CRLF copy."""
+    root = make_tiny_shapes(tmp_path_factory.mktemp('enc') / 'shapes', num_train=8, num_test=8,
                             image_size=32, seed=1)
+    write_attngan_metadata(root, crlf=True)
+    return root
 
 
 def run_script(cfg, out, data, *sets, resume=None):

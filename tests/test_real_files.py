@@ -6,35 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import protocol0_int64_list, protocol0_names, write_attngan_metadata
 
 import utils
-
-
-def protocol0_names(names):
-    """filenames.pickle as Python 2 writes it: (lp0, then V<name> p<n> a per name, '.'."""
-    out = b'(lp0\n'
-    for i, n in enumerate(names, 1):
-        out += b'V' + n.encode() + b'\np' + str(i).encode() + b'\na'
-    return out + b'.'
-
-
-def protocol0_int64_list(values):
-    """train/class_info.pickle: a list of numpy.core.multiarray.scalar(dtype('i8'), bytes),
-    a value seen before repeated through its memo slot (g<n>), as pickle's memo does."""
-    out = (b"(lp0\ncnumpy.core.multiarray\nscalar\np1\n(cnumpy\ndtype\np2\n(S'i8'\np3\nI0\nI1\ntp4\n"
-           b"Rp5\n(I3\nS'<'\np6\nNNNI-1\nI-1\nI0\ntp7\nb")
-    memo, slot, first = {}, 8, True
-    for v in values:
-        if v in memo:
-            out += b'g' + str(memo[v]).encode() + b'\na'
-            continue
-        raw = ''.join(f'\\x{b:02x}' for b in int(v).to_bytes(8, 'little'))
-        if not first:
-            out += b'g1\n(g5\n'
-        out += b"S'" + raw.encode() + b"'\np" + str(slot).encode() + b'\ntp' + str(slot + 1).encode() \
-            + b'\nRp' + str(slot + 2).encode() + b'\na'
-        memo[v], slot, first = slot + 2, slot + 3, False
-    return out + b'.'
 
 
 KEYS = ['002.Laysan_Albatross/Laysan_Albatross_0002_1027', '002.Laysan_Albatross/Laysan_Albatross_0003_1033',
@@ -92,14 +66,98 @@ def test_cub_layout_from_real_metadata_trains_one_step(tmp_path, tiny_shapes):
     classes read, captions and images found."""
     root = tmp_path / 'birds'
     shutil.copytree(tiny_shapes, root)
-    for split in ('train', 'test'):
-        keys = utils.read_attngan_split(str(root), split)
-        classes = [int(c) for c in utils.safe_pickle_load(str(root / split / 'class_info.pickle'))]
-        (root / split / 'filenames.pickle').write_bytes(protocol0_names(keys).replace(b'\n', b'\r\n'))
-        (root / split / 'class_info.pickle').write_bytes(protocol0_int64_list(classes).replace(b'\n', b'\r\n'))
-    os.remove(root / 'captions.pickle') if (root / 'captions.pickle').exists() else None
+    write_attngan_metadata(str(root), crlf=True)
     data = utils.AttnGANData(str(root), 10)
     ds = utils.TextImageDataset(data, 'train', base_size=32, branch_num=1, flip=False, crop=False)
     item = ds[0]
     assert item['imgs'][0].shape == (3, 32, 32) and isinstance(item['class_id'], int)
     assert item['text'] in data.raw_captions(data.keys['train'][0])
+
+
+def test_missing_weights_under_auto_stop_the_run(tmp_path, monkeypatch):
+    """'auto' names torchvision's cache; with the file absent the run stops (one line naming it)
+    instead of training against a random frozen network."""
+    import torch
+
+    import models
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    enc = models.build_image_encoder({'family': 'damsm', 'dim': 8, 'backbone': 'small', 'width': 4,
+                                      'train_backbone': True, 'image_size': 32})
+    with pytest.raises(utils.UserError, match=r'hub/checkpoints/inception_v3_google-.*\.pth: Inception-v3'):
+        models.load_inception_weights(enc, 'auto')
+    with pytest.raises(utils.UserError, match=r'hub/checkpoints/resnet50-.*\.pth: ImageNet ResNet-50'):
+        models.PretrainedResNet50('auto')
+    models.load_inception_weights(enc, '')          # '' is the explicit random init
+
+
+# ----------------------------------------------------------------------------------------------
+# Released weights of the originals: state dicts built from the original modules' key lists
+# (tests/fixtures/original_state_dicts.txt: names and shapes read off MinfengZhu/DM-GAN
+# code/model.py and AttnGAN's DAMSM encoders at the shipped cfgs)
+# ----------------------------------------------------------------------------------------------
+def original_layouts():
+    import re
+    sections, name = {}, None
+    path = os.path.join(os.path.dirname(__file__), 'fixtures', 'original_state_dicts.txt')
+    with open(path) as f:
+        for line in f:
+            if line.startswith('## '):
+                name = re.match(r'## (\S+ \(\w+)', line)[1].replace(' (', '@')
+                sections[name] = []
+            elif line.strip() and not line.startswith('#'):
+                key, shape = line.rstrip('\n').split('\t')
+                sections[name].append((key, tuple(int(x) for x in re.findall(r'\d+', shape))))
+    return sections
+
+
+def random_state(layout, seed=0):
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(s, generator=g) if s else torch.tensor(3)) if 'num_batches' not in k
+            else torch.tensor(7) for k, s in layout}
+
+
+def test_released_dmgan_weights_load_strictly():
+    import torch
+
+    import main
+    import models
+    lay = original_layouts()
+    for name, r_num in (('G_NET@bird_DMGAN', 2), ('G_NET@coco_DMGAN', 3)):
+        state = random_state(lay[name])
+        netG = models.DMGANGenerator(64, 100, 100, 256, 3, r_num, 64)
+        netG.load_state_dict(models.convert_dmgan_state_dict(state))        # strict
+        assert torch.equal(netG.init_stage.upsample[3][1].weight, state['h_net1.upsample4.1.weight'])
+        assert torch.equal(netG.stages[1].memory.response_gate[0].bias, state['h_net3.response_gate.0.bias'])
+        assert torch.equal(netG.img_heads[2][0].weight, state['img_net3.img.0.weight'])
+    for name, size in (('D_NET64@bird_DMGAN', 64), ('D_NET128@bird_DMGAN', 128), ('D_NET256@bird_DMGAN', 256)):
+        state = random_state(lay[name])
+        netD = models.DMGANDiscriminator(size, 32, 256)
+        netD.load_state_dict(models.convert_dmgan_state_dict(state))
+        assert torch.equal(netD.cond.joint[0].weight_bar, state['COND_DNET.jointConv.0.module.weight_bar'])
+        assert torch.equal(netD.img_code[6].module.bias, state['img_code_s16.6.module.bias'])
+        last = {128: 'img_code_s32_1.0.module.weight_u', 256: 'img_code_s64_2.0.module.weight_u'}.get(size)
+        if last:
+            assert torch.equal(netD.img_code[-2].weight_u, state[last])
+
+
+def test_released_damsm_encoders_load(tmp_path):
+    """text_encoder200.pth + image_encoder200.pth (plain state dicts), the vocabulary of captions.pickle."""
+    import torch
+
+    import models
+    lay = original_layouts()
+    text = random_state(lay['RNN_ENCODER@AttnGAN'])
+    image = random_state(lay['CNN_ENCODER@AttnGAN'])
+    torch.save(text, tmp_path / 'text_encoder200.pth')
+    torch.save(image, tmp_path / 'image_encoder200.pth')
+    words = ['<end>'] + [f'w{i}' for i in range(1, 5450)]
+    te, ie = models.load_encoders(str(tmp_path / 'text_encoder200.pth'), attngan_words=lambda: words)
+    assert torch.equal(te.encoder.weight, text['encoder.weight'])
+    assert torch.equal(ie.to_global[2].branch_pool.conv.weight, image['Mixed_7c.branch_pool.conv.weight'])
+    words_, sent, pad = te.encode(['w1 w2 w3'])
+    assert words_.shape == (1, 256, 18) and sent.shape == (1, 256) and int((~pad).sum()) == 3
+    with pytest.raises(utils.UserError, match='captions.pickle has 11'):
+        models.load_encoders(str(tmp_path / 'text_encoder200.pth'), attngan_words=lambda: words[:11])
+    with pytest.raises(utils.UserError, match='carry no vocabulary'):
+        models.load_encoders(str(tmp_path / 'text_encoder200.pth'))
