@@ -362,12 +362,54 @@ def judge_scene(pred, truth):
             'all': len(pred) == len(objs) and position and all(map(all, hits))}
 
 
-def judge_accuracy(judge, images, keys, attributes=None):
+def scene_reason(pred, truth, scene):
+    """Why an image fails its caption, in words (the first failing check), or ''."""
+    objs = truth['objects']
+    if not scene['count']:
+        return f"count: the judge sees {len(pred)} object(s), the caption names {len(objs)}"
+    for j, hits in enumerate(scene['hits']):
+        for a, hit in zip(ATTRIBUTES, hits):
+            if not hit:
+                return f"{a} of object {j + 1}: the caption says {objs[j][a]}"
+    if not scene['position']:
+        return f"position: not {truth['relation']}" if len(objs) == 2 else \
+            f"position: object not in cell {objs[0]['cell']} (reading order)"
+    return ''
+
+
+BREAKDOWN = ('single_object', 'two_objects', 'counting', 'colours', 'position', 'colour_attribution')
+
+
+def judge_breakdown(scenes, truths):
+    """A compositional breakdown in the style of GenEval (Ghosh et al. 2023), each category the
+    share of its images that pass: single object (one-object captions: one object of the named
+    shape), two objects (two-object captions: two objects, both shapes right), counting (the
+    number of objects, every caption), colours (one-object captions: shape and colour right),
+    position (the lone object's cell or the pair's relation), colour attribution (two-object
+    captions: each object in its own colour)."""
+    one = [(s, t) for s, t in zip(scenes, truths) if len(t['objects']) == 1]
+    two = [(s, t) for s, t in zip(scenes, truths) if len(t['objects']) == 2]
+    i_shape, i_colour = ATTRIBUTES.index('shape'), ATTRIBUTES.index('colour')
+
+    def share(pairs, ok):
+        return float(np.mean([ok(s) for s, _ in pairs])) if pairs else None
+    return {'single_object': share(one, lambda s: s['count'] and s['hits'][0][i_shape]),
+            'two_objects': share(two, lambda s: s['count'] and all(h[i_shape] for h in s['hits'])),
+            'counting': share(list(zip(scenes, truths)), lambda s: s['count']),
+            'colours': share(one, lambda s: s['count'] and s['hits'][0][i_shape] and s['hits'][0][i_colour]),
+            'position': share(list(zip(scenes, truths)), lambda s: s['position']),
+            'colour_attribution': share(two, lambda s: s['count'] and all(h[i_shape] and h[i_colour]
+                                                                          for h in s['hits']))}
+
+
+def judge_accuracy(judge, images, keys, attributes=None, records=None):
     """Attribute accuracy of images against the captions of `keys` (their attributes.json
     entries; default: those stored in the judge). images: (N, 3, H, W) in [-1, 1] or an
     iterable of such batches. Returns accuracies in [0, 1]: count (images), shape /
     colour / size (caption objects), position (images: the cell of a lone object, the
-    relation of a pair), all (images with every one of these right)."""
+    relation of a pair), all (images with every one of these right); and judge_breakdown's
+    categories. With `records` (a list), one entry per image is appended: its key, category
+    ('one object' / 'two objects'), whether all is right, and why not."""
     attributes = judge.attributes if attributes is None else attributes
     missing = [k for k in keys if k not in attributes]
     if missing:
@@ -381,7 +423,13 @@ def judge_accuracy(judge, images, keys, attributes=None):
     out = {'count': np.mean([s['count'] for s in scenes])}
     out.update({a: hits[:, i].mean() for i, a in enumerate(ATTRIBUTES)})
     out.update(position=np.mean([s['position'] for s in scenes]), all=np.mean([s['all'] for s in scenes]))
-    return {k: float(v) for k, v in out.items()}
+    truths = [attributes[k] for k in keys]
+    if records is not None:
+        records += [{'key': k, 'category': 'one object' if len(t['objects']) == 1 else 'two objects',
+                     'correct': bool(s['all']), 'reason': scene_reason(p, t, s)}
+                    for k, p, t, s in zip(keys, preds, truths, scenes)]
+    out = {k: float(v) for k, v in out.items()}
+    return {**out, **{f'breakdown_{k}': v for k, v in judge_breakdown(scenes, truths).items()}}
 
 
 def load_judge(path, device='cpu'):

@@ -23,7 +23,8 @@ DEFAULTS = {
     'DATA_DIR': 'data/birds',
     'WORKERS': 4,
     'TREE': {'BRANCH_NUM': 3, 'BASE_SIZE': 64},
-    'DATA': {'FLIP': True, 'CROP': True},  # AttnGAN's training flips and 76/64 resize + crop
+    'DATA': {'FLIP': True, 'CROP': True,   # AttnGAN's training flips and 76/64 resize + crop
+             'PRELOAD': False},            # decode the training images once into memory (needs no FLIP/CROP)
     'TRAIN': {
         'FLAG': True,                 # false: evaluate NET_G
         'NET_G': '',                  # generator to evaluate, or to fine-tune from (with netD<i>.pth beside it)
@@ -54,6 +55,7 @@ DEFAULTS = {
         'SEED': 100,
         'JUDGE': '',                  # shapes judge checkpoint: attribute accuracy
         'BASELINE': False,            # also score an untrained generator on the same captions
+        'CURVE': False,               # NET_G a run dir: also score each of its checkpoints (learning curve)
     },
 }
 
@@ -65,7 +67,8 @@ def build_dataset(cfg, split, train, two_captions=False):
     data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
     return utils.TextImageDataset(data, split, base_size=cfg.TREE.BASE_SIZE,
                                   branch_num=cfg.TREE.BRANCH_NUM, train=train,
-                                  two_captions=two_captions, flip=cfg.DATA.FLIP, crop=cfg.DATA.CROP)
+                                  two_captions=two_captions, flip=cfg.DATA.FLIP, crop=cfg.DATA.CROP,
+                                  preload=cfg.DATA.PRELOAD and train)
 
 
 @torch.no_grad()
@@ -76,8 +79,8 @@ def encode_text(text_encoder, texts, device):
 
 
 def build_generator(cfg, text_dim):
-    if cfg.TREE.BASE_SIZE not in (32, 64):
-        raise utils.UserError(f"TREE.BASE_SIZE={cfg.TREE.BASE_SIZE}: expected 64 (DM-GAN) or 32 (embedded cfg)")
+    if cfg.TREE.BASE_SIZE not in (16, 32, 64):
+        raise utils.UserError(f"TREE.BASE_SIZE={cfg.TREE.BASE_SIZE}: expected 64 (DM-GAN), or 16/32 (embedded cfgs)")
     return models.DMGANGenerator(cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, cfg.GAN.CONDITION_DIM, text_dim,
                                  cfg.TREE.BRANCH_NUM, cfg.GAN.R_NUM, cfg.TREE.BASE_SIZE)
 
@@ -184,11 +187,14 @@ def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T,
     optG.zero_grad(set_to_none=True)
     with amp:
         errG, img_codes, damsm_total = 0.0, [], 0.0
+        use_encoder = T.SMOOTH.LAMBDA > 0 or len(feats) == 2     # else the image encoder adds nothing
         for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
-            damsm, code = damsm_loss(image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH)
-            errG = errG + generator_adv_loss(Ds, fakes, sent) + T.SMOOTH.LAMBDA * damsm + kl_loss(mu, logvar)
-            img_codes.append(code)
-            damsm_total += damsm.item()
+            errG = errG + generator_adv_loss(Ds, fakes, sent) + kl_loss(mu, logvar)
+            if use_encoder:
+                damsm, code = damsm_loss(image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH)
+                errG = errG + T.SMOOTH.LAMBDA * damsm
+                img_codes.append(code)
+                damsm_total += damsm.item()
         if len(feats) == 2:
             # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
             a, b = (utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes)
@@ -214,16 +220,19 @@ def train(run, args):
     netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.spec['dim']) for s in sizes]).to(dev)
     netG.apply(init_weights)
     netsD.apply(init_weights)
+    for net in (netG, netsD):         # NHWC: faster convolutions on CPU (oneDNN) and on tensor cores
+        net.to(memory_format=torch.channels_last)
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
     optG = torch.optim.Adam(netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999))
     optsD = [torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=T.DISCRIMINATOR_LR,
                               betas=(0.5, 0.999)) for d in netsD]
-    step, start_epoch = 0, 0
+    step, start_epoch, seconds_before = 0, 0, 0.0
     ckpt = utils.resolve_resume(args.resume, run.out, 'dmgan', log)
     nets = {'G': netG, 'G_ema': netG_ema, **{f'D{i}': d for i, d in enumerate(netsD)}}
     opts = {'G': optG, **{f'D{i}': o for i, o in enumerate(optsD)}}
     if ckpt:
         step, start_epoch = utils.restore_checkpoint(ckpt, nets, opts)
+        seconds_before = ckpt['extra'].get('train_seconds', 0.0)
     elif T.NET_G:
         init_from_released(T.NET_G, netG, netG_ema, netsD, dev, log)
     G, Ds = utils.wrap_ddp(netG, dev), [utils.wrap_ddp(d, dev) for d in netsD]
@@ -238,7 +247,7 @@ def train(run, args):
         utils.set_epoch(loader, epoch)
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
         for batch in bar:
-            reals = [im.to(dev, non_blocking=True) for im in batch['imgs']]
+            reals = [im.to(dev, non_blocking=True, memory_format=torch.channels_last) for im in batch['imgs']]
             views = [batch['text']] + ([batch['text2']] if contrastive else [])
             noise = torch.randn(reals[0].shape[0], cfg.GAN.Z_DIM, device=dev)   # same z for both views
             feats = [encode_text(text_enc, v, dev) for v in views]
@@ -252,10 +261,12 @@ def train(run, args):
                     run.writer.add_scalar(f'train/{k}', v, step)
         write_samples(run, netG_ema, fixed, epoch + 1)
         if (epoch + 1) % T.SNAPSHOT_INTERVAL == 0 or epoch + 1 == T.MAX_EPOCH:
+            seconds = round(seconds_before + time.time() - t0, 1)     # training time, for learning curves
             path = utils.save_checkpoint(run.out, 'dmgan', step, nets, opts, epoch=epoch + 1, cfg=cfg,
-                                         extra={'text_dim': text_enc.spec['dim']}, keep=T.KEEP_CHECKPOINTS)
+                                         extra={'text_dim': text_enc.spec['dim'], 'train_seconds': seconds},
+                                         keep=T.KEEP_CHECKPOINTS)
             log.info(f"epoch {epoch + 1}: saved {path}")
-    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
+    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(seconds_before + time.time() - t0, 1),
                                   **{f'final_{k}': v for k, v in last.items()},
                                   'checkpoint': (utils.list_checkpoints(run.out, 'dmgan') or [''])[-1]})
 
@@ -343,11 +354,18 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def judge_scores(judge, images_u8, keys):
-    """Attribute accuracy of images (uint8) against the captions' ground truth (fid_score's judge)."""
+def judge_scores(judge, images_u8, keys, records=None):
+    """Attribute accuracy of images (uint8) against the captions' ground truth (fid_score's judge);
+    per-image verdicts appended to `records` when given."""
     import fid_score
     batches = (b.float() / 127.5 - 1 for b in torch.cat(images_u8).split(250))
-    return {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, batches, keys).items()}
+    return {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, batches, keys, records=records).items()}
+
+
+def derangement(n, seed):
+    """A seeded permutation of range(n) with no fixed point (another image's caption for each)."""
+    perm = np.random.RandomState(seed).permutation(n)
+    return np.where(perm == np.arange(n), (perm + 1) % n, perm)
 
 
 @torch.no_grad()
@@ -390,7 +408,13 @@ def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=No
     r_mean, r_std = utils.r_precision(img, sent, classes, n_neg=E.R_NEG, folds=E.R_FOLDS, seed=E.SEED)
     scores = {'r_precision': r_mean, 'r_precision_std': r_std, 'num_images': len(records)}
     if judge is not None:
-        scores.update(judge_scores(judge, fakes_u8, [r['key'] for r in records]))
+        keys, verdicts = [r['key'] for r in records], []
+        scores.update(judge_scores(judge, fakes_u8, keys, verdicts))
+        for r, v in zip(records, verdicts):
+            r.update(category=v['category'], correct=v['correct'], reason=v['reason'])
+        # the same images against other images' captions: what drawing without reading scores
+        wrong = [keys[j] for j in derangement(len(keys), E.SEED)]
+        scores.update({f'shuffled_{k}': v for k, v in judge_scores(judge, fakes_u8, wrong).items()})
     return scores, records
 
 
@@ -399,11 +423,36 @@ def real_image_baselines(cfg, judge):
     caption of another random test image (what ignoring the text would score)."""
     ds = build_dataset(cfg, 'test', train=False)
     reals = [to_uint8(ds.images(k)[-1][None]) for k in ds.keys]
-    perm = np.random.RandomState(cfg.EVAL.SEED).permutation(len(ds))
-    perm = np.where(perm == np.arange(len(ds)), (perm + 1) % len(ds), perm)   # never its own image
+    perm = derangement(len(ds), cfg.EVAL.SEED)             # never its own image
     own = judge_scores(judge, reals, ds.keys)
     wrong = judge_scores(judge, [reals[j] for j in perm], ds.keys)
     return {**{f'real_{k}': v for k, v in own.items()}, **{f'wrong_caption_{k}': v for k, v in wrong.items()}}
+
+
+def learning_curve(run, text_enc, image_enc, judge):
+    """Every checkpoint of the NET_G run dir scored as the final one is (without the image dump):
+    curve.json and curve.png (R-precision and the judge's accuracies against training time)."""
+    cfg, dev, log = run.cfg, run.device, run.log
+    rows = []
+    for path in utils.list_checkpoints(cfg.TRAIN.NET_G, 'dmgan'):
+        ckpt = utils.load_checkpoint(path, 'dmgan', map_location=dev)
+        netG = build_generator(cfg, text_enc.spec['dim']).to(dev)
+        netG.load_state_dict(ckpt['models']['G_ema'])
+        scores, _ = generate_and_score(cfg, netG.eval(), text_enc, image_enc, dev, judge=judge)
+        rows.append({'checkpoint': os.path.basename(path), 'step': ckpt['step'],
+                     'train_seconds': ckpt['extra'].get('train_seconds'), **scores})
+        log.info(f"curve: step {ckpt['step']}: R-precision {scores['r_precision']:.3f}"
+                 + (f", judge all {scores['judge_all']:.3f}" if judge is not None else ''))
+    if not rows:
+        raise utils.UserError(f"EVAL.CURVE: no dmgan_<step>.pt under {cfg.TRAIN.NET_G}/checkpoints")
+    utils.atomic_write_text(os.path.join(run.out, 'curve.json'), json.dumps(rows, indent=1))
+    names = ['r_precision'] + ([f'judge_{a}' for a in ('all', 'count', 'shape', 'colour', 'size', 'position')]
+                               if judge is not None else [])
+    timed = all(r['train_seconds'] is not None for r in rows)
+    utils.plot_curves(os.path.join(run.out, 'curve.png'), [r['train_seconds'] if timed else r['step'] for r in rows],
+                      {n: [r[n] for r in rows] for n in names}, 'training seconds' if timed else 'step',
+                      f'DM-GAN learning curve ({cfg.CONFIG_NAME}, {rows[-1]["num_images"]} test images)')
+    return rows
 
 
 def evaluate(run):
@@ -416,8 +465,16 @@ def evaluate(run):
     if cfg.EVAL.JUDGE:
         import fid_score
         judge = fid_score.load_judge(cfg.EVAL.JUDGE, dev)
+    if cfg.EVAL.CURVE:
+        if not os.path.isdir(cfg.TRAIN.NET_G):
+            raise utils.UserError(f"EVAL.CURVE needs TRAIN.NET_G to be a run dir, not {cfg.TRAIN.NET_G}")
+        learning_curve(run, text_enc, image_enc, judge)
     scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir, log, judge)
     utils.atomic_write_text(os.path.join(out_dir, 'captions.json'), json.dumps(records, indent=0))
+    if judge is not None:           # one line per scored image: what failed, to look at
+        utils.atomic_write_text(os.path.join(run.out, 'judge.jsonl'), ''.join(
+            json.dumps({k: r[k] for k in ('file', 'caption', 'key', 'category', 'correct', 'reason')}) + '\n'
+            for r in records))
     utils.atomic_write_text(os.path.join(out_dir, 'keys.json'),       # fid_score.py --judge reads it
                             json.dumps({r['file']: r['key'] for r in records}, indent=0))
     log.info(f"R-precision {scores['r_precision']:.4f} ± {scores['r_precision_std']:.4f} "

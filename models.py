@@ -1017,7 +1017,7 @@ class NextStageG(nn.Module):
 
 class DMGANGenerator(nn.Module):
     """G_NET: CA, initial 64x64 stage, then branch_num - 1 memory stages (128, 256).
-    base_size 32 (embedded cfg only) starts with three up-blocks instead of four."""
+    base_size 32 or 16 (embedded cfgs only) starts with three or two up-blocks instead of four."""
 
     def __init__(self, gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=2,
                  base_size=64):
@@ -1100,7 +1100,7 @@ class DMGANDiscriminator(nn.Module):
         super().__init__()
         ndf, lrelu = df_dim, (lambda: nn.LeakyReLU(0.2))
         trunk = [3, ndf, ndf * 2, ndf * 4, ndf * 8]      # 64 -> 4 in four 4x4/2 convs
-        if img_size < 64:                                # embedded 32px stage: the last three
+        if img_size < 64:                                # embedded 32 / 16 px stages: the last three / two
             trunk = [3] + trunk[-int(math.log2(img_size // 4)):]
         layers = []
         for cin, cout in zip(trunk[:-1], trunk[1:]):

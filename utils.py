@@ -414,6 +414,41 @@ def log_images(writer, tag, images, step, nrow=8):
     writer.add_image(tag, grid, step)
 
 
+CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+def plot_curves(path, xs, series, xlabel, title, ymax=1.0):
+    """A line plot as a PNG (PIL only): one line per name in `series` ({name: [y per x]}),
+    y from 0 to ymax, with a legend; for learning curves of scores in [0, 1]."""
+    from PIL import Image, ImageDraw
+    W, H, left, right, top, bottom = 640, 400, 50, 150, 30, 40
+    img = Image.new('RGB', (W, H), 'white')
+    d = ImageDraw.Draw(img)
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)     # noqa: E731
+    py = lambda y: H - bottom - min(max(y, 0), ymax) / ymax * (H - top - bottom)   # noqa: E731
+    d.rectangle([left, top, W - right, H - bottom], outline='black')
+    for i in range(6):
+        y = ymax * i / 5
+        d.line([left, py(y), W - right, py(y)], fill=(225, 225, 225))
+        d.text((8, py(y) - 6), f'{y:.1f}', fill='black')
+    for x in (x0, (x0 + x1) / 2, x1):
+        d.text((px(x) - 12, H - bottom + 6), f'{x:.0f}', fill='black')
+    d.text((left + (W - left - right) // 2 - 40, H - 18), xlabel, fill='black')
+    d.text((left, 8), title, fill='black')
+    for k, (name, ys) in enumerate(series.items()):
+        colour = CURVE_COLOURS[k % len(CURVE_COLOURS)]
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
+        d.line([W - right + 10, top + 10 + 16 * k, W - right + 30, top + 10 + 16 * k], fill=colour, width=3)
+        d.text((W - right + 36, top + 4 + 16 * k), name, fill='black')
+    img.save(path)
+
+
 def save_image_grid(images, path, nrow=8):
     import torchvision.utils as vutils
     vutils.save_image(images.detach().float().cpu().clamp(-1, 1), path, nrow=nrow,
@@ -889,13 +924,29 @@ def crop_to_bbox(img, bbox):
     return img.crop([x1, y1, x2, y2])
 
 
+def skip_unreadable(dataset, index, read):
+    """(index, read(index)) for the first readable item from `index` on, wrapping around: an
+    unreadable file is warned about once (dataset.bad, per worker) and skipped; a dataset with no
+    readable item at all stops the run."""
+    for step in range(len(dataset)):
+        i = (index + step) % len(dataset)
+        if i in dataset.bad:
+            continue
+        try:
+            return i, read(i)
+        except BadImage as e:
+            dataset.bad.add(i)
+            logging.getLogger('t2i').warning(f"skipping {e} ({len(dataset.bad)} unreadable so far in this worker)")
+    raise UserError(f"no readable image among the {len(dataset)} items of the dataset (see the warnings above)")
+
+
 class TextImageDataset(torch.utils.data.Dataset):
     """AttnGAN/DM-GAN TextDataset: one random caption of an image (two with
     `two_captions`, for the contrastive variants) and the image pyramid
     base_size * 2**i, i < branch_num, in [-1, 1]."""
 
     def __init__(self, data, split, base_size=64, branch_num=3, words_num=18, train=True,
-                 two_captions=False, image_size=None, flip=True, crop=True):
+                 two_captions=False, image_size=None, flip=True, crop=True, preload=False):
         import torchvision.transforms as T
         self.d, self.split, self.words_num, self.train = data, split, words_num, train
         self.keys, self.ids = data.keys[split], data.ids[split]
@@ -909,7 +960,21 @@ class TextImageDataset(torch.utils.data.Dataset):
             else [T.Resize([top, top])]
         self.aug = T.Compose(first + ([T.RandomHorizontalFlip()] if train and flip else []))
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
-        self.skipped = 0
+        self.bad = set()            # indices of unreadable files (skip_unreadable)
+        self.cache = None
+        if preload:     # decode every image once; only a deterministic transform can be cached
+            if train and (crop or flip):
+                raise UserError("DATA.PRELOAD needs DATA.CROP and DATA.FLIP false (random crops and flips "
+                                "are drawn per step)")
+            self.cache = [self._decode(k) for k in self.keys]
+
+    def _decode(self, key):
+        """The pyramid of one image as uint8 tensors (what images() returns, before scaling)."""
+        try:
+            return [(x * 127.5 + 127.5).round().to(torch.uint8) for x in self.images(key)]
+        except BadImage as e:
+            logging.getLogger('t2i').warning(f"skipping {e}")
+            return None
 
     def __len__(self):
         return len(self.keys)
@@ -928,8 +993,12 @@ class TextImageDataset(torch.utils.data.Dataset):
             n = self.words_num
         return torch.from_numpy(x), max(n, 1)
 
-    def images(self, key):
+    def images(self, key, index=None):
         import torchvision.transforms.functional as TF
+        if self.cache is not None and index is not None:
+            if self.cache[index] is None:
+                raise BadImage(f"{self.d.image_path(key)}: unreadable image (when preloaded)")
+            return [x.float() / 127.5 - 1 for x in self.cache[index]]
         img = load_image(self.d.image_path(key))
         if key in self.d.bbox:
             img = crop_to_bbox(img, self.d.bbox[key])
@@ -941,13 +1010,8 @@ class TextImageDataset(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, index):
+        index, imgs = skip_unreadable(self, index, lambda i: self.images(self.keys[i], i))
         key = self.keys[index]
-        try:
-            imgs = self.images(key)
-        except BadImage as e:
-            self.skipped += 1
-            logging.getLogger('t2i').warning(f"skipping {e} ({self.skipped} skipped in this worker)")
-            return self[(index + 1) % len(self)]
         n = self.d.n_caps
         picks = np.random.choice(n, 2, replace=False) if self.two and n > 1 else \
             [np.random.randint(n)] * (2 if self.two else 1)
@@ -1058,21 +1122,17 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, pairs, transform, tokenize=None):
         self.pairs, self.transform, self.tokenize = pairs, transform, tokenize
-        self.skipped = 0
+        self.bad = set()            # indices of unreadable files (skip_unreadable)
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, i):
         path, text = self.pairs[i]
+        i, img = skip_unreadable(self, i, lambda j: self.transform(load_image(self.pairs[j][0])))
+        path, text = self.pairs[i]
         if isinstance(text, (list, tuple)):
             text = text[np.random.randint(len(text))]
-        try:
-            img = self.transform(load_image(path))
-        except BadImage as e:
-            self.skipped += 1
-            logging.getLogger('t2i').warning(f"skipping {e} ({self.skipped} skipped in this worker)")
-            return self[(i + 1) % len(self)]
         return img, (self.tokenize(text) if self.tokenize else text)
 
 

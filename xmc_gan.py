@@ -10,7 +10,6 @@ main.py hands over here when the cfg says MODEL: XMCGAN.
 """
 import copy
 import json
-import logging
 import os
 import signal
 import time
@@ -118,21 +117,18 @@ class XMCDataset(torch.utils.data.Dataset):
     neither resuming nor the worker count changes what a step sees."""
 
     def __init__(self, emb, size, flip, seed=0):
-        self.emb, self.size, self.flip, self.seed, self.epoch, self.skipped = emb, size, flip, seed, 0, 0
+        self.emb, self.size, self.flip, self.seed, self.epoch = emb, size, flip, seed, 0
+        self.bad = set()            # indices of unreadable files (utils.skip_unreadable)
 
     def __len__(self):
         return len(self.emb.images)
 
     def __getitem__(self, index):
-        _, path, _, first, n = self.emb.images[index]
+        index, img = utils.skip_unreadable(self, index, lambda i: torch.from_numpy(
+            np.asarray(utils.load_image(self.emb.images[i][1]), dtype=np.float32) / 255).permute(2, 0, 1))
+        _, _, _, first, n = self.emb.images[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         row = first + int(rng.integers(n))
-        try:
-            img = torch.from_numpy(np.asarray(utils.load_image(path), dtype=np.float32) / 255).permute(2, 0, 1)
-        except utils.BadImage as e:
-            self.skipped += 1
-            logging.getLogger('t2i').warning(f"skipping {e} ({self.skipped} skipped in this worker)")
-            return self[(index + 1) % len(self)]
         img = F.interpolate(img[None], size=(self.size, self.size), mode='bilinear', align_corners=False)[0]
         if self.flip and rng.random() < 0.5:
             img = img.flip(-1)

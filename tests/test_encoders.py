@@ -455,6 +455,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         for k, v in values.items():
             assert got['values'][k] == pytest.approx(v, rel=1e-10, abs=1e-12), (name, k)
         assert set(grads) == set(got['grads']) and 'logit_scale' in grads
+        # Bound each difference by the model's gradient scale: a parameter whose gradient is zero
+        # in exact arithmetic (attention's key bias: softmax ignores a per-row shift) holds only
+        # rounding noise, which differs between CPUs and must not set its own bound.
+        scale = max(float(g.abs().max()) for g in grads.values())
         for k, g in grads.items():
-            assert (got['grads'][k] - g).abs().max() <= 1e-9 * g.abs().max() + 1e-15, (name, k)
-            assert g.abs().max() > 0, (name, k)
+            assert float((got['grads'][k] - g).abs().max()) <= 1e-9 * scale, (name, k)
+            if not k.endswith('k_proj.bias'):
+                assert g.abs().max() > 1e-6 * scale, (name, k)

@@ -231,13 +231,19 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_shapes):
     bad.write_bytes(b'not a png at all')
     ds = utils.PairDataset([(str(bad), 'x'), (str(good), 'y')], T.ToTensor())
     imgs = [ds[i] for i in range(2)]
-    assert ds.skipped == 1 and all(t == 'y' for _, t in imgs)
+    assert len(ds.bad) == 1 and all(t == 'y' for _, t in imgs)
     data_dir = tmp_path / 'shapes'
     shutil.copytree(tiny_shapes, data_dir)
     data = utils.AttnGANData(str(data_dir), 10)
     open(data.image_path(data.keys['train'][0]), 'wb').write(b'\xff\xd8 truncated jpeg')
     tds = utils.TextImageDataset(data, 'train', base_size=8, branch_num=1)
-    assert tds[0]['key'] == data.keys['train'][1] and tds.skipped == 1
+    assert tds[0]['key'] == data.keys['train'][1] and len(tds.bad) == 1
+    tds[0]
+    assert len(tds.bad) == 1                       # each bad file counted once
+    # every image unreadable (far more than Python's recursion limit): one line, no RecursionError
+    many = utils.PairDataset([(str(bad), 'x')] * 3000, T.ToTensor())
+    with pytest.raises(utils.UserError, match='no readable image among the 3000 items'):
+        many[0]
 
 
 # ---------------------------------------------------------------- dataset generation

@@ -279,6 +279,33 @@ def test_judge_scene_matching_and_position():
     assert s['hits'] == [[True] * 3] and not s['position'] and not s['count']
 
 
+def test_breakdown_categories_and_reasons():
+    """GenEval-style categories and the per-image reason, on hand-built scenes."""
+    one = {'objects': [obj('circle', 'red', 'small', 4)], 'relation': None}
+    A, B = obj('star', 'blue', 'large', 0), obj('cross', 'pink', 'small', 2)
+    pair = {'objects': [A, B], 'relation': 'to the left of'}
+    cases = [  # (judged objects, caption), what the breakdown should count
+        ([obj('circle', 'red', 'small', 4)], one),               # one object, all right
+        ([obj('circle', 'blue', 'small', 4)], one),              # right shape, wrong colour
+        ([obj('square', 'red', 'small', 3)], one),               # wrong shape and cell
+        ([A, B], pair),                                          # pair right
+        ([A, dict(B, colour='blue')], pair),                     # pair: shapes right, B's colour wrong
+        ([A], pair),                                             # one object missing
+    ]
+    scenes = [fid_score.judge_scene(p, t) for p, t in cases]
+    b = fid_score.judge_breakdown(scenes, [t for _, t in cases])
+    assert b['single_object'] == pytest.approx(2 / 3) and b['colours'] == pytest.approx(1 / 3)
+    assert b['two_objects'] == pytest.approx(2 / 3) and b['colour_attribution'] == pytest.approx(1 / 3)
+    assert b['counting'] == pytest.approx(5 / 6) and b['position'] == pytest.approx(4 / 6)
+    reasons = [fid_score.scene_reason(p, t, s) for (p, t), s in zip(cases, scenes)]
+    assert reasons[0] == '' and reasons[3] == ''
+    assert reasons[1] == 'colour of object 1: the caption says red'
+    assert reasons[2] == 'shape of object 1: the caption says circle'
+    assert reasons[4] == 'colour of object 2: the caption says pink'
+    assert reasons[5] == 'count: the judge sees 1 object(s), the caption names 2'
+    assert fid_score.judge_breakdown(scenes[:3], [one] * 3)['two_objects'] is None
+
+
 def test_relation_from_cells_agrees_with_the_generator():
     """The named-axis reading of cells holds for every relation sample_scene writes."""
     import random
@@ -310,9 +337,13 @@ def test_judge_accuracy_with_an_oracle(tiny_shapes):
     judge = Oracle([attrs[k] for k in keys])
     images = torch.arange(float(len(keys)))[:, None, None, None].expand(len(keys), 3, 4, 4)
     acc = fid_score.judge_accuracy(judge, images, keys, attrs)
-    assert acc == {k: 1.0 for k in ('count', 'shape', 'colour', 'size', 'position', 'all')}
-    wrong = fid_score.judge_accuracy(judge, images, keys[1:] + keys[:1], attrs)
-    assert wrong['all'] < 0.5
+    assert acc == {**{k: 1.0 for k in ('count', 'shape', 'colour', 'size', 'position', 'all')},
+                   **{f'breakdown_{k}': 1.0 for k in fid_score.BREAKDOWN}}
+    records = []
+    wrong = fid_score.judge_accuracy(judge, images, keys[1:] + keys[:1], attrs, records=records)
+    assert wrong['all'] < 0.5 and [r['key'] for r in records] == keys[1:] + keys[:1]
+    assert all(r['correct'] == (r['reason'] == '') for r in records) and not all(r['correct'] for r in records)
+    assert {r['category'] for r in records} == {'one object', 'two objects'}
     with pytest.raises(utils.UserError, match='not a key'):
         fid_score.judge_accuracy(judge, images[:1], ['nope'], attrs)
 
