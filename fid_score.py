@@ -222,7 +222,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eig'):
     both diagonals when the product is singular (sqrtm not finite), the imaginary
     residue dropped unless its diagonal exceeds 1e-3. 'eig' (default, ~5x faster at
     2048-d) sums the roots of the eigenvalues: singular products need no offset (a zero
-    eigenvalue has root 0) and the same 1e-3 tolerance applies to the roots' residue."""
+    eigenvalue has root 0); where the roots keep an imaginary residue over 1e-3 it falls back to
+    'sqrtm', so it answers wherever pytorch-fid does, with pytorch-fid's number."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -239,10 +240,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eig'):
     elif method == 'eig':
         roots = sqrt_eigenvalues(sigma1, sigma2)
         residue, tr_covmean = np.abs(roots.imag).max(), roots.real.sum()
+        if residue > 1e-3:      # rank-deficient covariances (fewer images than dims): the eigenvalues
+            # of S1 S2 carry rounding noise; pytorch-fid's route answers these cases, so take it
+            return frechet_distance(mu1, sigma1, mu2, sigma2, eps, 'sqrtm')
     else:
         raise ValueError(method)
     if residue > 1e-3:
-        raise ValueError(f"imaginary component {residue} in the square root of S1 S2")
+        raise utils.UserError(f"imaginary component {residue:.3g} in the square root of S1 S2 (pytorch-fid "
+                              "refuses these statistics too); compute them from more images")
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 

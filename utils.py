@@ -11,6 +11,7 @@ import difflib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -91,6 +92,31 @@ def _check_type(key, default, value, source):
     return value
 
 
+# Value rules by key name, checked where the cfg is read (so a bad value is one line naming it,
+# not a traceback many steps later): (test on the leaf name, check, what is expected).
+_VALUE_RULES = (
+    (lambda leaf: leaf.endswith('BATCH_SIZE'), lambda v: v >= 1, 'at least 1'),
+    (lambda leaf: leaf in ('LR', 'LEARNING_RATE') or leaf.endswith('_LR'),
+     lambda v: math.isfinite(v) and v >= 0, 'a finite learning rate >= 0'),
+    (lambda leaf: leaf in ('EPOCHS', 'MAX_EPOCH', 'MAX_STEPS', 'WORKERS', 'NUM_IMAGES', 'KEEP_CHECKPOINTS',
+                           'KEEP_N_CHECKPOINTS'), lambda v: v >= 0, '>= 0'),
+    (lambda leaf: leaf in ('SPLITS', 'SNAPSHOT_INTERVAL', 'LOG_EVERY', 'CAPTIONS_PER_IMAGE', 'R_FOLDS'),
+     lambda v: v >= 1, 'at least 1'),
+    (lambda leaf: leaf == 'TOP_K', lambda v: math.isfinite(v) and v >= 0, 'a share in [0, 1) or a count >= 1'),
+    (lambda leaf: leaf.endswith('DECAY') and not leaf.startswith('LR'), lambda v: 0 <= v <= 1, 'in [0, 1]'),
+)
+
+
+def _check_value(key, value, source):
+    leaf = key.split('.')[-1]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    for applies, ok, expected in _VALUE_RULES:
+        if applies(leaf) and not ok(value):
+            raise UserError(f"{source}: {key}={value!r}: expected {expected}")
+    return value
+
+
 def _unknown_key(key, valid, source):
     """Name the closest valid keys: full dotted paths, matched on the whole path and on the leaf."""
     leaf = key.split('.')[-1]
@@ -121,7 +147,7 @@ def merge_cfg(base, override, source, prefix=''):
                 raise UserError(f"{source}: {key} is a section; expected a mapping, got {v!r}")
             merge_cfg(base[k], v, source, key + '.')
         else:
-            base[k] = _check_type(key, base[k], v, source)
+            base[k] = _check_value(key, _check_type(key, base[k], v, source), source)
     return base
 
 
@@ -145,11 +171,14 @@ def apply_set(cfg, assignments):
 def load_yaml(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: cfg file not found")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        data = yaml.safe_load(raw.decode('utf-8')) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the cfg as UTF-8")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of cfg keys at the top level")
     return data
@@ -176,11 +205,17 @@ def base_parser(description, positional=None):
     p.add_argument('--out', default=None, help='run directory')
     p.add_argument('--resume', default=None, help="'auto' (newest checkpoint in the run dir) or a path")
     p.add_argument('--deterministic', action='store_true', default=None)
+    # python -m torch.distributed.launch (the older launcher) passes the local rank as a flag;
+    # torchrun sets LOCAL_RANK, which is what get_device reads.
+    p.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=None,
+                   help=argparse.SUPPRESS)
     return p
 
 
 def build_cfg(defaults, args):
     """defaults <- YAML (--cfg) <- common flags <- --set."""
+    if getattr(args, 'local_rank', None) is not None:
+        os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     cfg = to_cfg({**COMMON_DEFAULTS, **defaults})
     if args.cfg:
         merge_cfg(cfg, load_yaml(args.cfg), args.cfg)
@@ -217,12 +252,12 @@ def get_device(gpu):
     if gpu is None or gpu < 0:
         return torch.device('cpu')
     if not torch.cuda.is_available():
-        raise UserError(f"--gpu {gpu}: CUDA was asked for but none is available "
+        raise UserError(f"GPU_ID={gpu} (--gpu or the cfg): CUDA was asked for but none is available "
                         "(torch.cuda.is_available() is False); use --gpu -1 for the CPU")
     n = torch.cuda.device_count()
     index = int(os.environ.get('LOCAL_RANK', gpu)) if is_distributed_env() else gpu
     if index >= n:
-        raise UserError(f"--gpu {index}: only {n} CUDA device(s) visible")
+        raise UserError(f"GPU_ID={index} (--gpu, the cfg or LOCAL_RANK): only {n} CUDA device(s) visible")
     torch.cuda.set_device(index)
     return torch.device('cuda', index)
 
@@ -547,14 +582,22 @@ def _fsync_dir(d):
 
 
 def atomic_write_bytes(path, data):
+    """Write to a temporary file beside `path`, then rename it over `path`: a reader sees the
+    old file or the new one, never a part. A failed write (disk full, read-only folder) leaves
+    the old file and no temporary one, and stops with one line naming the path."""
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(d, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"{path}: cannot write ({e.strerror or e}); nothing was overwritten") from None
     _fsync_dir(d)
 
 

@@ -75,7 +75,7 @@ def test_script_errors_are_one_line(tmp_path):
     if torch.cuda.is_available():
         assert r.returncode == 0, r.stderr
     else:
-        assert r.returncode == 2 and r.stderr.startswith('error: --gpu 0: CUDA was asked for')
+        assert r.returncode == 2 and r.stderr.startswith('error: GPU_ID=0 (--gpu or the cfg): CUDA was asked for')
         assert r.stderr.strip().count('\n') == 0
 
 
@@ -408,3 +408,42 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert outs[0]['mean'] == 0.5
     assert len(os.listdir(tmp_path / 'run' / 'checkpoints')) == 1        # only rank 0 saved
     assert r.stdout.count('run dir') == 1                                 # only rank 0 logs
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / 'ckpt.pt'
+    utils.atomic_write_bytes(str(path), b'old')
+    real_fsync = os.fsync
+
+    def full(fd):                                  # the disk fills up while the new file is written
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'fsync', full)
+    with pytest.raises(utils.UserError, match=r'ckpt.pt: cannot write \(No space left on device\)'):
+        utils.atomic_write_bytes(str(path), b'new' * 1000)
+    monkeypatch.setattr(os, 'fsync', real_fsync)
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ckpt.pt']
+    with pytest.raises(utils.UserError, match='cannot write'):     # the target is a folder
+        utils.atomic_write_bytes(str(tmp_path), b'x')
+
+
+@pytest.mark.parametrize('key,value,expected', [
+    ('TRAIN.BATCH_SIZE', '0', 'expected at least 1'), ('TRAIN.BATCH_SIZE', '-1', 'expected at least 1'),
+    ('TRAIN.GENERATOR_LR', '.nan', 'finite learning rate'), ('TRAIN.GENERATOR_LR', '-1e-3', 'finite learning rate'),
+    ('TRAIN.EMA_DECAY', '1.5', r'in \[0, 1\]'), ('TRAIN.MAX_EPOCH', '-2', '>= 0')])
+def test_bad_values_are_refused_where_the_cfg_is_read(key, value, expected):
+    import main
+    args = utils.base_parser('x').parse_args(['--set', f'{key}={value}'])
+    with pytest.raises(utils.UserError, match=f'--set: {key}=.*: {expected}'):
+        utils.build_cfg(main.DEFAULTS, args)
+
+
+def test_non_utf8_cfg_and_legacy_launcher_flag(tmp_path, monkeypatch):
+    bad = tmp_path / 'latin1.yml'
+    bad.write_bytes('CONFIG_NAME: caf\xe9\n'.encode('latin-1'))
+    with pytest.raises(utils.UserError, match='not UTF-8 text'):
+        utils.load_yaml(str(bad))
+    monkeypatch.setattr(os, 'environ', {k: v for k, v in os.environ.items() if k != 'LOCAL_RANK'})
+    args = utils.base_parser('x').parse_args(['--local-rank=1'])      # python -m torch.distributed.launch
+    utils.build_cfg({}, args)
+    assert os.environ['LOCAL_RANK'] == '1'
+    assert utils.base_parser('x').parse_args(['--local_rank', '0']).local_rank == 0

@@ -121,6 +121,23 @@ def test_fid_identical_folders_and_npz_round_trip(fid_setup, tmp_path, monkeypat
         fid_score.path_statistics(npz, fid_score.FeatureNet(None, 2048, 'inception-2048'))
 
 
+def test_rank_deficient_statistics_get_pytorch_fids_answer(monkeypatch):
+    """Fewer images than dims: where the eigenvalue route keeps an imaginary residue, the default
+    takes pytorch-fid's sqrtm route and returns its number; where that refuses too, one line."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    r = np.random.RandomState(0)
+    a, b = r.rand(20, 64) * 100, r.rand(25, 64) * 100 + 5
+    stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    ref = calculate_frechet_distance(*stats)
+    assert fid_score.frechet_distance(*stats) == pytest.approx(ref, rel=1e-6)
+    real = fid_score.sqrt_eigenvalues
+    monkeypatch.setattr(fid_score, 'sqrt_eigenvalues', lambda s1, s2: real(s1, s2) + 0.01j)   # a noisy residue
+    assert fid_score.frechet_distance(*stats) == fid_score.frechet_distance(*stats, method='sqrtm')
+    a, b = r.rand(20, 256) * 1000, r.rand(25, 256) * 1000 + 5
+    with pytest.raises(utils.UserError, match='imaginary component .* pytorch-fid refuses'):
+        fid_score.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
 def test_fewer_images_than_dims_warns():
     with pytest.warns(UserWarning, match='10 images for 64 features'):
         fid_score.statistics(np.random.rand(10, 64), 'gen')
@@ -149,7 +166,7 @@ def test_eigenvalue_trace_agrees_with_sqrtm():
         assert eig == pytest.approx(ref, rel=1e-12 if n > 256 else 1e-8)
     # a product with a large imaginary residue is refused, as pytorch-fid refuses it
     bad = -np.eye(4)
-    with pytest.raises(ValueError, match='imaginary'):
+    with pytest.raises(utils.UserError, match='imaginary'):
         fid_score.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), bad)
 
 

@@ -1,0 +1,100 @@
+"""The embedded 10-minute recipes, several seeds each, and one table of the judge's accuracy.
+
+    python bench/shapes.py                                  # both DM-GAN recipes, seeds 0 1 2
+    python bench/shapes.py --systems dmgan_clip --seeds 0   # one recipe, one seed
+
+For each system: its text encoder is trained once (seed 0) with its cfg, unless the checkpoint
+its cfg names is already there; then, per seed, the generator is trained with its cfg and scored
+by its evaluation cfg on the 1,000 test captions (one image each, the judge, R-precision with the
+encoder it is conditioned on, baselines). Prints mean +- std over the seeds beside the encoder's
+R-precision on the real test images and the baselines, and writes <out>/shapes.json. Each run's
+learning curve is <out>/<system>_seed<N>_eval/curve.png.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# system: (encoder cfg, encoder checkpoint, generator cfg, evaluation cfg)
+SYSTEMS = {
+    'dmgan_clip': ('cfg/clip_shapes.yml', 'output/clip_shapes/checkpoints/text_encoder1.pth',
+                   'cfg/shapes_DMGAN.yml', 'cfg/eval_shapes_DMGAN.yml'),
+    'dmgan_damsm': ('cfg/DAMSM/shapes.yml', 'output/DAMSM_shapes/checkpoints/text_encoder8.pth',
+                    'cfg/shapes_DMGAN_DAMSM.yml', 'cfg/eval_shapes_DMGAN.yml'),
+}
+COLUMNS = ('count', 'shape', 'colour', 'size', 'position', 'all')
+TARGETS = {'count': 0.90, 'shape': 0.85, 'colour': 0.90, 'size': 0.90, 'position': 0.85, 'all': 0.60}
+
+
+def run(cmd, log):
+    t0 = time.time()
+    with open(log, 'w') as f:
+        r = subprocess.run([sys.executable] + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"bench/shapes.py: {' '.join(cmd)} failed (exit {r.returncode}); see {log}")
+    return time.time() - t0
+
+
+def metrics(run_dir):
+    with open(os.path.join(ROOT, run_dir, 'metrics.json')) as f:
+        return json.load(f)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--systems', nargs='+', default=list(SYSTEMS), choices=list(SYSTEMS))
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    p.add_argument('--out', default='output/bench_shapes')
+    p.add_argument('--judge', default='output/judge', help='fid_score.py --train_judge run dir')
+    args = p.parse_args()
+    os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
+    result = {'date': time.strftime('%Y-%m-%d %H:%M'), 'cpus': os.cpu_count(),
+              'machine': platform.processor() or platform.machine(), 'systems': {}}
+    for name in args.systems:
+        enc_cfg, enc, gen_cfg, eval_cfg = SYSTEMS[name]
+        enc_seconds = None
+        if not os.path.isfile(os.path.join(ROOT, enc)):
+            enc_seconds = run(['pretrain_DAMSM.py', '--cfg', enc_cfg], os.path.join(ROOT, args.out, f'{name}_encoder.log'))
+        enc_r = metrics(os.path.dirname(os.path.dirname(enc)))
+        rows = []
+        for seed in args.seeds:
+            gen_dir, eval_dir = f'{args.out}/{name}_seed{seed}', f'{args.out}/{name}_seed{seed}_eval'
+            train_s = run(['main.py', '--cfg', gen_cfg, '--seed', str(seed), '--out', gen_dir],
+                          os.path.join(ROOT, gen_dir + '.log'))
+            run(['main.py', '--cfg', eval_cfg, '--out', eval_dir, '--set', f'TRAIN.NET_G={gen_dir}',
+                 '--set', f'TRAIN.NET_E={enc}', '--set', f'EVAL.JUDGE={args.judge}'],
+                os.path.join(ROOT, eval_dir + '.log'))
+            m = metrics(eval_dir)
+            rows.append({'seed': seed, 'train_seconds': metrics(gen_dir)['train_seconds'], 'wall_seconds': train_s, **m})
+            print(f"{name} seed {seed}: " + ' '.join(f"{c} {m[f'judge_{c}']:.3f}" for c in COLUMNS)
+                  + f" R-precision {m['r_precision']:.3f} ({rows[-1]['train_seconds']:.0f} s)", flush=True)
+        result['systems'][name] = {'encoder': enc, 'encoder_r_precision': enc_r.get('R_precision'),
+                                   'encoder_seconds': enc_seconds, 'runs': rows}
+    with open(os.path.join(ROOT, args.out, 'shapes.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    head = ['system'] + list(COLUMNS) + ['R-precision', 'encoder R-precision', 'training s']
+    print('| ' + ' | '.join(head) + ' |\n|' + '---|' * len(head))
+    for name, s in result['systems'].items():
+        runs = s['runs']
+
+        def cell(key):
+            v = np.array([r[key] for r in runs], dtype=float)
+            return f'{v.mean():.3f} ± {v.std():.3f}' if len(v) > 1 else f'{v[0]:.3f}'
+        print(f"| {name} ({len(runs)} seeds) | " + ' | '.join(cell(f'judge_{c}') for c in COLUMNS)
+              + f" | {cell('r_precision')} | {s['encoder_r_precision']:.3f} | {cell('train_seconds')} |")
+        r0 = runs[0]
+        for label, prefix in (('untrained', 'untrained_judge_'), ('own images, shuffled captions', 'shuffled_judge_'),
+                              ('real image, wrong caption', 'wrong_caption_judge_'), ('real image', 'real_judge_')):
+            if f'{prefix}all' in r0:
+                print(f"| {name}: {label} | " + ' | '.join(f"{r0[prefix + c]:.3f}" for c in COLUMNS) + ' | | | |')
+    print('targets: ' + ', '.join(f'{c} >= {t}' for c, t in TARGETS.items()))
+
+
+if __name__ == '__main__':
+    main()
