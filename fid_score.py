@@ -463,7 +463,7 @@ def train_judge(args):
     opt = torch.optim.AdamW(judge.parameters(), cfg.TRAIN.LR, weight_decay=cfg.TRAIN.WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.TRAIN.LR, total_steps=cfg.TRAIN.EPOCHS * steps)
     step, epoch = 0, 0
-    ckpt = utils.resolve_resume(args.resume, run.out, 'judge', log)
+    ckpt = utils.resolve_resume(args.resume, run.out, 'judge', log, run.cfg)
     if ckpt is not None:
         step, epoch = utils.restore_checkpoint(ckpt, {'judge': judge}, {'opt': opt}, {'sched': sched})
     test_batches = lambda: (to_judge(x, dev) for x in torch.split(x_te, 250))   # noqa: E731

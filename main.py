@@ -227,7 +227,7 @@ def train(run, args):
     optsD = [torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=T.DISCRIMINATOR_LR,
                               betas=(0.5, 0.999)) for d in netsD]
     step, start_epoch, seconds_before = 0, 0, 0.0
-    ckpt = utils.resolve_resume(args.resume, run.out, 'dmgan', log)
+    ckpt = utils.resolve_resume(args.resume, run.out, 'dmgan', log, run.cfg)
     nets = {'G': netG, 'G_ema': netG_ema, **{f'D{i}': d for i, d in enumerate(netsD)}}
     opts = {'G': optG, **{f'D{i}': o for i, o in enumerate(optsD)}}
     if ckpt:
@@ -377,6 +377,7 @@ def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=No
     ds = build_dataset(cfg, 'test', train=False)
     rng = np.random.RandomState(E.SEED)
     g = torch.Generator().manual_seed(E.SEED)
+    torch.manual_seed(E.SEED)           # conditioning augmentation samples from the global generator
     img_codes, sent_codes, classes, records, fakes_u8 = [], [], [], [], []
     n_target = min(E.NUM_IMAGES, E.MAX_PASSES * len(ds))
     bar = utils.progress(total=n_target, desc='generate', every=max(1, n_target // 10), log=log)

@@ -1180,10 +1180,12 @@ def convert_dmgan_state_dict(state):
 # [section: xmcgan]
 # Structure from the original Flax code (xmcgan/nets/xmc_net.py, nets/common.py,
 # libml/layers.py); images in [-1, 1] here (the original's G ends with (x+1)/2).
-# 64 is ours, for the embedded CPU runs (the original has 128 and 256 only): the 128 tables
-# with one resolution level fewer, so attention and D's regions stay at 16x16.
-XMC_G_CHANNELS = {64: [8, 4, 2, 1], 128: [16, 8, 4, 2, 1], 256: [16, 8, 8, 4, 2, 1]}
-XMC_D_CHANNELS = {64: ([2, 4, 8, 8], [True, True, True, False]),
+# 64 and 32 are ours, for the embedded CPU runs (the original has 128 and 256 only): the 128
+# tables with one or two resolution levels fewer; G's attention stays at 16x16, D's regions
+# are at 16x16 (64) or 8x8 (32: GAN.COND_SIZE 8).
+XMC_G_CHANNELS = {32: [8, 4, 2], 64: [8, 4, 2, 1], 128: [16, 8, 4, 2, 1], 256: [16, 8, 8, 4, 2, 1]}
+XMC_D_CHANNELS = {32: ([2, 4, 8], [True, True, False]),
+                  64: ([2, 4, 8, 8], [True, True, True, False]),
                   128: ([2, 4, 8, 16, 16], [True, True, True, True, False]),
                   256: ([2, 4, 8, 8, 16, 16], [True, True, True, True, True, False])}
 

@@ -539,7 +539,7 @@ def main():
     if cfg.TRAIN.AMP and device.type != 'cuda':
         log.info("TRAIN.AMP is for CUDA; training in float32 on the CPU")
     step, start = 0, 0
-    ckpt = utils.resolve_resume(args.resume, run.out, 'damsm', log)
+    ckpt = utils.resolve_resume(args.resume, run.out, 'damsm', log, run.cfg)
     if ckpt:
         step, start = utils.restore_checkpoint(ckpt, {'model': model}, {'opt': opt}, scaler=scaler)
     ddp = utils.wrap_ddp(model, device)

@@ -264,7 +264,7 @@ def train(run, args):
     if not cfg.IMAGE_TEXT_FOLDER:
         raise utils.UserError("IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv")
     pairs = utils.read_pairs(cfg.IMAGE_TEXT_FOLDER)
-    ckpt = utils.resolve_resume(args.resume, run.out, 'dalle', log)
+    ckpt = utils.resolve_resume(args.resume, run.out, 'dalle', log, run.cfg)
     if ckpt:      # as DALLE-pytorch's --dalle_path: the model, VAE and tokenizer of the checkpoint
         dalle, vae, tokenizer = load_dalle(ckpt, dev)
         log.info(f"resumed model hparams {ckpt['extra']['hparams']} (the cfg's MODEL keys are not used)")

@@ -216,7 +216,7 @@ def train(run, args):
     opt = make_optimizer(vae.parameters(), c.LEARNING_RATE)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.LR_DECAY_RATE)
     step, epoch, skip, counts = 0, 0, 0, None
-    ckpt = utils.resolve_resume(args.resume, run.out, 'vae', log)
+    ckpt = utils.resolve_resume(args.resume, run.out, 'vae', log, run.cfg)
     if ckpt:
         step, epoch = utils.restore_checkpoint(ckpt, {'vae': vae}, {'opt': opt}, {'sched': sched})
         skip = ckpt['extra'].get('batches_done', 0)

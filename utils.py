@@ -692,13 +692,44 @@ def load_checkpoint(path, kind=None, map_location='cpu'):
     return ckpt
 
 
-def resolve_resume(resume, out_dir, kind, log=None):
+def _is_lr_key(key):
+    leaf = key.split('.')[-1]
+    return leaf in ('LR', 'LEARNING_RATE') or leaf.endswith('_LR')
+
+
+def report_resume_differences(ckpt, cfg, log):
+    """Say what resuming keeps from the checkpoint although the cfg now says otherwise: its
+    optimizers' learning rates (a warning, one per key), and every other cfg value that
+    differs from the resumed run's (one line)."""
+    saved = ckpt.get('cfg')
+    if not isinstance(saved, dict) or cfg is None or log is None:
+        return
+    def flat(d, prefix=''):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+        return out
+    old, new = flat(saved), flat(cfg.to_dict() if isinstance(cfg, Cfg) else cfg)
+    diff = [k for k in new if k in old and old[k] != new[k] and k not in ('OUT_DIR', 'GPU_ID')]
+    for k in diff:
+        if _is_lr_key(k):
+            log.warning(f"{k}={new[k]} is not used: resuming keeps the checkpoint's optimizer state "
+                        f"(lr {old[k]}); start a new run dir for a new learning rate")
+    others = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in diff if not _is_lr_key(k)]
+    if others:
+        log.info("cfg values that differ from the resumed run's (these take effect): " + ', '.join(others))
+
+
+def resolve_resume(resume, out_dir, kind, log=None, cfg=None):
     """--resume auto: newest loadable checkpoint of `kind` in the run dir (None if
-    there is none); --resume PATH: that file. Returns the loaded checkpoint or None."""
+    there is none); --resume PATH: that file. Returns the loaded checkpoint or None;
+    with `cfg`, reports what the checkpoint keeps that the cfg now changes."""
     if not resume:
         return None
     if resume != 'auto':
-        return load_checkpoint(resume, kind)
+        ckpt = load_checkpoint(resume, kind)
+        report_resume_differences(ckpt, cfg, log)
+        return ckpt
     for path in reversed(list_checkpoints(out_dir, kind)):
         try:
             ckpt = load_checkpoint(path, kind)
@@ -708,6 +739,7 @@ def resolve_resume(resume, out_dir, kind, log=None):
             continue
         if log:
             log.info(f"resuming from {path} (step {ckpt['step']})")
+        report_resume_differences(ckpt, cfg, log)
         return ckpt
     if log:
         log.info(f"--resume auto: no {kind} checkpoint in {out_dir}; starting fresh")

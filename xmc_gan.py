@@ -302,7 +302,7 @@ def train(run, args):
     resnet = models.PretrainedResNet50(T.RESNET, log).to(dev) if T.CONTRASTIVE.PRETRAINED_IMAGE else None
     nets, opts = {'G': netG, 'G_ema': netG_ema, 'D': netD}, {'G': optG, 'D': optD}
     step, epoch, done_in_epoch = 0, 0, 0
-    ckpt = utils.resolve_resume(args.resume, run.out, 'xmcgan', log)
+    ckpt = utils.resolve_resume(args.resume, run.out, 'xmcgan', log, run.cfg)
     if ckpt:
         step, epoch = utils.restore_checkpoint(ckpt, nets, opts)
         done_in_epoch = ckpt['extra']['batch']

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEMS = {
     'dmgan_clip': ('cfg/clip_shapes.yml', 'output/clip_shapes/checkpoints/text_encoder1.pth',
                    'cfg/shapes_DMGAN.yml', 'cfg/eval_shapes_DMGAN.yml'),
-    'dmgan_damsm': ('cfg/DAMSM/shapes.yml', 'output/DAMSM_shapes/checkpoints/text_encoder8.pth',
+    'dmgan_damsm': ('cfg/DAMSM/shapes.yml', 'output/DAMSM_shapes/checkpoints/text_encoder4.pth',
                     'cfg/shapes_DMGAN_DAMSM.yml', 'cfg/eval_shapes_DMGAN.yml'),
 }
 COLUMNS = ('count', 'shape', 'colour', 'size', 'position', 'all')

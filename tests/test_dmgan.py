@@ -233,7 +233,13 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
         for attr in ('shape', 'colour', 'size', 'position', 'all'):
             assert 0 <= m[prefix + attr] <= 1, prefix + attr
     from PIL import Image
-    assert Image.open(out / pngs[0]).size == (64, 64)
+    assert Image.open(out / pngs[0]).size == (32, 32)
+    # one judge line per image; the breakdown and the shuffled-caption baseline beside the scores
+    lines = [json.loads(x) for x in open(tmp_path / 'eval' / 'judge.jsonl')]
+    assert [x['file'] for x in lines] == [r['file'] for r in records]
+    assert all(set(x) == {'file', 'caption', 'key', 'category', 'correct', 'reason'} for x in lines)
+    assert m['judge_all'] == pytest.approx(sum(x['correct'] for x in lines) / 30)
+    assert 'judge_breakdown_counting' in m and 0 <= m['shuffled_judge_colour'] <= 1
     # keys.json lets fid_score.py's judge score the dumped files: the same verdicts up to PNG rounding
     r = subprocess.run([sys.executable, 'fid_score.py', '--judge', str(tiny_judge), '--accuracy', str(out)],
                        cwd=ROOT, capture_output=True, text=True)
@@ -243,7 +249,7 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, tmp_path):
-    sets = ['TRAIN.BATCH_SIZE=8', 'TRAIN.MAX_EPOCH=2', 'TRAIN.CONTRASTIVE.ENABLE=false']
+    sets = ['TRAIN.BATCH_SIZE=8', 'TRAIN.MAX_EPOCH=3', 'TRAIN.SNAPSHOT_INTERVAL=1', 'TRAIN.CONTRASTIVE.ENABLE=false']
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'straight', tiny_shapes, tiny_encoder, *sets))
     straight = json.load(open(tmp_path / 'straight' / 'metrics.json'))
     argv = dmgan_args('shapes_DMGAN.yml', tmp_path / 'killed', tiny_shapes, tiny_encoder, *sets)
@@ -252,13 +258,27 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, 
     while p.poll() is None and not (ck.is_dir() and any(f.startswith('dmgan_') and f.endswith('.pt')
                                                         for f in os.listdir(ck))):
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)           # killed during epoch 2
+    p.send_signal(signal.SIGKILL)           # killed after the first checkpoint, before the last
     p.wait()
     assert not (tmp_path / 'killed' / 'metrics.json').exists()
     run_ok(argv + ['--resume', 'auto'])
     resumed = json.load(open(tmp_path / 'killed' / 'metrics.json'))
     for k in ('train_steps', 'final_loss_D', 'final_loss_G', 'final_damsm'):
         assert resumed[k] == straight[k], k
+
+
+def test_learning_curve_over_the_checkpoints(tiny_shapes, tiny_encoder, tiny_judge, tmp_path):
+    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_encoder, 'TRAIN.BATCH_SIZE=8',
+                      'TRAIN.MAX_EPOCH=2', 'TRAIN.SNAPSHOT_INTERVAL=1', 'TRAIN.KEEP_CHECKPOINTS=0'))
+    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'eval', tiny_shapes, tiny_encoder, 'TRAIN.FLAG=false',
+                      f'TRAIN.NET_G={tmp_path / "train"}', 'EVAL.NUM_IMAGES=10', 'EVAL.R_NEG=5', 'EVAL.R_FOLDS=2',
+                      f'EVAL.JUDGE={tiny_judge}', 'EVAL.CURVE=true'))
+    curve = json.load(open(tmp_path / 'eval' / 'curve.json'))
+    assert [c['step'] for c in curve] == [5, 10] and curve[0]['train_seconds'] < curve[1]['train_seconds']
+    final = json.load(open(tmp_path / 'eval' / 'metrics.json'))
+    assert curve[-1]['judge_all'] == final['judge_all'] and curve[-1]['r_precision'] == final['r_precision']
+    from PIL import Image
+    assert Image.open(tmp_path / 'eval' / 'curve.png').size == (640, 400)
 
 
 def test_eval_refuses_wrong_checkpoint_kind(tiny_shapes, tiny_encoder, tmp_path):

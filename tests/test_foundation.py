@@ -427,13 +427,13 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize('key,value,expected', [
-    ('TRAIN.BATCH_SIZE', '0', 'expected at least 1'), ('TRAIN.BATCH_SIZE', '-1', 'expected at least 1'),
-    ('TRAIN.GENERATOR_LR', '.nan', 'finite learning rate'), ('TRAIN.GENERATOR_LR', '-1e-3', 'finite learning rate'),
+    ('TRAIN.BATCH_SIZE', '0', 'at least 1'), ('TRAIN.BATCH_SIZE', '-1', 'at least 1'),
+    ('TRAIN.GENERATOR_LR', '.nan', 'a finite learning rate'), ('TRAIN.GENERATOR_LR', '-1e-3', 'a finite learning rate'),
     ('TRAIN.EMA_DECAY', '1.5', r'in \[0, 1\]'), ('TRAIN.MAX_EPOCH', '-2', '>= 0')])
 def test_bad_values_are_refused_where_the_cfg_is_read(key, value, expected):
     import main
     args = utils.base_parser('x').parse_args(['--set', f'{key}={value}'])
-    with pytest.raises(utils.UserError, match=f'--set: {key}=.*: {expected}'):
+    with pytest.raises(utils.UserError, match=f'--set: {key}=.*: expected {expected}'):
         utils.build_cfg(main.DEFAULTS, args)
 
 
@@ -447,3 +447,15 @@ def test_non_utf8_cfg_and_legacy_launcher_flag(tmp_path, monkeypatch):
     utils.build_cfg({}, args)
     assert os.environ['LOCAL_RANK'] == '1'
     assert utils.base_parser('x').parse_args(['--local_rank', '0']).local_rank == 0
+
+
+def test_resume_says_what_the_checkpoint_keeps(caplog):
+    import logging
+    saved = utils.to_cfg({'TRAIN': {'GENERATOR_LR': 1e-3, 'MAX_EPOCH': 2}, 'OUT_DIR': 'a'})
+    now = utils.to_cfg({'TRAIN': {'GENERATOR_LR': 5e-4, 'MAX_EPOCH': 4}, 'OUT_DIR': 'b'})
+    with caplog.at_level(logging.INFO, logger='resume_test'):
+        utils.report_resume_differences({'cfg': saved.to_dict()}, now, logging.getLogger('resume_test'))
+    warn = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert warn == ["TRAIN.GENERATOR_LR=0.0005 is not used: resuming keeps the checkpoint's optimizer state "
+                    "(lr 0.001); start a new run dir for a new learning rate"]
+    assert any('TRAIN.MAX_EPOCH (2 -> 4)' in r.message and 'OUT_DIR' not in r.message for r in caplog.records)

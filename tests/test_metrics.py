@@ -134,7 +134,7 @@ def test_rank_deficient_statistics_get_pytorch_fids_answer(monkeypatch):
     monkeypatch.setattr(fid_score, 'sqrt_eigenvalues', lambda s1, s2: real(s1, s2) + 0.01j)   # a noisy residue
     assert fid_score.frechet_distance(*stats) == fid_score.frechet_distance(*stats, method='sqrtm')
     a, b = r.rand(20, 256) * 1000, r.rand(25, 256) * 1000 + 5
-    with pytest.raises(utils.UserError, match='imaginary component .* pytorch-fid refuses'):
+    with pytest.raises(utils.UserError, match=r'imaginary component .*\(pytorch-fid refuses'):
         fid_score.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
