@@ -344,6 +344,7 @@ def tokenizer_spec(kind, context_length, path='', words=None):
             tok = BertTokenizer(vocab=path)
         else:
             tok = BertTokenizer.from_pretrained(path)
+        utils.check_real_vocabulary(tok, f'MODEL.TOKENIZER_PATH={path}', 'clip' if kind == 'clip' else 'bert')
     except (OSError, ValueError) as e:
         raise utils.UserError(f"{path}: cannot load a {kind} tokenizer offline "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")

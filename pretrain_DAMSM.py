@@ -529,6 +529,8 @@ def main():
     check_cfg(cfg)
 
     train_set, eval_set, words = build_data(cfg)
+    utils.check_r_precision_negatives([c for *_, c in eval_set.items], cfg.EVAL.R_NEG,
+                                      f'R-precision on the {len(eval_set)} test images (EVAL.R_NEG)')
     text, image = build_encoders(cfg, words, log)
     model = DualEncoder(text, image, cfg.LOSS.CLIP > 0).to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

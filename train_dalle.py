@@ -141,6 +141,8 @@ class Tokenizer:
                 self.shift, self.vocab_size = 0, self.hf.vocab_size
             else:
                 raise utils.UserError(f"TEXT.TOKENIZER={kind!r}: expected clip, chinese or words")
+            utils.check_real_vocabulary(self.hf, f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}",
+                                        'clip' if kind == 'clip' else 'bert')
         except (OSError, ValueError) as e:
             raise utils.UserError(f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}: cannot load the {kind} "
                                   f"tokenizer ({str(e).splitlines()[0][:160]}); give a local directory or "

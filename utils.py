@@ -28,8 +28,20 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
 
 
+def worker_error_line(e):
+    """The original error's last line when `e` was re-raised from a DataLoader worker (whose
+    message then holds the worker's whole traceback), else None."""
+    text = str(e)
+    if not (text.startswith('Caught ') and 'DataLoader worker' in text.split('\n', 1)[0]):
+        return None
+    last = text.strip().splitlines()[-1]
+    name, _, message = last.partition(': ')
+    return message if name.split('.')[-1] in ('UserError', 'BadImage') else last
+
+
 def run_main(fn):
-    """Call fn(); turn UserError into a one-line message and a non-zero exit."""
+    """Call fn(); turn UserError, and any error of a DataLoader worker (an unreadable image,
+    images of mixed sizes), into a one-line message and a non-zero exit."""
     try:
         fn()
         # ranks leave together: one tearing gloo down while rank 0 still writes its checkpoint
@@ -37,7 +49,13 @@ def run_main(fn):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {worker_error_line(e) or e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        line = worker_error_line(e)
+        if line is None:
+            raise
+        print(f"error: in a data-loading worker: {line}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -869,6 +887,22 @@ def list_images(folder, recursive=True):
     return sorted(out)
 
 
+TOKENIZER_FILES = {'clip': "a folder with CLIP's vocab.json + merges.txt (open_clip's package ships the BPE as "
+                            "bpe_simple_vocab_16e6.txt.gz)",
+                   'bert': "a vocab.txt (the Chinese one: cn_clip/clip/vocab.txt of the cn-clip package, 21,128 "
+                           "entries) or a folder holding one"}
+
+
+def check_real_vocabulary(tok, source, kind):
+    """A transformers tokenizer whose files could not be had (a hub name offline) comes back
+    holding only its special tokens; training on it reads every caption as [UNK]. Refuse it."""
+    vocab = tok.get_vocab()
+    if set(vocab) <= set(tok.all_special_tokens):
+        raise UserError(f"{source}: the tokenizer holds only its {len(vocab)} special tokens (its vocabulary "
+                        f"files were not found, nothing is downloaded here); give {TOKENIZER_FILES[kind]}")
+    return tok
+
+
 def tokenize_attngan(text):
     """AttnGAN's tokenisation: lowercase, RegexpTokenizer(r'\\w+'), ASCII only."""
     text = text.replace('\ufffd\ufffd', ' ').lower()
@@ -1214,6 +1248,15 @@ class PairDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------
 # Metrics shared by every experiment (R-precision, CLIP score)
 # ----------------------------------------------------------------------------
+def check_r_precision_negatives(class_ids, n_neg, what='R-precision'):
+    """Every image needs n_neg captions of other classes; checked before any training is spent."""
+    counts = np.unique(np.asarray(class_ids), return_counts=True)[1]
+    if len(class_ids) - counts.max() < n_neg:
+        raise UserError(f"{what} needs {n_neg} captions of other classes for every image; only "
+                        f"{len(class_ids) - counts.max()} for the largest class ({len(class_ids)} images); "
+                        "lower EVAL.R_NEG or evaluate on more images")
+
+
 def r_precision(image_emb, text_emb, class_ids=None, n_neg=99, folds=10, seed=0):
     """R-precision as DM-GAN evaluates it: image i against its true caption
     (text_emb[i]) and n_neg captions of images of other classes, ranked by cosine;
@@ -1227,9 +1270,7 @@ def r_precision(image_emb, text_emb, class_ids=None, n_neg=99, folds=10, seed=0)
         raise UserError(f"R-precision: {n} images but {txt.shape[0]} captions")
     cls = np.arange(n) if class_ids is None else np.asarray(class_ids)
     _, inverse, counts = np.unique(cls, return_inverse=True, return_counts=True)
-    if n - counts.max() < n_neg:
-        raise UserError(f"R-precision needs {n_neg} captions of other classes for every image; "
-                        f"only {n - counts.max()} for the largest class ({n} images)")
+    check_r_precision_negatives(cls, n_neg)
     rng = np.random.RandomState(seed)
 
     def negatives(i):

@@ -463,3 +463,10 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
             assert float((got['grads'][k] - g).abs().max()) <= 1e-9 * scale, (name, k)
             if not k.endswith('k_proj.bias'):
                 assert g.abs().max() > 1e-6 * scale, (name, k)
+
+
+def test_r_precision_feasibility_is_checked_before_training(fixture_data, tmp_path):
+    """Too few captions of other classes for EVAL.R_NEG: one line before any step is spent."""
+    with pytest.raises(utils.UserError, match=r'R-precision on the 6 test images \(EVAL.R_NEG\) needs 50'):
+        run_script(os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml'), tmp_path / 'r', fixture_data, 'EVAL.R_NEG=50')
+    assert not (tmp_path / 'r' / 'checkpoints').exists()

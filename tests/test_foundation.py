@@ -459,3 +459,19 @@ def test_resume_says_what_the_checkpoint_keeps(caplog):
     assert warn == ["TRAIN.GENERATOR_LR=0.0005 is not used: resuming keeps the checkpoint's optimizer state "
                     "(lr 0.001); start a new run dir for a new learning rate"]
     assert any('TRAIN.MAX_EPOCH (2 -> 4)' in r.message and 'OUT_DIR' not in r.message for r in caplog.records)
+
+
+def test_dataloader_worker_errors_are_one_line(tmp_path):
+    """Images of mixed sizes fail in a worker's collate: one line, not the worker's traceback."""
+    from PIL import Image
+    for i, size in enumerate((8, 8, 16, 16)):
+        Image.new('RGB', (size, size)).save(tmp_path / f'{i}.png')
+    code = ("import sys, torch, torchvision.transforms as T; sys.path.insert(0, %r); import utils\n"
+            "def main():\n"
+            "    ds = utils.PairDataset([(%r + f'/{i}.png', 'x') for i in range(4)], T.ToTensor())\n"
+            "    list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))\n"
+            "utils.run_main(main)\n") % (ROOT, str(tmp_path))
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.startswith('error: in a data-loading worker: RuntimeError: stack expects each tensor')
+    assert r.stderr.strip().count('\n') == 0

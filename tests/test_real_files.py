@@ -161,3 +161,20 @@ def test_released_damsm_encoders_load(tmp_path):
         models.load_encoders(str(tmp_path / 'text_encoder200.pth'), attngan_words=lambda: words[:11])
     with pytest.raises(utils.UserError, match='carry no vocabulary'):
         models.load_encoders(str(tmp_path / 'text_encoder200.pth'))
+
+
+def test_offline_stand_in_tokenizers_are_refused(tmp_path):
+    """transformers offline turns a hub name into a tokenizer of special tokens only (2 for CLIP,
+    5 for the Chinese BERT); that must stop the run, not train on [UNK]."""
+    from transformers import BertTokenizer
+
+    import models
+    stand_in = BertTokenizer(vocab={t: i for i, t in enumerate(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'])})
+    with pytest.raises(utils.UserError, match=r'x: the tokenizer holds only its 5 special tokens.*cn_clip/clip/vocab.txt'):
+        utils.check_real_vocabulary(stand_in, 'x', 'bert')
+    real = BertTokenizer(vocab={t: i for i, t in enumerate(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '红', '色'])})
+    assert utils.check_real_vocabulary(real, 'x', 'bert') is real
+    vocab = tmp_path / 'vocab.txt'                 # models.tokenizer_spec applies it to the file it reads
+    vocab.write_text('[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n')
+    with pytest.raises(utils.UserError, match=f'MODEL.TOKENIZER_PATH={vocab}: the tokenizer holds only'):
+        models.tokenizer_spec('bert', 32, str(vocab))
