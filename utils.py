@@ -222,6 +222,8 @@ def base_parser(description, positional=None):
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--out', default=None, help='run directory')
     p.add_argument('--resume', default=None, help="'auto' (newest checkpoint in the run dir) or a path")
+    p.add_argument('--overwrite', action='store_true',
+                   help='clear a run dir that holds checkpoints (else such a dir is refused without --resume)')
     p.add_argument('--deterministic', action='store_true', default=None)
     # python -m torch.distributed.launch (the older launcher) passes the local rank as a flag;
     # torchrun sets LOCAL_RANK, which is what get_device reads.
@@ -441,6 +443,25 @@ class Run:
         self.main = rank == 0
 
 
+def guard_run_dir(out_dir, args):
+    """A run dir that holds training checkpoints belongs to that run: without --resume a new
+    run would overwrite some of its files and leave its later checkpoints for a --resume auto
+    to pick up. Refuse, unless --overwrite asks to clear it (checkpoints, TensorBoard, metrics)."""
+    ckpt_dir = os.path.join(out_dir, 'checkpoints')
+    held = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(('.pt', '.pth'))) if os.path.isdir(ckpt_dir) else []
+    if not held or getattr(args, 'resume', None):
+        return
+    if not getattr(args, 'overwrite', False):
+        raise UserError(f"{out_dir}: holds a run already ({len(held)} checkpoint(s), newest {held[-1]}); "
+                        "--resume auto continues it, --overwrite starts over, --out names another dir")
+    import shutil
+    for name in ('checkpoints', 'tb'):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    for name in ('metrics.json', 'log.txt'):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
 def setup(args, defaults, tensorboard=True):
     """Parse cfg, choose the device, start DDP, seed, create the run dir and logs."""
     cfg = build_cfg(defaults, args)
@@ -448,6 +469,7 @@ def setup(args, defaults, tensorboard=True):
     rank, world = init_distributed(device)
     seed_everything(cfg.SEED + rank, cfg.DETERMINISTIC)
     if rank == 0:
+        guard_run_dir(cfg.OUT_DIR, args)
         os.makedirs(cfg.OUT_DIR, exist_ok=True)
         save_cfg(cfg, cfg.OUT_DIR)
     log = get_logger(cfg.OUT_DIR if rank == 0 else None)

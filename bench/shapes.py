@@ -65,7 +65,7 @@ def main():
         rows = []
         for seed in args.seeds:
             gen_dir, eval_dir = f'{args.out}/{name}_seed{seed}', f'{args.out}/{name}_seed{seed}_eval'
-            train_s = run(['main.py', '--cfg', gen_cfg, '--seed', str(seed), '--out', gen_dir],
+            train_s = run(['main.py', '--cfg', gen_cfg, '--seed', str(seed), '--out', gen_dir, '--overwrite'],
                           os.path.join(ROOT, gen_dir + '.log'))
             run(['main.py', '--cfg', eval_cfg, '--out', eval_dir, '--set', f'TRAIN.NET_G={gen_dir}',
                  '--set', f'TRAIN.NET_E={enc}', '--set', f'EVAL.JUDGE={args.judge}'],

@@ -475,3 +475,18 @@ def test_dataloader_worker_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
     assert r.stderr.startswith('error: in a data-loading worker: RuntimeError: stack expects each tensor')
     assert r.stderr.strip().count('\n') == 0
+
+
+def test_run_dir_with_checkpoints_is_refused_without_resume(tmp_path):
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    (run / 'checkpoints' / 'vae_00000016.pt').write_bytes(b'old run')
+    (run / 'cfg.yml').write_text('old: cfg\n')
+    p = utils.base_parser('x')
+    with pytest.raises(utils.UserError, match=r'holds a run already \(1 checkpoint\(s\), newest vae_00000016.pt\)'):
+        utils.setup(p.parse_args(['--out', str(run)]), {}, tensorboard=False)
+    assert (run / 'cfg.yml').read_text() == 'old: cfg\n'            # nothing overwritten
+    utils.setup(p.parse_args(['--out', str(run), '--resume', 'auto']), {}, tensorboard=False)
+    assert (run / 'checkpoints' / 'vae_00000016.pt').exists()
+    utils.setup(p.parse_args(['--out', str(run), '--overwrite']), {}, tensorboard=False)
+    assert not (run / 'checkpoints').exists()
