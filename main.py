@@ -105,7 +105,8 @@ def load_encoders(cfg, device):
     def vocabulary():           # AttnGAN's released encoders: the dataset's captions.pickle
         data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
         return [data.ixtoword[i] for i in range(len(data.ixtoword))]
-    text_enc, image_enc = models.load_encoders(cfg.TRAIN.NET_E, device, vocabulary, cfg.TEXT.WORDS_NUM)
+    words_num = cfg.TEXT.get('WORDS_NUM', DEFAULTS['TEXT']['WORDS_NUM'])     # cfgs of older checkpoints lack it
+    text_enc, image_enc = models.load_encoders(cfg.TRAIN.NET_E, device, vocabulary, words_num)
     for m in (text_enc, image_enc):
         m.eval().requires_grad_(False)
     if text_enc.spec['dim'] != cfg.TEXT.EMBEDDING_DIM:
