@@ -1123,25 +1123,24 @@ class DMGANDiscriminator(nn.Module):
 
 
 # ---- released checkpoints of the original code (torch.save(net.state_dict())) -----------------
+# G_NET prefix -> DMGANGenerator prefix, first match wins: h_net1 is the initial stage
+# (upsample1..4), h_net2/3 the memory stages (memory, residual and upsample parts), img_netK
+# the image heads; ca_net keeps its name.
+_DMGAN_G_RENAMES = (
+    (r'h_net1\.upsample(\d)\.', lambda m: f'init_stage.upsample.{int(m[1]) - 1}.'),
+    (r'h_net1\.fc\.', lambda m: 'init_stage.fc.'),
+    (r'h_net(\d)\.(residual|upsample)\.', lambda m: f'stages.{int(m[1]) - 2}.{m[2]}.'),
+    (r'h_net(\d)\.', lambda m: f'stages.{int(m[1]) - 2}.memory.'),
+    (r'img_net(\d)\.img\.', lambda m: f'img_heads.{int(m[1]) - 1}.'),
+)
+
+
 def _dmgan_g_key(key):
-    """G_NET name -> DMGANGenerator name: h_net1 is the initial stage (upsample1..4), h_net2/3
-    the memory stages (their memory, residual and upsample parts), img_netK the image heads."""
-    m = re.fullmatch(r'h_net1\.upsample(\d)\.(.*)', key)
-    if m:
-        return f'init_stage.upsample.{int(m[1]) - 1}.{m[2]}'
-    m = re.fullmatch(r'h_net1\.(fc\..*)', key)
-    if m:
-        return f'init_stage.{m[1]}'
-    m = re.fullmatch(r'h_net(\d)\.((residual|upsample)\..*)', key)
-    if m:
-        return f'stages.{int(m[1]) - 2}.{m[2]}'
-    m = re.fullmatch(r'h_net(\d)\.(.*)', key)
-    if m:
-        return f'stages.{int(m[1]) - 2}.memory.{m[2]}'
-    m = re.fullmatch(r'img_net(\d)\.img\.(.*)', key)
-    if m:
-        return f'img_heads.{int(m[1]) - 1}.{m[2]}'
-    return key                                   # ca_net.*
+    for pattern, ours in _DMGAN_G_RENAMES:
+        m = re.match(pattern, key)
+        if m:
+            return ours(m) + key[m.end():]
+    return key
 
 
 # Sequential index of each original block's conv (D_NET128 has s32, s32_1; D_NET256 s32, s64, s64_1, s64_2).
