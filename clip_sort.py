@@ -44,17 +44,6 @@ def parse_args(argv=None):
 DEFAULT_CLIP_RUN = os.path.join('output', 'DAMSM')   # pretrain_DAMSM.py without --cfg/--out
 
 
-def find_encoder(path):
-    """A text_encoder<N>.pth, or the newest one of a run dir; one line saying what to train when absent."""
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        return models.newest_text_encoder(path)
-    raise utils.UserError(f"{path}: no CLIP encoder there; train one first (python pretrain_DAMSM.py "
-                          f"--train-data train.csv --model RN50 ... writes {DEFAULT_CLIP_RUN}/checkpoints), "
-                          "or give --clip_path / --clip_model")
-
-
 def image_files(save_path, n):
     files = []
     for i in range(n):
@@ -128,8 +117,11 @@ def main():
     if cfg.CLIP_PATH and cfg.CLIP_MODEL:
         raise utils.UserError("give one of --clip_path (our encoders) and --clip_model (transformers), not both")
     if not cfg.CLIP_MODEL:
-        cfg.CLIP_PATH = find_encoder(cfg.CLIP_PATH or DEFAULT_CLIP_RUN)
-        log.info(f"CLIP: {cfg.CLIP_PATH}")
+        cfg.CLIP_PATH = cfg.CLIP_PATH or DEFAULT_CLIP_RUN
+        if not os.path.exists(cfg.CLIP_PATH):
+            raise utils.UserError(f"{cfg.CLIP_PATH}: no CLIP encoder there; train one first (pretrain_DAMSM.py "
+                                  f"without --cfg/--out writes {DEFAULT_CLIP_RUN}), or give --clip_path or --clip_model")
+        log.info(f"CLIP: {cfg.CLIP_PATH} (a run dir: its newest text_encoder<N>.pth)")
     texts = utils.split_captions(args.text)
     paths = utils.caption_dirs(args.save_path, len(texts))
     files = [image_files(p, args.img_num) for p in paths]     # all present before the model loads

@@ -273,8 +273,8 @@ def train(run, args):
 
 
 def init_from_released(path, netG, netG_ema, netsD, dev, log):
-    """Fine-tuning start as DM-GAN's load_network: G from TRAIN.NET_G, each D_i from netD<i>.pth
-    beside it (the original's names or ours, our checkpoints' D<i>), the optimizers new."""
+    """Fine-tuning start as DM-GAN's load_network: G from TRAIN.NET_G, each D_i from the
+    netD<i>.pth beside it (state dicts with the original's names or ours), the optimizers new."""
     netG.load_state_dict(generator_state(path, dev))
     netG_ema.load_state_dict(netG.state_dict())
     for i, netD in enumerate(netsD):
@@ -330,7 +330,7 @@ def generator_state(path, dev):
         if not models.is_original_dmgan(raw):
             raise utils.UserError(f"{path}: a state dict, but not of DM-GAN's G_NET (no h_net1.* weights)")
         return models.convert_dmgan_state_dict(raw)
-    return utils.load_checkpoint(path, 'dmgan', map_location=dev)['models']['G_ema']
+    return utils.checkpoint_of_kind(raw, path, 'dmgan')['models']['G_ema']
 
 
 def load_generator(cfg, text_dim, dev):

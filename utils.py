@@ -724,7 +724,11 @@ def is_state_dict(obj):
 
 def load_checkpoint(path, kind=None, map_location='cpu'):
     """torch.load(weights_only=True) and check the checkpoint is of the expected kind."""
-    ckpt = load_weights(path, map_location)
+    return checkpoint_of_kind(load_weights(path, map_location), path, kind)
+
+
+def checkpoint_of_kind(ckpt, path, kind=None):
+    """`ckpt` (read from `path`) if it is one of our training checkpoints of `kind`, else one line."""
     if not isinstance(ckpt, dict) or 'kind' not in ckpt:
         raise UserError(f"{path}: not a t2i-repro training checkpoint (no 'kind' entry)")
     if kind is not None and ckpt['kind'] != kind:

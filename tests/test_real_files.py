@@ -22,7 +22,8 @@ def test_fixture_bytes_are_the_real_layout():
             b"(I3\nS'<'\np6\nNNNI-1\nI-1\nI0\ntp7\nbS'\\x02\\x00\\x00\\x00\\x00\\x00\\x00\\x00'\np8\ntp9\n"
             b"Rp10\nag10\n")
     assert data.startswith(head)
-    # plain pickle reads what numpy wrote: numpy int64 scalars
+    # the bytes this test built are what numpy's own pickling gives: plain pickle (on these
+    # trusted bytes only) returns numpy int64 scalars, as it does on AttnGAN's file
     got = pickle.loads(data, encoding='latin1')
     assert got == CLASSES and all(type(v) is np.int64 for v in got)
     assert pickle.loads(protocol0_names(KEYS), encoding='latin1') == KEYS
