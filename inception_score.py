@@ -94,6 +94,8 @@ def main():
     p.add_argument('--json', help='also write the result to this file')
     args = p.parse_args()
     paths = ([args.path] if args.path else []) + args.paths
+    if args.splits < 1 or args.batch_size < 1:
+        raise utils.UserError(f"--splits {args.splits} --batch_size {args.batch_size}: expected at least 1 each")
     if len(paths) != 1:
         raise utils.UserError(f"expected one folder of images (--path DIR), got {len(paths)}")
     device = utils.get_device(args.gpu if args.gpu is not None else (0 if torch.cuda.is_available() else -1))

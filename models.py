@@ -501,7 +501,7 @@ def load_inception_weights(encoder, path, log=None):
     if not os.path.isfile(path):
         raise utils.UserError(f"{path}: Inception-v3 ImageNet weights not found (MODEL.PRETRAINED; 'auto' looks "
                               "in torchvision's cache; '' trains from a random init)")
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = utils.load_weights(path)
     for part, layers in (('to_regions', INCEPTION_REGIONS), ('to_global', INCEPTION_GLOBAL)):
         own = {}
         for key, value in state.items():
@@ -1371,7 +1371,10 @@ class PretrainedResNet50(nn.Module):
         if path:
             if not os.path.isfile(path):
                 raise utils.UserError(f"{path}: ResNet-50 weights file not found (TRAIN.RESNET)")
-            self.net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+            try:
+                self.net.load_state_dict(utils.load_weights(path))
+            except (RuntimeError, AttributeError) as e:
+                raise utils.UserError(f"{path}: not torchvision ResNet-50 weights ({str(e).splitlines()[0][:200]})")
             if log:
                 log.info(f"ResNet-50 ImageNet weights from {path}")
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -1715,7 +1718,7 @@ def load_discrete_vae(path):
     train_vae.py training checkpoint."""
     if not os.path.isfile(path):
         raise utils.UserError(f"{path}: VAE file not found")
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    obj = utils.load_weights(path)
     if isinstance(obj, dict) and 'hparams' in obj and 'weights' in obj:
         hparams, weights = obj['hparams'], obj['weights']
     elif isinstance(obj, dict) and obj.get('kind') == 'vae':

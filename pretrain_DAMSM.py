@@ -129,17 +129,23 @@ class EvalSet(torch.utils.data.Dataset):
         return len(self.items)
 
     def image(self, key):
-        try:
-            return self.ds.images(key)[0] if self.ds is not None else self.transform(utils.load_image(key))
-        except utils.BadImage as e:     # keep the alignment of images and captions
-            logging.getLogger('t2i').warning(f"test image replaced by grey: {e}")
-            size = self.ds.sizes[0] if self.ds is not None else self.transform.transforms[1].size[0]
-            return torch.zeros(3, size, size)
+        return self.ds.images(key)[0] if self.ds is not None else self.transform(utils.load_image(key))
 
     def __getitem__(self, i):
         key, caps, cls = self.items[i]
-        return {'image': self.image(key), 'text': caps[0], 'text2': caps[min(1, len(caps) - 1)],
-                'class_id': cls}
+        try:
+            image = self.image(key)
+        except utils.BadImage as e:     # left out of the scores (collate_eval), and counted
+            return {'bad': str(e)}
+        return {'image': image, 'text': caps[0], 'text2': caps[min(1, len(caps) - 1)], 'class_id': cls}
+
+
+def collate_eval(items):
+    """A test batch without its unreadable images; their messages in 'skipped'."""
+    good = [it for it in items if 'bad' not in it]
+    batch = torch.utils.data.default_collate(good) if good else {}
+    batch['skipped'] = [it['bad'] for it in items if 'bad' in it]
+    return batch
 
 
 def class_ids_for(paths, mode):
@@ -452,7 +458,11 @@ def evaluate(model, loader, cfg, device):
     of each test image; the word attention maps of the first few. Rank 0 only."""
     model.eval()
     sums, n, imgs, sents, classes, panels = collections.defaultdict(float), 0, [], [], [], None
+    skipped = []
     for raw in loader:
+        skipped += raw.pop('skipped')
+        if 'image' not in raw:
+            continue
         images, caps, cls = prepare_batch(raw, model.text.tokenizer, cfg, device)
         feats = encode(model, images, caps, regions=cfg.LOSS.WORDS > 0)
         imgs.append(feats[1].float().cpu())
@@ -467,8 +477,13 @@ def evaluate(model, loader, cfg, device):
         if panels is None and cfg.EVAL.ATTN_IMAGES and maps:
             k = cfg.EVAL.ATTN_IMAGES
             panels = attention_panels(images[:k], maps[:k], [model.text.word_strings(t) for t in raw['text'][:k]])
+    for msg in skipped:
+        logging.getLogger('t2i').warning(f"test image not scored: {msg}")
+    if not imgs:
+        raise utils.UserError(f"no readable test image among the {len(skipped)} of the evaluation")
     img, txt, cls = torch.cat(imgs), torch.cat(sents), torch.cat(classes).numpy()
     metrics = {f'val_{k}': v / max(n, 1) for k, v in sums.items()}
+    metrics['eval_images'], metrics['eval_images_unreadable'] = len(img), len(skipped)
     metrics.update(retrieval(img, txt))
     metrics['R_precision'], metrics['R_precision_std'] = utils.r_precision(img, txt, cls, n_neg=cfg.EVAL.R_NEG)
     model.train()
@@ -550,7 +565,8 @@ def main():
     if len(loader) == 0:
         raise utils.UserError(f"{len(train_set)} training items per rank give no batch of "
                               f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE}")
-    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=cfg.TRAIN.BATCH_SIZE, num_workers=cfg.WORKERS)
+    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=cfg.TRAIN.BATCH_SIZE, num_workers=cfg.WORKERS,
+                                              collate_fn=collate_eval)
 
     for epoch in range(start, cfg.TRAIN.MAX_EPOCH):
         utils.set_epoch(loader, epoch)

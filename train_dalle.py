@@ -17,6 +17,7 @@ import inspect
 import os
 import time
 
+import numpy as np
 import torch
 
 import models
@@ -55,6 +56,8 @@ DEFAULTS = {
         'AMP_DTYPE': 'bfloat16',  # or float16 (CUDA only, with a GradScaler)
         'RANDOM_RESIZE_CROP_LOWER_RATIO': 0.75,
         'MAX_STEPS': 0,           # stop after this many steps in all (0: EPOCHS decide); not in DALLE-pytorch
+        'CACHE_IMAGE_TOKENS': False,  # tokenise each image once up front (needs RANDOM_RESIZE_CROP_LOWER_RATIO 1,
+                                      # a fixed transform, so the same tokens as every step); not in DALLE-pytorch
         'SAVE_EVERY_N_STEPS': 1000,
         'KEEP_N_CHECKPOINTS': 5,  # T2I's default (upstream keeps all); 0 keeps all
         'LOG_EVERY': 50,
@@ -195,6 +198,37 @@ def build_dataset(cfg, tokenizer, pairs, image_size):
     return utils.PairDataset(pairs, tf, tokenize=ids.__getitem__)
 
 
+class CachedTokenPairs(torch.utils.data.Dataset):
+    """(image tokens, caption ids) with each distinct image tokenised once by the frozen VAE:
+    under a fixed transform these are the tokens a step would compute, without the image
+    decoding and the VAE encoder in every step. Pairs whose image is unreadable are dropped."""
+
+    def __init__(self, ds, vae, device, batch_size=250):
+        paths = sorted({p for p, _ in ds.pairs})
+        images = utils.PairDataset([(p, '') for p in paths], ds.transform)
+        tokens = []
+        with torch.no_grad():
+            for batch, _ in torch.utils.data.DataLoader(images, batch_size=batch_size):
+                tokens.append(vae.get_codebook_indices(batch.to(device)).cpu())
+        tokens, bad = torch.cat(tokens), {paths[i] for i in images.bad}
+        # a skipped unreadable image was replaced by the next one: its row is not its own
+        row = {p: i for i, p in enumerate(paths)}
+        self.tokens, self.tokenize = tokens, ds.tokenize
+        self.pairs = [(row[p], caps) for p, caps in ds.pairs if p not in bad]
+        if not self.pairs:
+            raise utils.UserError(f"no readable image among the {len(paths)} of the training pairs")
+        self.skipped = len(ds.pairs) - len(self.pairs)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        row, text = self.pairs[i]
+        if isinstance(text, (list, tuple)):
+            text = text[np.random.randint(len(text))]
+        return self.tokens[row], self.tokenize(text)
+
+
 DEFAULT_VAE_PATH = os.path.join('output', 'vae', 'vae.pt')   # train_vae.py without --cfg/--out
 
 
@@ -233,10 +267,12 @@ def make_optimizer(params, lr):
 
 
 def train_step(model, vae, opt, images, text, c, amp, scaler=None):
-    """One step: tokenise the images with the frozen VAE, (CE_text + w·CE_img)/(w+1),
-    clip the gradient norm, Adam. Returns (loss, CE_text, CE_img) as floats."""
-    with amp, torch.no_grad():
-        image_tokens = vae.get_codebook_indices(images)
+    """One step: tokenise the images with the frozen VAE (unless given as tokens already),
+    (CE_text + w·CE_img)/(w+1), clip the gradient norm, Adam. Returns (loss, CE_text, CE_img)."""
+    image_tokens = images
+    if images.is_floating_point():
+        with amp, torch.no_grad():
+            image_tokens = vae.get_codebook_indices(images)
     with amp:
         loss, loss_text, loss_img = model(text, image_tokens)
     opt.zero_grad(set_to_none=True)
@@ -280,6 +316,14 @@ def train(run, args):
     if ckpt and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
         raise utils.UserError(f"TEXT.TEXT_SEQ_LEN={cfg.TEXT.TEXT_SEQ_LEN} but the checkpoint has {dalle.text_seq_len}")
     ds = build_dataset(cfg, tokenizer, pairs, vae.image_size)
+    if c.CACHE_IMAGE_TOKENS:
+        if c.RANDOM_RESIZE_CROP_LOWER_RATIO != 1:
+            raise utils.UserError(f"TRAIN.CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1 (a fixed "
+                                  f"transform), not {c.RANDOM_RESIZE_CROP_LOWER_RATIO}")
+        t_cache = time.time()
+        ds = CachedTokenPairs(ds, vae, dev)
+        log.info(f"image tokens cached: {len(ds.tokens)} images in {time.time() - t_cache:.1f} s"
+                 + (f"; {ds.skipped} pairs with unreadable images dropped" if ds.skipped else ''))
     loader = utils.make_loader(ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED)
     if len(loader) == 0:
         raise utils.UserError(f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training pairs")
@@ -403,7 +447,6 @@ def holdout_r_precision(E, texts, classes, dev):
     EVAL.ENCODER's encoders, image i against texts[i] ({} without an encoder)."""
     if not E.ENCODER:
         return lambda images: {}
-    import numpy as np
     text_enc, image_enc = models.load_encoders(E.ENCODER, dev)
     n_neg = min(E.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max())
 

@@ -23,6 +23,7 @@ DEFAULTS = {
     'CONFIG_NAME': 'vae',          # run dir output/vae without --cfg/--out (train_dalle.py reads output/vae/vae.pt)
     'IMAGE_FOLDER': '',           # images at any depth below it
     'WORKERS': 4,
+    'PRELOAD': False,             # decode every image once into memory (the transform is fixed); not in DALLE-pytorch
     'MODEL': {                    # dalle.md §1.1: DALLE-pytorch train_vae.py defaults
         'IMAGE_SIZE': 128,
         'NUM_TOKENS': 8192,
@@ -106,7 +107,7 @@ def build_dataset(cfg):
     paths = [p for p in utils.list_images(cfg.IMAGE_FOLDER) if os.path.abspath(p) not in held]
     if not paths:
         raise utils.UserError(f"{cfg.IMAGE_FOLDER}: no images found (extensions {utils.IMG_EXTENSIONS})")
-    return utils.PairDataset([(p, '') for p in paths], image_transform(cfg.MODEL.IMAGE_SIZE))
+    return utils.PairDataset([(p, '') for p in paths], image_transform(cfg.MODEL.IMAGE_SIZE), preload=cfg.PRELOAD)
 
 
 # ----------------------------------------------------------------------------

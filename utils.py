@@ -443,6 +443,19 @@ class Run:
         self.main = rank == 0
 
 
+def make_run_dir(out_dir):
+    """The run dir, created if missing; one line when it cannot hold a run."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: exists and is not a directory (--out or OUT_DIR names the run dir)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write-test-{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot write the run dir there ({e.strerror or type(e).__name__})")
+
+
 def guard_run_dir(out_dir, args):
     """A run dir that holds training checkpoints belongs to that run: without --resume a new
     run would overwrite some of its files and leave its later checkpoints for a --resume auto
@@ -469,8 +482,8 @@ def setup(args, defaults, tensorboard=True):
     rank, world = init_distributed(device)
     seed_everything(cfg.SEED + rank, cfg.DETERMINISTIC)
     if rank == 0:
+        make_run_dir(cfg.OUT_DIR)
         guard_run_dir(cfg.OUT_DIR, args)
-        os.makedirs(cfg.OUT_DIR, exist_ok=True)
         save_cfg(cfg, cfg.OUT_DIR)
     log = get_logger(cfg.OUT_DIR if rank == 0 else None)
     writer = _NullWriter()
@@ -795,7 +808,12 @@ def restore_checkpoint(ckpt, models, optimizers=None, schedulers=None, scaler=No
     for k, m in models.items():
         if k not in ckpt['models']:
             raise UserError(f"checkpoint has no model '{k}' (has {sorted(ckpt['models'])})")
-        unwrap(m).load_state_dict(ckpt['models'][k])
+        try:
+            unwrap(m).load_state_dict(ckpt['models'][k])
+        except RuntimeError as e:       # the cfg changed the architecture since the checkpoint
+            detail = ' '.join(str(e).split('\n', 1)[-1].split())[:240]
+            raise UserError(f"checkpoint's '{k}' does not fit the model the cfg builds ({detail}); "
+                            "resume with the run's own cfg (its cfg.yml), or start a new run dir")
     for k, o in (optimizers or {}).items():
         o.load_state_dict(ckpt['optimizers'][k])
     for k, s in (schedulers or {}).items():
@@ -1190,8 +1208,13 @@ def read_csv_pairs(path, img_key='filepath', caption_key='title', sep='\t'):
             if key not in (reader.fieldnames or []):
                 raise UserError(f"{path}: no column '{key}' (columns: {reader.fieldnames}; "
                                 f"separator {sep!r})")
-        base = os.path.dirname(os.path.abspath(path))
-        return [(_resolve(r[img_key], base), r[caption_key]) for r in reader]
+        base, out = os.path.dirname(os.path.abspath(path)), []
+        for n, r in enumerate(reader, 2):
+            if not r[caption_key] or not r[img_key]:
+                raise UserError(f"{path}:{n}: a row without {'a caption' if r[img_key] else 'an image path'} "
+                                f"(columns '{img_key}' and '{caption_key}', separator {sep!r})")
+            out.append((_resolve(r[img_key], base), r[caption_key]))
+        return out
 
 
 def read_jsonl_pairs(path):
@@ -1230,12 +1253,16 @@ def read_folder_pairs(folder):
 def read_pairs(path, **csv_kw):
     """Any of the pair formats, chosen by what `path` is."""
     if os.path.isdir(path):
-        return read_folder_pairs(path)
-    if path.endswith('.jsonl'):
-        return read_jsonl_pairs(path)
-    if path.endswith(('.csv', '.tsv')):
-        return read_csv_pairs(path, **csv_kw)
-    raise UserError(f"{path}: expected a folder, a .jsonl, or a .csv/.tsv file")
+        pairs = read_folder_pairs(path)
+    elif path.endswith('.jsonl'):
+        pairs = read_jsonl_pairs(path)
+    elif path.endswith(('.csv', '.tsv')):
+        pairs = read_csv_pairs(path, **csv_kw)
+    else:
+        raise UserError(f"{path}: expected a folder, a .jsonl, or a .csv/.tsv file")
+    if not pairs:
+        raise UserError(f"{path}: no (image, caption) pairs in it")
+    return pairs
 
 
 def split_captions(text):
@@ -1253,18 +1280,34 @@ def caption_dirs(save_path, n):
 
 class PairDataset(torch.utils.data.Dataset):
     """(image, caption) pairs from read_pairs; a caption list yields a random one.
-    Unreadable images are skipped (the next item is returned) and counted."""
+    Unreadable images are skipped (the next item is returned) and counted. With preload, every
+    image is decoded once (a fixed transform to [-1, 1] only) and kept as uint8."""
 
-    def __init__(self, pairs, transform, tokenize=None):
+    def __init__(self, pairs, transform, tokenize=None, preload=False):
         self.pairs, self.transform, self.tokenize = pairs, transform, tokenize
         self.bad = set()            # indices of unreadable files (skip_unreadable)
+        self.cache = [self._decode(i) for i in range(len(pairs))] if preload else None
+
+    def _decode(self, i):
+        try:
+            return (self.transform(load_image(self.pairs[i][0])) * 127.5 + 127.5).round().to(torch.uint8)
+        except BadImage as e:
+            self.bad.add(i)
+            logging.getLogger('t2i').warning(f"skipping {e}")
+            return None
+
+    def _read(self, i):
+        if self.cache is None:
+            return self.transform(load_image(self.pairs[i][0]))
+        if self.cache[i] is None:
+            raise BadImage(f"{self.pairs[i][0]}: unreadable")
+        return self.cache[i].float() / 127.5 - 1
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        path, text = self.pairs[i]
-        i, img = skip_unreadable(self, i, lambda j: self.transform(load_image(self.pairs[j][0])))
+        i, img = skip_unreadable(self, i, self._read)
         path, text = self.pairs[i]
         if isinstance(text, (list, tuple)):
             text = text[np.random.randint(len(text))]

@@ -460,6 +460,39 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
     assert {'0.png', '1.png', 'grid.png', 'ranking.json'} <= set(os.listdir(seed / 'samples'))
 
 
+def test_cached_image_tokens_train_as_tokenising_every_step(tiny_shapes, tiny_vae, tmp_path):
+    """TRAIN.CACHE_IMAGE_TOKENS: each image tokenised once gives the tokens (and so the weights)
+    that tokenising every batch gives, under the fixed transform it requires."""
+    data = os.path.join(tiny_shapes, 'train.jsonl')
+    args = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
+            *DALLE_ARGS, '--set', 'TRAIN.MAX_STEPS=6', '--random_resize_crop_lower_ratio', 1.0]
+    run_script(train_dalle, [*args, '--out', tmp_path / 'plain'])
+    run_script(train_dalle, [*args, '--out', tmp_path / 'cached', '--set', 'TRAIN.CACHE_IMAGE_TOKENS=true'])
+    wa, wb = (utils.load_checkpoint(str(tmp_path / r / 'checkpoints' / 'dalle.pt'))['models']['dalle']
+              for r in ('plain', 'cached'))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    vae = models.load_discrete_vae(tiny_vae).eval()
+    cfg = utils.build_cfg(train_dalle.DEFAULTS, utils.base_parser('x').parse_args(
+        ['--set', 'TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1.0', '--set', 'TEXT.TOKENIZER=words']))
+    pairs = utils.read_pairs(data)[:30]
+    tok = train_dalle.build_tokenizer(cfg, pairs)
+    ds = train_dalle.build_dataset(cfg, tok, pairs, vae.image_size)
+    cached = train_dalle.CachedTokenPairs(ds, vae, torch.device('cpu'))
+    for i in (0, 7, 29):
+        image, text = ds[i]
+        tokens, text_cached = cached[i]
+        assert torch.equal(tokens, vae.get_codebook_indices(image[None])[0]) and torch.equal(text, text_cached)
+    with pytest.raises(utils.UserError, match='CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1'):
+        run_script(train_dalle, [*args[:-2], '--out', tmp_path / 'crop', '--set', 'TRAIN.CACHE_IMAGE_TOKENS=true'])
+
+
+def test_preloaded_vae_images_equal_decoding_each_step(nested_images):
+    paths = utils.list_images(nested_images)[:5]
+    plain = utils.PairDataset([(p, '') for p in paths], train_vae.image_transform(16))
+    pre = utils.PairDataset([(p, '') for p in paths], train_vae.image_transform(16), preload=True)
+    assert all(torch.equal(plain[i][0], pre[i][0]) for i in range(len(paths)))
+
+
 def test_train_dalle_caption_too_long(tiny_shapes, tiny_vae, tmp_path):
     data = os.path.join(tiny_shapes, 'train.jsonl')
     base = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,

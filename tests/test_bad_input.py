@@ -1,0 +1,113 @@
+"""Bad input, as a user gives it on the command line: each case exits non-zero with one line on
+stderr naming the file, key or value, no traceback, and leaves its inputs and earlier outputs
+as they were."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def cli(script, *args, cwd=ROOT):
+    return subprocess.run([PY, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def digest(folder):
+    """sha256 of every file below folder (names and bytes): what 'untouched' means."""
+    h = hashlib.sha256()
+    for base, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            p = os.path.join(base, f)
+            h.update(os.path.relpath(p, folder).encode())
+            with open(p, 'rb') as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def assert_one_line(r, *needles):
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert 'Traceback' not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: '), r.stderr
+    for n in needles:
+        assert n in last, last
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    d = tmp_path / 'in'
+    d.mkdir()
+    (d / 'empty.jsonl').write_text('')
+    (d / 'header.csv').write_text('filepath\ttitle\n')
+    (d / 'nocaption.csv').write_text('filepath\ttitle\nimages/a.jpg\t\n')
+    (d / 'corrupt_vae.pt').write_bytes(os.urandom(2048))
+    (d / 'a_file').write_text('not a folder\n')
+    return d
+
+
+CASES = {
+    'empty jsonl': (['train_dalle.py', '--image_text_folder', '{in}/empty.jsonl'], ['empty.jsonl', 'no (image, caption) pairs']),
+    'header-only csv': (['train_dalle.py', '--image_text_folder', '{in}/header.csv'], ['header.csv', 'no (image, caption) pairs']),
+    'csv row without caption': (['train_dalle.py', '--image_text_folder', '{in}/nocaption.csv'],
+                                ['nocaption.csv:2', 'without a caption']),
+    'corrupt --vae_path': (['train_dalle.py', '--image_text_folder', '{data}/train.jsonl', '--vae_path',
+                            '{in}/corrupt_vae.pt'], ['corrupt_vae.pt', 'not a readable']),
+    'top_k -1': (['dalle_gen.py', 'a red circle', '2', '{tmp}/gen', '--top_k', '-1'], ['TOP_K=-1']),
+    'inception --splits 0': (['inception_score.py', '--path', '{data}', '--splits', '0'], ['--splits 0']),
+    'batch size 0': (['train_vae.py', '--image_folder', '{data}', '--batch_size', '0'], ['BATCH_SIZE=0', 'at least 1']),
+    'learning rate nan': (['train_vae.py', '--image_folder', '{data}', '--set', 'TRAIN.LEARNING_RATE=.nan'],
+                          ['LEARNING_RATE=nan']),
+    'output path is a file': (['train_vae.py', '--image_folder', '{data}', '--out', '{in}/a_file'],
+                              ['a_file', 'not a directory']),
+    'output path below a file': (['train_vae.py', '--image_folder', '{data}', '--out', '{in}/a_file/run'],
+                                 ['a_file/run', 'cannot write']),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_bad_input_is_one_line_and_touches_nothing(case, inputs, tiny_shapes, tmp_path):
+    argv, needles = CASES[case]
+    fill = {'in': inputs, 'data': tiny_shapes, 'tmp': tmp_path}
+    argv = [a.format(**fill) for a in argv]
+    if '--out' not in argv:
+        argv += ['--out', str(tmp_path / 'run')] if argv[0] not in ('dalle_gen.py', 'inception_score.py') else []
+    before = digest(inputs), digest(tiny_shapes)
+    r = cli(*argv)
+    assert_one_line(r, *needles)
+    assert (digest(inputs), digest(tiny_shapes)) == before
+
+
+def test_resume_after_an_architecture_change_is_one_line(tiny_shapes, tmp_path):
+    run = tmp_path / 'vae'
+    common = ['--image_folder', tiny_shapes, '--out', run, '--image_size', 16, '--num_layers', 1, '--num_tokens', 16,
+              '--emb_dim', 8, '--epochs', 1, '--batch_size', 8, '--set', 'WORKERS=0', '--set', 'TRAIN.AMP=false']
+    r = cli('train_vae.py', *common, '--hidden_dim', 8)
+    assert r.returncode == 0, r.stderr
+    before = digest(run / 'checkpoints')
+    r = cli('train_vae.py', *common, '--hidden_dim', 16, '--resume', 'auto')
+    assert_one_line(r, "checkpoint's 'vae' does not fit the model the cfg builds", 'cfg.yml')
+    assert digest(run / 'checkpoints') == before
+
+
+def test_unreadable_test_images_are_left_out_of_r_precision_and_counted(tiny_shapes, tmp_path):
+    """An encoder evaluation drops an unreadable test image (with its caption and class) instead
+    of scoring a grey stand-in, and says how many it dropped."""
+    import pretrain_DAMSM
+    import utils
+    keys = sorted(utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images')))[:6]
+    bad = tmp_path / 'broken.jpg'
+    bad.write_bytes(b'not a jpeg')
+    items = [(k, ['a caption', 'another'], i % 3) for i, k in enumerate(keys)] + [(str(bad), ['x', 'y'], 0)]
+    loader = torch.utils.data.DataLoader(pretrain_DAMSM.EvalSet(items, size=16), batch_size=4,
+                                         collate_fn=pretrain_DAMSM.collate_eval)
+    batches = list(loader)
+    assert sum(len(b.get('image', [])) for b in batches) == 6
+    assert [len(b['skipped']) for b in batches] == [0, 1]
+    assert 'broken.jpg' in batches[1]['skipped'][0]
+    assert batches[1]['class_id'].tolist() == [1, 2]
