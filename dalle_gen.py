@@ -16,7 +16,7 @@ import time
 
 import torch
 
-import train_dalle
+import models
 import utils
 
 DEFAULTS = {
@@ -69,7 +69,7 @@ def main():
         raise utils.UserError(f"{cfg.DALLE_PATH}: no DALLE checkpoint there; train one first (python train_dalle.py "
                               "--image_text_folder DATA writes output/dalle/checkpoints/dalle.pt), or give --dalle_path")
     log.info(f"DALLE: {cfg.DALLE_PATH}")
-    dalle, vae, tokenizer = train_dalle.load_dalle(utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device)
+    dalle, vae, tokenizer = models.load_dalle(utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device)
     dalle.eval()
     texts = utils.split_captions(args.text)
     tps = []

@@ -171,8 +171,9 @@ def dalle_scores(out, rows):
     (what one random draw gets) and each caption's top-1 after clip_sort.py; also each
     caption's first sample and top-1 for the grid."""
     import torch
-    import fid_score
-    judge = fid_score.load_judge(os.path.join(out, 'judge'))
+    import models
+    import utils
+    judge = models.load_judge(os.path.join(out, 'judge'))
     files, keys, best = [], [], []
     for i, row in enumerate(rows):
         path = os.path.join(out, 'dalle_gen', str(i))
@@ -180,9 +181,9 @@ def dalle_scores(out, rows):
         best.append(len(files) + int(os.path.splitext(os.path.basename(top1))[0]))
         files += [os.path.join(path, f'{j}.png') for j in range(SAMPLES_PER_CAPTION)]
         keys += [row['key']] * SAMPLES_PER_CAPTION
-    images = torch.cat(list(fid_score.batches(files, 64, 0, 'cpu'))) * 2 - 1
-    before = fid_score.judge_accuracy(judge, images, keys)
-    after = fid_score.judge_accuracy(judge, images[best], [r['key'] for r in rows])
+    images = torch.cat(list(utils.batches(files, 64, 0, 'cpu'))) * 2 - 1
+    before = utils.judge_accuracy(judge, images, keys)
+    after = utils.judge_accuracy(judge, images[best], [r['key'] for r in rows])
     return before, after, images[::SAMPLES_PER_CAPTION], images[best]
 
 

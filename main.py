@@ -45,7 +45,7 @@ DEFAULTS = {
     # The word limit is the text encoder's own (its tokenizer's context length); WORDS_NUM
     # sets it for AttnGAN's released encoders, which carry none.
     'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10,
-             'WORDS_NUM': 18},           # AttnGAN's released DAMSM encoders only (config.py default)
+             'WORDS_NUM': models.ATTNGAN_WORDS_NUM},   # AttnGAN's released DAMSM encoders only (config.py default)
     'EVAL': {
         'NUM_IMAGES': 30000,          # DM-GAN: one image per caption, up to 30,000
         'MAX_PASSES': 11,             # passes over the test set
@@ -61,7 +61,7 @@ DEFAULTS = {
 
 
 # ----------------------------------------------------------------------------
-# Data and text features
+# Data and initialisation (the encoders and generator load through models.py, DM-GAN section)
 # ----------------------------------------------------------------------------
 def build_dataset(cfg, split, train, two_captions=False):
     data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
@@ -69,20 +69,6 @@ def build_dataset(cfg, split, train, two_captions=False):
                                   branch_num=cfg.TREE.BRANCH_NUM, train=train,
                                   two_captions=two_captions, flip=cfg.DATA.FLIP, crop=cfg.DATA.CROP,
                                   preload=cfg.DATA.PRELOAD and train)
-
-
-@torch.no_grad()
-def encode_text(text_encoder, texts, device):
-    """Frozen text features: words (B, D, T), sentence (B, D), padding mask (B, T)."""
-    words, sent, pad = text_encoder.encode(list(texts))
-    return words.to(device).float(), sent.to(device).float(), pad.to(device)
-
-
-def build_generator(cfg, text_dim):
-    if cfg.TREE.BASE_SIZE not in (16, 32, 64):
-        raise utils.UserError(f"TREE.BASE_SIZE={cfg.TREE.BASE_SIZE}: expected 64 (DM-GAN), or 16/32 (embedded cfgs)")
-    return models.DMGANGenerator(cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, cfg.GAN.CONDITION_DIM, text_dim,
-                                 cfg.TREE.BRANCH_NUM, cfg.GAN.R_NUM, cfg.TREE.BASE_SIZE)
 
 
 def init_weights(m):
@@ -96,23 +82,6 @@ def init_weights(m):
     elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
         m.weight.data.normal_(1.0, 0.02)
         m.bias.data.zero_()
-
-
-def load_encoders(cfg, device):
-    if not cfg.TRAIN.NET_E:
-        raise utils.UserError("TRAIN.NET_E: empty; point it at a text_encoder<N>.pth written by "
-                              "pretrain_DAMSM.py (the image encoder is read from beside it)")
-    def vocabulary():           # AttnGAN's released encoders: the dataset's captions.pickle
-        data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
-        return [data.ixtoword[i] for i in range(len(data.ixtoword))]
-    words_num = cfg.TEXT.get('WORDS_NUM', DEFAULTS['TEXT']['WORDS_NUM'])     # cfgs of older checkpoints lack it
-    text_enc, image_enc = models.load_encoders(cfg.TRAIN.NET_E, device, vocabulary, words_num)
-    for m in (text_enc, image_enc):
-        m.eval().requires_grad_(False)
-    if text_enc.spec['dim'] != cfg.TEXT.EMBEDDING_DIM:
-        raise utils.UserError(f"TEXT.EMBEDDING_DIM={cfg.TEXT.EMBEDDING_DIM} but {cfg.TRAIN.NET_E} "
-                              f"gives {text_enc.spec['dim']}-d features; set it to {text_enc.spec['dim']}")
-    return text_enc, image_enc
 
 
 # ----------------------------------------------------------------------------
@@ -160,15 +129,6 @@ def kl_loss(mu, logvar):
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
-def ema_update(ema, model, decay):
-    """avg = decay * avg + (1 - decay) * p after every G step; BN statistics copied."""
-    with torch.no_grad():
-        for pe, p in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(p.detach(), 1 - decay)
-        for be, b in zip(ema.buffers(), model.buffers()):
-            be.copy_(b)
-
-
 def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T, amp, step):
     """One D step per stage, then one G step, on a batch: reals per stage, text features of
     each caption view (two with the contrastive term), the same z for every view."""
@@ -210,14 +170,14 @@ def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T,
 def train(run, args):
     cfg, dev, log = run.cfg, run.device, run.log
     T, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
-    text_enc, image_enc = load_encoders(cfg, dev)
+    text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     ds = build_dataset(cfg, 'train', train=True, two_captions=contrastive)
     loader = utils.make_loader(ds, T.BATCH_SIZE, shuffle=True, drop_last=True,
                                workers=cfg.WORKERS, seed=cfg.SEED)
     if len(loader) == 0:
         raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} exceeds the {len(ds)} training images")
     sizes = [cfg.TREE.BASE_SIZE * 2 ** i for i in range(cfg.TREE.BRANCH_NUM)]
-    netG = build_generator(cfg, text_enc.spec['dim']).to(dev)
+    netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
     netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.spec['dim']) for s in sizes]).to(dev)
     netG.apply(init_weights)
     netsD.apply(init_weights)
@@ -251,10 +211,10 @@ def train(run, args):
             reals = [im.to(dev, non_blocking=True, memory_format=torch.channels_last) for im in batch['imgs']]
             views = [batch['text']] + ([batch['text2']] if contrastive else [])
             noise = torch.randn(reals[0].shape[0], cfg.GAN.Z_DIM, device=dev)   # same z for both views
-            feats = [encode_text(text_enc, v, dev) for v in views]
+            feats = [models.encode_text(text_enc, v, dev) for v in views]
             last = train_step(G, Ds, optG, optsD, image_enc, reals, batch['class_id'].to(dev), feats, noise,
                               T, amp, step)
-            ema_update(netG_ema, netG, T.EMA_DECAY)
+            models.ema_update(netG_ema, netG, T.EMA_DECAY)
             step += 1
             bar.set_postfix(**last)
             if step % T.LOG_EVERY == 0:
@@ -275,7 +235,7 @@ def train(run, args):
 def init_from_released(path, netG, netG_ema, netsD, dev, log):
     """Fine-tuning start as DM-GAN's load_network: G from TRAIN.NET_G, each D_i from the
     netD<i>.pth beside it (state dicts with the original's names or ours), the optimizers new."""
-    netG.load_state_dict(generator_state(path, dev))
+    netG.load_state_dict(models.dmgan_generator_state(path, dev))
     netG_ema.load_state_dict(netG.state_dict())
     for i, netD in enumerate(netsD):
         d_path = os.path.join(os.path.dirname(path), f'netD{i}.pth')
@@ -299,7 +259,7 @@ def fixed_test_batch(cfg, text_enc, dev, n=8):
     idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)
     texts = [ds.d.raw_captions(ds.keys[i])[0] for i in idx]
     g = torch.Generator().manual_seed(cfg.EVAL.SEED)
-    return texts, encode_text(text_enc, texts, dev), torch.randn(len(texts), cfg.GAN.Z_DIM, generator=g).to(dev)
+    return texts, models.encode_text(text_enc, texts, dev), torch.randn(len(texts), cfg.GAN.Z_DIM, generator=g).to(dev)
 
 
 @torch.no_grad()
@@ -322,45 +282,15 @@ def write_samples(run, netG, fixed, epoch):
 # ----------------------------------------------------------------------------
 # Evaluation (DM-GAN trainer.sampling): one image per caption, R-precision
 # ----------------------------------------------------------------------------
-def generator_state(path, dev):
-    """The averaged generator of one of our checkpoints (G_ema, as DM-GAN saves it), or a G_NET
-    state dict released by the original code (bird_DMGAN.pth, netG_epoch_N.pth), renamed."""
-    raw = utils.load_weights(path, dev)
-    if utils.is_state_dict(raw):
-        if not models.is_original_dmgan(raw):
-            raise utils.UserError(f"{path}: a state dict, but not of DM-GAN's G_NET (no h_net1.* weights)")
-        return models.convert_dmgan_state_dict(raw)
-    return utils.checkpoint_of_kind(raw, path, 'dmgan')['models']['G_ema']
-
-
-def load_generator(cfg, text_dim, dev):
-    if not cfg.TRAIN.NET_G:
-        raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint (or its run dir)")
-    path = cfg.TRAIN.NET_G
-    if os.path.isdir(path):                  # a run directory: its newest checkpoint
-        found = utils.list_checkpoints(path, 'dmgan')
-        if not found:
-            raise utils.UserError(f"TRAIN.NET_G={path}: no dmgan_<step>.pt under {path}/checkpoints")
-        path = found[-1]
-    netG = build_generator(cfg, text_dim).to(dev)
-    try:
-        netG.load_state_dict(generator_state(path, dev))
-    except RuntimeError as e:
-        raise utils.UserError(f"{path}: generator does not match the cfg's GAN/TREE keys "
-                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})")
-    return netG.eval()
-
-
 def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def judge_scores(judge, images_u8, keys, records=None):
-    """Attribute accuracy of images (uint8) against the captions' ground truth (fid_score's judge);
+    """Attribute accuracy of images (uint8) against the captions' ground truth (the shapes judge);
     per-image verdicts appended to `records` when given."""
-    import fid_score
     batches = (b.float() / 127.5 - 1 for b in torch.cat(images_u8).split(250))
-    return {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, batches, keys, records=records).items()}
+    return {f'judge_{k}': v for k, v in utils.judge_accuracy(judge, batches, keys, records=records).items()}
 
 
 def derangement(n, seed):
@@ -389,7 +319,7 @@ def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=No
                 break
             keys = [ds.keys[i] for i in idx]
             texts = [ds.d.raw_captions(k)[rng.randint(cfg.TEXT.CAPTIONS_PER_IMAGE)] for k in keys]
-            words, sent, pad = encode_text(text_enc, texts, dev)
+            words, sent, pad = models.encode_text(text_enc, texts, dev)
             z = torch.randn(len(idx), cfg.GAN.Z_DIM, generator=g).to(dev)
             fake = netG(z, sent, words, pad)[0][-1]
             img_codes.append(image_enc.encode(fake)[1].float().cpu())
@@ -438,7 +368,7 @@ def learning_curve(run, text_enc, image_enc, judge):
     rows = []
     for path in utils.list_checkpoints(cfg.TRAIN.NET_G, 'dmgan'):
         ckpt = utils.load_checkpoint(path, 'dmgan', map_location=dev)
-        netG = build_generator(cfg, text_enc.spec['dim']).to(dev)
+        netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
         netG.load_state_dict(ckpt['models']['G_ema'])
         scores, _ = generate_and_score(cfg, netG.eval(), text_enc, image_enc, dev, judge=judge)
         rows.append({'checkpoint': os.path.basename(path), 'step': ckpt['step'],
@@ -459,14 +389,13 @@ def learning_curve(run, text_enc, image_enc, judge):
 
 def evaluate(run):
     cfg, dev, log = run.cfg, run.device, run.log
-    text_enc, image_enc = load_encoders(cfg, dev)
-    netG = load_generator(cfg, text_enc.spec['dim'], dev)
+    text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
+    netG = models.load_dmgan_generator(cfg, text_enc.spec['dim'], dev)
     out_dir = os.path.join(run.out, 'valid', 'single')
     os.makedirs(out_dir, exist_ok=True)
     judge = None
     if cfg.EVAL.JUDGE:
-        import fid_score
-        judge = fid_score.load_judge(cfg.EVAL.JUDGE, dev)
+        judge = models.load_judge(cfg.EVAL.JUDGE, dev)
     if cfg.EVAL.CURVE:
         if not os.path.isdir(cfg.TRAIN.NET_G):
             raise utils.UserError(f"EVAL.CURVE needs TRAIN.NET_G to be a run dir, not {cfg.TRAIN.NET_G}")
@@ -483,7 +412,7 @@ def evaluate(run):
              f"over {scores['num_images']} images in {out_dir}")
     if cfg.EVAL.BASELINE:
         torch.manual_seed(cfg.EVAL.SEED)
-        untrained = build_generator(cfg, text_enc.spec['dim']).to(dev)
+        untrained = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
         untrained.apply(init_weights)
         base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, log, judge)
         scores.update({f'untrained_{k}': v for k, v in base.items()})

@@ -1,10 +1,15 @@
-"""The networks of t2i-repro, in one section per paper. Each section is owned by
-the script family that uses it; scripts import from here."""
+"""The networks of t2i-repro, and the loaders that rebuild them from their files, in
+one section per paper. Each section is owned by the script family that uses it; scripts
+import from here (and from utils), never from each other."""
 import math
+import os
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import utils  # AttnGAN tokenisation, UserError, checkpoints, weights files
 
 
 # ============================================================================
@@ -251,6 +256,56 @@ class ShapesJudge(nn.Module):
         return torch.split(out, self.splits, dim=-1)
 
 
+# ---- loading them (weights files found by utils.weights_path), and FID's feature network -------
+def fid_inception(weights=None, device='cpu', exact=False):
+    """The FID Inception with pytorch-fid's weights: BatchNorm folded and channels_last
+    for speed, or (exact) computed as pytorch-fid computes it, bit for bit."""
+    path = utils.weights_path(weights, utils.FID_WEIGHTS, utils.FID_WEIGHTS_URL,
+                              '; for the synthetic dataset use --judge output/judge instead (shapes FID)')
+    net = utils.load_state_dict(FIDInceptionV3(), path)
+    net = net.eval().requires_grad_(False) if exact else net.fused()
+    return net.to(device)
+
+
+def inception_classifier(net, weights, device):
+    """images in [0, 1] -> logits, for --net tf or torchvision."""
+    if net == 'tf':
+        inc = fid_inception(weights, device)
+        return lambda x: inc.logits(inc(x.contiguous(memory_format=torch.channels_last), 2048))
+    if net == 'torchvision':
+        import torchvision
+        tv = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=False,
+                                             init_weights=False)
+        path = utils.weights_path(weights, utils.TV_INCEPTION_WEIGHTS, utils.TV_INCEPTION_WEIGHTS_URL)
+        tv = utils.load_state_dict(tv, path).eval().requires_grad_(False).to(device)
+        # sbarratt: inputs in [-1, 1], bilinear upsampling to 299, transform_input=False
+        return lambda x: tv(2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1)
+    raise utils.UserError(f"--net {net}: expected tf or torchvision")
+
+
+def load_judge(path, device='cpu'):
+    """A trained judge from its run dir or checkpoint; it carries its dataset's attributes."""
+    if os.path.isdir(path):
+        path = os.path.join(path, 'checkpoints', 'judge_final.pt')
+    ckpt = utils.load_checkpoint(path, 'judge')
+    judge = ShapesJudge(**ckpt['extra']['model'])
+    judge.load_state_dict(ckpt['models']['judge'])
+    judge.attributes = ckpt['extra']['attributes']
+    return judge.to(device).eval().requires_grad_(False)
+
+
+def feature_net(dims=2048, weights=None, judge=None, device='cpu', exact=False):
+    if judge is not None:
+        j = load_judge(judge, device) if isinstance(judge, str) else judge
+        dim = j.features(torch.zeros(1, 3, j.image_size, j.image_size, device=device)).shape[1]
+        return utils.FeatureNet(lambda x: j.features(2 * x - 1), dim, f'shapes-judge-{dim}')
+    if dims not in FIDInceptionV3.DIMS:
+        raise utils.UserError(f"--dims {dims}: expected one of {FIDInceptionV3.DIMS}")
+    net = fid_inception(weights, device, exact)
+    layout = torch.contiguous_format if exact else torch.channels_last
+    return utils.FeatureNet(lambda x: net(x.contiguous(memory_format=layout), dims), dims, f'inception-{dims}')
+
+
 # ============================================================================
 # Text/image encoders: DAMSM (AttnGAN/DM-GAN), CLIP finetuned, CLIP from scratch
 # ============================================================================
@@ -266,17 +321,12 @@ class ShapesJudge(nn.Module):
 #   damsm    AttnGAN's RNN_ENCODER (bi-LSTM) and CNN_ENCODER (Inception-v3)  gan_refs.md §1
 #   clip_hf  a transformers CLIP, finetuned with DAMSM + NT-Xent (T2I_CLIP-GAN) gan_refs.md §2
 #   clip     CLIP from scratch as open_clip builds it (ModifiedResNet or ViT)  dalle.md §3
-import os  # noqa: E402
-import re  # noqa: E402
-
-import utils  # noqa: E402  (AttnGAN tokenisation, UserError, checkpoints)
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP preprocessing (dalle.md §3)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-INCEPTION_URL_FILE = 'inception_v3_google-0cc3c7bd.pth'   # torchvision's IMAGENET1K_V1 file
+ATTNGAN_WORDS_NUM = 18          # AttnGAN's TEXT.WORDS_NUM (config.py default): its released encoders carry none
 
 
-class Tokenizer:
+class TextEncoderTokenizer:
     """Text -> (ids (B, L) long, lengths (B,) long), padded to L = context_length.
 
     kind 'attngan': AttnGAN's word ids (lowercase, \\w+, ASCII; 0 = '<end>' pads; no start
@@ -329,7 +379,7 @@ class Tokenizer:
 
 
 def tokenizer_spec(kind, context_length, path='', words=None):
-    """A Tokenizer spec. 'attngan'/'words': `words` = AttnGAN's ixtoword in id order
+    """A TextEncoderTokenizer spec. 'attngan'/'words': `words` = AttnGAN's ixtoword in id order
     (index 0 '<end>'); 'clip': CLIPTokenizer from a hub name or local folder; 'bert': a
     WordPiece vocab.txt, a folder holding one, or a hub name."""
     spec = {'kind': kind, 'context_length': int(context_length)}
@@ -414,7 +464,7 @@ class RNNTextEncoder(TextEncoder):
     def __init__(self, spec):
         super().__init__()
         self.spec, self.keep_special = spec, True
-        self.tokenizer = Tokenizer(spec['tokenizer'])
+        self.tokenizer = TextEncoderTokenizer(spec['tokenizer'])
         self.encoder = nn.Embedding(self.tokenizer.vocab_size, spec['word_dim'])
         self.drop = nn.Dropout(spec['dropout'])
         self.rnn = nn.LSTM(spec['word_dim'], spec['dim'] // 2, batch_first=True, bidirectional=True)
@@ -497,7 +547,7 @@ def load_inception_weights(encoder, path, log=None):
     if not path:
         return
     if path == 'auto':
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', INCEPTION_URL_FILE)
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', utils.TV_INCEPTION_WEIGHTS)
     if not os.path.isfile(path):
         raise utils.UserError(f"{path}: Inception-v3 ImageNet weights not found (MODEL.PRETRAINED; 'auto' looks "
                               "in torchvision's cache; '' trains from a random init)")
@@ -524,7 +574,7 @@ class HFCLIPTextEncoder(TextEncoder):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
         self.spec, self.keep_special = spec, spec['keep_special']
-        self.tokenizer = Tokenizer(spec['tokenizer'])
+        self.tokenizer = TextEncoderTokenizer(spec['tokenizer'])
         self.model = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(spec['config']))
         width = spec['config']['hidden_size']
         self.word_proj = nn.Linear(width, spec['dim']) if width != spec['dim'] else nn.Identity()
@@ -600,7 +650,7 @@ class CLIPTextTransformer(TextEncoder):
     def __init__(self, spec):
         super().__init__()
         self.spec, self.keep_special = spec, spec['keep_special']
-        self.tokenizer = Tokenizer(spec['tokenizer'])
+        self.tokenizer = TextEncoderTokenizer(spec['tokenizer'])
         W, L = spec['width'], self.tokenizer.context_length
         self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, W)
         self.positional_embedding = nn.Parameter(torch.randn(L, W) * 0.01)
@@ -802,7 +852,7 @@ def attngan_damsm_modules(text_state, image_state, words, words_num, text_path):
     return text, image
 
 
-def load_encoders(net_e, device='cpu', attngan_words=None, words_num=18):
+def load_encoders(net_e, device='cpu', attngan_words=None, words_num=ATTNGAN_WORDS_NUM):
     """AttnGAN's convention: TRAIN.NET_E = .../text_encoder<N>.pth, the image encoder beside it
     as image_encoder<N>.pth. Both rebuilt from the spec they carry, in eval mode and frozen
     (requires_grad False; gradients still flow to their inputs). A run directory stands for
@@ -830,6 +880,13 @@ def load_encoders(net_e, device='cpu', attngan_words=None, words_num=18):
             module.load_state_dict(ckpt['models'][kind])
             modules.append(module)
     return tuple(m.to(device).eval().requires_grad_(False) for m in modules)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, texts, device):
+    """Frozen text features: words (B, D, T), sentence (B, D), padding mask (B, T)."""
+    words, sent, pad = text_encoder.encode(list(texts))
+    return words.to(device).float(), sent.to(device).float(), pad.to(device)
 
 
 # ---- losses -----------------------------------------------------------------------------------
@@ -1172,6 +1229,73 @@ def convert_dmgan_state_dict(state):
     (load it with strict=True: every name and shape must match)."""
     rename = _dmgan_d_key if any(k.startswith('img_code_s16.') for k in state) else _dmgan_g_key
     return {rename(k): v for k, v in state.items()}
+
+
+# ---- from a DM-GAN cfg: encoders, generator (main.py; XMC-GAN's sample grids show DM-GAN's too) ----
+def load_dmgan_encoders(cfg, device):
+    """The frozen text and image encoders of a DM-GAN cfg (TRAIN.NET_E; AttnGAN's released
+    files also take the DATA_DIR vocabulary and TEXT.WORDS_NUM)."""
+    if not cfg.TRAIN.NET_E:
+        raise utils.UserError("TRAIN.NET_E: empty; point it at a text_encoder<N>.pth written by "
+                              "pretrain_DAMSM.py (the image encoder is read from beside it)")
+    def vocabulary():           # AttnGAN's released encoders: the dataset's captions.pickle
+        data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
+        return [data.ixtoword[i] for i in range(len(data.ixtoword))]
+    words_num = cfg.TEXT.get('WORDS_NUM', ATTNGAN_WORDS_NUM)     # cfgs of older checkpoints lack it
+    text_enc, image_enc = load_encoders(cfg.TRAIN.NET_E, device, vocabulary, words_num)
+    for m in (text_enc, image_enc):
+        m.eval().requires_grad_(False)
+    if text_enc.spec['dim'] != cfg.TEXT.EMBEDDING_DIM:
+        raise utils.UserError(f"TEXT.EMBEDDING_DIM={cfg.TEXT.EMBEDDING_DIM} but {cfg.TRAIN.NET_E} "
+                              f"gives {text_enc.spec['dim']}-d features; set it to {text_enc.spec['dim']}")
+    return text_enc, image_enc
+
+
+def build_dmgan_generator(cfg, text_dim):
+    if cfg.TREE.BASE_SIZE not in (16, 32, 64):
+        raise utils.UserError(f"TREE.BASE_SIZE={cfg.TREE.BASE_SIZE}: expected 64 (DM-GAN), or 16/32 (embedded cfgs)")
+    return DMGANGenerator(cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, cfg.GAN.CONDITION_DIM, text_dim,
+                          cfg.TREE.BRANCH_NUM, cfg.GAN.R_NUM, cfg.TREE.BASE_SIZE)
+
+
+def dmgan_generator_state(path, dev):
+    """The averaged generator of one of our checkpoints (G_ema, as DM-GAN saves it), or a G_NET
+    state dict released by the original code (bird_DMGAN.pth, netG_epoch_N.pth), renamed."""
+    raw = utils.load_weights(path, dev)
+    if utils.is_state_dict(raw):
+        if not is_original_dmgan(raw):
+            raise utils.UserError(f"{path}: a state dict, but not of DM-GAN's G_NET (no h_net1.* weights)")
+        return convert_dmgan_state_dict(raw)
+    return utils.checkpoint_of_kind(raw, path, 'dmgan')['models']['G_ema']
+
+
+def load_dmgan_generator(cfg, text_dim, dev):
+    """The generator of TRAIN.NET_G (a checkpoint, its run dir's newest, or a released G_NET), in eval mode."""
+    if not cfg.TRAIN.NET_G:
+        raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint (or its run dir)")
+    path = cfg.TRAIN.NET_G
+    if os.path.isdir(path):                  # a run directory: its newest checkpoint
+        found = utils.list_checkpoints(path, 'dmgan')
+        if not found:
+            raise utils.UserError(f"TRAIN.NET_G={path}: no dmgan_<step>.pt under {path}/checkpoints")
+        path = found[-1]
+    netG = build_dmgan_generator(cfg, text_dim).to(dev)
+    try:
+        netG.load_state_dict(dmgan_generator_state(path, dev))
+    except RuntimeError as e:
+        raise utils.UserError(f"{path}: generator does not match the cfg's GAN/TREE keys "
+                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})")
+    return netG.eval()
+
+
+# ---- training: the generator's moving average (XMC-GAN's too) ----------------------------------
+def ema_update(ema, model, decay):
+    """avg = decay * avg + (1 - decay) * p after every G step; BN statistics copied."""
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1 - decay)
+        for be, b in zip(ema.buffers(), model.buffers()):
+            be.copy_(b)
 
 
 # ============================================================================
@@ -1935,3 +2059,14 @@ class DALLE(nn.Module):
             gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
             out = torch.cat([out, (logits / max(temperature, 1e-8) + gumbel).argmax(-1, keepdim=True)], 1)
         return out
+
+
+# ---- a trained DALLE (train_dalle.py writes it; dalle_gen.py samples it) ----------------------
+def load_dalle(ckpt, device):
+    """DALLE, its VAE and tokenizer rebuilt from a train_dalle.py checkpoint."""
+    x = ckpt['extra']
+    vae = build_vae(x['vae_class_name'], x['vae_params'])
+    dalle = DALLE(**x['hparams'])
+    vae.load_state_dict(ckpt['models']['vae'])
+    dalle.load_state_dict(ckpt['models']['dalle'])
+    return dalle.to(device), vae.to(device).eval().requires_grad_(False), utils.DalleTokenizer(x['tokenizer'])

@@ -65,15 +65,11 @@ DEFAULTS = {
 # ----------------------------------------------------------------------------
 # The synthetic world: attributes, drawing, captions
 # ----------------------------------------------------------------------------
-SHAPES = ['circle', 'square', 'triangle', 'diamond', 'star', 'cross']
-COLOURS = {'red': (220, 30, 30), 'orange': (245, 140, 20), 'yellow': (240, 220, 30),
-           'green': (40, 170, 60), 'cyan': (30, 200, 210), 'blue': (30, 70, 220),
-           'purple': (140, 50, 190), 'pink': (245, 120, 190)}
+# Shapes, colours (RGB) and sizes are utils.SHAPES / COLOURS / SIZES: the judge reads the same vocabulary.
 BACKGROUNDS = {'white': (235, 235, 235), 'gray': (128, 128, 128), 'black': (25, 25, 25),
                'beige': (225, 210, 180)}
-SIZES = {'small': 0.12, 'large': 0.21}        # radius as a share of the image side
 CELLS = [(r, c) for r in range(3) for c in range(3)]   # 3x3 grid, reading order
-CLASSES = [f'{c}_{s}' for c in COLOURS for s in SHAPES]  # class = first object's colour+shape
+CLASSES = [f'{c}_{s}' for c in utils.COLOURS for s in utils.SHAPES]  # class = first object's colour+shape
 
 SYN = {
     'large': ['large', 'big'], 'small': ['small', 'little', 'tiny'],
@@ -120,12 +116,12 @@ def sample_scene(rng, p_two):
         cells = sorted(rng.sample(range(9), n))
         objs = []
         for cell in cells:
-            size = rng.choice(list(SIZES))
-            r = SIZES[size]
+            size = rng.choice(list(utils.SIZES))
+            r = utils.SIZES[size]
             row, col = CELLS[cell]
             cx = min(max((col + 0.5) / 3 + rng.uniform(-0.04, 0.04), r + 0.01), 0.99 - r)
             cy = min(max((row + 0.5) / 3 + rng.uniform(-0.04, 0.04), r + 0.01), 0.99 - r)
-            objs.append({'shape': rng.choice(SHAPES), 'colour': rng.choice(list(COLOURS)),
+            objs.append({'shape': rng.choice(utils.SHAPES), 'colour': rng.choice(list(utils.COLOURS)),
                          'size': size, 'cell': cell, 'cx': round(cx, 4), 'cy': round(cy, 4),
                          'r': r})
         if n == 1 or math.hypot(objs[0]['cx'] - objs[1]['cx'], objs[0]['cy'] - objs[1]['cy']) \
@@ -148,7 +144,7 @@ def render(scene, size, rng):
     img = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for o in scene['objects']:
-        col = tuple(int(np.clip(v + rng.randint(-15, 15), 0, 255)) for v in COLOURS[o['colour']])
+        col = tuple(int(np.clip(v + rng.randint(-15, 15), 0, 255)) for v in utils.COLOURS[o['colour']])
         cx, cy, r = o['cx'] * s2, o['cy'] * s2, o['r'] * s2
         if o['shape'] == 'circle':
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)

@@ -200,7 +200,7 @@ def hf_clip_config(cfg, tok_spec):
     if C.PATCH_SIZE <= 0 or len(C.VISION_LAYERS) != 1:
         raise utils.UserError("MODEL.CLIP: a random-init clip_hf model is a ViT: PATCH_SIZE > 0 "
                               "and VISION_LAYERS = [depth]")
-    D, tok = cfg.TEXT.EMBEDDING_DIM, models.Tokenizer(tok_spec)
+    D, tok = cfg.TEXT.EMBEDDING_DIM, models.TextEncoderTokenizer(tok_spec)
     return CLIPConfig(
         text_config=dict(vocab_size=len(tok_spec['vocab']), hidden_size=C.TEXT_WIDTH,
                          intermediate_size=4 * C.TEXT_WIDTH, num_hidden_layers=C.TEXT_LAYERS,

@@ -13,7 +13,6 @@ Data: a DALLE jsonl ({"image_path", "sentences"} lines), a folder of images with
 .txt captions, or an open_clip CSV. Checkpoints in <run>/checkpoints: dalle_<step>.pt and,
 at the end, <DALLE_OUTPUT_FILE_NAME>.pt, both with the VAE inside (dalle_gen.py needs nothing else).
 """
-import inspect
 import os
 import time
 
@@ -114,72 +113,14 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------
-# Text: tokenizers with 0 = padding (dalle.md §1.6)
+# Text: utils.DalleTokenizer (0 = padding), built from the cfg or the captions
 # ----------------------------------------------------------------------------
-class Tokenizer:
-    """encode(text) -> ids >= 1 (0 is padding), vocab_size, and a `spec` saved in checkpoints.
-    clip: CLIP BPE without <sot>/<eot> as DALLE-pytorch's SimpleTokenizer, ids shifted by one so
-    that BPE id 0 ('!') does not collide with padding; chinese: BERT WordPiece (hfl/chinese-
-    roberta-wwm-ext vocabulary) without [CLS]/[SEP], [PAD] = 0; words: AttnGAN tokenisation and
-    a vocabulary of the training captions, 1 = <unk>."""
-
-    def __init__(self, spec):
-        self.spec, kind, path = spec, spec['kind'], spec.get('path', '')
-        if kind == 'words':
-            self.index = {w: i for i, w in enumerate(spec['vocab'])}
-            self.vocab_size = len(spec['vocab'])
-            return
-        import transformers
-        try:
-            if kind == 'clip':
-                self.hf = transformers.CLIPTokenizer.from_pretrained(path or 'openai/clip-vit-base-patch32')
-                self.shift, self.vocab_size = 1, len(self.hf) + 1
-            elif kind == 'chinese':
-                name = path or 'hfl/chinese-roberta-wwm-ext'
-                if os.path.isfile(name):     # a vocab.txt: transformers 5 names the argument `vocab`, 4 `vocab_file`
-                    v5 = 'vocab' in inspect.signature(transformers.BertTokenizer.__init__).parameters
-                    self.hf = transformers.BertTokenizer(**{'vocab' if v5 else 'vocab_file': name})
-                else:
-                    self.hf = transformers.BertTokenizer.from_pretrained(name)
-                self.shift, self.vocab_size = 0, self.hf.vocab_size
-            else:
-                raise utils.UserError(f"TEXT.TOKENIZER={kind!r}: expected clip, chinese or words")
-            utils.check_real_vocabulary(self.hf, f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}",
-                                        'clip' if kind == 'clip' else 'bert')
-        except (OSError, ValueError) as e:
-            raise utils.UserError(f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}: cannot load the {kind} "
-                                  f"tokenizer ({str(e).splitlines()[0][:160]}); give a local directory or "
-                                  "vocabulary file (no downloads here)")
-
-    @classmethod
-    def from_captions(cls, captions):
-        words = sorted({w for c in captions for w in utils.tokenize_attngan(c)})
-        return cls({'kind': 'words', 'vocab': ['<pad>', '<unk>'] + words})
-
-    def encode(self, text):
-        if self.spec['kind'] == 'words':
-            return [self.index.get(w, 1) for w in utils.tokenize_attngan(text)]
-        return [i + self.shift for i in self.hf.encode(text, add_special_tokens=False)]
-
-    def unknown_words(self, text):
-        return [w for w in utils.tokenize_attngan(text) if w not in self.index] \
-            if self.spec['kind'] == 'words' else []
-
-    def tokenize(self, text, length, truncate):
-        ids = self.encode(text)
-        if len(ids) > length:
-            if not truncate:
-                raise utils.UserError(f"caption {text!r} has {len(ids)} tokens > TEXT_SEQ_LEN={length}; "
-                                      "use --truncate_captions or a longer --text_seq_len")
-            ids = ids[:length]
-        return torch.tensor(ids + [0] * (length - len(ids)), dtype=torch.long)
-
-
 def build_tokenizer(cfg, pairs=None):
     t = cfg.TEXT
     if t.TOKENIZER == 'words':
-        return Tokenizer.from_captions(c for _, caps in pairs for c in ([caps] if isinstance(caps, str) else caps))
-    return Tokenizer({'kind': t.TOKENIZER, 'path': t.TOKENIZER_PATH})
+        return utils.DalleTokenizer.from_captions(c for _, caps in pairs
+                                                  for c in ([caps] if isinstance(caps, str) else caps))
+    return utils.DalleTokenizer({'kind': t.TOKENIZER, 'path': t.TOKENIZER_PATH})
 
 
 # ----------------------------------------------------------------------------
@@ -248,16 +189,6 @@ def load_vae(cfg, log):
     return models.load_discrete_vae(path)
 
 
-def load_dalle(ckpt, device):
-    """DALLE, its VAE and tokenizer rebuilt from a train_dalle.py checkpoint."""
-    x = ckpt['extra']
-    vae = models.build_vae(x['vae_class_name'], x['vae_params'])
-    dalle = models.DALLE(**x['hparams'])
-    vae.load_state_dict(ckpt['models']['vae'])
-    dalle.load_state_dict(ckpt['models']['dalle'])
-    return dalle.to(device), vae.to(device).eval().requires_grad_(False), Tokenizer(x['tokenizer'])
-
-
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
@@ -304,7 +235,7 @@ def train(run, args):
     pairs = utils.read_pairs(cfg.IMAGE_TEXT_FOLDER)
     ckpt = utils.resolve_resume(args.resume, run.out, 'dalle', log, run.cfg)
     if ckpt:      # as DALLE-pytorch's --dalle_path: the model, VAE and tokenizer of the checkpoint
-        dalle, vae, tokenizer = load_dalle(ckpt, dev)
+        dalle, vae, tokenizer = models.load_dalle(ckpt, dev)
         log.info(f"resumed model hparams {ckpt['extra']['hparams']} (the cfg's MODEL keys are not used)")
     else:
         vae = load_vae(cfg, log).to(dev).eval().requires_grad_(False)
@@ -405,7 +336,6 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
     same captions and noise. With EVAL.ENCODER, the R-precision of the samples (DM-GAN's
     protocol: true caption against R_NEG captions of images of other classes, by the encoder's
     cosine). Writes holdout_samples.png (rows: trained, untrained)."""
-    import fid_score
     E = cfg.EVAL
     if not E.HOLDOUT:
         raise utils.UserError("EVAL.JUDGE needs EVAL.HOLDOUT: held-out (image, caption) pairs")
@@ -413,8 +343,8 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
     pairs = pairs[::max(1, len(pairs) // E.NUM_CAPTIONS)][:E.NUM_CAPTIONS]
     texts = [caps if isinstance(caps, str) else caps[0] for _, caps in pairs]
     ids = torch.stack([tokenizer.tokenize(t, cfg.TEXT.TEXT_SEQ_LEN, True) for t in texts]).to(dev)
-    keys = [fid_score.shapes_key(p) for p, _ in pairs]
-    judge = fid_score.load_judge(E.JUDGE, dev)
+    keys = [utils.shapes_key(p) for p, _ in pairs]
+    judge = models.load_judge(E.JUDGE, dev)
     r_precision = holdout_r_precision(E, texts, [k.split('/')[0] for k in keys], dev)
 
     def sample(model):
@@ -424,16 +354,16 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
                                                                  generator=g)).float().clamp(-1, 1).cpu()
                           for i in range(0, len(ids), 32)])
     images = sample(dalle)
-    res = {f'judge_{k}': v for k, v in fid_score.judge_accuracy(judge, images, keys).items()}
+    res = {f'judge_{k}': v for k, v in utils.judge_accuracy(judge, images, keys).items()}
     # the same images, each against the next caption's image: what they score whatever the caption
-    res.update({f'shuffled_judge_{k}': v for k, v in fid_score.judge_accuracy(judge, images, keys[1:] + keys[:1]).items()})
+    res.update({f'shuffled_judge_{k}': v for k, v in utils.judge_accuracy(judge, images, keys[1:] + keys[:1]).items()})
     res.update(r_precision(images))
     rows = [images[:8]]
     if E.BASELINE:
         torch.manual_seed(cfg.SEED)            # same architecture, fresh initialisation
         untrained = models.DALLE(**dalle.hparams).to(dev)
         base = sample(untrained)
-        res.update({f'untrained_judge_{k}': v for k, v in fid_score.judge_accuracy(judge, base, keys).items()})
+        res.update({f'untrained_judge_{k}': v for k, v in utils.judge_accuracy(judge, base, keys).items()})
         res.update({f'untrained_{k}': v for k, v in r_precision(base).items() if k == 'r_precision'})
         rows.append(base[:8])
     utils.save_image_grid(torch.cat(rows), os.path.join(out, 'holdout_samples.png'), nrow=len(rows[0]))

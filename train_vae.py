@@ -332,15 +332,14 @@ def evaluate(cfg, vae, dev, log, run=None):
 
 
 def judge_scores(judge_path, paths, originals, others, dev):
-    """The metrics issue's shapes judge on originals and on each {name: images} of the same
+    """The shapes judge on originals and on each {name: images} of the same
     images: judge_original_*, judge_<name>_* and judge_<name>_ratio_* (share of the originals')."""
-    import fid_score
-    judge = fid_score.load_judge(judge_path, dev)
-    keys = [fid_score.shapes_key(p) for p in paths]
-    orig = fid_score.judge_accuracy(judge, originals, keys)
+    judge = models.load_judge(judge_path, dev)
+    keys = [utils.shapes_key(p) for p in paths]
+    orig = utils.judge_accuracy(judge, originals, keys)
     out = {f'judge_original_{k}': v for k, v in orig.items()}
     for name, images in others.items():
-        acc = fid_score.judge_accuracy(judge, images, keys)
+        acc = utils.judge_accuracy(judge, images, keys)
         out.update({f'judge_{name}_{k}': v for k, v in acc.items()})
         out.update({f'judge_{name}_ratio_{k}': acc[k] / max(orig[k], 1e-8) for k in orig})
     return out

@@ -8,7 +8,9 @@ import argparse
 import collections
 import csv
 import difflib
+import inspect
 import io
+import itertools
 import json
 import logging
 import math
@@ -18,6 +20,7 @@ import random
 import re
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -1315,6 +1318,68 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------
+# Text: DALLE's caption tokenizers, 0 = padding (dalle.md §1.6); a checkpoint carries the spec
+# ----------------------------------------------------------------------------
+class DalleTokenizer:
+    """encode(text) -> ids >= 1 (0 is padding), vocab_size, and a `spec` saved in checkpoints.
+    clip: CLIP BPE without <sot>/<eot> as DALLE-pytorch's SimpleTokenizer, ids shifted by one so
+    that BPE id 0 ('!') does not collide with padding; chinese: BERT WordPiece (hfl/chinese-
+    roberta-wwm-ext vocabulary) without [CLS]/[SEP], [PAD] = 0; words: AttnGAN tokenisation and
+    a vocabulary of the training captions, 1 = <unk>."""
+
+    def __init__(self, spec):
+        self.spec, kind, path = spec, spec['kind'], spec.get('path', '')
+        if kind == 'words':
+            self.index = {w: i for i, w in enumerate(spec['vocab'])}
+            self.vocab_size = len(spec['vocab'])
+            return
+        import transformers
+        try:
+            if kind == 'clip':
+                self.hf = transformers.CLIPTokenizer.from_pretrained(path or 'openai/clip-vit-base-patch32')
+                self.shift, self.vocab_size = 1, len(self.hf) + 1
+            elif kind == 'chinese':
+                name = path or 'hfl/chinese-roberta-wwm-ext'
+                if os.path.isfile(name):     # a vocab.txt: transformers 5 names the argument `vocab`, 4 `vocab_file`
+                    v5 = 'vocab' in inspect.signature(transformers.BertTokenizer.__init__).parameters
+                    self.hf = transformers.BertTokenizer(**{'vocab' if v5 else 'vocab_file': name})
+                else:
+                    self.hf = transformers.BertTokenizer.from_pretrained(name)
+                self.shift, self.vocab_size = 0, self.hf.vocab_size
+            else:
+                raise UserError(f"TEXT.TOKENIZER={kind!r}: expected clip, chinese or words")
+            check_real_vocabulary(self.hf, f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}",
+                                  'clip' if kind == 'clip' else 'bert')
+        except (OSError, ValueError) as e:
+            raise UserError(f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}: cannot load the {kind} "
+                            f"tokenizer ({str(e).splitlines()[0][:160]}); give a local directory or "
+                            "vocabulary file (no downloads here)")
+
+    @classmethod
+    def from_captions(cls, captions):
+        words = sorted({w for c in captions for w in tokenize_attngan(c)})
+        return cls({'kind': 'words', 'vocab': ['<pad>', '<unk>'] + words})
+
+    def encode(self, text):
+        if self.spec['kind'] == 'words':
+            return [self.index.get(w, 1) for w in tokenize_attngan(text)]
+        return [i + self.shift for i in self.hf.encode(text, add_special_tokens=False)]
+
+    def unknown_words(self, text):
+        return [w for w in tokenize_attngan(text) if w not in self.index] \
+            if self.spec['kind'] == 'words' else []
+
+    def tokenize(self, text, length, truncate):
+        ids = self.encode(text)
+        if len(ids) > length:
+            if not truncate:
+                raise UserError(f"caption {text!r} has {len(ids)} tokens > TEXT_SEQ_LEN={length}; "
+                                "use --truncate_captions or a longer --text_seq_len")
+            ids = ids[:length]
+        return torch.tensor(ids + [0] * (length - len(ids)), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------
 # Metrics shared by every experiment (R-precision, CLIP score)
 # ----------------------------------------------------------------------------
 def check_r_precision_negatives(class_ids, n_neg, what='R-precision'):
@@ -1393,3 +1458,375 @@ def clip_metrics(image_emb, text_emb, n_neg=99, folds=10, seed=0):
     r_mean, r_std = r_precision(image_emb, text_emb, None, n_neg, folds, seed)
     return {'clip_score': clip_score(image_emb, text_emb), 'clip_r_precision': r_mean,
             'clip_r_precision_std': r_std}
+
+
+# ----------------------------------------------------------------------------
+# Metrics: image folders and Inception weights files (FID, IS)
+# ----------------------------------------------------------------------------
+FID_WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+                   'pt_inception-2015-12-05-6726825d.pth')
+TV_INCEPTION_WEIGHTS = 'inception_v3_google-0cc3c7bd.pth'     # torchvision's IMAGENET1K_V1 file (IS, DAMSM's CNN)
+TV_INCEPTION_WEIGHTS_URL = 'https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth'
+
+
+def folder_images(path):
+    """pytorch-fid's file list: the images at the folder's top level. A folder with
+    none there (pytorch-fid would fail) is searched recursively (the CUB layout)."""
+    files = list_images(path, recursive=False) or list_images(path)
+    if not files:
+        raise UserError(f"{path}: no images ({', '.join(IMG_EXTENSIONS)})")
+    return files
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """uint8 HWC tensors: small to pass between processes; stacked, they are a
+    channels_last batch for free."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.asarray(load_image(self.files[i])).copy())
+
+
+def _stack(items):
+    if len({tuple(t.shape) for t in items}) > 1:
+        raise UserError(f"images of different sizes in one folder ({sorted({tuple(t.shape) for t in items})}); "
+                        "FID batches need one size")
+    return torch.stack(items)
+
+
+def num_workers(n):
+    """n < 0: pytorch-fid's default, min(8, available CPUs)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(8, cpus) if n < 0 else n
+
+
+def batches(files, batch_size, workers, device):
+    """RGB in [0, 1] (ToTensor's x / 255), (B, 3, H, W) channels_last, on device."""
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers(workers), collate_fn=_stack,
+                                         pin_memory=device.type == 'cuda')
+    for x in loader:
+        yield x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div(255)
+
+
+def weights_path(path, filename, url, hint=''):
+    """--weights wins; else torch hub's cache, where pytorch-fid and torchvision keep
+    their downloads. Nothing is downloaded here."""
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"--weights {path}: file not found")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
+    if os.path.isfile(cached):
+        return cached
+    raise UserError(f"no weights: put {filename} ({url}) in {os.path.dirname(cached)}/ "
+                    f"or pass --weights PATH{hint}")
+
+
+def load_state_dict(net, path):
+    """A plain state dict file (torch.load weights_only) into net, strict."""
+    try:
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable weights file ({type(e).__name__}: {e})")
+    if not isinstance(sd, dict):
+        raise UserError(f"{path}: expected a state dict")
+    missing, unexpected = set(net.state_dict()) - set(sd), set(sd) - set(net.state_dict())
+    if missing or unexpected:
+        raise UserError(f"{path}: not {type(net).__name__} weights (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    net.load_state_dict(sd)
+    return net
+
+
+# ----------------------------------------------------------------------------
+# Metrics: FID statistics and the Fréchet distance (pytorch-fid 0.3.0's numbers)
+# ----------------------------------------------------------------------------
+class FeatureNet:
+    """images in [0, 1] -> float64 features; `name` keeps saved statistics honest."""
+
+    def __init__(self, fn, dims, name):
+        self.fn, self.dims, self.name = fn, dims, name
+
+    @torch.inference_mode()
+    def __call__(self, x):
+        return self.fn(x).double().cpu().numpy()
+
+
+def activations(files, net, batch_size=50, workers=-1, device='cpu', desc='features'):
+    out = np.empty((len(files), net.dims))
+    n = 0
+    for x in progress(batches(files, batch_size, workers, device), total=-(-len(files) // batch_size),
+                      desc=desc, every=20):
+        out[n:n + len(x)] = net(x)
+        n += len(x)
+    return out
+
+
+def statistics(act, name='images'):
+    """Mean and covariance in float64 (np.mean / np.cov, as pytorch-fid)."""
+    act = np.asarray(act, dtype=np.float64)
+    if act.shape[0] <= act.shape[1]:
+        warnings.warn(f"{name}: {act.shape[0]} images for {act.shape[1]} features: the covariance is "
+                      f"singular and FID is biased and unstable; use more than {act.shape[1]} images "
+                      "(the papers use 30,000-50,000)", stacklevel=2)
+    if not np.isfinite(act).all():
+        raise UserError(f"{name}: non-finite activations (NaN/inf images or weights)")
+    return act.mean(axis=0), np.cov(act, rowvar=False)
+
+
+def path_statistics(path, net, batch_size=50, workers=-1, device='cpu'):
+    """(mu, sigma) of a folder of images or of a saved .npz (`mu`, `sigma`)."""
+    if path.endswith('.npz'):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: statistics file not found")
+        with np.load(path) as f:
+            if 'mu' not in f or 'sigma' not in f:
+                raise UserError(f"{path}: expected arrays 'mu' and 'sigma' (pytorch-fid's .npz)")
+            mu, sigma, feature = f['mu'][:], f['sigma'][:], str(f['feature']) if 'feature' in f else None
+        if feature is not None and feature != net.name:
+            raise UserError(f"{path}: statistics of {feature} features; this run uses {net.name}")
+        if mu.shape != (net.dims,):
+            raise UserError(f"{path}: {mu.shape[0]}-d statistics; this run uses {net.dims} ({net.name})")
+        return mu, sigma
+    files = folder_images(path)
+    return statistics(activations(files, net, batch_size, workers, device, desc=os.path.basename(path)), path)
+
+
+def save_statistics(path, mu, sigma, feature):
+    np.savez_compressed(path, mu=mu, sigma=sigma, feature=np.array(feature))
+
+
+def sqrt_eigenvalues(s1, s2):
+    """Square roots of the eigenvalues of s1 s2. The product of two covariances is
+    similar to s1^1/2 s2 s1^1/2, so its eigenvalues are real and >= 0 in exact
+    arithmetic and tr((s1 s2)^1/2) is the sum of their roots; this is the trace
+    scipy's sqrtm gives, without forming the square root (torch-fidelity's route)."""
+    return np.sqrt(np.linalg.eigvals(s1 @ s2).astype(np.complex128))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eig'):
+    """d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2).
+    method 'sqrtm' is pytorch-fid's calculate_frechet_distance: sqrtm, `eps` added to
+    both diagonals when the product is singular (sqrtm not finite), the imaginary
+    residue dropped unless its diagonal exceeds 1e-3. 'eig' (default, ~5x faster at
+    2048-d) sums the roots of the eigenvalues: singular products need no offset (a zero
+    eigenvalue has root 0); where the roots keep an imaginary residue over 1e-3 it falls back to
+    'sqrtm', so it answers wherever pytorch-fid does, with pytorch-fid's number."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise UserError(f"statistics of different sizes: {mu1.shape[0]}-d and {mu2.shape[0]}-d")
+    diff = mu1 - mu2
+    if method == 'sqrtm':
+        from scipy import linalg      # here: the scripts that import utils need no scipy
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"singular product; adding {eps} to the diagonal of both covariances")
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        residue = np.abs(np.diagonal(covmean).imag).max() if np.iscomplexobj(covmean) else 0.0
+        tr_covmean = np.trace(covmean).real
+    elif method == 'eig':
+        roots = sqrt_eigenvalues(sigma1, sigma2)
+        residue, tr_covmean = np.abs(roots.imag).max(), roots.real.sum()
+        if residue > 1e-3:      # rank-deficient covariances (fewer images than dims): the eigenvalues
+            # of S1 S2 carry rounding noise; pytorch-fid's route answers these cases, so take it
+            return frechet_distance(mu1, sigma1, mu2, sigma2, eps, 'sqrtm')
+    else:
+        raise ValueError(method)
+    if residue > 1e-3:
+        raise UserError(f"imaginary component {residue:.3g} in the square root of S1 S2 (pytorch-fid "
+                        "refuses these statistics too); compute them from more images")
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+# ----------------------------------------------------------------------------
+# Metrics: Inception Score (improved-GAN's computation)
+# ----------------------------------------------------------------------------
+def inception_score(logits, splits=10, shuffle_seed=None):
+    """(mean, std) of exp(mean KL(p(y|x) || p(y))) over `splits` consecutive splits
+    (boundaries i*N//splits, as the original), in float64 from log-softmax.
+    shuffle_seed: permute the samples first with RandomState(seed), as torch-fidelity
+    does by default (seed 2020); None keeps the original's order."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    n = logits.shape[0]
+    if n < splits:
+        raise UserError(f"{n} images for {splits} splits; the papers use 30,000-50,000")
+    if shuffle_seed is not None:
+        logits = logits[np.random.RandomState(shuffle_seed).permutation(n)]
+    log_p = logits.log_softmax(dim=1)
+    scores = []
+    for i in range(splits):
+        part = log_p[i * n // splits:(i + 1) * n // splits]
+        log_py = torch.logsumexp(part, dim=0) - np.log(len(part))          # log p(y), the split's marginal
+        kl = (part.exp() * (part - log_py)).sum(dim=1)                      # KL(p(y|x) || p(y)) per image
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ----------------------------------------------------------------------------
+# Metrics: the shapes judge (its network: models.ShapesJudge; its training: fid_score.py --train_judge)
+# ----------------------------------------------------------------------------
+# The synthetic world's vocabulary (preprocess_data.py draws it), in the order of the judge's heads.
+SHAPES = ['circle', 'square', 'triangle', 'diamond', 'star', 'cross']
+COLOURS = {'red': (220, 30, 30), 'orange': (245, 140, 20), 'yellow': (240, 220, 30),
+           'green': (40, 170, 60), 'cyan': (30, 200, 210), 'blue': (30, 70, 220),
+           'purple': (140, 50, 190), 'pink': (245, 120, 190)}
+SIZES = {'small': 0.12, 'large': 0.21}        # radius as a share of the image side
+ATTRIBUTES = ('shape', 'colour', 'size')
+SHAPES_KEY_RE = re.compile(r'(\d{3}\.[a-z]+_[a-z]+)[/\\]([a-z]+_[a-z]+_\d{5})')
+
+
+def caption_attributes(data_dir):
+    """attributes.json reduced to what the captions name: each object's shape,
+    colour, size and cell (reading order) and the relation of object 1 to object 2."""
+    path = os.path.join(data_dir, 'attributes.json')
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing (the synthetic dataset's ground truth; "
+                        "python preprocess_data.py --cfg cfg/preprocess/shapes.yml)")
+    with open(path) as f:
+        attrs = json.load(f)
+    return {k: {'objects': [{a: o[a] for a in ATTRIBUTES + ('cell',)} for o in v['objects']],
+                'relation': v['relation']} for k, v in attrs.items()}
+
+
+def shapes_key(path):
+    """The dataset key (NNN.colour_shape/colour_shape_NNNNN) named in an image's path."""
+    m = SHAPES_KEY_RE.search(path.replace(os.sep, '/'))
+    if not m:
+        raise UserError(f"{path}: no shapes key (<NNN.colour_shape>/<colour_shape_NNNNN>) in the "
+                        "path; list each file's key in keys.json in the folder")
+    return f'{m.group(1)}/{m.group(2)}'
+
+
+def cell_targets(scene):
+    """(9, 4): occupied, shape, colour, size index per cell (-1 where empty)."""
+    t = torch.full((9, 4), -1, dtype=torch.long)
+    t[:, 0] = 0
+    colours, sizes = list(COLOURS), list(SIZES)
+    for o in scene['objects']:
+        t[o['cell']] = torch.tensor([1, SHAPES.index(o['shape']), colours.index(o['colour']),
+                                     sizes.index(o['size'])])
+    return t
+
+
+def to_judge(x_uint8, device):
+    return (x_uint8.to(device).float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def judge_predict(judge, images):
+    """The objects the judge sees in a batch (RGB in [-1, 1]), reading order."""
+    dev = next(judge.parameters()).device
+    occ, shape, colour, size = judge(images.to(dev).float().contiguous(memory_format=torch.channels_last))
+    occ, shape, colour, size = occ[..., 0] > 0, shape.argmax(-1), colour.argmax(-1), size.argmax(-1)
+    colours, sizes = list(COLOURS), list(SIZES)
+    return [[{'cell': c, 'shape': SHAPES[shape[n, c]], 'colour': colours[colour[n, c]],
+              'size': sizes[size[n, c]]} for c in occ[n].nonzero()[:, 0].tolist()] for n in range(len(occ))]
+
+
+def relation_holds(relation, cell1, cell2):
+    """The caption's relation of object 1 to object 2, read on the named axis of the
+    judged cells: 'to the left of' = a column left of object 2's, 'above' = a row above."""
+    (r1, c1), (r2, c2) = divmod(cell1, 3), divmod(cell2, 3)
+    return {'to the left of': c1 < c2, 'to the right of': c1 > c2, 'above': r1 < r2, 'below': r1 > r2}[relation]
+
+
+def judge_scene(pred, truth):
+    """One image against its caption's attributes. Caption objects are matched to the
+    judged objects one to one, maximising (attribute hits, position correct); a caption
+    object left unmatched misses every attribute."""
+    objs, best = truth['objects'], None
+    for perm in itertools.permutations(range(len(pred)), min(len(objs), len(pred))):
+        hits = [[pred[p][a] == objs[j][a] for a in ATTRIBUTES] for j, p in enumerate(perm)]
+        hits += [[False] * len(ATTRIBUTES)] * (len(objs) - len(perm))
+        if len(pred) != len(objs):     # extra (or missing) objects: no position credit, or an image
+            position = False            # of objects everywhere would have every lone object's cell
+        elif len(objs) == 1:
+            position = pred[perm[0]]['cell'] == objs[0]['cell']
+        else:
+            position = relation_holds(truth['relation'], pred[perm[0]]['cell'], pred[perm[1]]['cell'])
+        score = (sum(map(sum, hits)), position)
+        if best is None or score > best[0]:
+            best = (score, hits, position)
+    _, hits, position = best
+    return {'count': len(pred) == len(objs), 'hits': hits, 'position': position,
+            'all': len(pred) == len(objs) and position and all(map(all, hits))}
+
+
+def scene_reason(pred, truth, scene):
+    """Why an image fails its caption, in words (the first failing check), or ''."""
+    objs = truth['objects']
+    if not scene['count']:
+        return f"count: the judge sees {len(pred)} object(s), the caption names {len(objs)}"
+    for j, hits in enumerate(scene['hits']):
+        for a, hit in zip(ATTRIBUTES, hits):
+            if not hit:
+                return f"{a} of object {j + 1}: the caption says {objs[j][a]}"
+    if not scene['position']:
+        return f"position: not {truth['relation']}" if len(objs) == 2 else \
+            f"position: object not in cell {objs[0]['cell']} (reading order)"
+    return ''
+
+
+BREAKDOWN = ('single_object', 'two_objects', 'counting', 'colours', 'position', 'colour_attribution')
+
+
+def judge_breakdown(scenes, truths):
+    """A compositional breakdown in the style of GenEval (Ghosh et al. 2023), each category the
+    share of its images that pass: single object (one-object captions: one object of the named
+    shape), two objects (two-object captions: two objects, both shapes right), counting (the
+    number of objects, every caption), colours (one-object captions: shape and colour right),
+    position (the lone object's cell or the pair's relation), colour attribution (two-object
+    captions: each object in its own colour)."""
+    one = [(s, t) for s, t in zip(scenes, truths) if len(t['objects']) == 1]
+    two = [(s, t) for s, t in zip(scenes, truths) if len(t['objects']) == 2]
+    i_shape, i_colour = ATTRIBUTES.index('shape'), ATTRIBUTES.index('colour')
+
+    def share(pairs, ok):
+        return float(np.mean([ok(s) for s, _ in pairs])) if pairs else None
+    return {'single_object': share(one, lambda s: s['count'] and s['hits'][0][i_shape]),
+            'two_objects': share(two, lambda s: s['count'] and all(h[i_shape] for h in s['hits'])),
+            'counting': share(list(zip(scenes, truths)), lambda s: s['count']),
+            'colours': share(one, lambda s: s['count'] and s['hits'][0][i_shape] and s['hits'][0][i_colour]),
+            'position': share(list(zip(scenes, truths)), lambda s: s['position']),
+            'colour_attribution': share(two, lambda s: s['count'] and all(h[i_shape] and h[i_colour]
+                                                                          for h in s['hits']))}
+
+
+def judge_accuracy(judge, images, keys, attributes=None, records=None):
+    """Attribute accuracy of images against the captions of `keys` (their attributes.json
+    entries; default: those stored in the judge). images: (N, 3, H, W) in [-1, 1] or an
+    iterable of such batches. Returns accuracies in [0, 1]: count (images), shape /
+    colour / size (caption objects), position (images: the cell of a lone object, the
+    relation of a pair), all (images with every one of these right); and judge_breakdown's
+    categories. With `records` (a list), one entry per image is appended: its key, category
+    ('one object' / 'two objects'), whether all is right, and why not."""
+    attributes = judge.attributes if attributes is None else attributes
+    missing = [k for k in keys if k not in attributes]
+    if missing:
+        raise UserError(f"{missing[0]}: not a key of the judge's dataset ({len(missing)} unknown keys)")
+    chunks = torch.split(images, 250) if torch.is_tensor(images) else images
+    preds = [p for x in chunks for p in judge_predict(judge, x)]
+    if len(preds) != len(keys):
+        raise UserError(f"{len(preds)} images for {len(keys)} keys")
+    scenes = [judge_scene(p, attributes[k]) for p, k in zip(preds, keys)]
+    hits = np.array([h for s in scenes for h in s['hits']], dtype=np.float64)
+    out = {'count': np.mean([s['count'] for s in scenes])}
+    out.update({a: hits[:, i].mean() for i, a in enumerate(ATTRIBUTES)})
+    out.update(position=np.mean([s['position'] for s in scenes]), all=np.mean([s['all'] for s in scenes]))
+    truths = [attributes[k] for k in keys]
+    if records is not None:
+        records += [{'key': k, 'category': 'one object' if len(t['objects']) == 1 else 'two objects',
+                     'correct': bool(s['all']), 'reason': scene_reason(p, t, s)}
+                    for k, p, t, s in zip(keys, preds, truths, scenes)]
+    out = {k: float(v) for k, v in out.items()}
+    return {**out, **{f'breakdown_{k}': v for k, v in judge_breakdown(scenes, truths).items()}}

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import main as dmgan
 import models
 import utils
 
@@ -326,7 +325,7 @@ def train(run, args):
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             losses = train_step((G, D, netG, netD), (optG, optD), resnet, batch, cfg, amp, gather, scale, step)
             sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
-            dmgan.ema_update(netG_ema, netG, T.EMA_DECAY)
+            models.ema_update(netG_ema, netG, T.EMA_DECAY)
             step, done_in_epoch, n_sums = step + 1, done_in_epoch + 1, n_sums + 1
             if step % T.LOG_EVERY == 0 or step == max_steps:      # interval means, as clu's Average
                 last = {k: v / n_sums for k, v in sums.items()}
@@ -373,10 +372,10 @@ def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=
         ckpt = utils.load_checkpoint(utils.list_checkpoints(dmgan_run, 'dmgan')[-1] if os.path.isdir(dmgan_run)
                                      else dmgan_run, 'dmgan', map_location=dev)
         dcfg = utils.to_cfg({**ckpt['cfg'], 'TRAIN': {**ckpt['cfg']['TRAIN'], 'NET_G': dmgan_run}})
-        text_enc = dmgan.load_encoders(dcfg, dev)[0]
-        d_words, d_sent, d_pad = dmgan.encode_text(text_enc, texts, dev)
+        text_enc = models.load_dmgan_encoders(dcfg, dev)[0]
+        d_words, d_sent, d_pad = models.encode_text(text_enc, texts, dev)
         z = torch.randn(len(idx), dcfg.GAN.Z_DIM, generator=torch.Generator().manual_seed(seed)).to(dev)
-        other = dmgan.load_generator(dcfg, text_enc.spec['dim'], dev)(z, d_sent, d_words, d_pad)[0][-1]
+        other = models.load_dmgan_generator(dcfg, text_enc.spec['dim'], dev)(z, d_sent, d_words, d_pad)[0][-1]
         rows.append(F.interpolate(other, size=imgs.shape[-2:], mode='bilinear', align_corners=False))
     utils.save_image_grid(torch.cat(rows), path, nrow=len(idx))
     utils.atomic_write_text(os.path.splitext(path)[0] + '.txt', '\n'.join(texts) + '\n')
@@ -416,11 +415,11 @@ class RPrecision:
 
 
 class JudgeAccuracy:
-    """The shapes judge's attribute accuracy (fid_score.judge_accuracy) of each fake against
+    """The shapes judge's attribute accuracy (utils.judge_accuracy) of each fake against
     the attributes of the image whose caption drew it."""
 
-    def __init__(self, fs, judge):
-        self.fs, self.judge = fs, judge
+    def __init__(self, judge):
+        self.judge = judge
 
     def start(self, size):
         self.fakes, self.keys = [], []
@@ -430,7 +429,7 @@ class JudgeAccuracy:
         self.keys += keys
 
     def result(self):
-        acc = self.fs.judge_accuracy(self.judge, (x.float() for x in self.fakes), self.keys)
+        acc = utils.judge_accuracy(self.judge, (x.float() for x in self.fakes), self.keys)
         return {f'judge_{k}': v for k, v in acc.items()}
 
 
@@ -439,9 +438,8 @@ class InceptionScore:
     (the original's eval_metrics.py: 1)."""
 
     def __init__(self, E, dev):
-        import inception_score
-        self.ism, self.splits = inception_score, E.IS_SPLITS
-        self.net = inception_score.classifier('tf', E.FID_WEIGHTS or None, dev)
+        self.splits = E.IS_SPLITS
+        self.net = models.inception_classifier('tf', E.FID_WEIGHTS or None, dev)
 
     def start(self, size):
         self.logits = []
@@ -450,7 +448,7 @@ class InceptionScore:
         self.logits.append(self.net((fake + 1) / 2).double().cpu())
 
     def result(self):
-        return {'is': self.ism.inception_score(torch.cat(self.logits), self.splits)[0]}
+        return {'is': utils.inception_score(torch.cat(self.logits), self.splits)[0]}
 
 
 class FID:
@@ -458,9 +456,9 @@ class FID:
     computed from the test split at the generator's size (resized as in training) and saved when
     missing. Features: the FID Inception's pool3, or (FID_FEATURES judge) the shapes judge's."""
 
-    def __init__(self, fs, cfg, emb, judge, dev):
-        self.fs, self.cfg, self.emb, self.dev, self.real = fs, cfg, emb, dev, {}
-        self.net = fs.feature_net(2048, cfg.EVAL.FID_WEIGHTS or None, judge, dev)
+    def __init__(self, cfg, emb, judge, dev):
+        self.cfg, self.emb, self.dev, self.real = cfg, emb, dev, {}
+        self.net = models.feature_net(2048, cfg.EVAL.FID_WEIGHTS or None, judge, dev)
 
     def real_statistics(self, size):
         path = self.cfg.EVAL.FID_STATS or os.path.join(self.cfg.OUT_DIR, f'real_test_{size}px_{self.net.name}.npz')
@@ -468,8 +466,8 @@ class FID:
             loader = torch.utils.data.DataLoader(XMCDataset(self.emb, size, flip=False), self.cfg.EVAL.BATCH_SIZE,
                                                  num_workers=self.cfg.WORKERS)
             act = np.concatenate([self.net((b['image'].to(self.dev) + 1) / 2) for b in loader])
-            self.fs.save_statistics(path, *self.fs.statistics(act, 'real test images'), self.net.name)
-        return self.fs.path_statistics(path, self.net)
+            utils.save_statistics(path, *utils.statistics(act, 'real test images'), self.net.name)
+        return utils.path_statistics(path, self.net)
 
     def start(self, size):
         if size not in self.real:
@@ -480,8 +478,8 @@ class FID:
         self.act.append(self.net((fake + 1) / 2))
 
     def result(self):
-        mu, sigma = self.fs.statistics(np.concatenate(self.act), 'generated images')
-        return {'fid': self.fs.frechet_distance(mu, sigma, *self.real[self.size])}
+        mu, sigma = utils.statistics(np.concatenate(self.act), 'generated images')
+        return {'fid': utils.frechet_distance(mu, sigma, *self.real[self.size])}
 
 
 class ImageDump:
@@ -509,17 +507,16 @@ class ImageDump:
 
 
 def build_metrics(cfg, emb, dev):
-    import fid_score
     E, metrics = cfg.EVAL, []
-    judge = fid_score.load_judge(E.JUDGE, dev) if E.JUDGE else None
+    judge = models.load_judge(E.JUDGE, dev) if E.JUDGE else None
     if judge is not None:
-        metrics.append(JudgeAccuracy(fid_score, judge))
+        metrics.append(JudgeAccuracy(judge))
     if E.NET_E:
         metrics.append(RPrecision(E, dev))
     if E.FID:
         if E.FID_FEATURES not in ('inception', 'judge') or (E.FID_FEATURES == 'judge' and judge is None):
             raise utils.UserError(f"EVAL.FID_FEATURES={E.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE")
-        metrics.append(FID(fid_score, cfg, emb, judge if E.FID_FEATURES == 'judge' else None, dev))
+        metrics.append(FID(cfg, emb, judge if E.FID_FEATURES == 'judge' else None, dev))
     if E.IS:
         metrics.append(InceptionScore(E, dev))
     if not metrics:

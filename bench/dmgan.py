@@ -47,7 +47,7 @@ def build(cfg, dev, channels_last):
     text_dim, B = cfg.TEXT.EMBEDDING_DIM, cfg.TRAIN.BATCH_SIZE
     sizes = [cfg.TREE.BASE_SIZE * 2 ** i for i in range(cfg.TREE.BRANCH_NUM)]
     torch.manual_seed(0)
-    netG = main.build_generator(cfg, text_dim)
+    netG = models.build_dmgan_generator(cfg, text_dim)
     netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_dim) for s in sizes])
     netG.apply(main.init_weights)
     netsD.apply(main.init_weights)

@@ -21,7 +21,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
-import fid_score  # noqa: E402
+import models  # noqa: E402
 import utils  # noqa: E402
 from fid_weights import calibrated_random_weights  # noqa: E402
 
@@ -44,13 +44,13 @@ def pytorch_fid(paths, weights, dims, batch_size):
     import pytorch_fid.inception as pi
     sd = torch.load(weights, weights_only=True)
     with mock.patch.object(pi, 'load_state_dict_from_url', lambda *a, **k: sd):
-        return pf.calculate_fid_given_paths(paths, batch_size, 'cpu', dims, fid_score.num_workers(-1))
+        return pf.calculate_fid_given_paths(paths, batch_size, 'cpu', dims, utils.num_workers(-1))
 
 
 def ours(paths, weights, dims, batch_size, exact):
-    net = fid_score.feature_net(dims, weights, device='cpu', exact=exact)
-    stats = [fid_score.path_statistics(p, net, batch_size, -1, 'cpu') for p in paths]
-    return fid_score.frechet_distance(*stats[0], *stats[1], method='sqrtm' if exact else 'eig')
+    net = models.feature_net(dims, weights, device='cpu', exact=exact)
+    stats = [utils.path_statistics(p, net, batch_size, -1, 'cpu') for p in paths]
+    return utils.frechet_distance(*stats[0], *stats[1], method='sqrtm' if exact else 'eig')
 
 
 def timed(fn, *a):
@@ -69,13 +69,13 @@ def main():
     ap.add_argument('--exact', action='store_true', help='also time our --exact mode')
     ap.add_argument('--repeat', type=int, default=1)
     args = ap.parse_args()
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {fid_score.num_workers(-1)} loader workers')
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {utils.num_workers(-1)} loader workers')
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(args.data, args.n, tmp)
         weights = args.weights
         if not weights:
             try:
-                weights = fid_score.weights_path(None, fid_score.FID_WEIGHTS, fid_score.FID_WEIGHTS_URL)
+                weights = utils.weights_path(None, utils.FID_WEIGHTS, utils.FID_WEIGHTS_URL)
                 print(f'weights: {weights}')
             except utils.UserError:
                 files = utils.list_images(paths[0])[:16] + utils.list_images(paths[1])[:16]

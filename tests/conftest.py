@@ -71,11 +71,10 @@ def tiny_shapes(tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_judge(tmp_path_factory, tiny_shapes):
     """A random-init shapes judge saved as fid_score.py --train_judge saves it."""
-    import fid_score
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('judge')
     judge = models.ShapesJudge(width=4, cell_dim=4, image_size=32)
     utils.save_checkpoint(str(out), 'judge', 0, {'judge': judge}, name='judge_final.pt',
                           extra={'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
-                                 'attributes': fid_score.caption_attributes(tiny_shapes)})
+                                 'attributes': utils.caption_attributes(tiny_shapes)})
     return str(out)

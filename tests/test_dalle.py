@@ -522,7 +522,7 @@ def test_train_dalle_chinese_tokenizer(tiny_shapes, tiny_vae, tmp_path):
                                  '--bpe_path', vocab, '--epochs', 1, *DALLE_ARGS, '--out', tmp_path / 'o'])
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert ck['extra']['tokenizer'] == {'kind': 'chinese', 'path': vocab}
-    tok = train_dalle.Tokenizer(ck['extra']['tokenizer'])
+    tok = utils.DalleTokenizer(ck['extra']['tokenizer'])
     ids = tok.tokenize('红色的圆', 6, False).tolist()
     assert ids[4:] == [0, 0] and 0 not in ids[:4] and 1 not in ids[:4]      # no [UNK], no [CLS]/[SEP]
     assert ck['extra']['hparams']['num_text_tokens'] == tok.vocab_size
@@ -546,7 +546,7 @@ def tiny_clip_bpe_dir(path):
 
 def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
     bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
-    tok = train_dalle.Tokenizer({'kind': 'clip', 'path': bpe})
+    tok = utils.DalleTokenizer({'kind': 'clip', 'path': bpe})
     ids = tok.encode('a red circle.')
     assert 0 not in ids and min(ids) >= 1 and len(ids) < len('a red circle.')   # shifted, merged
     ckpt, cfg = write_tiny_vqgan(tmp_path)
@@ -556,7 +556,7 @@ def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
                                  '--text_seq_len', 160, '--out', tmp_path / 'o'])
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert ck['extra']['vae_class_name'] == 'VQGAN' and ck['extra']['hparams']['image_fmap_size'] == 8
-    dalle, vae, _ = train_dalle.load_dalle(ck, torch.device('cpu'))
+    dalle, vae, _ = models.load_dalle(ck, torch.device('cpu'))
     assert isinstance(vae, models.VQGAN) and dalle.image_seq_len == 64
     with pytest.raises(utils.UserError, match='go together'):
         run_script(train_dalle, ['--image_text_folder', data, '--vqgan_model_path', ckpt, '--out', tmp_path / 'x'])

@@ -103,7 +103,7 @@ def test_kl_loss_and_ema():
     assert main.kl_loss(mu, logvar).item() == pytest.approx(want)
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = a.weight.detach().clone()
-    main.ema_update(a, b, 0.9)
+    models.ema_update(a, b, 0.9)
     torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight)
 
 

@@ -250,7 +250,7 @@ def test_clip_bpe_tokenizer_from_a_local_folder(tmp_path):
     carries vocabulary and merges, so the checkpoint needs no file."""
     vocab = write_bpe(tmp_path)
     spec = models.tokenizer_spec('clip', 6, str(tmp_path))
-    tok = models.Tokenizer(spec)
+    tok = models.TextEncoderTokenizer(spec)
     ids, lengths = tok(['a red cat', 'red red red red red red'])
     sot, eot = vocab['<|startoftext|>'], vocab['<|endoftext|>']
     assert ids[0].tolist() == [sot, vocab['a</w>'], vocab['red</w>'], vocab['cat</w>'], eot, eot]

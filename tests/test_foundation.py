@@ -490,3 +490,46 @@ def test_run_dir_with_checkpoints_is_refused_without_resume(tmp_path):
     assert (run / 'checkpoints' / 'vae_00000016.pt').exists()
     utils.setup(p.parse_args(['--out', str(run), '--overwrite']), {}, tensorboard=False)
     assert not (run / 'checkpoints').exists()
+
+
+# ---------------------------------------------------------------- import graph
+SHARED_MODULES = {'models', 'utils'}
+# main.py's dispatch of MODEL: XMCGAN cfgs, inside main(): the one script-to-script import
+ALLOWED_SCRIPT_IMPORTS = {('main', 'xmc_gan', 'main')}
+
+
+def project_imports(path, modules):
+    """(imported top-level module, enclosing function or None) for every import of `modules`
+    in the file, at module level or inside functions."""
+    import ast
+    found = []
+
+    def visit(node, func):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom):
+                names = [child.module or ''] if child.level == 0 else []
+            else:
+                names = []
+            found.extend((n.split('.')[0], func) for n in names if n.split('.')[0] in modules)
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            visit(child, inner)
+    with open(path, encoding='utf-8') as f:
+        visit(ast.parse(f.read(), path), None)
+    return found
+
+
+def test_no_top_level_script_imports_another():
+    """Scripts share code through models.py and utils.py only; utils.py imports no project
+    module (models.py imports it), so the shared modules never pull a script in."""
+    modules = {f[:-3] for f in os.listdir(ROOT) if f.endswith('.py')}
+    scripts = modules - SHARED_MODULES
+    bad = []
+    for name in sorted(modules):
+        for target, func in project_imports(os.path.join(ROOT, name + '.py'), modules - {name}):
+            if target in scripts and (name, target, func) not in ALLOWED_SCRIPT_IMPORTS:
+                bad.append(f"{name}.py imports {target}" + (f" in {func}()" if func else ''))
+            elif name == 'utils':
+                bad.append(f"utils.py imports {target}" + (f" in {func}()" if func else ''))
+    assert not bad, '; '.join(bad)

@@ -65,9 +65,9 @@ def test_fid_inception_has_pytorch_fid_state_dict_layout():
 
 
 def ours(paths, weights, dims, exact, method='eig'):
-    net = fid_score.feature_net(dims, weights, exact=exact)
-    stats = [fid_score.path_statistics(p, net, 50, 0) for p in paths]
-    return fid_score.frechet_distance(*stats[0], *stats[1], method=method)
+    net = models.feature_net(dims, weights, exact=exact)
+    stats = [utils.path_statistics(p, net, 50, 0) for p in paths]
+    return utils.frechet_distance(*stats[0], *stats[1], method=method)
 
 
 @pytest.mark.filterwarnings('ignore::UserWarning')
@@ -109,16 +109,16 @@ def test_fid_identical_folders_and_npz_round_trip(fid_setup, tmp_path, monkeypat
     assert abs(float(p.stdout.split('FID:')[-1])) < 1e-6          # a folder against its own statistics
     with pytest.warns(UserWarning, match='singular'):
         direct = ours((a, b), w, 64, exact=False)
-    net = fid_score.feature_net(64, w)
-    via_npz = fid_score.frechet_distance(*fid_score.path_statistics(npz, net),
-                                         *fid_score.path_statistics(b, net, 50, 0))
+    net = models.feature_net(64, w)
+    via_npz = utils.frechet_distance(*utils.path_statistics(npz, net),
+                                     *utils.path_statistics(b, net, 50, 0))
     assert via_npz == pytest.approx(direct, rel=1e-12)
     # saved statistics are never overwritten, nor mixed with another feature layer
     monkeypatch.setattr(sys, 'argv', ['fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w])
     with pytest.raises(utils.UserError, match='exists'):
         fid_score.main()
     with pytest.raises(utils.UserError, match='inception-64'):
-        fid_score.path_statistics(npz, fid_score.FeatureNet(None, 2048, 'inception-2048'))
+        utils.path_statistics(npz, utils.FeatureNet(None, 2048, 'inception-2048'))
 
 
 def test_rank_deficient_statistics_get_pytorch_fids_answer(monkeypatch):
@@ -129,18 +129,18 @@ def test_rank_deficient_statistics_get_pytorch_fids_answer(monkeypatch):
     a, b = r.rand(20, 64) * 100, r.rand(25, 64) * 100 + 5
     stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     ref = calculate_frechet_distance(*stats)
-    assert fid_score.frechet_distance(*stats) == pytest.approx(ref, rel=1e-6)
-    real = fid_score.sqrt_eigenvalues
-    monkeypatch.setattr(fid_score, 'sqrt_eigenvalues', lambda s1, s2: real(s1, s2) + 0.01j)   # a noisy residue
-    assert fid_score.frechet_distance(*stats) == fid_score.frechet_distance(*stats, method='sqrtm')
+    assert utils.frechet_distance(*stats) == pytest.approx(ref, rel=1e-6)
+    real = utils.sqrt_eigenvalues
+    monkeypatch.setattr(utils, 'sqrt_eigenvalues', lambda s1, s2: real(s1, s2) + 0.01j)   # a noisy residue
+    assert utils.frechet_distance(*stats) == utils.frechet_distance(*stats, method='sqrtm')
     a, b = r.rand(20, 256) * 1000, r.rand(25, 256) * 1000 + 5
     with pytest.raises(utils.UserError, match=r'imaginary component .*\(pytorch-fid refuses'):
-        fid_score.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        utils.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 def test_fewer_images_than_dims_warns():
     with pytest.warns(UserWarning, match='10 images for 64 features'):
-        fid_score.statistics(np.random.rand(10, 64), 'gen')
+        utils.statistics(np.random.rand(10, 64), 'gen')
 
 
 def test_missing_weights_is_one_line(fid_setup, tmp_path):
@@ -149,7 +149,7 @@ def test_missing_weights_is_one_line(fid_setup, tmp_path):
     assert p.returncode == 2
     msg = p.stderr.strip()
     assert len(msg.splitlines()) == 1
-    assert fid_score.FID_WEIGHTS in msg and str(tmp_path) in msg and '--judge' in msg
+    assert utils.FID_WEIGHTS in msg and str(tmp_path) in msg and '--judge' in msg
 
 
 def test_eigenvalue_trace_agrees_with_sqrtm():
@@ -159,25 +159,25 @@ def test_eigenvalue_trace_agrees_with_sqrtm():
     for n in (2000, 100):                          # full-rank and singular covariances
         x1, x2 = rng.randn(n, 256) @ mix, rng.randn(n, 256) @ mix + 0.05
         mu1, s1, mu2, s2 = x1.mean(0), np.cov(x1, rowvar=False), x2.mean(0), np.cov(x2, rowvar=False)
-        eig = fid_score.frechet_distance(mu1, s1, mu2, s2)
-        sqrtm = fid_score.frechet_distance(mu1, s1, mu2, s2, method='sqrtm')
+        eig = utils.frechet_distance(mu1, s1, mu2, s2)
+        sqrtm = utils.frechet_distance(mu1, s1, mu2, s2, method='sqrtm')
         ref = calculate_frechet_distance(mu1, s1, mu2, s2)
         assert sqrtm == pytest.approx(ref, rel=1e-12)
         assert eig == pytest.approx(ref, rel=1e-12 if n > 256 else 1e-8)
     # a product with a large imaginary residue is refused, as pytorch-fid refuses it
     bad = -np.eye(4)
     with pytest.raises(utils.UserError, match='imaginary'):
-        fid_score.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), bad)
+        utils.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), bad)
 
 
 # ----------------------------------------------------------------------------
 # Inception Score
 # ----------------------------------------------------------------------------
 def test_inception_score_known_values():
-    mean, std = inception_score.inception_score(torch.zeros(100, 1008))
+    mean, std = utils.inception_score(torch.zeros(100, 1008))
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
     onehot = 60.0 * torch.eye(1008)[torch.arange(50) % 5]   # 5 classes, each split holds all 5
-    mean, std = inception_score.inception_score(onehot, splits=10)
+    mean, std = utils.inception_score(onehot, splits=10)
     assert mean == pytest.approx(5.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
 
 
@@ -186,7 +186,7 @@ def test_inception_score_equals_torch_fidelity():
     logits = torch.randn(103, 1008, generator=torch.Generator().manual_seed(0)) * 4
     for seed in (None, 2020):
         ref = isc_features_to_metric(logits, splits=10, shuffle=seed is not None, rng_seed=seed or 0)
-        mean, std = inception_score.inception_score(logits, 10, seed)
+        mean, std = utils.inception_score(logits, 10, seed)
         assert mean == pytest.approx(ref['inception_score_mean'], rel=1e-10)
         assert std == pytest.approx(ref['inception_score_std'], rel=1e-8)
 
@@ -201,7 +201,7 @@ def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     import torchvision
     tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     torch.save(tv.state_dict(), tmp_path / 'tv.pth')
-    net = inception_score.classifier('torchvision', str(tmp_path / 'tv.pth'), torch.device('cpu'))
+    net = models.inception_classifier('torchvision', str(tmp_path / 'tv.pth'), torch.device('cpu'))
     logits = inception_score.folder_logits(a, net, batch_size=6, workers=0)
     assert logits.shape == (12, 1000) and torch.isfinite(logits).all()
 
@@ -273,26 +273,26 @@ def obj(shape, colour, size, cell):
 
 def test_judge_scene_matching_and_position():
     one = {'objects': [obj('circle', 'red', 'small', 4)], 'relation': None}
-    assert fid_score.judge_scene([obj('circle', 'red', 'small', 4)], one)['all']
-    s = fid_score.judge_scene([obj('circle', 'red', 'small', 3)], one)
+    assert utils.judge_scene([obj('circle', 'red', 'small', 4)], one)['all']
+    s = utils.judge_scene([obj('circle', 'red', 'small', 3)], one)
     assert s['hits'] == [[True, True, True]] and not s['position'] and not s['all']
-    s = fid_score.judge_scene([], one)
+    s = utils.judge_scene([], one)
     assert not s['count'] and s['hits'] == [[False] * 3] and not s['position']
 
     A, B = obj('star', 'blue', 'large', 0), obj('cross', 'pink', 'small', 2)
     pair = {'objects': [A, B], 'relation': 'to the left of'}
-    assert fid_score.judge_scene([A, B], pair)['all']
+    assert utils.judge_scene([A, B], pair)['all']
     # other cells, other reading order: still A left of B (column 0 < column 1)
     moved = [dict(B, cell=1), dict(A, cell=6)]
-    assert fid_score.judge_scene(moved, pair)['all']
+    assert utils.judge_scene(moved, pair)['all']
     swapped = [dict(B, cell=0), dict(A, cell=5)]
-    s = fid_score.judge_scene(swapped, pair)
+    s = utils.judge_scene(swapped, pair)
     assert s['count'] and s['hits'] == [[True] * 3] * 2 and not s['position']
-    s = fid_score.judge_scene([A, B, obj('circle', 'red', 'small', 8)], pair)
+    s = utils.judge_scene([A, B, obj('circle', 'red', 'small', 8)], pair)
     assert not s['count'] and s['hits'] == [[True] * 3] * 2 and not s['position'] and not s['all']
     # objects in every cell: the named ones are found, but no position credit for a crowd
     crowd = [obj('circle', 'red', 'small', c) for c in range(9)]
-    s = fid_score.judge_scene(crowd, one)
+    s = utils.judge_scene(crowd, one)
     assert s['hits'] == [[True] * 3] and not s['position'] and not s['count']
 
 
@@ -309,18 +309,18 @@ def test_breakdown_categories_and_reasons():
         ([A, dict(B, colour='blue')], pair),                     # pair: shapes right, B's colour wrong
         ([A], pair),                                             # one object missing
     ]
-    scenes = [fid_score.judge_scene(p, t) for p, t in cases]
-    b = fid_score.judge_breakdown(scenes, [t for _, t in cases])
+    scenes = [utils.judge_scene(p, t) for p, t in cases]
+    b = utils.judge_breakdown(scenes, [t for _, t in cases])
     assert b['single_object'] == pytest.approx(2 / 3) and b['colours'] == pytest.approx(1 / 3)
     assert b['two_objects'] == pytest.approx(2 / 3) and b['colour_attribution'] == pytest.approx(1 / 3)
     assert b['counting'] == pytest.approx(5 / 6) and b['position'] == pytest.approx(4 / 6)
-    reasons = [fid_score.scene_reason(p, t, s) for (p, t), s in zip(cases, scenes)]
+    reasons = [utils.scene_reason(p, t, s) for (p, t), s in zip(cases, scenes)]
     assert reasons[0] == '' and reasons[3] == ''
     assert reasons[1] == 'colour of object 1: the caption says red'
     assert reasons[2] == 'shape of object 1: the caption says circle'
     assert reasons[4] == 'colour of object 2: the caption says pink'
     assert reasons[5] == 'count: the judge sees 1 object(s), the caption names 2'
-    assert fid_score.judge_breakdown(scenes[:3], [one] * 3)['two_objects'] is None
+    assert utils.judge_breakdown(scenes[:3], [one] * 3)['two_objects'] is None
 
 
 def test_relation_from_cells_agrees_with_the_generator():
@@ -330,7 +330,7 @@ def test_relation_from_cells_agrees_with_the_generator():
     for _ in range(3000):
         scene = preprocess_data.sample_scene(rng, p_two=1.0)
         a, b = scene['objects']
-        assert fid_score.relation_holds(scene['relation'], a['cell'], b['cell'])
+        assert utils.relation_holds(scene['relation'], a['cell'], b['cell'])
 
 
 class Oracle(torch.nn.Module):
@@ -338,7 +338,7 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, scenes):
         super().__init__()
-        self.targets = torch.stack([fid_score.cell_targets(s) for s in scenes])
+        self.targets = torch.stack([utils.cell_targets(s) for s in scenes])
         self.p = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
@@ -349,28 +349,28 @@ class Oracle(torch.nn.Module):
 
 
 def test_judge_accuracy_with_an_oracle(tiny_shapes):
-    attrs = fid_score.caption_attributes(tiny_shapes)
+    attrs = utils.caption_attributes(tiny_shapes)
     keys = sorted(attrs)
     judge = Oracle([attrs[k] for k in keys])
     images = torch.arange(float(len(keys)))[:, None, None, None].expand(len(keys), 3, 4, 4)
-    acc = fid_score.judge_accuracy(judge, images, keys, attrs)
+    acc = utils.judge_accuracy(judge, images, keys, attrs)
     assert acc == {**{k: 1.0 for k in ('count', 'shape', 'colour', 'size', 'position', 'all')},
-                   **{f'breakdown_{k}': 1.0 for k in fid_score.BREAKDOWN}}
+                   **{f'breakdown_{k}': 1.0 for k in utils.BREAKDOWN}}
     records = []
-    wrong = fid_score.judge_accuracy(judge, images, keys[1:] + keys[:1], attrs, records=records)
+    wrong = utils.judge_accuracy(judge, images, keys[1:] + keys[:1], attrs, records=records)
     assert wrong['all'] < 0.5 and [r['key'] for r in records] == keys[1:] + keys[:1]
     assert all(r['correct'] == (r['reason'] == '') for r in records) and not all(r['correct'] for r in records)
     assert {r['category'] for r in records} == {'one object', 'two objects'}
     with pytest.raises(utils.UserError, match='not a key'):
-        fid_score.judge_accuracy(judge, images[:1], ['nope'], attrs)
+        utils.judge_accuracy(judge, images[:1], ['nope'], attrs)
 
 
 def test_shapes_key():
     key = '003.red_triangle/red_triangle_00042'
-    assert fid_score.shapes_key(f'data/shapes/CUB_200_2011/images/{key}.jpg') == key
-    assert fid_score.shapes_key(f'out/gen/{key}_s3.png') == key
+    assert utils.shapes_key(f'data/shapes/CUB_200_2011/images/{key}.jpg') == key
+    assert utils.shapes_key(f'out/gen/{key}_s3.png') == key
     with pytest.raises(utils.UserError, match='keys.json'):
-        fid_score.shapes_key('out/gen/0001.png')
+        utils.shapes_key('out/gen/0001.png')
 
 
 def test_train_judge_and_use_it(tiny_shapes, tmp_path):
@@ -382,10 +382,10 @@ def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     assert p.returncode == 0, p.stderr
     m = json.load(open(out / 'metrics.json'))
     assert m['feature_dim'] == 72 and 0 <= m['heldout_all'] <= 1 and 'wrong_caption_shape' in m
-    judge = fid_score.load_judge(str(out))
+    judge = models.load_judge(str(out))
     assert len(judge.attributes) == 60
     # score a folder of "generated" images named by keys.json, and its shapes FID
-    attrs = fid_score.caption_attributes(tiny_shapes)
+    attrs = utils.caption_attributes(tiny_shapes)
     keys = utils.read_attngan_split(tiny_shapes, 'test')
     gen = tmp_path / 'gen'
     os.makedirs(gen)
@@ -398,7 +398,7 @@ def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     images = torch.stack([torch.from_numpy(np.array(Image.open(gen / f'{i:03d}.png'))).permute(2, 0, 1)
                           for i in range(len(keys))]).float() / 127.5 - 1
     assert acc['images'] == 20 and acc['shape'] == pytest.approx(
-        fid_score.judge_accuracy(judge, images, keys, attrs)['shape'])
+        utils.judge_accuracy(judge, images, keys, attrs)['shape'])
     p = run('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
     assert p.returncode == 0, p.stderr
     assert float(p.stdout.split('FID:')[-1]) < 1e-3     # the test images against their own statistics

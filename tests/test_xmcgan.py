@@ -183,12 +183,11 @@ def tiny_train_cfg(embeddings, out, **train):
 def judge(tmp_path_factory, tiny_shapes):
     """A random-init shapes judge saved as fid_score.py saves a trained one (its features give
     the "shapes FID")."""
-    import fid_score
     spec = {'n_shapes': 6, 'n_colours': 8, 'n_sizes': 2, 'width': 4, 'cell_dim': 4, 'image_size': 32}
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('judge')
     utils.save_checkpoint(str(out), 'judge', 0, {'judge': models.ShapesJudge(**spec)}, name='judge_final.pt',
-                          extra={'model': spec, 'attributes': fid_score.caption_attributes(tiny_shapes)})
+                          extra={'model': spec, 'attributes': utils.caption_attributes(tiny_shapes)})
     return str(out)
 
 
@@ -201,7 +200,7 @@ def dmgan_run(tmp_path_factory, encoder):
     cfg.TEXT.EMBEDDING_DIM, cfg.TRAIN.NET_E = 16, encoder
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('dmgan')
-    utils.save_checkpoint(str(out), 'dmgan', 1, {'G_ema': main.build_generator(cfg, 16)}, cfg=cfg)
+    utils.save_checkpoint(str(out), 'dmgan', 1, {'G_ema': models.build_dmgan_generator(cfg, 16)}, cfg=cfg)
     return str(out)
 
 
