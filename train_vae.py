@@ -40,7 +40,9 @@ DEFAULTS = {
         'LR_DECAY_EVERY': 100,    # DALLE-pytorch stepped it at its log points, every 100 steps
         'STARTING_TEMP': 1.0,
         'TEMP_MIN': 0.5,
-        'ANNEAL_RATE': 1e-6,      # temp = max(STARTING_TEMP * exp(-ANNEAL_RATE * step), TEMP_MIN)
+        'ANNEAL_RATE': 1e-6,
+        'TEMP_SCHEDULE': 'compound',  # DALLE-pytorch: temp = max(temp * exp(-ANNEAL_RATE * step), TEMP_MIN) at each
+                                      # LR_DECAY_EVERY-th step; 'exponential': STARTING_TEMP * exp(-ANNEAL_RATE * step)
         'KL_LOSS_WEIGHT': 0.0,
         'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
         'REINMAX': False,         # upstream DiscreteVAE(reinmax=) (not in 1.6.6): ReinMax gradient for STRAIGHT_THROUGH
@@ -132,8 +134,19 @@ def vae_loss(images, recon, logits, c):
 
 
 def temperature(c, step):
-    """Annealed every step (DALLE-pytorch only annealed at its log points)."""
-    return max(c.STARTING_TEMP * math.exp(-c.ANNEAL_RATE * step), c.TEMP_MIN)
+    """The Gumbel temperature after `step` steps. 'compound' is DALLE-pytorch train_vae.py's rule,
+    temp <- max(temp * exp(-ANNEAL_RATE * global_step), TEMP_MIN) at its log points (here every
+    LR_DECAY_EVERY steps, when the LR decays too), in closed form: after k = step // E points at
+    steps E, 2E, ..., kE the exponent is ANNEAL_RATE * E * k(k+1)/2. 'exponential' anneals every
+    step, STARTING_TEMP * exp(-ANNEAL_RATE * step)."""
+    if c.TEMP_SCHEDULE == 'compound':
+        k = step // c.LR_DECAY_EVERY
+        exponent = c.ANNEAL_RATE * c.LR_DECAY_EVERY * k * (k + 1) / 2
+    elif c.TEMP_SCHEDULE == 'exponential':
+        exponent = c.ANNEAL_RATE * step
+    else:
+        raise utils.UserError(f"TRAIN.TEMP_SCHEDULE={c.TEMP_SCHEDULE!r}: expected compound or exponential")
+    return max(c.STARTING_TEMP * math.exp(-exponent), c.TEMP_MIN)
 
 
 def codebook_usage(counts):
@@ -202,6 +215,7 @@ def train(run, args):
     cfg, dev, log, c, m = run.cfg, run.device, run.log, run.cfg.TRAIN, run.cfg.MODEL
     if m.IMAGE_SIZE % 2 ** m.NUM_LAYERS:
         raise utils.UserError(f"MODEL.IMAGE_SIZE={m.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2 ** m.NUM_LAYERS}")
+    temperature(c, 0)       # an unknown TEMP_SCHEDULE stops here, before any step
     if c.REINMAX and not c.STRAIGHT_THROUGH:
         raise utils.UserError("TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)")
     ds = build_dataset(cfg)

@@ -256,6 +256,24 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shap
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_vae_temperature_compounds_at_log_points_as_dalle_pytorch():
+    """DALLE-pytorch train_vae.py: temp = max(temp * exp(-anneal_rate * global_step), temp_min) at
+    every log point; the closed form equals that loop at every step."""
+    import math
+    c = utils.to_cfg({**train_vae.DEFAULTS['TRAIN'], 'ANNEAL_RATE': 1e-4, 'LR_DECAY_EVERY': 10})
+    temp = c.STARTING_TEMP
+    for step in range(1, 400):
+        if step % c.LR_DECAY_EVERY == 0:
+            temp = max(temp * math.exp(-c.ANNEAL_RATE * step), c.TEMP_MIN)
+        assert train_vae.temperature(c, step) == pytest.approx(temp, rel=1e-12)
+    assert temp == c.TEMP_MIN
+    c.TEMP_SCHEDULE = 'exponential'
+    assert train_vae.temperature(c, 100) == pytest.approx(math.exp(-1e-2))
+    c.TEMP_SCHEDULE = 'cosine'
+    with pytest.raises(utils.UserError, match="TEMP_SCHEDULE='cosine'"):
+        train_vae.temperature(c, 1)
+
+
 def test_train_vae_code_restarts_resume_exactly(nested_images, tmp_path):
     # codes re-pointed at steps 4 and 8 from the histogram since the last log; the checkpoint at 6
     # falls inside a window, so a resume must carry the histogram to restart the same codes
