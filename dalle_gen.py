@@ -9,7 +9,8 @@ captions separated by '|' (as DALLE-pytorch's generate.py), each then in SAVE_PA
 model loaded once. Sampling uses a
 key/value cache: the caption goes through the transformer once, then each image token is one
 single-position step. --top_k < 1 is DALLE-pytorch's filter threshold (keep the best
-(1 - top_k) share), counted over the image vocabulary; --top_k >= 1 keeps that many tokens.
+(1 - top_k) share), counted over the text + image vocabulary as DALLE-pytorch does (TOP_K_OVER
+image: over the image vocabulary only); --top_k >= 1 keeps that many tokens.
 """
 import os
 import time
@@ -24,6 +25,7 @@ DEFAULTS = {
     'BATCH_SIZE': 4,              # dalle.md §1.5: generate.py --batch_size 4
     'TOP_K': 0.9,                 # dalle.md §1.5: filter_thres 0.9 in text2img's dalle_gen.py
     'TEMPERATURE': 1.0,
+    'TOP_K_OVER': 'all',          # TOP_K's share of the text + image vocabulary, as DALLE-pytorch counts it; or 'image'
     'USE_CACHE': True,            # false: a full forward per token (DALLE-pytorch's default)
 }
 FLAGS = {'dalle_path': 'DALLE_PATH', 'batch_size': 'BATCH_SIZE', 'top_k': 'TOP_K', 'temperature': 'TEMPERATURE'}
@@ -46,14 +48,15 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def generate(dalle, vae, text_ids, n, batch_size, top_k, temperature, seed, use_cache=True, log=None):
+def generate(dalle, vae, text_ids, n, batch_size, top_k, temperature, seed, use_cache=True, log=None,
+             top_k_over='all'):
     """n images for one caption, in batches; returns (images in [-1, 1], seconds spent sampling tokens)."""
     g = torch.Generator(device=text_ids.device).manual_seed(seed)
     images, t_tokens = [], 0.0
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         t0 = time.time()
-        tokens = dalle.generate_image_tokens(text_ids.expand(b, -1), top_k, temperature, g, use_cache)
+        tokens = dalle.generate_image_tokens(text_ids.expand(b, -1), top_k, temperature, g, use_cache, top_k_over)
         t_tokens += time.time() - t0
         images.append(vae.decode(tokens).float().clamp(-1, 1).cpu())
         if log:
@@ -82,7 +85,7 @@ def main():
             log.warning(f"caption has {len(ids)} tokens; keeping the first {dalle.text_seq_len}")
         text_ids = tokenizer.tokenize(text, dalle.text_seq_len, truncate=True)[None].to(run.device)
         images, secs = generate(dalle, vae, text_ids, args.img_num, cfg.BATCH_SIZE, cfg.TOP_K, cfg.TEMPERATURE,
-                                cfg.SEED, cfg.USE_CACHE, log)
+                                cfg.SEED, cfg.USE_CACHE, log, cfg.TOP_K_OVER)
         os.makedirs(path, exist_ok=True)
         for i, im in enumerate(images):
             utils.save_image_grid(im[None], os.path.join(path, f'{i}.png'), nrow=1)

@@ -2035,15 +2035,22 @@ class DALLE(nn.Module):
         return logits.masked_fill(is_img_pos != is_img_id, -torch.finfo(logits.dtype).max), tb
 
     @torch.no_grad()
-    def generate_image_tokens(self, text, top_k=0.9, temperature=1.0, generator=None, use_cache=True):
-        """Sample image tokens for text (B, text_seq_len). top_k < 1: keep the best
-        max(1, int((1 - top_k)·num_image_tokens)) image tokens (DALLE-pytorch's filter_thres,
-        but counted over the image vocabulary only); top_k >= 1: keep that many. Then
-        argmax(logits/temperature + Gumbel noise). With use_cache, the text is run once and
-        every later step feeds one token through the cached keys/values."""
+    def generate_image_tokens(self, text, top_k=0.9, temperature=1.0, generator=None, use_cache=True,
+                              top_k_over='all'):
+        """Sample image tokens for text (B, text_seq_len). top_k < 1 is DALLE-pytorch's
+        filter_thres: keep the best max(1, int((1 - top_k)·n)) tokens, where n counts the whole
+        text + image vocabulary as DALLE-pytorch's top_k does (top_k_over='all'; with a large
+        text vocabulary it keeps every image token) or the image vocabulary only ('image');
+        top_k >= 1: keep that many. Then argmax(logits/temperature + Gumbel noise). With
+        use_cache, the text is run once and every later step feeds one token through the
+        cached keys/values."""
         tb = self.text_with_bos(text)
         B, dev = text.shape[0], text.device
-        k = max(1, int((1 - top_k) * self.num_image_tokens)) if top_k < 1 else min(int(top_k), self.num_image_tokens)
+        if top_k_over not in ('all', 'image'):
+            raise utils.UserError(f"TOP_K_OVER={top_k_over!r}: expected all or image")
+        vocab = self.num_image_tokens + (self.num_text_tokens if top_k_over == 'all' else 0)
+        k = max(1, int((1 - top_k) * vocab)) if top_k < 1 else int(top_k)
+        k = min(k, self.num_image_tokens)       # masked text logits never win a draw
         caches = [KVCache() for _ in self.blocks] if use_cache else None
         out = torch.empty(B, 0, dtype=torch.long, device=dev)
         for i in range(self.image_seq_len):

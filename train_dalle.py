@@ -63,7 +63,8 @@ DEFAULTS = {
         'SAMPLE_EVERY': 1000,     # steps between sample grids in TensorBoard; 0 = at epoch ends only
         'NUM_SAMPLES': 4,
     },
-    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0},   # for the TensorBoard samples and EVAL (dalle.md §1.5)
+    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0,      # for the TensorBoard samples and EVAL (dalle.md §1.5)
+               'TOP_K_OVER': 'all'},   # TOP_K's share of the text + image vocabulary (DALLE-pytorch) or 'image'
     'EVAL': {                     # after training; not in DALLE-pytorch
         'HOLDOUT': '',            # held-out (image, caption) pairs: jsonl, folder or csv
         'NUM_CAPTIONS': 64,       # captions spread over HOLDOUT, one sample each
@@ -351,6 +352,7 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
         model.eval()
         g = torch.Generator(device=dev).manual_seed(cfg.SEED)
         return torch.cat([vae.decode(model.generate_image_tokens(ids[i:i + 32], cfg.SAMPLE.TOP_K, cfg.SAMPLE.TEMPERATURE,
+                                                                 top_k_over=cfg.SAMPLE.TOP_K_OVER,
                                                                  generator=g)).float().clamp(-1, 1).cpu()
                           for i in range(0, len(ids), 32)])
     images = sample(dalle)
@@ -404,7 +406,8 @@ def write_samples(run, dalle, vae, fixed, s, step):
         return
     dalle.eval()
     g = torch.Generator(device=run.device).manual_seed(0)
-    tokens = dalle.generate_image_tokens(ids.to(run.device), s.TOP_K, s.TEMPERATURE, generator=g)
+    tokens = dalle.generate_image_tokens(ids.to(run.device), s.TOP_K, s.TEMPERATURE, generator=g,
+                                          top_k_over=s.TOP_K_OVER)
     utils.log_images(run.writer, 'samples/images', vae.decode(tokens).float().clamp(-1, 1), step, nrow=len(texts))
     run.writer.add_text('samples/captions', '\n\n'.join(f'{i}: {t}' for i, t in enumerate(texts)), step)
     dalle.train()

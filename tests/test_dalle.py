@@ -176,18 +176,22 @@ def test_cpu_bf16_attention_equals_sdpa():
     assert torch.allclose(got.float(), attn(x), atol=0.05)
 
 
-def test_top_k_counts_image_tokens_only():
-    """thres 0.9 keeps int(0.1 * 30) = 3 image tokens; over the joint vocabulary (DALLE-pytorch)
-    it would have been int(0.1 * (58 + 30)) = 8 > 3."""
+@pytest.mark.parametrize('over,kept', [('image', 3), ('all', 8)])
+def test_top_k_counts_the_vocabulary_it_is_told(over, kept):
+    """thres 0.9 keeps int(0.1 * 30) = 3 of the 30 image tokens counted over the image vocabulary;
+    over the joint vocabulary, as DALLE-pytorch counts, int(0.1 * (58 + 30)) = 8."""
     d = tiny_dalle()
     text = torch.randint(1, 50, (2, 8))
-    out = d.generate_image_tokens(text, 0.9, 1e4, torch.Generator().manual_seed(0), use_cache=True)
+    out = d.generate_image_tokens(text, 0.9, 1e4, torch.Generator().manual_seed(0), use_cache=True, top_k_over=over)
+    seen = set()
     for i in range(d.image_seq_len):
         with torch.no_grad():
             h = d.transformer(d.embed(d.text_with_bos(text), out[:, :i]))[:, -1]
-            allowed = d.image_logits(h).topk(3, dim=-1).indices
+            allowed = d.image_logits(h).topk(kept, dim=-1).indices
         assert (allowed == out[:, i:i + 1]).any(-1).all()
-    assert len(set(out.flatten().tolist())) > 3      # a hot temperature spreads over the allowed 3
+        seen |= {(tuple(a.tolist()), o.item()) for a, o in zip(allowed, out[:, i]) if o not in a[:3]}
+    assert len(set(out.flatten().tolist())) > 3      # a hot temperature spreads over the allowed ones
+    assert bool(seen) == (over == 'all')             # only the joint count draws beyond the best 3
 
 
 def test_parameter_count_equals_dalle_pytorch_train_dalle():
