@@ -502,8 +502,9 @@ class CNNImageEncoder(ImageEncoder):
     """AttnGAN's CNN_ENCODER: Inception-v3 up to Mixed_6e gives the 17x17x768 regions
     (conv1x1 to D, no bias); on through Mixed_7c and the 8x8 average pool, Linear(2048, D)
     gives the global code. Input bilinear to 299, in [-1, 1]. The backbone loads torchvision's
-    ImageNet weights (load_inception_weights) and is frozen, BatchNorm statistics included,
-    unless spec['train_backbone']; the two new layers start U(±0.1) (gan_refs.md §1).
+    ImageNet weights (load_inception_weights) and its weights are frozen unless
+    spec['train_backbone'] (its BatchNorm statistics adapt in training unless spec['bn_stats'] is
+    'frozen'); the two new layers start U(±0.1) (gan_refs.md §1).
     backbone 'small' swaps Inception for _small_cnn (embedded runs only)."""
 
     def __init__(self, spec):
@@ -529,7 +530,9 @@ class CNNImageEncoder(ImageEncoder):
 
     def train(self, mode=True):
         super().train(mode)
-        if not self.spec['train_backbone']:     # frozen means frozen BatchNorm statistics too
+        # A frozen backbone's BatchNorm: batch statistics, running ones updated ('adapt', as AttnGAN's
+        # cnn_model.train()), or its saved statistics ('frozen'; specs saved before the key held it)
+        if not self.spec['train_backbone'] and self.spec.get('bn_stats', 'frozen') == 'frozen':
             self.to_regions.eval()
             self.to_global.eval()
         return self
@@ -846,7 +849,8 @@ def attngan_damsm_modules(text_state, image_state, words, words_num, text_path):
                                'tokenizer': tokenizer_spec('attngan', words_num, words=words),
                                'word_dim': word_dim, 'dropout': 0.5})
     image = build_image_encoder({'family': 'damsm', 'dim': image_state['emb_cnn_code.weight'].shape[0],
-                                 'image_size': 299, 'backbone': 'inception_v3', 'width': 0, 'train_backbone': False})
+                                 'image_size': 299, 'backbone': 'inception_v3', 'width': 0, 'train_backbone': False,
+                                 'bn_stats': 'adapt'})
     text.load_state_dict(text_state)
     image.load_state_dict({_attngan_image_key(k): v for k, v in image_state.items()})
     return text, image

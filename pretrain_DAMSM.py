@@ -48,7 +48,9 @@ DEFAULTS = {          # AttnGAN's DAMSM (gan_refs.md §1, cfg/DAMSM/bird.yml); t
         'TOKENIZER_PATH': '',           # clip: hub name or folder; bert: vocab.txt, folder or hub name
         'KEEP_SPECIAL': False,          # transformers: keep start/end tokens among the word features
         'RNN': {'WORD_DIM': 300, 'DROPOUT': 0.5},
-        'CNN': {'BACKBONE': 'inception_v3', 'WIDTH': 32, 'TRAIN_BACKBONE': False},
+        'CNN': {'BACKBONE': 'inception_v3', 'WIDTH': 32, 'TRAIN_BACKBONE': False,
+                'BN_STATS': 'adapt'},   # AttnGAN pretrain_DAMSM.py runs cnn_model.train(): the frozen Inception's
+                                        # BatchNorm uses batch statistics and updates its running ones; or 'frozen'
         'CLIP': {'VISION_LAYERS': [3, 4, 6, 3], 'VISION_WIDTH': 64, 'HEAD_WIDTH': 64, 'PATCH_SIZE': 0,
                  'TEXT_WIDTH': 512, 'TEXT_HEADS': 8, 'TEXT_LAYERS': 12},
         'FINETUNE': ['all'],            # clip_hf: 'all', 'none' or CLIPModel parameter-name prefixes
@@ -220,7 +222,9 @@ def build_encoders(cfg, words, log):
     if M.FAMILY == 'damsm':
         text = {'family': 'damsm', 'dim': D, 'tokenizer': tok, 'word_dim': M.RNN.WORD_DIM, 'dropout': M.RNN.DROPOUT}
         image = {'family': 'damsm', 'dim': D, 'image_size': cfg.TREE.BASE_SIZE, 'backbone': M.CNN.BACKBONE,
-                 'width': M.CNN.WIDTH, 'train_backbone': M.CNN.TRAIN_BACKBONE}
+                 'width': M.CNN.WIDTH, 'train_backbone': M.CNN.TRAIN_BACKBONE, 'bn_stats': M.CNN.BN_STATS}
+        if M.CNN.BN_STATS not in ('adapt', 'frozen'):
+            raise utils.UserError(f"MODEL.CNN.BN_STATS={M.CNN.BN_STATS!r}: expected adapt or frozen")
     elif M.FAMILY == 'clip':
         text = {'family': 'clip', 'dim': D, 'tokenizer': tok, 'width': C.TEXT_WIDTH, 'heads': C.TEXT_HEADS,
                 'layers': C.TEXT_LAYERS, 'keep_special': M.KEEP_SPECIAL}

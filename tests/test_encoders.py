@@ -269,7 +269,15 @@ def test_inception_weights_load_into_the_cnn_encoder(tmp_path):
     assert torch.equal(enc.to_regions[0].conv.weight, net.Conv2d_1a_3x3.conv.weight)
     assert torch.equal(enc.to_global[2].branch_pool.conv.weight, net.Mixed_7c.branch_pool.conv.weight)
     enc.train()
-    assert not enc.to_regions.training and enc.emb_features.training   # frozen BN statistics
+    assert not enc.to_regions.training and enc.emb_features.training   # a spec without bn_stats: frozen BN
+    adapt = models.build_image_encoder({'family': 'damsm', 'dim': 8, 'image_size': 299, 'backbone': 'inception_v3',
+                                        'train_backbone': False, 'bn_stats': 'adapt'})
+    adapt.load_state_dict(enc.state_dict())
+    adapt.train()       # AttnGAN's cnn_model.train(): weights frozen, BatchNorm statistics move
+    assert adapt.to_regions.training and not any(p.requires_grad for p in adapt.to_regions.parameters())
+    before = adapt.to_regions[0].bn.running_mean.clone()
+    adapt(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert not torch.equal(before, adapt.to_regions[0].bn.running_mean)
     regions, glob = enc(torch.zeros(1, 3, 64, 64))
     assert regions.shape == (1, 8, 17, 17) and glob.shape == (1, 8)
     with pytest.raises(utils.UserError, match='not found'):
