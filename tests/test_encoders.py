@@ -348,6 +348,7 @@ def tiny_clip_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('cfg', sorted(CFGS))
 def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
     out = tmp_path / 'run'
@@ -365,6 +366,7 @@ def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
         assert torch.allclose(te.model.text_model.embeddings.token_embedding.weight, ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_from_the_last_epoch(fixture_data, tmp_path):
     cfg = os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml')
     out = tmp_path / 'run'
