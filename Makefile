@@ -1,8 +1,10 @@
 # The two commands of a fresh machine: `make demo` and `make test`.
 PY      ?= .venv/bin/python
 VENV_OK := .venv/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+# With the default PY the targets first build .venv; with PY=<another interpreter> they use it as is.
+VENV    := $(if $(filter .venv/bin/python,$(PY)),venv)
 
-.PHONY: demo test venv data clean
+.PHONY: demo test test-fast lint venv data clean
 
 $(VENV_OK): requirements.txt requirements-dev.txt
 	@test -x .venv/bin/python || python3 -m venv .venv
@@ -13,14 +15,21 @@ $(VENV_OK): requirements.txt requirements-dev.txt
 
 venv: $(VENV_OK)
 
-data: venv
+data: $(VENV)
 	$(PY) preprocess_data.py --cfg cfg/preprocess/shapes.yml
 
-demo: venv
+demo: $(VENV)
 	$(PY) demo.py
 
-test: venv
+lint: $(VENV)
+	$(PY) -m ruff check .
+
+test: $(VENV) lint
 	$(PY) -m pytest -q tests
+
+# Everything but the end-to-end script runs (tests marked pytest.mark.slow).
+test-fast: $(VENV)
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf output

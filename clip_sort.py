@@ -22,7 +22,7 @@ import utils
 DEFAULTS = {
     'CLIP_PATH': '',              # text_encoder<N>.pth of pretrain_DAMSM.py or its run dir; '' = output/DAMSM
     'CLIP_MODEL': '',             # transformers CLIP or Chinese-CLIP: hub name or local dir
-    'TOP_K': 4,                   # dalle.md §2: text2img's README shows the top 4
+    'TOP_K': 4,                   # text2img's README shows BriVL's top 4
     'BATCH_SIZE': 32,
 }
 FLAGS = {'clip_path': 'CLIP_PATH', 'clip_model': 'CLIP_MODEL', 'top_k': 'TOP_K'}

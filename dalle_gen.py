@@ -22,8 +22,8 @@ import utils
 
 DEFAULTS = {
     'DALLE_PATH': 'output/dalle/checkpoints/dalle.pt',   # train_dalle.py's default; it carries the VAE and tokenizer
-    'BATCH_SIZE': 4,              # dalle.md §1.5: generate.py --batch_size 4
-    'TOP_K': 0.9,                 # dalle.md §1.5: filter_thres 0.9 in text2img's dalle_gen.py
+    'BATCH_SIZE': 4,              # DALLE-pytorch generate.py --batch_size 4
+    'TOP_K': 0.9,                 # filter_thres 0.9 in text2img's dalle_gen.py
     'TEMPERATURE': 1.0,
     'TOP_K_OVER': 'all',          # TOP_K's share of the text + image vocabulary, as DALLE-pytorch counts it; or 'image'
     'USE_CACHE': True,            # false: a full forward per token (DALLE-pytorch's default)

@@ -1,4 +1,4 @@
-"""The embedded demo: every system of the mission, end to end, on the synthetic shapes
+"""The embedded demo: every system of this repository, end to end, on the synthetic shapes
 dataset, then a report (output/demo/report.md and report.html).
 
   python demo.py                                   # what `make demo` runs
@@ -21,7 +21,7 @@ import time
 PY = sys.executable
 DATA = 'data/shapes'                     # preprocess_data.py --cfg cfg/preprocess/shapes.yml
 # Training length of each step at DEMO_SCALE 1, sized so the whole demo fits in ~15 minutes on
-# 2 CPU cores; the cfgs' own lengths (README: ~10 minutes each) are the longer runs.
+# 2 CPU cores; the cfgs' own lengths (docs/experiments.md: ~10 minutes each) are the longer runs.
 LENGTH = {'judge_epochs': 3, 'clip_epochs': 2, 'damsm_epochs': 1, 'dmgan_epochs': 4,
           'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 1000}
 SAMPLES_PER_CAPTION = 8                  # dalle_gen.py images per caption, reranked by clip_sort.py

@@ -1,7 +1,7 @@
 """Fréchet Inception Distance equal to pytorch-fid 0.3.0, and the synthetic dataset's judge.
 
   python fid_score.py GEN_DIR REAL_DIR [--dims 2048] [--batch_size 50] [--gpu N] [--weights PATH]
-  python fid_score.py --path GEN_DIR REAL_DIR ...          (the seeds' spelling)
+  python fid_score.py --path GEN_DIR REAL_DIR ...          (the same, as one flag)
   python fid_score.py --save-stats REAL_DIR real.npz       statistics for later; either side may be an .npz
   python fid_score.py GEN_DIR REAL_DIR --json fid.json     also write the value to a file
 
@@ -12,7 +12,8 @@ The synthetic dataset has no pretrained judge, so it trains its own (ShapesJudge
   python fid_score.py GEN_DIR output/judge/test_stats.npz --judge output/judge     "shapes FID"
 
 FID (Heusel et al. 2017) = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2), over the
-pool3 (or 64/192/768-d) activations of the TF Inception graph, in float64 (metrics.md).
+pool3 (or 64/192/768-d) activations of the TF Inception graph, in float64 (pytorch-fid fid_score.py
+calculate_activation_statistics, calculate_frechet_distance).
 The computation is shared with the other scripts (utils.py: statistics, Fréchet distance, the
 judge's scoring; models.py: the networks); here are its command line and the judge's training.
 """
@@ -154,7 +155,7 @@ def folder_keys(folder):
 def parse_args():
     p = utils.base_parser(__doc__.splitlines()[0])
     p.add_argument('paths', nargs='*', help='two folders or .npz files (or DIR OUT.npz with --save-stats)')
-    p.add_argument('--path', nargs=2, help='the seeds\' spelling of the two paths')
+    p.add_argument('--path', nargs=2, help='the two paths as one flag')
     p.add_argument('--dims', type=int, help=f'Inception features: {models.FIDInceptionV3.DIMS}')
     p.add_argument('--batch_size', '--batch-size', type=int)
     p.add_argument('--num_workers', '--num-workers', type=int, help='decoding processes')

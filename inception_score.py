@@ -4,7 +4,8 @@
                             [--net tf|torchvision] [--json is.json]
 
 IS = exp(E_x KL(p(y|x) || p(y))), p(y) the mean of p(y|x) over the split; reported as
-mean and std over `splits` consecutive splits (metrics.md). The classifier:
+mean and std over `splits` consecutive splits (improved-gan inception_score/model.py
+get_inception_score). The classifier:
   --net tf           (default) the 1008-way logits, without the fc bias, of the TF
                      Inception graph the papers' numbers come from, i.e. the FID network
                      with pytorch-fid's weights (torch-fidelity takes the same logits)
@@ -41,7 +42,7 @@ def folder_logits(path, net, batch_size=50, workers=-1, device='cpu'):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('paths', nargs='*', help='folder of generated images')
-    p.add_argument('--path', help='folder of generated images (the seeds\' spelling)')
+    p.add_argument('--path', help='folder of generated images (as the positional argument)')
     p.add_argument('--splits', type=int, default=DEFAULTS['SPLITS'])
     p.add_argument('--batch_size', '--batch-size', type=int, default=DEFAULTS['BATCH_SIZE'])
     p.add_argument('--num_workers', '--num-workers', type=int, default=DEFAULTS['NUM_WORKERS'])

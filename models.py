@@ -17,7 +17,7 @@ import utils  # AttnGAN tokenisation, UserError, checkpoints, weights files
 # ============================================================================
 # [section: evaluation]
 # The FID Inception-v3 is the TF graph `inception-2015-12-05` as pytorch-fid ports it
-# (metrics.md): torchvision's Inception3 module names, so the file
+# (pytorch-fid inception.py): torchvision's Inception3 module names, so the file
 # pt_inception-2015-12-05-6726825d.pth loads with strict=True, and the TF graph's own
 # blocks: average pools that ignore padding, a max pool in the last block, 1008 classes.
 class InceptionConv(nn.Module):
@@ -159,7 +159,8 @@ class FIDInceptionV3(nn.Module):
     returns the spatially averaged output of the block that gives `dims` features:
     64 (first max pool), 192 (second max pool), 768 (Mixed_6e), 2048 (pool3).
     logits(pool3) are the 1008-way logits without the fc bias, as the original
-    Inception Score and torch-fidelity take them (metrics.md)."""
+    Inception Score (improved-gan inception_score/model.py) and torch-fidelity
+    ('logits_unbiased') take them."""
 
     DIMS = (64, 192, 768, 2048)
 
@@ -318,10 +319,10 @@ def feature_net(dims=2048, weights=None, judge=None, device='cpu', exact=False):
 # Each module keeps a plain `spec` dict (family, sizes, vocabulary) from which
 # build_text_encoder / build_image_encoder rebuild it; load_encoders reads the files
 # pretrain_DAMSM.py writes. The families:
-#   damsm    AttnGAN's RNN_ENCODER (bi-LSTM) and CNN_ENCODER (Inception-v3)  gan_refs.md §1
-#   clip_hf  a transformers CLIP, finetuned with DAMSM + NT-Xent (T2I_CLIP-GAN) gan_refs.md §2
-#   clip     CLIP from scratch as open_clip builds it (ModifiedResNet or ViT)  dalle.md §3
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP preprocessing (dalle.md §3)
+#   damsm    AttnGAN's RNN_ENCODER (bi-LSTM) and CNN_ENCODER (Inception-v3)  AttnGAN code/model.py
+#   clip_hf  a transformers CLIP, finetuned with DAMSM + NT-Xent  T2I_CLIP-GAN DMGAN+CLIP/code
+#   clip     CLIP from scratch as open_clip builds it (ModifiedResNet or ViT)  open_clip model.py
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP preprocessing (clip.py _transform)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ATTNGAN_WORDS_NUM = 18          # AttnGAN's TEXT.WORDS_NUM (config.py default): its released encoders carry none
 
@@ -459,7 +460,7 @@ class ImageEncoder(nn.Module):
 class RNNTextEncoder(TextEncoder):
     """AttnGAN's RNN_ENCODER: Embedding(n_words, 300) initialised U(±0.1) -> dropout 0.5 ->
     1-layer bi-LSTM with D/2 units per direction. Words = the outputs (B, D, T); sentence =
-    the two final hidden states concatenated (gan_refs.md §1)."""
+    the two final hidden states concatenated (AttnGAN code/model.py RNN_ENCODER)."""
 
     def __init__(self, spec):
         super().__init__()
@@ -504,7 +505,8 @@ class CNNImageEncoder(ImageEncoder):
     gives the global code. Input bilinear to 299, in [-1, 1]. The backbone loads torchvision's
     ImageNet weights (load_inception_weights) and its weights are frozen unless
     spec['train_backbone'] (its BatchNorm statistics adapt in training unless spec['bn_stats'] is
-    'frozen'); the two new layers start U(±0.1) (gan_refs.md §1).
+    'frozen'); the two new layers start U(±0.1) (AttnGAN code/model.py
+    CNN_ENCODER.init_trainable_weights).
     backbone 'small' swaps Inception for _small_cnn (embedded runs only)."""
 
     def __init__(self, spec):
@@ -571,7 +573,7 @@ class HFCLIPTextEncoder(TextEncoder):
     """T2I_CLIP-GAN's text side: the CLIP text transformer; sentence = text_projection of the
     end token's state; words = the token states (a Linear to D where the width differs; the
     original's ViT-B/32 has width 512 = D and uses them as they are), start and end tokens
-    dropped unless spec['keep_special'] (gan_refs.md §2)."""
+    dropped unless spec['keep_special'] (T2I_CLIP-GAN DMGAN+CLIP/code/pretrain_DAMSM.py)."""
 
     def __init__(self, spec):
         super().__init__()
@@ -646,9 +648,9 @@ class CLIPTextTransformer(TextEncoder):
     """open_clip's text tower: token + learned position embeddings, causal pre-LN transformer,
     final LayerNorm, projection to D. The sentence is the state at the end token, i.e. the
     last real token (CLIP's EOT, BERT's [SEP]); the copied T2I code pooled at the largest id,
-    which with BERT ids is some character, not [SEP] (dalle.md §2). Words = every token state
-    projected to D. Causal attention lets us run only up to the longest caption in the batch:
-    later positions cannot change earlier ones, so this is exact."""
+    which with BERT ids is some character, not [SEP] (text2img's open_clip copy, encode_text).
+    Words = every token state projected to D. Causal attention lets us run only up to the
+    longest caption in the batch: later positions cannot change earlier ones, so this is exact."""
 
     def __init__(self, spec):
         super().__init__()
@@ -1538,8 +1540,8 @@ class VAEResBlock(nn.Module):
 
 
 class DiscreteVAE(nn.Module):
-    """The discrete VAE of DALLE-pytorch (dalle.md §1.2): num_layers strided 4x4 convs,
-    resblocks, a 1x1 conv to logits over the codebook; Gumbel-softmax picks (soft) codes,
+    """The discrete VAE of DALLE-pytorch (dalle_pytorch.py DiscreteVAE): num_layers strided
+    4x4 convs, resblocks, a 1x1 conv to logits over the codebook; Gumbel-softmax picks (soft) codes,
     whose codebook vectors the transposed-conv decoder turns back into an image.
     Module names and shapes equal DALLE-pytorch 1.6.6's, so `vae.pt` files load both ways.
     Works in DALLE-pytorch's normalised space: images in [-1, 1] (it normalises [0, 1]

@@ -44,7 +44,7 @@ DEFAULTS = {
         'SHARD_SIZE': 8192,     # captions per shard file
         'OUT_DIR': 'data/coco/xmc_bert',
     },
-    'FILTER': {                 # dalle.md §2: text2img form_data/dealData_wukong.ipynb
+    'FILTER': {                 # text2img form_data/dealData_wukong.ipynb
         'INPUT_CSV': 'data/wukong/data.csv',   # local images: columns IMG_KEY, CAPTION_KEY
         'IMG_KEY': 'filepath',
         'CAPTION_KEY': 'caption',

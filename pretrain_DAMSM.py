@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import models
 import utils
 
-DEFAULTS = {          # AttnGAN's DAMSM (gan_refs.md §1, cfg/DAMSM/bird.yml); the cfgs say where they differ
+# AttnGAN's DAMSM (code/pretrain_DAMSM.py, code/cfg/DAMSM/bird.yml); cfgs say where they differ
+DEFAULTS = {
     'CONFIG_NAME': 'DAMSM',
     'DATA_DIR': 'data/birds',           # AttnGAN layout (DATA.FORMAT attngan)
     'WORKERS': 1,
@@ -98,7 +99,8 @@ def check_cfg(cfg):
 # Data: AttnGAN layout (TextImageDataset) or open_clip's CSV; the test split, one item per image
 # ----------------------------------------------------------------------------------------------
 def image_transforms(size, train):
-    """open_clip's CSV transforms (dalle.md §3) ending in [-1, 1]; the encoders normalise."""
+    """open_clip's CSV transforms (open_clip transform.py image_transform) ending in [-1, 1];
+    the encoders normalise."""
     import torchvision.transforms as T
     first = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)] if train \
         else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]

@@ -2,7 +2,7 @@
 tokens then image tokens of a frozen discrete VAE or taming VQGAN.
 
   python train_dalle.py --image_text_folder DALLE.train.jsonl --vae_path vae.pt --chinese --amp \
-      --dalle_output_file_name vae_dalle                          # the text2img seed command
+      --dalle_output_file_name vae_dalle                          # text2img's README command
   python train_dalle.py --image_text_folder DALLE.train.jsonl --vqgan_model_path last.ckpt \
       --vqgan_config_path model.yaml --chinese --amp
   python train_dalle.py --cfg cfg/dalle/shapes_dalle.yml          # the embedded run
@@ -33,10 +33,10 @@ DEFAULTS = {
     'TEXT': {
         'TOKENIZER': 'clip',      # clip (BPE) | chinese (--chinese, BERT WordPiece) | words (built from the captions)
         'TOKENIZER_PATH': '',     # hub name or local dir/file; '' = openai/clip-vit-base-patch32 / hfl/chinese-roberta-wwm-ext
-        'TEXT_SEQ_LEN': 32,       # dalle.md §1.4: T2I's default (upstream 256)
+        'TEXT_SEQ_LEN': 32,       # text2img train_dalle.py default (DALLE-pytorch: 256)
         'TRUNCATE_CAPTIONS': False,
     },
-    'MODEL': {                    # dalle.md §1.4: DALLE-pytorch train_dalle.py defaults
+    'MODEL': {                    # DALLE-pytorch train_dalle.py defaults
         'DIM': 512,
         'DEPTH': 2,
         'HEADS': 8,
@@ -63,7 +63,7 @@ DEFAULTS = {
         'SAMPLE_EVERY': 1000,     # steps between sample grids in TensorBoard; 0 = at epoch ends only
         'NUM_SAMPLES': 4,
     },
-    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0,      # for the TensorBoard samples and EVAL (dalle.md §1.5)
+    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0,      # for the TensorBoard samples and EVAL (DALLE-pytorch generate.py --top_k)
                'TOP_K_OVER': 'all'},   # TOP_K's share of the text + image vocabulary (DALLE-pytorch) or 'image'
     'EVAL': {                     # after training; not in DALLE-pytorch
         'HOLDOUT': '',            # held-out (image, caption) pairs: jsonl, folder or csv

@@ -2,7 +2,7 @@
 codebook tokens -> images, the tokenizer of the DALLE pipeline.
 
   python train_vae.py --image_folder DIR --batch_size 64 --num_layers 4 --num_tokens 1024 \
-      --emb_dim 256 --image_size 256                  # the text2img seed command
+      --emb_dim 256 --image_size 256                  # text2img's README command
   python train_vae.py --cfg cfg/dalle/shapes_vae.yml   # the embedded run
   torchrun --nproc_per_node=N train_vae.py ...          # data-parallel
 
@@ -24,7 +24,7 @@ DEFAULTS = {
     'IMAGE_FOLDER': '',           # images at any depth below it
     'WORKERS': 4,
     'PRELOAD': False,             # decode every image once into memory (the transform is fixed); not in DALLE-pytorch
-    'MODEL': {                    # dalle.md §1.1: DALLE-pytorch train_vae.py defaults
+    'MODEL': {                    # DALLE-pytorch train_vae.py defaults
         'IMAGE_SIZE': 128,
         'NUM_TOKENS': 8192,
         'NUM_LAYERS': 3,

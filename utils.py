@@ -1318,7 +1318,8 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------
-# Text: DALLE's caption tokenizers, 0 = padding (dalle.md §1.6); a checkpoint carries the spec
+# Text: DALLE's caption tokenizers (DALLE-pytorch tokenizer.py), 0 = padding; a checkpoint
+# carries the spec
 # ----------------------------------------------------------------------------
 class DalleTokenizer:
     """encode(text) -> ids >= 1 (0 is padding), vocab_size, and a `spec` saved in checkpoints.

@@ -1,6 +1,7 @@
 """XMC-GAN (Zhang et al., CVPR 2021): a one-stage text-to-image GAN trained with contrastive
 losses between sentence and image, words and regions, real and fake images; reproduced from
-the original Flax code (google-research/xmcgan_image_generation; xmcgan.md, gan_refs.md §3).
+the original Flax code (google-research/xmcgan_image_generation: xmcgan/xmc_gan.py, nets/xmc_net.py,
+libml/attention_lib.py).
 main.py hands over here when the cfg says MODEL: XMCGAN.
 
   python preprocess_data.py --cfg cfg/preprocess/coco_bert.yml --gpu 0      # caption embeddings first

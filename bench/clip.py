@@ -21,8 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402
-import utils  # noqa: E402
+import models
+import utils
 
 CAPTIONS = ['a red circle on the left', 'there is a large blue square in the top right corner',
             'the small green star is below the yellow triangle', 'a tiny pink cross near the bottom',

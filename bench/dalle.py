@@ -6,7 +6,7 @@ counts (asserted), dalle-pytorch's weights copied into ours so both compute the 
 (asserted); rounds alternate between the two so that a busy machine slows both alike.
 
     pip install -r bench/requirements.txt      # dalle-pytorch and its dependencies: see that file
-    python bench/dalle.py                      # the seed cfg (dalle.md §1.1, §1.4), CPU, batch 4
+    python bench/dalle.py                      # preset seed (text2img's sizes), CPU, batch 4
     python bench/dalle.py --preset small --threads 1
     python bench/dalle.py --device cuda --batch 16
     python bench/dalle.py --preset small --amp     # ours as `--amp` runs it (bf16 autocast); dalle-pytorch's

@@ -1,4 +1,4 @@
-"""Time the whole embedded demo from scratch against its 15-minute budget (issue: make demo).
+"""Time the whole embedded demo from scratch against its 15-minute budget (`make demo`).
 
     python bench/demo.py                    # DEMO_SCALE 1 into output/bench_demo (deleted first)
     python bench/demo.py --scale 2 --keep   # a longer run; --keep leaves an existing run to resume

@@ -8,7 +8,7 @@ matmul's, measured in the same run (FLOPs counted by torch.utils.flop_counter on
     python bench/dmgan.py --device cuda --steps 20 --warmup 3
 
 Random weights and random text features (the frozen text encoder is not part of the step);
-the original implementation's rate (the issue's 1.5x goal) is measured outside this project.
+the original implementation's rate, to compare against, is measured outside this project.
 """
 import argparse
 import json
@@ -21,9 +21,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import main  # noqa: E402
-import models  # noqa: E402
-import utils  # noqa: E402
+import main
+import models
+import utils
 
 
 def sync(dev):

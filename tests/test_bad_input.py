@@ -70,6 +70,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bad_input_is_one_line_and_touches_nothing(case, inputs, tiny_shapes, tmp_path):
     argv, needles = CASES[case]
@@ -83,6 +84,7 @@ def test_bad_input_is_one_line_and_touches_nothing(case, inputs, tiny_shapes, tm
     assert (digest(inputs), digest(tiny_shapes)) == before
 
 
+@pytest.mark.slow
 def test_resume_after_an_architecture_change_is_one_line(tiny_shapes, tmp_path):
     run = tmp_path / 'vae'
     common = ['--image_folder', tiny_shapes, '--out', run, '--image_size', 16, '--num_layers', 1, '--num_tokens', 16,

@@ -237,6 +237,7 @@ VAE_ARGS = ['--image_size', 16, '--num_layers', 2, '--num_tokens', 16, '--emb_di
             '--num_resnet_blocks', 1, '--batch_size', 8, '--set', 'WORKERS=0', '--set', 'TRAIN.LOG_EVERY=2']
 
 
+@pytest.mark.slow
 def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shapes, tiny_judge):
     a = tmp_path / 'a'
     m = run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', a, *VAE_ARGS,
@@ -278,6 +279,7 @@ def test_vae_temperature_compounds_at_log_points_as_dalle_pytorch():
         train_vae.temperature(c, 1)
 
 
+@pytest.mark.slow
 def test_train_vae_code_restarts_resume_exactly(nested_images, tmp_path):
     # codes re-pointed at steps 4 and 8 from the histogram since the last log; the checkpoint at 6
     # falls inside a window, so a resume must carry the histogram to restart the same codes
@@ -405,6 +407,7 @@ DALLE_ARGS = ['--dim', 16, '--depth', 1, '--heads', 2, '--dim_head', 8, '--text_
               '--set', 'TRAIN.SAMPLE_EVERY=0']
 
 
+@pytest.mark.slow
 def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_path, tiny_encoder, tiny_judge,
                                                      monkeypatch):
     data = os.path.join(tiny_shapes, 'train.jsonl')         # 400 captions of 40 images
@@ -463,8 +466,9 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
     assert os.path.isfile(many / '0' / 'ranking.json')
     with pytest.raises(utils.UserError, match="empty caption"):
         run_script(dalle_gen, ['a red circle. |', 2, tmp_path / 'bad', '--dalle_path', m['dalle_path']])
-    # the seed's lines, TEXT IMG_NUM SAVE_PATH and nothing else: the models where train_dalle.py and
-    # pretrain_DAMSM.py leave them without --cfg/--out, else one line saying what to train first
+    # text2img's command lines, TEXT IMG_NUM SAVE_PATH and nothing else: the models where
+    # train_dalle.py and pretrain_DAMSM.py leave them without --cfg/--out, else one line saying
+    # what to train first
     seed = tmp_path / 'seed'
     seed.mkdir()
     monkeypatch.chdir(seed)
@@ -482,6 +486,8 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
     assert {'0.png', '1.png', 'grid.png', 'ranking.json'} <= set(os.listdir(seed / 'samples'))
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_cached_image_tokens_train_as_tokenising_every_step(tiny_shapes, tiny_vae, tmp_path):
     """TRAIN.CACHE_IMAGE_TOKENS: each image tokenised once gives the tokens (and so the weights)
     that tokenising every batch gives, under the fixed transform it requires."""
@@ -515,6 +521,7 @@ def test_preloaded_vae_images_equal_decoding_each_step(nested_images):
     assert all(torch.equal(plain[i][0], pre[i][0]) for i in range(len(paths)))
 
 
+@pytest.mark.slow
 def test_train_dalle_caption_too_long(tiny_shapes, tiny_vae, tmp_path):
     data = os.path.join(tiny_shapes, 'train.jsonl')
     base = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
@@ -537,6 +544,7 @@ def chinese_folder(root, tiny_shapes):
     return str(vocab)
 
 
+@pytest.mark.slow
 def test_train_dalle_chinese_tokenizer(tiny_shapes, tiny_vae, tmp_path):
     (tmp_path / 'data').mkdir()
     vocab = chinese_folder(tmp_path / 'data', tiny_shapes)
@@ -566,6 +574,7 @@ def tiny_clip_bpe_dir(path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
     bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
     tok = utils.DalleTokenizer({'kind': 'clip', 'path': bpe})
@@ -599,6 +608,7 @@ def _tiny_vision():
                 image_size=32, patch_size=8)
 
 
+@pytest.mark.slow
 def test_clip_sort_transformers_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
     bpe = tiny_clip_bpe_dir(tmp_path / 'clip')
@@ -620,6 +630,7 @@ def test_clip_sort_transformers_clip(tmp_path):
     assert os.path.isfile(tmp_path / 'g' / 'top2.png')
 
 
+@pytest.mark.slow
 def test_clip_sort_transformers_chinese_clip(tmp_path):
     from transformers import (BertTokenizer, ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel,
                               ChineseCLIPProcessor)

@@ -13,7 +13,7 @@ def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-@pytest.mark.parametrize('r_num, expected', [(2, 21_449_042), (3, 22_335_314)])   # param_counts.md
+@pytest.mark.parametrize('r_num, expected', [(2, 21_449_042), (3, 22_335_314)])   # DM-GAN's G_NET
 def test_generator_parameter_count_equals_original(r_num, expected):
     G = models.DMGANGenerator(gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=r_num)
     assert n_params(G) == expected
@@ -128,6 +128,7 @@ def tiny_step(amp_dtype, contrastive):
     return main.train_step(G, Ds, optG, optsD, enc, reals, torch.arange(B), feats, torch.randn(B, 8), T, amp, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('contrastive', [False, True])
 def test_bf16_autocast_step_matches_fp32(contrastive):
     """TRAIN.AMP (bf16 autocast) computes the same losses as fp32 up to bf16 rounding."""
@@ -146,7 +147,6 @@ import sys           # noqa: E402
 import time          # noqa: E402
 
 import pretrain_DAMSM   # noqa: E402
-import utils            # noqa: E402
 from conftest import ROOT   # noqa: E402
 
 
@@ -183,6 +183,7 @@ def tiny_rnn_encoder(tmp_path_factory, tiny_shapes):
     return str(out / 'checkpoints' / 'text_encoder1.pth')
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_encoder, tmp_path):
     """The original DM-GAN's conditioning: the DAMSM bi-LSTM words/sentence, the CNN's regions."""
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_rnn_encoder, 'TRAIN.BATCH_SIZE=4',
@@ -212,6 +213,7 @@ def run_ok(argv):
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('contrastive', [True, False])
 def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, contrastive):
     train_sets = ['TRAIN.BATCH_SIZE=4', 'TRAIN.MAX_EPOCH=1', f'TRAIN.CONTRASTIVE.ENABLE={str(contrastive).lower()}']
@@ -248,6 +250,7 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
     assert abs(float(acc['colour']) - m['judge_colour']) < 0.05
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, tmp_path):
     sets = ['TRAIN.BATCH_SIZE=8', 'TRAIN.MAX_EPOCH=3', 'TRAIN.SNAPSHOT_INTERVAL=1', 'TRAIN.CONTRASTIVE.ENABLE=false']
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'straight', tiny_shapes, tiny_encoder, *sets))
@@ -267,6 +270,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, 
         assert resumed[k] == straight[k], k
 
 
+@pytest.mark.slow
 def test_learning_curve_over_the_checkpoints(tiny_shapes, tiny_encoder, tiny_judge, tmp_path):
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_encoder, 'TRAIN.BATCH_SIZE=8',
                       'TRAIN.MAX_EPOCH=2', 'TRAIN.SNAPSHOT_INTERVAL=1', 'TRAIN.KEEP_CHECKPOINTS=0'))
@@ -281,6 +285,7 @@ def test_learning_curve_over_the_checkpoints(tiny_shapes, tiny_encoder, tiny_jud
     assert Image.open(tmp_path / 'eval' / 'curve.png').size == (640, 400)
 
 
+@pytest.mark.slow
 def test_eval_refuses_wrong_checkpoint_kind(tiny_shapes, tiny_encoder, tmp_path):
     r = subprocess.run(dmgan_args('shapes_DMGAN.yml', tmp_path / 'e', tiny_shapes, tiny_encoder,
                                   'TRAIN.FLAG=false', f'TRAIN.NET_G={tiny_encoder}'),

@@ -356,6 +356,7 @@ def tiny_clip_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('cfg', sorted(CFGS))
 def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
     out = tmp_path / 'run'
@@ -373,6 +374,7 @@ def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
         assert torch.allclose(te.model.text_model.embeddings.token_embedding.weight, ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_auto_continues_from_the_last_epoch(fixture_data, tmp_path):
     cfg = os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml')
     out = tmp_path / 'run'
@@ -452,6 +454,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)

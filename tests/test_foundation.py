@@ -389,6 +389,7 @@ utils.run_main(main)
 """
 
 
+@pytest.mark.slow
 def test_ddp_gloo_two_processes(tmp_path):
     script = tmp_path / 'ddp.py'
     script.write_text(DDP_SCRIPT.format(root=ROOT, tmp=str(tmp_path)))

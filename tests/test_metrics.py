@@ -14,11 +14,11 @@ from PIL import Image
 from conftest import ROOT
 from fid_weights import calibrated_random_weights
 
-import fid_score  # noqa: E402
-import inception_score  # noqa: E402
-import models  # noqa: E402
-import preprocess_data  # noqa: E402
-import utils  # noqa: E402
+import fid_score
+import inception_score
+import models
+import preprocess_data
+import utils
 
 
 def run(*args, **kw):
@@ -70,6 +70,7 @@ def ours(paths, weights, dims, exact, method='eig'):
     return utils.frechet_distance(*stats[0], *stats[1], method=method)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::UserWarning')
 def test_fid_parity_with_pytorch_fid_dims_64(fid_setup, tmp_path):
     a, b, w = fid_setup
@@ -86,6 +87,7 @@ def test_fid_parity_with_pytorch_fid_dims_64(fid_setup, tmp_path):
     assert abs(ours((a, b), w, 64, exact=True, method='sqrtm') - ref) / ref < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore::UserWarning')
 def test_fid_parity_with_pytorch_fid_dims_2048(fid_setup):
     a, b, w = fid_setup
@@ -95,10 +97,11 @@ def test_fid_parity_with_pytorch_fid_dims_2048(fid_setup):
     assert abs(exact - ref) / ref < 1e-6
     # Folding BatchNorm and channels_last change float32 rounding only: measured 7.7e-7
     # here, while pytorch-fid's own value moves by 8e-6 between 1 and 2 CPU threads on this
-    # random network (README); the bound leaves room for other CPUs' kernels.
+    # random network (docs/experiments.md); the bound leaves room for other CPUs' kernels.
     assert abs(fast - ref) / ref < 1e-5
 
 
+@pytest.mark.slow
 def test_fid_identical_folders_and_npz_round_trip(fid_setup, tmp_path, monkeypatch):
     a, b, w = fid_setup
     npz = str(tmp_path / 'a.npz')
@@ -143,6 +146,7 @@ def test_fewer_images_than_dims_warns():
         utils.statistics(np.random.rand(10, 64), 'gen')
 
 
+@pytest.mark.slow
 def test_missing_weights_is_one_line(fid_setup, tmp_path):
     a, b, _ = fid_setup
     p = run('fid_score.py', a, b, env={**os.environ, 'TORCH_HOME': str(tmp_path)})
@@ -191,6 +195,7 @@ def test_inception_score_equals_torch_fidelity():
         assert std == pytest.approx(ref['inception_score_std'], rel=1e-8)
 
 
+@pytest.mark.slow
 def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     a, _, w = fid_setup
     p = run('inception_score.py', '--path', a, '--splits', '2', '--weights', w, '--num_workers', '0',
@@ -373,6 +378,7 @@ def test_shapes_key():
         utils.shapes_key('out/gen/0001.png')
 
 
+@pytest.mark.slow
 def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     out = tmp_path / 'judge'
     p = run('fid_score.py', '--train_judge', '--cfg', 'cfg/judge_shapes.yml', '--out', str(out),

@@ -121,7 +121,6 @@ def random_state(layout, seed=0):
 def test_released_dmgan_weights_load_strictly():
     import torch
 
-    import main
     import models
     lay = original_layouts()
     for name, r_num in (('G_NET@bird_DMGAN', 2), ('G_NET@coco_DMGAN', 3)):

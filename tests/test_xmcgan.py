@@ -216,6 +216,7 @@ def trained_run(tmp_path_factory, embeddings):
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_one_train_step_at_the_original_test_sizes(monkeypatch, tmp_path, embeddings):
     """coco_xmc.py's test config: gf/df 16, z 8, batch 2, at 128 px, all four contrastive losses
     (a random-init ResNet-50 for the pretrained one); the EMA moved 0.1% of the way."""
@@ -236,6 +237,7 @@ def test_one_train_step_at_the_original_test_sizes(monkeypatch, tmp_path, embedd
     assert not torch.equal(m['D']['out.parametrizations.weight.original'], D0.out.parametrizations.weight.original)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_equals_uninterrupted(monkeypatch, tmp_path, embeddings, trained_run):
     cfg = tiny_train_cfg(embeddings, tmp_path / 'resumed', MAX_STEPS=1)
     run_main(monkeypatch, cfg)
@@ -263,6 +265,7 @@ def rows(path):
     return [line for line in open(path) if not line.startswith('#')]
 
 
+@pytest.mark.slow
 def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embeddings, encoder, judge, trained_run,
                                                  dmgan_run, tiny_shapes):
     """FID on the judge's features against saved real statistics, judge accuracy, R-precision;
@@ -291,6 +294,7 @@ def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embedding
     assert len(rows(table)) == 2
 
 
+@pytest.mark.slow
 def test_watch_stops_cleanly_on_sigterm(tmp_path, embeddings, encoder, trained_run):
     cfg = eval_cfg(embeddings, encoder, '', trained_run, tmp_path / 'eval')
     cfg['EVAL'].update(BASELINE=False, FID=False)
