@@ -23,7 +23,7 @@ DATA = 'data/shapes'                     # preprocess_data.py --cfg cfg/preproce
 # Training length of each step at DEMO_SCALE 1, sized so the whole demo fits in ~15 minutes on
 # 2 CPU cores; the cfgs' own lengths (docs/experiments.md: ~10 minutes each) are the longer runs.
 LENGTH = {'judge_epochs': 3, 'clip_epochs': 2, 'damsm_epochs': 1, 'dmgan_epochs': 4,
-          'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 1000}
+          'xmc_steps': 250, 'vae_epochs': 1, 'dalle_steps': 400, 'dalle_eval_captions': 256}
 SAMPLES_PER_CAPTION = 8                  # dalle_gen.py images per caption, reranked by clip_sort.py
 
 
@@ -88,7 +88,8 @@ def steps(out, scale):
         Step('dalle', 'DALLE on the VAE',
              [PY, 'train_dalle.py', '--cfg', 'cfg/dalle/shapes_dalle.yml', '--out', d('dalle'), '--resume', 'auto',
               '--vae_path', d('vae', 'vae.pt'), '--set', f"TRAIN.MAX_STEPS={n('dalle_steps')}",
-              '--set', f"EVAL.JUDGE={d('judge')}", '--set', f'EVAL.ENCODER={enc}'],
+              '--set', f"EVAL.JUDGE={d('judge')}", '--set', f'EVAL.ENCODER={enc}',
+              '--set', f"EVAL.NUM_CAPTIONS={LENGTH['dalle_eval_captions']}"],
              d('dalle', 'metrics.json')),
     ]
 
