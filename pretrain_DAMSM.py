@@ -543,9 +543,51 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
     return step, {f'train_{k}': utils.all_reduce_mean(v / max(n, 1)) for k, v in sums.items()}
 
 
+# open_clip's training flags (open_clip src/training/params.py), as cfg keys (utils.flags_to_set);
+# --train-data also selects the CSV reader, --model the preset below.
+OPEN_CLIP_FLAGS = {'train_data': 'DATA.TRAIN_CSV', 'val_data': 'DATA.VAL_CSV', 'csv_img_key': 'DATA.CSV_IMG_KEY',
+                   'csv_caption_key': 'DATA.CSV_CAPTION_KEY', 'csv_separator': 'DATA.CSV_SEP',
+                   'batch_size': 'TRAIN.BATCH_SIZE', 'lr': 'TRAIN.ENCODER_LR', 'wd': 'TRAIN.WEIGHT_DECAY',
+                   'epochs': 'TRAIN.MAX_EPOCH', 'workers': 'WORKERS', 'save_frequency': 'TRAIN.SNAPSHOT_INTERVAL'}
+# open_clip model_configs/RN50.json: ModifiedResNet [3, 4, 6, 3] width 64, 224 px, embed_dim 1024,
+# a 12-layer 512-wide text transformer with 8 heads.
+OPEN_CLIP_MODELS = {'RN50': ['MODEL.FAMILY=clip', 'MODEL.CLIP.VISION_LAYERS=[3, 4, 6, 3]', 'MODEL.CLIP.VISION_WIDTH=64',
+                             'MODEL.CLIP.HEAD_WIDTH=64', 'MODEL.CLIP.PATCH_SIZE=0', 'MODEL.CLIP.TEXT_WIDTH=512',
+                             'MODEL.CLIP.TEXT_HEADS=8', 'MODEL.CLIP.TEXT_LAYERS=12', 'TEXT.EMBEDDING_DIM=1024',
+                             'TREE.BASE_SIZE=224']}
+
+
+def parse_args(argv=None):
+    p = utils.base_parser('Pretrain the text/image encoders (DAMSM, CLIP + DAMSM, CLIP).')
+    g = p.add_argument_group("open_clip's flags (CLIP from scratch on a CSV)")
+    for flag, key in OPEN_CLIP_FLAGS.items():
+        typ = float if flag in ('lr', 'wd') else int if flag in ('batch_size', 'epochs', 'workers', 'save_frequency') else str
+        g.add_argument('--' + flag.replace('_', '-'), dest=flag, type=typ, default=None, help=f'cfg {key}')
+    g.add_argument('--model', default=None, help=f"open_clip model config: {', '.join(OPEN_CLIP_MODELS)}")
+    g.add_argument('--report-to', dest='report_to', default=None,
+                   help='accepted: TensorBoard is always written to <run dir>/tb')
+    g.add_argument('--horovod', action='store_true', help='accepted: data-parallel runs use torchrun instead')
+    args = p.parse_args(argv)
+    preset = []
+    if args.model is not None:
+        if args.model not in OPEN_CLIP_MODELS:
+            raise utils.UserError(f"--model {args.model}: expected one of {sorted(OPEN_CLIP_MODELS)}")
+        preset = OPEN_CLIP_MODELS[args.model]
+    if args.train_data is not None:
+        preset = ['DATA.FORMAT=csv'] + preset
+    args = utils.flags_to_set(args, OPEN_CLIP_FLAGS)
+    args.set = preset + args.set
+    args.open_clip_notes = ([f"--report-to {args.report_to}: TensorBoard scalars go to <run dir>/tb"]
+                            if args.report_to else []) + \
+        (["--horovod: ignored; run data-parallel with torchrun --nproc_per_node=N"] if args.horovod else [])
+    return args
+
+
 def main():
-    args = utils.base_parser('Pretrain the text/image encoders (DAMSM, CLIP + DAMSM, CLIP).').parse_args()
+    args = parse_args()
     run = utils.setup(args, DEFAULTS)
+    for note in args.open_clip_notes:
+        run.log.info(note)
     cfg, log, device = run.cfg, run.log, run.device
     check_cfg(cfg)
 

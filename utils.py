@@ -1203,7 +1203,8 @@ def _resolve(path, base_dir):
 
 def read_csv_pairs(path, img_key='filepath', caption_key='title', sep='\t'):
     """open_clip's CSV (--csv-img-key/--csv-caption-key, tab-separated by default).
-    Relative image paths are taken relative to the CSV file's folder."""
+    A relative image path is read from the working directory as open_clip reads it, else from
+    the CSV file's folder."""
     _require(path, 'CSV of image paths and captions')
     with open(path, newline='', encoding='utf-8') as f:
         reader = csv.DictReader(f, delimiter=sep)
@@ -1216,7 +1217,9 @@ def read_csv_pairs(path, img_key='filepath', caption_key='title', sep='\t'):
             if not r[caption_key] or not r[img_key]:
                 raise UserError(f"{path}:{n}: a row without {'a caption' if r[img_key] else 'an image path'} "
                                 f"(columns '{img_key}' and '{caption_key}', separator {sep!r})")
-            out.append((_resolve(r[img_key], base), r[caption_key]))
+            img = r[img_key]    # open_clip opens a relative path from the working directory
+            out.append((os.path.abspath(img) if not os.path.isabs(img) and os.path.exists(img) else _resolve(img, base),
+                        r[caption_key]))
         return out
 
 

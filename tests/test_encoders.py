@@ -481,3 +481,36 @@ def test_r_precision_feasibility_is_checked_before_training(fixture_data, tmp_pa
     with pytest.raises(utils.UserError, match=r'R-precision on the 6 test images \(EVAL.R_NEG\) needs 50'):
         run_script(os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml'), tmp_path / 'r', fixture_data, 'EVAL.R_NEG=50')
     assert not (tmp_path / 'r' / 'checkpoints').exists()
+
+
+def test_open_clip_flags_as_text2img_writes_them(tmp_path, monkeypatch):
+    """text2img's command line for CLIP from scratch, open_clip's flags as written."""
+    import pretrain_DAMSM
+    args = pretrain_DAMSM.parse_args(['--train-data', '../train_clean.csv', '--val-data', '../val_clean.csv',
+                                      '--batch-size', '64', '--lr', '1e-4', '--wd', '0.1', '--epochs', '30',
+                                      '--model', 'RN50', '--workers', '4', '--save-frequency', '10',
+                                      '--report-to', 'tensorboard', '--horovod'])
+    cfg = utils.build_cfg(pretrain_DAMSM.DEFAULTS, args)
+    assert (cfg.DATA.FORMAT, cfg.DATA.TRAIN_CSV, cfg.DATA.VAL_CSV) == ('csv', '../train_clean.csv', '../val_clean.csv')
+    assert (cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.ENCODER_LR, cfg.TRAIN.WEIGHT_DECAY, cfg.TRAIN.MAX_EPOCH) == (64, 1e-4, 0.1, 30)
+    assert (cfg.WORKERS, cfg.TRAIN.SNAPSHOT_INTERVAL, cfg.MODEL.FAMILY, cfg.TEXT.EMBEDDING_DIM) == (4, 10, 'clip', 1024)
+    assert cfg.MODEL.CLIP.VISION_LAYERS == [3, 4, 6, 3] and cfg.TREE.BASE_SIZE == 224
+    assert len(args.open_clip_notes) == 2 and 'torchrun' in args.open_clip_notes[1]
+    # an explicit --set still wins over a flag; an unknown model is one line
+    args = pretrain_DAMSM.parse_args(['--lr', '1e-4', '--set', 'TRAIN.ENCODER_LR=0.01'])
+    assert utils.build_cfg(pretrain_DAMSM.DEFAULTS, args).TRAIN.ENCODER_LR == 0.01
+    with pytest.raises(utils.UserError, match='--model ViT-H-14: expected one of'):
+        pretrain_DAMSM.parse_args(['--model', 'ViT-H-14'])
+
+
+def test_csv_image_paths_resolve_as_open_clip_then_beside_the_csv(tmp_path, monkeypatch):
+    (tmp_path / 'data' / 'img').mkdir(parents=True)
+    (tmp_path / 'work' / 'img').mkdir(parents=True)
+    for folder in ('data', 'work'):
+        (tmp_path / folder / 'img' / 'a.jpg').write_bytes(b'x')
+    (tmp_path / 'data' / 'img' / 'b.jpg').write_bytes(b'x')
+    (tmp_path / 'data' / 'train.csv').write_text('filepath\ttitle\nimg/a.jpg\tone\nimg/b.jpg\ttwo\n')
+    monkeypatch.chdir(tmp_path / 'work')
+    got = utils.read_csv_pairs(str(tmp_path / 'data' / 'train.csv'))
+    assert got == [(str(tmp_path / 'work' / 'img' / 'a.jpg'), 'one'),        # from the working directory
+                   (str(tmp_path / 'data' / 'img' / 'b.jpg'), 'two')]        # else beside the CSV
