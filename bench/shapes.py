@@ -1,12 +1,12 @@
 """The embedded 10-minute recipes, several seeds each, and one table of the judge's accuracy.
 
-    python bench/shapes.py                                  # both DM-GAN recipes, seeds 0 1 2
+    python bench/shapes.py                                  # DM-GAN (both encoders) and DALLE, seeds 0 1 2
     python bench/shapes.py --systems dmgan_clip --seeds 0   # one recipe, one seed
 
-For each system: its text encoder is trained once (seed 0) with its cfg, unless the checkpoint
-its cfg names is already there; then, per seed, the generator is trained with its cfg and scored
-by its evaluation cfg on the 1,000 test captions (one image each, the judge, R-precision with the
-encoder it is conditioned on, baselines). Prints mean +- std over the seeds beside the encoder's
+For each system: its text encoder (DALLE: its VAE) is trained once (seed 0) with its cfg, unless
+the file its cfg names is already there; then, per seed, the generator is trained with its cfg
+and scored on the 1,000 test captions (one image each, the judge, R-precision with the encoder it
+is conditioned on, DALLE with the CLIP from scratch, baselines). Prints mean +- std over the seeds beside the encoder's
 R-precision on the real test images and the baselines, and writes <out>/shapes.json. Each run's
 learning curve is <out>/<system>_seed<N>_eval/curve.png.
 """
@@ -21,12 +21,22 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# system: (encoder cfg, encoder checkpoint, generator cfg, evaluation cfg)
+# system: the command that trains what conditions or tokenises it (run once, seed 0, unless its
+# file exists), that file, the generator's training command, its evaluation cfg (None: training
+# ends with the evaluation), and the run dir whose R-precision on the real test images the
+# generator's R-precision is measured against.
 SYSTEMS = {
-    'dmgan_clip': ('cfg/clip_shapes.yml', 'output/clip_shapes/checkpoints/text_encoder1.pth',
-                   'cfg/shapes_DMGAN.yml', 'cfg/eval_shapes_DMGAN.yml'),
-    'dmgan_damsm': ('cfg/DAMSM/shapes.yml', 'output/DAMSM_shapes/checkpoints/text_encoder4.pth',
-                    'cfg/shapes_DMGAN_DAMSM.yml', 'cfg/eval_shapes_DMGAN.yml'),
+    'dmgan_clip': dict(prep=['pretrain_DAMSM.py', '--cfg', 'cfg/clip_shapes.yml'],
+                       needs='output/clip_shapes/checkpoints/text_encoder1.pth',
+                       train=['main.py', '--cfg', 'cfg/shapes_DMGAN.yml'], eval='cfg/eval_shapes_DMGAN.yml',
+                       encoder_run='output/clip_shapes'),
+    'dmgan_damsm': dict(prep=['pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml'],
+                        needs='output/DAMSM_shapes/checkpoints/text_encoder4.pth',
+                        train=['main.py', '--cfg', 'cfg/shapes_DMGAN_DAMSM.yml'], eval='cfg/eval_shapes_DMGAN.yml',
+                        encoder_run='output/DAMSM_shapes'),
+    'dalle': dict(prep=['train_vae.py', '--cfg', 'cfg/dalle/shapes_vae.yml'], needs='output/shapes_vae/vae.pt',
+                  train=['train_dalle.py', '--cfg', 'cfg/dalle/shapes_dalle.yml', '--vae_path', 'output/shapes_vae/vae.pt'],
+                  eval=None, encoder_run='output/clip_shapes'),
 }
 COLUMNS = ('count', 'shape', 'colour', 'size', 'position', 'all')
 TARGETS = {'count': 0.90, 'shape': 0.85, 'colour': 0.90, 'size': 0.90, 'position': 0.85, 'all': 0.60}
@@ -57,25 +67,26 @@ def main():
     result = {'date': time.strftime('%Y-%m-%d %H:%M'), 'cpus': os.cpu_count(),
               'machine': platform.processor() or platform.machine(), 'systems': {}}
     for name in args.systems:
-        enc_cfg, enc, gen_cfg, eval_cfg = SYSTEMS[name]
-        enc_seconds = None
-        if not os.path.isfile(os.path.join(ROOT, enc)):
-            enc_seconds = run(['pretrain_DAMSM.py', '--cfg', enc_cfg], os.path.join(ROOT, args.out, f'{name}_encoder.log'))
-        enc_r = metrics(os.path.dirname(os.path.dirname(enc)))
+        sys_ = SYSTEMS[name]
+        prep_seconds = None
+        if not os.path.isfile(os.path.join(ROOT, sys_['needs'])):
+            prep_seconds = run(sys_['prep'], os.path.join(ROOT, args.out, f'{name}_prep.log'))
+        enc_r = metrics(sys_['encoder_run'])
         rows = []
         for seed in args.seeds:
             gen_dir, eval_dir = f'{args.out}/{name}_seed{seed}', f'{args.out}/{name}_seed{seed}_eval'
-            train_s = run(['main.py', '--cfg', gen_cfg, '--seed', str(seed), '--out', gen_dir, '--overwrite'],
-                          os.path.join(ROOT, gen_dir + '.log'))
-            run(['main.py', '--cfg', eval_cfg, '--out', eval_dir, '--set', f'TRAIN.NET_G={gen_dir}',
-                 '--set', f'TRAIN.NET_E={enc}', '--set', f'EVAL.JUDGE={args.judge}'],
-                os.path.join(ROOT, eval_dir + '.log'))
-            m = metrics(eval_dir)
+            train_s = run(sys_['train'] + ['--seed', str(seed), '--out', gen_dir, '--overwrite',
+                                           '--set', f'EVAL.JUDGE={args.judge}'], os.path.join(ROOT, gen_dir + '.log'))
+            if sys_['eval']:
+                run(['main.py', '--cfg', sys_['eval'], '--out', eval_dir, '--set', f'TRAIN.NET_G={gen_dir}',
+                     '--set', f"TRAIN.NET_E={sys_['needs']}", '--set', f'EVAL.JUDGE={args.judge}'],
+                    os.path.join(ROOT, eval_dir + '.log'))
+            m = metrics(eval_dir if sys_['eval'] else gen_dir)
             rows.append({'seed': seed, 'train_seconds': metrics(gen_dir)['train_seconds'], 'wall_seconds': train_s, **m})
             print(f"{name} seed {seed}: " + ' '.join(f"{c} {m[f'judge_{c}']:.3f}" for c in COLUMNS)
                   + f" R-precision {m['r_precision']:.3f} ({rows[-1]['train_seconds']:.0f} s)", flush=True)
-        result['systems'][name] = {'encoder': enc, 'encoder_r_precision': enc_r.get('R_precision'),
-                                   'encoder_seconds': enc_seconds, 'runs': rows}
+        result['systems'][name] = {'prepared': sys_['needs'], 'encoder_r_precision': enc_r.get('R_precision'),
+                                   'prep_seconds': prep_seconds, 'runs': rows}
     with open(os.path.join(ROOT, args.out, 'shapes.json'), 'w') as f:
         json.dump(result, f, indent=1)
     head = ['system'] + list(COLUMNS) + ['R-precision', 'encoder R-precision', 'training s']
