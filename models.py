@@ -5,6 +5,7 @@ import math
 import os
 import re
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -1478,17 +1479,141 @@ RESNET50_FILES = ('resnet50-0676ba61.pth', 'resnet50-11ad3fa6.pth')   # torchvis
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def same_pads(size, kernel, stride):
+    """TF/Flax 'SAME' padding of one dimension: ceil(size / stride) outputs, the odd pixel after
+    (PyTorch's padding is symmetric)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def pad_same(x, kernel, stride, value=0.0):
+    (top, bottom), (left, right) = (same_pads(n, k, s) for n, k, s in zip(x.shape[-2:], kernel, stride))
+    return F.pad(x, (left, right, top, bottom), value=value) if top or bottom or left or right else x
+
+
+def max_pool_same(x):
+    """Flax nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME'): padded with -inf, which never
+    wins a max."""
+    return F.max_pool2d(pad_same(x, (3, 3), (2, 2), float('-inf')), 3, 2)
+
+
+class SameConv2d(nn.Conv2d):
+    """Flax nn.Conv without bias, padding 'SAME' (resnet_v1.py's convs)."""
+
+    def __init__(self, cin, cout, kernel, stride=1):
+        super().__init__(cin, cout, kernel, stride, bias=False)
+
+    def forward(self, x):
+        return super().forward(pad_same(x, self.kernel_size, self.stride))
+
+
+class FlaxBottleneck(nn.Module):
+    """resnet_v1.py BottleneckResNetBlock: 1x1, 3x3 (carries the stride), 1x1 to 4x filters, each
+    with BatchNorm (Flax's epsilon 1e-5); proj_conv/proj_bn where the shape changes."""
+
+    def __init__(self, cin, filters, stride):
+        super().__init__()
+        self.conv1, self.bn1 = SameConv2d(cin, filters, 1), nn.BatchNorm2d(filters)
+        self.conv2, self.bn2 = SameConv2d(filters, filters, 3, stride), nn.BatchNorm2d(filters)
+        self.conv3, self.bn3 = SameConv2d(filters, 4 * filters, 1), nn.BatchNorm2d(4 * filters)
+        self.proj = stride != 1 or cin != 4 * filters
+        if self.proj:
+            self.proj_conv = SameConv2d(cin, 4 * filters, 1, stride)
+            self.proj_bn = nn.BatchNorm2d(4 * filters)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu((self.proj_bn(self.proj_conv(x)) if self.proj else x) + y)
+
+
+class FlaxResNetV1(nn.Module):
+    """resnet_v1.py ResNet with bottleneck blocks (stage_sizes [3, 4, 6, 3], width 64: ResNet50),
+    NCHW. Returns the head's logits (its `out`). Module names are the Flax ones, so
+    `flax_tensors` maps the Flax variable tree by name."""
+
+    def __init__(self, stage_sizes=(3, 4, 6, 3), width=64, num_classes=1000):
+        super().__init__()
+        self.init_conv, self.init_bn = SameConv2d(3, width, 7, 2), nn.BatchNorm2d(width)
+        self.stages, cin = [], width
+        for i, n in enumerate(stage_sizes):
+            stage, filters = nn.Sequential(), width * 2 ** i
+            for j in range(n):
+                stage.add_module(f'block{j + 1}', FlaxBottleneck(cin, filters, 2 if i and not j else 1))
+                cin = 4 * filters
+            self.add_module(f'stage{i + 1}', stage)
+            self.stages.append(stage)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.init_bn(self.init_conv(x))             # no ReLU before the pool in resnet_v1.py
+        x = max_pool_same(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x.mean((2, 3)))
+
+    def flax_tensors(self):
+        """'params/stage1/block1/conv1/kernel' (a Flax variable path) -> (this net's tensor, the Flax
+        shape, Flax -> PyTorch layout): conv kernels HWIO -> OIHW, the Dense kernel (in, out)."""
+        out = {}
+        for name, m in self.named_modules():
+            p = name.replace('.', '/')
+            if isinstance(m, SameConv2d):
+                out[f'params/{p}/kernel'] = (m.weight, tuple(m.weight.permute(2, 3, 1, 0).shape),
+                                             lambda a: a.permute(3, 2, 0, 1))
+            elif isinstance(m, nn.BatchNorm2d):
+                for key, t in (('params/{}/scale', m.weight), ('params/{}/bias', m.bias),
+                               ('batch_stats/{}/mean', m.running_mean), ('batch_stats/{}/var', m.running_var)):
+                    out[key.format(p)] = (t, tuple(t.shape), None)
+            elif isinstance(m, nn.Linear):
+                out[f'params/{p}/kernel'] = (m.weight, (m.in_features, m.out_features), lambda a: a.t())
+                out[f'params/{p}/bias'] = (m.bias, tuple(m.bias.shape), None)
+        return out
+
+
+def load_flax_resnet(net, variables, path):
+    """Copy the Flax variables {'params': ..., 'batch_stats': ...} into a FlaxResNetV1, strictly:
+    every variable used, every shape checked, else one line naming the first key at fault."""
+    flat = {}
+
+    def walk(tree, prefix):
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                walk(v, f'{prefix}{k}/')
+            else:
+                flat[f'{prefix}{k}'] = v
+
+    if not isinstance(variables, dict):
+        raise utils.UserError(f"{path}: holds a {type(variables).__name__}, not the Flax variables "
+                              "{'params': ..., 'batch_stats': ...}")
+    walk(variables, '')
+    want = net.flax_tensors()
+    missing, unexpected = [k for k in want if k not in flat], [k for k in flat if k not in want]
+    for keys, what in ((missing, 'missing'), (unexpected, 'unexpected')):
+        if keys:
+            raise utils.UserError(f"{path}: {what} Flax ResNet-50 variable {keys[0]} "
+                                  f"({len(keys)} {what}; the layout of XMC-GAN's resnet_v1.py ResNet50)")
+    with torch.no_grad():
+        for k, (t, shape, to_torch) in want.items():
+            a = flat[k]
+            if not (isinstance(a, np.ndarray) and a.dtype.kind == 'f' and a.shape == shape):
+                got = f'{a.dtype} {a.shape}' if isinstance(a, np.ndarray) else type(a).__name__
+                raise utils.UserError(f"{path}: Flax ResNet-50 variable {k} is {got}, expected float {shape}")
+            v = torch.from_numpy(a.astype(np.float32))
+            t.copy_(to_torch(v) if to_torch else v)
+
+
 class PretrainedResNet50(nn.Module):
     """The frozen ImageNet ResNet-50 of XMC-GAN's pretrained image contrastive loss: [-1, 1]
-    images, bilinear to 224 (pretrained_model_utils.py), ImageNet mean/std (torchvision's weights
-    expect it; the original fed [0, 1] to its own Flax port), -> the 1000 logits (its `outputs`).
-    weights: a .pth file, 'auto' (torchvision's cache) or '' (random init, for tests); a named
-    file that is absent stops the run."""
+    images, bilinear to 224 (pretrained_model_utils.py), -> the 1000 logits (its `outputs`).
+    weights: a .npy file (the original's resnet_pretrained.npy: resnet_v1.py's Flax ResNet50, fed
+    [0, 1] images as the original does), a .pth file (torchvision's ResNet-50, fed ImageNet
+    mean/std as its weights expect), 'auto' (torchvision's cache) or '' (random torchvision
+    init, for tests); a named file that is absent stops the run."""
 
     def __init__(self, weights='auto', log=None):
         super().__init__()
-        import torchvision
-        self.net = torchvision.models.resnet50(weights=None)
         path = weights
         if weights == 'auto':
             found = [p for p in (os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES)
@@ -1496,25 +1621,41 @@ class PretrainedResNet50(nn.Module):
             if not found:
                 raise utils.UserError(f"{os.path.join(torch.hub.get_dir(), 'checkpoints', RESNET50_FILES[0])}: "
                                       "ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks in torchvision's "
-                                      "cache; give a .pth, or '' for a random init)")
+                                      "cache; give a .pth or XMC-GAN's resnet_pretrained.npy, or '' for a random "
+                                      "init)")
             path = found[0]
-        if path:
-            if not os.path.isfile(path):
-                raise utils.UserError(f"{path}: ResNet-50 weights file not found (TRAIN.RESNET)")
-            try:
-                self.net.load_state_dict(utils.load_weights(path))
-            except (RuntimeError, AttributeError) as e:
-                raise utils.UserError(f"{path}: not torchvision ResNet-50 weights ({str(e).splitlines()[0][:200]})")
-            if log:
-                log.info(f"ResNet-50 ImageNet weights from {path}")
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if path and not os.path.isfile(path):
+            raise utils.UserError(f"{path}: ResNet-50 weights file not found (TRAIN.RESNET)")
+        self.flax = path.endswith('.npy')
+        if self.flax:
+            self.net = FlaxResNetV1()
+            tree = utils.safe_npy_load(path)
+            if tree.shape != ():
+                raise utils.UserError(f"{path}: an array of shape {tree.shape}, not np.save of the Flax variables")
+            load_flax_resnet(self.net, tree.item(), path)
+        else:
+            import torchvision
+            self.net = torchvision.models.resnet50(weights=None)
+            if path:
+                try:
+                    self.net.load_state_dict(utils.load_weights(path))
+                except (RuntimeError, AttributeError) as e:
+                    raise utils.UserError(f"{path}: not torchvision ResNet-50 weights ({str(e).splitlines()[0][:200]})")
+            self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if path and log:
+            log.info(f"ResNet-50 ImageNet weights from {path}" + (" (XMC-GAN's Flax ResNet50)" if self.flax else ''))
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):
         return super().train(False)         # frozen, BatchNorm statistics included
 
     def forward(self, images):
+        if self.flax:
+            # get_pretrained_embs: jax.image.resize 'bilinear', whose antialias=True default filters
+            # when shrinking (256 px); fp32 as PyTorch's CPU antialiased resize has no bf16
+            x = (images.float() + 1) / 2
+            return self.net(F.interpolate(x, size=(224, 224), mode='bilinear', align_corners=False, antialias=True))
         x = F.interpolate((images + 1) / 2, size=(224, 224), mode='bilinear', align_corners=False)
         return self.net((x - self.mean) / self.std)
 

@@ -904,6 +904,147 @@ def safe_pickle_dump(obj, path):
 
 
 # ----------------------------------------------------------------------------
+# Restricted reader for pickled .npy files (XMC-GAN's resnet_pretrained.npy, which the original
+# reads with np.load(allow_pickle=True).item(): xmcgan/utils/pretrained_model_utils.py)
+# ----------------------------------------------------------------------------
+# The pickle's numpy globals become stand-ins that only record their arguments; the arrays are
+# built afterwards from checked dtypes and raw bytes, so no numpy __setstate__ (nor anything
+# else the pickle names) runs on what the file says.
+class _NpyDtype:
+    """numpy.dtype(name, align, copy) and its pickled state: a numeric or object dtype."""
+
+    def __init__(self, name, align=False, copy=False):
+        if not isinstance(name, str):
+            raise pickle.UnpicklingError(f"refusing numpy dtype from {type(name).__name__}")
+        dt = np.dtype(name)
+        self.dtype = dt if dt == np.dtype(object) else _numeric_dtype(dt)
+
+    def __setstate__(self, state):
+        # (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata]):
+        # only the byte order is taken; a structured or subarray dtype is refused.
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[1] in ('<', '>', '|', '=')
+                and state[2:5] == (None, None, None)):
+            raise pickle.UnpicklingError(f"refusing numpy dtype state {str(state)[:80]}")
+        if state[1] in '<>':
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _NpyNdarray:
+    """numpy.ndarray, accepted only as the class argument of _reconstruct."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("refusing a call of numpy.ndarray")
+
+
+class _NpyArray:
+    """numpy's _reconstruct(ndarray, shape, typecode) and its state (version, shape, dtype,
+    Fortran order, raw bytes; a list of objects for an object array); `build` makes the array."""
+
+    def __init__(self, cls, shape, typecode):
+        if cls is not _NpyNdarray:
+            raise pickle.UnpicklingError(f"refusing _reconstruct of {getattr(cls, '__name__', cls)}")
+        self.state = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[1], tuple)
+                and all(isinstance(n, int) and n >= 0 for n in state[1]) and isinstance(state[2], _NpyDtype)):
+            raise pickle.UnpicklingError("numpy array state is not (version, shape, dtype, order, data)")
+        self.state = state
+
+    def build(self, resolve):
+        if self.state is None:
+            raise pickle.UnpicklingError("numpy array without its state")
+        _, shape, dt, fortran, data = self.state
+        dt, order, n = dt.dtype, 'F' if fortran else 'C', math.prod(shape)
+        if dt == np.dtype(object):
+            if not isinstance(data, list) or len(data) != n:
+                raise pickle.UnpicklingError(f"object array of shape {shape}: expected a list of {n} items")
+            out = np.empty(n, object)
+            for i, v in enumerate(data):
+                out[i] = resolve(v)
+            return out.reshape(shape, order=order)
+        if not isinstance(data, bytes) or len(data) != n * dt.itemsize:
+            raise pickle.UnpicklingError(f"{dt} array of shape {shape}: expected {n * dt.itemsize} raw bytes")
+        return np.frombuffer(data, dt).reshape(shape, order=order).astype(dt.newbyteorder('='))
+
+
+class _FrozenDict(dict):
+    """flax.core.frozen_dict.FrozenDict read as a dict. flax pickles it as FrozenDict(<dict>) (its
+    __reduce__); a default pickle of its __slots__ ('_dict', '_hash') carries {'_dict': <dict>}."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
+            state = state[1]                        # (no __dict__, the slots' values)
+        if not (isinstance(state, dict) and isinstance(state.get('_dict'), dict)):
+            raise pickle.UnpicklingError("FrozenDict state without its '_dict'")
+        self.update(state['_dict'])
+
+
+def _npy_scalar(dtype, data):
+    if not isinstance(dtype, _NpyDtype):
+        raise pickle.UnpicklingError("numpy scalar without a numpy dtype")
+    return _np_scalar(dtype.dtype, data)
+
+
+_NPY_GLOBALS = {('numpy', 'dtype'): _NpyDtype, ('numpy', 'ndarray'): _NpyNdarray,
+                ('flax.core.frozen_dict', 'FrozenDict'): _FrozenDict}
+for _m in ('numpy.core.multiarray', 'numpy._core.multiarray'):   # numpy < 2 and >= 2 names
+    _NPY_GLOBALS[_m, '_reconstruct'] = _NpyArray
+    _NPY_GLOBALS[_m, 'scalar'] = _npy_scalar
+
+
+class _NpyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if (module, name) in _NPY_GLOBALS:
+            return _NPY_GLOBALS[module, name]
+        raise pickle.UnpicklingError(f"refusing global '{module}.{name}'")
+
+
+def _npy_resolve(x):
+    """The unpickled object with its stand-ins replaced: arrays built, FrozenDicts as dicts."""
+    if isinstance(x, _NpyArray):
+        return x.build(_npy_resolve)
+    if isinstance(x, dict):
+        return (dict if isinstance(x, _FrozenDict) else type(x))((k, _npy_resolve(v)) for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return type(x)(_npy_resolve(v) for v in x)
+    return x
+
+
+def safe_npy_load(path):
+    """np.load(path, allow_pickle=True) of an object array (np.save of a pickled object) without
+    running the pickle: the payload may hold only numpy arrays of integer/float/object dtypes, numpy
+    scalars, plain containers and flax FrozenDicts (read as dicts); anything else is refused."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    fmt = np.lib.format
+    with open(path, 'rb') as f:
+        try:
+            version = fmt.read_magic(f)
+            read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
+            _, _, dtype = read_header(f)
+        except ValueError as e:
+            raise UserError(f"{path}: not a readable .npy file ({str(e).splitlines()[0][:200]})")
+        if dtype != np.dtype(object):
+            raise UserError(f"{path}: a plain {dtype} array, not a pickled object array")
+        data = f.read()
+    try:
+        arr = _npy_resolve(_NpyUnpickler(io.BytesIO(data)).load())
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: unsafe or corrupt pickle in the .npy file ({e}); only numpy arrays, "
+                        "plain containers and flax FrozenDicts are accepted")
+    except Exception as e:
+        raise UserError(f"{path}: unreadable pickle in the .npy file ({type(e).__name__}: {e})")
+    if not isinstance(arr, np.ndarray):
+        raise UserError(f"{path}: the .npy pickle holds a {type(arr).__name__}, not an array")
+    return arr
+
+
+# ----------------------------------------------------------------------------
 # Data: images, the AttnGAN/DM-GAN layout (CUB, COCO), COCO json, CSV, jsonl, folders
 # ----------------------------------------------------------------------------
 IMG_EXTENSIONS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')

@@ -40,7 +40,8 @@ DEFAULTS = {
         'AMP': False,                 # bf16 autocast
         'GATHER_NEGATIVES': True,     # contrastive negatives from every rank
         'FLIP': True,                 # random horizontal flip of training images
-        'RESNET': 'auto',             # ImageNet ResNet-50 .pth ('auto' = torchvision's cache)
+        'RESNET': 'auto',             # ImageNet ResNet-50: the original's .npy or a torchvision .pth
+                                      # ('auto' = torchvision's cache)
         'CONTRASTIVE': {'TEMPERATURE': 0.1, 'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 50.0,
                         'WORD': True, 'SENTENCE': True, 'IMAGE': True, 'PRETRAINED_IMAGE': True},
         'CHECKPOINT_EVERY': 5000,     # G steps

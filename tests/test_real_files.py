@@ -1,5 +1,6 @@
 """Files as users have them: AttnGAN's CUB metadata in its exact bytes (protocol-0 pickles
 with numpy int64 class ids, and their CRLF copies)."""
+import math
 import os
 import pickle
 import shutil
@@ -178,3 +179,321 @@ def test_offline_stand_in_tokenizers_are_refused(tmp_path):
     vocab.write_text('[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n')
     with pytest.raises(utils.UserError, match=f'MODEL.TOKENIZER_PATH={vocab}: the tokenizer holds only'):
         models.tokenizer_spec('bert', 32, str(vocab))
+
+
+# ----------------------------------------------------------------------------------------------
+# XMC-GAN's resnet_pretrained.npy: np.save of a 0-d object array holding the Flax variables
+# {'params': ..., 'batch_stats': ...} of xmcgan/utils/resnet_v1.py's ResNet50 (HWIO kernels)
+# ----------------------------------------------------------------------------------------------
+TINY = dict(stage_sizes=(1, 1, 1, 1), width=4, num_classes=10)      # ResNet50 at widths / 16
+
+
+def flax_tree(net, seed=0):
+    """Random float32 Flax variables in the net's layout, as nested dicts (kernels scaled by
+    1 / sqrt(fan-in) to keep the activations near 1)."""
+    rng, tree = np.random.default_rng(seed), {}
+    for key, (_, shape, _) in net.flax_tensors().items():
+        *path, leaf = key.split('/')
+        d = tree
+        for p in path:
+            d = d.setdefault(p, {})
+        a = rng.standard_normal(shape).astype(np.float32)
+        if leaf == 'var':
+            a = np.abs(a) + 0.5
+        elif leaf == 'kernel':
+            a /= math.sqrt(math.prod(shape[:-1]))
+        d[leaf] = a
+    return tree
+
+
+def flat(tree, prefix=''):
+    out = {}
+    for k, v in tree.items():
+        out.update(flat(v, f'{prefix}{k}/') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
+
+
+def frozen_dict_class(slots):
+    """A stand-in for flax.core.frozen_dict.FrozenDict's pickling: flax's __reduce__ returns
+    (FrozenDict, (unfreeze(self),)); with `slots` it has none and pickles its __slots__."""
+    from collections.abc import Mapping
+
+    class FrozenDict(Mapping):
+        __slots__ = ('_dict', '_hash')
+
+        def __init__(self, d):
+            self._dict, self._hash = d, None
+
+        def __getitem__(self, k):
+            return self._dict[k]
+
+        def __iter__(self):
+            return iter(self._dict)
+
+        def __len__(self):
+            return len(self._dict)
+
+        if not slots:
+            def __reduce__(self):
+                unfreeze = lambda x: {k: unfreeze(v) for k, v in x.items()} if isinstance(x, Mapping) else x  # noqa: E731
+                return FrozenDict, (unfreeze(self),)
+
+    FrozenDict.__module__, FrozenDict.__qualname__ = 'flax.core.frozen_dict', 'FrozenDict'
+    return FrozenDict
+
+
+def npy_with_payload(path, payload):
+    """A .npy of a 0-d object array (the header np.save writes) with this pickle as its payload."""
+    with open(path, 'wb') as f:
+        np.lib.format.write_array_header_1_0(f, {'descr': '|O', 'fortran_order': False, 'shape': ()})
+        f.write(payload)
+
+
+def write_resnet_npy(path, tree, form='numpy'):
+    """numpy: np.save as this numpy writes it (numpy._core, pickle protocol 4); numpy1: as numpy 1.x
+    wrote the original's file (numpy.core, protocol 3); frozen: 'params'/'batch_stats' are flax
+    FrozenDicts (their __reduce__); frozen_slots: every dict a FrozenDict pickled by its slots."""
+    import sys
+    import types
+    if form == 'numpy':
+        np.save(path, np.array(tree, dtype=object))
+        return
+    if form == 'numpy1':
+        data = pickle.dumps(np.array(tree, dtype=object), protocol=3)
+        data = data.replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n')
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mods = {n: types.ModuleType(n) for n in ('flax', 'flax.core', 'flax.core.frozen_dict')}
+            for n, m in mods.items():
+                mp.setitem(sys.modules, n, m)
+            FD = mods['flax.core.frozen_dict'].FrozenDict = frozen_dict_class(form == 'frozen_slots')
+            if form == 'frozen':
+                tree = {k: FD(v) for k, v in tree.items()}
+            else:
+                freeze = lambda x: FD({k: freeze(v) for k, v in x.items()}) if isinstance(x, dict) else x  # noqa: E731
+                tree = freeze(tree)
+            arr = np.empty((), object)        # np.array would read a Mapping as a sequence of its keys
+            arr[()] = tree
+            data = pickle.dumps(arr, protocol=4)
+        assert b'flax.core.frozen_dict' in data
+    npy_with_payload(path, data)
+
+
+def test_full_resnet50_layout_is_the_original_one():
+    """The keys and shapes resnet_v1.py's ResNet50 gives its Flax variables."""
+    import models
+    lay = {k: s for k, (_, s, _) in models.FlaxResNetV1().flax_tensors().items()}
+    assert lay['params/init_conv/kernel'] == (7, 7, 3, 64)
+    assert lay['params/init_bn/scale'] == lay['batch_stats/init_bn/mean'] == lay['batch_stats/init_bn/var'] == (64,)
+    assert lay['params/head/kernel'] == (2048, 1000) and lay['params/head/bias'] == (1000,)
+    for i, (n, f) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+        blocks = {k.split('/')[2] for k in lay if k.startswith(f'params/stage{i + 1}/')}
+        assert blocks == {f'block{j + 1}' for j in range(n)}
+        cin = 64 if i == 0 else 2 * f
+        b1 = f'params/stage{i + 1}/block1'
+        assert lay[f'{b1}/conv1/kernel'] == (1, 1, cin, f) and lay[f'{b1}/conv2/kernel'] == (3, 3, f, f)
+        assert lay[f'{b1}/conv3/kernel'] == (1, 1, f, 4 * f) and lay[f'{b1}/proj_conv/kernel'] == (1, 1, cin, 4 * f)
+        assert lay[f'batch_stats/stage{i + 1}/block1/proj_bn/var'] == (4 * f,)
+        assert f'params/stage{i + 1}/block2/proj_conv/kernel' not in lay
+    assert not [k for k in lay if 'conv' in k and k.endswith('/bias')]       # convs without bias
+    assert {k.split('/')[0] for k in lay} == {'params', 'batch_stats'} and len(lay) == 53 + 53 * 4 + 2
+    # torchvision's ResNet-50 has the same 25,557,032 parameters
+    assert sum(math.prod(s) for k, s in lay.items() if k.startswith('params/')) == 25_557_032
+
+
+@pytest.mark.parametrize('form', ['numpy', 'numpy1', 'frozen', 'frozen_slots'])
+def test_resnet_npy_reads_as_the_original_tree(tmp_path, form):
+    import torch
+
+    import models
+    net = models.FlaxResNetV1(**TINY)
+    tree = flax_tree(net)
+    path = str(tmp_path / 'resnet_pretrained.npy')
+    write_resnet_npy(path, tree, form)
+    got = utils.safe_npy_load(path)
+    assert isinstance(got, np.ndarray) and got.shape == () and got.dtype == object
+    got = got.item()
+    plain = lambda t: type(t) is dict and all(plain(v) for v in t.values() if isinstance(v, dict))  # noqa: E731
+    assert plain(got)                                   # FrozenDicts read as dicts
+    a, b = flat(tree), flat(got)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k].dtype == np.float32 and np.array_equal(a[k], b[k]), k
+    models.load_flax_resnet(net, got, path)
+    v = tree['params']
+    assert torch.equal(net.stage2.block1.conv2.weight, torch.from_numpy(v['stage2']['block1']['conv2']['kernel'])
+                       .permute(3, 2, 0, 1))
+    assert torch.equal(net.head.weight, torch.from_numpy(v['head']['kernel']).t())
+    assert torch.equal(net.stage4.block1.proj_bn.running_var,
+                       torch.from_numpy(tree['batch_stats']['stage4']['block1']['proj_bn']['var']))
+
+
+def test_resnet_npy_with_code_is_refused(tmp_path):
+    """A pickle that names code (inside an np.save'd tree, or as the whole payload) stops with one
+    line naming the file, and never runs; numpy's array reconstruction is limited to checked
+    numeric dtypes and raw bytes (an object array from raw bytes would forge pointers)."""
+    import builtins
+    import os as os_
+
+    marker = tmp_path / 'ran'
+
+    class System:
+        def __reduce__(self):
+            return os_.system, (f'touch {marker}',)
+
+    class Eval:
+        def __reduce__(self):
+            return builtins.eval, (f"open({str(marker)!r}, 'w')",)
+
+    class ObjectFromBytes:
+        def __reduce__(self):
+            return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b'b'),
+                    (1, (1,), np.dtype(object), False, b'\0' * 8))
+
+    cases = {'system': pickle.dumps(np.array({'params': {'x': System()}}, dtype=object), protocol=4),
+             'eval': pickle.dumps(np.array([Eval()], dtype=object), protocol=3),
+             'raw_system': b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.",
+             'object_from_bytes': pickle.dumps(ObjectFromBytes(), protocol=4),
+             'structured': pickle.dumps(np.array({'x': np.zeros(2, [('a', 'f4')])}, dtype=object), protocol=4),
+             'numpy_call': pickle.dumps(np.array({'x': np.load}, dtype=object), protocol=4)}
+    for name, payload in cases.items():
+        p = tmp_path / f'{name}.npy'
+        npy_with_payload(p, payload)
+        with pytest.raises(utils.UserError, match=f'^{p}: unsafe or corrupt pickle in the .npy file') as e:
+            utils.safe_npy_load(str(p))
+        assert '\n' not in str(e.value), name
+    assert not marker.exists()
+    np.save(tmp_path / 'plain.npy', np.zeros(3, np.float32))
+    with pytest.raises(utils.UserError, match='plain float32 array, not a pickled object array'):
+        utils.safe_npy_load(str(tmp_path / 'plain.npy'))
+
+
+def test_resnet_npy_mapping_is_strict(tmp_path):
+    import models
+    net, path = models.FlaxResNetV1(**TINY), 'r.npy'
+    tree = flax_tree(net)
+    del tree['batch_stats']['stage3']['block1']['bn2']['var']
+    with pytest.raises(utils.UserError, match='^r.npy: missing Flax ResNet-50 variable batch_stats/stage3/block1/bn2/var'):
+        models.load_flax_resnet(net, tree, path)
+    tree = flax_tree(net)
+    tree['params']['stage1']['block1']['conv1']['bias'] = np.zeros(4, np.float32)
+    with pytest.raises(utils.UserError, match='unexpected Flax ResNet-50 variable params/stage1/block1/conv1/bias'):
+        models.load_flax_resnet(net, tree, path)
+    tree = flax_tree(net)
+    tree['params']['init_conv']['kernel'] = np.zeros((4, 3, 7, 7), np.float32)       # OIHW, not HWIO
+    with pytest.raises(utils.UserError, match=r'params/init_conv/kernel is float32 \(4, 3, 7, 7\), '
+                                              r'expected float \(7, 7, 3, 4\)'):
+        models.load_flax_resnet(net, tree, path)
+    with pytest.raises(utils.UserError, match='holds a list'):
+        models.load_flax_resnet(net, [tree], path)
+    with pytest.raises(utils.UserError, match='absent.npy: ResNet-50 weights file not found'):
+        models.PretrainedResNet50(str(tmp_path / 'absent.npy'))
+
+
+def test_same_padding_as_flax_computes_it():
+    """'SAME' as TF/Flax pads: ceil(n / s) outputs, the odd pixel after (2 / 3 for the 7x7/2 conv
+    and 0 / 1 for the 3x3/2 pool and convs on even inputs)."""
+    import torch
+    import torch.nn.functional as F
+
+    import models
+    assert models.same_pads(224, 7, 2) == (2, 3) and models.same_pads(112, 3, 2) == (0, 1)
+    assert models.same_pads(56, 3, 2) == (0, 1) and models.same_pads(33, 7, 2) == (3, 3)
+    assert models.same_pads(7, 3, 1) == (1, 1) and models.same_pads(56, 1, 2) == (0, 0)
+    torch.manual_seed(0)
+    conv = models.SameConv2d(3, 5, 7, 2)
+    x = torch.randn(2, 3, 10, 12)
+    torch.testing.assert_close(conv(x), F.conv2d(F.pad(x, (2, 3, 2, 3)), conv.weight, stride=2))
+    # the pool against a loop over windows clipped to the image (the padding never wins a max)
+    y = torch.randn(1, 4, 8, 6) - 10
+    ref = torch.empty(1, 4, 4, 3)
+    for i in range(4):
+        for j in range(3):
+            ref[..., i, j] = y[..., 2 * i:2 * i + 3, 2 * j:2 * j + 3].amax((-2, -1))
+    torch.testing.assert_close(models.max_pool_same(y), ref)
+
+
+def reference_forward(tree, x, stage_sizes):
+    """resnet_v1.py's ResNet50 written out from the Flax variables (NCHW; BatchNorm at inference)."""
+    import torch
+    import torch.nn.functional as F
+    p, s = tree['params'], tree['batch_stats']
+
+    def conv(x, v, stride=1):
+        k = torch.from_numpy(v['kernel']).permute(3, 2, 0, 1)
+        pads = []
+        for n in reversed(x.shape[-2:]):                     # TF 'SAME': ceil(n / stride) outputs
+            total = max((math.ceil(n / stride) - 1) * stride + k.shape[-1] - n, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), k, stride=stride)
+
+    def bn(x, v, st):
+        t = lambda a: torch.from_numpy(a).view(1, -1, 1, 1)  # noqa: E731
+        return (x - t(st['mean'])) / torch.sqrt(t(st['var']) + 1e-5) * t(v['scale']) + t(v['bias'])
+
+    x = bn(conv(x, p['init_conv'], 2), p['init_bn'], s['init_bn'])
+    x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-math.inf), 3, 2)         # even sizes here
+    for i, n in enumerate(stage_sizes):
+        for j in range(n):
+            name = (f'stage{i + 1}', f'block{j + 1}')
+            v, st = p[name[0]][name[1]], s[name[0]][name[1]]
+            stride = 2 if i and not j else 1
+            y = F.relu(bn(conv(x, v['conv1']), v['bn1'], st['bn1']))
+            y = F.relu(bn(conv(y, v['conv2'], stride), v['bn2'], st['bn2']))
+            y = bn(conv(y, v['conv3']), v['bn3'], st['bn3'])
+            res = bn(conv(x, v['proj_conv'], stride), v['proj_bn'], st['proj_bn']) if 'proj_conv' in v else x
+            x = F.relu(res + y)
+    return x.mean((2, 3)) @ torch.from_numpy(p['head']['kernel']) + torch.from_numpy(p['head']['bias'])
+
+
+def jax_bilinear_resize(x, size):
+    """jax.image.resize(x, ..., 'bilinear') (antialias=True): a triangle filter stretched by
+    1 / scale when shrinking, weights normalised per output pixel (scale_and_translate)."""
+    import torch
+
+    def weights(n):
+        scale = size / n
+        sample = (np.arange(size) + 0.5) / scale - 0.5
+        w = np.maximum(0, 1 - np.abs(sample[None, :] - np.arange(n)[:, None]) / max(1 / scale, 1))
+        return torch.from_numpy(w / w.sum(0, keepdims=True)).float()     # (n, size)
+    return torch.einsum('bchw,hi,wj->bcij', x, weights(x.shape[-2]), weights(x.shape[-1]))
+
+
+def test_flax_resnet_forward_equals_the_original_computation():
+    import torch
+
+    import models
+    net = models.FlaxResNetV1(**TINY)
+    tree = flax_tree(net, seed=1)
+    models.load_flax_resnet(net, tree, 'r.npy')
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), reference_forward(tree, x, TINY['stage_sizes']),
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('size', [256, 128])
+def test_pretrained_resnet_npy_feeds_0_1_images_to_the_head(tmp_path, monkeypatch, size):
+    """TRAIN.RESNET=<.npy>: [-1, 1] images become [0, 1], resized as jax.image.resize, no ImageNet
+    mean/std; the features are the head's logits (the full net at tiny widths)."""
+    import torch
+
+    import models
+    tiny = models.FlaxResNetV1(**TINY)
+    tree = flax_tree(tiny, seed=2)
+    path = str(tmp_path / 'resnet_pretrained.npy')
+    write_resnet_npy(path, tree, 'numpy1')
+    full = models.FlaxResNetV1
+    monkeypatch.setattr(models, 'FlaxResNetV1', lambda: full(**TINY))
+    rn = models.PretrainedResNet50(path)
+    seen = {}
+    rn.net.register_forward_pre_hook(lambda m, a: seen.setdefault('x', a[0]))
+    images = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        out = rn(images)
+    want_in = jax_bilinear_resize((images + 1) / 2, 224)
+    torch.testing.assert_close(seen['x'], want_in, rtol=0, atol=5e-5)        # fp32 rounding
+    assert seen['x'].min() >= 0 and seen['x'].max() <= 1
+    assert out.shape == (2, 10) and not rn.training and not any(p.requires_grad for p in rn.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference_forward(tree, seen['x'], TINY['stage_sizes']), rtol=1e-4, atol=1e-4)
