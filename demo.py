@@ -168,24 +168,30 @@ def load(path):
 
 
 def dalle_scores(out, rows):
-    """The judge on DALLE's images, read as `fid_score.py --accuracy` reads them: every sample
+    """The judge on DALLE's images read back from dalle_gen.py's files, as `fid_score.py
+    --accuracy` reads them, through the evaluation path every generator takes: every sample
     (what one random draw gets) and each caption's top-1 after clip_sort.py; also each
     caption's first sample and top-1 for the grid."""
     import torch
     import models
     import utils
     judge = models.load_judge(os.path.join(out, 'judge'))
-    files, keys, best = [], [], []
+    samples, best = [], []
     for i, row in enumerate(rows):
         path = os.path.join(out, 'dalle_gen', str(i))
         top1 = load(os.path.join(path, 'ranking.json'))['ranking'][0]['file']
-        best.append(len(files) + int(os.path.splitext(os.path.basename(top1))[0]))
-        files += [os.path.join(path, f'{j}.png') for j in range(SAMPLES_PER_CAPTION)]
-        keys += [row['key']] * SAMPLES_PER_CAPTION
-    images = torch.cat(list(utils.batches(files, 64, 0, 'cpu'))) * 2 - 1
-    before = utils.judge_accuracy(judge, images, keys)
-    after = utils.judge_accuracy(judge, images[best], [r['key'] for r in rows])
-    return before, after, images[::SAMPLES_PER_CAPTION], images[best]
+        best.append(len(samples) + int(os.path.splitext(os.path.basename(top1))[0]))
+        samples += [{'key': row['key'], 'caption': row['caption'], 'class': row['key'].split('/')[0],
+                     'file': os.path.join(path, f'{j}.png')} for j in range(SAMPLES_PER_CAPTION)]
+    top = [samples[j] for j in best]
+
+    def read(records):
+        return torch.cat(list(utils.batches([r['file'] for r in records], 64, 0, 'cpu'))) * 2 - 1
+    weights = {'judge': judge.weights_path, 'dalle': os.path.join(out, 'dalle', 'checkpoints', 'shapes_dalle.pt')}
+    size = utils.load_image(samples[0]['file']).size[0]
+    before, after = (utils.evaluate_generator(read, records, [utils.JudgeAccuracy(judge, store='float')], 64, 'test',
+                                              0, weights, size) for records in (samples, top))
+    return before, after, read(samples[::SAMPLES_PER_CAPTION]), read(top)
 
 
 def write_grid(out, rows, dalle_first, dalle_top):
@@ -234,10 +240,10 @@ def write_report(out, times, scale, total_s):
          dl.get('shuffled_judge_colour'), dl.get('shuffled_judge_shape'), dl.get('shuffled_judge_position'), '–', '–'],
         ['DALLE, untrained', dl.get('untrained_r_precision'), dl.get('untrained_judge_all'), dl.get('untrained_judge_colour'),
          dl.get('untrained_judge_shape'), dl.get('untrained_judge_position'), '–', '–'],
-        [f'DALLE, all {SAMPLES_PER_CAPTION} samples of the {len(rows)} grid captions', '–', before['all'],
-         before['colour'], before['shape'], before['position'], '–', '–'],
-        [f'DALLE, CLIP top-1 of {SAMPLES_PER_CAPTION} (clip_sort.py)', '–', after['all'], after['colour'], after['shape'],
-         after['position'], '–', '–'],
+        [f'DALLE, all {SAMPLES_PER_CAPTION} samples of the {len(rows)} grid captions', '–', before['judge_all'],
+         before['judge_colour'], before['judge_shape'], before['judge_position'], '–', '–'],
+        [f'DALLE, CLIP top-1 of {SAMPLES_PER_CAPTION} (clip_sort.py)', '–', after['judge_all'], after['judge_colour'],
+         after['judge_shape'], after['judge_position'], '–', '–'],
     ]
     enc = [['CLIP-style encoder (DAMSM + contrastive)', clip.get('R_precision'), t('clip')],
            ['DAMSM RNN/CNN encoder', damsm.get('R_precision'), t('damsm')]]

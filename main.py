@@ -280,84 +280,88 @@ def write_samples(run, netG, fixed, epoch):
 
 
 # ----------------------------------------------------------------------------
-# Evaluation (DM-GAN trainer.sampling): one image per caption, R-precision
+# Evaluation (DM-GAN trainer.sampling): one image per caption, R-precision; scored by
+# utils.evaluate_generator
 # ----------------------------------------------------------------------------
-def to_uint8(x):
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def judge_scores(judge, images_u8, keys, records=None):
-    """Attribute accuracy of images (uint8) against the captions' ground truth (the shapes judge);
-    per-image verdicts appended to `records` when given."""
-    batches = (b.float() / 127.5 - 1 for b in torch.cat(images_u8).split(250))
-    return {f'judge_{k}': v for k, v in utils.judge_accuracy(judge, batches, keys, records=records).items()}
-
-
-def derangement(n, seed):
-    """A seeded permutation of range(n) with no fixed point (another image's caption for each)."""
-    perm = np.random.RandomState(seed).permutation(n)
-    return np.where(perm == np.arange(n), (perm + 1) % n, perm)
-
-
-@torch.no_grad()
-def generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir=None, log=None, judge=None):
-    """Passes over the test set (a random caption per image per pass, seeded) up to
-    EVAL.NUM_IMAGES images; saves each final-stage image when out_dir is given;
-    R-precision, and the judge's attribute accuracy when a judge is given."""
-    E = cfg.EVAL
-    ds = build_dataset(cfg, 'test', train=False)
-    rng = np.random.RandomState(E.SEED)
-    g = torch.Generator().manual_seed(E.SEED)
-    torch.manual_seed(E.SEED)           # conditioning augmentation samples from the global generator
-    img_codes, sent_codes, classes, records, fakes_u8 = [], [], [], [], []
+def eval_records(cfg, ds):
+    """Passes over the test set up to EVAL.NUM_IMAGES records, a seeded random caption of each
+    image per pass, with the PNG name of its image."""
+    E, rng, records = cfg.EVAL, np.random.RandomState(cfg.EVAL.SEED), []
     n_target = min(E.NUM_IMAGES, E.MAX_PASSES * len(ds))
-    bar = utils.progress(total=n_target, desc='generate', every=max(1, n_target // 10), log=log)
     for p in range(E.MAX_PASSES):
-        for start in range(0, len(ds), E.BATCH_SIZE):
-            idx = list(range(start, min(start + E.BATCH_SIZE, len(ds), start + n_target - len(records))))
-            if not idx:
-                break
-            keys = [ds.keys[i] for i in idx]
-            texts = [ds.d.raw_captions(k)[rng.randint(cfg.TEXT.CAPTIONS_PER_IMAGE)] for k in keys]
-            words, sent, pad = models.encode_text(text_enc, texts, dev)
-            z = torch.randn(len(idx), cfg.GAN.Z_DIM, generator=g).to(dev)
-            fake = netG(z, sent, words, pad)[0][-1]
-            img_codes.append(image_enc.encode(fake)[1].float().cpu())
-            if judge is not None:
-                fakes_u8.append(to_uint8(fake))
-            sent_codes.append(sent.cpu())
-            classes += [ds.class_ids[i] for i in idx]
-            for k, t, im in zip(keys, texts, fake):
-                name = f"{k.replace('/', '__')}_{p}.png"
-                records.append({'file': name, 'key': k, 'caption': t})
-                if out_dir:
-                    utils.save_image_grid(im[None], os.path.join(out_dir, name), nrow=1)
-            bar.update(len(idx))
-        if len(records) >= n_target:
-            break
-    bar.close()
-    img, sent = torch.cat(img_codes), torch.cat(sent_codes)
-    r_mean, r_std = utils.r_precision(img, sent, classes, n_neg=E.R_NEG, folds=E.R_FOLDS, seed=E.SEED)
-    scores = {'r_precision': r_mean, 'r_precision_std': r_std, 'num_images': len(records)}
+        for k, c in zip(ds.keys, ds.class_ids):
+            if len(records) == n_target:
+                return records
+            records.append({'key': k, 'caption': ds.d.raw_captions(k)[rng.randint(cfg.TEXT.CAPTIONS_PER_IMAGE)],
+                            'class': c, 'pass': p, 'file': f"{k.replace('/', '__')}_{p}.png"})
+    return records
+
+
+def dmgan_sampler(cfg, netG, text_enc, dev):
+    """Caption records -> the last stage's images, the noise from one seeded generator."""
+    g = torch.Generator().manual_seed(cfg.EVAL.SEED)
+
+    def sample(batch):
+        words, sent, pad = models.encode_text(text_enc, [r['caption'] for r in batch], dev)
+        z = torch.randn(len(batch), cfg.GAN.Z_DIM, generator=g).to(dev)
+        return netG(z, sent, words, pad)[0][-1]
+    return sample
+
+
+def metric_plugins(E, text_enc, image_enc, judge=None, out_dir=None):
+    """R-precision and CLIP score on the conditioning encoders; with a judge, its accuracy on the
+    images as their PNG files hold them and the shuffled-caption baseline; with out_dir, the
+    image dump."""
+    plugins = utils.encoder_plugins(text_enc, image_enc, E.R_NEG, E.R_FOLDS, E.SEED)
     if judge is not None:
-        keys, verdicts = [r['key'] for r in records], []
-        scores.update(judge_scores(judge, fakes_u8, keys, verdicts))
-        for r, v in zip(records, verdicts):
-            r.update(category=v['category'], correct=v['correct'], reason=v['reason'])
-        # the same images against other images' captions: what drawing without reading scores
-        wrong = [keys[j] for j in derangement(len(keys), E.SEED)]
-        scores.update({f'shuffled_{k}': v for k, v in judge_scores(judge, fakes_u8, wrong).items()})
-    return scores, records
+        accuracy = utils.JudgeAccuracy(judge)
+        plugins += [accuracy, utils.ShuffledJudge(accuracy, lambda n: utils.derangement(n, E.SEED))]
+    if out_dir:
+        plugins.append(utils.ImageDump(out_dir))
+    return plugins
 
 
-def real_image_baselines(cfg, judge):
+def image_size(cfg):
+    """The side of the last stage's images."""
+    return cfg.TREE.BASE_SIZE * 2 ** (cfg.TREE.BRANCH_NUM - 1)
+
+
+def weights_files(generator, text_enc, image_enc, judge):
+    """The files a score of the generator's images depends on (None: an untrained one, no judge)."""
+    return {'generator': generator, 'text_encoder': text_enc.weights_path, 'image_encoder': image_enc.weights_path,
+            'judge': judge.weights_path if judge is not None else None}
+
+
+def generate_and_score(cfg, netG, text_enc, image_enc, dev, generator_path, out_dir=None, log=None, judge=None):
+    """Scores (and the protocol) of netG's images of eval_records; the records, each with its
+    judge verdict when a judge is given. Saves each image in out_dir when given."""
+    E = cfg.EVAL
+    records = eval_records(cfg, build_dataset(cfg, 'test', train=False))
+    torch.manual_seed(E.SEED)           # conditioning augmentation samples from the global generator
+    scores = utils.evaluate_generator(dmgan_sampler(cfg, netG, text_enc, dev), records,
+                                      metric_plugins(E, text_enc, image_enc, judge, out_dir), E.BATCH_SIZE,
+                                      'test', E.SEED, weights_files(generator_path, text_enc, image_enc, judge),
+                                      image_size(cfg), per_pass=True, log=log)
+    return {**scores, 'num_images': len(records)}, records
+
+
+def real_image_baselines(cfg, judge, log):
     """The judge on real test images with their own captions (the ceiling) and with the
     caption of another random test image (what ignoring the text would score)."""
     ds = build_dataset(cfg, 'test', train=False)
-    reals = [to_uint8(ds.images(k)[-1][None]) for k in ds.keys]
-    perm = derangement(len(ds), cfg.EVAL.SEED)             # never its own image
-    own = judge_scores(judge, reals, ds.keys)
-    wrong = judge_scores(judge, [reals[j] for j in perm], ds.keys)
+    reals = [utils.to_uint8(ds.images(k)[-1][None]) for k in ds.keys]
+    perm = utils.derangement(len(ds), cfg.EVAL.SEED)             # never its own image
+    records = [{'key': k, 'class': c, 'index': i} for i, (k, c) in enumerate(zip(ds.keys, ds.class_ids))]
+    size = image_size(cfg)
+    resize = f"resize to {int(size * 76 / 64)} px, centre crop" if cfg.DATA.CROP else f"resize to {size} px"
+
+    def score(order):
+        """The judge on reals[order[i]] for record i."""
+        return utils.evaluate_generator(
+            lambda batch: torch.cat([reals[order[r['index']]] for r in batch]).float() / 127.5 - 1, records,
+            [utils.JudgeAccuracy(judge)], cfg.EVAL.BATCH_SIZE, 'test', cfg.EVAL.SEED, {'judge': judge.weights_path},
+            size, resize, log=log)
+    own, wrong = score(range(len(ds))), score(perm)
     return {**{f'real_{k}': v for k, v in own.items()}, **{f'wrong_caption_{k}': v for k, v in wrong.items()}}
 
 
@@ -370,7 +374,7 @@ def learning_curve(run, text_enc, image_enc, judge):
         ckpt = utils.load_checkpoint(path, 'dmgan', map_location=dev)
         netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
         netG.load_state_dict(ckpt['models']['G_ema'])
-        scores, _ = generate_and_score(cfg, netG.eval(), text_enc, image_enc, dev, judge=judge)
+        scores, _ = generate_and_score(cfg, netG.eval(), text_enc, image_enc, dev, path, judge=judge)
         rows.append({'checkpoint': os.path.basename(path), 'step': ckpt['step'],
                      'train_seconds': ckpt['extra'].get('train_seconds'), **scores})
         log.info(f"curve: step {ckpt['step']}: R-precision {scores['r_precision']:.3f}"
@@ -400,25 +404,23 @@ def evaluate(run):
         if not os.path.isdir(cfg.TRAIN.NET_G):
             raise utils.UserError(f"EVAL.CURVE needs TRAIN.NET_G to be a run dir, not {cfg.TRAIN.NET_G}")
         learning_curve(run, text_enc, image_enc, judge)
-    scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, out_dir, log, judge)
-    utils.atomic_write_text(os.path.join(out_dir, 'captions.json'), json.dumps(records, indent=0))
-    if judge is not None:           # one line per scored image: what failed, to look at
-        utils.atomic_write_text(os.path.join(run.out, 'judge.jsonl'), ''.join(
-            json.dumps({k: r[k] for k in ('file', 'caption', 'key', 'category', 'correct', 'reason')}) + '\n'
-            for r in records))
-    utils.atomic_write_text(os.path.join(out_dir, 'keys.json'),       # fid_score.py --judge reads it
-                            json.dumps({r['file']: r['key'] for r in records}, indent=0))
+    scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, netG.weights_path, out_dir, log, judge)
+    utils.atomic_write_text(os.path.join(out_dir, 'captions.json'), json.dumps(
+        [{k: r[k] for k in ('file', 'key', 'caption', 'category', 'correct', 'reason') if k in r} for r in records],
+        indent=0))
+    if judge is not None:
+        utils.write_verdicts(os.path.join(run.out, 'judge.jsonl'), records)
     log.info(f"R-precision {scores['r_precision']:.4f} ± {scores['r_precision_std']:.4f} "
              f"over {scores['num_images']} images in {out_dir}")
     if cfg.EVAL.BASELINE:
         torch.manual_seed(cfg.EVAL.SEED)
         untrained = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
         untrained.apply(init_weights)
-        base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, log, judge)
+        base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, None, log, judge)
         scores.update({f'untrained_{k}': v for k, v in base.items()})
         log.info(f"untrained generator: R-precision {base['r_precision']:.4f}")
         if judge is not None:
-            scores.update(real_image_baselines(cfg, judge))
+            scores.update(real_image_baselines(cfg, judge, log))
     if judge is not None:
         log.info('judge: ' + ', '.join(f'{k}={v:.3f}' for k, v in scores.items() if 'judge_all' in k))
     utils.write_metrics(run.out, {**scores, 'images_dir': out_dir, 'net_g': cfg.TRAIN.NET_G})

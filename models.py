@@ -293,6 +293,7 @@ def load_judge(path, device='cpu'):
     judge = ShapesJudge(**ckpt['extra']['model'])
     judge.load_state_dict(ckpt['models']['judge'])
     judge.attributes = ckpt['extra']['attributes']
+    judge.weights_path = path               # the evaluation protocol names the file it scored with
     return judge.to(device).eval().requires_grad_(False)
 
 
@@ -886,6 +887,8 @@ def load_encoders(net_e, device='cpu', attngan_words=None, words_num=ATTNGAN_WOR
             module = build(ckpt['extra']['spec'])
             module.load_state_dict(ckpt['models'][kind])
             modules.append(module)
+    for m, path in zip(modules, paths):     # the evaluation protocol names the files it scored with
+        m.weights_path = path
     return tuple(m.to(device).eval().requires_grad_(False) for m in modules)
 
 
@@ -1292,6 +1295,7 @@ def load_dmgan_generator(cfg, text_dim, dev):
     except RuntimeError as e:
         raise utils.UserError(f"{path}: generator does not match the cfg's GAN/TREE keys "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})")
+    netG.weights_path = path
     return netG.eval()
 
 

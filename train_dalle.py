@@ -324,69 +324,105 @@ def train(run, args):
                'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
                **{f'final_{k}': v for k, v in last.items()}, 'dalle_path': final}
     if cfg.EVAL.JUDGE and run.main:
-        metrics.update(evaluate(cfg, dalle, vae, tokenizer, dev, log, run.out))
+        metrics.update(evaluate(cfg, dalle, vae, tokenizer, dev, log, run.out, final))
     utils.write_metrics(run.out, metrics)
 
 
+def holdout_records(E):
+    """EVAL.NUM_CAPTIONS caption records spread over EVAL.HOLDOUT, the first caption of each
+    pair, the class its key's folder."""
+    if not E.HOLDOUT:
+        raise utils.UserError("EVAL.JUDGE needs EVAL.HOLDOUT: held-out (image, caption) pairs")
+    pairs = utils.read_pairs(E.HOLDOUT)
+    pairs = pairs[::max(1, len(pairs) // E.NUM_CAPTIONS)][:E.NUM_CAPTIONS]
+    records = []
+    for i, (path, caps) in enumerate(pairs):
+        key = utils.shapes_key(path)
+        records.append({'key': key, 'caption': caps if isinstance(caps, str) else caps[0], 'class': key.split('/')[0],
+                        'file': f'{i:05d}.png'})
+    return records
+
+
+def next_caption(n):
+    """Image i against the caption of image i + 1 (a derangement too)."""
+    return (np.arange(n) + 1) % n
+
+
+def metric_plugins(judge, encoders=None, n_neg=99, out_dir=None):
+    """The judge's accuracy (on the images as sampled) and the shuffled-caption baseline; with
+    `encoders` (text, image), R-precision and CLIP score; with out_dir, the image dump."""
+    accuracy = utils.JudgeAccuracy(judge, store='float')
+    plugins = [accuracy, utils.ShuffledJudge(accuracy, next_caption)]
+    if encoders is not None:
+        plugins += utils.encoder_plugins(*encoders, n_neg)
+    if out_dir:
+        plugins.append(utils.ImageDump(out_dir))
+    return plugins
+
+
+def dalle_sampler(model, vae, tokenizer, cfg, dev, shown):
+    """Caption records -> one sample each (SAMPLE's top-k and temperature, a seeded generator);
+    the first 8 images are kept in `shown` for the sample grid."""
+    model.eval()
+    g = torch.Generator(device=dev).manual_seed(cfg.SEED)
+
+    def sample(batch):
+        ids = torch.stack([tokenizer.tokenize(r['caption'], cfg.TEXT.TEXT_SEQ_LEN, True) for r in batch]).to(dev)
+        tokens = model.generate_image_tokens(ids, cfg.SAMPLE.TOP_K, cfg.SAMPLE.TEMPERATURE, generator=g,
+                                             top_k_over=cfg.SAMPLE.TOP_K_OVER)
+        images = vae.decode(tokens).float().clamp(-1, 1).cpu()
+        if sum(map(len, shown)) < 8:
+            shown.append(images)
+        return images
+    return sample
+
+
+SAMPLE_BATCH = 32       # captions per generate_image_tokens call
+
+
 @torch.no_grad()
-def evaluate(cfg, dalle, vae, tokenizer, dev, log, out):
+def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     """One sample (SAMPLE's top-k and temperature) for each of EVAL.NUM_CAPTIONS held-out
     captions, scored by the shapes judge against the attributes of the caption's own image
     (the rule of `fid_score.py --accuracy`), and against the next caption's (shuffled: the
     score the images get whatever the caption says); with BASELINE, an untrained DALLE on the
     same captions and noise. With EVAL.ENCODER, the R-precision of the samples (DM-GAN's
     protocol: true caption against R_NEG captions of images of other classes, by the encoder's
-    cosine). Writes holdout_samples.png (rows: trained, untrained)."""
+    cosine) and their CLIP score. Writes holdout_samples.png (rows: trained, untrained), the
+    samples as PNGs with keys.json in holdout_images/ and judge.jsonl (one verdict per sample)."""
     E = cfg.EVAL
-    if not E.HOLDOUT:
-        raise utils.UserError("EVAL.JUDGE needs EVAL.HOLDOUT: held-out (image, caption) pairs")
-    pairs = utils.read_pairs(E.HOLDOUT)
-    pairs = pairs[::max(1, len(pairs) // E.NUM_CAPTIONS)][:E.NUM_CAPTIONS]
-    texts = [caps if isinstance(caps, str) else caps[0] for _, caps in pairs]
-    ids = torch.stack([tokenizer.tokenize(t, cfg.TEXT.TEXT_SEQ_LEN, True) for t in texts]).to(dev)
-    keys = [utils.shapes_key(p) for p, _ in pairs]
+    held = holdout_records(E)
     judge = models.load_judge(E.JUDGE, dev)
-    r_precision = holdout_r_precision(E, texts, [k.split('/')[0] for k in keys], dev)
+    weights = {'dalle': dalle_path, 'judge': judge.weights_path}
+    encoders, n_neg = None, 0
+    if E.ENCODER:
+        encoders = models.load_encoders(E.ENCODER, dev)
+        weights.update(text_encoder=encoders[0].weights_path, image_encoder=encoders[1].weights_path)
+        classes = [r['class'] for r in held]
+        n_neg = int(min(E.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max()))
 
-    def sample(model):
-        model.eval()
-        g = torch.Generator(device=dev).manual_seed(cfg.SEED)
-        return torch.cat([vae.decode(model.generate_image_tokens(ids[i:i + 32], cfg.SAMPLE.TOP_K, cfg.SAMPLE.TEMPERATURE,
-                                                                 top_k_over=cfg.SAMPLE.TOP_K_OVER,
-                                                                 generator=g)).float().clamp(-1, 1).cpu()
-                          for i in range(0, len(ids), 32)])
-    images = sample(dalle)
-    res = {f'judge_{k}': v for k, v in utils.judge_accuracy(judge, images, keys).items()}
-    # the same images, each against the next caption's image: what they score whatever the caption
-    res.update({f'shuffled_judge_{k}': v for k, v in utils.judge_accuracy(judge, images, keys[1:] + keys[:1]).items()})
-    res.update(r_precision(images))
-    rows = [images[:8]]
+    def score(model, files, out_dir=None):
+        """The scores of model's samples, their records (with the judge's verdicts), the first 8."""
+        records, shown = [dict(r) for r in held], []
+        res = utils.evaluate_generator(dalle_sampler(model, vae, tokenizer, cfg, dev, shown), records,
+                                       metric_plugins(judge, encoders, n_neg, out_dir), SAMPLE_BATCH, E.HOLDOUT,
+                                       cfg.SEED, files, vae.image_size, log=log)
+        return res, records, torch.cat(shown)[:8]
+    res, records, first = score(dalle, weights, os.path.join(out, 'holdout_images'))
+    utils.write_verdicts(os.path.join(out, 'judge.jsonl'), records)
+    if encoders is not None:
+        res['r_precision_negatives'] = n_neg
+    rows = [first]
     if E.BASELINE:
         torch.manual_seed(cfg.SEED)            # same architecture, fresh initialisation
         untrained = models.DALLE(**dalle.hparams).to(dev)
-        base = sample(untrained)
-        res.update({f'untrained_judge_{k}': v for k, v in utils.judge_accuracy(judge, base, keys).items()})
-        res.update({f'untrained_{k}': v for k, v in r_precision(base).items() if k == 'r_precision'})
-        rows.append(base[:8])
+        base, _, shown = score(untrained, {k: v for k, v in weights.items() if k != 'dalle'})
+        res.update({f'untrained_{k}': v for k, v in base.items()})
+        rows.append(shown)
     utils.save_image_grid(torch.cat(rows), os.path.join(out, 'holdout_samples.png'), nrow=len(rows[0]))
-    res['eval_captions'] = len(ids)
-    log.info(' | '.join(f'{k} {v:.3f}' for k, v in res.items()))
+    res['eval_captions'] = len(records)
+    log.info(' | '.join(f'{k} {v:.3f}' for k, v in res.items() if not isinstance(v, dict)))
     return res
-
-
-def holdout_r_precision(E, texts, classes, dev):
-    """A function images -> {'r_precision', 'r_precision_std', 'r_precision_negatives'} with
-    EVAL.ENCODER's encoders, image i against texts[i] ({} without an encoder)."""
-    if not E.ENCODER:
-        return lambda images: {}
-    text_enc, image_enc = models.load_encoders(E.ENCODER, dev)
-    n_neg = min(E.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max())
-
-    def score(images):
-        img, sent = utils.encode_pairs(image_enc, text_enc, images, texts)
-        mean, std = utils.r_precision(img, sent, classes, n_neg=n_neg)
-        return {'r_precision': mean, 'r_precision_std': std, 'r_precision_negatives': int(n_neg)}
-    return score
 
 
 def fixed_captions(pairs, tokenizer, cfg, n):

@@ -8,6 +8,7 @@ import argparse
 import collections
 import csv
 import difflib
+import hashlib
 import inspect
 import io
 import itertools
@@ -1975,3 +1976,262 @@ def judge_accuracy(judge, images, keys, attributes=None, records=None):
                     for k, p, t, s in zip(keys, preds, truths, scenes)]
     out = {k: float(v) for k, v in out.items()}
     return {**out, **{f'breakdown_{k}': v for k, v in judge_breakdown(scenes, truths).items()}}
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: one path for every generator
+# ----------------------------------------------------------------------------
+# A generator is scored by a sampler, a function from a batch of caption records ({'key',
+# 'caption', 'class'} and whatever else its sampler reads) to images in [-1, 1], and metric
+# plug-ins: start(image_size), add(images, records) per batch, result() -> {name: value}. The
+# networks a plug-in uses are built by the caller (models.py's loaders) and passed in.
+def to_uint8(images):
+    """Images in [-1, 1] -> uint8 on the CPU, the values a PNG file of them holds."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def derangement(n, seed):
+    """A seeded map of range(n) into itself without fixed points (another image's caption for
+    each): a permutation whose fixed points i are sent to i + 1 instead (so, rarely, two
+    images share one caption)."""
+    perm = np.random.RandomState(seed).permutation(n)
+    return np.where(perm == np.arange(n), (perm + 1) % n, perm)
+
+
+_SHA256 = {}
+
+
+def sha256(path):
+    """Hex SHA-256 of a file's bytes; read once per (path, size, mtime), since a learning curve
+    or repeated samplings name the same encoders and judge in every result."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+class JudgeAccuracy:
+    """The shapes judge's attribute accuracy and breakdown (judge_accuracy) of each image against
+    its record's key: judge_*. Each record gets its verdict (category, correct, reason), the
+    lines of judge.jsonl. The images wait for the judge as `store` says: uint8 (what their PNG
+    files hold), half or float; `chunk` images go through the judge at a time."""
+
+    def __init__(self, judge, store='uint8', chunk=250):
+        if store not in ('uint8', 'half', 'float'):
+            raise ValueError(f"store={store!r}: expected uint8, half or float")
+        self.judge, self.store, self.chunk = judge, store, chunk
+
+    def start(self, size):
+        self.images, self.records = [], []
+
+    def add(self, images, records):
+        self.images.append(to_uint8(images) if self.store == 'uint8' else
+                           images.half().cpu() if self.store == 'half' else images.float().cpu())
+        self.records += records
+
+    def batches(self):
+        """The stored images in [-1, 1], `chunk` at a time."""
+        for x in torch.cat(self.images).split(self.chunk):
+            yield x.float() / 127.5 - 1 if self.store == 'uint8' else x.float()
+
+    def result(self):
+        verdicts = []
+        acc = judge_accuracy(self.judge, self.batches(), [r['key'] for r in self.records], records=verdicts)
+        for r, v in zip(self.records, verdicts):
+            r.update(category=v['category'], correct=v['correct'], reason=v['reason'])
+        return {f'judge_{k}': v for k, v in acc.items()}
+
+
+VERDICT_FIELDS = ('file', 'caption', 'key', 'category', 'correct', 'reason')
+
+
+def write_verdicts(path, records):
+    """judge.jsonl: one line per image scored by JudgeAccuracy, what failed, to look at."""
+    atomic_write_text(path, ''.join(json.dumps({k: r[k] for k in VERDICT_FIELDS}) + '\n' for r in records))
+
+
+class ShuffledJudge:
+    """The images of a JudgeAccuracy plug-in judged against other records' keys, image i against
+    the key of record permutation(n)[i]: shuffled_judge_*, what drawing without reading the
+    caption scores."""
+
+    def __init__(self, accuracy, permutation):
+        self.accuracy, self.permutation = accuracy, permutation
+
+    def start(self, size):
+        pass
+
+    def add(self, images, records):
+        pass
+
+    def result(self):
+        keys = [r['key'] for r in self.accuracy.records]
+        wrong = [keys[j] for j in self.permutation(len(keys))]
+        acc = judge_accuracy(self.accuracy.judge, self.accuracy.batches(), wrong)
+        return {f'shuffled_judge_{k}': v for k, v in acc.items()}
+
+
+class PairFeatures:
+    """Global image and caption features of every (image, record caption) pair (encode_pairs),
+    for RPrecision and CLIPScore to share: the encoders run once."""
+
+    def __init__(self, text_encoder, image_encoder):
+        self.text_encoder, self.image_encoder = text_encoder, image_encoder
+
+    def start(self, size):
+        self.img, self.txt = [], []
+
+    def add(self, images, records):
+        img, txt = encode_pairs(self.image_encoder, self.text_encoder, images, [r['caption'] for r in records])
+        self.img.append(img)
+        self.txt.append(txt)
+
+    def features(self):
+        return torch.cat(self.img), torch.cat(self.txt)
+
+    def result(self):
+        return {}
+
+
+class RPrecision:
+    """R-precision (r_precision: DM-GAN's protocol) of the images against their captions, the
+    negatives n_neg captions of records of other classes."""
+
+    def __init__(self, features, n_neg=99, folds=10, seed=0):
+        self.features, self.n_neg, self.folds, self.seed = features, n_neg, folds, seed
+
+    def start(self, size):
+        self.classes = []
+
+    def add(self, images, records):
+        self.classes += [r['class'] for r in records]
+
+    def result(self):
+        mean, std = r_precision(*self.features.features(), self.classes, n_neg=self.n_neg, folds=self.folds,
+                                seed=self.seed)
+        return {'r_precision': mean, 'r_precision_std': std}
+
+
+class CLIPScore:
+    """CLIPScore (clip_score) of the images and their captions on the encoders' features."""
+
+    def __init__(self, features):
+        self.features = features
+
+    def start(self, size):
+        pass
+
+    def add(self, images, records):
+        pass
+
+    def result(self):
+        return {'clip_score': clip_score(*self.features.features())}
+
+
+def encoder_plugins(text_encoder, image_encoder, n_neg=99, folds=10, seed=0):
+    """R-precision and CLIP score on one encoding of the pairs."""
+    features = PairFeatures(text_encoder, image_encoder)
+    return [features, RPrecision(features, n_neg, folds, seed), CLIPScore(features)]
+
+
+class FID:
+    """FID (frechet_distance) of the images' features (`net`, a FeatureNet on images in [0, 1])
+    against `real(size)`, the real images' (mu, sigma) at the images' size."""
+
+    def __init__(self, net, real):
+        self.net, self.real = net, real
+
+    def start(self, size):
+        self.reference, self.act = self.real(size), []
+
+    def add(self, images, records):
+        self.act.append(self.net((images + 1) / 2))
+
+    def result(self):
+        mu, sigma = statistics(np.concatenate(self.act), 'generated images')
+        return {'fid': frechet_distance(mu, sigma, *self.reference)}
+
+
+class InceptionScore:
+    """IS (inception_score) in `splits` splits of the logits of `net` (images in [0, 1] -> logits)."""
+
+    def __init__(self, net, splits=1):
+        self.net, self.splits = net, splits
+
+    def start(self, size):
+        self.logits = []
+
+    def add(self, images, records):
+        self.logits.append(self.net((images + 1) / 2).double().cpu())
+
+    def result(self):
+        return {'is': inception_score(torch.cat(self.logits), self.splits)[0]}
+
+
+class ImageDump:
+    """Each image as a PNG named by its record's 'file' in `folder`, and keys.json (file ->
+    dataset key), what fid_score.py, inception_score.py and the judge read."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def start(self, size):
+        os.makedirs(self.folder, exist_ok=True)
+        self.keys = {}
+
+    def add(self, images, records):
+        for im, r in zip(images, records):
+            save_image_grid(im[None], os.path.join(self.folder, r['file']), nrow=1)
+            self.keys[r['file']] = r['key']
+
+    def result(self):
+        atomic_write_text(os.path.join(self.folder, 'keys.json'), json.dumps(self.keys, indent=0))
+        return {}
+
+
+class Interrupted(Exception):
+    """A stop request between two batches of evaluate_generator: the result in progress is dropped."""
+
+
+def caption_batches(records, batch_size, per_pass=False):
+    """Consecutive batches of batch_size records; with per_pass, a batch ends where the records'
+    'pass' changes (DM-GAN's sampling restarts its batches at each pass over the test set)."""
+    batch = []
+    for r in records:
+        if batch and (len(batch) == batch_size or (per_pass and r['pass'] != batch[-1]['pass'])):
+            yield batch
+            batch = []
+        batch.append(r)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_generator(sampler, records, metrics, batch_size, split, seed, weights, image_size, resize=None,
+                       per_pass=False, stop=None, log=None):
+    """Every metric plug-in over the images `sampler` draws for `records`, batch by batch. Returns
+    the plug-ins' scores and `protocol`: the split, number of images, seed, image size and the
+    resizing the caller names, and the weights files used ({name: path}) with their sha256.
+    `stop()`, asked before each batch, raises Interrupted when true; progress lines go to `log`."""
+    for m in metrics:
+        m.start(image_size)
+    bar = progress(total=len(records), desc='score', every=max(1, len(records) // 10), log=log,
+                   disable=None if log else True)
+    for batch in caption_batches(records, batch_size, per_pass):
+        if stop is not None and stop():
+            raise Interrupted()
+        images = sampler(batch)
+        for m in metrics:
+            m.add(images, batch)
+        bar.update(len(batch))
+    bar.close()
+    scores = {k: v for m in metrics for k, v in m.result().items()}
+    protocol = {'split': split, 'num_images': len(records), 'seed': seed, 'image_size': image_size,
+                'resize': resize, 'weights': {name: {'path': path, 'sha256': sha256(path)}
+                                              for name, path in weights.items() if path}}
+    return {**scores, 'protocol': protocol}

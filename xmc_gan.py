@@ -10,6 +10,7 @@ main.py hands over here when the cfg says MODEL: XMCGAN.
   python main.py --cfg cfg/eval_coco_xmc.yml --gpu 0 --set EVAL.WORKDIR=runs/exp [--watch]
 """
 import copy
+import functools
 import json
 import os
 import signal
@@ -95,6 +96,10 @@ class EmbeddedCaptions:
         self.images, self.shard_size = sp['images'], sp['shard_size']
         self.shards = [torch.load(os.path.join(root, f), map_location='cpu', mmap=True, weights_only=True)
                        for f in sp['shards']]
+
+    def text(self, row):
+        """The caption of a row, as written."""
+        return self.shards[row // self.shard_size]['texts'][row % self.shard_size]
 
     def caption(self, row):
         s, i = self.shards[row // self.shard_size], row % self.shard_size
@@ -391,167 +396,97 @@ def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=
 STOP = {'requested': False}           # set by SIGTERM/SIGINT
 
 
-class Interrupted(Exception):
-    """A stop request while scoring: the checkpoint in progress gets no row."""
+def eval_records(emb, n_images, seed):
+    """n_images records cycling through the test images in order, a seeded random caption of
+    each per pass (its embedding row), with the image's PNG name for the dump."""
+    n, records = len(emb.images), []
+    for j in range(n_images):
+        key, _, cls, first, k = emb.images[j % n]
+        row = first + int(np.random.default_rng([seed, j // n, first]).integers(k))
+        records.append({'key': key, 'caption': emb.text(row), 'class': cls, 'row': row, 'file': f'{j:05d}.png'})
+    return records
 
 
-class RPrecision:
-    """R-precision with the project encoder (utils.r_precision): a fake's global image code
-    against its caption's sentence code and R_NEG captions of other classes."""
+def xmc_sampler(netG, emb, z_dim, seed, dev):
+    """Caption records -> G's images of their precomputed embeddings, fresh seeded noise."""
+    g = torch.Generator().manual_seed(seed)
 
-    def __init__(self, E, dev):
-        self.E, (self.text_enc, self.image_enc) = E, models.load_encoders(E.NET_E, dev)
-
-    def start(self, size):
-        self.img, self.txt, self.cls = [], [], []
-
-    def add(self, fake, texts, keys, classes):
-        self.img.append(self.image_enc.encode(fake)[1].float().cpu())
-        self.txt.append(self.text_enc.encode(list(texts))[1].float().cpu())
-        self.cls += classes
-
-    def result(self):
-        m, s = utils.r_precision(torch.cat(self.img), torch.cat(self.txt), self.cls, n_neg=self.E.R_NEG,
-                                 folds=self.E.R_FOLDS, seed=self.E.SEED)
-        return {'r_precision': m, 'r_precision_std': s}
+    def sample(batch):
+        sent, words, pad, _ = emb.batch([r['row'] for r in batch], dev)
+        return netG(torch.randn(len(batch), z_dim, generator=g).to(dev), sent, words, pad).float()
+    return sample
 
 
-class JudgeAccuracy:
-    """The shapes judge's attribute accuracy (utils.judge_accuracy) of each fake against
-    the attributes of the image whose caption drew it."""
-
-    def __init__(self, judge):
-        self.judge = judge
-
-    def start(self, size):
-        self.fakes, self.keys = [], []
-
-    def add(self, fake, texts, keys, classes):
-        self.fakes.append(fake.half().cpu())
-        self.keys += keys
-
-    def result(self):
-        acc = utils.judge_accuracy(self.judge, (x.float() for x in self.fakes), self.keys)
-        return {f'judge_{k}': v for k, v in acc.items()}
+def real_statistics_path(cfg, net, size):
+    """EVAL.FID_STATS, or the file of the real test images' statistics beside the scores."""
+    return cfg.EVAL.FID_STATS or os.path.join(cfg.OUT_DIR, f'real_test_{size}px_{net.name}.npz')
 
 
-class InceptionScore:
-    """IS (inception_score.py: the TF graph's 1008 logits) of a sampling in EVAL.IS_SPLITS splits
-    (the original's eval_metrics.py: 1)."""
-
-    def __init__(self, E, dev):
-        self.splits = E.IS_SPLITS
-        self.net = models.inception_classifier('tf', E.FID_WEIGHTS or None, dev)
-
-    def start(self, size):
-        self.logits = []
-
-    def add(self, fake, texts, keys, classes):
-        self.logits.append(self.net((fake + 1) / 2).double().cpu())
-
-    def result(self):
-        return {'is': utils.inception_score(torch.cat(self.logits), self.splits)[0]}
-
-
-class FID:
-    """FID (fid_score.py) of the fakes against the real test images' statistics: EVAL.FID_STATS,
-    computed from the test split at the generator's size (resized as in training) and saved when
-    missing. Features: the FID Inception's pool3, or (FID_FEATURES judge) the shapes judge's."""
-
-    def __init__(self, cfg, emb, judge, dev):
-        self.cfg, self.emb, self.dev, self.real = cfg, emb, dev, {}
-        self.net = models.feature_net(2048, cfg.EVAL.FID_WEIGHTS or None, judge, dev)
-
-    def real_statistics(self, size):
-        path = self.cfg.EVAL.FID_STATS or os.path.join(self.cfg.OUT_DIR, f'real_test_{size}px_{self.net.name}.npz')
+def real_statistics(cfg, emb, net, dev):
+    """size -> FID's (mu, sigma) of the real test images at that size (resized as in training):
+    EVAL.FID_STATS, or computed from the test split and saved when missing."""
+    @functools.lru_cache(maxsize=None)
+    def at(size):
+        path = real_statistics_path(cfg, net, size)
         if not os.path.isfile(path):
-            loader = torch.utils.data.DataLoader(XMCDataset(self.emb, size, flip=False), self.cfg.EVAL.BATCH_SIZE,
-                                                 num_workers=self.cfg.WORKERS)
-            act = np.concatenate([self.net((b['image'].to(self.dev) + 1) / 2) for b in loader])
-            utils.save_statistics(path, *utils.statistics(act, 'real test images'), self.net.name)
-        return utils.path_statistics(path, self.net)
-
-    def start(self, size):
-        if size not in self.real:
-            self.real[size] = self.real_statistics(size)
-        self.size, self.act = size, []
-
-    def add(self, fake, texts, keys, classes):
-        self.act.append(self.net((fake + 1) / 2))
-
-    def result(self):
-        mu, sigma = utils.statistics(np.concatenate(self.act), 'generated images')
-        return {'fid': utils.frechet_distance(mu, sigma, *self.real[self.size])}
+            loader = torch.utils.data.DataLoader(XMCDataset(emb, size, flip=False), cfg.EVAL.BATCH_SIZE,
+                                                 num_workers=cfg.WORKERS)
+            act = np.concatenate([net((b['image'].to(dev) + 1) / 2) for b in loader])
+            utils.save_statistics(path, *utils.statistics(act, 'real test images'), net.name)
+        return utils.path_statistics(path, net)
+    return at
 
 
-class ImageDump:
-    """EVAL.SAVE_IMAGES: the fakes of a checkpoint's first sampling as PNGs in `dir`, with
-    keys.json (file -> dataset key), for fid_score.py, inception_score.py and the judge."""
-
-    def __init__(self):
-        self.dir = None
-
-    def start(self, size):
-        self.keys = {}
-
-    def add(self, fake, texts, keys, classes):
-        if self.dir:
-            for im, k in zip(fake, keys):
-                name = f'{len(self.keys):05d}.png'
-                utils.save_image_grid(im[None], os.path.join(self.dir, name), nrow=1)
-                self.keys[name] = k
-
-    def result(self):
-        if self.dir:
-            utils.atomic_write_text(os.path.join(self.dir, 'keys.json'), json.dumps(self.keys, indent=0))
-            self.dir = None                   # later samplings of the checkpoint are not saved
-        return {}
-
-
-def build_metrics(cfg, emb, dev):
-    E, metrics = cfg.EVAL, []
+def metric_plugins(cfg, emb, dev):
+    """The plug-ins EVAL asks for (the judge's accuracy, R-precision and CLIP score with EVAL.NET_E,
+    FID on the FID Inception's pool3 or the judge's features, IS on the FID Inception's logits in
+    EVAL.IS_SPLITS splits: the original's eval_metrics.py uses 1), their networks loaded once;
+    the weights files they use; and FID's feature network (None without FID)."""
+    E, plugins, weights, fid_net, last = cfg.EVAL, [], {}, None, []
     judge = models.load_judge(E.JUDGE, dev) if E.JUDGE else None
     if judge is not None:
-        metrics.append(JudgeAccuracy(judge))
+        # 30,000 images wait for the judge in half precision, judged a sampled batch at a time
+        plugins.append(utils.JudgeAccuracy(judge, store='half', chunk=E.BATCH_SIZE))
+        weights['judge'] = judge.weights_path
     if E.NET_E:
-        metrics.append(RPrecision(E, dev))
+        text_enc, image_enc = models.load_encoders(E.NET_E, dev)
+        features = utils.PairFeatures(text_enc, image_enc)
+        plugins += [features, utils.RPrecision(features, E.R_NEG, E.R_FOLDS, E.SEED)]
+        last = [utils.CLIPScore(features)]      # after FID and IS: eval.txt's other columns keep their places
+        weights.update(text_encoder=text_enc.weights_path, image_encoder=image_enc.weights_path)
+
+    def inception():            # the file models.fid_inception reads
+        return utils.weights_path(E.FID_WEIGHTS or None, utils.FID_WEIGHTS, utils.FID_WEIGHTS_URL)
     if E.FID:
         if E.FID_FEATURES not in ('inception', 'judge') or (E.FID_FEATURES == 'judge' and judge is None):
             raise utils.UserError(f"EVAL.FID_FEATURES={E.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE")
-        metrics.append(FID(cfg, emb, judge if E.FID_FEATURES == 'judge' else None, dev))
+        on_judge = E.FID_FEATURES == 'judge'
+        fid_net = models.feature_net(2048, E.FID_WEIGHTS or None, judge if on_judge else None, dev)
+        plugins.append(utils.FID(fid_net, real_statistics(cfg, emb, fid_net, dev)))
+        weights['fid_features'] = judge.weights_path if on_judge else inception()
     if E.IS:
-        metrics.append(InceptionScore(E, dev))
-    if not metrics:
+        plugins.append(utils.InceptionScore(models.inception_classifier('tf', E.FID_WEIGHTS or None, dev), E.IS_SPLITS))
+        weights['is_inception'] = inception()
+    if not plugins:
         raise utils.UserError("EVAL: nothing to compute; set EVAL.FID, EVAL.IS, EVAL.NET_E or EVAL.JUDGE")
-    if E.SAVE_IMAGES:
-        metrics.append(ImageDump())
-    return metrics
+    return plugins + last, weights, fid_net
 
 
-@torch.no_grad()
-def sample_and_score(netG, ccfg, emb, metrics, E, seed, dev):
-    """One sampling of NUM_IMAGES fakes: the test images in order (cycling), a seeded random
-    caption of each per pass, fresh noise; every metric sees every batch."""
-    g, n = torch.Generator().manual_seed(seed), len(emb.images)
-    for m in metrics:
-        m.start(ccfg.IMAGE_SIZE)
-    for start in range(0, E.NUM_IMAGES, E.BATCH_SIZE):
-        if STOP['requested']:
-            raise Interrupted()
-        items = [emb.images[j % n] + [j // n] for j in range(start, min(start + E.BATCH_SIZE, E.NUM_IMAGES))]
-        sent, words, pad, texts = emb.batch([first + int(np.random.default_rng([seed, p, first]).integers(k))
-                                             for _, _, _, first, k, p in items], dev)
-        fake = netG(torch.randn(len(items), ccfg.GAN.Z_DIM, generator=g).to(dev), sent, words, pad).float()
-        for m in metrics:
-            m.add(fake, texts, [it[0] for it in items], [it[2] for it in items])
-    return {k: v for m in metrics for k, v in m.result().items()}
-
-
-def score(netG, ccfg, emb, metrics, E, dev):
-    """Mean, and std across samplings, of REPEATS samplings (the original's eval_avg_num)."""
-    runs = [sample_and_score(netG, ccfg, emb, metrics, E, E.SEED + r, dev) for r in range(E.REPEATS)]
+def score(netG, ccfg, emb, plugins, E, dev, weights, dump=None, log=None):
+    """Mean, and std across samplings, of REPEATS samplings (the original's eval_avg_num); `dump`
+    (an ImageDump) sees the first. Returns them and the protocol, with the seeds of every sampling."""
+    runs = []
+    for r in range(E.REPEATS):
+        seed = E.SEED + r
+        runs.append(utils.evaluate_generator(
+            xmc_sampler(netG, emb, ccfg.GAN.Z_DIM, seed, dev), eval_records(emb, E.NUM_IMAGES, seed),
+            plugins + ([dump] if dump is not None and r == 0 else []), E.BATCH_SIZE, 'test', seed, weights,
+            ccfg.IMAGE_SIZE, f'real test images: bilinear to {ccfg.IMAGE_SIZE} px, no crop' if E.FID else None,
+            stop=lambda: STOP['requested'], log=log))
+    protocol = {**runs[0]['protocol'], 'seed': [E.SEED + r for r in range(E.REPEATS)]}
+    runs = [{k: v for k, v in run.items() if k != 'protocol'} for run in runs]
     return {f'{k}{sfx}': float(fn([r[k] for r in runs])) for k in runs[0] if not k.endswith('_std')
-            for sfx, fn in (('', np.mean), ('_std', np.std))}
+            for sfx, fn in (('', np.mean), ('_std', np.std))}, protocol
 
 
 def evaluate(run, watch):
@@ -566,7 +501,7 @@ def evaluate(run, watch):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: STOP.update(requested=True))
     emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
-    metrics = build_metrics(cfg, emb, dev)
+    plugins, net_weights, fid_net = metric_plugins(cfg, emb, dev)
     table, mpath = os.path.join(run.out, 'eval.txt'), os.path.join(run.out, 'metrics.json')
 
     def scored():
@@ -584,18 +519,19 @@ def evaluate(run, watch):
                 if ckpt['extra']['text_dim'] != emb.dim:
                     raise utils.UserError(f"{path}: trained on {ckpt['extra']['text_dim']}-d captions, but "
                                           f"EMBEDDINGS={cfg.EMBEDDINGS} holds {emb.dim}-d ones")
+                weights = {**net_weights, **({'fid_statistics': real_statistics_path(cfg, fid_net, ccfg.IMAGE_SIZE)}
+                                             if fid_net is not None else {})}
                 if E.BASELINE and 'untrained' not in (json.load(open(mpath)) if os.path.isfile(mpath) else {}):
                     torch.manual_seed(E.SEED)          # an untrained G: same architecture, same captions
-                    base = score(build_networks(ccfg, emb.dim)[0].to(dev).eval(), ccfg, emb, metrics, E, dev)
-                    utils.write_metrics(run.out, {'untrained': base})
+                    base, protocol = score(build_networks(ccfg, emb.dim)[0].to(dev).eval(), ccfg, emb, plugins, E,
+                                           dev, weights, log=log)
+                    utils.write_metrics(run.out, {'untrained': {**base, 'protocol': protocol}})
                     log.info(f"untrained generator: {fmt(base)}")
                 netG = build_networks(ccfg, emb.dim)[0].to(dev)
                 netG.load_state_dict(ckpt['models']['G_ema'])        # the EMA weights, as the original reports
-                for m in metrics:
-                    if isinstance(m, ImageDump):
-                        m.dir = os.path.join(run.out, f'images_{step:08d}')
-                        os.makedirs(m.dir, exist_ok=True)
-                scores = score(netG.eval(), ccfg, emb, metrics, E, dev)
+                dump = utils.ImageDump(os.path.join(run.out, f'images_{step:08d}')) if E.SAVE_IMAGES else None
+                scores, protocol = score(netG.eval(), ccfg, emb, plugins, E, dev, {**weights, 'generator': path},
+                                         dump, log)
                 header = '' if os.path.isfile(table) else '# checkpoint\tstep\tEMA G, mean and std of EVAL.REPEATS\n'
                 with open(table, 'a') as f:
                     f.write(header + f"{name}\t{step}\t" + '\t'.join(f'{k}={v:.6g}' for k, v in scores.items()) + '\n')
@@ -603,14 +539,15 @@ def evaluate(run, watch):
                     run.writer.add_scalar(f'eval/{k}', v, step)
                 write_samples(run, netG, emb, ccfg.GAN.Z_DIM, E.SEED, step,
                               os.path.join(run.out, f'samples_{step:08d}.png'), E.DMGAN)
-                utils.write_metrics(run.out, {f'eval/{name}': {'step': step, **scores}, 'latest': name})
+                utils.write_metrics(run.out, {f'eval/{name}': {'step': step, **scores, 'protocol': protocol},
+                                              'latest': name})
                 log.info(f"{name} (step {step}, {time.time() - t0:.0f}s): {fmt(scores)}")
             if not watch:
                 break
             for _ in range(max(1, int(E.POLL_SECONDS))):
                 if not STOP['requested']:
                     time.sleep(1)
-    except Interrupted:
+    except utils.Interrupted:
         log.info("stop requested: the checkpoint in progress was not scored")
     log.info(f"{len(scored())} checkpoint(s) scored in {table}")
 

@@ -1,6 +1,7 @@
 """The DALLE pipeline: DiscreteVAE/VQGAN layouts, the DALLE loss and sampling, and a smoke run
 of train_vae.py, train_dalle.py (resume, --chinese, CLIP BPE, VQGAN), dalle_gen.py,
 clip_sort.py and the Wukong-style filter, all on tiny configs."""
+import hashlib
 import json
 import os
 import shutil
@@ -428,6 +429,16 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
     classes = [os.path.basename(os.path.dirname(p)) for p, _ in held]
     assert m['r_precision_negatives'] == 6 - max(classes.count(c) for c in classes)
     assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
+    # the protocol names the weights with their sha256; the samples' verdicts and dump as DM-GAN's
+    with open(m['dalle_path'], 'rb') as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    assert m['protocol']['weights']['dalle'] == {'path': m['dalle_path'], 'sha256': sha}
+    assert m['protocol']['num_images'] == 6 and 'dalle' not in m['untrained_protocol']['weights']
+    lines = [json.loads(x) for x in open(a / 'judge.jsonl')]
+    assert len(lines) == 6 and m['judge_all'] == pytest.approx(sum(x['correct'] for x in lines) / 6)
+    dumped = json.load(open(a / 'holdout_images' / 'keys.json'))
+    assert sorted(dumped) == sorted(x['file'] for x in lines)
+    assert all((a / 'holdout_images' / f).is_file() for f in dumped)
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert {'hparams', 'vae_class_name', 'vae_params', 'tokenizer'} <= set(ck['extra'])
     assert set(ck['models']) == {'dalle', 'vae'} and ck['optimizers']['opt']['state'] and ck['epoch'] == 1

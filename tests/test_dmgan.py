@@ -242,6 +242,13 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
     assert all(set(x) == {'file', 'caption', 'key', 'category', 'correct', 'reason'} for x in lines)
     assert m['judge_all'] == pytest.approx(sum(x['correct'] for x in lines) / 30)
     assert 'judge_breakdown_counting' in m and 0 <= m['shuffled_judge_colour'] <= 1
+    # every scored result carries its protocol: the weights files used, with their sha256
+    gen = m['protocol']['weights']['generator']
+    assert gen['path'].endswith('dmgan_00000010.pt') and gen['sha256'] == sha256_of(gen['path'])
+    assert m['protocol']['num_images'] == 30 and m['protocol']['split'] == 'test'
+    assert 'generator' not in m['untrained_protocol']['weights'] and m['real_protocol']['num_images'] == 20
+    judge_file = os.path.join(tiny_judge, 'checkpoints', 'judge_final.pt')
+    assert m['wrong_caption_protocol']['weights']['judge'] == {'path': judge_file, 'sha256': sha256_of(judge_file)}
     # keys.json lets fid_score.py's judge score the dumped files: the same verdicts up to PNG rounding
     r = subprocess.run([sys.executable, 'fid_score.py', '--judge', str(tiny_judge), '--accuracy', str(out)],
                        cwd=ROOT, capture_output=True, text=True)
@@ -291,3 +298,68 @@ def test_eval_refuses_wrong_checkpoint_kind(tiny_shapes, tiny_encoder, tmp_path)
                                   'TRAIN.FLAG=false', f'TRAIN.NET_G={tiny_encoder}'),
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "kind 'text_encoder', expected 'dmgan'" in r.stderr
+
+
+def sha256_of(path):
+    import hashlib
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_dmgan_and_dalle_score_through_the_one_path_as_directly(tiny_shapes, tiny_encoder, tiny_judge, tmp_path):
+    """The same fake images through DM-GAN's and DALLE's metric plug-ins (utils.evaluate_generator)
+    get the numbers of utils.judge_accuracy and utils.r_precision called directly on them, and a
+    protocol naming the weights files with their sha256."""
+    import train_dalle
+    text_enc, image_enc = models.load_encoders(tiny_encoder)
+    judge = models.load_judge(tiny_judge)
+    g = torch.Generator().manual_seed(0)
+    # values a PNG holds exactly, so DM-GAN's uint8 storage gives the judge the very same images
+    fakes = torch.randint(0, 256, (30, 3, 32, 32), generator=g).float() / 127.5 - 1
+    assert torch.equal(utils.to_uint8(fakes).float() / 127.5 - 1, fakes)
+
+    def through(records, plugins, batch_size, weights, **kw):
+        drawn = []
+
+        def sampler(batch):
+            drawn.append(len(batch))
+            return fakes[sum(drawn) - len(batch):sum(drawn)]
+        return utils.evaluate_generator(sampler, records, plugins, batch_size, 'test', 7, weights, 32, **kw)
+
+    def direct(records, wrong, n_neg, folds, seed):
+        keys, n = [r['key'] for r in records], len(records)
+        img, txt = utils.encode_pairs(image_enc, text_enc, fakes[:n], [r['caption'] for r in records])
+        mean, std = utils.r_precision(img, txt, [r['class'] for r in records], n_neg=n_neg, folds=folds, seed=seed)
+        return {**{f'judge_{k}': v for k, v in utils.judge_accuracy(judge, fakes[:n], keys).items()},
+                **{f'shuffled_judge_{k}': v for k, v in utils.judge_accuracy(judge, fakes[:n], wrong(keys)).items()},
+                'r_precision': mean, 'r_precision_std': std}, utils.clip_score(img, txt)
+
+    # DM-GAN: two passes over the 20 test images, batches restarting at each pass; the image dump
+    cfg = utils.to_cfg(main.DEFAULTS)
+    cfg.DATA_DIR, cfg.EVAL.NUM_IMAGES, cfg.EVAL.R_NEG, cfg.EVAL.R_FOLDS = tiny_shapes, 30, 5, 3
+    cfg.TREE.update(BASE_SIZE=32, BRANCH_NUM=1)
+    records = main.eval_records(cfg, main.build_dataset(cfg, 'test', train=False))
+    weights = main.weights_files(None, text_enc, image_enc, judge)
+    got = through(records, main.metric_plugins(cfg.EVAL, text_enc, image_enc, judge, str(tmp_path / 'dump')), 7,
+                  weights, per_pass=True)
+    want, clip = direct(records, lambda keys: [keys[j] for j in utils.derangement(len(keys), cfg.EVAL.SEED)],
+                        5, 3, cfg.EVAL.SEED)
+    assert {k: got[k] for k in want} == want and got['clip_score'] == pytest.approx(clip)
+    assert 'judge_breakdown_counting' in got and all('correct' in r and 'reason' in r for r in records)
+    dumped = json.load(open(tmp_path / 'dump' / 'keys.json'))
+    assert dumped == {r['file']: r['key'] for r in records} and len(list((tmp_path / 'dump').glob('*.png'))) == 30
+    # DALLE: the held-out captions, image i against caption i + 1 for the shuffled baseline
+    E = utils.to_cfg({**train_dalle.DEFAULTS['EVAL'], 'HOLDOUT': os.path.join(tiny_shapes, 'test.jsonl'),
+                      'NUM_CAPTIONS': 30})
+    records = train_dalle.holdout_records(E)
+    got = through(records, train_dalle.metric_plugins(judge, (text_enc, image_enc), 5), train_dalle.SAMPLE_BATCH,
+                  {'judge': judge.weights_path})
+    want, clip = direct(records, lambda keys: keys[1:] + keys[:1], 5, 10, 0)
+    assert {k: got[k] for k in want} == want and got['clip_score'] == pytest.approx(clip)
+    # the protocol: what was scored, and the sha256 of each weights file
+    p = through(records, [utils.JudgeAccuracy(judge)], 8, weights)['protocol']
+    assert {k: p[k] for k in ('split', 'num_images', 'seed', 'image_size')} == \
+        {'split': 'test', 'num_images': len(records), 'seed': 7, 'image_size': 32}
+    assert p['weights'] == {name: {'path': path, 'sha256': sha256_of(path)} for name, path in
+                            (('judge', judge.weights_path), ('text_encoder', tiny_encoder),
+                             ('image_encoder', tiny_encoder.replace('text_encoder', 'image_encoder')))}

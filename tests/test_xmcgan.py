@@ -2,6 +2,7 @@
 parameter counts, a training step at the original's test sizes, mid-epoch resume, checkpoint
 evaluation (rows, re-run, SIGTERM under --watch), resumable caption embedding (project
 encoder and a tiny BERT)."""
+import hashlib
 import json
 import math
 import os
@@ -279,6 +280,12 @@ def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embedding
     scores = metrics['eval/xmcgan_00000002.pt']
     assert 0 <= scores['r_precision'] <= 1 and 0 <= scores['judge_colour'] <= 1 and scores['fid'] > 0
     assert set(metrics['untrained']) == set(scores) - {'step'}
+    generator = os.path.join(trained_run, 'checkpoints', 'xmcgan_00000002.pt')
+    with open(generator, 'rb') as f:
+        assert scores['protocol']['weights']['generator'] == {'path': generator,
+                                                              'sha256': hashlib.sha256(f.read()).hexdigest()}
+    assert scores['protocol']['seed'] == [42, 43] and {'judge', 'fid_features', 'fid_statistics', 'text_encoder',
+                                                       'image_encoder'} <= set(scores['protocol']['weights'])
     assert len(list((tmp_path / 'eval').glob('real_test_64px_shapes-judge-36.npz'))) == 1
     from PIL import Image
     grid = Image.open(tmp_path / 'eval' / 'samples_00000002.png')
