@@ -426,10 +426,20 @@ def evaluate(run):
     utils.write_metrics(run.out, {**scores, 'images_dir': out_dir, 'net_g': cfg.TRAIN.NET_G})
 
 
+def chosen_model(args):
+    """MODEL as the merged cfg will have it: the cfg file's, then any --set MODEL=..."""
+    model = utils.load_yaml(args.cfg).get('MODEL', 'DMGAN') if args.cfg else 'DMGAN'
+    for item in args.set:
+        key, _, value = item.partition('=')
+        if key.strip() == 'MODEL':
+            model = value.strip()
+    return model
+
+
 def main():
     parser = utils.base_parser(__doc__.splitlines()[0])
     args = parser.parse_known_args()[0]
-    model = (utils.load_yaml(args.cfg).get('MODEL', 'DMGAN') if args.cfg else 'DMGAN')
+    model = chosen_model(args)
     if model == 'XMCGAN':                 # its own defaults and flags (xmc_gan.py)
         import xmc_gan
         return xmc_gan.main()

@@ -243,9 +243,9 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shap
     a = tmp_path / 'a'
     m = run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', a, *VAE_ARGS,
                                '--set', 'TRAIN.SAVE_EVERY_N_STEPS=2', '--set', 'TRAIN.KEEP_CHECKPOINTS=0',
-                               '--set', 'TRAIN.ANNEAL_RATE=0.01', '--set', f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl',
-                               '--set', f'EVAL.JUDGE={tiny_judge}'])
-    assert m['train_steps'] == 8 and m['final_temp'] < 1.0     # annealed every step
+                               '--set', 'TRAIN.ANNEAL_RATE=0.01', '--set', 'TRAIN.LR_DECAY_EVERY=2',
+                               '--set', f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl', '--set', f'EVAL.JUDGE={tiny_judge}'])
+    assert m['train_steps'] == 8 and m['final_temp'] < 1.0     # compounded at steps 2, 4, 6
     assert m['holdout_images'] == 20 and os.path.isfile(a / 'holdout_recon.png')
     for attr in ('colour', 'shape', 'size'):   # judge on originals, reconstructions, one colour per token
         assert all(0 <= m[f'judge_{w}_{attr}'] <= 1 for w in ('original', 'recon', 'token_average'))
@@ -257,7 +257,8 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shap
     # resume from step 2 (mid-epoch 0) -> the same weights as the uninterrupted run
     b = tmp_path / 'b'
     run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', b, *VAE_ARGS,
-                           '--set', 'TRAIN.ANNEAL_RATE=0.01', '--resume', a / 'checkpoints' / 'vae_00000002.pt'])
+                           '--set', 'TRAIN.ANNEAL_RATE=0.01', '--set', 'TRAIN.LR_DECAY_EVERY=2',
+                           '--resume', a / 'checkpoints' / 'vae_00000002.pt'])
     wa, wb = (torch.load(p / 'vae.pt', weights_only=True)['weights'] for p in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -379,3 +379,15 @@ def test_embedding_with_a_tiny_bert(tmp_path, tiny_shapes):
     assert shard['lengths'].tolist() == [min(17, len(tok.tokenize(t)) + 2) for t in shard['texts']]
     want = shard['words'].float().sum(1) / shard['lengths'][:, None]
     torch.testing.assert_close(shard['sent'].float(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_model_is_read_from_the_merged_cfg(tmp_path):
+    """MODEL chooses the trainer as the merged cfg has it: the file's, overridden by --set."""
+    import main
+    parse = utils.base_parser('x').parse_args
+    cfg = tmp_path / 'x.yml'
+    cfg.write_text('MODEL: XMCGAN\n')
+    assert main.chosen_model(parse([])) == 'DMGAN'
+    assert main.chosen_model(parse(['--set', 'MODEL=XMCGAN'])) == 'XMCGAN'
+    assert main.chosen_model(parse(['--cfg', str(cfg)])) == 'XMCGAN'
+    assert main.chosen_model(parse(['--cfg', str(cfg), '--set', 'MODEL=DMGAN'])) == 'DMGAN'
