@@ -870,11 +870,18 @@ _NUMPY_GLOBALS = {('numpy', 'dtype'): _np_dtype, ('numpy.core.multiarray', 'scal
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Plain containers and numbers (_SAFE_GLOBALS), plus the stand-ins of `extra`
+    ({(module, name): callable}); any other global is refused before it is looked up."""
+
+    def __init__(self, file, extra, **kwargs):
+        super().__init__(file, **kwargs)
+        self.extra = extra
+
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        if (module, name) in _NUMPY_GLOBALS:
-            return _NUMPY_GLOBALS[module, name]
+        if (module, name) in self.extra:
+            return self.extra[module, name]
         raise pickle.UnpicklingError(f"refusing global '{module}.{name}'")
 
 
@@ -891,7 +898,7 @@ def safe_pickle_load(path):
     if crlf:
         data = data.replace(b'\r\n', b'\n')
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), encoding='latin1').load()
+        obj = _RestrictedUnpickler(io.BytesIO(data), _NUMPY_GLOBALS, encoding='latin1').load()
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: unsafe or corrupt pickle ({e}); only plain "
                         "lists/dicts/strings/numbers are accepted")
@@ -994,15 +1001,6 @@ for _m in ('numpy.core.multiarray', 'numpy._core.multiarray'):   # numpy < 2 and
     _NPY_GLOBALS[_m, 'scalar'] = _npy_scalar
 
 
-class _NpyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if (module, name) in _NPY_GLOBALS:
-            return _NPY_GLOBALS[module, name]
-        raise pickle.UnpicklingError(f"refusing global '{module}.{name}'")
-
-
 def _npy_resolve(x):
     """The unpickled object with its stand-ins replaced: arrays built, FrozenDicts as dicts."""
     if isinstance(x, _NpyArray):
@@ -1034,7 +1032,7 @@ def safe_npy_load(path):
             raise UserError(f"{path}: a plain {dtype} array, not a pickled object array")
         data = f.read()
     try:
-        arr = _npy_resolve(_NpyUnpickler(io.BytesIO(data)).load())
+        arr = _npy_resolve(_RestrictedUnpickler(io.BytesIO(data), _NPY_GLOBALS).load())
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: unsafe or corrupt pickle in the .npy file ({e}); only numpy arrays, "
                         "plain containers and flax FrozenDicts are accepted")
