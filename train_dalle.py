@@ -145,11 +145,11 @@ class CachedTokenPairs(torch.utils.data.Dataset):
     under a fixed transform these are the tokens a step would compute, without the image
     decoding and the VAE encoder in every step. Pairs whose image is unreadable are dropped."""
 
-    def __init__(self, ds, vae, device, batch_size=250):
+    def __init__(self, ds, vae, device, amp, batch_size=250):
         paths = sorted({p for p, _ in ds.pairs})
         images = utils.PairDataset([(p, '') for p in paths], ds.transform)
         tokens = []
-        with torch.no_grad():
+        with amp, torch.no_grad():      # the autocast a step would tokenise under
             for batch, _ in torch.utils.data.DataLoader(images, batch_size=batch_size):
                 tokens.append(vae.get_codebook_indices(batch.to(device)).cpu())
         tokens, bad = torch.cat(tokens), {paths[i] for i in images.bad}
@@ -248,12 +248,13 @@ def train(run, args):
     if ckpt and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
         raise utils.UserError(f"TEXT.TEXT_SEQ_LEN={cfg.TEXT.TEXT_SEQ_LEN} but the checkpoint has {dalle.text_seq_len}")
     ds = build_dataset(cfg, tokenizer, pairs, vae.image_size)
+    amp, scaler = autocast(dev, c)
     if c.CACHE_IMAGE_TOKENS:
         if c.RANDOM_RESIZE_CROP_LOWER_RATIO != 1:
             raise utils.UserError(f"TRAIN.CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1 (a fixed "
                                   f"transform), not {c.RANDOM_RESIZE_CROP_LOWER_RATIO}")
         t_cache = time.time()
-        ds = CachedTokenPairs(ds, vae, dev)
+        ds = CachedTokenPairs(ds, vae, dev, amp)
         log.info(f"image tokens cached: {len(ds.tokens)} images in {time.time() - t_cache:.1f} s"
                  + (f"; {ds.skipped} pairs with unreadable images dropped" if ds.skipped else ''))
     loader = utils.make_loader(ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED)
@@ -262,7 +263,6 @@ def train(run, args):
     opt = make_optimizer(dalle.parameters(), c.LEARNING_RATE)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=0.5, patience=10,
                                                        cooldown=10, min_lr=1e-6) if c.LR_DECAY else None
-    amp, scaler = autocast(dev, c)
     if c.AMP and c.AMP_DTYPE == 'bfloat16':
         utils.warn_slow_bf16(dev, log)
     scheds = {'sched': sched} if sched else {}
