@@ -23,6 +23,7 @@ demo: $(VENV)
 
 lint: $(VENV)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: $(VENV) lint
 	$(PY) -m pytest -q tests

@@ -12,6 +12,7 @@ single-position step. --top_k < 1 is DALLE-pytorch's filter threshold (keep the 
 (1 - top_k) share), counted over the text + image vocabulary as DALLE-pytorch does (TOP_K_OVER
 image: over the image vocabulary only); --top_k >= 1 keeps that many tokens.
 """
+
 import os
 import time
 
@@ -21,14 +22,19 @@ import models
 import utils
 
 DEFAULTS = {
-    'DALLE_PATH': 'output/dalle/checkpoints/dalle.pt',   # train_dalle.py's default; it carries the VAE and tokenizer
-    'BATCH_SIZE': 4,              # DALLE-pytorch generate.py --batch_size 4
-    'TOP_K': 0.9,                 # filter_thres 0.9 in text2img's dalle_gen.py
+    'DALLE_PATH': 'output/dalle/checkpoints/dalle.pt',  # train_dalle.py's default; it carries the VAE and tokenizer
+    'BATCH_SIZE': 4,  # DALLE-pytorch generate.py --batch_size 4
+    'TOP_K': 0.9,  # filter_thres 0.9 in text2img's dalle_gen.py
     'TEMPERATURE': 1.0,
-    'TOP_K_OVER': 'all',          # TOP_K's share of the text + image vocabulary, as DALLE-pytorch counts it; or 'image'
-    'USE_CACHE': True,            # false: a full forward per token (DALLE-pytorch's default)
+    'TOP_K_OVER': 'all',  # TOP_K's share of the text + image vocabulary, as DALLE-pytorch counts it; or 'image'
+    'USE_CACHE': True,  # false: a full forward per token (DALLE-pytorch's default)
 }
-FLAGS = {'dalle_path': 'DALLE_PATH', 'batch_size': 'BATCH_SIZE', 'top_k': 'TOP_K', 'temperature': 'TEMPERATURE'}
+FLAGS = {
+    'dalle_path': 'DALLE_PATH',
+    'batch_size': 'BATCH_SIZE',
+    'top_k': 'TOP_K',
+    'temperature': 'TEMPERATURE',
+}
 
 
 def parse_args(argv=None):
@@ -48,15 +54,28 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def generate(dalle, vae, text_ids, n, batch_size, top_k, temperature, seed, use_cache=True, log=None,
-             top_k_over='all'):
+def generate(
+    dalle,
+    vae,
+    text_ids,
+    n,
+    batch_size,
+    top_k,
+    temperature,
+    seed,
+    use_cache=True,
+    log=None,
+    top_k_over='all',
+):
     """n images for one caption, in batches; returns (images in [-1, 1], seconds spent sampling tokens)."""
     g = torch.Generator(device=text_ids.device).manual_seed(seed)
     images, t_tokens = [], 0.0
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         t0 = time.time()
-        tokens = dalle.generate_image_tokens(text_ids.expand(b, -1), top_k, temperature, g, use_cache, top_k_over)
+        tokens = dalle.generate_image_tokens(
+            text_ids.expand(b, -1), top_k, temperature, g, use_cache, top_k_over
+        )
         t_tokens += time.time() - t0
         images.append(vae.decode(tokens).float().clamp(-1, 1).cpu())
         if log:
@@ -69,10 +88,14 @@ def main():
     run = utils.setup(args, DEFAULTS, tensorboard=False)
     cfg, log = run.cfg, run.log
     if not os.path.isfile(cfg.DALLE_PATH):
-        raise utils.UserError(f"{cfg.DALLE_PATH}: no DALLE checkpoint there; train one first (python train_dalle.py "
-                              "--image_text_folder DATA writes output/dalle/checkpoints/dalle.pt), or give --dalle_path")
+        raise utils.UserError(
+            f"{cfg.DALLE_PATH}: no DALLE checkpoint there; train one first (python train_dalle.py "
+            "--image_text_folder DATA writes output/dalle/checkpoints/dalle.pt), or give --dalle_path"
+        )
     log.info(f"DALLE: {cfg.DALLE_PATH}")
-    dalle, vae, tokenizer = models.load_dalle(utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device)
+    dalle, vae, tokenizer = models.load_dalle(
+        utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device
+    )
     dalle.eval()
     texts = utils.split_captions(args.text)
     tps = []
@@ -84,18 +107,37 @@ def main():
         if len(ids) > dalle.text_seq_len:
             log.warning(f"caption has {len(ids)} tokens; keeping the first {dalle.text_seq_len}")
         text_ids = tokenizer.tokenize(text, dalle.text_seq_len, truncate=True)[None].to(run.device)
-        images, secs = generate(dalle, vae, text_ids, args.img_num, cfg.BATCH_SIZE, cfg.TOP_K, cfg.TEMPERATURE,
-                                cfg.SEED, cfg.USE_CACHE, log, cfg.TOP_K_OVER)
+        images, secs = generate(
+            dalle,
+            vae,
+            text_ids,
+            args.img_num,
+            cfg.BATCH_SIZE,
+            cfg.TOP_K,
+            cfg.TEMPERATURE,
+            cfg.SEED,
+            cfg.USE_CACHE,
+            log,
+            cfg.TOP_K_OVER,
+        )
         os.makedirs(path, exist_ok=True)
         for i, im in enumerate(images):
             utils.save_image_grid(im[None], os.path.join(path, f'{i}.png'), nrow=1)
         utils.save_image_grid(images, os.path.join(path, 'grid.png'), nrow=min(8, len(images)))
         utils.atomic_write_text(os.path.join(path, 'caption.txt'), text + '\n')
         tps.append(args.img_num * dalle.image_seq_len / max(secs, 1e-9))
-        log.info(f"{args.img_num} images in {path} ({tps[-1]:.1f} image tokens/s, cache={cfg.USE_CACHE})")
-    utils.write_metrics(run.out, {'texts': texts, 'img_num': args.img_num, 'tokens_per_second': sum(tps) / len(tps),
-                                  'dalle_path': cfg.DALLE_PATH})
-
+        log.info(
+            f"{args.img_num} images in {path} ({tps[-1]:.1f} image tokens/s, cache={cfg.USE_CACHE})"
+        )
+    utils.write_metrics(
+        run.out,
+        {
+            'texts': texts,
+            'img_num': args.img_num,
+            'tokens_per_second': sum(tps) / len(tps),
+            'dalle_path': cfg.DALLE_PATH,
+        },
+    )
 
 
 if __name__ == '__main__':

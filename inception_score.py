@@ -14,6 +14,7 @@ get_inception_score). The classifier:
                      other numbers: not comparable with the papers' tables
 Images are read and resized as for FID: RGB in [0, 1], bilinear to 299, scaled to [-1, 1].
 """
+
 import argparse
 import json
 
@@ -23,19 +24,25 @@ import models
 import utils
 
 DEFAULTS = {
-    'SPLITS': 10,          # improved-GAN's inception_score(splits=10)
+    'SPLITS': 10,  # improved-GAN's inception_score(splits=10)
     'BATCH_SIZE': 50,
     'NET': 'tf',
-    'NUM_WORKERS': -1,     # -1: min(8, CPUs)
+    'NUM_WORKERS': -1,  # -1: min(8, CPUs)
 }
 
 
 @torch.inference_mode()
 def folder_logits(path, net, batch_size=50, workers=-1, device='cpu'):
     files = utils.folder_images(path)
-    out = [net(x).double().cpu() for x in utils.progress(
-        utils.batches(files, batch_size, workers, device), total=-(-len(files) // batch_size),
-        desc='IS', every=20)]
+    out = [
+        net(x).double().cpu()
+        for x in utils.progress(
+            utils.batches(files, batch_size, workers, device),
+            total=-(-len(files) // batch_size),
+            desc='IS',
+            every=20,
+        )
+    ]
     return torch.cat(out)
 
 
@@ -47,24 +54,50 @@ def main():
     p.add_argument('--batch_size', '--batch-size', type=int, default=DEFAULTS['BATCH_SIZE'])
     p.add_argument('--num_workers', '--num-workers', type=int, default=DEFAULTS['NUM_WORKERS'])
     p.add_argument('--net', choices=['tf', 'torchvision'], default=DEFAULTS['NET'])
-    p.add_argument('--weights', help=f'{utils.FID_WEIGHTS} (tf) or {utils.TV_INCEPTION_WEIGHTS} (torchvision)')
-    p.add_argument('--gpu', type=int, help='CUDA device; default: cuda:0 when there is one, else CPU')
-    p.add_argument('--shuffle_seed', type=int, help='shuffle before splitting (torch-fidelity: 2020)')
+    p.add_argument(
+        '--weights', help=f'{utils.FID_WEIGHTS} (tf) or {utils.TV_INCEPTION_WEIGHTS} (torchvision)'
+    )
+    p.add_argument(
+        '--gpu', type=int, help='CUDA device; default: cuda:0 when there is one, else CPU'
+    )
+    p.add_argument(
+        '--shuffle_seed', type=int, help='shuffle before splitting (torch-fidelity: 2020)'
+    )
     p.add_argument('--json', help='also write the result to this file')
     args = p.parse_args()
     paths = ([args.path] if args.path else []) + args.paths
     if args.splits < 1 or args.batch_size < 1:
-        raise utils.UserError(f"--splits {args.splits} --batch_size {args.batch_size}: expected at least 1 each")
+        raise utils.UserError(
+            f"--splits {args.splits} --batch_size {args.batch_size}: expected at least 1 each"
+        )
     if len(paths) != 1:
         raise utils.UserError(f"expected one folder of images (--path DIR), got {len(paths)}")
-    device = utils.get_device(args.gpu if args.gpu is not None else (0 if torch.cuda.is_available() else -1))
-    logits = folder_logits(paths[0], models.inception_classifier(args.net, args.weights, device), args.batch_size,
-                           args.num_workers, device)
+    device = utils.get_device(
+        args.gpu if args.gpu is not None else (0 if torch.cuda.is_available() else -1)
+    )
+    logits = folder_logits(
+        paths[0],
+        models.inception_classifier(args.net, args.weights, device),
+        args.batch_size,
+        args.num_workers,
+        device,
+    )
     mean, std = utils.inception_score(logits, args.splits, args.shuffle_seed)
     print(f'IS: {mean} +- {std}')
     if args.json:
-        utils.atomic_write_text(args.json, json.dumps({'is_mean': mean, 'is_std': std, 'splits': args.splits,
-                                                       'net': args.net, 'images': len(logits)}, indent=2))
+        utils.atomic_write_text(
+            args.json,
+            json.dumps(
+                {
+                    'is_mean': mean,
+                    'is_std': std,
+                    'splits': args.splits,
+                    'net': args.net,
+                    'images': len(logits),
+                },
+                indent=2,
+            ),
+        )
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@
   python main.py --cfg cfg/eval_clip_bird.yml --gpu 0         # generate + R-precision (TRAIN.FLAG: false)
   torchrun --nproc_per_node=N main.py --cfg ...              # data-parallel
 """
+
 import copy
 import json
 import os
@@ -23,19 +24,22 @@ DEFAULTS = {
     'DATA_DIR': 'data/birds',
     'WORKERS': 4,
     'TREE': {'BRANCH_NUM': 3, 'BASE_SIZE': 64},
-    'DATA': {'FLIP': True, 'CROP': True,   # AttnGAN's training flips and 76/64 resize + crop
-             'PRELOAD': False},            # decode the training images once into memory (needs no FLIP/CROP)
+    'DATA': {
+        'FLIP': True,
+        'CROP': True,  # AttnGAN's training flips and 76/64 resize + crop
+        'PRELOAD': False,
+    },  # decode the training images once into memory (needs no FLIP/CROP)
     'TRAIN': {
-        'FLAG': True,                 # false: evaluate NET_G
-        'NET_G': '',                  # generator to evaluate, or to fine-tune from (with netD<i>.pth beside it)
-        'NET_E': '',                  # .../text_encoder<N>.pth from pretrain_DAMSM.py
+        'FLAG': True,  # false: evaluate NET_G
+        'NET_G': '',  # generator to evaluate, or to fine-tune from (with netD<i>.pth beside it)
+        'NET_E': '',  # .../text_encoder<N>.pth from pretrain_DAMSM.py
         'BATCH_SIZE': 64,
         'MAX_EPOCH': 600,
-        'SNAPSHOT_INTERVAL': 2000,    # epochs between checkpoints
+        'SNAPSHOT_INTERVAL': 2000,  # epochs between checkpoints
         'DISCRIMINATOR_LR': 2e-4,
         'GENERATOR_LR': 2e-4,
         'EMA_DECAY': 0.999,
-        'AMP': False,                 # bf16 autocast
+        'AMP': False,  # bf16 autocast
         'KEEP_CHECKPOINTS': 3,
         'LOG_EVERY': 50,
         'SMOOTH': {'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0, 'LAMBDA': 1.0},
@@ -44,18 +48,21 @@ DEFAULTS = {
     'GAN': {'DF_DIM': 64, 'GF_DIM': 128, 'Z_DIM': 100, 'CONDITION_DIM': 100, 'R_NUM': 2},
     # The word limit is the text encoder's own (its tokenizer's context length); WORDS_NUM
     # sets it for AttnGAN's released encoders, which carry none.
-    'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10,
-             'WORDS_NUM': models.ATTNGAN_WORDS_NUM},   # AttnGAN's released DAMSM encoders only (config.py default)
+    'TEXT': {
+        'EMBEDDING_DIM': 256,
+        'CAPTIONS_PER_IMAGE': 10,
+        'WORDS_NUM': models.ATTNGAN_WORDS_NUM,
+    },  # AttnGAN's released DAMSM encoders only (config.py default)
     'EVAL': {
-        'NUM_IMAGES': 30000,          # DM-GAN: one image per caption, up to 30,000
-        'MAX_PASSES': 11,             # passes over the test set
+        'NUM_IMAGES': 30000,  # DM-GAN: one image per caption, up to 30,000
+        'MAX_PASSES': 11,  # passes over the test set
         'BATCH_SIZE': 10,
-        'R_NEG': 99,                  # R-precision: true caption + 99 of other classes
+        'R_NEG': 99,  # R-precision: true caption + 99 of other classes
         'R_FOLDS': 10,
         'SEED': 100,
-        'JUDGE': '',                  # shapes judge checkpoint: attribute accuracy
-        'BASELINE': False,            # also score an untrained generator on the same captions
-        'CURVE': False,               # NET_G a run dir: also score each of its checkpoints (learning curve)
+        'JUDGE': '',  # shapes judge checkpoint: attribute accuracy
+        'BASELINE': False,  # also score an untrained generator on the same captions
+        'CURVE': False,  # NET_G a run dir: also score each of its checkpoints (learning curve)
     },
 }
 
@@ -65,10 +72,17 @@ DEFAULTS = {
 # ----------------------------------------------------------------------------
 def build_dataset(cfg, split, train, two_captions=False):
     data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
-    return utils.TextImageDataset(data, split, base_size=cfg.TREE.BASE_SIZE,
-                                  branch_num=cfg.TREE.BRANCH_NUM, train=train,
-                                  two_captions=two_captions, flip=cfg.DATA.FLIP, crop=cfg.DATA.CROP,
-                                  preload=cfg.DATA.PRELOAD and train)
+    return utils.TextImageDataset(
+        data,
+        split,
+        base_size=cfg.TREE.BASE_SIZE,
+        branch_num=cfg.TREE.BRANCH_NUM,
+        train=train,
+        two_captions=two_captions,
+        flip=cfg.DATA.FLIP,
+        crop=cfg.DATA.CROP,
+        preload=cfg.DATA.PRELOAD and train,
+    )
 
 
 def init_weights(m):
@@ -89,7 +103,9 @@ def init_weights(m):
 # ----------------------------------------------------------------------------
 def bce(logits, target):
     # BCE on logits == the original's sigmoid + BCELoss, without its saturation.
-    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits.float(), target))
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), torch.full_like(logits.float(), target)
+    )
 
 
 def discriminator_loss(netD, real, fake, sent):
@@ -139,7 +155,9 @@ def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T,
     for i, (D, optD) in enumerate(zip(Ds, optsD)):
         optD.zero_grad(set_to_none=True)
         with amp:
-            errD = sum(discriminator_loss(D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats))
+            errD = sum(
+                discriminator_loss(D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats)
+            )
         utils.check_finite(errD, f'D{i}', step)
         errD.backward()
         optD.step()
@@ -148,11 +166,13 @@ def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T,
     optG.zero_grad(set_to_none=True)
     with amp:
         errG, img_codes, damsm_total = 0.0, [], 0.0
-        use_encoder = T.SMOOTH.LAMBDA > 0 or len(feats) == 2     # else the image encoder adds nothing
+        use_encoder = T.SMOOTH.LAMBDA > 0 or len(feats) == 2  # else the image encoder adds nothing
         for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
             errG = errG + generator_adv_loss(Ds, fakes, sent) + kl_loss(mu, logvar)
             if use_encoder:
-                damsm, code = damsm_loss(image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH)
+                damsm, code = damsm_loss(
+                    image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH
+                )
                 errG = errG + T.SMOOTH.LAMBDA * damsm
                 img_codes.append(code)
                 damsm_total += damsm.item()
@@ -172,21 +192,32 @@ def train(run, args):
     T, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
     text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     ds = build_dataset(cfg, 'train', train=True, two_captions=contrastive)
-    loader = utils.make_loader(ds, T.BATCH_SIZE, shuffle=True, drop_last=True,
-                               workers=cfg.WORKERS, seed=cfg.SEED)
+    loader = utils.make_loader(
+        ds, T.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
+    )
     if len(loader) == 0:
-        raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} exceeds the {len(ds)} training images")
-    sizes = [cfg.TREE.BASE_SIZE * 2 ** i for i in range(cfg.TREE.BRANCH_NUM)]
+        raise utils.UserError(
+            f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} exceeds the {len(ds)} training images"
+        )
+    sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
     netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
-    netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.spec['dim']) for s in sizes]).to(dev)
+    netsD = nn.ModuleList(
+        [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.spec['dim']) for s in sizes]
+    ).to(dev)
     netG.apply(init_weights)
     netsD.apply(init_weights)
-    for net in (netG, netsD):         # NHWC: faster convolutions on CPU (oneDNN) and on tensor cores
+    for net in (netG, netsD):  # NHWC: faster convolutions on CPU (oneDNN) and on tensor cores
         net.to(memory_format=torch.channels_last)
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
     optG = torch.optim.Adam(netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999))
-    optsD = [torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=T.DISCRIMINATOR_LR,
-                              betas=(0.5, 0.999)) for d in netsD]
+    optsD = [
+        torch.optim.Adam(
+            [p for p in d.parameters() if p.requires_grad],
+            lr=T.DISCRIMINATOR_LR,
+            betas=(0.5, 0.999),
+        )
+        for d in netsD
+    ]
     step, start_epoch, seconds_before = 0, 0, 0.0
     ckpt = utils.resolve_resume(args.resume, run.out, 'dmgan', log, run.cfg)
     nets = {'G': netG, 'G_ema': netG_ema, **{f'D{i}': d for i, d in enumerate(netsD)}}
@@ -197,23 +228,42 @@ def train(run, args):
     elif T.NET_G:
         init_from_released(T.NET_G, netG, netG_ema, netsD, dev, log)
     G, Ds = utils.wrap_ddp(netG, dev), [utils.wrap_ddp(d, dev) for d in netsD]
-    for D, netD in zip(Ds, netsD):        # the logit heads are reached through the wrapper's module
+    for D, netD in zip(Ds, netsD):  # the logit heads are reached through the wrapper's module
         D.cond, D.uncond = netD.cond, netD.uncond
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=T.AMP)
     fixed = fixed_test_batch(cfg, text_enc, dev)
-    log.info(f"G {count(netG):,} params, D {[count(d) for d in netsD]}, {len(ds)} images, "
-             f"{len(loader)} steps/epoch, contrastive={contrastive}")
+    log.info(
+        f"G {count(netG):,} params, D {[count(d) for d in netsD]}, {len(ds)} images, "
+        f"{len(loader)} steps/epoch, contrastive={contrastive}"
+    )
     t0, last = time.time(), {}
     for epoch in range(start_epoch, T.MAX_EPOCH):
         utils.set_epoch(loader, epoch)
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
         for batch in bar:
-            reals = [im.to(dev, non_blocking=True, memory_format=torch.channels_last) for im in batch['imgs']]
+            reals = [
+                im.to(dev, non_blocking=True, memory_format=torch.channels_last)
+                for im in batch['imgs']
+            ]
             views = [batch['text']] + ([batch['text2']] if contrastive else [])
-            noise = torch.randn(reals[0].shape[0], cfg.GAN.Z_DIM, device=dev)   # same z for both views
+            noise = torch.randn(
+                reals[0].shape[0], cfg.GAN.Z_DIM, device=dev
+            )  # same z for both views
             feats = [models.encode_text(text_enc, v, dev) for v in views]
-            last = train_step(G, Ds, optG, optsD, image_enc, reals, batch['class_id'].to(dev), feats, noise,
-                              T, amp, step)
+            last = train_step(
+                G,
+                Ds,
+                optG,
+                optsD,
+                image_enc,
+                reals,
+                batch['class_id'].to(dev),
+                feats,
+                noise,
+                T,
+                amp,
+                step,
+            )
             models.ema_update(netG_ema, netG, T.EMA_DECAY)
             step += 1
             bar.set_postfix(**last)
@@ -222,14 +272,30 @@ def train(run, args):
                     run.writer.add_scalar(f'train/{k}', v, step)
         write_samples(run, netG_ema, fixed, epoch + 1)
         if (epoch + 1) % T.SNAPSHOT_INTERVAL == 0 or epoch + 1 == T.MAX_EPOCH:
-            seconds = round(seconds_before + time.time() - t0, 1)     # training time, for learning curves
-            path = utils.save_checkpoint(run.out, 'dmgan', step, nets, opts, epoch=epoch + 1, cfg=cfg,
-                                         extra={'text_dim': text_enc.spec['dim'], 'train_seconds': seconds},
-                                         keep=T.KEEP_CHECKPOINTS)
+            seconds = round(
+                seconds_before + time.time() - t0, 1
+            )  # training time, for learning curves
+            path = utils.save_checkpoint(
+                run.out,
+                'dmgan',
+                step,
+                nets,
+                opts,
+                epoch=epoch + 1,
+                cfg=cfg,
+                extra={'text_dim': text_enc.spec['dim'], 'train_seconds': seconds},
+                keep=T.KEEP_CHECKPOINTS,
+            )
             log.info(f"epoch {epoch + 1}: saved {path}")
-    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(seconds_before + time.time() - t0, 1),
-                                  **{f'final_{k}': v for k, v in last.items()},
-                                  'checkpoint': (utils.list_checkpoints(run.out, 'dmgan') or [''])[-1]})
+    utils.write_metrics(
+        run.out,
+        {
+            'train_steps': step,
+            'train_seconds': round(seconds_before + time.time() - t0, 1),
+            **{f'final_{k}': v for k, v in last.items()},
+            'checkpoint': (utils.list_checkpoints(run.out, 'dmgan') or [''])[-1],
+        },
+    )
 
 
 def init_from_released(path, netG, netG_ema, netsD, dev, log):
@@ -241,11 +307,15 @@ def init_from_released(path, netG, netG_ema, netsD, dev, log):
         d_path = os.path.join(os.path.dirname(path), f'netD{i}.pth')
         raw = utils.load_weights(d_path, dev)
         if not utils.is_state_dict(raw):
-            raise utils.UserError(f"{d_path}: expected a D_NET state dict (torch.save(netD.state_dict()))")
+            raise utils.UserError(
+                f"{d_path}: expected a D_NET state dict (torch.save(netD.state_dict()))"
+            )
         try:
             netD.load_state_dict(models.convert_dmgan_state_dict(raw))
         except RuntimeError as e:
-            raise utils.UserError(f"{d_path}: does not match D{i} of the cfg's GAN/TREE keys ({str(e)[:200]})")
+            raise utils.UserError(
+                f"{d_path}: does not match D{i} of the cfg's GAN/TREE keys ({str(e)[:200]})"
+            )
     log.info(f"fine-tuning from {path} and netD0..{len(netsD) - 1}.pth beside it")
 
 
@@ -259,7 +329,11 @@ def fixed_test_batch(cfg, text_enc, dev, n=8):
     idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int)
     texts = [ds.d.raw_captions(ds.keys[i])[0] for i in idx]
     g = torch.Generator().manual_seed(cfg.EVAL.SEED)
-    return texts, models.encode_text(text_enc, texts, dev), torch.randn(len(texts), cfg.GAN.Z_DIM, generator=g).to(dev)
+    return (
+        texts,
+        models.encode_text(text_enc, texts, dev),
+        torch.randn(len(texts), cfg.GAN.Z_DIM, generator=g).to(dev),
+    )
 
 
 @torch.no_grad()
@@ -272,10 +346,15 @@ def write_samples(run, netG, fixed, epoch):
     for i, im in enumerate(imgs):
         utils.log_images(run.writer, f'samples/stage{i}_{im.shape[-1]}px', im, epoch)
     if atts:
-        a = atts[0][:, :6]                                     # first 6 words
+        a = atts[0][:, :6]  # first 6 words
         a = a / a.flatten(2).amax(2)[:, :, None, None].clamp_min(1e-8)
-        utils.log_images(run.writer, 'samples/word_attention', a.flatten(0, 1)[:, None].expand(-1, 3, -1, -1) * 2 - 1,
-                         epoch, nrow=6)
+        utils.log_images(
+            run.writer,
+            'samples/word_attention',
+            a.flatten(0, 1)[:, None].expand(-1, 3, -1, -1) * 2 - 1,
+            epoch,
+            nrow=6,
+        )
     run.writer.add_text('samples/captions', '\n\n'.join(texts), epoch)
 
 
@@ -292,8 +371,15 @@ def eval_records(cfg, ds):
         for k, c in zip(ds.keys, ds.class_ids):
             if len(records) == n_target:
                 return records
-            records.append({'key': k, 'caption': ds.d.raw_captions(k)[rng.randint(cfg.TEXT.CAPTIONS_PER_IMAGE)],
-                            'class': c, 'pass': p, 'file': f"{k.replace('/', '__')}_{p}.png"})
+            records.append(
+                {
+                    'key': k,
+                    'caption': ds.d.raw_captions(k)[rng.randint(cfg.TEXT.CAPTIONS_PER_IMAGE)],
+                    'class': c,
+                    'pass': p,
+                    'file': f"{k.replace('/', '__')}_{p}.png",
+                }
+            )
     return records
 
 
@@ -305,6 +391,7 @@ def dmgan_sampler(cfg, netG, text_enc, dev):
         words, sent, pad = models.encode_text(text_enc, [r['caption'] for r in batch], dev)
         z = torch.randn(len(batch), cfg.GAN.Z_DIM, generator=g).to(dev)
         return netG(z, sent, words, pad)[0][-1]
+
     return sample
 
 
@@ -328,20 +415,34 @@ def image_size(cfg):
 
 def weights_files(generator, text_enc, image_enc, judge):
     """The files a score of the generator's images depends on (None: an untrained one, no judge)."""
-    return {'generator': generator, 'text_encoder': text_enc.weights_path, 'image_encoder': image_enc.weights_path,
-            'judge': judge.weights_path if judge is not None else None}
+    return {
+        'generator': generator,
+        'text_encoder': text_enc.weights_path,
+        'image_encoder': image_enc.weights_path,
+        'judge': judge.weights_path if judge is not None else None,
+    }
 
 
-def generate_and_score(cfg, netG, text_enc, image_enc, dev, generator_path, out_dir=None, log=None, judge=None):
+def generate_and_score(
+    cfg, netG, text_enc, image_enc, dev, generator_path, out_dir=None, log=None, judge=None
+):
     """Scores (and the protocol) of netG's images of eval_records; the records, each with its
     judge verdict when a judge is given. Saves each image in out_dir when given."""
     E = cfg.EVAL
     records = eval_records(cfg, build_dataset(cfg, 'test', train=False))
-    torch.manual_seed(E.SEED)           # conditioning augmentation samples from the global generator
-    scores = utils.evaluate_generator(dmgan_sampler(cfg, netG, text_enc, dev), records,
-                                      metric_plugins(E, text_enc, image_enc, judge, out_dir), E.BATCH_SIZE,
-                                      'test', E.SEED, weights_files(generator_path, text_enc, image_enc, judge),
-                                      image_size(cfg), per_pass=True, log=log)
+    torch.manual_seed(E.SEED)  # conditioning augmentation samples from the global generator
+    scores = utils.evaluate_generator(
+        dmgan_sampler(cfg, netG, text_enc, dev),
+        records,
+        metric_plugins(E, text_enc, image_enc, judge, out_dir),
+        E.BATCH_SIZE,
+        'test',
+        E.SEED,
+        weights_files(generator_path, text_enc, image_enc, judge),
+        image_size(cfg),
+        per_pass=True,
+        log=log,
+    )
     return {**scores, 'num_images': len(records)}, records
 
 
@@ -350,19 +451,37 @@ def real_image_baselines(cfg, judge, log):
     caption of another random test image (what ignoring the text would score)."""
     ds = build_dataset(cfg, 'test', train=False)
     reals = [utils.to_uint8(ds.images(k)[-1][None]) for k in ds.keys]
-    perm = utils.derangement(len(ds), cfg.EVAL.SEED)             # never its own image
-    records = [{'key': k, 'class': c, 'index': i} for i, (k, c) in enumerate(zip(ds.keys, ds.class_ids))]
+    perm = utils.derangement(len(ds), cfg.EVAL.SEED)  # never its own image
+    records = [
+        {'key': k, 'class': c, 'index': i} for i, (k, c) in enumerate(zip(ds.keys, ds.class_ids))
+    ]
     size = image_size(cfg)
-    resize = f"resize to {int(size * 76 / 64)} px, centre crop" if cfg.DATA.CROP else f"resize to {size} px"
+    resize = (
+        f"resize to {int(size * 76 / 64)} px, centre crop"
+        if cfg.DATA.CROP
+        else f"resize to {size} px"
+    )
 
     def score(order):
         """The judge on reals[order[i]] for record i."""
         return utils.evaluate_generator(
-            lambda batch: torch.cat([reals[order[r['index']]] for r in batch]).float() / 127.5 - 1, records,
-            [utils.JudgeAccuracy(judge)], cfg.EVAL.BATCH_SIZE, 'test', cfg.EVAL.SEED, {'judge': judge.weights_path},
-            size, resize, log=log)
+            lambda batch: torch.cat([reals[order[r['index']]] for r in batch]).float() / 127.5 - 1,
+            records,
+            [utils.JudgeAccuracy(judge)],
+            cfg.EVAL.BATCH_SIZE,
+            'test',
+            cfg.EVAL.SEED,
+            {'judge': judge.weights_path},
+            size,
+            resize,
+            log=log,
+        )
+
     own, wrong = score(range(len(ds))), score(perm)
-    return {**{f'real_{k}': v for k, v in own.items()}, **{f'wrong_caption_{k}': v for k, v in wrong.items()}}
+    return {
+        **{f'real_{k}': v for k, v in own.items()},
+        **{f'wrong_caption_{k}': v for k, v in wrong.items()},
+    }
 
 
 def learning_curve(run, text_enc, image_enc, judge):
@@ -374,20 +493,37 @@ def learning_curve(run, text_enc, image_enc, judge):
         ckpt = utils.load_checkpoint(path, 'dmgan', map_location=dev)
         netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
         netG.load_state_dict(ckpt['models']['G_ema'])
-        scores, _ = generate_and_score(cfg, netG.eval(), text_enc, image_enc, dev, path, judge=judge)
-        rows.append({'checkpoint': os.path.basename(path), 'step': ckpt['step'],
-                     'train_seconds': ckpt['extra'].get('train_seconds'), **scores})
-        log.info(f"curve: step {ckpt['step']}: R-precision {scores['r_precision']:.3f}"
-                 + (f", judge all {scores['judge_all']:.3f}" if judge is not None else ''))
+        scores, _ = generate_and_score(
+            cfg, netG.eval(), text_enc, image_enc, dev, path, judge=judge
+        )
+        rows.append(
+            {
+                'checkpoint': os.path.basename(path),
+                'step': ckpt['step'],
+                'train_seconds': ckpt['extra'].get('train_seconds'),
+                **scores,
+            }
+        )
+        log.info(
+            f"curve: step {ckpt['step']}: R-precision {scores['r_precision']:.3f}"
+            + (f", judge all {scores['judge_all']:.3f}" if judge is not None else '')
+        )
     if not rows:
         raise utils.UserError(f"EVAL.CURVE: no dmgan_<step>.pt under {cfg.TRAIN.NET_G}/checkpoints")
     utils.atomic_write_text(os.path.join(run.out, 'curve.json'), json.dumps(rows, indent=1))
-    names = ['r_precision'] + ([f'judge_{a}' for a in ('all', 'count', 'shape', 'colour', 'size', 'position')]
-                               if judge is not None else [])
+    names = ['r_precision'] + (
+        [f'judge_{a}' for a in ('all', 'count', 'shape', 'colour', 'size', 'position')]
+        if judge is not None
+        else []
+    )
     timed = all(r['train_seconds'] is not None for r in rows)
-    utils.plot_curves(os.path.join(run.out, 'curve.png'), [r['train_seconds'] if timed else r['step'] for r in rows],
-                      {n: [r[n] for r in rows] for n in names}, 'training seconds' if timed else 'step',
-                      f'DM-GAN learning curve ({cfg.CONFIG_NAME}, {rows[-1]["num_images"]} test images)')
+    utils.plot_curves(
+        os.path.join(run.out, 'curve.png'),
+        [r['train_seconds'] if timed else r['step'] for r in rows],
+        {n: [r[n] for r in rows] for n in names},
+        'training seconds' if timed else 'step',
+        f'DM-GAN learning curve ({cfg.CONFIG_NAME}, {rows[-1]["num_images"]} test images)',
+    )
     return rows
 
 
@@ -402,27 +538,48 @@ def evaluate(run):
         judge = models.load_judge(cfg.EVAL.JUDGE, dev)
     if cfg.EVAL.CURVE:
         if not os.path.isdir(cfg.TRAIN.NET_G):
-            raise utils.UserError(f"EVAL.CURVE needs TRAIN.NET_G to be a run dir, not {cfg.TRAIN.NET_G}")
+            raise utils.UserError(
+                f"EVAL.CURVE needs TRAIN.NET_G to be a run dir, not {cfg.TRAIN.NET_G}"
+            )
         learning_curve(run, text_enc, image_enc, judge)
-    scores, records = generate_and_score(cfg, netG, text_enc, image_enc, dev, netG.weights_path, out_dir, log, judge)
-    utils.atomic_write_text(os.path.join(out_dir, 'captions.json'), json.dumps(
-        [{k: r[k] for k in ('file', 'key', 'caption', 'category', 'correct', 'reason') if k in r} for r in records],
-        indent=0))
+    scores, records = generate_and_score(
+        cfg, netG, text_enc, image_enc, dev, netG.weights_path, out_dir, log, judge
+    )
+    utils.atomic_write_text(
+        os.path.join(out_dir, 'captions.json'),
+        json.dumps(
+            [
+                {
+                    k: r[k]
+                    for k in ('file', 'key', 'caption', 'category', 'correct', 'reason')
+                    if k in r
+                }
+                for r in records
+            ],
+            indent=0,
+        ),
+    )
     if judge is not None:
         utils.write_verdicts(os.path.join(run.out, 'judge.jsonl'), records)
-    log.info(f"R-precision {scores['r_precision']:.4f} ± {scores['r_precision_std']:.4f} "
-             f"over {scores['num_images']} images in {out_dir}")
+    log.info(
+        f"R-precision {scores['r_precision']:.4f} ± {scores['r_precision_std']:.4f} "
+        f"over {scores['num_images']} images in {out_dir}"
+    )
     if cfg.EVAL.BASELINE:
         torch.manual_seed(cfg.EVAL.SEED)
         untrained = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
         untrained.apply(init_weights)
-        base, _ = generate_and_score(cfg, untrained.eval(), text_enc, image_enc, dev, None, None, log, judge)
+        base, _ = generate_and_score(
+            cfg, untrained.eval(), text_enc, image_enc, dev, None, None, log, judge
+        )
         scores.update({f'untrained_{k}': v for k, v in base.items()})
         log.info(f"untrained generator: R-precision {base['r_precision']:.4f}")
         if judge is not None:
             scores.update(real_image_baselines(cfg, judge, log))
     if judge is not None:
-        log.info('judge: ' + ', '.join(f'{k}={v:.3f}' for k, v in scores.items() if 'judge_all' in k))
+        log.info(
+            'judge: ' + ', '.join(f'{k}={v:.3f}' for k, v in scores.items() if 'judge_all' in k)
+        )
     utils.write_metrics(run.out, {**scores, 'images_dir': out_dir, 'net_g': cfg.TRAIN.NET_G})
 
 
@@ -440,8 +597,9 @@ def main():
     parser = utils.base_parser(__doc__.splitlines()[0])
     args = parser.parse_known_args()[0]
     model = chosen_model(args)
-    if model == 'XMCGAN':                 # its own defaults and flags (xmc_gan.py)
+    if model == 'XMCGAN':  # its own defaults and flags (xmc_gan.py)
         import xmc_gan
+
         return xmc_gan.main()
     if model != 'DMGAN':
         raise utils.UserError(f"{args.cfg}: MODEL={model!r}: expected DMGAN or XMCGAN")

@@ -1,6 +1,7 @@
 """The networks of t2i-repro, and the loaders that rebuild them from their files, in
 one section per paper. Each section is owned by the script family that uses it; scripts
 import from here (and from utils), never from each other."""
+
 import math
 import os
 import re
@@ -56,11 +57,15 @@ class InceptionBlockA(nn.Module):
         self.branch_pool = InceptionConv(cin, pool_features, kernel_size=1)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(tf_avg_pool(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(tf_avg_pool(x)),
+            ],
+            1,
+        )
 
 
 class InceptionBlockB(nn.Module):
@@ -74,10 +79,14 @@ class InceptionBlockB(nn.Module):
         self.branch3x3dbl_3 = InceptionConv(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionBlockC(nn.Module):
@@ -99,13 +108,22 @@ class InceptionBlockC(nn.Module):
 
     def forward(self, x):
         dbl = self.branch7x7dbl_1(x)
-        for m in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for m in (
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             dbl = m(dbl)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
-            dbl,
-            self.branch_pool(tf_avg_pool(x))], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x))),
+                dbl,
+                self.branch_pool(tf_avg_pool(x)),
+            ],
+            1,
+        )
 
 
 class InceptionBlockD(nn.Module):
@@ -122,8 +140,9 @@ class InceptionBlockD(nn.Module):
 
     def forward(self, x):
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7,
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat(
+            [self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1
+        )
 
 
 class InceptionBlockE(nn.Module):
@@ -147,11 +166,17 @@ class InceptionBlockE(nn.Module):
         b3 = self.branch3x3_1(x)
         dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else tf_avg_pool(x)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
-            self.branch_pool(pool)], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(dbl),
+                self.branch3x3dbl_3b(dbl),
+                self.branch_pool(pool),
+            ],
+            1,
+        )
 
 
 class FIDInceptionV3(nn.Module):
@@ -193,10 +218,19 @@ class FIDInceptionV3(nn.Module):
         blocks = [
             [self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, stem_pool],
             [self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, stem_pool],
-            [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
-             self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e],
-            [self.Mixed_7a, self.Mixed_7b, self.Mixed_7c]]
-        for block in blocks[:self.DIMS.index(dims) + 1]:
+            [
+                self.Mixed_5b,
+                self.Mixed_5c,
+                self.Mixed_5d,
+                self.Mixed_6a,
+                self.Mixed_6b,
+                self.Mixed_6c,
+                self.Mixed_6d,
+                self.Mixed_6e,
+            ],
+            [self.Mixed_7a, self.Mixed_7b, self.Mixed_7c],
+        ]
+        for block in blocks[: self.DIMS.index(dims) + 1]:
             for m in block:
                 x = m(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
@@ -217,7 +251,9 @@ class FIDInceptionV3(nn.Module):
                 scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
                 weight = unit.conv.weight.double() * scale[:, None, None, None]
                 unit.conv.weight = nn.Parameter(weight.float())
-                unit.conv.bias = nn.Parameter((bn.bias.double() - bn.running_mean.double() * scale).float())
+                unit.conv.bias = nn.Parameter(
+                    (bn.bias.double() - bn.running_mean.double() * scale).float()
+                )
                 unit.bn = nn.Identity()
         return net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
@@ -236,25 +272,40 @@ class ShapesJudge(nn.Module):
         self.image_size, self.splits = image_size, [1, n_shapes, n_colours, n_sizes]
 
         def unit(cin, cout, k, stride):
-            return [nn.Conv2d(cin, cout, k, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, k, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
+
         w = width
-        self.backbone = nn.Sequential(*unit(3, w, 4, 2), *unit(w, 2 * w, 3, 2), *unit(2 * w, 2 * w, 3, 1),
-                                      *unit(2 * w, 4 * w, 3, 2), *unit(4 * w, 4 * w, 3, 1))   # 64 -> 8x8
+        self.backbone = nn.Sequential(
+            *unit(3, w, 4, 2),
+            *unit(w, 2 * w, 3, 2),
+            *unit(2 * w, 2 * w, 3, 1),
+            *unit(2 * w, 4 * w, 3, 2),
+            *unit(4 * w, 4 * w, 3, 1),
+        )  # 64 -> 8x8
         self.cell = nn.Sequential(nn.Conv2d(4 * w, cell_dim, 1), nn.ReLU(inplace=True))
         self.head = nn.Conv2d(cell_dim, sum(self.splits), 1)
 
     def cells(self, x):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode='bilinear',
-                              align_corners=False, antialias=True)
-        return self.cell(F.adaptive_avg_pool2d(self.backbone(x), 3))     # (N, cell_dim, 3, 3)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode='bilinear',
+                align_corners=False,
+                antialias=True,
+            )
+        return self.cell(F.adaptive_avg_pool2d(self.backbone(x), 3))  # (N, cell_dim, 3, 3)
 
     def features(self, x):
         return self.cells(x).flatten(1)
 
     def forward(self, x):
         """Per cell (reading order): objectness logit, shape, colour and size logits."""
-        out = self.head(self.cells(x)).flatten(2).transpose(1, 2)      # (N, 9, 1+6+8+2)
+        out = self.head(self.cells(x)).flatten(2).transpose(1, 2)  # (N, 9, 1+6+8+2)
         return torch.split(out, self.splits, dim=-1)
 
 
@@ -262,8 +313,12 @@ class ShapesJudge(nn.Module):
 def fid_inception(weights=None, device='cpu', exact=False):
     """The FID Inception with pytorch-fid's weights: BatchNorm folded and channels_last
     for speed, or (exact) computed as pytorch-fid computes it, bit for bit."""
-    path = utils.weights_path(weights, utils.FID_WEIGHTS, utils.FID_WEIGHTS_URL,
-                              '; for the synthetic dataset use --judge output/judge instead (shapes FID)')
+    path = utils.weights_path(
+        weights,
+        utils.FID_WEIGHTS,
+        utils.FID_WEIGHTS_URL,
+        '; for the synthetic dataset use --judge output/judge instead (shapes FID)',
+    )
     net = utils.load_state_dict(FIDInceptionV3(), path)
     net = net.eval().requires_grad_(False) if exact else net.fused()
     return net.to(device)
@@ -276,12 +331,18 @@ def inception_classifier(net, weights, device):
         return lambda x: inc.logits(inc(x.contiguous(memory_format=torch.channels_last), 2048))
     if net == 'torchvision':
         import torchvision
-        tv = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=False,
-                                             init_weights=False)
-        path = utils.weights_path(weights, utils.TV_INCEPTION_WEIGHTS, utils.TV_INCEPTION_WEIGHTS_URL)
+
+        tv = torchvision.models.inception_v3(
+            weights=None, aux_logits=True, transform_input=False, init_weights=False
+        )
+        path = utils.weights_path(
+            weights, utils.TV_INCEPTION_WEIGHTS, utils.TV_INCEPTION_WEIGHTS_URL
+        )
         tv = utils.load_state_dict(tv, path).eval().requires_grad_(False).to(device)
         # sbarratt: inputs in [-1, 1], bilinear upsampling to 299, transform_input=False
-        return lambda x: tv(2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1)
+        return lambda x: tv(
+            2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1
+        )
     raise utils.UserError(f"--net {net}: expected tf or torchvision")
 
 
@@ -293,7 +354,7 @@ def load_judge(path, device='cpu'):
     judge = ShapesJudge(**ckpt['extra']['model'])
     judge.load_state_dict(ckpt['models']['judge'])
     judge.attributes = ckpt['extra']['attributes']
-    judge.weights_path = path               # the evaluation protocol names the file it scored with
+    judge.weights_path = path  # the evaluation protocol names the file it scored with
     return judge.to(device).eval().requires_grad_(False)
 
 
@@ -306,7 +367,9 @@ def feature_net(dims=2048, weights=None, judge=None, device='cpu', exact=False):
         raise utils.UserError(f"--dims {dims}: expected one of {FIDInceptionV3.DIMS}")
     net = fid_inception(weights, device, exact)
     layout = torch.contiguous_format if exact else torch.channels_last
-    return utils.FeatureNet(lambda x: net(x.contiguous(memory_format=layout), dims), dims, f'inception-{dims}')
+    return utils.FeatureNet(
+        lambda x: net(x.contiguous(memory_format=layout), dims), dims, f'inception-{dims}'
+    )
 
 
 # ============================================================================
@@ -324,9 +387,11 @@ def feature_net(dims=2048, weights=None, judge=None, device='cpu', exact=False):
 #   damsm    AttnGAN's RNN_ENCODER (bi-LSTM) and CNN_ENCODER (Inception-v3)  AttnGAN code/model.py
 #   clip_hf  a transformers CLIP, finetuned with DAMSM + NT-Xent  T2I_CLIP-GAN DMGAN+CLIP/code
 #   clip     CLIP from scratch as open_clip builds it (ModifiedResNet or ViT)  open_clip model.py
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP preprocessing (clip.py _transform)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP preprocessing (clip.py _transform)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ATTNGAN_WORDS_NUM = 18          # AttnGAN's TEXT.WORDS_NUM (config.py default): its released encoders carry none
+ATTNGAN_WORDS_NUM = (
+    18  # AttnGAN's TEXT.WORDS_NUM (config.py default): its released encoders carry none
+)
 
 
 class TextEncoderTokenizer:
@@ -346,30 +411,47 @@ class TextEncoderTokenizer:
         vocab = {w: i for i, w in enumerate(spec['vocab'])}
         if self.kind in ('attngan', 'words'):
             self.index, self.pad_id = vocab, 0
-            self.sot, self.eot = (vocab['<sot>'], vocab['<eot>']) if self.kind == 'words' else (None, None)
+            self.sot, self.eot = (
+                (vocab['<sot>'], vocab['<eot>']) if self.kind == 'words' else (None, None)
+            )
         elif self.kind == 'clip':
             from transformers import CLIPTokenizer
+
             self.hf = CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in spec['merges']])
-            self.sot, self.eot, self.pad_id = self.hf.bos_token_id, self.hf.eos_token_id, self.hf.pad_token_id
+            self.sot, self.eot, self.pad_id = (
+                self.hf.bos_token_id,
+                self.hf.eos_token_id,
+                self.hf.pad_token_id,
+            )
         else:
             from transformers import BertTokenizer
+
             self.hf = BertTokenizer(vocab=vocab)
-            self.sot, self.eot, self.pad_id = self.hf.cls_token_id, self.hf.sep_token_id, self.hf.pad_token_id
+            self.sot, self.eot, self.pad_id = (
+                self.hf.cls_token_id,
+                self.hf.sep_token_id,
+                self.hf.pad_token_id,
+            )
         self.has_specials = self.kind != 'attngan'
 
     def __call__(self, texts):
         L = self.context_length
         if self.kind in ('clip', 'bert'):
-            enc = self.hf(list(texts), padding='max_length', truncation=True, max_length=L,
-                          return_tensors='pt')
+            enc = self.hf(
+                list(texts),
+                padding='max_length',
+                truncation=True,
+                max_length=L,
+                return_tensors='pt',
+            )
             return enc['input_ids'], enc['attention_mask'].sum(1)
         ids = torch.full((len(texts), L), self.pad_id, dtype=torch.long)
         lengths = torch.ones(len(texts), dtype=torch.long)
         for i, text in enumerate(texts):
             toks = [self.index[w] for w in utils.tokenize_attngan(text) if w in self.index]
-            toks = [self.sot] + toks[:L - 2] + [self.eot] if self.sot is not None else toks[:L]
+            toks = [self.sot] + toks[: L - 2] + [self.eot] if self.sot is not None else toks[:L]
             if toks:
-                ids[i, :len(toks)] = torch.tensor(toks)
+                ids[i, : len(toks)] = torch.tensor(toks)
                 lengths[i] = len(toks)
         return ids, lengths
 
@@ -390,6 +472,7 @@ def tokenizer_spec(kind, context_length, path='', words=None):
         spec['vocab'] = list(words) + (['<sot>', '<eot>'] if kind == 'words' else [])
         return spec
     from transformers import BertTokenizer, CLIPTokenizer
+
     try:
         if kind == 'clip':
             tok = CLIPTokenizer.from_pretrained(path)
@@ -397,18 +480,25 @@ def tokenizer_spec(kind, context_length, path='', words=None):
             tok = BertTokenizer(vocab=path)
         else:
             tok = BertTokenizer.from_pretrained(path)
-        utils.check_real_vocabulary(tok, f'MODEL.TOKENIZER_PATH={path}', 'clip' if kind == 'clip' else 'bert')
+        utils.check_real_vocabulary(
+            tok, f'MODEL.TOKENIZER_PATH={path}', 'clip' if kind == 'clip' else 'bert'
+        )
     except (OSError, ValueError) as e:
-        raise utils.UserError(f"{path}: cannot load a {kind} tokenizer offline "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise utils.UserError(
+            f"{path}: cannot load a {kind} tokenizer offline "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        )
     vocab = tok.get_vocab()
     spec['vocab'] = [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     if len(spec['vocab']) != max(vocab.values()) + 1:
         raise utils.UserError(f"{path}: tokenizer ids are not contiguous")
     if kind == 'clip':
         import json
-        spec['merges'] = [list(m) if isinstance(m, (list, tuple)) else m.split(' ')
-                          for m in json.loads(tok.backend_tokenizer.to_str())['model']['merges']]
+
+        spec['merges'] = [
+            list(m) if isinstance(m, (list, tuple)) else m.split(' ')
+            for m in json.loads(tok.backend_tokenizer.to_str())['model']['merges']
+        ]
     return spec
 
 
@@ -417,8 +507,13 @@ def _prepare(images, size, mean=None, std=None):
     (antialiased when shrinking), then (x+1)/2 normalised with mean/std when given
     (Inception takes [-1, 1], as AttnGAN feeds it)."""
     if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode='bilinear', align_corners=False,
-                               antialias=images.shape[-1] > size)
+        images = F.interpolate(
+            images,
+            size=(size, size),
+            mode='bilinear',
+            align_corners=False,
+            antialias=images.shape[-1] > size,
+        )
     if mean is not None:
         m = images.new_tensor(mean).view(1, 3, 1, 1)
         s = images.new_tensor(std).view(1, 3, 1, 1)
@@ -432,10 +527,14 @@ def _word_features(states, lengths, keep_special):
     rm_special_token; a caption without words keeps its end token."""
     T = states.shape[1]
     if keep_special:
-        return states.transpose(1, 2), torch.arange(T, device=states.device)[None] >= lengths[:, None]
-    words = states[:, 1:max(T - 1, 2)]
+        return states.transpose(1, 2), torch.arange(T, device=states.device)[None] >= lengths[
+            :, None
+        ]
+    words = states[:, 1 : max(T - 1, 2)]
     n = (lengths - 2).clamp(min=1)
-    return words.transpose(1, 2), torch.arange(words.shape[1], device=states.device)[None] >= n[:, None]
+    return words.transpose(1, 2), torch.arange(words.shape[1], device=states.device)[None] >= n[
+        :, None
+    ]
 
 
 class TextEncoder(nn.Module):
@@ -449,7 +548,11 @@ class TextEncoder(nn.Module):
         """The words of one caption as the word features see them (attention-map labels)."""
         ids, lengths = self.tokenizer([text])
         toks = self.tokenizer.token_strings(ids[0], int(lengths[0]))
-        return toks if self.keep_special or not self.tokenizer.has_specials else toks[1:-1] or toks[-1:]
+        return (
+            toks
+            if self.keep_special or not self.tokenizer.has_specials
+            else toks[1:-1] or toks[-1:]
+        )
 
 
 class ImageEncoder(nn.Module):
@@ -475,17 +578,36 @@ class RNNTextEncoder(TextEncoder):
 
     def forward(self, ids, lengths):
         T = ids.shape[1]
-        x = nn.utils.rnn.pack_padded_sequence(self.drop(self.encoder(ids)), lengths.cpu(),
-                                              batch_first=True, enforce_sorted=False)
+        x = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.encoder(ids)), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
         out, (h, _) = self.rnn(x)
         out = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)[0]
-        sent = h.transpose(0, 1).reshape(ids.shape[0], -1)      # [forward; backward]
-        return out.transpose(1, 2), sent, torch.arange(T, device=ids.device)[None] >= lengths[:, None]
+        sent = h.transpose(0, 1).reshape(ids.shape[0], -1)  # [forward; backward]
+        return (
+            out.transpose(1, 2),
+            sent,
+            torch.arange(T, device=ids.device)[None] >= lengths[:, None],
+        )
 
 
-INCEPTION_REGIONS = ['Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'maxpool1', 'Conv2d_3b_1x1',
-                     'Conv2d_4a_3x3', 'maxpool2', 'Mixed_5b', 'Mixed_5c', 'Mixed_5d', 'Mixed_6a',
-                     'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e']
+INCEPTION_REGIONS = [
+    'Conv2d_1a_3x3',
+    'Conv2d_2a_3x3',
+    'Conv2d_2b_3x3',
+    'maxpool1',
+    'Conv2d_3b_1x1',
+    'Conv2d_4a_3x3',
+    'maxpool2',
+    'Mixed_5b',
+    'Mixed_5c',
+    'Mixed_5d',
+    'Mixed_6a',
+    'Mixed_6b',
+    'Mixed_6c',
+    'Mixed_6d',
+    'Mixed_6e',
+]
 INCEPTION_GLOBAL = ['Mixed_7a', 'Mixed_7b', 'Mixed_7c']
 
 
@@ -493,12 +615,24 @@ def _small_cnn(width):
     """The embedded runs' stand-in for Inception (no ImageNet weights offline, and a
     trainable Inception is ~3 img/s on 2 CPU cores): conv stages of stride 2; regions after
     three (1/8 of the input), global after four."""
+
     def stage(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return [
+            nn.Conv2d(cin, cout, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
+
     w = width
-    return (nn.Sequential(*stage(3, w), *stage(w, 2 * w), *stage(2 * w, 4 * w)),
-            nn.Sequential(*stage(4 * w, 8 * w)), 4 * w, 8 * w)
+    return (
+        nn.Sequential(*stage(3, w), *stage(w, 2 * w), *stage(2 * w, 4 * w)),
+        nn.Sequential(*stage(4 * w, 8 * w)),
+        4 * w,
+        8 * w,
+    )
 
 
 class CNNImageEncoder(ImageEncoder):
@@ -516,14 +650,19 @@ class CNNImageEncoder(ImageEncoder):
         self.spec = spec
         if spec['backbone'] == 'inception_v3':
             import torchvision
-            net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+
+            net = torchvision.models.inception_v3(
+                weights=None, aux_logits=False, init_weights=False
+            )
             self.to_regions = nn.Sequential(*[getattr(net, n) for n in INCEPTION_REGIONS])
             self.to_global = nn.Sequential(*[getattr(net, n) for n in INCEPTION_GLOBAL])
             c_reg, c_glob = 768, 2048
         elif spec['backbone'] == 'small':
             self.to_regions, self.to_global, c_reg, c_glob = _small_cnn(spec['width'])
         else:
-            raise utils.UserError(f"MODEL.CNN.BACKBONE={spec['backbone']!r}: expected inception_v3 or small")
+            raise utils.UserError(
+                f"MODEL.CNN.BACKBONE={spec['backbone']!r}: expected inception_v3 or small"
+            )
         self.emb_features = nn.Conv2d(c_reg, spec['dim'], 1, bias=False)
         self.emb_cnn_code = nn.Linear(c_glob, spec['dim'])
         for p in (self.emb_features.weight, self.emb_cnn_code.weight):
@@ -556,14 +695,16 @@ def load_inception_weights(encoder, path, log=None):
     if path == 'auto':
         path = os.path.join(torch.hub.get_dir(), 'checkpoints', utils.TV_INCEPTION_WEIGHTS)
     if not os.path.isfile(path):
-        raise utils.UserError(f"{path}: Inception-v3 ImageNet weights not found (MODEL.PRETRAINED; 'auto' looks "
-                              "in torchvision's cache; '' trains from a random init)")
+        raise utils.UserError(
+            f"{path}: Inception-v3 ImageNet weights not found (MODEL.PRETRAINED; 'auto' looks "
+            "in torchvision's cache; '' trains from a random init)"
+        )
     state = utils.load_weights(path)
     for part, layers in (('to_regions', INCEPTION_REGIONS), ('to_global', INCEPTION_GLOBAL)):
         own = {}
         for key, value in state.items():
             top, rest = key.split('.', 1)
-            if top in layers:                       # AuxLogits and fc are not used
+            if top in layers:  # AuxLogits and fc are not used
                 own[f'{layers.index(top)}.{rest}'] = value
         getattr(encoder, part).load_state_dict(own)
     if log:
@@ -580,6 +721,7 @@ class HFCLIPTextEncoder(TextEncoder):
     def __init__(self, spec):
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
         self.spec, self.keep_special = spec, spec['keep_special']
         self.tokenizer = TextEncoderTokenizer(spec['tokenizer'])
         self.model = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(spec['config']))
@@ -587,11 +729,13 @@ class HFCLIPTextEncoder(TextEncoder):
         self.word_proj = nn.Linear(width, spec['dim']) if width != spec['dim'] else nn.Identity()
 
     def forward(self, ids, lengths):
-        T = int(lengths.max())          # causal: states before T ignore the padding after it
+        T = int(lengths.max())  # causal: states before T ignore the padding after it
         ids = ids[:, :T]
         mask = (torch.arange(T, device=ids.device)[None] < lengths[:, None]).long()
         states = self.model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        sent = self.model.text_projection(states[torch.arange(len(ids), device=ids.device), lengths - 1])
+        sent = self.model.text_projection(
+            states[torch.arange(len(ids), device=ids.device), lengths - 1]
+        )
         words, pad = _word_features(self.word_proj(states), lengths, self.keep_special)
         return words, sent, pad
 
@@ -604,12 +748,15 @@ class HFCLIPImageEncoder(ImageEncoder):
     def __init__(self, spec):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
         self.spec = spec
         self.model = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(spec['config']))
         self.linear_subr = nn.Linear(spec['config']['hidden_size'], spec['dim'])
 
     def forward(self, images, regions=True):
-        out = self.model(pixel_values=_prepare(images, self.spec['config']['image_size'], CLIP_MEAN, CLIP_STD))
+        out = self.model(
+            pixel_values=_prepare(images, self.spec['config']['image_size'], CLIP_MEAN, CLIP_STD)
+        )
         patches = self.linear_subr(out.last_hidden_state[:, 1:])
         g = int(round(patches.shape[1] ** 0.5))
         return patches.transpose(1, 2).reshape(len(patches), -1, g, g), out.image_embeds
@@ -626,11 +773,17 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
 
     def forward(self, x, causal):
         B, T, C = x.shape
-        q, k, v = self.in_proj(self.ln_1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.in_proj(self.ln_1(x))
+            .view(B, T, 3, self.heads, C // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         x = x + self.out_proj(a.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
@@ -638,9 +791,9 @@ class ResidualAttentionBlock(nn.Module):
 
 def _init_blocks(blocks, width):
     """open_clip's TextTransformer init (std width^-0.5 for attention, scaled for projections)."""
-    proj_std = width ** -0.5 * (2 * len(blocks)) ** -0.5
+    proj_std = width**-0.5 * (2 * len(blocks)) ** -0.5
     for b in blocks:
-        nn.init.normal_(b.in_proj.weight, std=width ** -0.5)
+        nn.init.normal_(b.in_proj.weight, std=width**-0.5)
         nn.init.normal_(b.out_proj.weight, std=proj_std)
         nn.init.normal_(b.mlp[0].weight, std=(2 * width) ** -0.5)
         nn.init.normal_(b.mlp[2].weight, std=proj_std)
@@ -661,9 +814,11 @@ class CLIPTextTransformer(TextEncoder):
         W, L = spec['width'], self.tokenizer.context_length
         self.token_embedding = nn.Embedding(self.tokenizer.vocab_size, W)
         self.positional_embedding = nn.Parameter(torch.randn(L, W) * 0.01)
-        self.blocks = nn.ModuleList([ResidualAttentionBlock(W, spec['heads']) for _ in range(spec['layers'])])
+        self.blocks = nn.ModuleList(
+            [ResidualAttentionBlock(W, spec['heads']) for _ in range(spec['layers'])]
+        )
         self.ln_final = nn.LayerNorm(W)
-        self.text_projection = nn.Parameter(torch.randn(W, spec['dim']) * W ** -0.5)
+        self.text_projection = nn.Parameter(torch.randn(W, spec['dim']) * W**-0.5)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         _init_blocks(self.blocks, W)
 
@@ -681,19 +836,26 @@ class CLIPTextTransformer(TextEncoder):
 class Bottleneck(nn.Module):
     """CLIP's ResNet bottleneck: 1x1, 3x3, 1x1 convs; stride by a 2x2 average pool before the
     last conv (anti-aliased), and an average pool before the 1x1 downsample conv."""
+
     expansion = 4
 
     def __init__(self, cin, planes, stride=1):
         super().__init__()
         cout = planes * 4
         self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = (
+            nn.Conv2d(planes, planes, 3, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+        )
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3, self.bn3 = nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout)
         self.downsample = None
         if stride > 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
-                                            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.AvgPool2d(stride) if stride > 1 else nn.Identity(),
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -710,12 +872,12 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, grid, width, heads, dim):
         super().__init__()
-        self.positional_embedding = nn.Parameter(torch.randn(grid ** 2 + 1, width) / width ** 0.5)
+        self.positional_embedding = nn.Parameter(torch.randn(grid**2 + 1, width) / width**0.5)
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(width, width) for _ in range(3))
         self.c_proj = nn.Linear(width, dim)
         self.heads = heads
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
-            nn.init.normal_(lin.weight, std=width ** -0.5)
+            nn.init.normal_(lin.weight, std=width**-0.5)
 
     def forward(self, x, regions=True):
         B, C, H, W = x.shape
@@ -723,7 +885,9 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(1, keepdim=True), x], 1) + self.positional_embedding
         heads = lambda t: t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
         v = self.v_proj(x)
-        a = F.scaled_dot_product_attention(heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(v))
+        a = F.scaled_dot_product_attention(
+            heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(v)
+        )
         pooled = self.c_proj(a.transpose(1, 2).reshape(B, C))
         if not regions:
             return None, pooled
@@ -738,21 +902,30 @@ class ModifiedResNet(nn.Module):
         super().__init__()
         w = width
         self.stem = nn.Sequential(
-            nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w // 2), nn.ReLU(inplace=True),
-            nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False), nn.BatchNorm2d(w // 2), nn.ReLU(inplace=True),
-            nn.Conv2d(w // 2, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-            nn.AvgPool2d(2))
+            nn.Conv2d(3, w // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(w // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w // 2, w // 2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w // 2, w, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(2),
+        )
         stages, cin = [], w
         for i, n in enumerate(layers):
-            planes = w * 2 ** i
-            blocks = [Bottleneck(cin, planes, 1 if i == 0 else 2)] + [Bottleneck(planes * 4, planes) for _ in range(n - 1)]
+            planes = w * 2**i
+            blocks = [Bottleneck(cin, planes, 1 if i == 0 else 2)] + [
+                Bottleneck(planes * 4, planes) for _ in range(n - 1)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = planes * 4
         self.stages = nn.Sequential(*stages)
         self.attnpool = AttentionPool2d(image_size // 32, cin, cin // head_width, dim)
         for m in self.modules():
             if isinstance(m, Bottleneck):
-                nn.init.zeros_(m.bn3.weight)      # each residual branch starts as identity
+                nn.init.zeros_(m.bn3.weight)  # each residual branch starts as identity
 
     def forward(self, x, regions=True):
         return self.attnpool(self.stages(self.stem(x)), regions)
@@ -764,12 +937,16 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, layers, width, image_size, patch_size, dim, head_width=64):
         super().__init__()
-        scale = width ** -0.5
+        scale = width**-0.5
         self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn((image_size // patch_size) ** 2 + 1, width)
+        )
         self.ln_pre, self.ln_post = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.blocks = nn.ModuleList([ResidualAttentionBlock(width, width // head_width) for _ in range(layers)])
+        self.blocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, width // head_width) for _ in range(layers)]
+        )
         self.proj = nn.Parameter(scale * torch.randn(width, dim))
 
     def forward(self, x, regions=True):
@@ -796,14 +973,26 @@ class CLIPImageEncoder(ImageEncoder):
         s = spec
         if s['patch_size'] > 0:
             if len(s['layers']) != 1:
-                raise utils.UserError(f"MODEL.CLIP.VISION_LAYERS={s['layers']}: a ViT (PATCH_SIZE > 0) "
-                                      "takes one entry, its depth")
-            self.net = VisionTransformer(s['layers'][0], s['width'], s['image_size'], s['patch_size'],
-                                         s['dim'], s['head_width'])
+                raise utils.UserError(
+                    f"MODEL.CLIP.VISION_LAYERS={s['layers']}: a ViT (PATCH_SIZE > 0) "
+                    "takes one entry, its depth"
+                )
+            self.net = VisionTransformer(
+                s['layers'][0],
+                s['width'],
+                s['image_size'],
+                s['patch_size'],
+                s['dim'],
+                s['head_width'],
+            )
         else:
             if len(s['layers']) != 4:
-                raise utils.UserError(f"MODEL.CLIP.VISION_LAYERS={s['layers']}: a ResNet takes 4 stage depths")
-            self.net = ModifiedResNet(s['layers'], s['width'], s['image_size'], s['dim'], s['head_width'])
+                raise utils.UserError(
+                    f"MODEL.CLIP.VISION_LAYERS={s['layers']}: a ResNet takes 4 stage depths"
+                )
+            self.net = ModifiedResNet(
+                s['layers'], s['width'], s['image_size'], s['dim'], s['head_width']
+            )
 
     def forward(self, images, regions=True):
         return self.net(_prepare(images, self.spec['image_size'], CLIP_MEAN, CLIP_STD), regions)
@@ -825,10 +1014,16 @@ def build_image_encoder(spec):
 def newest_text_encoder(run_dir):
     """<run_dir>/checkpoints/text_encoder<N>.pth (or in run_dir itself) with the largest N."""
     for d in (os.path.join(run_dir, 'checkpoints'), run_dir):
-        found = [f for f in os.listdir(d) if re.fullmatch(r'text_encoder\d+\.pth', f)] if os.path.isdir(d) else []
+        found = (
+            [f for f in os.listdir(d) if re.fullmatch(r'text_encoder\d+\.pth', f)]
+            if os.path.isdir(d)
+            else []
+        )
         if found:
             return os.path.join(d, max(found, key=lambda f: int(f[12:-4])))
-    raise utils.UserError(f"{run_dir}: no text_encoder<N>.pth in it or its checkpoints/ (pretrain_DAMSM.py writes them)")
+    raise utils.UserError(
+        f"{run_dir}: no text_encoder<N>.pth in it or its checkpoints/ (pretrain_DAMSM.py writes them)"
+    )
 
 
 def _attngan_image_key(key):
@@ -837,7 +1032,7 @@ def _attngan_image_key(key):
     for part, layers in (('to_regions', INCEPTION_REGIONS), ('to_global', INCEPTION_GLOBAL)):
         if top in layers:
             return f'{part}.{layers.index(top)}.{rest}'
-    return key                                   # emb_features, emb_cnn_code
+    return key  # emb_features, emb_cnn_code
 
 
 def attngan_damsm_modules(text_state, image_state, words, words_num, text_path):
@@ -847,14 +1042,30 @@ def attngan_damsm_modules(text_state, image_state, words, words_num, text_path):
     the original rebuilds RNN_ENCODER(len(ixtoword)). Loaded strictly."""
     n_words, word_dim = text_state['encoder.weight'].shape
     if n_words != len(words):
-        raise utils.UserError(f"{text_path}: an RNN_ENCODER over {n_words} words, but the dataset's "
-                              f"captions.pickle has {len(words)}; use the captions.pickle it was trained with")
-    text = build_text_encoder({'family': 'damsm', 'dim': 2 * text_state['rnn.weight_hh_l0'].shape[1],
-                               'tokenizer': tokenizer_spec('attngan', words_num, words=words),
-                               'word_dim': word_dim, 'dropout': 0.5})
-    image = build_image_encoder({'family': 'damsm', 'dim': image_state['emb_cnn_code.weight'].shape[0],
-                                 'image_size': 299, 'backbone': 'inception_v3', 'width': 0, 'train_backbone': False,
-                                 'bn_stats': 'adapt'})
+        raise utils.UserError(
+            f"{text_path}: an RNN_ENCODER over {n_words} words, but the dataset's "
+            f"captions.pickle has {len(words)}; use the captions.pickle it was trained with"
+        )
+    text = build_text_encoder(
+        {
+            'family': 'damsm',
+            'dim': 2 * text_state['rnn.weight_hh_l0'].shape[1],
+            'tokenizer': tokenizer_spec('attngan', words_num, words=words),
+            'word_dim': word_dim,
+            'dropout': 0.5,
+        }
+    )
+    image = build_image_encoder(
+        {
+            'family': 'damsm',
+            'dim': image_state['emb_cnn_code.weight'].shape[0],
+            'image_size': 299,
+            'backbone': 'inception_v3',
+            'width': 0,
+            'train_backbone': False,
+            'bn_stats': 'adapt',
+        }
+    )
     text.load_state_dict(text_state)
     image.load_state_dict({_attngan_image_key(k): v for k, v in image_state.items()})
     return text, image
@@ -871,23 +1082,28 @@ def load_encoders(net_e, device='cpu', attngan_words=None, words_num=ATTNGAN_WOR
         net_e = newest_text_encoder(net_e)
     folder, name = os.path.split(net_e)
     if 'text_encoder' not in name:
-        raise utils.UserError(f"{net_e}: expected a text_encoder<N>.pth written by pretrain_DAMSM.py")
+        raise utils.UserError(
+            f"{net_e}: expected a text_encoder<N>.pth written by pretrain_DAMSM.py"
+        )
     paths = (net_e, os.path.join(folder, name.replace('text_encoder', 'image_encoder')))
     raw = [utils.load_weights(p) for p in paths]
     if all(utils.is_state_dict(r) for r in raw):
         if attngan_words is None:
-            raise utils.UserError(f"{net_e}: AttnGAN's DAMSM weights carry no vocabulary; give the dataset's "
-                                  "captions.pickle (DATA_DIR)")
+            raise utils.UserError(
+                f"{net_e}: AttnGAN's DAMSM weights carry no vocabulary; give the dataset's "
+                "captions.pickle (DATA_DIR)"
+            )
         modules = attngan_damsm_modules(*raw, attngan_words(), words_num, net_e)
     else:
         modules = []
-        for path, kind, build in zip(paths, ('text_encoder', 'image_encoder'),
-                                     (build_text_encoder, build_image_encoder)):
+        for path, kind, build in zip(
+            paths, ('text_encoder', 'image_encoder'), (build_text_encoder, build_image_encoder)
+        ):
             ckpt = utils.load_checkpoint(path, kind)
             module = build(ckpt['extra']['spec'])
             module.load_state_dict(ckpt['models'][kind])
             modules.append(module)
-    for m, path in zip(modules, paths):     # the evaluation protocol names the files it scored with
+    for m, path in zip(modules, paths):  # the evaluation protocol names the files it scored with
         m.weights_path = path
     return tuple(m.to(device).eval().requires_grad_(False) for m in modules)
 
@@ -932,14 +1148,14 @@ def words_loss(regions, words, pad_mask, class_ids=None, gamma1=4.0, gamma2=5.0,
     chunk = max(1, (1 << 22) // (B * T * max(h * w, D)))
     sims, maps = [], []
     for c0 in range(0, B, chunk):
-        e, pad = words[c0:c0 + chunk], pad_mask[c0:c0 + chunk]                 # (C, D, T), (C, T)
+        e, pad = words[c0 : c0 + chunk], pad_mask[c0 : c0 + chunk]  # (C, D, T), (C, T)
         s = torch.einsum('jdr,idt->ijrt', ctx, e).masked_fill(pad[:, None, None], float('-inf'))
-        alpha = (s.softmax(dim=3).transpose(2, 3) * gamma1).softmax(dim=3)    # (C, B, T, R)
-        c = torch.einsum('jdr,ijtr->ijdt', ctx, alpha)                         # (C, B, D, T)
+        alpha = (s.softmax(dim=3).transpose(2, 3) * gamma1).softmax(dim=3)  # (C, B, T, R)
+        c = torch.einsum('jdr,ijtr->ijdt', ctx, alpha)  # (C, B, D, T)
         cos = (c * e[:, None]).sum(2) / (c.norm(dim=2) * e.norm(dim=1)[:, None]).clamp(min=1e-8)
         sims.append(torch.logsumexp((gamma2 * cos).masked_fill(pad[:, None], float('-inf')), dim=2))
         maps += [alpha[k, c0 + k].reshape(T, h, w) for k in range(len(e))]
-    loss0, loss1 = _match_losses(torch.cat(sims).t() * gamma3, class_ids)     # rows images
+    loss0, loss1 = _match_losses(torch.cat(sims).t() * gamma3, class_ids)  # rows images
     return loss0, loss1, maps
 
 
@@ -963,7 +1179,9 @@ def nt_xent_loss(z1, z2, tau=0.5):
     2N-1, its positive being the other view of the same item; mean over the 2N terms
     (T2I_CL's nt_xent.py, used by T2I_CLIP-GAN on two captions of one image, τ = 0.5)."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    sim = (z @ z.t() / tau).masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float('-inf'))
+    sim = (z @ z.t() / tau).masked_fill(
+        torch.eye(len(z), dtype=torch.bool, device=z.device), float('-inf')
+    )
     n = len(z1)
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(sim, targets)
@@ -989,15 +1207,20 @@ def conv3x3(cin, cout, bias=False):
 
 def up_block(cin, cout):
     """Nearest 2x upsampling, 3x3 conv, BN, GLU."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode='nearest'), conv3x3(cin, cout * 2),
-                         nn.BatchNorm2d(cout * 2), GLU())
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode='nearest'),
+        conv3x3(cin, cout * 2),
+        nn.BatchNorm2d(cout * 2),
+        GLU(),
+    )
 
 
 class ResBlock(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.block = nn.Sequential(conv3x3(c, c * 2), nn.BatchNorm2d(c * 2), GLU(),
-                                   conv3x3(c, c), nn.BatchNorm2d(c))
+        self.block = nn.Sequential(
+            conv3x3(c, c * 2), nn.BatchNorm2d(c * 2), GLU(), conv3x3(c, c), nn.BatchNorm2d(c)
+        )
 
     def forward(self, x):
         return x + self.block(x)
@@ -1014,7 +1237,7 @@ class CANet(nn.Module):
 
     def forward(self, sent_emb):
         x = self.glu(self.fc(sent_emb))
-        mu, logvar = x[:, :self.cond_dim], x[:, self.cond_dim:]
+        mu, logvar = x[:, : self.cond_dim], x[:, self.cond_dim :]
         c = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return c, mu, logvar
 
@@ -1026,9 +1249,12 @@ class InitStageG(nn.Module):
     def __init__(self, ngf, in_dim, n_up=4):
         super().__init__()
         self.ngf = ngf
-        self.fc = nn.Sequential(nn.Linear(in_dim, ngf * 4 * 4 * 2, bias=False),
-                                nn.BatchNorm1d(ngf * 4 * 4 * 2), GLU())
-        self.upsample = nn.Sequential(*[up_block(ngf // 2 ** i, ngf // 2 ** (i + 1)) for i in range(n_up)])
+        self.fc = nn.Sequential(
+            nn.Linear(in_dim, ngf * 4 * 4 * 2, bias=False), nn.BatchNorm1d(ngf * 4 * 4 * 2), GLU()
+        )
+        self.upsample = nn.Sequential(
+            *[up_block(ngf // 2**i, ngf // 2 ** (i + 1)) for i in range(n_up)]
+        )
 
     def forward(self, z, c):
         return self.upsample(self.fc(torch.cat([c, z], 1)).view(-1, self.ngf, 4, 4))
@@ -1040,8 +1266,8 @@ class DynamicMemory(nn.Module):
 
     def __init__(self, ngf, nef):
         super().__init__()
-        self.A = nn.Linear(nef, 1, bias=False)       # word part of the writing gate
-        self.B = nn.Linear(ngf, 1, bias=False)       # image part of the writing gate
+        self.A = nn.Linear(nef, 1, bias=False)  # word part of the writing gate
+        self.B = nn.Linear(ngf, 1, bias=False)  # image part of the writing gate
         self.M_r = nn.Sequential(nn.Conv1d(ngf, ngf * 2, 1), nn.ReLU())
         self.M_w = nn.Sequential(nn.Conv1d(nef, ngf * 2, 1), nn.ReLU())
         self.key = nn.Sequential(nn.Conv1d(ngf * 2, ngf, 1), nn.ReLU())
@@ -1052,13 +1278,13 @@ class DynamicMemory(nn.Module):
         """h: (B, ngf, H, W) image features; words: (B, nef, T); pad_mask: (B, T) True=pad."""
         B, C, H, W = h.shape
         T = words.shape[2]
-        h_avg = h.mean((2, 3)).detach()                                         # (B, ngf)
+        h_avg = h.mean((2, 3)).detach()  # (B, ngf)
         gate = torch.sigmoid(self.A(words.transpose(1, 2)) + self.B(h_avg)[:, None])  # (B, T, 1)
-        gate = gate.transpose(1, 2)                                             # (B, 1, T)
+        gate = gate.transpose(1, 2)  # (B, 1, T)
         memory = self.M_w(words) * gate + self.M_r(h_avg[:, :, None].expand(B, C, T)) * (1 - gate)
-        key, value = self.key(memory), self.value(memory)                      # (B, ngf, T)
-        query = h.flatten(2).transpose(1, 2)                                    # (B, HW, ngf)
-        logits = torch.bmm(query, key)                                          # (B, HW, T)
+        key, value = self.key(memory), self.value(memory)  # (B, ngf, T)
+        query = h.flatten(2).transpose(1, 2)  # (B, HW, ngf)
+        logits = torch.bmm(query, key)  # (B, HW, T)
         if pad_mask is not None:
             # Per-sample mask. (The original repeated the mask along the wrong
             # axis, so with batch > 1 each sample got another sample's padding.)
@@ -1087,16 +1313,20 @@ class DMGANGenerator(nn.Module):
     """G_NET: CA, initial 64x64 stage, then branch_num - 1 memory stages (128, 256).
     base_size 32 or 16 (embedded cfgs only) starts with three or two up-blocks instead of four."""
 
-    def __init__(self, gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=2,
-                 base_size=64):
+    def __init__(
+        self, gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=2, base_size=64
+    ):
         super().__init__()
         self.z_dim = z_dim
         n_up = int(math.log2(base_size // 4))
         self.ca_net = CANet(text_dim, cond_dim)
-        self.init_stage = InitStageG(gf_dim * 2 ** n_up, z_dim + cond_dim, n_up)
-        self.stages = nn.ModuleList([NextStageG(gf_dim, text_dim, r_num) for _ in range(branch_num - 1)])
-        self.img_heads = nn.ModuleList([nn.Sequential(conv3x3(gf_dim, 3), nn.Tanh())
-                                        for _ in range(branch_num)])
+        self.init_stage = InitStageG(gf_dim * 2**n_up, z_dim + cond_dim, n_up)
+        self.stages = nn.ModuleList(
+            [NextStageG(gf_dim, text_dim, r_num) for _ in range(branch_num - 1)]
+        )
+        self.img_heads = nn.ModuleList(
+            [nn.Sequential(conv3x3(gf_dim, 3), nn.Tanh()) for _ in range(branch_num)]
+        )
 
     def forward(self, z, sent_emb, words_emb, pad_mask):
         """Returns images per stage (in [-1, 1]), attention maps per memory stage, mu, logvar."""
@@ -1122,9 +1352,12 @@ class SpectralNorm(nn.Module):
         del module._parameters['weight']
         height = w.shape[0]
         self.weight_bar = nn.Parameter(w)
-        self.weight_u = nn.Parameter(F.normalize(torch.randn(height), dim=0, eps=1e-12), requires_grad=False)
-        self.weight_v = nn.Parameter(F.normalize(torch.randn(w[0].numel()), dim=0, eps=1e-12),
-                                     requires_grad=False)
+        self.weight_u = nn.Parameter(
+            F.normalize(torch.randn(height), dim=0, eps=1e-12), requires_grad=False
+        )
+        self.weight_v = nn.Parameter(
+            F.normalize(torch.randn(w[0].numel()), dim=0, eps=1e-12), requires_grad=False
+        )
 
     def forward(self, x):
         w = self.weight_bar.reshape(self.weight_bar.shape[0], -1)
@@ -1150,14 +1383,17 @@ class DGetLogits(nn.Module):
     def __init__(self, ndf, nef, condition):
         super().__init__()
         self.nef = nef
-        self.joint = nn.Sequential(sn_conv(ndf * 8 + nef, ndf * 8, 3, 1, 1), nn.LeakyReLU(0.2)) \
-            if condition else None
+        self.joint = (
+            nn.Sequential(sn_conv(ndf * 8 + nef, ndf * 8, 3, 1, 1), nn.LeakyReLU(0.2))
+            if condition
+            else None
+        )
         self.outlogits = nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4)
 
     def forward(self, h, c=None):
         if self.joint is not None:
             h = self.joint(torch.cat([h, c.view(-1, self.nef, 1, 1).expand(-1, -1, 4, 4)], 1))
-        return self.outlogits(h).view(-1)       # logits; BCE-with-logits replaces sigmoid + BCE
+        return self.outlogits(h).view(-1)  # logits; BCE-with-logits replaces sigmoid + BCE
 
 
 class DMGANDiscriminator(nn.Module):
@@ -1167,9 +1403,9 @@ class DMGANDiscriminator(nn.Module):
     def __init__(self, img_size, df_dim=64, text_dim=256):
         super().__init__()
         ndf, lrelu = df_dim, (lambda: nn.LeakyReLU(0.2))
-        trunk = [3, ndf, ndf * 2, ndf * 4, ndf * 8]      # 64 -> 4 in four 4x4/2 convs
-        if img_size < 64:                                # embedded 32 / 16 px stages: the last three / two
-            trunk = [3] + trunk[-int(math.log2(img_size // 4)):]
+        trunk = [3, ndf, ndf * 2, ndf * 4, ndf * 8]  # 64 -> 4 in four 4x4/2 convs
+        if img_size < 64:  # embedded 32 / 16 px stages: the last three / two
+            trunk = [3] + trunk[-int(math.log2(img_size // 4)) :]
         layers = []
         for cin, cout in zip(trunk[:-1], trunk[1:]):
             layers += [sn_conv(cin, cout, 4, 2, 1), lrelu()]
@@ -1178,7 +1414,7 @@ class DMGANDiscriminator(nn.Module):
         for _ in range(extra):
             layers += [sn_conv(c, c * 2, 4, 2, 1), lrelu()]
             c *= 2
-        for _ in range(extra):                          # 3x3 blocks back to 8 ndf
+        for _ in range(extra):  # 3x3 blocks back to 8 ndf
             layers += [sn_conv(c, c // 2, 3, 1, 1), lrelu()]
             c //= 2
         self.img_code = nn.Sequential(*layers)
@@ -1206,12 +1442,19 @@ def _dmgan_g_key(key):
     for pattern, ours in _DMGAN_G_RENAMES:
         m = re.match(pattern, key)
         if m:
-            return ours(m) + key[m.end():]
+            return ours(m) + key[m.end() :]
     return key
 
 
 # Sequential index of each original block's conv (D_NET128 has s32, s32_1; D_NET256 s32, s64, s64_1, s64_2).
-_DMGAN_D_TRUNK = {'s16': [0, 2, 4, 6], 's32': [8], 's32_1': [10], 's64': [10], 's64_1': [12], 's64_2': [14]}
+_DMGAN_D_TRUNK = {
+    's16': [0, 2, 4, 6],
+    's32': [8],
+    's32_1': [10],
+    's64': [10],
+    's64_1': [12],
+    's64_2': [14],
+}
 
 
 def _dmgan_d_key(key):
@@ -1246,26 +1489,41 @@ def load_dmgan_encoders(cfg, device):
     """The frozen text and image encoders of a DM-GAN cfg (TRAIN.NET_E; AttnGAN's released
     files also take the DATA_DIR vocabulary and TEXT.WORDS_NUM)."""
     if not cfg.TRAIN.NET_E:
-        raise utils.UserError("TRAIN.NET_E: empty; point it at a text_encoder<N>.pth written by "
-                              "pretrain_DAMSM.py (the image encoder is read from beside it)")
-    def vocabulary():           # AttnGAN's released encoders: the dataset's captions.pickle
+        raise utils.UserError(
+            "TRAIN.NET_E: empty; point it at a text_encoder<N>.pth written by "
+            "pretrain_DAMSM.py (the image encoder is read from beside it)"
+        )
+
+    def vocabulary():  # AttnGAN's released encoders: the dataset's captions.pickle
         data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
         return [data.ixtoword[i] for i in range(len(data.ixtoword))]
-    words_num = cfg.TEXT.get('WORDS_NUM', ATTNGAN_WORDS_NUM)     # cfgs of older checkpoints lack it
+
+    words_num = cfg.TEXT.get('WORDS_NUM', ATTNGAN_WORDS_NUM)  # cfgs of older checkpoints lack it
     text_enc, image_enc = load_encoders(cfg.TRAIN.NET_E, device, vocabulary, words_num)
     for m in (text_enc, image_enc):
         m.eval().requires_grad_(False)
     if text_enc.spec['dim'] != cfg.TEXT.EMBEDDING_DIM:
-        raise utils.UserError(f"TEXT.EMBEDDING_DIM={cfg.TEXT.EMBEDDING_DIM} but {cfg.TRAIN.NET_E} "
-                              f"gives {text_enc.spec['dim']}-d features; set it to {text_enc.spec['dim']}")
+        raise utils.UserError(
+            f"TEXT.EMBEDDING_DIM={cfg.TEXT.EMBEDDING_DIM} but {cfg.TRAIN.NET_E} "
+            f"gives {text_enc.spec['dim']}-d features; set it to {text_enc.spec['dim']}"
+        )
     return text_enc, image_enc
 
 
 def build_dmgan_generator(cfg, text_dim):
     if cfg.TREE.BASE_SIZE not in (16, 32, 64):
-        raise utils.UserError(f"TREE.BASE_SIZE={cfg.TREE.BASE_SIZE}: expected 64 (DM-GAN), or 16/32 (embedded cfgs)")
-    return DMGANGenerator(cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, cfg.GAN.CONDITION_DIM, text_dim,
-                          cfg.TREE.BRANCH_NUM, cfg.GAN.R_NUM, cfg.TREE.BASE_SIZE)
+        raise utils.UserError(
+            f"TREE.BASE_SIZE={cfg.TREE.BASE_SIZE}: expected 64 (DM-GAN), or 16/32 (embedded cfgs)"
+        )
+    return DMGANGenerator(
+        cfg.GAN.GF_DIM,
+        cfg.GAN.Z_DIM,
+        cfg.GAN.CONDITION_DIM,
+        text_dim,
+        cfg.TREE.BRANCH_NUM,
+        cfg.GAN.R_NUM,
+        cfg.TREE.BASE_SIZE,
+    )
 
 
 def dmgan_generator_state(path, dev):
@@ -1274,7 +1532,9 @@ def dmgan_generator_state(path, dev):
     raw = utils.load_weights(path, dev)
     if utils.is_state_dict(raw):
         if not is_original_dmgan(raw):
-            raise utils.UserError(f"{path}: a state dict, but not of DM-GAN's G_NET (no h_net1.* weights)")
+            raise utils.UserError(
+                f"{path}: a state dict, but not of DM-GAN's G_NET (no h_net1.* weights)"
+            )
         return convert_dmgan_state_dict(raw)
     return utils.checkpoint_of_kind(raw, path, 'dmgan')['models']['G_ema']
 
@@ -1284,17 +1544,21 @@ def load_dmgan_generator(cfg, text_dim, dev):
     if not cfg.TRAIN.NET_G:
         raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint (or its run dir)")
     path = cfg.TRAIN.NET_G
-    if os.path.isdir(path):                  # a run directory: its newest checkpoint
+    if os.path.isdir(path):  # a run directory: its newest checkpoint
         found = utils.list_checkpoints(path, 'dmgan')
         if not found:
-            raise utils.UserError(f"TRAIN.NET_G={path}: no dmgan_<step>.pt under {path}/checkpoints")
+            raise utils.UserError(
+                f"TRAIN.NET_G={path}: no dmgan_<step>.pt under {path}/checkpoints"
+            )
         path = found[-1]
     netG = build_dmgan_generator(cfg, text_dim).to(dev)
     try:
         netG.load_state_dict(dmgan_generator_state(path, dev))
     except RuntimeError as e:
-        raise utils.UserError(f"{path}: generator does not match the cfg's GAN/TREE keys "
-                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})")
+        raise utils.UserError(
+            f"{path}: generator does not match the cfg's GAN/TREE keys "
+            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})"
+        )
     netG.weights_path = path
     return netG.eval()
 
@@ -1319,10 +1583,12 @@ def ema_update(ema, model, decay):
 # tables with one or two resolution levels fewer; G's attention stays at 16x16, D's regions
 # are at 16x16 (64) or 8x8 (32: GAN.COND_SIZE 8).
 XMC_G_CHANNELS = {32: [8, 4, 2], 64: [8, 4, 2, 1], 128: [16, 8, 4, 2, 1], 256: [16, 8, 8, 4, 2, 1]}
-XMC_D_CHANNELS = {32: ([2, 4, 8], [True, True, False]),
-                  64: ([2, 4, 8, 8], [True, True, True, False]),
-                  128: ([2, 4, 8, 16, 16], [True, True, True, True, False]),
-                  256: ([2, 4, 8, 8, 16, 16], [True, True, True, True, True, False])}
+XMC_D_CHANNELS = {
+    32: ([2, 4, 8], [True, True, False]),
+    64: ([2, 4, 8, 8], [True, True, True, False]),
+    128: ([2, 4, 8, 16, 16], [True, True, True, True, False]),
+    256: ([2, 4, 8, 8, 16, 16], [True, True, True, True, True, False]),
+}
 
 
 def l2n(x, dim=-1):
@@ -1339,8 +1605,12 @@ class CondBN(nn.Module):
 
     def __init__(self, channels, cond_dim, local=False):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False, momentum=0.1)   # flax momentum 0.9
-        make = (lambda: nn.Conv2d(cond_dim, channels, 1)) if local else (lambda: nn.Linear(cond_dim, channels))
+        self.bn = nn.BatchNorm2d(channels, affine=False, momentum=0.1)  # flax momentum 0.9
+        make = (
+            (lambda: nn.Conv2d(cond_dim, channels, 1))
+            if local
+            else (lambda: nn.Linear(cond_dim, channels))
+        )
         self.gamma, self.beta, self.local = make(), make(), local
 
     def forward(self, x, c):
@@ -1389,22 +1659,27 @@ class XMCGenerator(nn.Module):
     def __init__(self, img_size=128, gf_dim=96, z_dim=128, text_dim=768, gamma=15.0):
         super().__init__()
         if img_size not in XMC_G_CHANNELS:
-            raise ValueError(f'XMC-GAN image size {img_size}: expected one of {sorted(XMC_G_CHANNELS)}')
+            raise ValueError(
+                f'XMC-GAN image size {img_size}: expected one of {sorted(XMC_G_CHANNELS)}'
+            )
         ch = [gf_dim * m for m in XMC_G_CHANNELS[img_size]]
         self.z_dim, self.gf16, self.gamma = z_dim, gf_dim * 16, gamma
         gdim = 2 * z_dim
         self.sent_dense = nn.Linear(text_dim, z_dim)
         self.z_dense = nn.Linear(z_dim, gf_dim * 16 * 4 * 4)
-        self.blocks = nn.ModuleList([XMCGenBlock(gf_dim * 16, ch[0], gdim), XMCGenBlock(ch[0], ch[1], gdim)])
+        self.blocks = nn.ModuleList(
+            [XMCGenBlock(gf_dim * 16, ch[0], gdim), XMCGenBlock(ch[0], ch[1], gdim)]
+        )
         self.region_proj = nn.Conv2d(ch[1], text_dim, 1)
         sdim = text_dim + gdim
-        self.spatial_blocks = nn.ModuleList([XMCGenBlock(ch[i - 1], ch[i], sdim, local=True)
-                                             for i in range(2, len(ch))])
+        self.spatial_blocks = nn.ModuleList(
+            [XMCGenBlock(ch[i - 1], ch[i], sdim, local=True) for i in range(2, len(ch))]
+        )
         self.out_norm = CondBN(ch[-1], sdim, local=True)
         self.to_rgb = nn.Conv2d(ch[-1], 3, 3, 1, 1)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_normal_(m.weight)        # glorot_normal, as the original
+                nn.init.xavier_normal_(m.weight)  # glorot_normal, as the original
                 nn.init.zeros_(m.bias)
 
     def forward(self, z, sent, words, pad_mask):
@@ -1414,9 +1689,13 @@ class XMCGenerator(nn.Module):
         for blk in self.blocks:
             x = blk(x, g)
         B, _, H, W = x.shape
-        ctx, _ = attention_for_g(self.region_proj(x).flatten(2).transpose(1, 2), words, self.gamma, pad_mask)
-        cond = torch.cat([ctx.transpose(1, 2).reshape(B, -1, H, W), g[:, :, None, None].expand(-1, -1, H, W)], 1)
-        for blk in self.spatial_blocks:      # the 16x16 condition; CondBN upsamples its gamma/beta
+        ctx, _ = attention_for_g(
+            self.region_proj(x).flatten(2).transpose(1, 2), words, self.gamma, pad_mask
+        )
+        cond = torch.cat(
+            [ctx.transpose(1, 2).reshape(B, -1, H, W), g[:, :, None, None].expand(-1, -1, H, W)], 1
+        )
+        for blk in self.spatial_blocks:  # the 16x16 condition; CondBN upsamples its gamma/beta
             x = blk(x, cond)
         return torch.tanh(self.to_rgb(F.relu(self.out_norm(x, cond))))
 
@@ -1464,22 +1743,28 @@ class XMCDiscriminator(nn.Module):
         self.region_proj = sn(nn.Conv2d(cond_ch, text_dim, 1))
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_normal_(m.parametrizations.weight.original if hasattr(m, 'parametrizations')
-                                       else m.weight)
+                nn.init.xavier_normal_(
+                    m.parametrizations.weight.original
+                    if hasattr(m, 'parametrizations')
+                    else m.weight
+                )
                 nn.init.zeros_(m.bias)
 
     def forward(self, x, sent):
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i == self.cond_index:
-                regions = self.region_proj(x).flatten(2).transpose(1, 2)      # (B, R, D)
+                regions = self.region_proj(x).flatten(2).transpose(1, 2)  # (B, R, D)
         pooled = F.relu(x).sum((2, 3))
         sent_c = self.sent_proj(sent)
         logit = self.out(pooled).squeeze(1) + (pooled * sent_c).sum(1)
         return logit, pooled, sent_c, regions
 
 
-RESNET50_FILES = ('resnet50-0676ba61.pth', 'resnet50-11ad3fa6.pth')   # torchvision IMAGENET1K_V1, _V2
+RESNET50_FILES = (
+    'resnet50-0676ba61.pth',
+    'resnet50-11ad3fa6.pth',
+)  # torchvision IMAGENET1K_V1, _V2
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -1491,8 +1776,12 @@ def same_pads(size, kernel, stride):
 
 
 def pad_same(x, kernel, stride, value=0.0):
-    (top, bottom), (left, right) = (same_pads(n, k, s) for n, k, s in zip(x.shape[-2:], kernel, stride))
-    return F.pad(x, (left, right, top, bottom), value=value) if top or bottom or left or right else x
+    (top, bottom), (left, right) = (
+        same_pads(n, k, s) for n, k, s in zip(x.shape[-2:], kernel, stride)
+    )
+    return (
+        F.pad(x, (left, right, top, bottom), value=value) if top or bottom or left or right else x
+    )
 
 
 def max_pool_same(x):
@@ -1542,16 +1831,18 @@ class FlaxResNetV1(nn.Module):
         self.init_conv, self.init_bn = SameConv2d(3, width, 7, 2), nn.BatchNorm2d(width)
         self.stages, cin = [], width
         for i, n in enumerate(stage_sizes):
-            stage, filters = nn.Sequential(), width * 2 ** i
+            stage, filters = nn.Sequential(), width * 2**i
             for j in range(n):
-                stage.add_module(f'block{j + 1}', FlaxBottleneck(cin, filters, 2 if i and not j else 1))
+                stage.add_module(
+                    f'block{j + 1}', FlaxBottleneck(cin, filters, 2 if i and not j else 1)
+                )
                 cin = 4 * filters
             self.add_module(f'stage{i + 1}', stage)
             self.stages.append(stage)
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        x = self.init_bn(self.init_conv(x))             # no ReLU before the pool in resnet_v1.py
+        x = self.init_bn(self.init_conv(x))  # no ReLU before the pool in resnet_v1.py
         x = max_pool_same(x)
         for stage in self.stages:
             x = stage(x)
@@ -1564,14 +1855,25 @@ class FlaxResNetV1(nn.Module):
         for name, m in self.named_modules():
             p = name.replace('.', '/')
             if isinstance(m, SameConv2d):
-                out[f'params/{p}/kernel'] = (m.weight, tuple(m.weight.permute(2, 3, 1, 0).shape),
-                                             lambda a: a.permute(3, 2, 0, 1))
+                out[f'params/{p}/kernel'] = (
+                    m.weight,
+                    tuple(m.weight.permute(2, 3, 1, 0).shape),
+                    lambda a: a.permute(3, 2, 0, 1),
+                )
             elif isinstance(m, nn.BatchNorm2d):
-                for key, t in (('params/{}/scale', m.weight), ('params/{}/bias', m.bias),
-                               ('batch_stats/{}/mean', m.running_mean), ('batch_stats/{}/var', m.running_var)):
+                for key, t in (
+                    ('params/{}/scale', m.weight),
+                    ('params/{}/bias', m.bias),
+                    ('batch_stats/{}/mean', m.running_mean),
+                    ('batch_stats/{}/var', m.running_var),
+                ):
                     out[key.format(p)] = (t, tuple(t.shape), None)
             elif isinstance(m, nn.Linear):
-                out[f'params/{p}/kernel'] = (m.weight, (m.in_features, m.out_features), lambda a: a.t())
+                out[f'params/{p}/kernel'] = (
+                    m.weight,
+                    (m.in_features, m.out_features),
+                    lambda a: a.t(),
+                )
                 out[f'params/{p}/bias'] = (m.bias, tuple(m.bias.shape), None)
         return out
 
@@ -1589,21 +1891,27 @@ def load_flax_resnet(net, variables, path):
                 flat[f'{prefix}{k}'] = v
 
     if not isinstance(variables, dict):
-        raise utils.UserError(f"{path}: holds a {type(variables).__name__}, not the Flax variables "
-                              "{'params': ..., 'batch_stats': ...}")
+        raise utils.UserError(
+            f"{path}: holds a {type(variables).__name__}, not the Flax variables "
+            "{'params': ..., 'batch_stats': ...}"
+        )
     walk(variables, '')
     want = net.flax_tensors()
     missing, unexpected = [k for k in want if k not in flat], [k for k in flat if k not in want]
     for keys, what in ((missing, 'missing'), (unexpected, 'unexpected')):
         if keys:
-            raise utils.UserError(f"{path}: {what} Flax ResNet-50 variable {keys[0]} "
-                                  f"({len(keys)} {what}; the layout of XMC-GAN's resnet_v1.py ResNet50)")
+            raise utils.UserError(
+                f"{path}: {what} Flax ResNet-50 variable {keys[0]} "
+                f"({len(keys)} {what}; the layout of XMC-GAN's resnet_v1.py ResNet50)"
+            )
     with torch.no_grad():
         for k, (t, shape, to_torch) in want.items():
             a = flat[k]
             if not (isinstance(a, np.ndarray) and a.dtype.kind == 'f' and a.shape == shape):
                 got = f'{a.dtype} {a.shape}' if isinstance(a, np.ndarray) else type(a).__name__
-                raise utils.UserError(f"{path}: Flax ResNet-50 variable {k} is {got}, expected float {shape}")
+                raise utils.UserError(
+                    f"{path}: Flax ResNet-50 variable {k} is {got}, expected float {shape}"
+                )
             v = torch.from_numpy(a.astype(np.float32))
             t.copy_(to_torch(v) if to_torch else v)
 
@@ -1620,13 +1928,20 @@ class PretrainedResNet50(nn.Module):
         super().__init__()
         path = weights
         if weights == 'auto':
-            found = [p for p in (os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES)
-                     if os.path.isfile(p)]
+            found = [
+                p
+                for p in (
+                    os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES
+                )
+                if os.path.isfile(p)
+            ]
             if not found:
-                raise utils.UserError(f"{os.path.join(torch.hub.get_dir(), 'checkpoints', RESNET50_FILES[0])}: "
-                                      "ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks in torchvision's "
-                                      "cache; give a .pth or XMC-GAN's resnet_pretrained.npy, or '' for a random "
-                                      "init)")
+                raise utils.UserError(
+                    f"{os.path.join(torch.hub.get_dir(), 'checkpoints', RESNET50_FILES[0])}: "
+                    "ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks in torchvision's "
+                    "cache; give a .pth or XMC-GAN's resnet_pretrained.npy, or '' for a random "
+                    "init)"
+                )
             path = found[0]
         if path and not os.path.isfile(path):
             raise utils.UserError(f"{path}: ResNet-50 weights file not found (TRAIN.RESNET)")
@@ -1635,31 +1950,47 @@ class PretrainedResNet50(nn.Module):
             self.net = FlaxResNetV1()
             tree = utils.safe_npy_load(path)
             if tree.shape != ():
-                raise utils.UserError(f"{path}: an array of shape {tree.shape}, not np.save of the Flax variables")
+                raise utils.UserError(
+                    f"{path}: an array of shape {tree.shape}, not np.save of the Flax variables"
+                )
             load_flax_resnet(self.net, tree.item(), path)
         else:
             import torchvision
+
             self.net = torchvision.models.resnet50(weights=None)
             if path:
                 try:
                     self.net.load_state_dict(utils.load_weights(path))
                 except (RuntimeError, AttributeError) as e:
-                    raise utils.UserError(f"{path}: not torchvision ResNet-50 weights ({str(e).splitlines()[0][:200]})")
-            self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+                    raise utils.UserError(
+                        f"{path}: not torchvision ResNet-50 weights ({str(e).splitlines()[0][:200]})"
+                    )
+            self.register_buffer(
+                'mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+            )
+            self.register_buffer(
+                'std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False
+            )
         if path and log:
-            log.info(f"ResNet-50 ImageNet weights from {path}" + (" (XMC-GAN's Flax ResNet50)" if self.flax else ''))
+            log.info(
+                f"ResNet-50 ImageNet weights from {path}"
+                + (" (XMC-GAN's Flax ResNet50)" if self.flax else '')
+            )
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):
-        return super().train(False)         # frozen, BatchNorm statistics included
+        return super().train(False)  # frozen, BatchNorm statistics included
 
     def forward(self, images):
         if self.flax:
             # get_pretrained_embs: jax.image.resize 'bilinear', whose antialias=True default filters
             # when shrinking (256 px); fp32 as PyTorch's CPU antialiased resize has no bf16
             x = (images.float() + 1) / 2
-            return self.net(F.interpolate(x, size=(224, 224), mode='bilinear', align_corners=False, antialias=True))
+            return self.net(
+                F.interpolate(
+                    x, size=(224, 224), mode='bilinear', align_corners=False, antialias=True
+                )
+            )
         x = F.interpolate((images + 1) / 2, size=(224, 224), mode='bilinear', align_corners=False)
         return self.net((x - self.mean) / self.std)
 
@@ -1676,9 +2007,13 @@ class VAEResBlock(nn.Module):
 
     def __init__(self, chan):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(chan, chan, 3, padding=1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(chan, chan, 3, padding=1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(chan, chan, 1))
+        self.net = nn.Sequential(
+            nn.Conv2d(chan, chan, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(chan, chan, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(chan, chan, 1),
+        )
 
     def forward(self, x):
         return self.net(x) + x
@@ -1691,22 +2026,43 @@ class DiscreteVAE(nn.Module):
     Module names and shapes equal DALLE-pytorch 1.6.6's, so `vae.pt` files load both ways.
     Works in DALLE-pytorch's normalised space: images in [-1, 1] (it normalises [0, 1]
     inputs by (x - 0.5) / 0.5 inside; we take them already normalised)."""
+
     class_name = 'DiscreteVAE'
 
-    def __init__(self, image_size=256, num_tokens=512, codebook_dim=512, num_layers=3,
-                 num_resnet_blocks=0, hidden_dim=64, channels=3):
+    def __init__(
+        self,
+        image_size=256,
+        num_tokens=512,
+        codebook_dim=512,
+        num_layers=3,
+        num_resnet_blocks=0,
+        hidden_dim=64,
+        channels=3,
+    ):
         super().__init__()
-        if image_size % (2 ** num_layers):
-            raise ValueError(f"image_size {image_size} is not divisible by 2**num_layers={2 ** num_layers}")
-        self.hparams = dict(image_size=image_size, num_tokens=num_tokens, codebook_dim=codebook_dim,
-                            num_layers=num_layers, num_resnet_blocks=num_resnet_blocks,
-                            hidden_dim=hidden_dim, channels=channels)
+        if image_size % (2**num_layers):
+            raise ValueError(
+                f"image_size {image_size} is not divisible by 2**num_layers={2**num_layers}"
+            )
+        self.hparams = dict(
+            image_size=image_size,
+            num_tokens=num_tokens,
+            codebook_dim=codebook_dim,
+            num_layers=num_layers,
+            num_resnet_blocks=num_resnet_blocks,
+            hidden_dim=hidden_dim,
+            channels=channels,
+        )
         self.image_size, self.num_tokens = image_size, num_tokens
-        self.fmap_size = image_size // 2 ** num_layers
+        self.fmap_size = image_size // 2**num_layers
         self.codebook = nn.Embedding(num_tokens, codebook_dim)
         enc, cin = [], channels
         for _ in range(num_layers):
-            enc.append(nn.Sequential(nn.Conv2d(cin, hidden_dim, 4, stride=2, padding=1), nn.ReLU(inplace=True)))
+            enc.append(
+                nn.Sequential(
+                    nn.Conv2d(cin, hidden_dim, 4, stride=2, padding=1), nn.ReLU(inplace=True)
+                )
+            )
             cin = hidden_dim
         enc += [VAEResBlock(hidden_dim) for _ in range(num_resnet_blocks)]
         enc.append(nn.Conv2d(hidden_dim, num_tokens, 1))
@@ -1714,8 +2070,12 @@ class DiscreteVAE(nn.Module):
         dec += [VAEResBlock(hidden_dim) for _ in range(num_resnet_blocks)]
         cin = hidden_dim if num_resnet_blocks else codebook_dim
         for _ in range(num_layers):
-            dec.append(nn.Sequential(nn.ConvTranspose2d(cin, hidden_dim, 4, stride=2, padding=1),
-                                     nn.ReLU(inplace=True)))
+            dec.append(
+                nn.Sequential(
+                    nn.ConvTranspose2d(cin, hidden_dim, 4, stride=2, padding=1),
+                    nn.ReLU(inplace=True),
+                )
+            )
             cin = hidden_dim
         dec.append(nn.Conv2d(hidden_dim, channels, 1))
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
@@ -1733,13 +2093,17 @@ class DiscreteVAE(nn.Module):
         noisy = lg - torch.log(-torch.log(u))
         book = self.codebook.weight
         if not hard:
-            return self.decoder(((noisy / temperature).softmax(-1) @ book.float()).permute(0, 3, 1, 2)), logits
-        idx = noisy.argmax(dim=-1)          # a sample of softmax(logits), whatever the temperature
+            return self.decoder(
+                ((noisy / temperature).softmax(-1) @ book.float()).permute(0, 3, 1, 2)
+            ), logits
+        idx = noisy.argmax(dim=-1)  # a sample of softmax(logits), whatever the temperature
         if reinmax:
             # ReinMax (Liu et al. 2023, Alg. 2): a second-order (Heun) estimate of the gradient
             # through the sample D: pi1 = (D + softmax(l / t)) / 2 reparametrised at l, 2 pi1 - pi0 / 2
             pi0 = lg.softmax(-1)
-            pi1 = ((lg / temperature).softmax(-1) / 2).scatter_add(-1, idx[..., None], torch.full_like(lg[..., :1], 0.5))
+            pi1 = ((lg / temperature).softmax(-1) / 2).scatter_add(
+                -1, idx[..., None], torch.full_like(lg[..., :1], 0.5)
+            )
             pi1 = ((pi1.log() - lg).detach() + lg).softmax(-1)
             grad_path = 2 * pi1 - pi0 / 2
         else:
@@ -1753,7 +2117,7 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def get_codebook_indices(self, images):
         """Hard tokens: argmax of the logits, no Gumbel noise (B, h*w)."""
-        return self.encoder(images).max(1).indices.flatten(1)     # = argmax(1), 3x faster on CPU
+        return self.encoder(images).max(1).indices.flatten(1)  # = argmax(1), 3x faster on CPU
 
     def decode(self, indices):
         b, n = indices.shape
@@ -1809,7 +2173,7 @@ class TamingDownsample(nn.Module):
         self.conv = nn.Conv2d(c, c, 3, stride=2)
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))      # taming pads right/bottom only
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming pads right/bottom only
 
 
 class TamingUpsample(nn.Module):
@@ -1822,8 +2186,19 @@ class TamingUpsample(nn.Module):
 
 
 class TamingEncoder(nn.Module):
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
-                 in_channels=3, double_z=False, dropout=0.0, **_):
+    def __init__(
+        self,
+        ch,
+        ch_mult,
+        num_res_blocks,
+        attn_resolutions,
+        resolution,
+        z_channels,
+        in_channels=3,
+        double_z=False,
+        dropout=0.0,
+        **_,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         res, cin, self.down = resolution, ch, nn.ModuleList()
@@ -1859,8 +2234,18 @@ class TamingEncoder(nn.Module):
 
 
 class TamingDecoder(nn.Module):
-    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
-                 out_ch=3, dropout=0.0, **_):
+    def __init__(
+        self,
+        ch,
+        ch_mult,
+        num_res_blocks,
+        attn_resolutions,
+        resolution,
+        z_channels,
+        out_ch=3,
+        dropout=0.0,
+        **_,
+    ):
         super().__init__()
         cin = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
@@ -1880,7 +2265,7 @@ class TamingDecoder(nn.Module):
             if level != 0:
                 stage.upsample = TamingUpsample(cin)
                 res *= 2
-            stages.insert(0, stage)        # up[0] is the finest level, as in taming
+            stages.insert(0, stage)  # up[0] is the finest level, as in taming
         self.up = nn.ModuleList(stages)
         self.norm_out = _group_norm(cin)
         self.conv_out = nn.Conv2d(cin, out_ch, 3, padding=1)
@@ -1915,6 +2300,7 @@ class VectorQuantizer(nn.Module):
 class VQGAN(nn.Module):
     """taming's VQModel (encoder, quant_conv, quantize, post_quant_conv, decoder) at the
     config's ddconfig, as a frozen image tokenizer for DALLE."""
+
     class_name = 'VQGAN'
 
     def __init__(self, ddconfig, n_embed, embed_dim):
@@ -1946,9 +2332,13 @@ def read_vqgan_config(path):
         target = cfg['model'].get('target', 'taming.models.vqgan.VQModel')
         dd, n_embed, embed_dim = dict(p['ddconfig']), int(p['n_embed']), int(p['embed_dim'])
     except (KeyError, TypeError, ValueError) as e:
-        raise utils.UserError(f"{path}: expected taming's model.params.{{ddconfig, n_embed, embed_dim}} ({e})")
+        raise utils.UserError(
+            f"{path}: expected taming's model.params.{{ddconfig, n_embed, embed_dim}} ({e})"
+        )
     if not target.endswith('VQModel'):
-        raise utils.UserError(f"{path}: model.target={target}: only taming.models.vqgan.VQModel is supported")
+        raise utils.UserError(
+            f"{path}: model.target={target}: only taming.models.vqgan.VQModel is supported"
+        )
     return dd, n_embed, embed_dim
 
 
@@ -1967,7 +2357,8 @@ def load_vqgan(model_path, config_path):
             f"{model_path}: torch.load(weights_only=True) refused it ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:160]}); if you trust the file, extract its weights once: "
             "python -c \"import torch; c=torch.load('last.ckpt', weights_only=False); "
-            "torch.save({'state_dict': c['state_dict']}, 'vqgan_weights.ckpt')\"")
+            "torch.save({'state_dict': c['state_dict']}, 'vqgan_weights.ckpt')\""
+        )
     sd = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise utils.UserError(f"{model_path}: expected a dict with 'state_dict' or a state dict")
@@ -1975,8 +2366,9 @@ def load_vqgan(model_path, config_path):
     try:
         vae.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise utils.UserError(f"{model_path}: does not match {config_path} "
-                              f"({' '.join(str(e).split())[:400]})")
+        raise utils.UserError(
+            f"{model_path}: does not match {config_path} ({' '.join(str(e).split())[:400]})"
+        )
     return vae
 
 
@@ -1999,15 +2391,26 @@ def load_discrete_vae(path):
     elif isinstance(obj, dict) and obj.get('kind') == 'vae':
         hparams, weights = obj['extra']['hparams'], obj['models']['vae']
     else:
-        raise utils.UserError(f"{path}: expected DALLE-pytorch's {{'hparams', 'weights'}} or a "
-                              "train_vae.py checkpoint")
-    known = {'image_size', 'num_tokens', 'codebook_dim', 'num_layers', 'num_resnet_blocks',
-             'hidden_dim', 'channels'}
+        raise utils.UserError(
+            f"{path}: expected DALLE-pytorch's {{'hparams', 'weights'}} or a "
+            "train_vae.py checkpoint"
+        )
+    known = {
+        'image_size',
+        'num_tokens',
+        'codebook_dim',
+        'num_layers',
+        'num_resnet_blocks',
+        'hidden_dim',
+        'channels',
+    }
     vae = DiscreteVAE(**{k: v for k, v in hparams.items() if k in known})
     try:
         vae.load_state_dict(weights, strict=True)
     except RuntimeError as e:
-        raise utils.UserError(f"{path}: weights do not match its hparams ({' '.join(str(e).split())[:300]})")
+        raise utils.UserError(
+            f"{path}: weights do not match its hparams ({' '.join(str(e).split())[:300]})"
+        )
     return vae
 
 
@@ -2025,9 +2428,9 @@ class KVCache:
             shape = (k.shape[0], k.shape[1], max_len, k.shape[3])
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         n = k.shape[2]
-        self.k[:, :, self.len:self.len + n], self.v[:, :, self.len:self.len + n] = k, v
+        self.k[:, :, self.len : self.len + n], self.v[:, :, self.len : self.len + n] = k, v
         self.len += n
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+        return self.k[:, :, : self.len], self.v[:, :, : self.len]
 
 
 def causal_attention_matmul(q, k, v):
@@ -2057,14 +2460,20 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.len
             k, v = cache.append(k, v, max_len)
-        if past and N > 1:                  # a block of new positions after a cached prefix
+        if past and N > 1:  # a block of new positions after a cached prefix
             mask = torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif N > 1 and x.device.type == 'cpu' and q.dtype == torch.bfloat16 and not (self.training and self.dropout):
+        elif (
+            N > 1
+            and x.device.type == 'cpu'
+            and q.dtype == torch.bfloat16
+            and not (self.training and self.dropout)
+        ):
             y = causal_attention_matmul(q, k, v)
-        else:                               # full causal pass, or one new position seeing all
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=N > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # full causal pass, or one new position seeing all
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=N > 1, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.to_out(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -2088,7 +2497,10 @@ class DALLEBlock(nn.Module):
     def __init__(self, dim, heads, dim_head, layer, attn_dropout=0.0, ff_dropout=0.0):
         super().__init__()
         eps = 0.1 if layer <= 18 else 1e-5 if layer <= 24 else 1e-6
-        self.norm_attn, self.attn = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dim_head, attn_dropout)
+        self.norm_attn, self.attn = (
+            nn.LayerNorm(dim),
+            CausalSelfAttention(dim, heads, dim_head, attn_dropout),
+        )
         self.norm_ff, self.ff = nn.LayerNorm(dim), GEGLUFeedForward(dim, 4, ff_dropout)
         self.scale_attn = nn.Parameter(torch.full((dim,), eps))
         self.scale_ff = nn.Parameter(torch.full((dim,), eps))
@@ -2108,23 +2520,45 @@ class DALLE(nn.Module):
     embeddings for the text, an axial (row + column) embedding for the image grid.
     Parameter count equals DALLE-pytorch 1.6.6's DALLE with train_dalle.py's defaults."""
 
-    def __init__(self, num_text_tokens, text_seq_len, num_image_tokens, image_fmap_size, dim=512,
-                 depth=2, heads=8, dim_head=64, attn_dropout=0.0, ff_dropout=0.0, loss_img_weight=7.0):
+    def __init__(
+        self,
+        num_text_tokens,
+        text_seq_len,
+        num_image_tokens,
+        image_fmap_size,
+        dim=512,
+        depth=2,
+        heads=8,
+        dim_head=64,
+        attn_dropout=0.0,
+        ff_dropout=0.0,
+        loss_img_weight=7.0,
+    ):
         super().__init__()
-        self.hparams = dict(num_text_tokens=num_text_tokens, text_seq_len=text_seq_len,
-                            num_image_tokens=num_image_tokens, image_fmap_size=image_fmap_size, dim=dim,
-                            depth=depth, heads=heads, dim_head=dim_head, attn_dropout=attn_dropout,
-                            ff_dropout=ff_dropout, loss_img_weight=loss_img_weight)
-        self.text_seq_len, self.image_seq_len = text_seq_len, image_fmap_size ** 2
-        self.num_text_tokens = num_text_tokens + text_seq_len      # + a pad id per position
+        self.hparams = dict(
+            num_text_tokens=num_text_tokens,
+            text_seq_len=text_seq_len,
+            num_image_tokens=num_image_tokens,
+            image_fmap_size=image_fmap_size,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            dim_head=dim_head,
+            attn_dropout=attn_dropout,
+            ff_dropout=ff_dropout,
+            loss_img_weight=loss_img_weight,
+        )
+        self.text_seq_len, self.image_seq_len = text_seq_len, image_fmap_size**2
+        self.num_text_tokens = num_text_tokens + text_seq_len  # + a pad id per position
         self.num_image_tokens, self.loss_img_weight = num_image_tokens, loss_img_weight
         self.text_emb = nn.Embedding(self.num_text_tokens, dim)
         self.image_emb = nn.Embedding(num_image_tokens, dim)
-        self.text_pos_emb = nn.Embedding(text_seq_len + 1, dim)    # +1 for <bos>
+        self.text_pos_emb = nn.Embedding(text_seq_len + 1, dim)  # +1 for <bos>
         self.image_pos_row = nn.Parameter(torch.randn(image_fmap_size, dim))
         self.image_pos_col = nn.Parameter(torch.randn(image_fmap_size, dim))
-        self.blocks = nn.ModuleList(DALLEBlock(dim, heads, dim_head, i + 1, attn_dropout, ff_dropout)
-                                    for i in range(depth))
+        self.blocks = nn.ModuleList(
+            DALLEBlock(dim, heads, dim_head, i + 1, attn_dropout, ff_dropout) for i in range(depth)
+        )
         self.norm_out = nn.LayerNorm(dim)
         self.to_logits = nn.Linear(dim, self.num_text_tokens + num_image_tokens)
 
@@ -2135,7 +2569,11 @@ class DALLE(nn.Module):
     def text_with_bos(self, text):
         """(B, text_seq_len) ids with 0 = padding -> (B, 1 + text_seq_len): <bos>=0, then the
         text with each padding position given its own id."""
-        pad_ids = torch.arange(self.text_seq_len, device=text.device) + self.num_text_tokens - self.text_seq_len
+        pad_ids = (
+            torch.arange(self.text_seq_len, device=text.device)
+            + self.num_text_tokens
+            - self.text_seq_len
+        )
         return F.pad(torch.where(text == 0, pad_ids, text), (1, 0), value=0)
 
     def image_pos(self, start, n):
@@ -2147,7 +2585,7 @@ class DALLE(nn.Module):
         """Token + position embeddings of the text part and/or image tokens from image_start."""
         parts = []
         if text_bos is not None:
-            parts.append(self.text_emb(text_bos) + self.text_pos_emb.weight[:text_bos.shape[1]])
+            parts.append(self.text_emb(text_bos) + self.text_pos_emb.weight[: text_bos.shape[1]])
         if image is not None and image.shape[1]:
             parts.append(self.image_emb(image) + self.image_pos(image_start, image.shape[1]))
         return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
@@ -2158,19 +2596,31 @@ class DALLE(nn.Module):
         return self.norm_out(x)
 
     def text_logits(self, h):
-        return F.linear(h, self.to_logits.weight[:self.num_text_tokens], self.to_logits.bias[:self.num_text_tokens])
+        return F.linear(
+            h,
+            self.to_logits.weight[: self.num_text_tokens],
+            self.to_logits.bias[: self.num_text_tokens],
+        )
 
     def image_logits(self, h):
-        return F.linear(h, self.to_logits.weight[self.num_text_tokens:], self.to_logits.bias[self.num_text_tokens:])
+        return F.linear(
+            h,
+            self.to_logits.weight[self.num_text_tokens :],
+            self.to_logits.bias[self.num_text_tokens :],
+        )
 
     def forward(self, text, image):
         """Training loss (CE_text + w·CE_img) / (w + 1), w = loss_img_weight (DALLE-pytorch).
         text (B, text_seq_len), image tokens (B, image_seq_len). Returns (loss, CE_text, CE_img)."""
         tb = self.text_with_bos(text)
-        h = self.transformer(self.embed(tb, image[:, :-1]))        # the last token predicts nothing
+        h = self.transformer(self.embed(tb, image[:, :-1]))  # the last token predicts nothing
         T = self.text_seq_len
-        loss_text = F.cross_entropy(self.text_logits(h[:, :T]).flatten(0, 1).float(), tb[:, 1:].flatten())
-        loss_img = F.cross_entropy(self.image_logits(h[:, T:]).flatten(0, 1).float(), image.flatten())
+        loss_text = F.cross_entropy(
+            self.text_logits(h[:, :T]).flatten(0, 1).float(), tb[:, 1:].flatten()
+        )
+        loss_img = F.cross_entropy(
+            self.image_logits(h[:, T:]).flatten(0, 1).float(), image.flatten()
+        )
         w = self.loss_img_weight
         return (loss_text + w * loss_img) / (w + 1), loss_text, loss_img
 
@@ -2186,8 +2636,9 @@ class DALLE(nn.Module):
         return logits.masked_fill(is_img_pos != is_img_id, -torch.finfo(logits.dtype).max), tb
 
     @torch.no_grad()
-    def generate_image_tokens(self, text, top_k=0.9, temperature=1.0, generator=None, use_cache=True,
-                              top_k_over='all'):
+    def generate_image_tokens(
+        self, text, top_k=0.9, temperature=1.0, generator=None, use_cache=True, top_k_over='all'
+    ):
         """Sample image tokens for text (B, text_seq_len). top_k < 1 is DALLE-pytorch's
         filter_thres: keep the best max(1, int((1 - top_k)·n)) tokens, where n counts the whole
         text + image vocabulary as DALLE-pytorch's top_k does (top_k_over='all'; with a large
@@ -2201,7 +2652,7 @@ class DALLE(nn.Module):
             raise utils.UserError(f"TOP_K_OVER={top_k_over!r}: expected all or image")
         vocab = self.num_image_tokens + (self.num_text_tokens if top_k_over == 'all' else 0)
         k = max(1, int((1 - top_k) * vocab)) if top_k < 1 else int(top_k)
-        k = min(k, self.num_image_tokens)       # masked text logits never win a draw
+        k = min(k, self.num_image_tokens)  # masked text logits never win a draw
         caches = [KVCache() for _ in self.blocks] if use_cache else None
         out = torch.empty(B, 0, dtype=torch.long, device=dev)
         for i in range(self.image_seq_len):
@@ -2215,7 +2666,9 @@ class DALLE(nn.Module):
             logits = logits.masked_fill(logits < kth, float('-inf'))
             u = torch.rand(logits.shape, generator=generator, device=dev)
             gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
-            out = torch.cat([out, (logits / max(temperature, 1e-8) + gumbel).argmax(-1, keepdim=True)], 1)
+            out = torch.cat(
+                [out, (logits / max(temperature, 1e-8) + gumbel).argmax(-1, keepdim=True)], 1
+            )
         return out
 
 
@@ -2227,4 +2680,8 @@ def load_dalle(ckpt, device):
     dalle = DALLE(**x['hparams'])
     vae.load_state_dict(ckpt['models']['vae'])
     dalle.load_state_dict(ckpt['models']['dalle'])
-    return dalle.to(device), vae.to(device).eval().requires_grad_(False), utils.DalleTokenizer(x['tokenizer'])
+    return (
+        dalle.to(device),
+        vae.to(device).eval().requires_grad_(False),
+        utils.DalleTokenizer(x['tokenizer']),
+    )

@@ -1,14 +1,15 @@
 """Data preparation. One script, three tasks picked by cfg TASK:
 
-  shapes  the embedded synthetic dataset (coloured shapes with captions) in the
-          AttnGAN/CUB layout, plus CSV, jsonl and COCO-json views of it
-          python preprocess_data.py --cfg cfg/preprocess/shapes.yml
-  embed   caption embeddings for XMC-GAN (BERT, or a project text encoder)
-          python preprocess_data.py --cfg cfg/preprocess/coco_bert.yml [--gpu 0]
-  filter  the Wukong-style caption/image filter of text2img over a local CSV of (image, caption):
-          CLIP CSVs and DALLE jsonl, 9:1 split
-          python preprocess_data.py --cfg cfg/preprocess/wukong_food.yml
+shapes  the embedded synthetic dataset (coloured shapes with captions) in the
+        AttnGAN/CUB layout, plus CSV, jsonl and COCO-json views of it
+        python preprocess_data.py --cfg cfg/preprocess/shapes.yml
+embed   caption embeddings for XMC-GAN (BERT, or a project text encoder)
+        python preprocess_data.py --cfg cfg/preprocess/coco_bert.yml [--gpu 0]
+filter  the Wukong-style caption/image filter of text2img over a local CSV of (image, caption):
+        CLIP CSVs and DALLE jsonl, 9:1 split
+        python preprocess_data.py --cfg cfg/preprocess/wukong_food.yml
 """
+
 import json
 import math
 import os
@@ -27,37 +28,40 @@ DEFAULTS = {
         'NUM_TRAIN': 10000,
         'NUM_TEST': 1000,
         'IMAGE_SIZE': 128,
-        'SEED': 0,              # dataset seed, independent of the run SEED
-        'P_TWO_OBJECTS': 0.3,   # share of images with two objects
+        'SEED': 0,  # dataset seed, independent of the run SEED
+        'P_TWO_OBJECTS': 0.3,  # share of images with two objects
         'CAPTIONS_PER_IMAGE': 10,
         'JPEG_QUALITY': 95,
     },
-    'EMBED': {                  # XMC-GAN's caption embeddings (its preprocess_data.py)
-        'SOURCE': 'coco',       # 'coco': official captions json; 'attngan': the AttnGAN/CUB layout
+    'EMBED': {  # XMC-GAN's caption embeddings (its preprocess_data.py)
+        'SOURCE': 'coco',  # 'coco': official captions json; 'attngan': the AttnGAN/CUB layout
         'DATA_DIR': 'data/coco',
-        'SPLITS': {'train': 'train2014', 'test': 'val2014'},  # coco: captions_<v>.json + <v>/ images
-        'CAPTIONS_PER_IMAGE': 10,   # attngan only: the dataset's captions per image
-        'MAX_CAPTIONS': 5,      # captions kept per image (0 = all); the original keeps COCO's first 5
-        'ENCODER': 'bert-base-uncased',   # transformers hub name or folder, or a text_encoder<N>.pth
-        'MAX_LEN': 17,          # tokens, [CLS] and [SEP] included
+        'SPLITS': {
+            'train': 'train2014',
+            'test': 'val2014',
+        },  # coco: captions_<v>.json + <v>/ images
+        'CAPTIONS_PER_IMAGE': 10,  # attngan only: the dataset's captions per image
+        'MAX_CAPTIONS': 5,  # captions kept per image (0 = all); the original keeps COCO's first 5
+        'ENCODER': 'bert-base-uncased',  # transformers hub name or folder, or a text_encoder<N>.pth
+        'MAX_LEN': 17,  # tokens, [CLS] and [SEP] included
         'BATCH_SIZE': 256,
-        'SHARD_SIZE': 8192,     # captions per shard file
+        'SHARD_SIZE': 8192,  # captions per shard file
         'OUT_DIR': 'data/coco/xmc_bert',
     },
-    'FILTER': {                 # text2img form_data/dealData_wukong.ipynb
-        'INPUT_CSV': 'data/wukong/data.csv',   # local images: columns IMG_KEY, CAPTION_KEY
+    'FILTER': {  # text2img form_data/dealData_wukong.ipynb
+        'INPUT_CSV': 'data/wukong/data.csv',  # local images: columns IMG_KEY, CAPTION_KEY
         'IMG_KEY': 'filepath',
         'CAPTION_KEY': 'caption',
         'SEP': ',',
-        'KEYWORDS': 'data/wukong/foodNames.txt',   # one keyword a line
+        'KEYWORDS': 'data/wukong/foodNames.txt',  # one keyword a line
         'MAX_CAPTION_LEN': 32,  # characters
-        'FORBIDDEN': '[\\d？【】《》\\:\\?<>"]',    # regex: digits and these marks
-        'MAX_PIECE_LEN': 18,    # longest piece between ; , or whitespace
-        'KEYWORD_MAX_LEN': 6,   # substrings up to this long are looked up in KEYWORDS
-        'MAX_ASPECT': 3.0,      # long side / short side
-        'MIN_SIDE': 32,         # pixels, both sides (the original's w*w > 1000 checked the width twice)
+        'FORBIDDEN': '[\\d？【】《》\\:\\?<>"]',  # regex: digits and these marks
+        'MAX_PIECE_LEN': 18,  # longest piece between ; , or whitespace
+        'KEYWORD_MAX_LEN': 6,  # substrings up to this long are looked up in KEYWORDS
+        'MAX_ASPECT': 3.0,  # long side / short side
+        'MIN_SIDE': 32,  # pixels, both sides (the original's w*w > 1000 checked the width twice)
         'VAL_FRACTION': 0.1,
-        'SPLIT_SEED': 0,        # the original: df.sample(frac=0.9, random_state=0)
+        'SPLIT_SEED': 0,  # the original: df.sample(frac=0.9, random_state=0)
         'OUT_DIR': 'data/wukong',
     },
 }
@@ -66,26 +70,44 @@ DEFAULTS = {
 # The synthetic world: attributes, drawing, captions
 # ----------------------------------------------------------------------------
 # Shapes, colours (RGB) and sizes are utils.SHAPES / COLOURS / SIZES: the judge reads the same vocabulary.
-BACKGROUNDS = {'white': (235, 235, 235), 'gray': (128, 128, 128), 'black': (25, 25, 25),
-               'beige': (225, 210, 180)}
-CELLS = [(r, c) for r in range(3) for c in range(3)]   # 3x3 grid, reading order
-CLASSES = [f'{c}_{s}' for c in utils.COLOURS for s in utils.SHAPES]  # class = first object's colour+shape
+BACKGROUNDS = {
+    'white': (235, 235, 235),
+    'gray': (128, 128, 128),
+    'black': (25, 25, 25),
+    'beige': (225, 210, 180),
+}
+CELLS = [(r, c) for r in range(3) for c in range(3)]  # 3x3 grid, reading order
+CLASSES = [
+    f'{c}_{s}' for c in utils.COLOURS for s in utils.SHAPES
+]  # class = first object's colour+shape
 
 SYN = {
-    'large': ['large', 'big'], 'small': ['small', 'little', 'tiny'],
-    'circle': ['circle', 'disc', 'round circle'], 'square': ['square', 'box shape'],
-    'triangle': ['triangle'], 'diamond': ['diamond', 'rhombus'], 'star': ['star', 'five-pointed star'],
+    'large': ['large', 'big'],
+    'small': ['small', 'little', 'tiny'],
+    'circle': ['circle', 'disc', 'round circle'],
+    'square': ['square', 'box shape'],
+    'triangle': ['triangle'],
+    'diamond': ['diamond', 'rhombus'],
+    'star': ['star', 'five-pointed star'],
     'cross': ['cross', 'plus sign'],
 }
 CELL_PHRASES = {
-    (0, 0): ['in the top left corner', 'at the upper left'], (0, 1): ['at the top', 'near the top'],
-    (0, 2): ['in the top right corner', 'at the upper right'], (1, 0): ['on the left', 'at the left side'],
-    (1, 1): ['in the center', 'in the middle'], (1, 2): ['on the right', 'at the right side'],
-    (2, 0): ['in the bottom left corner', 'at the lower left'], (2, 1): ['at the bottom', 'near the bottom'],
+    (0, 0): ['in the top left corner', 'at the upper left'],
+    (0, 1): ['at the top', 'near the top'],
+    (0, 2): ['in the top right corner', 'at the upper right'],
+    (1, 0): ['on the left', 'at the left side'],
+    (1, 1): ['in the center', 'in the middle'],
+    (1, 2): ['on the right', 'at the right side'],
+    (2, 0): ['in the bottom left corner', 'at the lower left'],
+    (2, 1): ['at the bottom', 'near the bottom'],
     (2, 2): ['in the bottom right corner', 'at the lower right'],
 }
-INVERSE = {'to the left of': 'to the right of', 'to the right of': 'to the left of',
-           'above': 'below', 'below': 'above'}
+INVERSE = {
+    'to the left of': 'to the right of',
+    'to the right of': 'to the left of',
+    'above': 'below',
+    'below': 'above',
+}
 
 
 def polygon(shape, cx, cy, r):
@@ -95,17 +117,34 @@ def polygon(shape, cx, cy, r):
     if shape == 'diamond':
         return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     if shape == 'triangle':
-        return [(cx + r * math.cos(math.radians(a)), cy - r * math.sin(math.radians(a)))
-                for a in (90, 210, 330)]
+        return [
+            (cx + r * math.cos(math.radians(a)), cy - r * math.sin(math.radians(a)))
+            for a in (90, 210, 330)
+        ]
     if shape == 'star':
-        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(math.radians(90 + 36 * i)),
-                 cy - (r if i % 2 == 0 else 0.45 * r) * math.sin(math.radians(90 + 36 * i)))
-                for i in range(10)]
+        return [
+            (
+                cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(math.radians(90 + 36 * i)),
+                cy - (r if i % 2 == 0 else 0.45 * r) * math.sin(math.radians(90 + 36 * i)),
+            )
+            for i in range(10)
+        ]
     if shape == 'cross':
         a, b = r, r / 3
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b),
-                (cx + a, cy + b), (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a),
-                (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+        return [
+            (cx - b, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy + b),
+            (cx + b, cy + b),
+            (cx + b, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy - b),
+            (cx - b, cy - b),
+        ]
     raise ValueError(shape)
 
 
@@ -121,17 +160,31 @@ def sample_scene(rng, p_two):
             row, col = CELLS[cell]
             cx = min(max((col + 0.5) / 3 + rng.uniform(-0.04, 0.04), r + 0.01), 0.99 - r)
             cy = min(max((row + 0.5) / 3 + rng.uniform(-0.04, 0.04), r + 0.01), 0.99 - r)
-            objs.append({'shape': rng.choice(utils.SHAPES), 'colour': rng.choice(list(utils.COLOURS)),
-                         'size': size, 'cell': cell, 'cx': round(cx, 4), 'cy': round(cy, 4),
-                         'r': r})
-        if n == 1 or math.hypot(objs[0]['cx'] - objs[1]['cx'], objs[0]['cy'] - objs[1]['cy']) \
-                > objs[0]['r'] + objs[1]['r'] + 0.03:
+            objs.append(
+                {
+                    'shape': rng.choice(utils.SHAPES),
+                    'colour': rng.choice(list(utils.COLOURS)),
+                    'size': size,
+                    'cell': cell,
+                    'cx': round(cx, 4),
+                    'cy': round(cy, 4),
+                    'r': r,
+                }
+            )
+        if (
+            n == 1
+            or math.hypot(objs[0]['cx'] - objs[1]['cx'], objs[0]['cy'] - objs[1]['cy'])
+            > objs[0]['r'] + objs[1]['r'] + 0.03
+        ):
             break
     relation = None
     if n == 2:
         dx, dy = objs[1]['cx'] - objs[0]['cx'], objs[1]['cy'] - objs[0]['cy']
-        relation = ('to the left of' if dx > 0 else 'to the right of') if abs(dx) >= abs(dy) \
-            else ('above' if dy > 0 else 'below')   # relation of object 1 to object 2
+        relation = (
+            ('to the left of' if dx > 0 else 'to the right of')
+            if abs(dx) >= abs(dy)
+            else ('above' if dy > 0 else 'below')
+        )  # relation of object 1 to object 2
     return {'objects': objs, 'relation': relation, 'background': rng.choice(list(BACKGROUNDS))}
 
 
@@ -144,7 +197,9 @@ def render(scene, size, rng):
     img = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for o in scene['objects']:
-        col = tuple(int(np.clip(v + rng.randint(-15, 15), 0, 255)) for v in utils.COLOURS[o['colour']])
+        col = tuple(
+            int(np.clip(v + rng.randint(-15, 15), 0, 255)) for v in utils.COLOURS[o['colour']]
+        )
         cx, cy, r = o['cx'] * s2, o['cy'] * s2, o['r'] * s2
         if o['shape'] == 'circle':
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
@@ -159,32 +214,50 @@ def captions(scene, n, rng):
     """n distinct captions naming every object's size, colour and shape, its position
     (one object) or the relation between the two, in varied wording and word order."""
     objs, bg = scene['objects'], scene['background']
-    w = lambda k: rng.choice(SYN.get(k, [k]))     # noqa: E731 (a synonym)
+    w = lambda k: rng.choice(SYN.get(k, [k]))  # noqa: E731 (a synonym)
     out, tries = [], 0
     while len(out) < n and tries < 500:
         tries += 1
         if len(objs) == 1:
             o = objs[0]
-            S, C, SH, P = w(o['size']), o['colour'], w(o['shape']), rng.choice(CELL_PHRASES[CELLS[o['cell']]])
-            t = rng.choice([
-                f'a {S} {C} {SH} {P}.', f'{P}, there is a {S} {C} {SH}.', f'a {C} {SH} {P}. it is {S}.',
-                f'this image shows a {S} {SH} that is {C}, {P}.', f'the {SH} {P} is {C} and {S}.',
-                f'a picture of a {S} {C} {SH} placed {P} on a {bg} background.', f'{S} {C} {SH} {P}',
-                f'there is a {C} {SH} {P}, and it is {S}.', f'on a {bg} background, a {S} {C} {SH} sits {P}.',
-                f'a {S} {SH} colored {C} {P}.'])
+            S, C, SH, P = (
+                w(o['size']),
+                o['colour'],
+                w(o['shape']),
+                rng.choice(CELL_PHRASES[CELLS[o['cell']]]),
+            )
+            t = rng.choice(
+                [
+                    f'a {S} {C} {SH} {P}.',
+                    f'{P}, there is a {S} {C} {SH}.',
+                    f'a {C} {SH} {P}. it is {S}.',
+                    f'this image shows a {S} {SH} that is {C}, {P}.',
+                    f'the {SH} {P} is {C} and {S}.',
+                    f'a picture of a {S} {C} {SH} placed {P} on a {bg} background.',
+                    f'{S} {C} {SH} {P}',
+                    f'there is a {C} {SH} {P}, and it is {S}.',
+                    f'on a {bg} background, a {S} {C} {SH} sits {P}.',
+                    f'a {S} {SH} colored {C} {P}.',
+                ]
+            )
         else:
             a, b, rel = objs[0], objs[1], scene['relation']
             np1 = f"{w(a['size'])} {a['colour']} {w(a['shape'])}"
             np2 = f"{w(b['size'])} {b['colour']} {w(b['shape'])}"
-            t = rng.choice([
-                f'a {np1} {rel} a {np2}.', f'a {np2} {INVERSE[rel]} a {np1}.',
-                f"there is a {np1} and a {np2}; the {a['colour']} one is {rel} the {b['colour']} one.",
-                f'two shapes: a {np1} {rel} a {np2}.', f'a {np1} {rel} a {np2}, on a {bg} background.',
-                f'on a {bg} background, a {np2} is {INVERSE[rel]} a {np1}.',
-                f'the picture has a {np1} and, {INVERSE[rel]} it, a {np2}.'])
+            t = rng.choice(
+                [
+                    f'a {np1} {rel} a {np2}.',
+                    f'a {np2} {INVERSE[rel]} a {np1}.',
+                    f"there is a {np1} and a {np2}; the {a['colour']} one is {rel} the {b['colour']} one.",
+                    f'two shapes: a {np1} {rel} a {np2}.',
+                    f'a {np1} {rel} a {np2}, on a {bg} background.',
+                    f'on a {bg} background, a {np2} is {INVERSE[rel]} a {np1}.',
+                    f'the picture has a {np1} and, {INVERSE[rel]} it, a {np2}.',
+                ]
+            )
         if t not in out:
             out.append(t)
-    while len(out) < n:                 # very few wordings possible: repeat, still n lines
+    while len(out) < n:  # very few wordings possible: repeat, still n lines
         out.append(out[len(out) % max(1, len(out))])
     return out
 
@@ -195,16 +268,24 @@ def make_shapes(c, log):
     root = c.OUT_DIR
     img_root = os.path.join(root, 'CUB_200_2011', 'images')
     done = os.path.join(root, 'DONE.json')
-    want = {'NUM_TRAIN': c.NUM_TRAIN, 'NUM_TEST': c.NUM_TEST, 'IMAGE_SIZE': c.IMAGE_SIZE,
-            'SEED': c.SEED, 'P_TWO_OBJECTS': c.P_TWO_OBJECTS, 'CAPTIONS_PER_IMAGE': c.CAPTIONS_PER_IMAGE}
+    want = {
+        'NUM_TRAIN': c.NUM_TRAIN,
+        'NUM_TEST': c.NUM_TEST,
+        'IMAGE_SIZE': c.IMAGE_SIZE,
+        'SEED': c.SEED,
+        'P_TWO_OBJECTS': c.P_TWO_OBJECTS,
+        'CAPTIONS_PER_IMAGE': c.CAPTIONS_PER_IMAGE,
+    }
     if os.path.isfile(done):
         with open(done) as f:
             have = json.load(f)
         if have == want:
             log.info(f'{root}: already generated with these settings; nothing to do')
             return
-        raise utils.UserError(f'{root}: holds a dataset generated with other settings {have}; '
-                              'choose another SHAPES.OUT_DIR or delete it')
+        raise utils.UserError(
+            f'{root}: holds a dataset generated with other settings {have}; '
+            'choose another SHAPES.OUT_DIR or delete it'
+        )
     splits, attrs, images_txt, bbox_txt = {'train': [], 'test': []}, {}, [], []
     counts = {}
     total = c.NUM_TRAIN + c.NUM_TEST
@@ -218,7 +299,9 @@ def make_shapes(c, log):
         key = f"{cls:03d}.{first['colour']}_{first['shape']}/{first['colour']}_{first['shape']}_{i:05d}"
         os.makedirs(os.path.join(img_root, os.path.dirname(key)), exist_ok=True)
         os.makedirs(os.path.join(root, 'text', os.path.dirname(key)), exist_ok=True)
-        render(scene, c.IMAGE_SIZE, rng).save(os.path.join(img_root, key + '.jpg'), quality=c.JPEG_QUALITY)
+        render(scene, c.IMAGE_SIZE, rng).save(
+            os.path.join(img_root, key + '.jpg'), quality=c.JPEG_QUALITY
+        )
         caps = captions(scene, c.CAPTIONS_PER_IMAGE, rng)
         with open(os.path.join(root, 'text', key + '.txt'), 'w') as f:
             f.write('\n'.join(caps) + '\n')
@@ -232,28 +315,37 @@ def make_shapes(c, log):
             f.write('\n'.join(lines) + '\n')
     for split, items in splits.items():
         os.makedirs(os.path.join(root, split), exist_ok=True)
-        utils.safe_pickle_dump([k for k, _, _ in items], os.path.join(root, split, 'filenames.pickle'))
-        utils.safe_pickle_dump([cl for _, cl, _ in items], os.path.join(root, split, 'class_info.pickle'))
+        utils.safe_pickle_dump(
+            [k for k, _, _ in items], os.path.join(root, split, 'filenames.pickle')
+        )
+        utils.safe_pickle_dump(
+            [cl for _, cl, _ in items], os.path.join(root, split, 'class_info.pickle')
+        )
         write_views(root, split, items)
     with open(os.path.join(root, 'attributes.json'), 'w') as f:
         json.dump(attrs, f)
     with open(os.path.join(root, 'classes.txt'), 'w') as f:
         f.write('\n'.join(f'{i + 1} {n}' for i, n in enumerate(CLASSES)) + '\n')
     utils.atomic_write_text(done, json.dumps(want))
-    log.info(f'{root}: {c.NUM_TRAIN} train + {c.NUM_TEST} test images of {c.IMAGE_SIZE}px, '
-             f'{c.CAPTIONS_PER_IMAGE} captions each, {len(counts)} classes')
+    log.info(
+        f'{root}: {c.NUM_TRAIN} train + {c.NUM_TEST} test images of {c.IMAGE_SIZE}px, '
+        f'{c.CAPTIONS_PER_IMAGE} captions each, {len(counts)} classes'
+    )
 
 
 def write_views(root, split, items):
     """The same images as an open_clip CSV (tab, filepath/title), DALLE jsonl lines
     and a COCO-style captions json; image paths relative to each file's folder."""
-    rel = lambda k: os.path.join('CUB_200_2011', 'images', k + '.jpg')   # noqa: E731
+    rel = lambda k: os.path.join('CUB_200_2011', 'images', k + '.jpg')  # noqa: E731
     with open(os.path.join(root, f'{split}.csv'), 'w') as f:
         f.write('filepath\ttitle\n')
         f.writelines(f'{rel(k)}\t{cap}\n' for k, _, caps in items for cap in caps)
     with open(os.path.join(root, f'{split}.jsonl'), 'w') as f:
-        f.writelines(json.dumps({'image_path': rel(k), 'sentences': cap}) + '\n'
-                     for k, _, caps in items for cap in caps)
+        f.writelines(
+            json.dumps({'image_path': rel(k), 'sentences': cap}) + '\n'
+            for k, _, caps in items
+            for cap in caps
+        )
     images, anns = [], []
     for n, (k, _, caps) in enumerate(items):
         images.append({'id': n, 'file_name': k + '.jpg'})
@@ -268,12 +360,24 @@ def summarize(root, log):
     attrs = json.load(open(os.path.join(root, 'attributes.json')))
     key = next(iter(attrs))
     caps = open(os.path.join(root, 'text', key + '.txt')).read().splitlines()
-    log.info(f'{root}: {sum(1 for a in attrs.values() if a["split"] == "train")} train / '
-             f'{sum(1 for a in attrs.values() if a["split"] == "test")} test images')
-    for name in ('CUB_200_2011/images', 'text', 'train/filenames.pickle', 'test/filenames.pickle',
-                 'captions.pickle', 'attributes.json', 'train.csv', 'train.jsonl',
-                 'annotations/captions_train.json'):
-        log.info(f'  {name}{"" if os.path.exists(os.path.join(root, name)) else "  (written on first read)"}')
+    log.info(
+        f'{root}: {sum(1 for a in attrs.values() if a["split"] == "train")} train / '
+        f'{sum(1 for a in attrs.values() if a["split"] == "test")} test images'
+    )
+    for name in (
+        'CUB_200_2011/images',
+        'text',
+        'train/filenames.pickle',
+        'test/filenames.pickle',
+        'captions.pickle',
+        'attributes.json',
+        'train.csv',
+        'train.jsonl',
+        'annotations/captions_train.json',
+    ):
+        log.info(
+            f'  {name}{"" if os.path.exists(os.path.join(root, name)) else "  (written on first read)"}'
+        )
     log.info(f'example {key}: {attrs[key]["objects"]}')
     for cap in caps[:3]:
         log.info(f'  "{cap}"')
@@ -287,21 +391,30 @@ def caption_table(E, split):
     captions [(key, caption index, text)], in image order."""
     src = E.SPLITS[split]
     if E.SOURCE == 'coco':
-        pairs = utils.read_coco_json(os.path.join(E.DATA_DIR, 'annotations', f'captions_{src}.json'),
-                                     os.path.join(E.DATA_DIR, src))
+        pairs = utils.read_coco_json(
+            os.path.join(E.DATA_DIR, 'annotations', f'captions_{src}.json'),
+            os.path.join(E.DATA_DIR, src),
+        )
         # COCO has no classes: every image is its own (R-precision's "other classes")
-        items = [(os.path.splitext(os.path.basename(p))[0], p, i, caps) for i, (p, caps) in enumerate(pairs)]
+        items = [
+            (os.path.splitext(os.path.basename(p))[0], p, i, caps)
+            for i, (p, caps) in enumerate(pairs)
+        ]
     elif E.SOURCE == 'attngan':
         data = utils.AttnGANData(E.DATA_DIR, E.CAPTIONS_PER_IMAGE)
         if src not in data.keys:
-            raise utils.UserError(f"EMBED.SPLITS.{split}={src!r}: the AttnGAN layout has train and test")
-        items = [(k, data.image_path(k), c, data.raw_captions(k))
-                 for k, c in zip(data.keys[src], data.class_ids(src))]
+            raise utils.UserError(
+                f"EMBED.SPLITS.{split}={src!r}: the AttnGAN layout has train and test"
+            )
+        items = [
+            (k, data.image_path(k), c, data.raw_captions(k))
+            for k, c in zip(data.keys[src], data.class_ids(src))
+        ]
     else:
         raise utils.UserError(f"EMBED.SOURCE={E.SOURCE!r}: expected coco or attngan")
     images, captions = [], []
     for key, path, cls, caps in items:
-        caps = caps[:E.MAX_CAPTIONS] if E.MAX_CAPTIONS > 0 else caps
+        caps = caps[: E.MAX_CAPTIONS] if E.MAX_CAPTIONS > 0 else caps
         images.append([key, path, int(cls), len(captions), len(caps)])
         captions += [(key, j, text) for j, text in enumerate(caps)]
     return images, captions
@@ -310,9 +423,11 @@ def caption_table(E, split):
 def caption_encoder(E, device):
     """encode(texts) -> words (B, MAX_LEN, D), lengths (B,), sentence (B, D); and what it is."""
     import torch.nn.functional as F
+
     L = E.MAX_LEN
-    if E.ENCODER.endswith('.pth'):          # a project encoder (pretrain_DAMSM.py)
+    if E.ENCODER.endswith('.pth'):  # a project encoder (pretrain_DAMSM.py)
         import models
+
         text_enc = models.load_encoders(E.ENCODER, device)[0]
 
         def encode(texts):
@@ -320,22 +435,29 @@ def caption_encoder(E, device):
             words, pad = words.transpose(1, 2)[:, :L], pad[:, :L]
             # its own sentence vector: the one its contrastive training aligned with images
             return F.pad(words, (0, 0, 0, L - words.shape[1])), (~pad).sum(1).clamp(min=1), sent
+
         return encode, {'kind': 'project', 'name': E.ENCODER, 'dim': text_enc.spec['dim']}
     from transformers import AutoModel, AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(E.ENCODER)
         bert = AutoModel.from_pretrained(E.ENCODER).to(device).eval()
     except (OSError, ValueError) as e:
-        raise utils.UserError(f"EMBED.ENCODER={E.ENCODER}: cannot load a transformers model and tokenizer "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise utils.UserError(
+            f"EMBED.ENCODER={E.ENCODER}: cannot load a transformers model and tokenizer "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        )
 
     def encode(texts):
         # [CLS] + first L-2 word pieces + [SEP], zero-padded to L, as the original
-        enc = tok(list(texts), padding='max_length', truncation=True, max_length=L, return_tensors='pt').to(device)
+        enc = tok(
+            list(texts), padding='max_length', truncation=True, max_length=L, return_tensors='pt'
+        ).to(device)
         h = bert(**enc).last_hidden_state
         n = enc['attention_mask'].sum(1)
         # The original's sentence: the sum of all L outputs (padding positions included) / true length
         return h, n, h.sum(1) / n[:, None]
+
     return encode, {'kind': 'transformers', 'name': E.ENCODER, 'dim': bert.config.hidden_size}
 
 
@@ -346,8 +468,11 @@ def embed_captions(E, device, log, encoder=None):
     import time
 
     import torch
+
     encode, info = encoder or caption_encoder(E, device)
-    settings = {k: E[k] for k in ('SOURCE', 'DATA_DIR', 'MAX_CAPTIONS', 'ENCODER', 'MAX_LEN', 'SHARD_SIZE')}
+    settings = {
+        k: E[k] for k in ('SOURCE', 'DATA_DIR', 'MAX_CAPTIONS', 'ENCODER', 'MAX_LEN', 'SHARD_SIZE')
+    }
     settings['SPLITS'] = dict(E.SPLITS)
     index_path = os.path.join(E.OUT_DIR, 'index.json')
     if os.path.isfile(index_path):
@@ -355,49 +480,82 @@ def embed_captions(E, device, log, encoder=None):
             old = json.load(f)['settings']
         if old != settings:
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            raise utils.UserError(f"{index_path}: embeddings written with other settings {diff} (old, new); "
-                                  "choose another EMBED.OUT_DIR or delete it")
+            raise utils.UserError(
+                f"{index_path}: embeddings written with other settings {diff} (old, new); "
+                "choose another EMBED.OUT_DIR or delete it"
+            )
     tables = {s: caption_table(E, s) for s in E.SPLITS}
     S = E.SHARD_SIZE
-    index = {'settings': settings, 'encoder': info, 'max_len': E.MAX_LEN, 'dim': info['dim'],
-             'dtype': 'float16', 'complete': False, 'splits': {
-                 s: {'num_captions': len(caps), 'shard_size': S, 'images': images,
-                     'shards': [f'{s}_{i:05d}.pt' for i in range(math.ceil(len(caps) / S))]}
-                 for s, (images, caps) in tables.items()}}
+    index = {
+        'settings': settings,
+        'encoder': info,
+        'max_len': E.MAX_LEN,
+        'dim': info['dim'],
+        'dtype': 'float16',
+        'complete': False,
+        'splits': {
+            s: {
+                'num_captions': len(caps),
+                'shard_size': S,
+                'images': images,
+                'shards': [f'{s}_{i:05d}.pt' for i in range(math.ceil(len(caps) / S))],
+            }
+            for s, (images, caps) in tables.items()
+        },
+    }
     os.makedirs(E.OUT_DIR, exist_ok=True)
     utils.atomic_write_text(index_path, json.dumps(index))
     done = skipped = 0
     for split, (_, caps) in tables.items():
         done_split = 0
-        todo = [i for i, name in enumerate(index['splits'][split]['shards'])
-                if not os.path.isfile(os.path.join(E.OUT_DIR, name))]
+        todo = [
+            i
+            for i, name in enumerate(index['splits'][split]['shards'])
+            if not os.path.isfile(os.path.join(E.OUT_DIR, name))
+        ]
         skipped += len(index['splits'][split]['shards']) - len(todo)
-        n_batches = sum(math.ceil(len(caps[i * S:(i + 1) * S]) / E.BATCH_SIZE) for i in todo)
-        bar = utils.progress(total=n_batches, desc=f'embed {split}', every=max(1, n_batches // 20), log=log)
+        n_batches = sum(math.ceil(len(caps[i * S : (i + 1) * S]) / E.BATCH_SIZE) for i in todo)
+        bar = utils.progress(
+            total=n_batches, desc=f'embed {split}', every=max(1, n_batches // 20), log=log
+        )
         for i in todo:
-            rows = caps[i * S:(i + 1) * S]
+            rows = caps[i * S : (i + 1) * S]
             words, lengths, sents = [], [], []
             with torch.inference_mode():
                 for b in range(0, len(rows), E.BATCH_SIZE):
-                    w, n, s = encode([t for _, _, t in rows[b:b + E.BATCH_SIZE]])
+                    w, n, s = encode([t for _, _, t in rows[b : b + E.BATCH_SIZE]])
                     words.append(w.half().cpu())
                     lengths.append(n.cpu())
                     sents.append(s.half().cpu())
                     done, done_split = done + len(w), done_split + len(w)
-                    bar.set_postfix(captions_per_s=round(done_split / max(time.time() - bar.t0, 1e-6)))
+                    bar.set_postfix(
+                        captions_per_s=round(done_split / max(time.time() - bar.t0, 1e-6))
+                    )
                     bar.update()
-            utils.atomic_torch_save({'words': torch.cat(words), 'lengths': torch.cat(lengths).long(),
-                                     'sent': torch.cat(sents), 'keys': [k for k, _, _ in rows],
-                                     'caption_index': torch.tensor([j for _, j, _ in rows]),
-                                     'texts': [t for _, _, t in rows]},
-                                    os.path.join(E.OUT_DIR, index['splits'][split]['shards'][i]))
+            utils.atomic_torch_save(
+                {
+                    'words': torch.cat(words),
+                    'lengths': torch.cat(lengths).long(),
+                    'sent': torch.cat(sents),
+                    'keys': [k for k, _, _ in rows],
+                    'caption_index': torch.tensor([j for _, j, _ in rows]),
+                    'texts': [t for _, _, t in rows],
+                },
+                os.path.join(E.OUT_DIR, index['splits'][split]['shards'][i]),
+            )
         bar.close()
     index['complete'] = True
     utils.atomic_write_text(index_path, json.dumps(index))
-    size = sum(os.path.getsize(os.path.join(E.OUT_DIR, n)) for sp in index['splits'].values() for n in sp['shards'])
-    log.info(f"{E.OUT_DIR}: {done} captions embedded, {skipped} finished shards skipped; "
-             f"{sum(len(c) for _, c in tables.values())} captions x {E.MAX_LEN} x {info['dim']} "
-             f"in {size / 1e9:.3f} GB (fp16)")
+    size = sum(
+        os.path.getsize(os.path.join(E.OUT_DIR, n))
+        for sp in index['splits'].values()
+        for n in sp['shards']
+    )
+    log.info(
+        f"{E.OUT_DIR}: {done} captions embedded, {skipped} finished shards skipped; "
+        f"{sum(len(c) for _, c in tables.values())} captions x {E.MAX_LEN} x {info['dim']} "
+        f"in {size / 1e9:.3f} GB (fp16)"
+    )
     return index
 
 
@@ -412,8 +570,11 @@ def caption_rule(caption, c, forbidden, keywords):
         return 'forbidden_characters'
     if any(len(p) > c.MAX_PIECE_LEN for p in re.split(r'[;,\s]', caption)):
         return 'piece_too_long'
-    if not any(caption[i:i + n] in keywords for i in range(len(caption))
-               for n in range(1, c.KEYWORD_MAX_LEN + 1)):
+    if not any(
+        caption[i : i + n] in keywords
+        for i in range(len(caption))
+        for n in range(1, c.KEYWORD_MAX_LEN + 1)
+    ):
         return 'no_keyword'
     return None
 
@@ -455,15 +616,32 @@ def filter_pairs(c, log):
     splits = {'train': [kept[i] for i in order[n_val:]], 'val': [kept[i] for i in order[:n_val]]}
     os.makedirs(c.OUT_DIR, exist_ok=True)
     for split, items in splits.items():
-        rel = [(os.path.relpath(os.path.abspath(p), os.path.abspath(c.OUT_DIR)), t) for p, t in items]
-        utils.atomic_write_text(os.path.join(c.OUT_DIR, f'{split}_clean.csv'),
-                                'filepath\ttitle\n' + ''.join(f'{p}\t{t}\n' for p, t in rel))
-        utils.atomic_write_text(os.path.join(c.OUT_DIR, f'DALLE.{split}.jsonl'), ''.join(
-            json.dumps({'image_path': p, 'sentences': t}, ensure_ascii=False) + '\n' for p, t in rel))
-    log.info(f"{c.INPUT_CSV}: {len(pairs)} pairs -> {len(kept)} kept (train {len(splits['train'])}, "
-             f"val {len(splits['val'])}); dropped: " + ', '.join(f'{k} {v}' for k, v in sorted(drops.items())))
-    return {'input_pairs': len(pairs), 'kept': len(kept), 'train': len(splits['train']),
-            'val': len(splits['val']), **{f'dropped_{k}': v for k, v in drops.items()}}
+        rel = [
+            (os.path.relpath(os.path.abspath(p), os.path.abspath(c.OUT_DIR)), t) for p, t in items
+        ]
+        utils.atomic_write_text(
+            os.path.join(c.OUT_DIR, f'{split}_clean.csv'),
+            'filepath\ttitle\n' + ''.join(f'{p}\t{t}\n' for p, t in rel),
+        )
+        utils.atomic_write_text(
+            os.path.join(c.OUT_DIR, f'DALLE.{split}.jsonl'),
+            ''.join(
+                json.dumps({'image_path': p, 'sentences': t}, ensure_ascii=False) + '\n'
+                for p, t in rel
+            ),
+        )
+    log.info(
+        f"{c.INPUT_CSV}: {len(pairs)} pairs -> {len(kept)} kept (train {len(splits['train'])}, "
+        f"val {len(splits['val'])}); dropped: "
+        + ', '.join(f'{k} {v}' for k, v in sorted(drops.items()))
+    )
+    return {
+        'input_pairs': len(pairs),
+        'kept': len(kept),
+        'train': len(splits['train']),
+        'val': len(splits['val']),
+        **{f'dropped_{k}': v for k, v in drops.items()},
+    }
 
 
 def main():
@@ -472,14 +650,28 @@ def main():
     cfg = run.cfg
     if cfg.TASK == 'shapes':
         make_shapes(cfg.SHAPES, run.log)
-        utils.AttnGANData(cfg.SHAPES.OUT_DIR, cfg.SHAPES.CAPTIONS_PER_IMAGE)  # builds captions.pickle
+        utils.AttnGANData(
+            cfg.SHAPES.OUT_DIR, cfg.SHAPES.CAPTIONS_PER_IMAGE
+        )  # builds captions.pickle
         summarize(cfg.SHAPES.OUT_DIR, run.log)
-        utils.write_metrics(run.out, {'dataset': cfg.SHAPES.OUT_DIR, 'num_train': cfg.SHAPES.NUM_TRAIN,
-                                      'num_test': cfg.SHAPES.NUM_TEST})
+        utils.write_metrics(
+            run.out,
+            {
+                'dataset': cfg.SHAPES.OUT_DIR,
+                'num_train': cfg.SHAPES.NUM_TRAIN,
+                'num_test': cfg.SHAPES.NUM_TEST,
+            },
+        )
     elif cfg.TASK == 'embed':
         index = embed_captions(cfg.EMBED, run.device, run.log)
-        utils.write_metrics(run.out, {'embeddings': cfg.EMBED.OUT_DIR, 'dim': index['dim'], **{
-            f'num_captions_{s}': sp['num_captions'] for s, sp in index['splits'].items()}})
+        utils.write_metrics(
+            run.out,
+            {
+                'embeddings': cfg.EMBED.OUT_DIR,
+                'dim': index['dim'],
+                **{f'num_captions_{s}': sp['num_captions'] for s, sp in index['splits'].items()},
+            },
+        )
     elif cfg.TASK == 'filter':
         utils.write_metrics(run.out, filter_pairs(cfg.FILTER, run.log))
     else:

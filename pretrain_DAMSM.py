@@ -14,6 +14,7 @@ Each epoch: train and validation losses, retrieval R@1/5/10 both ways and R-prec
 test split, word attention maps (log, TensorBoard, metrics.json); text_encoder<N>.pth and
 image_encoder<N>.pth (N = epochs done) for main.py's TRAIN.NET_E; --resume auto continues.
 """
+
 import collections
 import logging
 import math
@@ -30,53 +31,83 @@ import utils
 # AttnGAN's DAMSM (code/pretrain_DAMSM.py, code/cfg/DAMSM/bird.yml); cfgs say where they differ
 DEFAULTS = {
     'CONFIG_NAME': 'DAMSM',
-    'DATA_DIR': 'data/birds',           # AttnGAN layout (DATA.FORMAT attngan)
+    'DATA_DIR': 'data/birds',  # AttnGAN layout (DATA.FORMAT attngan)
     'WORKERS': 1,
     'DATA': {
-        'FORMAT': 'attngan',            # attngan | csv (open_clip's CsvDataset)
-        'TRAIN_CSV': '', 'VAL_CSV': '',
-        'CSV_IMG_KEY': 'filepath', 'CSV_CAPTION_KEY': 'title', 'CSV_SEP': '\t',
-        'CLASS_FROM': '',               # csv classes: '' = one per image, 'folder' = the image's folder
-        'FLIP': True,                   # AttnGAN's random horizontal flip of training images
+        'FORMAT': 'attngan',  # attngan | csv (open_clip's CsvDataset)
+        'TRAIN_CSV': '',
+        'VAL_CSV': '',
+        'CSV_IMG_KEY': 'filepath',
+        'CSV_CAPTION_KEY': 'title',
+        'CSV_SEP': '\t',
+        'CLASS_FROM': '',  # csv classes: '' = one per image, 'folder' = the image's folder
+        'FLIP': True,  # AttnGAN's random horizontal flip of training images
     },
-    'TREE': {'BASE_SIZE': 299},         # training image side (DAMSM: BRANCH_NUM 1, 299)
+    'TREE': {'BASE_SIZE': 299},  # training image side (DAMSM: BRANCH_NUM 1, 299)
     'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10, 'WORDS_NUM': 18},
     'MODEL': {
-        'FAMILY': 'damsm',              # damsm | clip_hf | clip
-        'PRETRAINED': 'auto',           # damsm: Inception-v3 .pth ('auto' = torchvision's cache, '' = none);
-                                        # clip_hf: hub name or folder ('' = random init, sizes from CLIP)
-        'TOKENIZER': 'attngan',         # attngan | words | clip | bert
-        'TOKENIZER_PATH': '',           # clip: hub name or folder; bert: vocab.txt, folder or hub name
-        'KEEP_SPECIAL': False,          # transformers: keep start/end tokens among the word features
+        'FAMILY': 'damsm',  # damsm | clip_hf | clip
+        'PRETRAINED': 'auto',  # damsm: Inception-v3 .pth ('auto' = torchvision's cache, '' = none);
+        # clip_hf: hub name or folder ('' = random init, sizes from CLIP)
+        'TOKENIZER': 'attngan',  # attngan | words | clip | bert
+        'TOKENIZER_PATH': '',  # clip: hub name or folder; bert: vocab.txt, folder or hub name
+        'KEEP_SPECIAL': False,  # transformers: keep start/end tokens among the word features
         'RNN': {'WORD_DIM': 300, 'DROPOUT': 0.5},
-        'CNN': {'BACKBONE': 'inception_v3', 'WIDTH': 32, 'TRAIN_BACKBONE': False,
-                'BN_STATS': 'adapt'},   # AttnGAN pretrain_DAMSM.py runs cnn_model.train(): the frozen Inception's
-                                        # BatchNorm uses batch statistics and updates its running ones; or 'frozen'
-        'CLIP': {'VISION_LAYERS': [3, 4, 6, 3], 'VISION_WIDTH': 64, 'HEAD_WIDTH': 64, 'PATCH_SIZE': 0,
-                 'TEXT_WIDTH': 512, 'TEXT_HEADS': 8, 'TEXT_LAYERS': 12},
-        'FINETUNE': ['all'],            # clip_hf: 'all', 'none' or CLIPModel parameter-name prefixes
+        'CNN': {
+            'BACKBONE': 'inception_v3',
+            'WIDTH': 32,
+            'TRAIN_BACKBONE': False,
+            'BN_STATS': 'adapt',
+        },  # AttnGAN pretrain_DAMSM.py runs cnn_model.train(): the frozen Inception's
+        # BatchNorm uses batch statistics and updates its running ones; or 'frozen'
+        'CLIP': {
+            'VISION_LAYERS': [3, 4, 6, 3],
+            'VISION_WIDTH': 64,
+            'HEAD_WIDTH': 64,
+            'PATCH_SIZE': 0,
+            'TEXT_WIDTH': 512,
+            'TEXT_HEADS': 8,
+            'TEXT_LAYERS': 12,
+        },
+        'FINETUNE': ['all'],  # clip_hf: 'all', 'none' or CLIPModel parameter-name prefixes
     },
     'TRAIN': {
-        'BATCH_SIZE': 48, 'MAX_EPOCH': 600, 'SNAPSHOT_INTERVAL': 50,
-        'OPTIMIZER': 'adam', 'BETAS': [0.5, 0.999], 'EPS': 1e-8, 'WEIGHT_DECAY': 0.0,
-        'ENCODER_LR': 0.002,            # damsm, clip: every trainable weight
-        'BACKBONE_LR': 2e-5, 'LINEAR_LR': 0.002,   # clip_hf: pretrained CLIP weights / new heads
-        'SCHEDULE': 'attngan',          # attngan | onecycle_epoch | cosine | constant
-        'WARMUP': 0.1,                  # cosine: share of all steps spent warming up
-        'RESET_OPTIMIZER': True,        # AttnGAN builds a new Adam every epoch
-        'RNN_GRAD_CLIP': 0.25,          # damsm: text encoder only; clip_hf, clip: all weights; 0 = off
-        'AMP': False,                   # CUDA only
+        'BATCH_SIZE': 48,
+        'MAX_EPOCH': 600,
+        'SNAPSHOT_INTERVAL': 50,
+        'OPTIMIZER': 'adam',
+        'BETAS': [0.5, 0.999],
+        'EPS': 1e-8,
+        'WEIGHT_DECAY': 0.0,
+        'ENCODER_LR': 0.002,  # damsm, clip: every trainable weight
+        'BACKBONE_LR': 2e-5,
+        'LINEAR_LR': 0.002,  # clip_hf: pretrained CLIP weights / new heads
+        'SCHEDULE': 'attngan',  # attngan | onecycle_epoch | cosine | constant
+        'WARMUP': 0.1,  # cosine: share of all steps spent warming up
+        'RESET_OPTIMIZER': True,  # AttnGAN builds a new Adam every epoch
+        'RNN_GRAD_CLIP': 0.25,  # damsm: text encoder only; clip_hf, clip: all weights; 0 = off
+        'AMP': False,  # CUDA only
         'SMOOTH': {'GAMMA1': 4.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0},
         'LOG_EVERY': 50,
     },
-    'LOSS': {'WORDS': 1.0, 'SENT': 1.0, 'NTXENT': 0.0, 'NTXENT_TAU': 0.5, 'CLIP': 0.0,
-             'CLASS_MASK': True},       # AttnGAN masks same-class pairs out of its two losses
-    'EVAL': {'NUM': 0, 'R_NEG': 99, 'ATTN_IMAGES': 4},   # NUM: test images used (0 = all)
+    'LOSS': {
+        'WORDS': 1.0,
+        'SENT': 1.0,
+        'NTXENT': 0.0,
+        'NTXENT_TAU': 0.5,
+        'CLIP': 0.0,
+        'CLASS_MASK': True,
+    },  # AttnGAN masks same-class pairs out of its two losses
+    'EVAL': {'NUM': 0, 'R_NEG': 99, 'ATTN_IMAGES': 4},  # NUM: test images used (0 = all)
 }
-CHOICES = {'DATA.FORMAT': ('attngan', 'csv'), 'DATA.CLASS_FROM': ('', 'folder'),
-           'MODEL.FAMILY': ('damsm', 'clip_hf', 'clip'), 'MODEL.TOKENIZER': ('attngan', 'words', 'clip', 'bert'),
-           'TRAIN.OPTIMIZER': ('adam', 'adamw'),
-           'TRAIN.SCHEDULE': ('attngan', 'onecycle_epoch', 'cosine', 'constant')}
+CHOICES = {
+    'DATA.FORMAT': ('attngan', 'csv'),
+    'DATA.CLASS_FROM': ('', 'folder'),
+    'MODEL.FAMILY': ('damsm', 'clip_hf', 'clip'),
+    'MODEL.TOKENIZER': ('attngan', 'words', 'clip', 'bert'),
+    'TRAIN.OPTIMIZER': ('adam', 'adamw'),
+    'TRAIN.SCHEDULE': ('attngan', 'onecycle_epoch', 'cosine', 'constant'),
+}
 
 
 def check_cfg(cfg):
@@ -85,10 +116,14 @@ def check_cfg(cfg):
         for part in key.split('.'):
             value = value[part]
         if value not in allowed:
-            raise utils.UserError(f"{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+            raise utils.UserError(
+                f"{key}={value!r}: expected one of {', '.join(map(repr, allowed))}"
+            )
     if cfg.MODEL.TOKENIZER == 'attngan' and cfg.MODEL.FAMILY != 'damsm':
-        raise utils.UserError(f"MODEL.TOKENIZER=attngan has no start/end tokens to pool at; the "
-                              f"{cfg.MODEL.FAMILY} family takes words, clip or bert")
+        raise utils.UserError(
+            f"MODEL.TOKENIZER=attngan has no start/end tokens to pool at; the "
+            f"{cfg.MODEL.FAMILY} family takes words, clip or bert"
+        )
     if not any(cfg.LOSS[k] > 0 for k in ('WORDS', 'SENT', 'NTXENT', 'CLIP')):
         raise utils.UserError("LOSS: WORDS, SENT, NTXENT and CLIP are all 0; nothing to train")
     if cfg.LOSS.NTXENT > 0 and cfg.DATA.FORMAT != 'attngan':
@@ -102,8 +137,12 @@ def image_transforms(size, train):
     """open_clip's CSV transforms (open_clip transform.py image_transform) ending in [-1, 1];
     the encoders normalise."""
     import torchvision.transforms as T
-    first = [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)] if train \
+
+    first = (
+        [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+        if train
         else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+    )
     return T.Compose(first + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
 
 
@@ -116,7 +155,7 @@ class CSVTrainSet(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, i):          # an unreadable image is replaced by the next row, class kept
+    def __getitem__(self, i):  # an unreadable image is replaced by the next row, class kept
         img, text = self.pairs[i]
         return {'imgs': [img], 'text': text, 'class_id': self.classes[i]}
 
@@ -133,15 +172,22 @@ class EvalSet(torch.utils.data.Dataset):
         return len(self.items)
 
     def image(self, key):
-        return self.ds.images(key)[0] if self.ds is not None else self.transform(utils.load_image(key))
+        return (
+            self.ds.images(key)[0] if self.ds is not None else self.transform(utils.load_image(key))
+        )
 
     def __getitem__(self, i):
         key, caps, cls = self.items[i]
         try:
             image = self.image(key)
-        except utils.BadImage as e:     # left out of the scores (collate_eval), and counted
+        except utils.BadImage as e:  # left out of the scores (collate_eval), and counted
             return {'bad': str(e)}
-        return {'image': image, 'text': caps[0], 'text2': caps[min(1, len(caps) - 1)], 'class_id': cls}
+        return {
+            'image': image,
+            'text': caps[0],
+            'text2': caps[min(1, len(caps) - 1)],
+            'class_id': cls,
+        }
 
 
 def collate_eval(items):
@@ -164,12 +210,19 @@ def build_data(cfg):
     D, size, num = cfg.DATA, cfg.TREE.BASE_SIZE, cfg.EVAL.NUM
     if D.FORMAT == 'attngan':
         data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
-        train = utils.TextImageDataset(data, 'train', base_size=size, branch_num=1,
-                                       words_num=cfg.TEXT.WORDS_NUM, train=True,
-                                       two_captions=cfg.LOSS.NTXENT > 0, flip=D.FLIP)
+        train = utils.TextImageDataset(
+            data,
+            'train',
+            base_size=size,
+            branch_num=1,
+            words_num=cfg.TEXT.WORDS_NUM,
+            train=True,
+            two_captions=cfg.LOSS.NTXENT > 0,
+            flip=D.FLIP,
+        )
         test = utils.TextImageDataset(data, 'test', base_size=size, branch_num=1, train=False)
         cls = data.class_ids('test')
-        keys = data.keys['test'][:num or None]
+        keys = data.keys['test'][: num or None]
         evalset = EvalSet([(k, data.raw_captions(k)[:2], cls[i]) for i, k in enumerate(keys)], test)
         return train, evalset, [data.ixtoword[i] for i in range(len(data.ixtoword))]
     kw = dict(img_key=D.CSV_IMG_KEY, caption_key=D.CSV_CAPTION_KEY, sep=D.CSV_SEP)
@@ -178,7 +231,7 @@ def build_data(cfg):
     grouped = collections.OrderedDict()
     for path, cap in utils.read_csv_pairs(D.VAL_CSV, **kw):
         grouped.setdefault(path, []).append(cap)
-    paths = list(grouped)[:num or None]
+    paths = list(grouped)[: num or None]
     cls = class_ids_for(paths, D.CLASS_FROM)
     evalset = EvalSet([(p, grouped[p][:2], c) for p, c in zip(paths, cls)], size=size)
     words = []
@@ -194,27 +247,46 @@ def build_data(cfg):
 def hf_clip_config(cfg, tok_spec):
     """clip_hf: the hub/folder CLIPConfig, or a small random-init one sized by MODEL.CLIP."""
     from transformers import CLIPConfig
+
     M, C = cfg.MODEL, cfg.MODEL.CLIP
     if M.PRETRAINED:
         try:
             return CLIPConfig.from_pretrained(M.PRETRAINED)
         except OSError as e:
-            raise utils.UserError(f"MODEL.PRETRAINED={M.PRETRAINED!r}: no CLIP config offline "
-                                  f"({str(e).splitlines()[0][:200]})")
+            raise utils.UserError(
+                f"MODEL.PRETRAINED={M.PRETRAINED!r}: no CLIP config offline "
+                f"({str(e).splitlines()[0][:200]})"
+            )
     if C.PATCH_SIZE <= 0 or len(C.VISION_LAYERS) != 1:
-        raise utils.UserError("MODEL.CLIP: a random-init clip_hf model is a ViT: PATCH_SIZE > 0 "
-                              "and VISION_LAYERS = [depth]")
+        raise utils.UserError(
+            "MODEL.CLIP: a random-init clip_hf model is a ViT: PATCH_SIZE > 0 "
+            "and VISION_LAYERS = [depth]"
+        )
     D, tok = cfg.TEXT.EMBEDDING_DIM, models.TextEncoderTokenizer(tok_spec)
     return CLIPConfig(
-        text_config=dict(vocab_size=len(tok_spec['vocab']), hidden_size=C.TEXT_WIDTH,
-                         intermediate_size=4 * C.TEXT_WIDTH, num_hidden_layers=C.TEXT_LAYERS,
-                         num_attention_heads=C.TEXT_HEADS,
-                         max_position_embeddings=cfg.TEXT.WORDS_NUM, projection_dim=D,
-                         bos_token_id=tok.sot, eos_token_id=tok.eot, pad_token_id=tok.pad_id),
-        vision_config=dict(hidden_size=C.VISION_WIDTH, intermediate_size=4 * C.VISION_WIDTH,
-                           num_hidden_layers=C.VISION_LAYERS[0], num_attention_heads=C.VISION_WIDTH // C.HEAD_WIDTH,
-                           image_size=cfg.TREE.BASE_SIZE, patch_size=C.PATCH_SIZE, projection_dim=D),
-        projection_dim=D)
+        text_config=dict(
+            vocab_size=len(tok_spec['vocab']),
+            hidden_size=C.TEXT_WIDTH,
+            intermediate_size=4 * C.TEXT_WIDTH,
+            num_hidden_layers=C.TEXT_LAYERS,
+            num_attention_heads=C.TEXT_HEADS,
+            max_position_embeddings=cfg.TEXT.WORDS_NUM,
+            projection_dim=D,
+            bos_token_id=tok.sot,
+            eos_token_id=tok.eot,
+            pad_token_id=tok.pad_id,
+        ),
+        vision_config=dict(
+            hidden_size=C.VISION_WIDTH,
+            intermediate_size=4 * C.VISION_WIDTH,
+            num_hidden_layers=C.VISION_LAYERS[0],
+            num_attention_heads=C.VISION_WIDTH // C.HEAD_WIDTH,
+            image_size=cfg.TREE.BASE_SIZE,
+            patch_size=C.PATCH_SIZE,
+            projection_dim=D,
+        ),
+        projection_dim=D,
+    )
 
 
 def build_encoders(cfg, words, log):
@@ -222,27 +294,66 @@ def build_encoders(cfg, words, log):
     M, C, D = cfg.MODEL, cfg.MODEL.CLIP, cfg.TEXT.EMBEDDING_DIM
     tok = models.tokenizer_spec(M.TOKENIZER, cfg.TEXT.WORDS_NUM, M.TOKENIZER_PATH, words)
     if M.FAMILY == 'damsm':
-        text = {'family': 'damsm', 'dim': D, 'tokenizer': tok, 'word_dim': M.RNN.WORD_DIM, 'dropout': M.RNN.DROPOUT}
-        image = {'family': 'damsm', 'dim': D, 'image_size': cfg.TREE.BASE_SIZE, 'backbone': M.CNN.BACKBONE,
-                 'width': M.CNN.WIDTH, 'train_backbone': M.CNN.TRAIN_BACKBONE, 'bn_stats': M.CNN.BN_STATS}
+        text = {
+            'family': 'damsm',
+            'dim': D,
+            'tokenizer': tok,
+            'word_dim': M.RNN.WORD_DIM,
+            'dropout': M.RNN.DROPOUT,
+        }
+        image = {
+            'family': 'damsm',
+            'dim': D,
+            'image_size': cfg.TREE.BASE_SIZE,
+            'backbone': M.CNN.BACKBONE,
+            'width': M.CNN.WIDTH,
+            'train_backbone': M.CNN.TRAIN_BACKBONE,
+            'bn_stats': M.CNN.BN_STATS,
+        }
         if M.CNN.BN_STATS not in ('adapt', 'frozen'):
-            raise utils.UserError(f"MODEL.CNN.BN_STATS={M.CNN.BN_STATS!r}: expected adapt or frozen")
+            raise utils.UserError(
+                f"MODEL.CNN.BN_STATS={M.CNN.BN_STATS!r}: expected adapt or frozen"
+            )
     elif M.FAMILY == 'clip':
-        text = {'family': 'clip', 'dim': D, 'tokenizer': tok, 'width': C.TEXT_WIDTH, 'heads': C.TEXT_HEADS,
-                'layers': C.TEXT_LAYERS, 'keep_special': M.KEEP_SPECIAL}
-        image = {'family': 'clip', 'dim': D, 'image_size': cfg.TREE.BASE_SIZE, 'layers': list(C.VISION_LAYERS),
-                 'width': C.VISION_WIDTH, 'head_width': C.HEAD_WIDTH, 'patch_size': C.PATCH_SIZE}
+        text = {
+            'family': 'clip',
+            'dim': D,
+            'tokenizer': tok,
+            'width': C.TEXT_WIDTH,
+            'heads': C.TEXT_HEADS,
+            'layers': C.TEXT_LAYERS,
+            'keep_special': M.KEEP_SPECIAL,
+        }
+        image = {
+            'family': 'clip',
+            'dim': D,
+            'image_size': cfg.TREE.BASE_SIZE,
+            'layers': list(C.VISION_LAYERS),
+            'width': C.VISION_WIDTH,
+            'head_width': C.HEAD_WIDTH,
+            'patch_size': C.PATCH_SIZE,
+        }
     else:
         config = hf_clip_config(cfg, tok)
         tc, vc = config.text_config, config.vision_config
-        if not (tc.projection_dim == vc.projection_dim == D) or tc.vocab_size != len(tok['vocab']) \
-                or tc.max_position_embeddings < cfg.TEXT.WORDS_NUM:
-            raise utils.UserError(f"TEXT.EMBEDDING_DIM={D}, the tokenizer's {len(tok['vocab'])} ids and "
-                                  f"TEXT.WORDS_NUM={cfg.TEXT.WORDS_NUM} must fit the CLIP model: projection_dim "
-                                  f"{tc.projection_dim}, vocab_size {tc.vocab_size}, "
-                                  f"{tc.max_position_embeddings} positions")
-        text = {'family': 'clip_hf', 'dim': D, 'tokenizer': tok, 'keep_special': M.KEEP_SPECIAL,
-                'config': config.text_config.to_dict()}
+        if (
+            not (tc.projection_dim == vc.projection_dim == D)
+            or tc.vocab_size != len(tok['vocab'])
+            or tc.max_position_embeddings < cfg.TEXT.WORDS_NUM
+        ):
+            raise utils.UserError(
+                f"TEXT.EMBEDDING_DIM={D}, the tokenizer's {len(tok['vocab'])} ids and "
+                f"TEXT.WORDS_NUM={cfg.TEXT.WORDS_NUM} must fit the CLIP model: projection_dim "
+                f"{tc.projection_dim}, vocab_size {tc.vocab_size}, "
+                f"{tc.max_position_embeddings} positions"
+            )
+        text = {
+            'family': 'clip_hf',
+            'dim': D,
+            'tokenizer': tok,
+            'keep_special': M.KEEP_SPECIAL,
+            'config': config.text_config.to_dict(),
+        }
         image = {'family': 'clip_hf', 'dim': D, 'config': config.vision_config.to_dict()}
     te, ie = models.build_text_encoder(text), models.build_image_encoder(image)
     if M.FAMILY == 'damsm' and M.CNN.BACKBONE == 'inception_v3':
@@ -250,15 +361,20 @@ def build_encoders(cfg, words, log):
     if M.FAMILY == 'clip_hf':
         if M.PRETRAINED:
             from transformers import CLIPModel
+
             try:
                 clip = CLIPModel.from_pretrained(M.PRETRAINED)
             except OSError as e:
-                raise utils.UserError(f"MODEL.PRETRAINED={M.PRETRAINED!r}: no CLIP weights offline "
-                                      f"({str(e).splitlines()[0][:200]})")
-            for ours, theirs in ((te.model.text_model, clip.text_model),
-                                 (te.model.text_projection, clip.text_projection),
-                                 (ie.model.vision_model, clip.vision_model),
-                                 (ie.model.visual_projection, clip.visual_projection)):
+                raise utils.UserError(
+                    f"MODEL.PRETRAINED={M.PRETRAINED!r}: no CLIP weights offline "
+                    f"({str(e).splitlines()[0][:200]})"
+                )
+            for ours, theirs in (
+                (te.model.text_model, clip.text_model),
+                (te.model.text_projection, clip.text_projection),
+                (ie.model.vision_model, clip.vision_model),
+                (ie.model.visual_projection, clip.visual_projection),
+            ):
                 ours.load_state_dict(theirs.state_dict())
             log.info(f"CLIP weights from {M.PRETRAINED}")
         set_finetune([te.model, ie.model], M.FINETUNE)
@@ -271,8 +387,10 @@ def set_finetune(backbones, prefixes):
     named = [(n, p) for m in backbones for n, p in m.named_parameters()]
     for prefix in prefixes:
         if prefix not in ('all', 'none') and not any(n.startswith(prefix) for n, _ in named):
-            raise utils.UserError(f"MODEL.FINETUNE: {prefix!r} matches no CLIP parameter "
-                                  f"(e.g. {named[0][0]}, {named[-1][0]})")
+            raise utils.UserError(
+                f"MODEL.FINETUNE: {prefix!r} matches no CLIP parameter "
+                f"(e.g. {named[0][0]}, {named[-1][0]})"
+            )
     for n, p in named:
         p.requires_grad_('all' in prefixes or any(n.startswith(x) for x in prefixes))
 
@@ -284,7 +402,9 @@ class DualEncoder(nn.Module):
     def __init__(self, text, image, logit_scale):
         super().__init__()
         self.text, self.image = text, image
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if logit_scale else None  # CLIP init
+        self.logit_scale = (
+            nn.Parameter(torch.tensor(math.log(1 / 0.07))) if logit_scale else None
+        )  # CLIP init
 
     def forward(self, images, ids, lengths, regions=True):
         reg, glob = self.image(images, regions=regions)
@@ -298,18 +418,24 @@ def param_groups(model, cfg):
     T = cfg.TRAIN
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.MODEL.FAMILY == 'clip_hf':
-        is_backbone = lambda n: n.startswith(('text.model.', 'image.model.'))   # noqa: E731
-        groups = [('backbone', T.BACKBONE_LR, [(n, p) for n, p in named if is_backbone(n)]),
-                  ('head', T.LINEAR_LR, [(n, p) for n, p in named if not is_backbone(n)])]
+        is_backbone = lambda n: n.startswith(('text.model.', 'image.model.'))  # noqa: E731
+        groups = [
+            ('backbone', T.BACKBONE_LR, [(n, p) for n, p in named if is_backbone(n)]),
+            ('head', T.LINEAR_LR, [(n, p) for n, p in named if not is_backbone(n)]),
+        ]
     else:
         groups = [('encoder', T.ENCODER_LR, named)]
     out = []
     for name, lr, ps in groups:
         decay = [p for n, p in ps if p.ndim >= 2]
         rest = [p for n, p in ps if p.ndim < 2]
-        for params, wd in ((decay, T.WEIGHT_DECAY), (rest, 0.0)) if T.WEIGHT_DECAY else ((decay + rest, 0.0),):
+        for params, wd in (
+            ((decay, T.WEIGHT_DECAY), (rest, 0.0)) if T.WEIGHT_DECAY else ((decay + rest, 0.0),)
+        ):
             if params:
-                out.append({'params': params, 'lr': lr, 'base_lr': lr, 'name': name, 'weight_decay': wd})
+                out.append(
+                    {'params': params, 'lr': lr, 'base_lr': lr, 'name': name, 'weight_decay': wd}
+                )
     return out
 
 
@@ -322,7 +448,7 @@ def build_optimizer(model, cfg):
 def one_cycle(i, total, pct, div, final_div):
     """torch's OneCycleLR (cos, two phases) at step i, as a fraction of max_lr."""
     up, end = pct * total - 1, total - 1
-    cos = lambda a, b, t: b + (a - b) / 2 * (1 + math.cos(math.pi * t))   # noqa: E731
+    cos = lambda a, b, t: b + (a - b) / 2 * (1 + math.cos(math.pi * t))  # noqa: E731
     if 0 < up and i <= up:
         return cos(1 / div, 1.0, i / up)
     return cos(1.0, 1 / div / final_div, min(1.0, (i - up) / (end - up)))
@@ -330,15 +456,17 @@ def one_cycle(i, total, pct, div, final_div):
 
 def lr_factor(cfg, group, step, epoch, steps_per_epoch):
     T = cfg.TRAIN
-    if T.SCHEDULE == 'attngan':        # lr *= 0.98 after each epoch while lr > lr0 / 10
+    if T.SCHEDULE == 'attngan':  # lr *= 0.98 after each epoch while lr > lr0 / 10
         f = 1.0
         for _ in range(epoch):
             f = f * 0.98 if f > 0.1 else f
         return f
-    if T.SCHEDULE == 'onecycle_epoch':  # T2I_CLIP-GAN: OneCycleLR sized in batches, stepped per epoch
+    if (
+        T.SCHEDULE == 'onecycle_epoch'
+    ):  # T2I_CLIP-GAN: OneCycleLR sized in batches, stepped per epoch
         pct, div, final_div = (0.02, 25.0, 1e4) if group != 'head' else (0.1, 1e3, 1e6)
         return one_cycle(epoch, steps_per_epoch * T.MAX_EPOCH, pct, div, final_div)
-    if T.SCHEDULE == 'cosine':          # open_clip's cosine_lr: linear warmup, cosine to 0, per step
+    if T.SCHEDULE == 'cosine':  # open_clip's cosine_lr: linear warmup, cosine to 0, per step
         total = steps_per_epoch * T.MAX_EPOCH
         warm = max(1, int(T.WARMUP * total))
         if step < warm:
@@ -356,7 +484,7 @@ def prepare_batch(raw, tokenizer, cfg, device):
     caps = []
     for sfx in ('', '2') if cfg.LOSS.NTXENT > 0 else ('',):
         if tokenizer.kind == 'attngan' and 'caption' + sfx in raw:
-            ids, lengths = raw['caption' + sfx], raw['cap_len' + sfx]   # AttnGAN's own ids
+            ids, lengths = raw['caption' + sfx], raw['cap_len' + sfx]  # AttnGAN's own ids
         else:
             ids, lengths = tokenizer(raw['text' + sfx])
         caps.append((ids.to(device), torch.as_tensor(lengths).to(device)))
@@ -365,10 +493,15 @@ def prepare_batch(raw, tokenizer, cfg, device):
 
 def encode(model, images, caps, regions):
     """-> regions, global, [(words, sent, pad) per caption view]."""
-    reg, glob, words, sent, pad = model(images, torch.cat([c[0] for c in caps]),
-                                        torch.cat([c[1] for c in caps]), regions)
+    reg, glob, words, sent, pad = model(
+        images, torch.cat([c[0] for c in caps]), torch.cat([c[1] for c in caps]), regions
+    )
     n = len(images)
-    return reg, glob, [(words[i:i + n], sent[i:i + n], pad[i:i + n]) for i in range(0, len(sent), n)]
+    return (
+        reg,
+        glob,
+        [(words[i : i + n], sent[i : i + n], pad[i : i + n]) for i in range(0, len(sent), n)],
+    )
 
 
 def _identity(x):
@@ -390,15 +523,22 @@ def compute_losses(feats, class_ids, cfg, logit_scale=None, world=1, gather=_ide
     img = gather(_fp32(img))
     reg = gather(_fp32(regions)) if L.WORDS else None
     terms, sents, maps = collections.defaultdict(int), [], []
-    for words, sent, pad in views:       # T2I_CLIP-GAN: both DAMSM losses for each caption view
+    for words, sent, pad in views:  # T2I_CLIP-GAN: both DAMSM losses for each caption view
         sent = gather(_fp32(sent))
         sents.append(sent)
         if L.WORDS:
-            if world > 1:                # equal shapes on every rank for the gather
+            if world > 1:  # equal shapes on every rank for the gather
                 extra = cfg.TEXT.WORDS_NUM - words.shape[2]
                 words, pad = F.pad(words, (0, extra)), F.pad(pad, (0, extra), value=True)
-            w0, w1, m = models.words_loss(reg, gather(_fp32(words)), gather(pad.to(torch.uint8)).bool(),
-                                          cls, S.GAMMA1, S.GAMMA2, S.GAMMA3)
+            w0, w1, m = models.words_loss(
+                reg,
+                gather(_fp32(words)),
+                gather(pad.to(torch.uint8)).bool(),
+                cls,
+                S.GAMMA1,
+                S.GAMMA2,
+                S.GAMMA3,
+            )
             terms['w_loss0'] += w0
             terms['w_loss1'] += w1
             maps = maps or m
@@ -412,8 +552,14 @@ def compute_losses(feats, class_ids, cfg, logit_scale=None, world=1, gather=_ide
         # the temperature is one shared weight, not a shard: keep its gradient at 1x after the x world
         scale = logit_scale / world + (logit_scale * (1 - 1 / world)).detach()
         terms['clip'] = models.clip_loss(img, sents[0], scale)
-    weight = {'w_loss0': L.WORDS, 'w_loss1': L.WORDS, 's_loss0': L.SENT, 's_loss1': L.SENT,
-              'nt_xent': L.NTXENT, 'clip': L.CLIP}
+    weight = {
+        'w_loss0': L.WORDS,
+        'w_loss1': L.WORDS,
+        's_loss0': L.SENT,
+        's_loss1': L.SENT,
+        'nt_xent': L.NTXENT,
+        'clip': L.CLIP,
+    }
     total = sum(weight[k] * v for k, v in terms.items())
     values = {k: float(v.detach()) for k, v in terms.items()}
     values['loss'] = float(total.detach())
@@ -429,7 +575,7 @@ def retrieval(img, txt, ks=(1, 5, 10), chunk=1024):
     ranks = {'i2t': [], 't2i': []}
     for s in range(0, len(img), chunk):
         for name, a, b in (('i2t', img, txt), ('t2i', txt, img)):
-            sim = a[s:s + chunk] @ b.t()
+            sim = a[s : s + chunk] @ b.t()
             true = sim[torch.arange(len(sim)), torch.arange(s, s + len(sim))]
             ranks[name].append((sim > true[:, None]).sum(1))
     out = {}
@@ -443,14 +589,19 @@ def attention_panels(images, maps, word_lists, size=96, max_words=10):
     """AttnGAN's build_super_images, simply: per image a row of the image and each word's
     attention over it, the word written on its panel. Returns panels in [-1, 1], row length."""
     from PIL import Image, ImageDraw
+
     rows = []
     for img, att, words in zip(images, maps, word_lists):
-        base = (F.interpolate(img[None].float().cpu(), size=(size, size), mode='bilinear')[0] + 1) / 2
+        base = (
+            F.interpolate(img[None].float().cpu(), size=(size, size), mode='bilinear')[0] + 1
+        ) / 2
         row = [base]
         for j, word in enumerate(words[:max_words]):
-            a = F.interpolate(att[j][None, None].float().cpu(), size=(size, size), mode='bilinear')[0]
+            a = F.interpolate(att[j][None, None].float().cpu(), size=(size, size), mode='bilinear')[
+                0
+            ]
             a = (a - a.min()) / (a.max() - a.min() + 1e-8)
-            panel = base * (0.2 + 0.8 * a)         # attended regions bright, the rest dimmed
+            panel = base * (0.2 + 0.8 * a)  # attended regions bright, the rest dimmed
             pil = Image.fromarray((panel.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
             ImageDraw.Draw(pil).text((2, 2), word, fill=(255, 255, 255))
             row.append(torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255)
@@ -482,7 +633,9 @@ def evaluate(model, loader, cfg, device):
         n += 1
         if panels is None and cfg.EVAL.ATTN_IMAGES and maps:
             k = cfg.EVAL.ATTN_IMAGES
-            panels = attention_panels(images[:k], maps[:k], [model.text.word_strings(t) for t in raw['text'][:k]])
+            panels = attention_panels(
+                images[:k], maps[:k], [model.text.word_strings(t) for t in raw['text'][:k]]
+            )
     for msg in skipped:
         logging.getLogger('t2i').warning(f"test image not scored: {msg}")
     if not imgs:
@@ -491,7 +644,9 @@ def evaluate(model, loader, cfg, device):
     metrics = {f'val_{k}': v / max(n, 1) for k, v in sums.items()}
     metrics['eval_images'], metrics['eval_images_unreadable'] = len(img), len(skipped)
     metrics.update(retrieval(img, txt))
-    metrics['R_precision'], metrics['R_precision_std'] = utils.r_precision(img, txt, cls, n_neg=cfg.EVAL.R_NEG)
+    metrics['R_precision'], metrics['R_precision_std'] = utils.r_precision(
+        img, txt, cls, n_neg=cfg.EVAL.R_NEG
+    )
     model.train()
     return metrics, panels
 
@@ -502,14 +657,27 @@ def evaluate(model, loader, cfg, device):
 def save_encoders(run, model, epoch, step):
     """text_encoder<epoch>.pth and image_encoder<epoch>.pth, each with the spec that rebuilds it."""
     for kind, module in (('text_encoder', model.text), ('image_encoder', model.image)):
-        utils.save_checkpoint(run.out, kind, step, models={kind: module}, epoch=epoch, cfg=run.cfg,
-                              extra={'spec': module.spec}, keep=0, name=f'{kind}{epoch}.pth')
+        utils.save_checkpoint(
+            run.out,
+            kind,
+            step,
+            models={kind: module},
+            epoch=epoch,
+            cfg=run.cfg,
+            extra={'spec': module.spec},
+            keep=0,
+            name=f'{kind}{epoch}.pth',
+        )
 
 
 def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
     T, amp = cfg.TRAIN, cfg.TRAIN.AMP and run.device.type == 'cuda'
-    clip_params = [p for p in (model.text if cfg.MODEL.FAMILY == 'damsm' else model).parameters() if p.requires_grad]
-    regions = cfg.LOSS.WORDS > 0 or cfg.MODEL.FAMILY != 'clip'   # every weight in the graph, for DDP
+    clip_params = [
+        p
+        for p in (model.text if cfg.MODEL.FAMILY == 'damsm' else model).parameters()
+        if p.requires_grad
+    ]
+    regions = cfg.LOSS.WORDS > 0 or cfg.MODEL.FAMILY != 'clip'  # every weight in the graph, for DDP
     sums, n = collections.defaultdict(float), 0
     bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=run.log)
     for raw in bar:
@@ -518,7 +686,9 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
         images, caps, cls = prepare_batch(raw, model.text.tokenizer, cfg, run.device)
         with torch.autocast(run.device.type, dtype=torch.float16, enabled=amp):
             feats = encode(ddp, images, caps, regions)
-        loss, values, _ = compute_losses(feats, cls, cfg, model.logit_scale, run.world, utils.all_gather_with_grad)
+        loss, values, _ = compute_losses(
+            feats, cls, cfg, model.logit_scale, run.world, utils.all_gather_with_grad
+        )
         utils.check_finite(loss, 'DAMSM/CLIP total', step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss * run.world).backward()
@@ -527,7 +697,7 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
             nn.utils.clip_grad_norm_(clip_params, T.RNN_GRAD_CLIP)
         scaler.step(opt)
         scaler.update()
-        if model.logit_scale is not None:      # CLIP: the temperature stays within [1, 100]
+        if model.logit_scale is not None:  # CLIP: the temperature stays within [1, 100]
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
         step += 1
@@ -545,41 +715,84 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
 
 # open_clip's training flags (open_clip src/training/params.py), as cfg keys (utils.flags_to_set);
 # --train-data also selects the CSV reader, --model the preset below.
-OPEN_CLIP_FLAGS = {'train_data': 'DATA.TRAIN_CSV', 'val_data': 'DATA.VAL_CSV', 'csv_img_key': 'DATA.CSV_IMG_KEY',
-                   'csv_caption_key': 'DATA.CSV_CAPTION_KEY', 'csv_separator': 'DATA.CSV_SEP',
-                   'batch_size': 'TRAIN.BATCH_SIZE', 'lr': 'TRAIN.ENCODER_LR', 'wd': 'TRAIN.WEIGHT_DECAY',
-                   'epochs': 'TRAIN.MAX_EPOCH', 'workers': 'WORKERS', 'save_frequency': 'TRAIN.SNAPSHOT_INTERVAL'}
+OPEN_CLIP_FLAGS = {
+    'train_data': 'DATA.TRAIN_CSV',
+    'val_data': 'DATA.VAL_CSV',
+    'csv_img_key': 'DATA.CSV_IMG_KEY',
+    'csv_caption_key': 'DATA.CSV_CAPTION_KEY',
+    'csv_separator': 'DATA.CSV_SEP',
+    'batch_size': 'TRAIN.BATCH_SIZE',
+    'lr': 'TRAIN.ENCODER_LR',
+    'wd': 'TRAIN.WEIGHT_DECAY',
+    'epochs': 'TRAIN.MAX_EPOCH',
+    'workers': 'WORKERS',
+    'save_frequency': 'TRAIN.SNAPSHOT_INTERVAL',
+}
 # open_clip model_configs/RN50.json: ModifiedResNet [3, 4, 6, 3] width 64, 224 px, embed_dim 1024,
 # a 12-layer 512-wide text transformer with 8 heads.
-OPEN_CLIP_MODELS = {'RN50': ['MODEL.FAMILY=clip', 'MODEL.CLIP.VISION_LAYERS=[3, 4, 6, 3]', 'MODEL.CLIP.VISION_WIDTH=64',
-                             'MODEL.CLIP.HEAD_WIDTH=64', 'MODEL.CLIP.PATCH_SIZE=0', 'MODEL.CLIP.TEXT_WIDTH=512',
-                             'MODEL.CLIP.TEXT_HEADS=8', 'MODEL.CLIP.TEXT_LAYERS=12', 'TEXT.EMBEDDING_DIM=1024',
-                             'TREE.BASE_SIZE=224']}
+OPEN_CLIP_MODELS = {
+    'RN50': [
+        'MODEL.FAMILY=clip',
+        'MODEL.CLIP.VISION_LAYERS=[3, 4, 6, 3]',
+        'MODEL.CLIP.VISION_WIDTH=64',
+        'MODEL.CLIP.HEAD_WIDTH=64',
+        'MODEL.CLIP.PATCH_SIZE=0',
+        'MODEL.CLIP.TEXT_WIDTH=512',
+        'MODEL.CLIP.TEXT_HEADS=8',
+        'MODEL.CLIP.TEXT_LAYERS=12',
+        'TEXT.EMBEDDING_DIM=1024',
+        'TREE.BASE_SIZE=224',
+    ]
+}
 
 
 def parse_args(argv=None):
     p = utils.base_parser('Pretrain the text/image encoders (DAMSM, CLIP + DAMSM, CLIP).')
     g = p.add_argument_group("open_clip's flags (CLIP from scratch on a CSV)")
     for flag, key in OPEN_CLIP_FLAGS.items():
-        typ = float if flag in ('lr', 'wd') else int if flag in ('batch_size', 'epochs', 'workers', 'save_frequency') else str
-        g.add_argument('--' + flag.replace('_', '-'), dest=flag, type=typ, default=None, help=f'cfg {key}')
-    g.add_argument('--model', default=None, help=f"open_clip model config: {', '.join(OPEN_CLIP_MODELS)}")
-    g.add_argument('--report-to', dest='report_to', default=None,
-                   help='accepted: TensorBoard is always written to <run dir>/tb')
-    g.add_argument('--horovod', action='store_true', help='accepted: data-parallel runs use torchrun instead')
+        typ = (
+            float
+            if flag in ('lr', 'wd')
+            else int
+            if flag in ('batch_size', 'epochs', 'workers', 'save_frequency')
+            else str
+        )
+        g.add_argument(
+            '--' + flag.replace('_', '-'), dest=flag, type=typ, default=None, help=f'cfg {key}'
+        )
+    g.add_argument(
+        '--model', default=None, help=f"open_clip model config: {', '.join(OPEN_CLIP_MODELS)}"
+    )
+    g.add_argument(
+        '--report-to',
+        dest='report_to',
+        default=None,
+        help='accepted: TensorBoard is always written to <run dir>/tb',
+    )
+    g.add_argument(
+        '--horovod', action='store_true', help='accepted: data-parallel runs use torchrun instead'
+    )
     args = p.parse_args(argv)
     preset = []
     if args.model is not None:
         if args.model not in OPEN_CLIP_MODELS:
-            raise utils.UserError(f"--model {args.model}: expected one of {sorted(OPEN_CLIP_MODELS)}")
+            raise utils.UserError(
+                f"--model {args.model}: expected one of {sorted(OPEN_CLIP_MODELS)}"
+            )
         preset = OPEN_CLIP_MODELS[args.model]
     if args.train_data is not None:
         preset = ['DATA.FORMAT=csv'] + preset
     args = utils.flags_to_set(args, OPEN_CLIP_FLAGS)
     args.set = preset + args.set
-    args.open_clip_notes = ([f"--report-to {args.report_to}: TensorBoard scalars go to <run dir>/tb"]
-                            if args.report_to else []) + \
-        (["--horovod: ignored; run data-parallel with torchrun --nproc_per_node=N"] if args.horovod else [])
+    args.open_clip_notes = (
+        [f"--report-to {args.report_to}: TensorBoard scalars go to <run dir>/tb"]
+        if args.report_to
+        else []
+    ) + (
+        ["--horovod: ignored; run data-parallel with torchrun --nproc_per_node=N"]
+        if args.horovod
+        else []
+    )
     return args
 
 
@@ -592,13 +805,18 @@ def main():
     check_cfg(cfg)
 
     train_set, eval_set, words = build_data(cfg)
-    utils.check_r_precision_negatives([c for *_, c in eval_set.items], cfg.EVAL.R_NEG,
-                                      f'R-precision on the {len(eval_set)} test images (EVAL.R_NEG)')
+    utils.check_r_precision_negatives(
+        [c for *_, c in eval_set.items],
+        cfg.EVAL.R_NEG,
+        f'R-precision on the {len(eval_set)} test images (EVAL.R_NEG)',
+    )
     text, image = build_encoders(cfg, words, log)
     model = DualEncoder(text, image, cfg.LOSS.CLIP > 0).to(device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"{cfg.MODEL.FAMILY}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-             f"{n_train:,} trained | {len(train_set)} training items, {len(eval_set)} test images")
+    log.info(
+        f"{cfg.MODEL.FAMILY}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{n_train:,} trained | {len(train_set)} training items, {len(eval_set)} test images"
+    )
     opt = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler('cuda', enabled=cfg.TRAIN.AMP and device.type == 'cuda')
     if cfg.TRAIN.AMP and device.type != 'cuda':
@@ -608,13 +826,22 @@ def main():
     if ckpt:
         step, start = utils.restore_checkpoint(ckpt, {'model': model}, {'opt': opt}, scaler=scaler)
     ddp = utils.wrap_ddp(model, device)
-    loader = utils.make_loader(train_set, cfg.TRAIN.BATCH_SIZE, shuffle=True, drop_last=True,
-                               workers=cfg.WORKERS, seed=cfg.SEED)
+    loader = utils.make_loader(
+        train_set,
+        cfg.TRAIN.BATCH_SIZE,
+        shuffle=True,
+        drop_last=True,
+        workers=cfg.WORKERS,
+        seed=cfg.SEED,
+    )
     if len(loader) == 0:
-        raise utils.UserError(f"{len(train_set)} training items per rank give no batch of "
-                              f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE}")
-    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=cfg.TRAIN.BATCH_SIZE, num_workers=cfg.WORKERS,
-                                              collate_fn=collate_eval)
+        raise utils.UserError(
+            f"{len(train_set)} training items per rank give no batch of "
+            f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE}"
+        )
+    eval_loader = torch.utils.data.DataLoader(
+        eval_set, batch_size=cfg.TRAIN.BATCH_SIZE, num_workers=cfg.WORKERS, collate_fn=collate_eval
+    )
 
     for epoch in range(start, cfg.TRAIN.MAX_EPOCH):
         utils.set_epoch(loader, epoch)
@@ -624,21 +851,33 @@ def main():
         if run.main:
             val, panels = evaluate(model, eval_loader, cfg, device)
             metrics.update(val, epoch=epoch + 1, step=step)
-            log.info(f"| end epoch {epoch + 1:3d} | train loss {metrics['train_loss']:.3f} | valid loss "
-                     f"{metrics.get('val_loss', float('nan')):.3f} | R@1 i2t {metrics['i2t_R@1']:.3f} "
-                     f"t2i {metrics['t2i_R@1']:.3f} | R-precision {metrics['R_precision']:.3f} "
-                     f"± {metrics['R_precision_std']:.3f}")
+            log.info(
+                f"| end epoch {epoch + 1:3d} | train loss {metrics['train_loss']:.3f} | valid loss "
+                f"{metrics.get('val_loss', float('nan')):.3f} | R@1 i2t {metrics['i2t_R@1']:.3f} "
+                f"t2i {metrics['t2i_R@1']:.3f} | R-precision {metrics['R_precision']:.3f} "
+                f"± {metrics['R_precision_std']:.3f}"
+            )
             for k, v in metrics.items():
                 if k not in ('epoch', 'step'):
                     run.writer.add_scalar(f"{'loss' if 'loss' in k else 'eval'}/{k}", v, epoch + 1)
             if panels is not None:
                 utils.log_images(run.writer, 'attention_maps', panels[0], epoch + 1, nrow=panels[1])
-                utils.save_image_grid(panels[0], os.path.join(run.out, 'attention_maps.png'), nrow=panels[1])
+                utils.save_image_grid(
+                    panels[0], os.path.join(run.out, 'attention_maps.png'), nrow=panels[1]
+                )
             utils.write_metrics(run.out, metrics)
         if (epoch + 1) % cfg.TRAIN.SNAPSHOT_INTERVAL == 0 or epoch + 1 == cfg.TRAIN.MAX_EPOCH:
             save_encoders(run, model, epoch + 1, step)
-        utils.save_checkpoint(run.out, 'damsm', step, models={'model': model}, optimizers={'opt': opt},
-                              scaler=scaler, epoch=epoch + 1, cfg=cfg)
+        utils.save_checkpoint(
+            run.out,
+            'damsm',
+            step,
+            models={'model': model},
+            optimizers={'opt': opt},
+            scaler=scaler,
+            epoch=epoch + 1,
+            cfg=cfg,
+        )
     log.info(f"done: {run.out}/checkpoints/text_encoder{cfg.TRAIN.MAX_EPOCH}.pth (TRAIN.NET_E)")
 
 

@@ -13,6 +13,7 @@ Data: a DALLE jsonl ({"image_path", "sentences"} lines), a folder of images with
 .txt captions, or an open_clip CSV. Checkpoints in <run>/checkpoints: dalle_<step>.pt and,
 at the end, <DALLE_OUTPUT_FILE_NAME>.pt, both with the VAE inside (dalle_gen.py needs nothing else).
 """
+
 import os
 import time
 
@@ -23,20 +24,20 @@ import models
 import utils
 
 DEFAULTS = {
-    'CONFIG_NAME': 'dalle',       # run dir output/dalle without --cfg/--out (dalle_gen.py reads it)
-    'IMAGE_TEXT_FOLDER': '',      # jsonl, folder (image + .txt) or csv
-    'VAE_PATH': '',               # DALLE-pytorch vae.pt; '' = output/vae/vae.pt, where train_vae.py leaves it
-    'VQGAN_MODEL_PATH': '',       # taming last.ckpt (with VQGAN_CONFIG_PATH model.yaml)
+    'CONFIG_NAME': 'dalle',  # run dir output/dalle without --cfg/--out (dalle_gen.py reads it)
+    'IMAGE_TEXT_FOLDER': '',  # jsonl, folder (image + .txt) or csv
+    'VAE_PATH': '',  # DALLE-pytorch vae.pt; '' = output/vae/vae.pt, where train_vae.py leaves it
+    'VQGAN_MODEL_PATH': '',  # taming last.ckpt (with VQGAN_CONFIG_PATH model.yaml)
     'VQGAN_CONFIG_PATH': '',
     'DALLE_OUTPUT_FILE_NAME': 'dalle',
     'WORKERS': 4,
     'TEXT': {
-        'TOKENIZER': 'clip',      # clip (BPE) | chinese (--chinese, BERT WordPiece) | words (built from the captions)
-        'TOKENIZER_PATH': '',     # hub name or local dir/file; '' = openai/clip-vit-base-patch32 / hfl/chinese-roberta-wwm-ext
-        'TEXT_SEQ_LEN': 32,       # text2img train_dalle.py default (DALLE-pytorch: 256)
+        'TOKENIZER': 'clip',  # clip (BPE) | chinese (--chinese, BERT WordPiece) | words (built from the captions)
+        'TOKENIZER_PATH': '',  # hub name or local dir/file; '' = openai/clip-vit-base-patch32 / hfl/chinese-roberta-wwm-ext
+        'TEXT_SEQ_LEN': 32,  # text2img train_dalle.py default (DALLE-pytorch: 256)
         'TRUNCATE_CAPTIONS': False,
     },
-    'MODEL': {                    # DALLE-pytorch train_dalle.py defaults
+    'MODEL': {  # DALLE-pytorch train_dalle.py defaults
         'DIM': 512,
         'DEPTH': 2,
         'HEADS': 8,
@@ -47,50 +48,80 @@ DEFAULTS = {
     },
     'TRAIN': {
         'EPOCHS': 20,
-        'BATCH_SIZE': 32,         # T2I's default (upstream 4)
-        'LEARNING_RATE': 3e-4,    # Adam
+        'BATCH_SIZE': 32,  # T2I's default (upstream 4)
+        'LEARNING_RATE': 3e-4,  # Adam
         'CLIP_GRAD_NORM': 0.5,
-        'LR_DECAY': False,        # ReduceLROnPlateau(0.5, patience 10, cooldown 10, min 1e-6) per epoch
-        'AMP': False,             # mixed precision: autocast in AMP_DTYPE
+        'LR_DECAY': False,  # ReduceLROnPlateau(0.5, patience 10, cooldown 10, min 1e-6) per epoch
+        'AMP': False,  # mixed precision: autocast in AMP_DTYPE
         'AMP_DTYPE': 'bfloat16',  # or float16 (CUDA only, with a GradScaler)
         'RANDOM_RESIZE_CROP_LOWER_RATIO': 0.75,
-        'MAX_STEPS': 0,           # stop after this many steps in all (0: EPOCHS decide); not in DALLE-pytorch
+        'MAX_STEPS': 0,  # stop after this many steps in all (0: EPOCHS decide); not in DALLE-pytorch
         'CACHE_IMAGE_TOKENS': False,  # tokenise each image once up front (needs RANDOM_RESIZE_CROP_LOWER_RATIO 1,
-                                      # a fixed transform, so the same tokens as every step); not in DALLE-pytorch
+        # a fixed transform, so the same tokens as every step); not in DALLE-pytorch
         'SAVE_EVERY_N_STEPS': 1000,
         'KEEP_N_CHECKPOINTS': 5,  # T2I's default (upstream keeps all); 0 keeps all
         'LOG_EVERY': 50,
-        'SAMPLE_EVERY': 1000,     # steps between sample grids in TensorBoard; 0 = at epoch ends only
+        'SAMPLE_EVERY': 1000,  # steps between sample grids in TensorBoard; 0 = at epoch ends only
         'NUM_SAMPLES': 4,
     },
-    'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0,      # for the TensorBoard samples and EVAL (DALLE-pytorch generate.py --top_k)
-               'TOP_K_OVER': 'all'},   # TOP_K's share of the text + image vocabulary (DALLE-pytorch) or 'image'
-    'EVAL': {                     # after training; not in DALLE-pytorch
-        'HOLDOUT': '',            # held-out (image, caption) pairs: jsonl, folder or csv
-        'NUM_CAPTIONS': 64,       # captions spread over HOLDOUT, one sample each
-        'JUDGE': '',              # shapes judge checkpoint: attribute accuracy of the samples
-        'BASELINE': False,        # also an untrained DALLE on the same captions
-        'ENCODER': '',            # pretrain_DAMSM.py text_encoder<N>.pth: R-precision of the samples
-        'R_NEG': 99,              # R-precision negatives (DM-GAN's protocol), fewer if the captions lack them
+    'SAMPLE': {
+        'TOP_K': 0.9,
+        'TEMPERATURE': 1.0,  # for the TensorBoard samples and EVAL (DALLE-pytorch generate.py --top_k)
+        'TOP_K_OVER': 'all',
+    },  # TOP_K's share of the text + image vocabulary (DALLE-pytorch) or 'image'
+    'EVAL': {  # after training; not in DALLE-pytorch
+        'HOLDOUT': '',  # held-out (image, caption) pairs: jsonl, folder or csv
+        'NUM_CAPTIONS': 64,  # captions spread over HOLDOUT, one sample each
+        'JUDGE': '',  # shapes judge checkpoint: attribute accuracy of the samples
+        'BASELINE': False,  # also an untrained DALLE on the same captions
+        'ENCODER': '',  # pretrain_DAMSM.py text_encoder<N>.pth: R-precision of the samples
+        'R_NEG': 99,  # R-precision negatives (DM-GAN's protocol), fewer if the captions lack them
     },
 }
 
-FLAGS = {'image_text_folder': 'IMAGE_TEXT_FOLDER', 'vae_path': 'VAE_PATH',
-         'vqgan_model_path': 'VQGAN_MODEL_PATH', 'vqgan_config_path': 'VQGAN_CONFIG_PATH',
-         'dalle_output_file_name': 'DALLE_OUTPUT_FILE_NAME', 'bpe_path': 'TEXT.TOKENIZER_PATH',
-         'text_seq_len': 'TEXT.TEXT_SEQ_LEN', 'truncate_captions': 'TEXT.TRUNCATE_CAPTIONS',
-         'dim': 'MODEL.DIM', 'depth': 'MODEL.DEPTH', 'heads': 'MODEL.HEADS', 'dim_head': 'MODEL.DIM_HEAD',
-         'attn_dropout': 'MODEL.ATTN_DROPOUT', 'ff_dropout': 'MODEL.FF_DROPOUT',
-         'loss_img_weight': 'MODEL.LOSS_IMG_WEIGHT', 'epochs': 'TRAIN.EPOCHS',
-         'batch_size': 'TRAIN.BATCH_SIZE', 'learning_rate': 'TRAIN.LEARNING_RATE',
-         'clip_grad_norm': 'TRAIN.CLIP_GRAD_NORM', 'lr_decay': 'TRAIN.LR_DECAY', 'amp': 'TRAIN.AMP',
-         'random_resize_crop_lower_ratio': 'TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO',
-         'save_every_n_steps': 'TRAIN.SAVE_EVERY_N_STEPS', 'keep_n_checkpoints': 'TRAIN.KEEP_N_CHECKPOINTS'}
+FLAGS = {
+    'image_text_folder': 'IMAGE_TEXT_FOLDER',
+    'vae_path': 'VAE_PATH',
+    'vqgan_model_path': 'VQGAN_MODEL_PATH',
+    'vqgan_config_path': 'VQGAN_CONFIG_PATH',
+    'dalle_output_file_name': 'DALLE_OUTPUT_FILE_NAME',
+    'bpe_path': 'TEXT.TOKENIZER_PATH',
+    'text_seq_len': 'TEXT.TEXT_SEQ_LEN',
+    'truncate_captions': 'TEXT.TRUNCATE_CAPTIONS',
+    'dim': 'MODEL.DIM',
+    'depth': 'MODEL.DEPTH',
+    'heads': 'MODEL.HEADS',
+    'dim_head': 'MODEL.DIM_HEAD',
+    'attn_dropout': 'MODEL.ATTN_DROPOUT',
+    'ff_dropout': 'MODEL.FF_DROPOUT',
+    'loss_img_weight': 'MODEL.LOSS_IMG_WEIGHT',
+    'epochs': 'TRAIN.EPOCHS',
+    'batch_size': 'TRAIN.BATCH_SIZE',
+    'learning_rate': 'TRAIN.LEARNING_RATE',
+    'clip_grad_norm': 'TRAIN.CLIP_GRAD_NORM',
+    'lr_decay': 'TRAIN.LR_DECAY',
+    'amp': 'TRAIN.AMP',
+    'random_resize_crop_lower_ratio': 'TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO',
+    'save_every_n_steps': 'TRAIN.SAVE_EVERY_N_STEPS',
+    'keep_n_checkpoints': 'TRAIN.KEEP_N_CHECKPOINTS',
+}
 BOOL_FLAGS = ('truncate_captions', 'lr_decay', 'amp')
-STR_FLAGS = ('image_text_folder', 'vae_path', 'vqgan_model_path', 'vqgan_config_path',
-             'dalle_output_file_name', 'bpe_path')
-FLOAT_FLAGS = ('attn_dropout', 'ff_dropout', 'loss_img_weight', 'learning_rate', 'clip_grad_norm',
-               'random_resize_crop_lower_ratio')
+STR_FLAGS = (
+    'image_text_folder',
+    'vae_path',
+    'vqgan_model_path',
+    'vqgan_config_path',
+    'dalle_output_file_name',
+    'bpe_path',
+)
+FLOAT_FLAGS = (
+    'attn_dropout',
+    'ff_dropout',
+    'loss_img_weight',
+    'learning_rate',
+    'clip_grad_norm',
+    'random_resize_crop_lower_ratio',
+)
 
 
 def parse_args(argv=None):
@@ -102,7 +133,9 @@ def parse_args(argv=None):
             typ = str if flag in STR_FLAGS else float if flag in FLOAT_FLAGS else int
             p.add_argument(f'--{flag}', type=typ, default=None, help=f'cfg {key}')
     p.add_argument('--chinese', action='store_true', help='TEXT.TOKENIZER=chinese (BERT WordPiece)')
-    p.add_argument('--dalle_path', default=None, help='resume from this checkpoint (= --resume PATH)')
+    p.add_argument(
+        '--dalle_path', default=None, help='resume from this checkpoint (= --resume PATH)'
+    )
     args = p.parse_args(argv)
     if args.chinese:
         args.set = ['TEXT.TOKENIZER=chinese'] + args.set
@@ -119,8 +152,9 @@ def parse_args(argv=None):
 def build_tokenizer(cfg, pairs=None):
     t = cfg.TEXT
     if t.TOKENIZER == 'words':
-        return utils.DalleTokenizer.from_captions(c for _, caps in pairs
-                                                  for c in ([caps] if isinstance(caps, str) else caps))
+        return utils.DalleTokenizer.from_captions(
+            c for _, caps in pairs for c in ([caps] if isinstance(caps, str) else caps)
+        )
     return utils.DalleTokenizer({'kind': t.TOKENIZER, 'path': t.TOKENIZER_PATH})
 
 
@@ -129,14 +163,20 @@ def build_tokenizer(cfg, pairs=None):
 # ----------------------------------------------------------------------------
 def build_dataset(cfg, tokenizer, pairs, image_size):
     import torchvision.transforms as T
+
     ids = {}
     for _, caps in pairs:
         for c in [caps] if isinstance(caps, str) else caps:
             if c not in ids:
                 ids[c] = tokenizer.tokenize(c, cfg.TEXT.TEXT_SEQ_LEN, cfg.TEXT.TRUNCATE_CAPTIONS)
     lo = cfg.TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO
-    tf = T.Compose([T.RandomResizedCrop(image_size, scale=(lo, 1.0), ratio=(1.0, 1.0)), T.ToTensor(),
-                    T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(lo, 1.0), ratio=(1.0, 1.0)),
+            T.ToTensor(),
+            T.Normalize((0.5,) * 3, (0.5,) * 3),
+        ]
+    )
     return utils.PairDataset(pairs, tf, tokenize=ids.__getitem__)
 
 
@@ -149,7 +189,7 @@ class CachedTokenPairs(torch.utils.data.Dataset):
         paths = sorted({p for p, _ in ds.pairs})
         images = utils.PairDataset([(p, '') for p in paths], ds.transform)
         tokens = []
-        with amp, torch.no_grad():      # the autocast a step would tokenise under
+        with amp, torch.no_grad():  # the autocast a step would tokenise under
             for batch, _ in torch.utils.data.DataLoader(images, batch_size=batch_size):
                 tokens.append(vae.get_codebook_indices(batch.to(device)).cpu())
         tokens, bad = torch.cat(tokens), {paths[i] for i in images.bad}
@@ -171,7 +211,7 @@ class CachedTokenPairs(torch.utils.data.Dataset):
         return self.tokens[row], self.tokenize(text)
 
 
-DEFAULT_VAE_PATH = os.path.join('output', 'vae', 'vae.pt')   # train_vae.py without --cfg/--out
+DEFAULT_VAE_PATH = os.path.join('output', 'vae', 'vae.pt')  # train_vae.py without --cfg/--out
 
 
 def load_vae(cfg, log):
@@ -184,8 +224,10 @@ def load_vae(cfg, log):
         return models.load_vqgan(cfg.VQGAN_MODEL_PATH, cfg.VQGAN_CONFIG_PATH)
     path = cfg.VAE_PATH or DEFAULT_VAE_PATH
     if not os.path.isfile(path):
-        raise utils.UserError(f"{path}: no VAE there; train one first (python train_vae.py --image_folder DIR "
-                              f"writes {DEFAULT_VAE_PATH}), or give --vae_path, the VQGAN paths or --dalle_path")
+        raise utils.UserError(
+            f"{path}: no VAE there; train one first (python train_vae.py --image_folder DIR "
+            f"writes {DEFAULT_VAE_PATH}), or give --vae_path, the VQGAN paths or --dalle_path"
+        )
     log.info(f"VAE: {path}")
     return models.load_discrete_vae(path)
 
@@ -232,37 +274,66 @@ def autocast(device, c):
 def train(run, args):
     cfg, dev, log, c = run.cfg, run.device, run.log, run.cfg.TRAIN
     if not cfg.IMAGE_TEXT_FOLDER:
-        raise utils.UserError("IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv")
+        raise utils.UserError(
+            "IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv"
+        )
     pairs = utils.read_pairs(cfg.IMAGE_TEXT_FOLDER)
     ckpt = utils.resolve_resume(args.resume, run.out, 'dalle', log, run.cfg)
-    if ckpt:      # as DALLE-pytorch's --dalle_path: the model, VAE and tokenizer of the checkpoint
+    if ckpt:  # as DALLE-pytorch's --dalle_path: the model, VAE and tokenizer of the checkpoint
         dalle, vae, tokenizer = models.load_dalle(ckpt, dev)
-        log.info(f"resumed model hparams {ckpt['extra']['hparams']} (the cfg's MODEL keys are not used)")
+        log.info(
+            f"resumed model hparams {ckpt['extra']['hparams']} (the cfg's MODEL keys are not used)"
+        )
     else:
         vae = load_vae(cfg, log).to(dev).eval().requires_grad_(False)
         tokenizer = build_tokenizer(cfg, pairs)
         m = cfg.MODEL
-        dalle = models.DALLE(tokenizer.vocab_size, cfg.TEXT.TEXT_SEQ_LEN, vae.num_tokens, vae.fmap_size,
-                             m.DIM, m.DEPTH, m.HEADS, m.DIM_HEAD, m.ATTN_DROPOUT, m.FF_DROPOUT,
-                             m.LOSS_IMG_WEIGHT).to(dev)
+        dalle = models.DALLE(
+            tokenizer.vocab_size,
+            cfg.TEXT.TEXT_SEQ_LEN,
+            vae.num_tokens,
+            vae.fmap_size,
+            m.DIM,
+            m.DEPTH,
+            m.HEADS,
+            m.DIM_HEAD,
+            m.ATTN_DROPOUT,
+            m.FF_DROPOUT,
+            m.LOSS_IMG_WEIGHT,
+        ).to(dev)
     if ckpt and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
-        raise utils.UserError(f"TEXT.TEXT_SEQ_LEN={cfg.TEXT.TEXT_SEQ_LEN} but the checkpoint has {dalle.text_seq_len}")
+        raise utils.UserError(
+            f"TEXT.TEXT_SEQ_LEN={cfg.TEXT.TEXT_SEQ_LEN} but the checkpoint has {dalle.text_seq_len}"
+        )
     ds = build_dataset(cfg, tokenizer, pairs, vae.image_size)
     amp, scaler = autocast(dev, c)
     if c.CACHE_IMAGE_TOKENS:
         if c.RANDOM_RESIZE_CROP_LOWER_RATIO != 1:
-            raise utils.UserError(f"TRAIN.CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1 (a fixed "
-                                  f"transform), not {c.RANDOM_RESIZE_CROP_LOWER_RATIO}")
+            raise utils.UserError(
+                f"TRAIN.CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1 (a fixed "
+                f"transform), not {c.RANDOM_RESIZE_CROP_LOWER_RATIO}"
+            )
         t_cache = time.time()
         ds = CachedTokenPairs(ds, vae, dev, amp)
-        log.info(f"image tokens cached: {len(ds.tokens)} images in {time.time() - t_cache:.1f} s"
-                 + (f"; {ds.skipped} pairs with unreadable images dropped" if ds.skipped else ''))
-    loader = utils.make_loader(ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED)
+        log.info(
+            f"image tokens cached: {len(ds.tokens)} images in {time.time() - t_cache:.1f} s"
+            + (f"; {ds.skipped} pairs with unreadable images dropped" if ds.skipped else '')
+        )
+    loader = utils.make_loader(
+        ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
+    )
     if len(loader) == 0:
-        raise utils.UserError(f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training pairs")
+        raise utils.UserError(
+            f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training pairs"
+        )
     opt = make_optimizer(dalle.parameters(), c.LEARNING_RATE)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=0.5, patience=10,
-                                                       cooldown=10, min_lr=1e-6) if c.LR_DECAY else None
+    sched = (
+        torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode='min', factor=0.5, patience=10, cooldown=10, min_lr=1e-6
+        )
+        if c.LR_DECAY
+        else None
+    )
     if c.AMP and c.AMP_DTYPE == 'bfloat16':
         utils.warn_slow_bf16(dev, log)
     scheds = {'sched': sched} if sched else {}
@@ -271,30 +342,49 @@ def train(run, args):
         step, epoch = utils.restore_checkpoint(ckpt, {'dalle': dalle}, {'opt': opt}, scheds, scaler)
         skip = ckpt['extra'].get('batches_done', 0)
     model = utils.wrap_ddp(dalle, dev)
-    extra = {'hparams': dalle.hparams, 'vae_class_name': vae.class_name, 'vae_params': vae.hparams,
-             'tokenizer': tokenizer.spec}
-    log.info(f"DALLE {sum(p.numel() for p in dalle.parameters()):,} params (VAE {vae.class_name} frozen), "
-             f"text {dalle.text_seq_len} + image {dalle.image_seq_len} tokens, vocab {tokenizer.vocab_size} "
-             f"({tokenizer.spec['kind']}), {len(ds)} pairs, {len(loader)} steps/epoch, amp={c.AMP}")
+    extra = {
+        'hparams': dalle.hparams,
+        'vae_class_name': vae.class_name,
+        'vae_params': vae.hparams,
+        'tokenizer': tokenizer.spec,
+    }
+    log.info(
+        f"DALLE {sum(p.numel() for p in dalle.parameters()):,} params (VAE {vae.class_name} frozen), "
+        f"text {dalle.text_seq_len} + image {dalle.image_seq_len} tokens, vocab {tokenizer.vocab_size} "
+        f"({tokenizer.spec['kind']}), {len(ds)} pairs, {len(loader)} steps/epoch, amp={c.AMP}"
+    )
     fixed = fixed_captions(pairs, tokenizer, cfg, c.NUM_SAMPLES)
 
     def save(epoch, batches_done, name=None):
-        return utils.save_checkpoint(run.out, 'dalle', step, {'dalle': dalle, 'vae': vae}, {'opt': opt}, scheds,
-                                     scaler, epoch=epoch, cfg=cfg, extra={**extra, 'batches_done': batches_done},
-                                     keep=c.KEEP_N_CHECKPOINTS, name=name)
+        return utils.save_checkpoint(
+            run.out,
+            'dalle',
+            step,
+            {'dalle': dalle, 'vae': vae},
+            {'opt': opt},
+            scheds,
+            scaler,
+            epoch=epoch,
+            cfg=cfg,
+            extra={**extra, 'batches_done': batches_done},
+            keep=c.KEEP_N_CHECKPOINTS,
+            name=name,
+        )
 
     t0, start_step, last = time.time(), step, {}
-    where = (epoch, skip)               # (epoch, batches done in it) of the latest save
+    where = (epoch, skip)  # (epoch, batches done in it) of the latest save
     for epoch in range(epoch, c.EPOCHS if not (c.MAX_STEPS and step >= c.MAX_STEPS) else epoch):
         utils.set_epoch(loader, epoch)
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=c.LOG_EVERY, log=log)
         epoch_loss, n, stop = 0.0, 0, False
         for i, (images, text) in enumerate(bar):
-            if i < skip:    # resumed mid-epoch: the same order, past the batches done; loading
-                if i == skip - 1:   # them drew random numbers, so the saved RNG state goes back
+            if i < skip:  # resumed mid-epoch: the same order, past the batches done; loading
+                if i == skip - 1:  # them drew random numbers, so the saved RNG state goes back
                     utils.set_rng_state(ckpt['rng'])
                 continue
-            loss, lt, li = train_step(model, vae, opt, images.to(dev, non_blocking=True), text.to(dev), c, amp, scaler)
+            loss, lt, li = train_step(
+                model, vae, opt, images.to(dev, non_blocking=True), text.to(dev), c, amp, scaler
+            )
             utils.check_finite(loss, 'dalle', step)
             step += 1
             epoch_loss, n = epoch_loss + loss.item(), n + 1
@@ -320,9 +410,13 @@ def train(run, args):
         if stop:
             break
     final = save(*where, name=f'{cfg.DALLE_OUTPUT_FILE_NAME}.pt')
-    metrics = {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
-               'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
-               **{f'final_{k}': v for k, v in last.items()}, 'dalle_path': final}
+    metrics = {
+        'train_steps': step,
+        'train_seconds': round(time.time() - t0, 1),
+        'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
+        **{f'final_{k}': v for k, v in last.items()},
+        'dalle_path': final,
+    }
     if cfg.EVAL.JUDGE and run.main:
         metrics.update(evaluate(cfg, dalle, vae, tokenizer, dev, log, run.out, final))
     utils.write_metrics(run.out, metrics)
@@ -334,12 +428,18 @@ def holdout_records(E):
     if not E.HOLDOUT:
         raise utils.UserError("EVAL.JUDGE needs EVAL.HOLDOUT: held-out (image, caption) pairs")
     pairs = utils.read_pairs(E.HOLDOUT)
-    pairs = pairs[::max(1, len(pairs) // E.NUM_CAPTIONS)][:E.NUM_CAPTIONS]
+    pairs = pairs[:: max(1, len(pairs) // E.NUM_CAPTIONS)][: E.NUM_CAPTIONS]
     records = []
     for i, (path, caps) in enumerate(pairs):
         key = utils.shapes_key(path)
-        records.append({'key': key, 'caption': caps if isinstance(caps, str) else caps[0], 'class': key.split('/')[0],
-                        'file': f'{i:05d}.png'})
+        records.append(
+            {
+                'key': key,
+                'caption': caps if isinstance(caps, str) else caps[0],
+                'class': key.split('/')[0],
+                'file': f'{i:05d}.png',
+            }
+        )
     return records
 
 
@@ -367,17 +467,25 @@ def dalle_sampler(model, vae, tokenizer, cfg, dev, shown):
     g = torch.Generator(device=dev).manual_seed(cfg.SEED)
 
     def sample(batch):
-        ids = torch.stack([tokenizer.tokenize(r['caption'], cfg.TEXT.TEXT_SEQ_LEN, True) for r in batch]).to(dev)
-        tokens = model.generate_image_tokens(ids, cfg.SAMPLE.TOP_K, cfg.SAMPLE.TEMPERATURE, generator=g,
-                                             top_k_over=cfg.SAMPLE.TOP_K_OVER)
+        ids = torch.stack(
+            [tokenizer.tokenize(r['caption'], cfg.TEXT.TEXT_SEQ_LEN, True) for r in batch]
+        ).to(dev)
+        tokens = model.generate_image_tokens(
+            ids,
+            cfg.SAMPLE.TOP_K,
+            cfg.SAMPLE.TEMPERATURE,
+            generator=g,
+            top_k_over=cfg.SAMPLE.TOP_K_OVER,
+        )
         images = vae.decode(tokens).float().clamp(-1, 1).cpu()
         if sum(map(len, shown)) < 8:
             shown.append(images)
         return images
+
     return sample
 
 
-SAMPLE_BATCH = 32       # captions per generate_image_tokens call
+SAMPLE_BATCH = 32  # captions per generate_image_tokens call
 
 
 @torch.no_grad()
@@ -397,29 +505,42 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     encoders, n_neg = None, 0
     if E.ENCODER:
         encoders = models.load_encoders(E.ENCODER, dev)
-        weights.update(text_encoder=encoders[0].weights_path, image_encoder=encoders[1].weights_path)
+        weights.update(
+            text_encoder=encoders[0].weights_path, image_encoder=encoders[1].weights_path
+        )
         classes = [r['class'] for r in held]
         n_neg = int(min(E.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max()))
 
     def score(model, files, out_dir=None):
         """The scores of model's samples, their records (with the judge's verdicts), the first 8."""
         records, shown = [dict(r) for r in held], []
-        res = utils.evaluate_generator(dalle_sampler(model, vae, tokenizer, cfg, dev, shown), records,
-                                       metric_plugins(judge, encoders, n_neg, out_dir), SAMPLE_BATCH, E.HOLDOUT,
-                                       cfg.SEED, files, vae.image_size, log=log)
+        res = utils.evaluate_generator(
+            dalle_sampler(model, vae, tokenizer, cfg, dev, shown),
+            records,
+            metric_plugins(judge, encoders, n_neg, out_dir),
+            SAMPLE_BATCH,
+            E.HOLDOUT,
+            cfg.SEED,
+            files,
+            vae.image_size,
+            log=log,
+        )
         return res, records, torch.cat(shown)[:8]
+
     res, records, first = score(dalle, weights, os.path.join(out, 'holdout_images'))
     utils.write_verdicts(os.path.join(out, 'judge.jsonl'), records)
     if encoders is not None:
         res['r_precision_negatives'] = n_neg
     rows = [first]
     if E.BASELINE:
-        torch.manual_seed(cfg.SEED)            # same architecture, fresh initialisation
+        torch.manual_seed(cfg.SEED)  # same architecture, fresh initialisation
         untrained = models.DALLE(**dalle.hparams).to(dev)
         base, _, shown = score(untrained, {k: v for k, v in weights.items() if k != 'dalle'})
         res.update({f'untrained_{k}': v for k, v in base.items()})
         rows.append(shown)
-    utils.save_image_grid(torch.cat(rows), os.path.join(out, 'holdout_samples.png'), nrow=len(rows[0]))
+    utils.save_image_grid(
+        torch.cat(rows), os.path.join(out, 'holdout_samples.png'), nrow=len(rows[0])
+    )
     res['eval_captions'] = len(records)
     log.info(' | '.join(f'{k} {v:.3f}' for k, v in res.items() if not isinstance(v, dict)))
     return res
@@ -442,10 +563,15 @@ def write_samples(run, dalle, vae, fixed, s, step):
         return
     dalle.eval()
     g = torch.Generator(device=run.device).manual_seed(0)
-    tokens = dalle.generate_image_tokens(ids.to(run.device), s.TOP_K, s.TEMPERATURE, generator=g,
-                                          top_k_over=s.TOP_K_OVER)
-    utils.log_images(run.writer, 'samples/images', vae.decode(tokens).float().clamp(-1, 1), step, nrow=len(texts))
-    run.writer.add_text('samples/captions', '\n\n'.join(f'{i}: {t}' for i, t in enumerate(texts)), step)
+    tokens = dalle.generate_image_tokens(
+        ids.to(run.device), s.TOP_K, s.TEMPERATURE, generator=g, top_k_over=s.TOP_K_OVER
+    )
+    utils.log_images(
+        run.writer, 'samples/images', vae.decode(tokens).float().clamp(-1, 1), step, nrow=len(texts)
+    )
+    run.writer.add_text(
+        'samples/captions', '\n\n'.join(f'{i}: {t}' for i, t in enumerate(texts)), step
+    )
     dalle.train()
 
 

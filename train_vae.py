@@ -9,6 +9,7 @@ codebook tokens -> images, the tokenizer of the DALLE pipeline.
 Writes <run>/vae.pt ({'hparams', 'weights'}, readable by DALLE-pytorch) and training
 checkpoints in <run>/checkpoints (--resume auto).
 """
+
 import math
 import os
 import time
@@ -20,57 +21,68 @@ import models
 import utils
 
 DEFAULTS = {
-    'CONFIG_NAME': 'vae',          # run dir output/vae without --cfg/--out (train_dalle.py reads output/vae/vae.pt)
-    'IMAGE_FOLDER': '',           # images at any depth below it
+    'CONFIG_NAME': 'vae',  # run dir output/vae without --cfg/--out (train_dalle.py reads output/vae/vae.pt)
+    'IMAGE_FOLDER': '',  # images at any depth below it
     'WORKERS': 4,
-    'PRELOAD': False,             # decode every image once into memory (the transform is fixed); not in DALLE-pytorch
-    'MODEL': {                    # DALLE-pytorch train_vae.py defaults
+    'PRELOAD': False,  # decode every image once into memory (the transform is fixed); not in DALLE-pytorch
+    'MODEL': {  # DALLE-pytorch train_vae.py defaults
         'IMAGE_SIZE': 128,
         'NUM_TOKENS': 8192,
         'NUM_LAYERS': 3,
         'NUM_RESNET_BLOCKS': 2,
-        'EMB_DIM': 512,           # codebook_dim
+        'EMB_DIM': 512,  # codebook_dim
         'HIDDEN_DIM': 256,
     },
     'TRAIN': {
         'EPOCHS': 20,
         'BATCH_SIZE': 8,
-        'LEARNING_RATE': 1e-3,    # Adam
-        'LR_DECAY_RATE': 0.98,    # ExponentialLR, stepped every LR_DECAY_EVERY steps
-        'LR_DECAY_EVERY': 100,    # DALLE-pytorch stepped it at its log points, every 100 steps
+        'LEARNING_RATE': 1e-3,  # Adam
+        'LR_DECAY_RATE': 0.98,  # ExponentialLR, stepped every LR_DECAY_EVERY steps
+        'LR_DECAY_EVERY': 100,  # DALLE-pytorch stepped it at its log points, every 100 steps
         'STARTING_TEMP': 1.0,
         'TEMP_MIN': 0.5,
         'ANNEAL_RATE': 1e-6,
         'TEMP_SCHEDULE': 'compound',  # DALLE-pytorch: temp = max(temp * exp(-ANNEAL_RATE * step), TEMP_MIN) at each
-                                      # LR_DECAY_EVERY-th step; 'exponential': STARTING_TEMP * exp(-ANNEAL_RATE * step)
+        # LR_DECAY_EVERY-th step; 'exponential': STARTING_TEMP * exp(-ANNEAL_RATE * step)
         'KL_LOSS_WEIGHT': 0.0,
         'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
-        'REINMAX': False,         # upstream DiscreteVAE(reinmax=) (not in 1.6.6): ReinMax gradient for STRAIGHT_THROUGH
-        'LOGIT_INIT_SCALE': 1.0,    # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
+        'REINMAX': False,  # upstream DiscreteVAE(reinmax=) (not in 1.6.6): ReinMax gradient for STRAIGHT_THROUGH
+        'LOGIT_INIT_SCALE': 1.0,  # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
         'RESTART_DEAD_CODES': False,  # at each LOG_EVERY, codes unused since the last one split busy codes
         'SMOOTH_L1_LOSS': False,
-        'AMP': False,             # bf16 autocast
-        'LOG_EVERY': 100,         # scalars, codebook usage, reconstruction grids
+        'AMP': False,  # bf16 autocast
+        'LOG_EVERY': 100,  # scalars, codebook usage, reconstruction grids
         'NUM_IMAGES_SAVE': 4,
         'SAVE_EVERY_N_STEPS': 1000,
         'KEEP_CHECKPOINTS': 3,
     },
     'EVAL': {
-        'HOLDOUT': '',            # csv/jsonl/folder of images kept out of training, for eval
+        'HOLDOUT': '',  # csv/jsonl/folder of images kept out of training, for eval
         'MAX_IMAGES': 1000,
-        'JUDGE': '',              # shapes judge checkpoint: attribute accuracy on reconstructions
+        'JUDGE': '',  # shapes judge checkpoint: attribute accuracy on reconstructions
     },
 }
 
 # DALLE-pytorch's flags, as cfg keys (utils.flags_to_set).
-FLAGS = {'image_folder': 'IMAGE_FOLDER', 'image_size': 'MODEL.IMAGE_SIZE', 'num_tokens': 'MODEL.NUM_TOKENS',
-         'num_layers': 'MODEL.NUM_LAYERS', 'num_resnet_blocks': 'MODEL.NUM_RESNET_BLOCKS',
-         'emb_dim': 'MODEL.EMB_DIM', 'hidden_dim': 'MODEL.HIDDEN_DIM', 'epochs': 'TRAIN.EPOCHS',
-         'batch_size': 'TRAIN.BATCH_SIZE', 'learning_rate': 'TRAIN.LEARNING_RATE',
-         'lr_decay_rate': 'TRAIN.LR_DECAY_RATE', 'starting_temp': 'TRAIN.STARTING_TEMP',
-         'temp_min': 'TRAIN.TEMP_MIN', 'anneal_rate': 'TRAIN.ANNEAL_RATE',
-         'kl_loss_weight': 'TRAIN.KL_LOSS_WEIGHT', 'smooth_l1_loss': 'TRAIN.SMOOTH_L1_LOSS',
-         'num_images_save': 'TRAIN.NUM_IMAGES_SAVE'}
+FLAGS = {
+    'image_folder': 'IMAGE_FOLDER',
+    'image_size': 'MODEL.IMAGE_SIZE',
+    'num_tokens': 'MODEL.NUM_TOKENS',
+    'num_layers': 'MODEL.NUM_LAYERS',
+    'num_resnet_blocks': 'MODEL.NUM_RESNET_BLOCKS',
+    'emb_dim': 'MODEL.EMB_DIM',
+    'hidden_dim': 'MODEL.HIDDEN_DIM',
+    'epochs': 'TRAIN.EPOCHS',
+    'batch_size': 'TRAIN.BATCH_SIZE',
+    'learning_rate': 'TRAIN.LEARNING_RATE',
+    'lr_decay_rate': 'TRAIN.LR_DECAY_RATE',
+    'starting_temp': 'TRAIN.STARTING_TEMP',
+    'temp_min': 'TRAIN.TEMP_MIN',
+    'anneal_rate': 'TRAIN.ANNEAL_RATE',
+    'kl_loss_weight': 'TRAIN.KL_LOSS_WEIGHT',
+    'smooth_l1_loss': 'TRAIN.SMOOTH_L1_LOSS',
+    'num_images_save': 'TRAIN.NUM_IMAGES_SAVE',
+}
 
 
 def parse_args(argv=None):
@@ -91,7 +103,10 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------
 def image_transform(size):
     import torchvision.transforms as T
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+
+    return T.Compose(
+        [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]
+    )
 
 
 def holdout_paths(spec):
@@ -108,8 +123,12 @@ def build_dataset(cfg):
     held = set(holdout_paths(cfg.EVAL.HOLDOUT))
     paths = [p for p in utils.list_images(cfg.IMAGE_FOLDER) if os.path.abspath(p) not in held]
     if not paths:
-        raise utils.UserError(f"{cfg.IMAGE_FOLDER}: no images found (extensions {utils.IMG_EXTENSIONS})")
-    return utils.PairDataset([(p, '') for p in paths], image_transform(cfg.MODEL.IMAGE_SIZE), preload=cfg.PRELOAD)
+        raise utils.UserError(
+            f"{cfg.IMAGE_FOLDER}: no images found (extensions {utils.IMG_EXTENSIONS})"
+        )
+    return utils.PairDataset(
+        [(p, '') for p in paths], image_transform(cfg.MODEL.IMAGE_SIZE), preload=cfg.PRELOAD
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -118,7 +137,7 @@ def build_dataset(cfg):
 def kl_to_uniform(logits):
     """KL(q(z|x) || uniform) per position, summed over positions and averaged over the batch
     ('batchmean' as DALLE-pytorch)."""
-    log_q = F.log_softmax(logits.float().flatten(2).transpose(1, 2), dim=-1)   # (B, h*w, K)
+    log_q = F.log_softmax(logits.float().flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, K)
     return (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum() / logits.shape[0]
 
 
@@ -145,7 +164,9 @@ def temperature(c, step):
     elif c.TEMP_SCHEDULE == 'exponential':
         exponent = c.ANNEAL_RATE * step
     else:
-        raise utils.UserError(f"TRAIN.TEMP_SCHEDULE={c.TEMP_SCHEDULE!r}: expected compound or exponential")
+        raise utils.UserError(
+            f"TRAIN.TEMP_SCHEDULE={c.TEMP_SCHEDULE!r}: expected compound or exponential"
+        )
     return max(c.STARTING_TEMP * math.exp(-exponent), c.TEMP_MIN)
 
 
@@ -179,7 +200,7 @@ def restart_dead_codes(vae, images, dead, init_scale):
         scale = init_scale / feats.pow(2).sum(1).mean()
         pick = torch.multinomial(err + 1e-12, min(len(dead), len(err)))
         h0, j = feats[pick], idx.flatten()[pick]
-        dead = dead[:len(h0)]
+        dead = dead[: len(h0)]
         conv.weight[dead] = conv.weight[j] + scale * h0[..., None, None]
         conv.bias[dead] = conv.bias[j] - scale * h0.pow(2).sum(1) / 2
         book[dead] = book[j]
@@ -203,7 +224,13 @@ def train_step(model, opt, images, temp, c, amp, step=0):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), rec.detach(), None if kl is None else kl.detach(), recon.detach(), logits.detach()
+    return (
+        loss.detach(),
+        rec.detach(),
+        None if kl is None else kl.detach(),
+        recon.detach(),
+        logits.detach(),
+    )
 
 
 def save_vae_pt(vae, path):
@@ -213,19 +240,29 @@ def save_vae_pt(vae, path):
 
 def train(run, args):
     cfg, dev, log, c, m = run.cfg, run.device, run.log, run.cfg.TRAIN, run.cfg.MODEL
-    if m.IMAGE_SIZE % 2 ** m.NUM_LAYERS:
-        raise utils.UserError(f"MODEL.IMAGE_SIZE={m.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2 ** m.NUM_LAYERS}")
-    temperature(c, 0)       # an unknown TEMP_SCHEDULE stops here, before any step
+    if m.IMAGE_SIZE % 2**m.NUM_LAYERS:
+        raise utils.UserError(
+            f"MODEL.IMAGE_SIZE={m.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2**m.NUM_LAYERS}"
+        )
+    temperature(c, 0)  # an unknown TEMP_SCHEDULE stops here, before any step
     if c.REINMAX and not c.STRAIGHT_THROUGH:
-        raise utils.UserError("TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)")
+        raise utils.UserError(
+            "TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)"
+        )
     ds = build_dataset(cfg)
-    loader = utils.make_loader(ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS,
-                               seed=cfg.SEED)
+    loader = utils.make_loader(
+        ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
+    )
     if len(loader) == 0:
-        raise utils.UserError(f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training images")
-    vae = models.DiscreteVAE(m.IMAGE_SIZE, m.NUM_TOKENS, m.EMB_DIM, m.NUM_LAYERS, m.NUM_RESNET_BLOCKS,
-                             m.HIDDEN_DIM).to(dev)
-    with torch.no_grad():   # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
+        raise utils.UserError(
+            f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training images"
+        )
+    vae = models.DiscreteVAE(
+        m.IMAGE_SIZE, m.NUM_TOKENS, m.EMB_DIM, m.NUM_LAYERS, m.NUM_RESNET_BLOCKS, m.HIDDEN_DIM
+    ).to(dev)
+    with (
+        torch.no_grad()
+    ):  # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
         vae.encoder[-1].weight.mul_(c.LOGIT_INIT_SCALE)
         vae.encoder[-1].bias.mul_(c.LOGIT_INIT_SCALE)
     opt = make_optimizer(vae.parameters(), c.LEARNING_RATE)
@@ -235,21 +272,37 @@ def train(run, args):
     if ckpt:
         step, epoch = utils.restore_checkpoint(ckpt, {'vae': vae}, {'opt': opt}, {'sched': sched})
         skip = ckpt['extra'].get('batches_done', 0)
-        counts = ckpt['extra'].get('code_counts')     # this window's code histogram, for RESTART_DEAD_CODES
+        counts = ckpt['extra'].get(
+            'code_counts'
+        )  # this window's code histogram, for RESTART_DEAD_CODES
     model = utils.wrap_ddp(vae, dev)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.AMP)
     if c.AMP:
         utils.warn_slow_bf16(dev, log)
-    log.info(f"DiscreteVAE {sum(p.numel() for p in vae.parameters()):,} params, {len(ds)} images, "
-             f"{vae.fmap_size}x{vae.fmap_size} tokens of {m.NUM_TOKENS}, {len(loader)} steps/epoch")
+    log.info(
+        f"DiscreteVAE {sum(p.numel() for p in vae.parameters()):,} params, {len(ds)} images, "
+        f"{vae.fmap_size}x{vae.fmap_size} tokens of {m.NUM_TOKENS}, {len(loader)} steps/epoch"
+    )
     counts = torch.zeros(m.NUM_TOKENS, device=dev) if counts is None else counts.to(dev)
     t0, last, start_step = time.time(), {}, step
 
     def save(epoch, batches_done):
-        utils.save_checkpoint(run.out, 'vae', step, {'vae': vae}, {'opt': opt}, {'sched': sched},
-                              epoch=epoch, cfg=cfg, keep=c.KEEP_CHECKPOINTS,
-                              extra={'hparams': vae.hparams, 'batches_done': batches_done,
-                                     'code_counts': counts.cpu()})
+        utils.save_checkpoint(
+            run.out,
+            'vae',
+            step,
+            {'vae': vae},
+            {'opt': opt},
+            {'sched': sched},
+            epoch=epoch,
+            cfg=cfg,
+            keep=c.KEEP_CHECKPOINTS,
+            extra={
+                'hparams': vae.hparams,
+                'batches_done': batches_done,
+                'code_counts': counts.cpu(),
+            },
+        )
         if run.main:
             save_vae_pt(vae, os.path.join(run.out, 'vae.pt'))
 
@@ -257,8 +310,8 @@ def train(run, args):
         utils.set_epoch(loader, epoch)
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=c.LOG_EVERY, log=log)
         for i, (images, _) in enumerate(bar):
-            if i < skip:    # resumed mid-epoch: the same order, past the batches done; loading
-                if i == skip - 1:   # them drew random numbers, so the saved RNG state goes back
+            if i < skip:  # resumed mid-epoch: the same order, past the batches done; loading
+                if i == skip - 1:  # them drew random numbers, so the saved RNG state goes back
                     utils.set_rng_state(ckpt['rng'])
                 continue
             images = images.to(dev, non_blocking=True)
@@ -267,14 +320,18 @@ def train(run, args):
             step += 1
             if step % c.LR_DECAY_EVERY == 0:
                 sched.step()
-            counts += torch.bincount(logits.detach().max(1).indices.flatten(), minlength=m.NUM_TOKENS)
+            counts += torch.bincount(
+                logits.detach().max(1).indices.flatten(), minlength=m.NUM_TOKENS
+            )
             last = {'loss': loss.item(), 'recon': rec.item(), 'temp': temp}
             bar.set_postfix(**last)
             if step % c.LOG_EVERY == 0:
                 last['kl'] = (kl if kl is not None else kl_to_uniform(logits)).item()
                 ppl, used = codebook_usage(counts)
                 if c.RESTART_DEAD_CODES:
-                    last['restarted'] = restart_dead_codes(vae, images, counts == 0, c.LOGIT_INIT_SCALE)
+                    last['restarted'] = restart_dead_codes(
+                        vae, images, counts == 0, c.LOGIT_INIT_SCALE
+                    )
                 counts.zero_()
                 last.update(perplexity=ppl, codes_used=used)
                 for k, v in {**last, 'lr': sched.get_last_lr()[0]}.items():
@@ -286,9 +343,13 @@ def train(run, args):
         save(epoch + 1, 0)
     if run.main:
         save_vae_pt(vae, os.path.join(run.out, 'vae-final.pt'))
-    metrics = {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
-               'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
-               **{f'final_{k}': v for k, v in last.items()}, 'vae_pt': os.path.join(run.out, 'vae.pt')}
+    metrics = {
+        'train_steps': step,
+        'train_seconds': round(time.time() - t0, 1),
+        'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
+        **{f'final_{k}': v for k, v in last.items()},
+        'vae_pt': os.path.join(run.out, 'vae.pt'),
+    }
     if cfg.EVAL.HOLDOUT and run.main:
         metrics.update(evaluate(cfg, vae, dev, log, run))
     utils.write_metrics(run.out, metrics)
@@ -315,7 +376,7 @@ def evaluate(cfg, vae, dev, log, run=None):
     """MSE of hard reconstructions in [-1, 1] and codebook usage on the held-out images; with
     EVAL.JUDGE, the shapes judge's colour/shape accuracy on originals and reconstructions, and on
     the originals averaged over each token's pixels (what one colour per token keeps)."""
-    paths = holdout_paths(cfg.EVAL.HOLDOUT)[:cfg.EVAL.MAX_IMAGES]
+    paths = holdout_paths(cfg.EVAL.HOLDOUT)[: cfg.EVAL.MAX_IMAGES]
     if not paths:
         raise utils.UserError(f"EVAL.HOLDOUT={cfg.EVAL.HOLDOUT}: no images")
     ds = utils.PairDataset([(p, '') for p in paths], image_transform(cfg.MODEL.IMAGE_SIZE))
@@ -331,17 +392,34 @@ def evaluate(cfg, vae, dev, log, run=None):
         recons.append(r.cpu())
     originals, recons = torch.cat(originals), torch.cat(recons)
     ppl, used = codebook_usage(counts)
-    out = {'holdout_images': len(ds), 'holdout_mse': se / originals.numel(), 'holdout_perplexity': ppl,
-           'holdout_codes_used': used}
+    out = {
+        'holdout_images': len(ds),
+        'holdout_mse': se / originals.numel(),
+        'holdout_perplexity': ppl,
+        'holdout_codes_used': used,
+    }
     if run is not None:
-        utils.save_image_grid(torch.cat([originals[:8], recons[:8]]), os.path.join(run.out, 'holdout_recon.png'))
+        utils.save_image_grid(
+            torch.cat([originals[:8], recons[:8]]), os.path.join(run.out, 'holdout_recon.png')
+        )
     if cfg.EVAL.JUDGE:
         # a reference beside the reconstructions: the originals with one average colour per
         # token, bilinearly enlarged back (what a perfect one-colour-per-token code keeps)
         S, f = originals.shape[-1], vae.fmap_size
-        grid = F.interpolate(F.interpolate(originals, size=f, mode='area'), size=S, mode='bilinear', align_corners=False)
-        out.update(judge_scores(cfg.EVAL.JUDGE, paths, originals, {'recon': recons, 'token_average': grid}, dev))
-    log.info(' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items()))
+        grid = F.interpolate(
+            F.interpolate(originals, size=f, mode='area'),
+            size=S,
+            mode='bilinear',
+            align_corners=False,
+        )
+        out.update(
+            judge_scores(
+                cfg.EVAL.JUDGE, paths, originals, {'recon': recons, 'token_average': grid}, dev
+            )
+        )
+    log.info(
+        ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items())
+    )
     return out
 
 

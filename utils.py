@@ -4,6 +4,7 @@ distributed, logging, metrics, checkpoints and the data readers.
 Scripts read top to bottom like their paper; everything that is not the paper
 lives here, once.
 """
+
 import argparse
 import collections
 import csv
@@ -102,15 +103,17 @@ def _check_type(key, default, value, source):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, float) and isinstance(value, str):
-        try:        # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
             return float(value)
         except ValueError:
             pass
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return list(value)
     if type(default) is not type(value):
-        raise UserError(f"{source}: {key}={value!r}: expected {type(default).__name__} "
-                        f"like the default {default!r}")
+        raise UserError(
+            f"{source}: {key}={value!r}: expected {type(default).__name__} "
+            f"like the default {default!r}"
+        )
     return value
 
 
@@ -118,14 +121,44 @@ def _check_type(key, default, value, source):
 # not a traceback many steps later): (test on the leaf name, check, what is expected).
 _VALUE_RULES = (
     (lambda leaf: leaf.endswith('BATCH_SIZE'), lambda v: v >= 1, 'at least 1'),
-    (lambda leaf: leaf in ('LR', 'LEARNING_RATE') or leaf.endswith('_LR'),
-     lambda v: math.isfinite(v) and v >= 0, 'a finite learning rate >= 0'),
-    (lambda leaf: leaf in ('EPOCHS', 'MAX_EPOCH', 'MAX_STEPS', 'WORKERS', 'NUM_IMAGES', 'KEEP_CHECKPOINTS',
-                           'KEEP_N_CHECKPOINTS'), lambda v: v >= 0, '>= 0'),
-    (lambda leaf: leaf in ('SPLITS', 'SNAPSHOT_INTERVAL', 'LOG_EVERY', 'CAPTIONS_PER_IMAGE', 'R_FOLDS'),
-     lambda v: v >= 1, 'at least 1'),
-    (lambda leaf: leaf == 'TOP_K', lambda v: math.isfinite(v) and v >= 0, 'a share in [0, 1) or a count >= 1'),
-    (lambda leaf: leaf.endswith('DECAY') and not leaf.startswith('LR'), lambda v: 0 <= v <= 1, 'in [0, 1]'),
+    (
+        lambda leaf: leaf in ('LR', 'LEARNING_RATE') or leaf.endswith('_LR'),
+        lambda v: math.isfinite(v) and v >= 0,
+        'a finite learning rate >= 0',
+    ),
+    (
+        lambda leaf: (
+            leaf
+            in (
+                'EPOCHS',
+                'MAX_EPOCH',
+                'MAX_STEPS',
+                'WORKERS',
+                'NUM_IMAGES',
+                'KEEP_CHECKPOINTS',
+                'KEEP_N_CHECKPOINTS',
+            )
+        ),
+        lambda v: v >= 0,
+        '>= 0',
+    ),
+    (
+        lambda leaf: (
+            leaf in ('SPLITS', 'SNAPSHOT_INTERVAL', 'LOG_EVERY', 'CAPTIONS_PER_IMAGE', 'R_FOLDS')
+        ),
+        lambda v: v >= 1,
+        'at least 1',
+    ),
+    (
+        lambda leaf: leaf == 'TOP_K',
+        lambda v: math.isfinite(v) and v >= 0,
+        'a share in [0, 1) or a count >= 1',
+    ),
+    (
+        lambda leaf: leaf.endswith('DECAY') and not leaf.startswith('LR'),
+        lambda v: 0 <= v <= 1,
+        'in [0, 1]',
+    ),
 )
 
 
@@ -142,8 +175,12 @@ def _check_value(key, value, source):
 def _unknown_key(key, valid, source):
     """Name the closest valid keys: full dotted paths, matched on the whole path and on the leaf."""
     leaf = key.split('.')[-1]
-    close = difflib.get_close_matches(key, valid, n=3) + \
-        [v for v in valid if v.split('.')[-1] in difflib.get_close_matches(leaf, [v.split('.')[-1] for v in valid], n=3)]
+    close = difflib.get_close_matches(key, valid, n=3) + [
+        v
+        for v in valid
+        if v.split('.')[-1]
+        in difflib.get_close_matches(leaf, [v.split('.')[-1] for v in valid], n=3)
+    ]
     full = list(dict.fromkeys(close))[:3]
     hint = f"; did you mean {', '.join(full)}?" if full else ""
     raise UserError(f"{source}: unknown cfg key '{key}'{hint}")
@@ -208,10 +245,10 @@ def load_yaml(path):
 
 # Keys every script's cfg has; the common flags write into them.
 COMMON_DEFAULTS = {
-    'CONFIG_NAME': '',     # names the run directory when OUT_DIR is empty
-    'OUT_DIR': '',         # run directory (--out)
-    'SEED': 0,             # --seed
-    'GPU_ID': -1,          # --gpu; -1 = CPU
+    'CONFIG_NAME': '',  # names the run directory when OUT_DIR is empty
+    'OUT_DIR': '',  # run directory (--out)
+    'SEED': 0,  # --seed
+    'GPU_ID': -1,  # --gpu; -1 = CPU
     'DETERMINISTIC': False,
 }
 
@@ -220,19 +257,35 @@ def base_parser(description, positional=None):
     """The flags every script shares. `positional` adds script-specific ones."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument('--cfg', help='YAML file merged over the defaults')
-    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                   help='override one cfg key (dotted for sections; repeatable)')
+    p.add_argument(
+        '--set',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='override one cfg key (dotted for sections; repeatable)',
+    )
     p.add_argument('--gpu', type=int, default=None, help='CUDA device index; -1 = CPU')
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--out', default=None, help='run directory')
-    p.add_argument('--resume', default=None, help="'auto' (newest checkpoint in the run dir) or a path")
-    p.add_argument('--overwrite', action='store_true',
-                   help='clear a run dir that holds checkpoints (else such a dir is refused without --resume)')
+    p.add_argument(
+        '--resume', default=None, help="'auto' (newest checkpoint in the run dir) or a path"
+    )
+    p.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='clear a run dir that holds checkpoints (else such a dir is refused without --resume)',
+    )
     p.add_argument('--deterministic', action='store_true', default=None)
     # python -m torch.distributed.launch (the older launcher) passes the local rank as a flag;
     # torchrun sets LOCAL_RANK, which is what get_device reads.
-    p.add_argument('--local-rank', '--local_rank', dest='local_rank', type=int, default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        '--local-rank',
+        '--local_rank',
+        dest='local_rank',
+        type=int,
+        default=None,
+        help=argparse.SUPPRESS,
+    )
     return p
 
 
@@ -243,8 +296,12 @@ def build_cfg(defaults, args):
     cfg = to_cfg({**COMMON_DEFAULTS, **defaults})
     if args.cfg:
         merge_cfg(cfg, load_yaml(args.cfg), args.cfg)
-    flags = {'GPU_ID': args.gpu, 'SEED': args.seed, 'OUT_DIR': args.out,
-             'DETERMINISTIC': args.deterministic}
+    flags = {
+        'GPU_ID': args.gpu,
+        'SEED': args.seed,
+        'OUT_DIR': args.out,
+        'DETERMINISTIC': args.deterministic,
+    }
     merge_cfg(cfg, {k: v for k, v in flags.items() if v is not None}, 'command line')
     apply_set(cfg, args.set)
     if not cfg.OUT_DIR:
@@ -257,15 +314,19 @@ def flags_to_set(args, mapping):
     """Script flags that stand for cfg keys ({'batch_size': 'TRAIN.BATCH_SIZE'}, as DALLE-pytorch's
     CLI has them): each flag given (not None) becomes KEY=value ahead of --set, so a flag
     overrides the cfg file and an explicit --set overrides the flag."""
-    given = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in mapping.items()
-             if getattr(args, flag, None) is not None]
+    given = [
+        f"{key}={json.dumps(getattr(args, flag))}"
+        for flag, key in mapping.items()
+        if getattr(args, flag, None) is not None
+    ]
     args.set = given + list(args.set or [])
     return args
 
 
 def save_cfg(cfg, out_dir):
-    atomic_write_text(os.path.join(out_dir, 'cfg.yml'),
-                      yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(
+        os.path.join(out_dir, 'cfg.yml'), yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -276,12 +337,16 @@ def get_device(gpu):
     if gpu is None or gpu < 0:
         return torch.device('cpu')
     if not torch.cuda.is_available():
-        raise UserError(f"GPU_ID={gpu} (--gpu or the cfg): CUDA was asked for but none is available "
-                        "(torch.cuda.is_available() is False); use --gpu -1 for the CPU")
+        raise UserError(
+            f"GPU_ID={gpu} (--gpu or the cfg): CUDA was asked for but none is available "
+            "(torch.cuda.is_available() is False); use --gpu -1 for the CPU"
+        )
     n = torch.cuda.device_count()
     index = int(os.environ.get('LOCAL_RANK', gpu)) if is_distributed_env() else gpu
     if index >= n:
-        raise UserError(f"GPU_ID={index} (--gpu, the cfg or LOCAL_RANK): only {n} CUDA device(s) visible")
+        raise UserError(
+            f"GPU_ID={index} (--gpu, the cfg or LOCAL_RANK): only {n} CUDA device(s) visible"
+        )
     torch.cuda.set_device(index)
     return torch.device('cuda', index)
 
@@ -289,11 +354,15 @@ def get_device(gpu):
 def warn_slow_bf16(device, log):
     """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN
     emulates it, slower than fp32."""
-    native = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
-        getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
+    native = (
+        getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+        or getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
+    )
     if device.type == 'cpu' and not native:
-        log.warning("bf16 autocast on a CPU without AVX512-BF16/AMX is emulated and slower than fp32; "
-                    "set TRAIN.AMP=false")
+        log.warning(
+            "bf16 autocast on a CPU without AVX512-BF16/AMX is emulated and slower than fp32; "
+            "set TRAIN.AMP=false"
+        )
 
 
 def seed_everything(seed, deterministic=False):
@@ -315,6 +384,7 @@ def is_distributed_env():
 def init_distributed(device):
     """Start the process group when launched by torchrun; returns (rank, world)."""
     import torch.distributed as dist
+
     if not is_distributed_env():
         return 0, 1
     if not dist.is_initialized():
@@ -324,17 +394,20 @@ def init_distributed(device):
 
 def cleanup_distributed():
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def get_rank():
     import torch.distributed as dist
+
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def get_world_size():
     import torch.distributed as dist
+
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -346,6 +419,7 @@ def wrap_ddp(model, device, **kw):
     if get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     return DDP(model, device_ids=[device.index] if device.type == 'cuda' else None, **kw)
 
 
@@ -357,6 +431,7 @@ def all_gather_with_grad(x):
     """Concatenate x from every rank; the local shard keeps its gradient, so a
     contrastive loss sees the global batch as negatives (open_clip's scheme)."""
     import torch.distributed as dist
+
     world = get_world_size()
     if world == 1:
         return x
@@ -369,9 +444,12 @@ def all_gather_with_grad(x):
 def all_reduce_mean(value):
     """Average a python float / tensor over ranks (for logging)."""
     import torch.distributed as dist
+
     if get_world_size() == 1:
         return value
-    t = torch.as_tensor(value, dtype=torch.float64, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
+    t = torch.as_tensor(
+        value, dtype=torch.float64, device='cuda' if dist.get_backend() == 'nccl' else 'cpu'
+    )
     dist.all_reduce(t)
     return (t / get_world_size()).item()
 
@@ -379,16 +457,25 @@ def all_reduce_mean(value):
 def make_loader(dataset, batch_size, shuffle, drop_last=False, workers=0, seed=0, collate_fn=None):
     """A DataLoader that shards with DistributedSampler under torchrun."""
     from torch.utils.data import DataLoader, DistributedSampler
+
     sampler = None
     if get_world_size() > 1:
         sampler = DistributedSampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
         shuffle = False
     g = torch.Generator()
     g.manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                        drop_last=drop_last, num_workers=workers, collate_fn=collate_fn,
-                        generator=g, worker_init_fn=_seed_worker,
-                        pin_memory=torch.cuda.is_available())
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        generator=g,
+        worker_init_fn=_seed_worker,
+        pin_memory=torch.cuda.is_available(),
+    )
     loader.base_seed = seed
     return loader
 
@@ -450,14 +537,18 @@ class Run:
 def make_run_dir(out_dir):
     """The run dir, created if missing; one line when it cannot hold a run."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"{out_dir}: exists and is not a directory (--out or OUT_DIR names the run dir)")
+        raise UserError(
+            f"{out_dir}: exists and is not a directory (--out or OUT_DIR names the run dir)"
+        )
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f'.write-test-{os.getpid()}')
         open(probe, 'w').close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"{out_dir}: cannot write the run dir there ({e.strerror or type(e).__name__})")
+        raise UserError(
+            f"{out_dir}: cannot write the run dir there ({e.strerror or type(e).__name__})"
+        )
 
 
 def guard_run_dir(out_dir, args):
@@ -465,13 +556,20 @@ def guard_run_dir(out_dir, args):
     run would overwrite some of its files and leave its later checkpoints for a --resume auto
     to pick up. Refuse, unless --overwrite asks to clear it (checkpoints, TensorBoard, metrics)."""
     ckpt_dir = os.path.join(out_dir, 'checkpoints')
-    held = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(('.pt', '.pth'))) if os.path.isdir(ckpt_dir) else []
+    held = (
+        sorted(f for f in os.listdir(ckpt_dir) if f.endswith(('.pt', '.pth')))
+        if os.path.isdir(ckpt_dir)
+        else []
+    )
     if not held or getattr(args, 'resume', None):
         return
     if not getattr(args, 'overwrite', False):
-        raise UserError(f"{out_dir}: holds a run already ({len(held)} checkpoint(s), newest {held[-1]}); "
-                        "--resume auto continues it, --overwrite starts over, --out names another dir")
+        raise UserError(
+            f"{out_dir}: holds a run already ({len(held)} checkpoint(s), newest {held[-1]}); "
+            "--resume auto continues it, --overwrite starts over, --out names another dir"
+        )
     import shutil
+
     for name in ('checkpoints', 'tb'):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     for name in ('metrics.json', 'log.txt'):
@@ -493,6 +591,7 @@ def setup(args, defaults, tensorboard=True):
     writer = _NullWriter()
     if tensorboard and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(os.path.join(cfg.OUT_DIR, 'tb'))
     log.info(f"run dir {cfg.OUT_DIR} | device {device} | world {world} | seed {cfg.SEED}")
     return Run(cfg, device, rank, world, log, writer)
@@ -501,25 +600,36 @@ def setup(args, defaults, tensorboard=True):
 def log_images(writer, tag, images, step, nrow=8):
     """images in [-1, 1], shape (N, 3, H, W): one grid in TensorBoard."""
     import torchvision.utils as vutils
-    grid = vutils.make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow,
-                            normalize=True, value_range=(-1, 1))
+
+    grid = vutils.make_grid(
+        images.detach().float().cpu().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1)
+    )
     writer.add_image(tag, grid, step)
 
 
-CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-                 (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+CURVE_COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+]
 
 
 def plot_curves(path, xs, series, xlabel, title, ymax=1.0):
     """A line plot as a PNG (PIL only): one line per name in `series` ({name: [y per x]}),
     y from 0 to ymax, with a legend; for learning curves of scores in [0, 1]."""
     from PIL import Image, ImageDraw
+
     W, H, left, right, top, bottom = 640, 400, 50, 150, 30, 40
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
     x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
-    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)     # noqa: E731
-    py = lambda y: H - bottom - min(max(y, 0), ymax) / ymax * (H - top - bottom)   # noqa: E731
+    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)  # noqa: E731
+    py = lambda y: H - bottom - min(max(y, 0), ymax) / ymax * (H - top - bottom)  # noqa: E731
     d.rectangle([left, top, W - right, H - bottom], outline='black')
     for i in range(6):
         y = ymax * i / 5
@@ -536,15 +646,25 @@ def plot_curves(path, xs, series, xlabel, title, ymax=1.0):
             d.line(pts, fill=colour, width=2)
         for p in pts:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colour)
-        d.line([W - right + 10, top + 10 + 16 * k, W - right + 30, top + 10 + 16 * k], fill=colour, width=3)
+        d.line(
+            [W - right + 10, top + 10 + 16 * k, W - right + 30, top + 10 + 16 * k],
+            fill=colour,
+            width=3,
+        )
         d.text((W - right + 36, top + 4 + 16 * k), name, fill='black')
     img.save(path)
 
 
 def save_image_grid(images, path, nrow=8):
     import torchvision.utils as vutils
-    vutils.save_image(images.detach().float().cpu().clamp(-1, 1), path, nrow=nrow,
-                      normalize=True, value_range=(-1, 1))
+
+    vutils.save_image(
+        images.detach().float().cpu().clamp(-1, 1),
+        path,
+        nrow=nrow,
+        normalize=True,
+        value_range=(-1, 1),
+    )
 
 
 class progress:
@@ -553,13 +673,18 @@ class progress:
 
     def __init__(self, iterable=None, total=None, desc='', every=50, disable=None, log=None):
         self.iterable, self.desc, self.every = iterable, desc, max(1, every)
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, '__len__') else None)
+        self.total = (
+            total
+            if total is not None
+            else (len(iterable) if hasattr(iterable, '__len__') else None)
+        )
         self.disable = (not is_main()) if disable is None else disable
         self.tty = sys.stderr.isatty()
         self.log, self.n, self.postfix, self.t0 = log, 0, {}, time.time()
         self._bar = None
         if self.tty and not self.disable:
             from tqdm import tqdm
+
             self._bar = tqdm(total=self.total, desc=desc, dynamic_ncols=True)
 
     def __iter__(self):
@@ -622,8 +747,10 @@ def _json_default(o):
 def check_finite(loss, name, step):
     """A NaN/inf loss stops the run before anything is saved over a good checkpoint."""
     if not torch.isfinite(loss).all():
-        raise UserError(f"loss '{name}' is {loss.item()} at step {step}; stopping without "
-                        "saving (lower the learning rate or try --set ...AMP=false)")
+        raise UserError(
+            f"loss '{name}' is {loss.item()} at step {step}; stopping without "
+            "saving (lower the learning rate or try --set ...AMP=false)"
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -654,7 +781,9 @@ def atomic_write_bytes(path, data):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise UserError(f"{path}: cannot write ({e.strerror or e}); nothing was overwritten") from None
+        raise UserError(
+            f"{path}: cannot write ({e.strerror or e}); nothing was overwritten"
+        ) from None
     _fsync_dir(d)
 
 
@@ -670,9 +799,11 @@ def atomic_torch_save(obj, path):
 
 def rng_state():
     np_state = np.random.get_state()
-    st = {'python': random.getstate(),
-          'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-          'torch': torch.get_rng_state()}
+    st = {
+        'python': random.getstate(),
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        'torch': torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         st['cuda'] = torch.cuda.get_rng_state_all()
     return st
@@ -687,14 +818,29 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st['cuda'])
 
 
-def save_checkpoint(out_dir, kind, step, models, optimizers=None, schedulers=None,
-                    scaler=None, epoch=0, cfg=None, extra=None, keep=3, name=None):
+def save_checkpoint(
+    out_dir,
+    kind,
+    step,
+    models,
+    optimizers=None,
+    schedulers=None,
+    scaler=None,
+    epoch=0,
+    cfg=None,
+    extra=None,
+    keep=3,
+    name=None,
+):
     """Save the full training state atomically as <out>/checkpoints/<kind>_<step>.pt
     and delete all but the newest `keep` of this kind. Only rank 0 writes."""
     if not is_main():
         return None
     ckpt = {
-        'kind': kind, 'format': 1, 'step': int(step), 'epoch': int(epoch),
+        'kind': kind,
+        'format': 1,
+        'step': int(step),
+        'epoch': int(epoch),
         'models': {k: unwrap(m).state_dict() for k, m in models.items()},
         'optimizers': {k: o.state_dict() for k, o in (optimizers or {}).items()},
         'schedulers': {k: s.state_dict() for k, s in (schedulers or {}).items()},
@@ -729,14 +875,20 @@ def load_weights(path, map_location='cpu'):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})")
+        raise UserError(
+            f"{path}: not a readable checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]})"
+        )
 
 
 def is_state_dict(obj):
     """A plain torch.save(net.state_dict()), as the original repositories release their weights."""
-    return isinstance(obj, dict) and bool(obj) and 'kind' not in obj and \
-        all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and 'kind' not in obj
+        and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    )
 
 
 def load_checkpoint(path, kind=None, map_location='cpu'):
@@ -765,20 +917,27 @@ def report_resume_differences(ckpt, cfg, log):
     saved = ckpt.get('cfg')
     if not isinstance(saved, dict) or cfg is None or log is None:
         return
+
     def flat(d, prefix=''):
         out = {}
         for k, v in d.items():
             out.update(flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
         return out
+
     old, new = flat(saved), flat(cfg.to_dict() if isinstance(cfg, Cfg) else cfg)
     diff = [k for k in new if k in old and old[k] != new[k] and k not in ('OUT_DIR', 'GPU_ID')]
     for k in diff:
         if _is_lr_key(k):
-            log.warning(f"{k}={new[k]} is not used: resuming keeps the checkpoint's optimizer state "
-                        f"(lr {old[k]}); start a new run dir for a new learning rate")
+            log.warning(
+                f"{k}={new[k]} is not used: resuming keeps the checkpoint's optimizer state "
+                f"(lr {old[k]}); start a new run dir for a new learning rate"
+            )
     others = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in diff if not _is_lr_key(k)]
     if others:
-        log.info("cfg values that differ from the resumed run's (these take effect): " + ', '.join(others))
+        log.info(
+            "cfg values that differ from the resumed run's (these take effect): "
+            + ', '.join(others)
+        )
 
 
 def resolve_resume(resume, out_dir, kind, log=None, cfg=None):
@@ -814,10 +973,12 @@ def restore_checkpoint(ckpt, models, optimizers=None, schedulers=None, scaler=No
             raise UserError(f"checkpoint has no model '{k}' (has {sorted(ckpt['models'])})")
         try:
             unwrap(m).load_state_dict(ckpt['models'][k])
-        except RuntimeError as e:       # the cfg changed the architecture since the checkpoint
+        except RuntimeError as e:  # the cfg changed the architecture since the checkpoint
             detail = ' '.join(str(e).split('\n', 1)[-1].split())[:240]
-            raise UserError(f"checkpoint's '{k}' does not fit the model the cfg builds ({detail}); "
-                            "resume with the run's own cfg (its cfg.yml), or start a new run dir")
+            raise UserError(
+                f"checkpoint's '{k}' does not fit the model the cfg builds ({detail}); "
+                "resume with the run's own cfg (its cfg.yml), or start a new run dir"
+            )
     for k, o in (optimizers or {}).items():
         o.load_state_dict(ckpt['optimizers'][k])
     for k, s in (schedulers or {}).items():
@@ -832,14 +993,29 @@ def restore_checkpoint(ckpt, models, optimizers=None, schedulers=None, scaler=No
 # ----------------------------------------------------------------------------
 # Restricted unpickler for dataset pickles (AttnGAN's filenames/captions/class_info)
 # ----------------------------------------------------------------------------
-_SAFE_GLOBALS = {('builtins', n) for n in ('list', 'dict', 'tuple', 'set', 'frozenset',
-                                            'int', 'float', 'str', 'bytes', 'bool', 'complex')}
+_SAFE_GLOBALS = {
+    ('builtins', n)
+    for n in (
+        'list',
+        'dict',
+        'tuple',
+        'set',
+        'frozenset',
+        'int',
+        'float',
+        'str',
+        'bytes',
+        'bool',
+        'complex',
+    )
+}
 _SAFE_GLOBALS.add(('collections', 'OrderedDict'))
 
 
 def _numeric_dtype(dt):
     """np.dtype of a plain integer or float kind, else UnpicklingError."""
     import numpy as np
+
     dt = np.dtype(dt)
     if dt.kind not in 'iuf' or dt.fields is not None or dt.subdtype is not None:
         raise pickle.UnpicklingError(f"refusing numpy dtype {dt!r} (only integer and float kinds)")
@@ -856,8 +1032,9 @@ def _np_dtype(name, align=False, copy=False):
 def _np_scalar(dtype, data):
     """numpy.core.multiarray.scalar(dtype, raw bytes): an integer/float numpy scalar."""
     import numpy as np
+
     dt = _numeric_dtype(dtype)
-    if isinstance(data, str):                      # Python 2 pickles read with latin-1
+    if isinstance(data, str):  # Python 2 pickles read with latin-1
         data = data.encode('latin1')
     if not isinstance(data, bytes) or len(data) != dt.itemsize:
         raise pickle.UnpicklingError(f"numpy scalar of {dt}: expected {dt.itemsize} raw bytes")
@@ -865,8 +1042,11 @@ def _np_scalar(dtype, data):
 
 
 # numpy >= 2 pickles name the module numpy._core; older ones numpy.core.
-_NUMPY_GLOBALS = {('numpy', 'dtype'): _np_dtype, ('numpy.core.multiarray', 'scalar'): _np_scalar,
-                  ('numpy._core.multiarray', 'scalar'): _np_scalar}
+_NUMPY_GLOBALS = {
+    ('numpy', 'dtype'): _np_dtype,
+    ('numpy.core.multiarray', 'scalar'): _np_scalar,
+    ('numpy._core.multiarray', 'scalar'): _np_scalar,
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -900,8 +1080,10 @@ def safe_pickle_load(path):
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), _NUMPY_GLOBALS, encoding='latin1').load()
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: unsafe or corrupt pickle ({e}); only plain "
-                        "lists/dicts/strings/numbers are accepted")
+        raise UserError(
+            f"{path}: unsafe or corrupt pickle ({e}); only plain "
+            "lists/dicts/strings/numbers are accepted"
+        )
     except Exception as e:
         raise UserError(f"{path}: unreadable pickle ({type(e).__name__}: {e})")
     return obj
@@ -930,8 +1112,12 @@ class _NpyDtype:
     def __setstate__(self, state):
         # (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata]):
         # only the byte order is taken; a structured or subarray dtype is refused.
-        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[1] in ('<', '>', '|', '=')
-                and state[2:5] == (None, None, None)):
+        if not (
+            isinstance(state, tuple)
+            and len(state) in (8, 9)
+            and state[1] in ('<', '>', '|', '=')
+            and state[2:5] == (None, None, None)
+        ):
             raise pickle.UnpicklingError(f"refusing numpy dtype state {str(state)[:80]}")
         if state[1] in '<>':
             self.dtype = self.dtype.newbyteorder(state[1])
@@ -950,13 +1136,22 @@ class _NpyArray:
 
     def __init__(self, cls, shape, typecode):
         if cls is not _NpyNdarray:
-            raise pickle.UnpicklingError(f"refusing _reconstruct of {getattr(cls, '__name__', cls)}")
+            raise pickle.UnpicklingError(
+                f"refusing _reconstruct of {getattr(cls, '__name__', cls)}"
+            )
         self.state = None
 
     def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[1], tuple)
-                and all(isinstance(n, int) and n >= 0 for n in state[1]) and isinstance(state[2], _NpyDtype)):
-            raise pickle.UnpicklingError("numpy array state is not (version, shape, dtype, order, data)")
+        if not (
+            isinstance(state, tuple)
+            and len(state) == 5
+            and isinstance(state[1], tuple)
+            and all(isinstance(n, int) and n >= 0 for n in state[1])
+            and isinstance(state[2], _NpyDtype)
+        ):
+            raise pickle.UnpicklingError(
+                "numpy array state is not (version, shape, dtype, order, data)"
+            )
         self.state = state
 
     def build(self, resolve):
@@ -966,13 +1161,17 @@ class _NpyArray:
         dt, order, n = dt.dtype, 'F' if fortran else 'C', math.prod(shape)
         if dt == np.dtype(object):
             if not isinstance(data, list) or len(data) != n:
-                raise pickle.UnpicklingError(f"object array of shape {shape}: expected a list of {n} items")
+                raise pickle.UnpicklingError(
+                    f"object array of shape {shape}: expected a list of {n} items"
+                )
             out = np.empty(n, object)
             for i, v in enumerate(data):
                 out[i] = resolve(v)
             return out.reshape(shape, order=order)
         if not isinstance(data, bytes) or len(data) != n * dt.itemsize:
-            raise pickle.UnpicklingError(f"{dt} array of shape {shape}: expected {n * dt.itemsize} raw bytes")
+            raise pickle.UnpicklingError(
+                f"{dt} array of shape {shape}: expected {n * dt.itemsize} raw bytes"
+            )
         return np.frombuffer(data, dt).reshape(shape, order=order).astype(dt.newbyteorder('='))
 
 
@@ -982,7 +1181,7 @@ class _FrozenDict(dict):
 
     def __setstate__(self, state):
         if isinstance(state, tuple) and len(state) == 2 and state[0] is None:
-            state = state[1]                        # (no __dict__, the slots' values)
+            state = state[1]  # (no __dict__, the slots' values)
         if not (isinstance(state, dict) and isinstance(state.get('_dict'), dict)):
             raise pickle.UnpicklingError("FrozenDict state without its '_dict'")
         self.update(state['_dict'])
@@ -994,9 +1193,12 @@ def _npy_scalar(dtype, data):
     return _np_scalar(dtype.dtype, data)
 
 
-_NPY_GLOBALS = {('numpy', 'dtype'): _NpyDtype, ('numpy', 'ndarray'): _NpyNdarray,
-                ('flax.core.frozen_dict', 'FrozenDict'): _FrozenDict}
-for _m in ('numpy.core.multiarray', 'numpy._core.multiarray'):   # numpy < 2 and >= 2 names
+_NPY_GLOBALS = {
+    ('numpy', 'dtype'): _NpyDtype,
+    ('numpy', 'ndarray'): _NpyNdarray,
+    ('flax.core.frozen_dict', 'FrozenDict'): _FrozenDict,
+}
+for _m in ('numpy.core.multiarray', 'numpy._core.multiarray'):  # numpy < 2 and >= 2 names
     _NPY_GLOBALS[_m, '_reconstruct'] = _NpyArray
     _NPY_GLOBALS[_m, 'scalar'] = _npy_scalar
 
@@ -1006,7 +1208,9 @@ def _npy_resolve(x):
     if isinstance(x, _NpyArray):
         return x.build(_npy_resolve)
     if isinstance(x, dict):
-        return (dict if isinstance(x, _FrozenDict) else type(x))((k, _npy_resolve(v)) for k, v in x.items())
+        return (dict if isinstance(x, _FrozenDict) else type(x))(
+            (k, _npy_resolve(v)) for k, v in x.items()
+        )
     if isinstance(x, (list, tuple)):
         return type(x)(_npy_resolve(v) for v in x)
     return x
@@ -1022,7 +1226,10 @@ def safe_npy_load(path):
     with open(path, 'rb') as f:
         try:
             version = fmt.read_magic(f)
-            read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            read_header = {
+                (1, 0): fmt.read_array_header_1_0,
+                (2, 0): fmt.read_array_header_2_0,
+            }.get(version)
             if read_header is None:
                 raise ValueError(f"format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
             _, _, dtype = read_header(f)
@@ -1034,8 +1241,10 @@ def safe_npy_load(path):
     try:
         arr = _npy_resolve(_RestrictedUnpickler(io.BytesIO(data), _NPY_GLOBALS).load())
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: unsafe or corrupt pickle in the .npy file ({e}); only numpy arrays, "
-                        "plain containers and flax FrozenDicts are accepted")
+        raise UserError(
+            f"{path}: unsafe or corrupt pickle in the .npy file ({e}); only numpy arrays, "
+            "plain containers and flax FrozenDicts are accepted"
+        )
     except Exception as e:
         raise UserError(f"{path}: unreadable pickle in the .npy file ({type(e).__name__}: {e})")
     if not isinstance(arr, np.ndarray):
@@ -1056,6 +1265,7 @@ class BadImage(UserError):
 def load_image(path):
     """An RGB PIL image, or BadImage naming the file."""
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             return im.convert('RGB')
@@ -1074,10 +1284,12 @@ def list_images(folder, recursive=True):
     return sorted(out)
 
 
-TOKENIZER_FILES = {'clip': "a folder with CLIP's vocab.json + merges.txt (open_clip's package ships the BPE as "
-                            "bpe_simple_vocab_16e6.txt.gz)",
-                   'bert': "a vocab.txt (the Chinese one: cn_clip/clip/vocab.txt of the cn-clip package, 21,128 "
-                           "entries) or a folder holding one"}
+TOKENIZER_FILES = {
+    'clip': "a folder with CLIP's vocab.json + merges.txt (open_clip's package ships the BPE as "
+    "bpe_simple_vocab_16e6.txt.gz)",
+    'bert': "a vocab.txt (the Chinese one: cn_clip/clip/vocab.txt of the cn-clip package, 21,128 "
+    "entries) or a folder holding one",
+}
 
 
 def check_real_vocabulary(tok, source, kind):
@@ -1085,16 +1297,21 @@ def check_real_vocabulary(tok, source, kind):
     holding only its special tokens; training on it reads every caption as [UNK]. Refuse it."""
     vocab = tok.get_vocab()
     if set(vocab) <= set(tok.all_special_tokens):
-        raise UserError(f"{source}: the tokenizer holds only its {len(vocab)} special tokens (its vocabulary "
-                        f"files were not found, nothing is downloaded here); give {TOKENIZER_FILES[kind]}")
+        raise UserError(
+            f"{source}: the tokenizer holds only its {len(vocab)} special tokens (its vocabulary "
+            f"files were not found, nothing is downloaded here); give {TOKENIZER_FILES[kind]}"
+        )
     return tok
 
 
 def tokenize_attngan(text):
     """AttnGAN's tokenisation: lowercase, RegexpTokenizer(r'\\w+'), ASCII only."""
     text = text.replace('\ufffd\ufffd', ' ').lower()
-    return [t.encode('ascii', 'ignore').decode('ascii') for t in re.findall(r'\w+', text)
-            if t.encode('ascii', 'ignore')]
+    return [
+        t.encode('ascii', 'ignore').decode('ascii')
+        for t in re.findall(r'\w+', text)
+        if t.encode('ascii', 'ignore')
+    ]
 
 
 def _require(path, what):
@@ -1115,8 +1332,10 @@ def _read_captions_txt(path, n):
 
 def read_attngan_split(data_dir, split):
     """Keys of a split from <data_dir>/<split>/filenames.pickle."""
-    path = _require(os.path.join(data_dir, split, 'filenames.pickle'),
-                    f"AttnGAN layout: list of image keys for the '{split}' split")
+    path = _require(
+        os.path.join(data_dir, split, 'filenames.pickle'),
+        f"AttnGAN layout: list of image keys for the '{split}' split",
+    )
     keys = safe_pickle_load(path)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise UserError(f"{path}: expected a list of image keys (str)")
@@ -1149,12 +1368,17 @@ class AttnGANData:
 
     def __init__(self, data_dir, captions_per_image):
         if not os.path.isdir(data_dir):
-            raise UserError(f"{data_dir}: data directory not found (expected the AttnGAN "
-                            "layout: train/ test/ text/ and images)")
+            raise UserError(
+                f"{data_dir}: data directory not found (expected the AttnGAN "
+                "layout: train/ test/ text/ and images)"
+            )
         self.data_dir, self.n_caps = data_dir, captions_per_image
         self.is_birds = os.path.isdir(os.path.join(data_dir, 'CUB_200_2011'))
-        self.image_dir = os.path.join(data_dir, 'CUB_200_2011', 'images') if self.is_birds \
+        self.image_dir = (
+            os.path.join(data_dir, 'CUB_200_2011', 'images')
+            if self.is_birds
             else os.path.join(data_dir, 'images')
+        )
         _require(self.image_dir, 'image folder')
         self.keys = {s: read_attngan_split(data_dir, s) for s in ('train', 'test')}
         self.bbox = self._load_bbox() if self.is_birds else {}
@@ -1166,17 +1390,22 @@ class AttnGANData:
             self.ids = {'train': x[0], 'test': x[1]}
             self.ixtoword, self.wordtoix = x[2], x[3]
         else:
-            toks = {s: [tokenize_attngan(c) for k in self.keys[s] for c in self.raw_captions(k)]
-                    for s in ('train', 'test')}
+            toks = {
+                s: [tokenize_attngan(c) for k in self.keys[s] for c in self.raw_captions(k)]
+                for s in ('train', 'test')
+            }
             self.ixtoword, self.wordtoix = build_vocab(toks['train'] + toks['test'])
             self.ids = {s: [[self.wordtoix[w] for w in c] for c in toks[s]] for s in toks}
-            safe_pickle_dump([self.ids['train'], self.ids['test'], self.ixtoword, self.wordtoix],
-                             cap_path)
+            safe_pickle_dump(
+                [self.ids['train'], self.ids['test'], self.ixtoword, self.wordtoix], cap_path
+            )
         for s in ('train', 'test'):
             if len(self.ids[s]) != len(self.keys[s]) * self.n_caps:
-                raise UserError(f"{cap_path}: {len(self.ids[s])} {s} captions for "
-                                f"{len(self.keys[s])} images x {self.n_caps} captions; "
-                                "CAPTIONS_PER_IMAGE does not match this dataset")
+                raise UserError(
+                    f"{cap_path}: {len(self.ids[s])} {s} captions for "
+                    f"{len(self.keys[s])} images x {self.n_caps} captions; "
+                    "CAPTIONS_PER_IMAGE does not match this dataset"
+                )
 
     def _load_bbox(self):
         root = os.path.join(self.data_dir, 'CUB_200_2011')
@@ -1187,7 +1416,9 @@ class AttnGANData:
                     i, p = line.split()
                     names[i] = p[:-4]
         bbox = {}
-        with open(_require(os.path.join(root, 'bounding_boxes.txt'), 'CUB "<id> x y w h" list')) as f:
+        with open(
+            _require(os.path.join(root, 'bounding_boxes.txt'), 'CUB "<id> x y w h" list')
+        ) as f:
             for line in f:
                 if line.strip():
                     i, *box = line.split()
@@ -1204,7 +1435,7 @@ class AttnGANData:
             if len(ids) != len(self.keys[split]):
                 raise UserError(f"{path}: {len(ids)} class ids for {len(self.keys[split])} images")
             return [int(c) for c in ids]
-        return list(range(len(self.keys[split])))   # AttnGAN: no file -> every image its own class
+        return list(range(len(self.keys[split])))  # AttnGAN: no file -> every image its own class
 
     def image_path(self, key):
         return os.path.join(self.image_dir, key + '.jpg')
@@ -1232,8 +1463,12 @@ def skip_unreadable(dataset, index, read):
             return i, read(i)
         except BadImage as e:
             dataset.bad.add(i)
-            logging.getLogger('t2i').warning(f"skipping {e} ({len(dataset.bad)} unreadable so far in this worker)")
-    raise UserError(f"no readable image among the {len(dataset)} items of the dataset (see the warnings above)")
+            logging.getLogger('t2i').warning(
+                f"skipping {e} ({len(dataset.bad)} unreadable so far in this worker)"
+            )
+    raise UserError(
+        f"no readable image among the {len(dataset)} items of the dataset (see the warnings above)"
+    )
 
 
 class TextImageDataset(torch.utils.data.Dataset):
@@ -1241,27 +1476,47 @@ class TextImageDataset(torch.utils.data.Dataset):
     `two_captions`, for the contrastive variants) and the image pyramid
     base_size * 2**i, i < branch_num, in [-1, 1]."""
 
-    def __init__(self, data, split, base_size=64, branch_num=3, words_num=18, train=True,
-                 two_captions=False, image_size=None, flip=True, crop=True, preload=False):
+    def __init__(
+        self,
+        data,
+        split,
+        base_size=64,
+        branch_num=3,
+        words_num=18,
+        train=True,
+        two_captions=False,
+        image_size=None,
+        flip=True,
+        crop=True,
+        preload=False,
+    ):
         import torchvision.transforms as T
+
         self.d, self.split, self.words_num, self.train = data, split, words_num, train
         self.keys, self.ids = data.keys[split], data.ids[split]
         self.class_ids = data.class_ids(split)
         self.two = two_captions
-        self.sizes = [base_size * 2 ** i for i in range(branch_num)] if image_size is None else [image_size]
+        self.sizes = (
+            [base_size * 2**i for i in range(branch_num)] if image_size is None else [image_size]
+        )
         top = self.sizes[-1]
         # AttnGAN: resize to 76/64 of the size, then a random (train) or central (test) crop, and
         # random flips in training; crop=False / flip=False for data whose captions name positions.
-        first = [T.Resize(int(top * 76 / 64)), T.RandomCrop(top) if train else T.CenterCrop(top)] if crop \
+        first = (
+            [T.Resize(int(top * 76 / 64)), T.RandomCrop(top) if train else T.CenterCrop(top)]
+            if crop
             else [T.Resize([top, top])]
+        )
         self.aug = T.Compose(first + ([T.RandomHorizontalFlip()] if train and flip else []))
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
-        self.bad = set()            # indices of unreadable files (skip_unreadable)
+        self.bad = set()  # indices of unreadable files (skip_unreadable)
         self.cache = None
-        if preload:     # decode every image once; only a deterministic transform can be cached
+        if preload:  # decode every image once; only a deterministic transform can be cached
             if train and (crop or flip):
-                raise UserError("DATA.PRELOAD needs DATA.CROP and DATA.FLIP false (random crops and flips "
-                                "are drawn per step)")
+                raise UserError(
+                    "DATA.PRELOAD needs DATA.CROP and DATA.FLIP false (random crops and flips "
+                    "are drawn per step)"
+                )
             self.cache = [self._decode(k) for k in self.keys]
 
     def _decode(self, key):
@@ -1284,13 +1539,14 @@ class TextImageDataset(torch.utils.data.Dataset):
         if n <= self.words_num:
             x[:n] = sent
         else:
-            keep = np.sort(np.random.permutation(n)[:self.words_num])
+            keep = np.sort(np.random.permutation(n)[: self.words_num])
             x[:] = np.asarray(sent)[keep]
             n = self.words_num
         return torch.from_numpy(x), max(n, 1)
 
     def images(self, key, index=None):
         import torchvision.transforms.functional as TF
+
         if self.cache is not None and index is not None:
             if self.cache[index] is None:
                 raise BadImage(f"{self.d.image_path(key)}: unreadable image (when preloaded)")
@@ -1309,14 +1565,21 @@ class TextImageDataset(torch.utils.data.Dataset):
         index, imgs = skip_unreadable(self, index, lambda i: self.images(self.keys[i], i))
         key = self.keys[index]
         n = self.d.n_caps
-        picks = np.random.choice(n, 2, replace=False) if self.two and n > 1 else \
-            [np.random.randint(n)] * (2 if self.two else 1)
+        picks = (
+            np.random.choice(n, 2, replace=False)
+            if self.two and n > 1
+            else [np.random.randint(n)] * (2 if self.two else 1)
+        )
         item = {'imgs': imgs, 'class_id': self.class_ids[index], 'key': key, 'index': index}
         texts = self.d.raw_captions(key)
         for j, p in enumerate(picks):
             cap, n_words = self.caption(index * n + p)
             sfx = '' if j == 0 else str(j + 1)
-            item['caption' + sfx], item['cap_len' + sfx], item['text' + sfx] = cap, n_words, texts[p]
+            item['caption' + sfx], item['cap_len' + sfx], item['text' + sfx] = (
+                cap,
+                n_words,
+                texts[p],
+            )
         return item
 
 
@@ -1333,8 +1596,11 @@ def read_coco_json(json_path, image_dir):
     caps = collections.defaultdict(list)
     for a in js['annotations']:
         caps[a['image_id']].append(a['caption'].strip())
-    return [(os.path.join(image_dir, im['file_name']), caps[im['id']])
-            for im in sorted(js['images'], key=lambda im: im['id']) if caps[im['id']]]
+    return [
+        (os.path.join(image_dir, im['file_name']), caps[im['id']])
+        for im in sorted(js['images'], key=lambda im: im['id'])
+        if caps[im['id']]
+    ]
 
 
 def _resolve(path, base_dir):
@@ -1350,16 +1616,25 @@ def read_csv_pairs(path, img_key='filepath', caption_key='title', sep='\t'):
         reader = csv.DictReader(f, delimiter=sep)
         for key in (img_key, caption_key):
             if key not in (reader.fieldnames or []):
-                raise UserError(f"{path}: no column '{key}' (columns: {reader.fieldnames}; "
-                                f"separator {sep!r})")
+                raise UserError(
+                    f"{path}: no column '{key}' (columns: {reader.fieldnames}; separator {sep!r})"
+                )
         base, out = os.path.dirname(os.path.abspath(path)), []
         for n, r in enumerate(reader, 2):
             if not r[caption_key] or not r[img_key]:
-                raise UserError(f"{path}:{n}: a row without {'a caption' if r[img_key] else 'an image path'} "
-                                f"(columns '{img_key}' and '{caption_key}', separator {sep!r})")
-            img = r[img_key]    # open_clip opens a relative path from the working directory
-            out.append((os.path.abspath(img) if not os.path.isabs(img) and os.path.exists(img) else _resolve(img, base),
-                        r[caption_key]))
+                raise UserError(
+                    f"{path}:{n}: a row without {'a caption' if r[img_key] else 'an image path'} "
+                    f"(columns '{img_key}' and '{caption_key}', separator {sep!r})"
+                )
+            img = r[img_key]  # open_clip opens a relative path from the working directory
+            out.append(
+                (
+                    os.path.abspath(img)
+                    if not os.path.isabs(img) and os.path.exists(img)
+                    else _resolve(img, base),
+                    r[caption_key],
+                )
+            )
         return out
 
 
@@ -1375,8 +1650,10 @@ def read_jsonl_pairs(path):
                 r = json.loads(line)
                 out.append((_resolve(r['image_path'], base), r['sentences']))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{n}: expected {{\"image_path\": ..., \"sentences\": ...}} "
-                                f"({type(e).__name__})")
+                raise UserError(
+                    f"{path}:{n}: expected {{\"image_path\": ..., \"sentences\": ...}} "
+                    f"({type(e).__name__})"
+                )
     return out
 
 
@@ -1431,12 +1708,16 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, pairs, transform, tokenize=None, preload=False):
         self.pairs, self.transform, self.tokenize = pairs, transform, tokenize
-        self.bad = set()            # indices of unreadable files (skip_unreadable)
+        self.bad = set()  # indices of unreadable files (skip_unreadable)
         self.cache = [self._decode(i) for i in range(len(pairs))] if preload else None
 
     def _decode(self, i):
         try:
-            return (self.transform(load_image(self.pairs[i][0])) * 127.5 + 127.5).round().to(torch.uint8)
+            return (
+                (self.transform(load_image(self.pairs[i][0])) * 127.5 + 127.5)
+                .round()
+                .to(torch.uint8)
+            )
         except BadImage as e:
             self.bad.add(i)
             logging.getLogger('t2i').warning(f"skipping {e}")
@@ -1478,26 +1759,38 @@ class DalleTokenizer:
             self.vocab_size = len(spec['vocab'])
             return
         import transformers
+
         try:
             if kind == 'clip':
-                self.hf = transformers.CLIPTokenizer.from_pretrained(path or 'openai/clip-vit-base-patch32')
+                self.hf = transformers.CLIPTokenizer.from_pretrained(
+                    path or 'openai/clip-vit-base-patch32'
+                )
                 self.shift, self.vocab_size = 1, len(self.hf) + 1
             elif kind == 'chinese':
                 name = path or 'hfl/chinese-roberta-wwm-ext'
-                if os.path.isfile(name):     # a vocab.txt: transformers 5 names the argument `vocab`, 4 `vocab_file`
-                    v5 = 'vocab' in inspect.signature(transformers.BertTokenizer.__init__).parameters
+                if os.path.isfile(
+                    name
+                ):  # a vocab.txt: transformers 5 names the argument `vocab`, 4 `vocab_file`
+                    v5 = (
+                        'vocab' in inspect.signature(transformers.BertTokenizer.__init__).parameters
+                    )
                     self.hf = transformers.BertTokenizer(**{'vocab' if v5 else 'vocab_file': name})
                 else:
                     self.hf = transformers.BertTokenizer.from_pretrained(name)
                 self.shift, self.vocab_size = 0, self.hf.vocab_size
             else:
                 raise UserError(f"TEXT.TOKENIZER={kind!r}: expected clip, chinese or words")
-            check_real_vocabulary(self.hf, f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}",
-                                  'clip' if kind == 'clip' else 'bert')
+            check_real_vocabulary(
+                self.hf,
+                f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}",
+                'clip' if kind == 'clip' else 'bert',
+            )
         except (OSError, ValueError) as e:
-            raise UserError(f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}: cannot load the {kind} "
-                            f"tokenizer ({str(e).splitlines()[0][:160]}); give a local directory or "
-                            "vocabulary file (no downloads here)")
+            raise UserError(
+                f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}: cannot load the {kind} "
+                f"tokenizer ({str(e).splitlines()[0][:160]}); give a local directory or "
+                "vocabulary file (no downloads here)"
+            )
 
     @classmethod
     def from_captions(cls, captions):
@@ -1510,15 +1803,20 @@ class DalleTokenizer:
         return [i + self.shift for i in self.hf.encode(text, add_special_tokens=False)]
 
     def unknown_words(self, text):
-        return [w for w in tokenize_attngan(text) if w not in self.index] \
-            if self.spec['kind'] == 'words' else []
+        return (
+            [w for w in tokenize_attngan(text) if w not in self.index]
+            if self.spec['kind'] == 'words'
+            else []
+        )
 
     def tokenize(self, text, length, truncate):
         ids = self.encode(text)
         if len(ids) > length:
             if not truncate:
-                raise UserError(f"caption {text!r} has {len(ids)} tokens > TEXT_SEQ_LEN={length}; "
-                                "use --truncate_captions or a longer --text_seq_len")
+                raise UserError(
+                    f"caption {text!r} has {len(ids)} tokens > TEXT_SEQ_LEN={length}; "
+                    "use --truncate_captions or a longer --text_seq_len"
+                )
             ids = ids[:length]
         return torch.tensor(ids + [0] * (length - len(ids)), dtype=torch.long)
 
@@ -1530,9 +1828,11 @@ def check_r_precision_negatives(class_ids, n_neg, what='R-precision'):
     """Every image needs n_neg captions of other classes; checked before any training is spent."""
     counts = np.unique(np.asarray(class_ids), return_counts=True)[1]
     if len(class_ids) - counts.max() < n_neg:
-        raise UserError(f"{what} needs {n_neg} captions of other classes for every image; only "
-                        f"{len(class_ids) - counts.max()} for the largest class ({len(class_ids)} images); "
-                        "lower EVAL.R_NEG or evaluate on more images")
+        raise UserError(
+            f"{what} needs {n_neg} captions of other classes for every image; only "
+            f"{len(class_ids) - counts.max()} for the largest class ({len(class_ids)} images); "
+            "lower EVAL.R_NEG or evaluate on more images"
+        )
 
 
 def r_precision(image_emb, text_emb, class_ids=None, n_neg=99, folds=10, seed=0):
@@ -1567,8 +1867,10 @@ def r_precision(image_emb, text_emb, class_ids=None, n_neg=99, folds=10, seed=0)
     for start in range(0, n, 256):
         rows = np.arange(start, min(n, start + 256))
         cand = torch.from_numpy(np.stack([np.concatenate([[i], negatives(i)]) for i in rows]))
-        sims = torch.einsum('bkd,bd->bk', txt[cand], img[rows])        # true caption first
-        hits[rows] = (sims[:, 0] >= sims[:, 1:].max(1).values).double().numpy()  # DM-GAN: argmax == 0
+        sims = torch.einsum('bkd,bd->bk', txt[cand], img[rows])  # true caption first
+        hits[rows] = (
+            (sims[:, 0] >= sims[:, 1:].max(1).values).double().numpy()
+        )  # DM-GAN: argmax == 0
     per_fold = np.array_split(rng.permutation(hits), folds)
     scores = np.array([f.mean() for f in per_fold if len(f)])
     return float(scores.mean()), float(scores.std())
@@ -1591,8 +1893,8 @@ def encode_pairs(image_encoder, text_encoder, images, texts, batch_size=100):
     dev = next(image_encoder.parameters()).device
     img, txt = [], []
     for i in range(0, len(texts), batch_size):
-        img.append(image_encoder.encode(images[i:i + batch_size].to(dev))[1].float().cpu())
-        txt.append(text_encoder.encode(list(texts[i:i + batch_size]))[1].float().cpu())
+        img.append(image_encoder.encode(images[i : i + batch_size].to(dev))[1].float().cpu())
+        txt.append(text_encoder.encode(list(texts[i : i + batch_size]))[1].float().cpu())
     return torch.cat(img), torch.cat(txt)
 
 
@@ -1600,17 +1902,24 @@ def clip_metrics(image_emb, text_emb, n_neg=99, folds=10, seed=0):
     """CLIP score and CLIP-R-precision (Park et al. 2021: the true caption against 99
     captions of other images, any class) on features from a CLIP-like encoder pair."""
     r_mean, r_std = r_precision(image_emb, text_emb, None, n_neg, folds, seed)
-    return {'clip_score': clip_score(image_emb, text_emb), 'clip_r_precision': r_mean,
-            'clip_r_precision_std': r_std}
+    return {
+        'clip_score': clip_score(image_emb, text_emb),
+        'clip_r_precision': r_mean,
+        'clip_r_precision_std': r_std,
+    }
 
 
 # ----------------------------------------------------------------------------
 # Metrics: image folders and Inception weights files (FID, IS)
 # ----------------------------------------------------------------------------
 FID_WEIGHTS = 'pt_inception-2015-12-05-6726825d.pth'
-FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
-                   'pt_inception-2015-12-05-6726825d.pth')
-TV_INCEPTION_WEIGHTS = 'inception_v3_google-0cc3c7bd.pth'     # torchvision's IMAGENET1K_V1 file (IS, DAMSM's CNN)
+FID_WEIGHTS_URL = (
+    'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+    'pt_inception-2015-12-05-6726825d.pth'
+)
+TV_INCEPTION_WEIGHTS = (
+    'inception_v3_google-0cc3c7bd.pth'  # torchvision's IMAGENET1K_V1 file (IS, DAMSM's CNN)
+)
 TV_INCEPTION_WEIGHTS_URL = 'https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth'
 
 
@@ -1639,8 +1948,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def _stack(items):
     if len({tuple(t.shape) for t in items}) > 1:
-        raise UserError(f"images of different sizes in one folder ({sorted({tuple(t.shape) for t in items})}); "
-                        "FID batches need one size")
+        raise UserError(
+            f"images of different sizes in one folder ({sorted({tuple(t.shape) for t in items})}); "
+            "FID batches need one size"
+        )
     return torch.stack(items)
 
 
@@ -1653,9 +1964,14 @@ def num_workers(n):
 def batches(files, batch_size, workers, device):
     """RGB in [0, 1] (ToTensor's x / 255), (B, 3, H, W) channels_last, on device."""
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers(workers), collate_fn=_stack,
-                                         pin_memory=device.type == 'cuda')
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(files),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers(workers),
+        collate_fn=_stack,
+        pin_memory=device.type == 'cuda',
+    )
     for x in loader:
         yield x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div(255)
 
@@ -1670,8 +1986,10 @@ def weights_path(path, filename, url, hint=''):
     cached = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
     if os.path.isfile(cached):
         return cached
-    raise UserError(f"no weights: put {filename} ({url}) in {os.path.dirname(cached)}/ "
-                    f"or pass --weights PATH{hint}")
+    raise UserError(
+        f"no weights: put {filename} ({url}) in {os.path.dirname(cached)}/ "
+        f"or pass --weights PATH{hint}"
+    )
 
 
 def load_state_dict(net, path):
@@ -1684,8 +2002,10 @@ def load_state_dict(net, path):
         raise UserError(f"{path}: expected a state dict")
     missing, unexpected = set(net.state_dict()) - set(sd), set(sd) - set(net.state_dict())
     if missing or unexpected:
-        raise UserError(f"{path}: not {type(net).__name__} weights (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]})")
+        raise UserError(
+            f"{path}: not {type(net).__name__} weights (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
     net.load_state_dict(sd)
     return net
 
@@ -1707,9 +2027,13 @@ class FeatureNet:
 def activations(files, net, batch_size=50, workers=-1, device='cpu', desc='features'):
     out = np.empty((len(files), net.dims))
     n = 0
-    for x in progress(batches(files, batch_size, workers, device), total=-(-len(files) // batch_size),
-                      desc=desc, every=20):
-        out[n:n + len(x)] = net(x)
+    for x in progress(
+        batches(files, batch_size, workers, device),
+        total=-(-len(files) // batch_size),
+        desc=desc,
+        every=20,
+    ):
+        out[n : n + len(x)] = net(x)
         n += len(x)
     return out
 
@@ -1718,9 +2042,12 @@ def statistics(act, name='images'):
     """Mean and covariance in float64 (np.mean / np.cov, as pytorch-fid)."""
     act = np.asarray(act, dtype=np.float64)
     if act.shape[0] <= act.shape[1]:
-        warnings.warn(f"{name}: {act.shape[0]} images for {act.shape[1]} features: the covariance is "
-                      f"singular and FID is biased and unstable; use more than {act.shape[1]} images "
-                      "(the papers use 30,000-50,000)", stacklevel=2)
+        warnings.warn(
+            f"{name}: {act.shape[0]} images for {act.shape[1]} features: the covariance is "
+            f"singular and FID is biased and unstable; use more than {act.shape[1]} images "
+            "(the papers use 30,000-50,000)",
+            stacklevel=2,
+        )
     if not np.isfinite(act).all():
         raise UserError(f"{name}: non-finite activations (NaN/inf images or weights)")
     return act.mean(axis=0), np.cov(act, rowvar=False)
@@ -1734,14 +2061,22 @@ def path_statistics(path, net, batch_size=50, workers=-1, device='cpu'):
         with np.load(path) as f:
             if 'mu' not in f or 'sigma' not in f:
                 raise UserError(f"{path}: expected arrays 'mu' and 'sigma' (pytorch-fid's .npz)")
-            mu, sigma, feature = f['mu'][:], f['sigma'][:], str(f['feature']) if 'feature' in f else None
+            mu, sigma, feature = (
+                f['mu'][:],
+                f['sigma'][:],
+                str(f['feature']) if 'feature' in f else None,
+            )
         if feature is not None and feature != net.name:
             raise UserError(f"{path}: statistics of {feature} features; this run uses {net.name}")
         if mu.shape != (net.dims,):
-            raise UserError(f"{path}: {mu.shape[0]}-d statistics; this run uses {net.dims} ({net.name})")
+            raise UserError(
+                f"{path}: {mu.shape[0]}-d statistics; this run uses {net.dims} ({net.name})"
+            )
         return mu, sigma
     files = folder_images(path)
-    return statistics(activations(files, net, batch_size, workers, device, desc=os.path.basename(path)), path)
+    return statistics(
+        activations(files, net, batch_size, workers, device, desc=os.path.basename(path)), path
+    )
 
 
 def save_statistics(path, mu, sigma, feature):
@@ -1770,7 +2105,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eig'):
         raise UserError(f"statistics of different sizes: {mu1.shape[0]}-d and {mu2.shape[0]}-d")
     diff = mu1 - mu2
     if method == 'sqrtm':
-        from scipy import linalg      # here: the scripts that import utils need no scipy
+        from scipy import linalg  # here: the scripts that import utils need no scipy
+
         covmean = linalg.sqrtm(sigma1 @ sigma2)
         if not np.isfinite(covmean).all():
             warnings.warn(f"singular product; adding {eps} to the diagonal of both covariances")
@@ -1781,14 +2117,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method='eig'):
     elif method == 'eig':
         roots = sqrt_eigenvalues(sigma1, sigma2)
         residue, tr_covmean = np.abs(roots.imag).max(), roots.real.sum()
-        if residue > 1e-3:      # rank-deficient covariances (fewer images than dims): the eigenvalues
+        if residue > 1e-3:  # rank-deficient covariances (fewer images than dims): the eigenvalues
             # of S1 S2 carry rounding noise; pytorch-fid's route answers these cases, so take it
             return frechet_distance(mu1, sigma1, mu2, sigma2, eps, 'sqrtm')
     else:
         raise ValueError(method)
     if residue > 1e-3:
-        raise UserError(f"imaginary component {residue:.3g} in the square root of S1 S2 (pytorch-fid "
-                        "refuses these statistics too); compute them from more images")
+        raise UserError(
+            f"imaginary component {residue:.3g} in the square root of S1 S2 (pytorch-fid "
+            "refuses these statistics too); compute them from more images"
+        )
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
@@ -1809,9 +2147,9 @@ def inception_score(logits, splits=10, shuffle_seed=None):
     log_p = logits.log_softmax(dim=1)
     scores = []
     for i in range(splits):
-        part = log_p[i * n // splits:(i + 1) * n // splits]
-        log_py = torch.logsumexp(part, dim=0) - np.log(len(part))          # log p(y), the split's marginal
-        kl = (part.exp() * (part - log_py)).sum(dim=1)                      # KL(p(y|x) || p(y)) per image
+        part = log_p[i * n // splits : (i + 1) * n // splits]
+        log_py = torch.logsumexp(part, dim=0) - np.log(len(part))  # log p(y), the split's marginal
+        kl = (part.exp() * (part - log_py)).sum(dim=1)  # KL(p(y|x) || p(y)) per image
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -1821,10 +2159,17 @@ def inception_score(logits, splits=10, shuffle_seed=None):
 # ----------------------------------------------------------------------------
 # The synthetic world's vocabulary (preprocess_data.py draws it), in the order of the judge's heads.
 SHAPES = ['circle', 'square', 'triangle', 'diamond', 'star', 'cross']
-COLOURS = {'red': (220, 30, 30), 'orange': (245, 140, 20), 'yellow': (240, 220, 30),
-           'green': (40, 170, 60), 'cyan': (30, 200, 210), 'blue': (30, 70, 220),
-           'purple': (140, 50, 190), 'pink': (245, 120, 190)}
-SIZES = {'small': 0.12, 'large': 0.21}        # radius as a share of the image side
+COLOURS = {
+    'red': (220, 30, 30),
+    'orange': (245, 140, 20),
+    'yellow': (240, 220, 30),
+    'green': (40, 170, 60),
+    'cyan': (30, 200, 210),
+    'blue': (30, 70, 220),
+    'purple': (140, 50, 190),
+    'pink': (245, 120, 190),
+}
+SIZES = {'small': 0.12, 'large': 0.21}  # radius as a share of the image side
 ATTRIBUTES = ('shape', 'colour', 'size')
 SHAPES_KEY_RE = re.compile(r'(\d{3}\.[a-z]+_[a-z]+)[/\\]([a-z]+_[a-z]+_\d{5})')
 
@@ -1834,20 +2179,29 @@ def caption_attributes(data_dir):
     colour, size and cell (reading order) and the relation of object 1 to object 2."""
     path = os.path.join(data_dir, 'attributes.json')
     if not os.path.isfile(path):
-        raise UserError(f"{path}: missing (the synthetic dataset's ground truth; "
-                        "python preprocess_data.py --cfg cfg/preprocess/shapes.yml)")
+        raise UserError(
+            f"{path}: missing (the synthetic dataset's ground truth; "
+            "python preprocess_data.py --cfg cfg/preprocess/shapes.yml)"
+        )
     with open(path) as f:
         attrs = json.load(f)
-    return {k: {'objects': [{a: o[a] for a in ATTRIBUTES + ('cell',)} for o in v['objects']],
-                'relation': v['relation']} for k, v in attrs.items()}
+    return {
+        k: {
+            'objects': [{a: o[a] for a in ATTRIBUTES + ('cell',)} for o in v['objects']],
+            'relation': v['relation'],
+        }
+        for k, v in attrs.items()
+    }
 
 
 def shapes_key(path):
     """The dataset key (NNN.colour_shape/colour_shape_NNNNN) named in an image's path."""
     m = SHAPES_KEY_RE.search(path.replace(os.sep, '/'))
     if not m:
-        raise UserError(f"{path}: no shapes key (<NNN.colour_shape>/<colour_shape_NNNNN>) in the "
-                        "path; list each file's key in keys.json in the folder")
+        raise UserError(
+            f"{path}: no shapes key (<NNN.colour_shape>/<colour_shape_NNNNN>) in the "
+            "path; list each file's key in keys.json in the folder"
+        )
     return f'{m.group(1)}/{m.group(2)}'
 
 
@@ -1857,8 +2211,9 @@ def cell_targets(scene):
     t[:, 0] = 0
     colours, sizes = list(COLOURS), list(SIZES)
     for o in scene['objects']:
-        t[o['cell']] = torch.tensor([1, SHAPES.index(o['shape']), colours.index(o['colour']),
-                                     sizes.index(o['size'])])
+        t[o['cell']] = torch.tensor(
+            [1, SHAPES.index(o['shape']), colours.index(o['colour']), sizes.index(o['size'])]
+        )
     return t
 
 
@@ -1870,18 +2225,35 @@ def to_judge(x_uint8, device):
 def judge_predict(judge, images):
     """The objects the judge sees in a batch (RGB in [-1, 1]), reading order."""
     dev = next(judge.parameters()).device
-    occ, shape, colour, size = judge(images.to(dev).float().contiguous(memory_format=torch.channels_last))
+    occ, shape, colour, size = judge(
+        images.to(dev).float().contiguous(memory_format=torch.channels_last)
+    )
     occ, shape, colour, size = occ[..., 0] > 0, shape.argmax(-1), colour.argmax(-1), size.argmax(-1)
     colours, sizes = list(COLOURS), list(SIZES)
-    return [[{'cell': c, 'shape': SHAPES[shape[n, c]], 'colour': colours[colour[n, c]],
-              'size': sizes[size[n, c]]} for c in occ[n].nonzero()[:, 0].tolist()] for n in range(len(occ))]
+    return [
+        [
+            {
+                'cell': c,
+                'shape': SHAPES[shape[n, c]],
+                'colour': colours[colour[n, c]],
+                'size': sizes[size[n, c]],
+            }
+            for c in occ[n].nonzero()[:, 0].tolist()
+        ]
+        for n in range(len(occ))
+    ]
 
 
 def relation_holds(relation, cell1, cell2):
     """The caption's relation of object 1 to object 2, read on the named axis of the
     judged cells: 'to the left of' = a column left of object 2's, 'above' = a row above."""
     (r1, c1), (r2, c2) = divmod(cell1, 3), divmod(cell2, 3)
-    return {'to the left of': c1 < c2, 'to the right of': c1 > c2, 'above': r1 < r2, 'below': r1 > r2}[relation]
+    return {
+        'to the left of': c1 < c2,
+        'to the right of': c1 > c2,
+        'above': r1 < r2,
+        'below': r1 > r2,
+    }[relation]
 
 
 def judge_scene(pred, truth):
@@ -1892,18 +2264,24 @@ def judge_scene(pred, truth):
     for perm in itertools.permutations(range(len(pred)), min(len(objs), len(pred))):
         hits = [[pred[p][a] == objs[j][a] for a in ATTRIBUTES] for j, p in enumerate(perm)]
         hits += [[False] * len(ATTRIBUTES)] * (len(objs) - len(perm))
-        if len(pred) != len(objs):     # extra (or missing) objects: no position credit, or an image
-            position = False            # of objects everywhere would have every lone object's cell
+        if len(pred) != len(objs):  # extra (or missing) objects: no position credit, or an image
+            position = False  # of objects everywhere would have every lone object's cell
         elif len(objs) == 1:
             position = pred[perm[0]]['cell'] == objs[0]['cell']
         else:
-            position = relation_holds(truth['relation'], pred[perm[0]]['cell'], pred[perm[1]]['cell'])
+            position = relation_holds(
+                truth['relation'], pred[perm[0]]['cell'], pred[perm[1]]['cell']
+            )
         score = (sum(map(sum, hits)), position)
         if best is None or score > best[0]:
             best = (score, hits, position)
     _, hits, position = best
-    return {'count': len(pred) == len(objs), 'hits': hits, 'position': position,
-            'all': len(pred) == len(objs) and position and all(map(all, hits))}
+    return {
+        'count': len(pred) == len(objs),
+        'hits': hits,
+        'position': position,
+        'all': len(pred) == len(objs) and position and all(map(all, hits)),
+    }
 
 
 def scene_reason(pred, truth, scene):
@@ -1916,12 +2294,22 @@ def scene_reason(pred, truth, scene):
             if not hit:
                 return f"{a} of object {j + 1}: the caption says {objs[j][a]}"
     if not scene['position']:
-        return f"position: not {truth['relation']}" if len(objs) == 2 else \
-            f"position: object not in cell {objs[0]['cell']} (reading order)"
+        return (
+            f"position: not {truth['relation']}"
+            if len(objs) == 2
+            else f"position: object not in cell {objs[0]['cell']} (reading order)"
+        )
     return ''
 
 
-BREAKDOWN = ('single_object', 'two_objects', 'counting', 'colours', 'position', 'colour_attribution')
+BREAKDOWN = (
+    'single_object',
+    'two_objects',
+    'counting',
+    'colours',
+    'position',
+    'colour_attribution',
+)
 
 
 def judge_breakdown(scenes, truths):
@@ -1937,13 +2325,19 @@ def judge_breakdown(scenes, truths):
 
     def share(pairs, ok):
         return float(np.mean([ok(s) for s, _ in pairs])) if pairs else None
-    return {'single_object': share(one, lambda s: s['count'] and s['hits'][0][i_shape]),
-            'two_objects': share(two, lambda s: s['count'] and all(h[i_shape] for h in s['hits'])),
-            'counting': share(list(zip(scenes, truths)), lambda s: s['count']),
-            'colours': share(one, lambda s: s['count'] and s['hits'][0][i_shape] and s['hits'][0][i_colour]),
-            'position': share(list(zip(scenes, truths)), lambda s: s['position']),
-            'colour_attribution': share(two, lambda s: s['count'] and all(h[i_shape] and h[i_colour]
-                                                                          for h in s['hits']))}
+
+    return {
+        'single_object': share(one, lambda s: s['count'] and s['hits'][0][i_shape]),
+        'two_objects': share(two, lambda s: s['count'] and all(h[i_shape] for h in s['hits'])),
+        'counting': share(list(zip(scenes, truths)), lambda s: s['count']),
+        'colours': share(
+            one, lambda s: s['count'] and s['hits'][0][i_shape] and s['hits'][0][i_colour]
+        ),
+        'position': share(list(zip(scenes, truths)), lambda s: s['position']),
+        'colour_attribution': share(
+            two, lambda s: s['count'] and all(h[i_shape] and h[i_colour] for h in s['hits'])
+        ),
+    }
 
 
 def judge_accuracy(judge, images, keys, attributes=None, records=None):
@@ -1957,7 +2351,9 @@ def judge_accuracy(judge, images, keys, attributes=None, records=None):
     attributes = judge.attributes if attributes is None else attributes
     missing = [k for k in keys if k not in attributes]
     if missing:
-        raise UserError(f"{missing[0]}: not a key of the judge's dataset ({len(missing)} unknown keys)")
+        raise UserError(
+            f"{missing[0]}: not a key of the judge's dataset ({len(missing)} unknown keys)"
+        )
     chunks = torch.split(images, 250) if torch.is_tensor(images) else images
     preds = [p for x in chunks for p in judge_predict(judge, x)]
     if len(preds) != len(keys):
@@ -1966,12 +2362,20 @@ def judge_accuracy(judge, images, keys, attributes=None, records=None):
     hits = np.array([h for s in scenes for h in s['hits']], dtype=np.float64)
     out = {'count': np.mean([s['count'] for s in scenes])}
     out.update({a: hits[:, i].mean() for i, a in enumerate(ATTRIBUTES)})
-    out.update(position=np.mean([s['position'] for s in scenes]), all=np.mean([s['all'] for s in scenes]))
+    out.update(
+        position=np.mean([s['position'] for s in scenes]), all=np.mean([s['all'] for s in scenes])
+    )
     truths = [attributes[k] for k in keys]
     if records is not None:
-        records += [{'key': k, 'category': 'one object' if len(t['objects']) == 1 else 'two objects',
-                     'correct': bool(s['all']), 'reason': scene_reason(p, t, s)}
-                    for k, p, t, s in zip(keys, preds, truths, scenes)]
+        records += [
+            {
+                'key': k,
+                'category': 'one object' if len(t['objects']) == 1 else 'two objects',
+                'correct': bool(s['all']),
+                'reason': scene_reason(p, t, s),
+            }
+            for k, p, t, s in zip(keys, preds, truths, scenes)
+        ]
     out = {k: float(v) for k, v in out.items()}
     return {**out, **{f'breakdown_{k}': v for k, v in judge_breakdown(scenes, truths).items()}}
 
@@ -2028,8 +2432,13 @@ class JudgeAccuracy:
         self.images, self.records = [], []
 
     def add(self, images, records):
-        self.images.append(to_uint8(images) if self.store == 'uint8' else
-                           images.half().cpu() if self.store == 'half' else images.float().cpu())
+        self.images.append(
+            to_uint8(images)
+            if self.store == 'uint8'
+            else images.half().cpu()
+            if self.store == 'half'
+            else images.float().cpu()
+        )
         self.records += records
 
     def batches(self):
@@ -2039,7 +2448,9 @@ class JudgeAccuracy:
 
     def result(self):
         verdicts = []
-        acc = judge_accuracy(self.judge, self.batches(), [r['key'] for r in self.records], records=verdicts)
+        acc = judge_accuracy(
+            self.judge, self.batches(), [r['key'] for r in self.records], records=verdicts
+        )
         for r, v in zip(self.records, verdicts):
             r.update(category=v['category'], correct=v['correct'], reason=v['reason'])
         return {f'judge_{k}': v for k, v in acc.items()}
@@ -2050,7 +2461,9 @@ VERDICT_FIELDS = ('file', 'caption', 'key', 'category', 'correct', 'reason')
 
 def write_verdicts(path, records):
     """judge.jsonl: one line per image scored by JudgeAccuracy, what failed, to look at."""
-    atomic_write_text(path, ''.join(json.dumps({k: r[k] for k in VERDICT_FIELDS}) + '\n' for r in records))
+    atomic_write_text(
+        path, ''.join(json.dumps({k: r[k] for k in VERDICT_FIELDS}) + '\n' for r in records)
+    )
 
 
 class ShuffledJudge:
@@ -2085,7 +2498,9 @@ class PairFeatures:
         self.img, self.txt = [], []
 
     def add(self, images, records):
-        img, txt = encode_pairs(self.image_encoder, self.text_encoder, images, [r['caption'] for r in records])
+        img, txt = encode_pairs(
+            self.image_encoder, self.text_encoder, images, [r['caption'] for r in records]
+        )
         self.img.append(img)
         self.txt.append(txt)
 
@@ -2110,8 +2525,13 @@ class RPrecision:
         self.classes += [r['class'] for r in records]
 
     def result(self):
-        mean, std = r_precision(*self.features.features(), self.classes, n_neg=self.n_neg, folds=self.folds,
-                                seed=self.seed)
+        mean, std = r_precision(
+            *self.features.features(),
+            self.classes,
+            n_neg=self.n_neg,
+            folds=self.folds,
+            seed=self.seed,
+        )
         return {'r_precision': mean, 'r_precision_std': std}
 
 
@@ -2210,16 +2630,33 @@ def caption_batches(records, batch_size, per_pass=False):
 
 
 @torch.no_grad()
-def evaluate_generator(sampler, records, metrics, batch_size, split, seed, weights, image_size, resize=None,
-                       per_pass=False, stop=None, log=None):
+def evaluate_generator(
+    sampler,
+    records,
+    metrics,
+    batch_size,
+    split,
+    seed,
+    weights,
+    image_size,
+    resize=None,
+    per_pass=False,
+    stop=None,
+    log=None,
+):
     """Every metric plug-in over the images `sampler` draws for `records`, batch by batch. Returns
     the plug-ins' scores and `protocol`: the split, number of images, seed, image size and the
     resizing the caller names, and the weights files used ({name: path}) with their sha256.
     `stop()`, asked before each batch, raises Interrupted when true; progress lines go to `log`."""
     for m in metrics:
         m.start(image_size)
-    bar = progress(total=len(records), desc='score', every=max(1, len(records) // 10), log=log,
-                   disable=None if log else True)
+    bar = progress(
+        total=len(records),
+        desc='score',
+        every=max(1, len(records) // 10),
+        log=log,
+        disable=None if log else True,
+    )
     for batch in caption_batches(records, batch_size, per_pass):
         if stop is not None and stop():
             raise Interrupted()
@@ -2229,7 +2666,14 @@ def evaluate_generator(sampler, records, metrics, batch_size, split, seed, weigh
         bar.update(len(batch))
     bar.close()
     scores = {k: v for m in metrics for k, v in m.result().items()}
-    protocol = {'split': split, 'num_images': len(records), 'seed': seed, 'image_size': image_size,
-                'resize': resize, 'weights': {name: {'path': path, 'sha256': sha256(path)}
-                                              for name, path in weights.items() if path}}
+    protocol = {
+        'split': split,
+        'num_images': len(records),
+        'seed': seed,
+        'image_size': image_size,
+        'resize': resize,
+        'weights': {
+            name: {'path': path, 'sha256': sha256(path)} for name, path in weights.items() if path
+        },
+    }
     return {**scores, 'protocol': protocol}

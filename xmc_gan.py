@@ -9,6 +9,7 @@ main.py hands over here when the cfg says MODEL: XMCGAN.
   torchrun --nproc_per_node=7 main.py --cfg cfg/coco_xmc.yml --gpu 0        # the original's 7 GPUs
   python main.py --cfg cfg/eval_coco_xmc.yml --gpu 0 --set EVAL.WORKDIR=runs/exp [--watch]
 """
+
 import copy
 import functools
 import json
@@ -25,50 +26,58 @@ import utils
 
 DEFAULTS = {
     'MODEL': 'XMCGAN',
-    'EMBEDDINGS': 'data/coco/xmc_bert',   # preprocess_data.py TASK embed: index.json + shards
+    'EMBEDDINGS': 'data/coco/xmc_bert',  # preprocess_data.py TASK embed: index.json + shards
     'IMAGE_SIZE': 128,
     'WORKERS': 4,
     'GAN': {'GF_DIM': 96, 'DF_DIM': 96, 'Z_DIM': 128, 'GAMMA_FOR_G': 15.0, 'COND_SIZE': 16},
     'TRAIN': {
-        'FLAG': True,                 # false: score the checkpoints of EVAL.WORKDIR
-        'BATCH_SIZE': 56,             # global per step; a rank loads BATCH_SIZE/world x D_STEPS_PER_G_STEP
+        'FLAG': True,  # false: score the checkpoints of EVAL.WORKDIR
+        'BATCH_SIZE': 56,  # global per step; a rank loads BATCH_SIZE/world x D_STEPS_PER_G_STEP
         'D_STEPS_PER_G_STEP': 2,
         'MAX_EPOCH': 500,
-        'MAX_STEPS': 0,               # G steps; 0 = MAX_EPOCH epochs
+        'MAX_STEPS': 0,  # G steps; 0 = MAX_EPOCH epochs
         'GENERATOR_LR': 1e-4,
         'DISCRIMINATOR_LR': 4e-4,
         'EMA_DECAY': 0.999,
-        'AMP': False,                 # bf16 autocast
-        'GATHER_NEGATIVES': True,     # contrastive negatives from every rank
-        'FLIP': True,                 # random horizontal flip of training images
-        'RESNET': 'auto',             # ImageNet ResNet-50: the original's .npy or a torchvision .pth
-                                      # ('auto' = torchvision's cache)
-        'CONTRASTIVE': {'TEMPERATURE': 0.1, 'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 50.0,
-                        'WORD': True, 'SENTENCE': True, 'IMAGE': True, 'PRETRAINED_IMAGE': True},
-        'CHECKPOINT_EVERY': 5000,     # G steps
+        'AMP': False,  # bf16 autocast
+        'GATHER_NEGATIVES': True,  # contrastive negatives from every rank
+        'FLIP': True,  # random horizontal flip of training images
+        'RESNET': 'auto',  # ImageNet ResNet-50: the original's .npy or a torchvision .pth
+        # ('auto' = torchvision's cache)
+        'CONTRASTIVE': {
+            'TEMPERATURE': 0.1,
+            'GAMMA1': 5.0,
+            'GAMMA2': 5.0,
+            'GAMMA3': 50.0,
+            'WORD': True,
+            'SENTENCE': True,
+            'IMAGE': True,
+            'PRETRAINED_IMAGE': True,
+        },
+        'CHECKPOINT_EVERY': 5000,  # G steps
         'KEEP_CHECKPOINTS': 5,
         'LOG_EVERY': 1000,
     },
     'EVAL': {
-        'WORKDIR': '',                # the training run dir whose checkpoints are scored
-        'NUM_IMAGES': 30000,          # per sampling; cycles through the test split
-        'REPEATS': 3,                 # samplings; scores are their mean and std
+        'WORKDIR': '',  # the training run dir whose checkpoints are scored
+        'NUM_IMAGES': 30000,  # per sampling; cycles through the test split
+        'REPEATS': 3,  # samplings; scores are their mean and std
         'BATCH_SIZE': 50,
         'SEED': 42,
         'FID': True,
         'FID_FEATURES': 'inception',  # inception (pytorch-fid's weights) | judge (the shapes judge's)
-        'FID_WEIGHTS': '',            # pt_inception-2015-12-05 .pth ('' = torch hub's cache)
-        'FID_STATS': '',              # real test statistics .npz ('' = in the run dir); written when missing
-        'IS': True,                   # Inception Score on the FID Inception's logits (its weights)
+        'FID_WEIGHTS': '',  # pt_inception-2015-12-05 .pth ('' = torch hub's cache)
+        'FID_STATS': '',  # real test statistics .npz ('' = in the run dir); written when missing
+        'IS': True,  # Inception Score on the FID Inception's logits (its weights)
         'IS_SPLITS': 1,
-        'NET_E': '',                  # project text_encoder<N>.pth: R-precision ('' = none)
+        'NET_E': '',  # project text_encoder<N>.pth: R-precision ('' = none)
         'R_NEG': 99,
         'R_FOLDS': 10,
-        'JUDGE': '',                  # shapes judge (run dir or checkpoint): attribute accuracy
-        'BASELINE': False,            # also score an untrained generator on the same captions
-        'DMGAN': '',                  # a DM-GAN run dir: its samples of the same captions in the grids
-        'SAVE_IMAGES': False,         # the first sampling's images -> <out>/images_<step>/ (+ keys.json)
-        'POLL_SECONDS': 60,           # --watch: pause between looks for new checkpoints
+        'JUDGE': '',  # shapes judge (run dir or checkpoint): attribute accuracy
+        'BASELINE': False,  # also score an untrained generator on the same captions
+        'DMGAN': '',  # a DM-GAN run dir: its samples of the same captions in the grids
+        'SAVE_IMAGES': False,  # the first sampling's images -> <out>/images_<step>/ (+ keys.json)
+        'POLL_SECONDS': 60,  # --watch: pause between looks for new checkpoints
     },
 }
 
@@ -83,19 +92,25 @@ class EmbeddedCaptions:
     def __init__(self, root, split):
         path = os.path.join(root, 'index.json')
         if not os.path.isfile(path):
-            raise utils.UserError(f"{path}: no caption embeddings; run preprocess_data.py with TASK: embed "
-                                  "(cfg/preprocess/coco_bert.yml or shapes_text.yml) first")
+            raise utils.UserError(
+                f"{path}: no caption embeddings; run preprocess_data.py with TASK: embed "
+                "(cfg/preprocess/coco_bert.yml or shapes_text.yml) first"
+            )
         with open(path) as f:
             index = json.load(f)
         if not index['complete']:
-            raise utils.UserError(f"{path}: unfinished; re-run preprocess_data.py with the same cfg to resume")
+            raise utils.UserError(
+                f"{path}: unfinished; re-run preprocess_data.py with the same cfg to resume"
+            )
         if split not in index['splits']:
             raise utils.UserError(f"{path}: no '{split}' split (has {sorted(index['splits'])})")
         sp = index['splits'][split]
         self.dim, self.encoder = index['dim'], index['encoder']
         self.images, self.shard_size = sp['images'], sp['shard_size']
-        self.shards = [torch.load(os.path.join(root, f), map_location='cpu', mmap=True, weights_only=True)
-                       for f in sp['shards']]
+        self.shards = [
+            torch.load(os.path.join(root, f), map_location='cpu', mmap=True, weights_only=True)
+            for f in sp['shards']
+        ]
 
     def text(self, row):
         """The caption of a row, as written."""
@@ -108,8 +123,16 @@ class EmbeddedCaptions:
     def batch(self, rows, dev):
         """G's text inputs for caption rows: sentences (B, D), words (B, T, D), padding mask; texts."""
         caps = [self.caption(r) for r in rows]
-        words, lengths = torch.stack([c[0] for c in caps]).to(dev), torch.tensor([c[1] for c in caps], device=dev)
-        return torch.stack([c[2] for c in caps]).to(dev), words, pad_mask(lengths, words.shape[1]), [c[3] for c in caps]
+        words, lengths = (
+            torch.stack([c[0] for c in caps]).to(dev),
+            torch.tensor([c[1] for c in caps], device=dev),
+        )
+        return (
+            torch.stack([c[2] for c in caps]).to(dev),
+            words,
+            pad_mask(lengths, words.shape[1]),
+            [c[3] for c in caps],
+        )
 
 
 def pad_mask(lengths, T):
@@ -124,18 +147,25 @@ class XMCDataset(torch.utils.data.Dataset):
 
     def __init__(self, emb, size, flip, seed=0):
         self.emb, self.size, self.flip, self.seed, self.epoch = emb, size, flip, seed, 0
-        self.bad = set()            # indices of unreadable files (utils.skip_unreadable)
+        self.bad = set()  # indices of unreadable files (utils.skip_unreadable)
 
     def __len__(self):
         return len(self.emb.images)
 
     def __getitem__(self, index):
-        index, img = utils.skip_unreadable(self, index, lambda i: torch.from_numpy(
-            np.asarray(utils.load_image(self.emb.images[i][1]), dtype=np.float32) / 255).permute(2, 0, 1))
+        index, img = utils.skip_unreadable(
+            self,
+            index,
+            lambda i: torch.from_numpy(
+                np.asarray(utils.load_image(self.emb.images[i][1]), dtype=np.float32) / 255
+            ).permute(2, 0, 1),
+        )
         _, _, _, first, n = self.emb.images[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         row = first + int(rng.integers(n))
-        img = F.interpolate(img[None], size=(self.size, self.size), mode='bilinear', align_corners=False)[0]
+        img = F.interpolate(
+            img[None], size=(self.size, self.size), mode='bilinear', align_corners=False
+        )[0]
         if self.flip and rng.random() < 0.5:
             img = img.flip(-1)
         words, length, sent, _ = self.emb.caption(row)
@@ -159,16 +189,24 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[self.rank::self.world][:self.batches * self.batch_size]
-        return iter(order[self.start * self.batch_size:].tolist())
+        order = torch.randperm(self.n, generator=g)[self.rank :: self.world][
+            : self.batches * self.batch_size
+        ]
+        return iter(order[self.start * self.batch_size :].tolist())
 
 
 def build_networks(cfg, text_dim):
     if cfg.IMAGE_SIZE not in models.XMC_G_CHANNELS:
-        raise utils.UserError(f"IMAGE_SIZE={cfg.IMAGE_SIZE}: XMC-GAN's channel tables have "
-                              f"{sorted(models.XMC_G_CHANNELS)}")
-    return (models.XMCGenerator(cfg.IMAGE_SIZE, cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, text_dim, cfg.GAN.GAMMA_FOR_G),
-            models.XMCDiscriminator(cfg.IMAGE_SIZE, cfg.GAN.DF_DIM, text_dim, cfg.GAN.COND_SIZE))
+        raise utils.UserError(
+            f"IMAGE_SIZE={cfg.IMAGE_SIZE}: XMC-GAN's channel tables have "
+            f"{sorted(models.XMC_G_CHANNELS)}"
+        )
+    return (
+        models.XMCGenerator(
+            cfg.IMAGE_SIZE, cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, text_dim, cfg.GAN.GAMMA_FOR_G
+        ),
+        models.XMCDiscriminator(cfg.IMAGE_SIZE, cfg.GAN.DF_DIM, text_dim, cfg.GAN.COND_SIZE),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -198,7 +236,10 @@ def word_region_scores(regions, words, lengths, gamma1, gamma2):
     alpha = (gamma1 * torch.einsum('brd,ctd->bcrt', r, w)).softmax(dim=2)
     context = torch.einsum('bcrt,brd->bctd', alpha, r)
     sim = gamma2 * F.cosine_similarity(w[None], context, dim=-1)
-    return torch.logsumexp(sim.masked_fill(pad_mask(lengths, w.shape[1])[None], float('-inf')), -1) / gamma2
+    return (
+        torch.logsumexp(sim.masked_fill(pad_mask(lengths, w.shape[1])[None], float('-inf')), -1)
+        / gamma2
+    )
 
 
 def word_contrastive_loss(regions, words, lengths, gamma1, gamma2, gamma3):
@@ -216,13 +257,19 @@ def discriminator_losses(D, real, fake, p, C, gather, scale, fake_terms):
     the gradient of the global-batch loss."""
     B = len(real)
     logit, pooled, sent_c, regions = D(torch.cat([real, fake]), torch.cat([p['sent']] * 2))
-    (real_logit, fake_logit), (real_pool, fake_pool) = logit.float().split(B), pooled.float().split(B)
+    (real_logit, fake_logit), (real_pool, fake_pool) = (
+        logit.float().split(B),
+        pooled.float().split(B),
+    )
     (real_reg, fake_reg), sent_c = regions.float().split(B), gather(sent_c[:B].float())
     words, lengths, tau = gather(p['words']), gather(p['length']), C.TEMPERATURE
     t = {}
 
     def word(reg):
-        return scale * word_contrastive_loss(gather(reg), words, lengths, C.GAMMA1, C.GAMMA2, C.GAMMA3)
+        return scale * word_contrastive_loss(
+            gather(reg), words, lengths, C.GAMMA1, C.GAMMA2, C.GAMMA3
+        )
+
     if C.SENTENCE:
         t['real_sentence'] = scale * contrastive_loss(gather(real_pool), sent_c, tau)
     if C.WORD:
@@ -245,7 +292,10 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
     weights (the original's jax.vjp pulled back with (1, 0) and (0, 1)). Returns scalars to log."""
     (G, D, netG, netD), (optG, optD), C = nets, opts, cfg.TRAIN.CONTRASTIVE
     n = len(batch['image']) // cfg.TRAIN.D_STEPS_PER_G_STEP
-    parts = [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(cfg.TRAIN.D_STEPS_PER_G_STEP)]
+    parts = [
+        {k: v[i * n : (i + 1) * n] for k, v in batch.items()}
+        for i in range(cfg.TRAIN.D_STEPS_PER_G_STEP)
+    ]
     for p in parts:
         p['pad'] = pad_mask(p['length'], p['words'].shape[1])
         p['z'] = torch.randn(n, cfg.GAN.Z_DIM, device=p['sent'].device)
@@ -253,7 +303,9 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
         with torch.no_grad(), amp:
             fake = netG(p['z'], p['sent'], p['words'], p['pad'])
         with amp:
-            hinge_d, _, t = discriminator_losses(D, p['image'], fake, p, C, gather, scale, fake_terms=False)
+            hinge_d, _, t = discriminator_losses(
+                D, p['image'], fake, p, C, gather, scale, fake_terms=False
+            )
         d_loss = hinge_d + t.get('real_word', 0) + t.get('real_sentence', 0)
         utils.check_finite(d_loss, 'd_loss', step)
         optD.zero_grad(set_to_none=True)
@@ -262,15 +314,18 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
     p = parts[-1]
     with amp:
         fake = G(p['z'], p['sent'], p['words'], p['pad'])
-        hinge_d, hinge_g, t = discriminator_losses(D, p['image'], fake, p, C, gather, scale, fake_terms=True)
+        hinge_d, hinge_g, t = discriminator_losses(
+            D, p['image'], fake, p, C, gather, scale, fake_terms=True
+        )
         c_loss_d = t.get('real_word', 0) + t.get('real_sentence', 0)
         c_loss_g = t.get('fake_word', 0) + t.get('fake_sentence', 0) + t.get('image', 0)
         c_loss_g_pretrained = 0
-        if resnet is not None:          # ImageNet ResNet-50 outputs of real vs fake (Sec. 4.1, L_img)
+        if resnet is not None:  # ImageNet ResNet-50 outputs of real vs fake (Sec. 4.1, L_img)
             with torch.no_grad():
                 real_out = resnet(p['image'])
-            c_loss_g_pretrained = scale * contrastive_loss(gather(real_out.float()), gather(resnet(fake).float()),
-                                                           C.TEMPERATURE)
+            c_loss_g_pretrained = scale * contrastive_loss(
+                gather(real_out.float()), gather(resnet(fake).float()), C.TEMPERATURE
+            )
     d_loss, g_loss = hinge_d + c_loss_d, hinge_g + c_loss_g + c_loss_g_pretrained
     utils.check_finite(d_loss, 'd_loss', step)
     utils.check_finite(g_loss, 'g_loss', step)
@@ -280,10 +335,17 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
     g_loss.backward(inputs=list(netG.parameters()))
     optD.step()
     optG.step()
-    c = {k: (v.item() if torch.is_tensor(v) else v) / scale for k, v in     # the global-batch values
-         dict(c_loss_d=c_loss_d, c_loss_g=c_loss_g, c_loss_g_pretrained=c_loss_g_pretrained, **t).items()}
-    return {'d_loss': hinge_d.item() + c['c_loss_d'],
-            'g_loss': hinge_g.item() + c['c_loss_g'] + c['c_loss_g_pretrained'], **c}
+    c = {
+        k: (v.item() if torch.is_tensor(v) else v) / scale
+        for k, v in dict(  # the global-batch values
+            c_loss_d=c_loss_d, c_loss_g=c_loss_g, c_loss_g_pretrained=c_loss_g_pretrained, **t
+        ).items()
+    }
+    return {
+        'd_loss': hinge_d.item() + c['c_loss_d'],
+        'g_loss': hinge_g.item() + c['c_loss_g'] + c['c_loss_g_pretrained'],
+        **c,
+    }
 
 
 def train(run, args):
@@ -291,21 +353,35 @@ def train(run, args):
     emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'train')
     ds = XMCDataset(emb, cfg.IMAGE_SIZE, flip=T.FLIP, seed=cfg.SEED)
     if T.BATCH_SIZE % run.world:
-        raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE}: not divisible by the {run.world} ranks")
+        raise utils.UserError(
+            f"TRAIN.BATCH_SIZE={T.BATCH_SIZE}: not divisible by the {run.world} ranks"
+        )
     sampler = EpochSampler(len(ds), T.BATCH_SIZE // run.world * T.D_STEPS_PER_G_STEP, cfg.SEED)
     if sampler.batches == 0:
-        raise utils.UserError(f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} x D_STEPS_PER_G_STEP exceeds the {len(ds)} images")
+        raise utils.UserError(
+            f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} x D_STEPS_PER_G_STEP exceeds the {len(ds)} images"
+        )
     # The loader's own generator (reseeded per epoch by set_epoch): starting an iterator must not
     # draw from the global RNG that z comes from, or a resumed run would diverge.
-    loader = torch.utils.data.DataLoader(ds, sampler.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.WORKERS, pin_memory=dev.type == 'cuda',
-                                         generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(
+        ds,
+        sampler.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.WORKERS,
+        pin_memory=dev.type == 'cuda',
+        generator=torch.Generator(),
+    )
     loader.base_seed = cfg.SEED
     netG, netD = (m.to(dev) for m in build_networks(cfg, emb.dim))
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
-    optG = torch.optim.Adam(netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999))     # coco_xmc.py beta1/2
+    optG = torch.optim.Adam(
+        netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999)
+    )  # coco_xmc.py beta1/2
     optD = torch.optim.Adam(netD.parameters(), lr=T.DISCRIMINATOR_LR, betas=(0.5, 0.999))
-    resnet = models.PretrainedResNet50(T.RESNET, log).to(dev) if T.CONTRASTIVE.PRETRAINED_IMAGE else None
+    resnet = (
+        models.PretrainedResNet50(T.RESNET, log).to(dev) if T.CONTRASTIVE.PRETRAINED_IMAGE else None
+    )
     nets, opts = {'G': netG, 'G_ema': netG_ema, 'D': netD}, {'G': optG, 'D': optD}
     step, epoch, done_in_epoch = 0, 0, 0
     ckpt = utils.resolve_resume(args.resume, run.out, 'xmcgan', log, run.cfg)
@@ -319,8 +395,10 @@ def train(run, args):
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=T.AMP)
     max_steps = T.MAX_STEPS or T.MAX_EPOCH * sampler.batches
     test = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
-    log.info(f"G {count(netG):,} params, D {count(netD):,}; {len(ds)} images, {sampler.batches} steps/epoch "
-             f"of {sampler.batch_size} images per rank, {max_steps} steps; text {emb.encoder['name']} ({emb.dim}-d)")
+    log.info(
+        f"G {count(netG):,} params, D {count(netD):,}; {len(ds)} images, {sampler.batches} steps/epoch "
+        f"of {sampler.batch_size} images per rank, {max_steps} steps; text {emb.encoder['name']} ({emb.dim}-d)"
+    )
     t0, sums, n_sums, last = time.time(), {}, 0, {}
     while step < max_steps:
         if done_in_epoch >= sampler.batches:
@@ -330,27 +408,46 @@ def train(run, args):
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
         for batch in bar:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-            losses = train_step((G, D, netG, netD), (optG, optD), resnet, batch, cfg, amp, gather, scale, step)
+            losses = train_step(
+                (G, D, netG, netD), (optG, optD), resnet, batch, cfg, amp, gather, scale, step
+            )
             sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
             models.ema_update(netG_ema, netG, T.EMA_DECAY)
             step, done_in_epoch, n_sums = step + 1, done_in_epoch + 1, n_sums + 1
-            if step % T.LOG_EVERY == 0 or step == max_steps:      # interval means, as clu's Average
+            if step % T.LOG_EVERY == 0 or step == max_steps:  # interval means, as clu's Average
                 last = {k: v / n_sums for k, v in sums.items()}
                 bar.set_postfix(d_loss=last['d_loss'], g_loss=last['g_loss'])
                 for k, v in last.items():
                     run.writer.add_scalar(f'train/{k}', v, step)
                 sums, n_sums = {}, 0
             if step % T.CHECKPOINT_EVERY == 0 or step == max_steps:
-                path = utils.save_checkpoint(run.out, 'xmcgan', step, nets, opts, epoch=epoch, cfg=cfg,
-                                             extra={'batch': done_in_epoch, 'text_dim': emb.dim},
-                                             keep=T.KEEP_CHECKPOINTS)
+                path = utils.save_checkpoint(
+                    run.out,
+                    'xmcgan',
+                    step,
+                    nets,
+                    opts,
+                    epoch=epoch,
+                    cfg=cfg,
+                    extra={'batch': done_in_epoch, 'text_dim': emb.dim},
+                    keep=T.KEEP_CHECKPOINTS,
+                )
                 write_samples(run, netG_ema, test, cfg.GAN.Z_DIM, cfg.EVAL.SEED, step)
-                log.info(f"step {step}: saved {path} " + ' '.join(f'{k}={v:.4g}' for k, v in last.items()))
+                log.info(
+                    f"step {step}: saved {path} "
+                    + ' '.join(f'{k}={v:.4g}' for k, v in last.items())
+                )
             if step >= max_steps:
                 break
-    utils.write_metrics(run.out, {'train_steps': step, 'train_seconds': round(time.time() - t0, 1),
-                                  **{f'final_{k}': v for k, v in last.items()},
-                                  'checkpoint': (utils.list_checkpoints(run.out, 'xmcgan') or [''])[-1]})
+    utils.write_metrics(
+        run.out,
+        {
+            'train_steps': step,
+            'train_seconds': round(time.time() - t0, 1),
+            **{f'final_{k}': v for k, v in last.items()},
+            'checkpoint': (utils.list_checkpoints(run.out, 'xmcgan') or [''])[-1],
+        },
+    )
 
 
 def count(m):
@@ -368,7 +465,12 @@ def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=
     idx = np.linspace(0, len(emb.images) - 1, min(n, len(emb.images))).astype(int)
     dev = next(netG.parameters()).device
     sent, words, pad, texts = emb.batch([emb.images[i][3] for i in idx], dev)
-    imgs = netG(torch.randn(len(idx), z_dim, generator=torch.Generator().manual_seed(seed)).to(dev), sent, words, pad)
+    imgs = netG(
+        torch.randn(len(idx), z_dim, generator=torch.Generator().manual_seed(seed)).to(dev),
+        sent,
+        words,
+        pad,
+    )
     utils.log_images(run.writer, 'samples/ema', imgs, step)
     run.writer.add_text('samples/captions', '\n\n'.join(texts), step)
     if not path:
@@ -376,24 +478,37 @@ def write_samples(run, netG, emb, z_dim, seed, step, path=None, dmgan_run='', n=
     reals = XMCDataset(emb, imgs.shape[-1], flip=False)
     rows = [torch.stack([reals[i]['image'] for i in idx]).to(dev), imgs]
     if dmgan_run:
-        ckpt = utils.load_checkpoint(utils.list_checkpoints(dmgan_run, 'dmgan')[-1] if os.path.isdir(dmgan_run)
-                                     else dmgan_run, 'dmgan', map_location=dev)
+        ckpt = utils.load_checkpoint(
+            utils.list_checkpoints(dmgan_run, 'dmgan')[-1]
+            if os.path.isdir(dmgan_run)
+            else dmgan_run,
+            'dmgan',
+            map_location=dev,
+        )
         dcfg = utils.to_cfg({**ckpt['cfg'], 'TRAIN': {**ckpt['cfg']['TRAIN'], 'NET_G': dmgan_run}})
         text_enc = models.load_dmgan_encoders(dcfg, dev)[0]
         d_words, d_sent, d_pad = models.encode_text(text_enc, texts, dev)
-        z = torch.randn(len(idx), dcfg.GAN.Z_DIM, generator=torch.Generator().manual_seed(seed)).to(dev)
-        other = models.load_dmgan_generator(dcfg, text_enc.spec['dim'], dev)(z, d_sent, d_words, d_pad)[0][-1]
-        rows.append(F.interpolate(other, size=imgs.shape[-2:], mode='bilinear', align_corners=False))
+        z = torch.randn(len(idx), dcfg.GAN.Z_DIM, generator=torch.Generator().manual_seed(seed)).to(
+            dev
+        )
+        other = models.load_dmgan_generator(dcfg, text_enc.spec['dim'], dev)(
+            z, d_sent, d_words, d_pad
+        )[0][-1]
+        rows.append(
+            F.interpolate(other, size=imgs.shape[-2:], mode='bilinear', align_corners=False)
+        )
     utils.save_image_grid(torch.cat(rows), path, nrow=len(idx))
     utils.atomic_write_text(os.path.splitext(path)[0] + '.txt', '\n'.join(texts) + '\n')
-    utils.atomic_write_text(os.path.splitext(path)[0] + '.json', json.dumps(
-        [{'key': emb.images[i][0], 'caption': t} for i, t in zip(idx, texts)], indent=1))
+    utils.atomic_write_text(
+        os.path.splitext(path)[0] + '.json',
+        json.dumps([{'key': emb.images[i][0], 'caption': t} for i, t in zip(idx, texts)], indent=1),
+    )
 
 
 # ----------------------------------------------------------------------------
 # Evaluation (the original's test.sh: train_utils.test scores every checkpoint of a run)
 # ----------------------------------------------------------------------------
-STOP = {'requested': False}           # set by SIGTERM/SIGINT
+STOP = {'requested': False}  # set by SIGTERM/SIGINT
 
 
 def eval_records(emb, n_images, seed):
@@ -403,7 +518,9 @@ def eval_records(emb, n_images, seed):
     for j in range(n_images):
         key, _, cls, first, k = emb.images[j % n]
         row = first + int(np.random.default_rng([seed, j // n, first]).integers(k))
-        records.append({'key': key, 'caption': emb.text(row), 'class': cls, 'row': row, 'file': f'{j:05d}.png'})
+        records.append(
+            {'key': key, 'caption': emb.text(row), 'class': cls, 'row': row, 'file': f'{j:05d}.png'}
+        )
     return records
 
 
@@ -414,6 +531,7 @@ def xmc_sampler(netG, emb, z_dim, seed, dev):
     def sample(batch):
         sent, words, pad, _ = emb.batch([r['row'] for r in batch], dev)
         return netG(torch.randn(len(batch), z_dim, generator=g).to(dev), sent, words, pad).float()
+
     return sample
 
 
@@ -425,15 +543,18 @@ def real_statistics_path(cfg, net, size):
 def real_statistics(cfg, emb, net, dev):
     """size -> FID's (mu, sigma) of the real test images at that size (resized as in training):
     EVAL.FID_STATS, or computed from the test split and saved when missing."""
+
     @functools.lru_cache(maxsize=None)
     def at(size):
         path = real_statistics_path(cfg, net, size)
         if not os.path.isfile(path):
-            loader = torch.utils.data.DataLoader(XMCDataset(emb, size, flip=False), cfg.EVAL.BATCH_SIZE,
-                                                 num_workers=cfg.WORKERS)
+            loader = torch.utils.data.DataLoader(
+                XMCDataset(emb, size, flip=False), cfg.EVAL.BATCH_SIZE, num_workers=cfg.WORKERS
+            )
             act = np.concatenate([net((b['image'].to(dev) + 1) / 2) for b in loader])
             utils.save_statistics(path, *utils.statistics(act, 'real test images'), net.name)
         return utils.path_statistics(path, net)
+
     return at
 
 
@@ -452,23 +573,36 @@ def metric_plugins(cfg, emb, dev):
         text_enc, image_enc = models.load_encoders(E.NET_E, dev)
         features = utils.PairFeatures(text_enc, image_enc)
         plugins += [features, utils.RPrecision(features, E.R_NEG, E.R_FOLDS, E.SEED)]
-        last = [utils.CLIPScore(features)]      # after FID and IS: eval.txt's other columns keep their places
+        last = [
+            utils.CLIPScore(features)
+        ]  # after FID and IS: eval.txt's other columns keep their places
         weights.update(text_encoder=text_enc.weights_path, image_encoder=image_enc.weights_path)
 
-    def inception():            # the file models.fid_inception reads
+    def inception():  # the file models.fid_inception reads
         return utils.weights_path(E.FID_WEIGHTS or None, utils.FID_WEIGHTS, utils.FID_WEIGHTS_URL)
+
     if E.FID:
-        if E.FID_FEATURES not in ('inception', 'judge') or (E.FID_FEATURES == 'judge' and judge is None):
-            raise utils.UserError(f"EVAL.FID_FEATURES={E.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE")
+        if E.FID_FEATURES not in ('inception', 'judge') or (
+            E.FID_FEATURES == 'judge' and judge is None
+        ):
+            raise utils.UserError(
+                f"EVAL.FID_FEATURES={E.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE"
+            )
         on_judge = E.FID_FEATURES == 'judge'
         fid_net = models.feature_net(2048, E.FID_WEIGHTS or None, judge if on_judge else None, dev)
         plugins.append(utils.FID(fid_net, real_statistics(cfg, emb, fid_net, dev)))
         weights['fid_features'] = judge.weights_path if on_judge else inception()
     if E.IS:
-        plugins.append(utils.InceptionScore(models.inception_classifier('tf', E.FID_WEIGHTS or None, dev), E.IS_SPLITS))
+        plugins.append(
+            utils.InceptionScore(
+                models.inception_classifier('tf', E.FID_WEIGHTS or None, dev), E.IS_SPLITS
+            )
+        )
         weights['is_inception'] = inception()
     if not plugins:
-        raise utils.UserError("EVAL: nothing to compute; set EVAL.FID, EVAL.IS, EVAL.NET_E or EVAL.JUDGE")
+        raise utils.UserError(
+            "EVAL: nothing to compute; set EVAL.FID, EVAL.IS, EVAL.NET_E or EVAL.JUDGE"
+        )
     return plugins + last, weights, fid_net
 
 
@@ -478,15 +612,29 @@ def score(netG, ccfg, emb, plugins, E, dev, weights, dump=None, log=None):
     runs = []
     for r in range(E.REPEATS):
         seed = E.SEED + r
-        runs.append(utils.evaluate_generator(
-            xmc_sampler(netG, emb, ccfg.GAN.Z_DIM, seed, dev), eval_records(emb, E.NUM_IMAGES, seed),
-            plugins + ([dump] if dump is not None and r == 0 else []), E.BATCH_SIZE, 'test', seed, weights,
-            ccfg.IMAGE_SIZE, f'real test images: bilinear to {ccfg.IMAGE_SIZE} px, no crop' if E.FID else None,
-            stop=lambda: STOP['requested'], log=log))
+        runs.append(
+            utils.evaluate_generator(
+                xmc_sampler(netG, emb, ccfg.GAN.Z_DIM, seed, dev),
+                eval_records(emb, E.NUM_IMAGES, seed),
+                plugins + ([dump] if dump is not None and r == 0 else []),
+                E.BATCH_SIZE,
+                'test',
+                seed,
+                weights,
+                ccfg.IMAGE_SIZE,
+                f'real test images: bilinear to {ccfg.IMAGE_SIZE} px, no crop' if E.FID else None,
+                stop=lambda: STOP['requested'],
+                log=log,
+            )
+        )
     protocol = {**runs[0]['protocol'], 'seed': [E.SEED + r for r in range(E.REPEATS)]}
     runs = [{k: v for k, v in run.items() if k != 'protocol'} for run in runs]
-    return {f'{k}{sfx}': float(fn([r[k] for r in runs])) for k in runs[0] if not k.endswith('_std')
-            for sfx, fn in (('', np.mean), ('_std', np.std))}, protocol
+    return {
+        f'{k}{sfx}': float(fn([r[k] for r in runs]))
+        for k in runs[0]
+        if not k.endswith('_std')
+        for sfx, fn in (('', np.mean), ('_std', np.std))
+    }, protocol
 
 
 def evaluate(run, watch):
@@ -495,7 +643,9 @@ def evaluate(run, watch):
     (eval/<metric> at the checkpoint's step) and metrics.json."""
     cfg, dev, log, E = run.cfg, run.device, run.log, run.cfg.EVAL
     if not os.path.isdir(os.path.join(E.WORKDIR, 'checkpoints')):
-        raise utils.UserError(f"EVAL.WORKDIR={E.WORKDIR!r}: no checkpoints/ folder (expected a training run dir)")
+        raise utils.UserError(
+            f"EVAL.WORKDIR={E.WORKDIR!r}: no checkpoints/ folder (expected a training run dir)"
+        )
     if E.DMGAN and not os.path.exists(E.DMGAN):
         raise utils.UserError(f"EVAL.DMGAN={E.DMGAN}: no such DM-GAN run dir or checkpoint")
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -505,42 +655,111 @@ def evaluate(run, watch):
     table, mpath = os.path.join(run.out, 'eval.txt'), os.path.join(run.out, 'metrics.json')
 
     def scored():
-        return {ln.split('\t')[0] for ln in open(table) if not ln.startswith('#')} if os.path.isfile(table) else set()
+        return (
+            {ln.split('\t')[0] for ln in open(table) if not ln.startswith('#')}
+            if os.path.isfile(table)
+            else set()
+        )
+
     fmt = lambda s: ' '.join(f'{k}={v:.4f}' for k, v in s.items() if not k.endswith('_std'))  # noqa: E731
     try:
         while not STOP['requested']:
-            for path in [p for p in utils.list_checkpoints(E.WORKDIR, 'xmcgan') if os.path.basename(p) not in scored()]:
+            for path in [
+                p
+                for p in utils.list_checkpoints(E.WORKDIR, 'xmcgan')
+                if os.path.basename(p) not in scored()
+            ]:
                 try:
                     ckpt = utils.load_checkpoint(path, 'xmcgan', map_location=dev)
-                except utils.UserError as e:        # rotated away by KEEP_CHECKPOINTS meanwhile
+                except utils.UserError as e:  # rotated away by KEEP_CHECKPOINTS meanwhile
                     log.warning(f"skipping {e}")
                     continue
-                ccfg, name, step, t0 = utils.to_cfg(ckpt['cfg']), os.path.basename(path), ckpt['step'], time.time()
+                ccfg, name, step, t0 = (
+                    utils.to_cfg(ckpt['cfg']),
+                    os.path.basename(path),
+                    ckpt['step'],
+                    time.time(),
+                )
                 if ckpt['extra']['text_dim'] != emb.dim:
-                    raise utils.UserError(f"{path}: trained on {ckpt['extra']['text_dim']}-d captions, but "
-                                          f"EMBEDDINGS={cfg.EMBEDDINGS} holds {emb.dim}-d ones")
-                weights = {**net_weights, **({'fid_statistics': real_statistics_path(cfg, fid_net, ccfg.IMAGE_SIZE)}
-                                             if fid_net is not None else {})}
-                if E.BASELINE and 'untrained' not in (json.load(open(mpath)) if os.path.isfile(mpath) else {}):
-                    torch.manual_seed(E.SEED)          # an untrained G: same architecture, same captions
-                    base, protocol = score(build_networks(ccfg, emb.dim)[0].to(dev).eval(), ccfg, emb, plugins, E,
-                                           dev, weights, log=log)
+                    raise utils.UserError(
+                        f"{path}: trained on {ckpt['extra']['text_dim']}-d captions, but "
+                        f"EMBEDDINGS={cfg.EMBEDDINGS} holds {emb.dim}-d ones"
+                    )
+                weights = {
+                    **net_weights,
+                    **(
+                        {'fid_statistics': real_statistics_path(cfg, fid_net, ccfg.IMAGE_SIZE)}
+                        if fid_net is not None
+                        else {}
+                    ),
+                }
+                if E.BASELINE and 'untrained' not in (
+                    json.load(open(mpath)) if os.path.isfile(mpath) else {}
+                ):
+                    torch.manual_seed(E.SEED)  # an untrained G: same architecture, same captions
+                    base, protocol = score(
+                        build_networks(ccfg, emb.dim)[0].to(dev).eval(),
+                        ccfg,
+                        emb,
+                        plugins,
+                        E,
+                        dev,
+                        weights,
+                        log=log,
+                    )
                     utils.write_metrics(run.out, {'untrained': {**base, 'protocol': protocol}})
                     log.info(f"untrained generator: {fmt(base)}")
                 netG = build_networks(ccfg, emb.dim)[0].to(dev)
-                netG.load_state_dict(ckpt['models']['G_ema'])        # the EMA weights, as the original reports
-                dump = utils.ImageDump(os.path.join(run.out, f'images_{step:08d}')) if E.SAVE_IMAGES else None
-                scores, protocol = score(netG.eval(), ccfg, emb, plugins, E, dev, {**weights, 'generator': path},
-                                         dump, log)
-                header = '' if os.path.isfile(table) else '# checkpoint\tstep\tEMA G, mean and std of EVAL.REPEATS\n'
+                netG.load_state_dict(
+                    ckpt['models']['G_ema']
+                )  # the EMA weights, as the original reports
+                dump = (
+                    utils.ImageDump(os.path.join(run.out, f'images_{step:08d}'))
+                    if E.SAVE_IMAGES
+                    else None
+                )
+                scores, protocol = score(
+                    netG.eval(),
+                    ccfg,
+                    emb,
+                    plugins,
+                    E,
+                    dev,
+                    {**weights, 'generator': path},
+                    dump,
+                    log,
+                )
+                header = (
+                    ''
+                    if os.path.isfile(table)
+                    else '# checkpoint\tstep\tEMA G, mean and std of EVAL.REPEATS\n'
+                )
                 with open(table, 'a') as f:
-                    f.write(header + f"{name}\t{step}\t" + '\t'.join(f'{k}={v:.6g}' for k, v in scores.items()) + '\n')
+                    f.write(
+                        header
+                        + f"{name}\t{step}\t"
+                        + '\t'.join(f'{k}={v:.6g}' for k, v in scores.items())
+                        + '\n'
+                    )
                 for k, v in scores.items():
                     run.writer.add_scalar(f'eval/{k}', v, step)
-                write_samples(run, netG, emb, ccfg.GAN.Z_DIM, E.SEED, step,
-                              os.path.join(run.out, f'samples_{step:08d}.png'), E.DMGAN)
-                utils.write_metrics(run.out, {f'eval/{name}': {'step': step, **scores, 'protocol': protocol},
-                                              'latest': name})
+                write_samples(
+                    run,
+                    netG,
+                    emb,
+                    ccfg.GAN.Z_DIM,
+                    E.SEED,
+                    step,
+                    os.path.join(run.out, f'samples_{step:08d}.png'),
+                    E.DMGAN,
+                )
+                utils.write_metrics(
+                    run.out,
+                    {
+                        f'eval/{name}': {'step': step, **scores, 'protocol': protocol},
+                        'latest': name,
+                    },
+                )
                 log.info(f"{name} (step {step}, {time.time() - t0:.0f}s): {fmt(scores)}")
             if not watch:
                 break
@@ -554,11 +773,15 @@ def evaluate(run, watch):
 
 def main():
     parser = utils.base_parser(__doc__.splitlines()[0])
-    parser.add_argument('--watch', action='store_true', help='evaluation: keep scoring new checkpoints until SIGTERM')
+    parser.add_argument(
+        '--watch',
+        action='store_true',
+        help='evaluation: keep scoring new checkpoints until SIGTERM',
+    )
     args = parser.parse_args()
     cfg = utils.build_cfg(DEFAULTS, args)
     if not cfg.TRAIN.FLAG and args.out is None and cfg.EVAL.WORKDIR:
-        args.out = os.path.join(cfg.EVAL.WORKDIR, 'eval')      # the scores live beside the checkpoints
+        args.out = os.path.join(cfg.EVAL.WORKDIR, 'eval')  # the scores live beside the checkpoints
     run = utils.setup(args, DEFAULTS)
     if run.cfg.TRAIN.FLAG:
         train(run, args)

@@ -11,6 +11,7 @@ caption of the batch (exact under the causal mask), the attention pool computes 
 it keeps, and attention goes through scaled_dot_product_attention. The row 'ours, text padded
 to 77' switches off the first of these, for a like-for-like count of text FLOPs.
 """
+
 import argparse
 import json
 import math
@@ -24,38 +25,74 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models
 import utils
 
-CAPTIONS = ['a red circle on the left', 'there is a large blue square in the top right corner',
-            'the small green star is below the yellow triangle', 'a tiny pink cross near the bottom',
-            'an orange diamond to the left of a purple circle', 'a big cyan rhombus in the middle',
-            'the little red plus sign is at the lower left', 'a large yellow five-pointed star at the top']
+CAPTIONS = [
+    'a red circle on the left',
+    'there is a large blue square in the top right corner',
+    'the small green star is below the yellow triangle',
+    'a tiny pink cross near the bottom',
+    'an orange diamond to the left of a purple circle',
+    'a big cyan rhombus in the middle',
+    'the little red plus sign is at the lower left',
+    'a large yellow five-pointed star at the top',
+]
 
 
 def adamw(model):
     """open_clip's param groups: no weight decay on gains, biases and logit_scale."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': rest, 'weight_decay': 0.0}],
-                             lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(
+        [{'params': decay, 'weight_decay': 0.1}, {'params': rest, 'weight_decay': 0.0}],
+        lr=1e-4,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
 
 
 class Ours(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        vocab = {'kind': 'words', 'context_length': 77, 'vocab': [f'w{i}' for i in range(49406)] + ['<sot>', '<eot>']}
-        self.text = models.build_text_encoder({'family': 'clip', 'dim': 1024, 'tokenizer': vocab, 'width': 512,
-                                               'heads': 8, 'layers': 12, 'keep_special': False})
-        self.image = models.build_image_encoder({'family': 'clip', 'dim': 1024, 'image_size': 224,
-                                                 'layers': [3, 4, 6, 3], 'width': 64, 'head_width': 64,
-                                                 'patch_size': 0})
+        vocab = {
+            'kind': 'words',
+            'context_length': 77,
+            'vocab': [f'w{i}' for i in range(49406)] + ['<sot>', '<eot>'],
+        }
+        self.text = models.build_text_encoder(
+            {
+                'family': 'clip',
+                'dim': 1024,
+                'tokenizer': vocab,
+                'width': 512,
+                'heads': 8,
+                'layers': 12,
+                'keep_special': False,
+            }
+        )
+        self.image = models.build_image_encoder(
+            {
+                'family': 'clip',
+                'dim': 1024,
+                'image_size': 224,
+                'layers': [3, 4, 6, 3],
+                'width': 64,
+                'head_width': 64,
+                'patch_size': 0,
+            }
+        )
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
 def make_steps(batch, device, pad_text):
     import open_clip
-    ids = open_clip.get_tokenizer('RN50')([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]).to(device)
-    lengths = ids.argmax(-1) + 1                     # up to and with the end token (the largest id)
+
+    ids = open_clip.get_tokenizer('RN50')([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]).to(
+        device
+    )
+    lengths = ids.argmax(-1) + 1  # up to and with the end token (the largest id)
     images = torch.rand(batch, 3, 224, 224, device=device) * 2 - 1
-    normed = models._prepare(images, 224, models.CLIP_MEAN, models.CLIP_STD)   # what open_clip is fed
+    normed = models._prepare(
+        images, 224, models.CLIP_MEAN, models.CLIP_STD
+    )  # what open_clip is fed
 
     theirs = open_clip.create_model('RN50').to(device)
     ours = Ours().to(device)
@@ -84,8 +121,10 @@ def make_steps(batch, device, pad_text):
             ours.logit_scale.clamp_(0, math.log(100))
         return loss
 
-    counts = {'open_clip': sum(p.numel() for p in theirs.parameters()),
-              'ours': sum(p.numel() for p in ours.parameters())}
+    counts = {
+        'open_clip': sum(p.numel() for p in theirs.parameters()),
+        'ours': sum(p.numel() for p in ours.parameters()),
+    }
     return {'open_clip': step_theirs, 'ours': step_ours}, counts, int(lengths.max())
 
 
@@ -119,25 +158,43 @@ def main():
     rows = {}
     for label, pad in (('ours', False), ('ours, text padded to 77', True)):
         steps, counts, longest = make_steps(args.batch, device, pad)
-        for fn in steps.values():                      # warm-up
+        for fn in steps.values():  # warm-up
             fn()
         runs = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, fn in steps.items():
                 runs[name].append(timed(fn, args.steps, device))
-        med = {k: (sorted(r for r, _ in v)[len(v) // 2], sorted(c for _, c in v)[len(v) // 2]) for k, v in runs.items()}
-        rows[label] = {'ours_steps_per_s': med['ours'][0], 'open_clip_steps_per_s': med['open_clip'][0],
-                       'ratio': med['ours'][0] / med['open_clip'][0],
-                       'ours_cpu_s_per_step': med['ours'][1], 'open_clip_cpu_s_per_step': med['open_clip'][1],
-                       'cpu_ratio': med['open_clip'][1] / med['ours'][1]}
-        print(f"{label:24s} {med['ours'][0]:.3f} vs open_clip {med['open_clip'][0]:.3f} steps/s (ratio "
-              f"{rows[label]['ratio']:.2f}) | CPU s/step {med['ours'][1]:.2f} vs {med['open_clip'][1]:.2f} "
-              f"(ratio {rows[label]['cpu_ratio']:.2f})", flush=True)
-    summary = {'device': str(device), 'batch': args.batch, 'steps_per_round': args.steps, 'rounds': args.rounds,
-               'longest_caption_tokens': longest, 'parameters': counts, 'results': rows,
-               'torch': torch.__version__, 'threads': torch.get_num_threads(),
-               'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
-               'date': time.strftime('%Y-%m-%d %H:%M')}
+        med = {
+            k: (sorted(r for r, _ in v)[len(v) // 2], sorted(c for _, c in v)[len(v) // 2])
+            for k, v in runs.items()
+        }
+        rows[label] = {
+            'ours_steps_per_s': med['ours'][0],
+            'open_clip_steps_per_s': med['open_clip'][0],
+            'ratio': med['ours'][0] / med['open_clip'][0],
+            'ours_cpu_s_per_step': med['ours'][1],
+            'open_clip_cpu_s_per_step': med['open_clip'][1],
+            'cpu_ratio': med['open_clip'][1] / med['ours'][1],
+        }
+        print(
+            f"{label:24s} {med['ours'][0]:.3f} vs open_clip {med['open_clip'][0]:.3f} steps/s (ratio "
+            f"{rows[label]['ratio']:.2f}) | CPU s/step {med['ours'][1]:.2f} vs {med['open_clip'][1]:.2f} "
+            f"(ratio {rows[label]['cpu_ratio']:.2f})",
+            flush=True,
+        )
+    summary = {
+        'device': str(device),
+        'batch': args.batch,
+        'steps_per_round': args.steps,
+        'rounds': args.rounds,
+        'longest_caption_tokens': longest,
+        'parameters': counts,
+        'results': rows,
+        'torch': torch.__version__,
+        'threads': torch.get_num_threads(),
+        'load_average': os.getloadavg() if hasattr(os, 'getloadavg') else None,
+        'date': time.strftime('%Y-%m-%d %H:%M'),
+    }
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(summary, f, indent=2)

@@ -18,6 +18,7 @@ positions allowed to use it (equal to dalle-pytorch's masked softmax); sampling 
 key/value cache (dalle-pytorch's generate_images defaults to use_cache=False, as text2img's
 dalle_gen.py ran it; the 'dalle-pytorch, use_cache=True' row is its cached mode).
 """
+
 import argparse
 import json
 import os
@@ -36,13 +37,29 @@ import train_dalle  # noqa: E402
 import train_vae  # noqa: E402
 import utils  # noqa: E402
 
-PRESETS = {   # seed: text2img's train_vae command and the DALLE of its dalle_gen.py checkpoint (depth 8)
-    'seed': dict(vae=dict(image_size=256, num_layers=4, num_tokens=1024, codebook_dim=256, hidden_dim=256,
-                          num_resnet_blocks=2),
-                 dalle=dict(dim=512, depth=8, heads=8, dim_head=64, text_seq_len=32, num_text_tokens=21128)),
-    'small': dict(vae=dict(image_size=64, num_layers=3, num_tokens=512, codebook_dim=64, hidden_dim=64,
-                           num_resnet_blocks=1),
-                  dalle=dict(dim=256, depth=4, heads=4, dim_head=64, text_seq_len=32, num_text_tokens=200)),
+PRESETS = {  # seed: text2img's train_vae command and the DALLE of its dalle_gen.py checkpoint (depth 8)
+    'seed': dict(
+        vae=dict(
+            image_size=256,
+            num_layers=4,
+            num_tokens=1024,
+            codebook_dim=256,
+            hidden_dim=256,
+            num_resnet_blocks=2,
+        ),
+        dalle=dict(dim=512, depth=8, heads=8, dim_head=64, text_seq_len=32, num_text_tokens=21128),
+    ),
+    'small': dict(
+        vae=dict(
+            image_size=64,
+            num_layers=3,
+            num_tokens=512,
+            codebook_dim=64,
+            hidden_dim=64,
+            num_resnet_blocks=1,
+        ),
+        dalle=dict(dim=256, depth=4, heads=4, dim_head=64, text_seq_len=32, num_text_tokens=200),
+    ),
 }
 
 
@@ -51,12 +68,14 @@ def import_dalle_pytorch():
     (moved to .rank_zero in current Lightning): a stand-in module for the old path."""
     try:
         import pytorch_lightning.utilities.rank_zero as rz
+
         m = types.ModuleType('pytorch_lightning.utilities.distributed')
         m.rank_zero_only = rz.rank_zero_only
         sys.modules.setdefault('pytorch_lightning.utilities.distributed', m)
     except ImportError:
         pass
     import dalle_pytorch
+
     return dalle_pytorch
 
 
@@ -71,7 +90,9 @@ def dp_to_ours(sd):
         if k.startswith('vae.'):
             continue
         if k.startswith('image_pos_emb.weights'):
-            out['image_pos_row' if k.endswith('0') else 'image_pos_col'] = v.reshape(v.shape[1] * v.shape[2], -1)
+            out['image_pos_row' if k.endswith('0') else 'image_pos_col'] = v.reshape(
+                v.shape[1] * v.shape[2], -1
+            )
             continue
         if k.startswith('to_logits.'):
             out[('norm_out.' if k[10] == '0' else 'to_logits.') + k.split('.')[-1]] = v
@@ -79,11 +100,18 @@ def dp_to_ours(sd):
         if k.startswith('transformer.layers.layers.'):
             i, j, rest = k.split('.')[3], k.split('.')[4], '.'.join(k.split('.')[5:])
             part = 'attn' if j == '0' else 'ff'
-            name = {'scale': f'scale_{part}', 'fn.norm.weight': f'norm_{part}.weight', 'fn.norm.bias': f'norm_{part}.bias',
-                    'fn.fn.fn.to_qkv.weight': 'attn.to_qkv.weight', 'fn.fn.fn.to_out.0.weight': 'attn.to_out.weight',
-                    'fn.fn.fn.to_out.0.bias': 'attn.to_out.bias', 'fn.fn.net.0.weight': 'ff.fc_in.weight',
-                    'fn.fn.net.0.bias': 'ff.fc_in.bias', 'fn.fn.net.3.weight': 'ff.fc_out.weight',
-                    'fn.fn.net.3.bias': 'ff.fc_out.bias'}[rest]
+            name = {
+                'scale': f'scale_{part}',
+                'fn.norm.weight': f'norm_{part}.weight',
+                'fn.norm.bias': f'norm_{part}.bias',
+                'fn.fn.fn.to_qkv.weight': 'attn.to_qkv.weight',
+                'fn.fn.fn.to_out.0.weight': 'attn.to_out.weight',
+                'fn.fn.fn.to_out.0.bias': 'attn.to_out.bias',
+                'fn.fn.net.0.weight': 'ff.fc_in.weight',
+                'fn.fn.net.0.bias': 'ff.fc_in.bias',
+                'fn.fn.net.3.weight': 'ff.fc_out.weight',
+                'fn.fn.net.3.bias': 'ff.fc_out.bias',
+            }[rest]
             out[f'blocks.{i}.{name}'] = v.reshape(-1) if rest == 'scale' else v
             continue
         out[k] = v
@@ -120,8 +148,12 @@ def main():
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--only', choices=['vae', 'dalle', 'sample'], action='append')
-    p.add_argument('--amp', action='store_true', help="ours with bf16 autocast, as train_vae/train_dalle's AMP "
-                   "(dalle-pytorch's --amp is a no-op without DeepSpeed: it runs fp32 either way)")
+    p.add_argument(
+        '--amp',
+        action='store_true',
+        help="ours with bf16 autocast, as train_vae/train_dalle's AMP "
+        "(dalle-pytorch's --amp is a no-op without DeepSpeed: it runs fp32 either way)",
+    )
     p.add_argument('--json', default='', help='also write the results here')
     a = p.parse_args()
     if a.threads:
@@ -130,9 +162,16 @@ def main():
     dp = import_dalle_pytorch()
     P = PRESETS[a.preset]
     only = set(a.only or ['vae', 'dalle', 'sample'])
-    res = {'preset': a.preset, 'batch': a.batch, 'device': str(dev), 'threads': torch.get_num_threads(),
-           'torch': torch.__version__, 'dalle_pytorch': '1.6.6', 'date': time.strftime('%Y-%m-%d %H:%M'),
-           'ours_amp': a.amp}
+    res = {
+        'preset': a.preset,
+        'batch': a.batch,
+        'device': str(dev),
+        'threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+        'dalle_pytorch': '1.6.6',
+        'date': time.strftime('%Y-%m-%d %H:%M'),
+        'ours_amp': a.amp,
+    }
     torch.manual_seed(0)
     their_vae = dp.DiscreteVAE(**P['vae']).to(dev)
     our_vae = models.DiscreteVAE(**P['vae']).to(dev)
@@ -156,27 +195,47 @@ def main():
             opt_t.zero_grad()
             loss.backward()
             opt_t.step()
+
         t = alternate({'ours': ours, 'theirs': theirs}, a.steps, dev)
         res['vae_train_steps_per_s'] = {k: 1 / v for k, v in t.items()}
         res['vae_speedup'] = t['theirs'] / t['ours']
-        print(f"DiscreteVAE train step ({res['vae_params']:,} params, batch {a.batch}, {S}px): ours "
-              f"{1 / t['ours']:.3f}/s, dalle-pytorch {1 / t['theirs']:.3f}/s -> x{res['vae_speedup']:.2f}", flush=True)
+        print(
+            f"DiscreteVAE train step ({res['vae_params']:,} params, batch {a.batch}, {S}px): ours "
+            f"{1 / t['ours']:.3f}/s, dalle-pytorch {1 / t['theirs']:.3f}/s -> x{res['vae_speedup']:.2f}",
+            flush=True,
+        )
 
     if only & {'dalle', 'sample'}:
         D = P['dalle']
         torch.manual_seed(1)
         their_vae.eval()
-        theirs_m = dp.DALLE(vae=their_vae, num_text_tokens=D['num_text_tokens'], text_seq_len=D['text_seq_len'],
-                            dim=D['dim'], depth=D['depth'], heads=D['heads'], dim_head=D['dim_head'],
-                            shift_tokens=False, rotary_emb=False).to(dev)   # train_dalle.py's defaults
-        fmap = their_vae.image_size // 2 ** their_vae.num_layers
-        ours_m = models.DALLE(D['num_text_tokens'], D['text_seq_len'], their_vae.num_tokens, fmap, D['dim'],
-                              D['depth'], D['heads'], D['dim_head']).to(dev)
+        theirs_m = dp.DALLE(
+            vae=their_vae,
+            num_text_tokens=D['num_text_tokens'],
+            text_seq_len=D['text_seq_len'],
+            dim=D['dim'],
+            depth=D['depth'],
+            heads=D['heads'],
+            dim_head=D['dim_head'],
+            shift_tokens=False,
+            rotary_emb=False,
+        ).to(dev)  # train_dalle.py's defaults
+        fmap = their_vae.image_size // 2**their_vae.num_layers
+        ours_m = models.DALLE(
+            D['num_text_tokens'],
+            D['text_seq_len'],
+            their_vae.num_tokens,
+            fmap,
+            D['dim'],
+            D['depth'],
+            D['heads'],
+            D['dim_head'],
+        ).to(dev)
         ours_m.load_state_dict(dp_to_ours(theirs_m.state_dict()))
         assert count(ours_m) == count(theirs_m, skip=('vae.',))
         res['dalle_params'] = count(ours_m)
         text = torch.randint(1, D['num_text_tokens'], (a.batch, D['text_seq_len']), device=dev)
-        text[:, D['text_seq_len'] // 2:] = 0
+        text[:, D['text_seq_len'] // 2 :] = 0
         with torch.no_grad():
             tokens = our_vae.eval().get_codebook_indices(images01 * 2 - 1)
             lo, lt = ours_m(text, tokens)[0].item(), theirs_m(text, tokens, return_loss=True).item()
@@ -187,22 +246,28 @@ def main():
         c = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': a.amp})
         amp, _ = train_dalle.autocast(dev, c)
         opt_o = train_dalle.make_optimizer(ours_m.parameters(), c.LEARNING_RATE)
-        opt_t = torch.optim.Adam([q for q in theirs_m.parameters() if q.requires_grad], lr=c.LEARNING_RATE)
+        opt_t = torch.optim.Adam(
+            [q for q in theirs_m.parameters() if q.requires_grad], lr=c.LEARNING_RATE
+        )
 
         def ours():
             train_dalle.train_step(ours_m, our_vae, opt_o, images01 * 2 - 1, text, c, amp)
 
-        def theirs():     # dalle-pytorch's train_dalle.py step (DummyBackend): forward with raw images
+        def theirs():  # dalle-pytorch's train_dalle.py step (DummyBackend): forward with raw images
             loss = theirs_m(text, images01, return_loss=True)
             opt_t.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(theirs_m.parameters(), c.CLIP_GRAD_NORM)
             opt_t.step()
+
         t = alternate({'ours': ours, 'theirs': theirs}, a.steps, dev)
         res['dalle_train_steps_per_s'] = {k: 1 / v for k, v in t.items()}
         res['dalle_speedup'] = t['theirs'] / t['ours']
-        print(f"DALLE train step ({res['dalle_params']:,} params, batch {a.batch}): ours {1 / t['ours']:.3f}/s, "
-              f"dalle-pytorch {1 / t['theirs']:.3f}/s -> x{res['dalle_speedup']:.2f}", flush=True)
+        print(
+            f"DALLE train step ({res['dalle_params']:,} params, batch {a.batch}): ours {1 / t['ours']:.3f}/s, "
+            f"dalle-pytorch {1 / t['theirs']:.3f}/s -> x{res['dalle_speedup']:.2f}",
+            flush=True,
+        )
 
     if 'sample' in only:
         ours_m.eval()
@@ -218,13 +283,21 @@ def main():
 
         def theirs_cached():
             theirs_m.generate_images(one.expand(n, -1), filter_thres=0.9, use_cache=True)
-        t = alternate({'ours': ours, 'theirs': theirs, 'theirs_cached': theirs_cached}, max(1, a.steps - 2), dev)
+
+        t = alternate(
+            {'ours': ours, 'theirs': theirs, 'theirs_cached': theirs_cached},
+            max(1, a.steps - 2),
+            dev,
+        )
         res['sample_tokens_per_s'] = {k: n * seq / v for k, v in t.items()}
         res['sample_speedup'] = t['theirs'] / t['ours']
         res['sample_speedup_vs_cached'] = t['theirs_cached'] / t['ours']
-        print(f"sampling {n}x{seq} image tokens: ours {n * seq / t['ours']:.1f} tok/s, dalle-pytorch "
-              f"{n * seq / t['theirs']:.1f} tok/s (use_cache=True: {n * seq / t['theirs_cached']:.1f}) -> "
-              f"x{res['sample_speedup']:.2f} (x{res['sample_speedup_vs_cached']:.2f} vs its cache)", flush=True)
+        print(
+            f"sampling {n}x{seq} image tokens: ours {n * seq / t['ours']:.1f} tok/s, dalle-pytorch "
+            f"{n * seq / t['theirs']:.1f} tok/s (use_cache=True: {n * seq / t['theirs_cached']:.1f}) -> "
+            f"x{res['sample_speedup']:.2f} (x{res['sample_speedup_vs_cached']:.2f} vs its cache)",
+            flush=True,
+        )
     print(json.dumps(res, indent=1))
     if a.json:
         with open(a.json, 'w') as f:

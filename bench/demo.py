@@ -8,6 +8,7 @@ as the demo's data step regenerates it identically) and prints each step's wall 
 total, and the total as a share of the budget; the machine and date go with the numbers into
 <out>/bench.json.
 """
+
 import argparse
 import json
 import os
@@ -31,7 +32,9 @@ def main():
     if os.path.isdir(out) and not args.keep:
         shutil.rmtree(out)
     t0 = time.time()
-    r = subprocess.run([sys.executable, 'demo.py', '--out', out, '--scale', str(args.scale)], cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, 'demo.py', '--out', out, '--scale', str(args.scale)], cwd=ROOT
+    )
     total = time.time() - t0
     if r.returncode:
         sys.exit(f'bench/demo.py: the demo failed (exit {r.returncode}); see {out}/logs')
@@ -39,12 +42,24 @@ def main():
         steps = json.load(f)
     for name, s in steps.items():
         print(f'{name:16s} {s:7.1f} s')
-    print(f'total {total:.0f} s = {total / 60:.1f} min; budget {BUDGET_S / 60:.0f} min at DEMO_SCALE 1: '
-          f'{100 * total / BUDGET_S:.0f}% of it')
+    print(
+        f'total {total:.0f} s = {total / 60:.1f} min; budget {BUDGET_S / 60:.0f} min at DEMO_SCALE 1: '
+        f'{100 * total / BUDGET_S:.0f}% of it'
+    )
     with open(os.path.join(out, 'bench.json'), 'w') as f:
-        json.dump({'total_s': round(total, 1), 'steps_s': steps, 'scale': args.scale, 'budget_s': BUDGET_S,
-                   'cpus': os.cpu_count(), 'machine': platform.processor() or platform.machine(),
-                   'date': time.strftime('%Y-%m-%d %H:%M')}, f, indent=1)
+        json.dump(
+            {
+                'total_s': round(total, 1),
+                'steps_s': steps,
+                'scale': args.scale,
+                'budget_s': BUDGET_S,
+                'cpus': os.cpu_count(),
+                'machine': platform.processor() or platform.machine(),
+                'date': time.strftime('%Y-%m-%d %H:%M'),
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == '__main__':

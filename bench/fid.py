@@ -7,6 +7,7 @@ written as PNG. Weights: --weights, else pytorch-fid's file in torch hub's cache
 random FID Inception with BatchNorm calibrated on the images (tests/fid_weights.py).
 Both run on the CPU with their defaults (pytorch-fid: min(8, CPUs) loader workers).
 """
+
 import argparse
 import os
 import sys
@@ -27,14 +28,16 @@ from fid_weights import calibrated_random_weights  # noqa: E402
 
 
 def write_images(data_dir, n, out):
-    keys = utils.read_attngan_split(data_dir, 'test')[:2 * n]
+    keys = utils.read_attngan_split(data_dir, 'test')[: 2 * n]
     if len(keys) < 2 * n:
         raise SystemExit(f'{data_dir}: {len(keys)} test images, need {2 * n}')
     dirs = [os.path.join(out, 'a'), os.path.join(out, 'b')]
     for d in dirs:
         os.makedirs(d)
     for i, k in enumerate(keys):
-        img = utils.load_image(os.path.join(data_dir, 'CUB_200_2011', 'images', k + '.jpg')).resize((64, 64), Image.BICUBIC)
+        img = utils.load_image(os.path.join(data_dir, 'CUB_200_2011', 'images', k + '.jpg')).resize(
+            (64, 64), Image.BICUBIC
+        )
         img.save(os.path.join(dirs[i // n], f'{i:05d}.png'))
     return dirs
 
@@ -42,6 +45,7 @@ def write_images(data_dir, n, out):
 def pytorch_fid(paths, weights, dims, batch_size):
     import pytorch_fid.fid_score as pf
     import pytorch_fid.inception as pi
+
     sd = torch.load(weights, weights_only=True)
     with mock.patch.object(pi, 'load_state_dict_from_url', lambda *a, **k: sd):
         return pf.calculate_fid_given_paths(paths, batch_size, 'cpu', dims, utils.num_workers(-1))
@@ -69,7 +73,9 @@ def main():
     ap.add_argument('--exact', action='store_true', help='also time our --exact mode')
     ap.add_argument('--repeat', type=int, default=1)
     args = ap.parse_args()
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {utils.num_workers(-1)} loader workers')
+    print(
+        f'torch {torch.__version__}, {torch.get_num_threads()} threads, {utils.num_workers(-1)} loader workers'
+    )
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(args.data, args.n, tmp)
         weights = args.weights
@@ -79,26 +85,37 @@ def main():
                 print(f'weights: {weights}')
             except utils.UserError:
                 files = utils.list_images(paths[0])[:16] + utils.list_images(paths[1])[:16]
-                x = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files]) / 255
+                x = (
+                    torch.stack(
+                        [torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files]
+                    )
+                    / 255
+                )
                 weights = calibrated_random_weights(x.float(), os.path.join(tmp, 'w.pth'))
                 print('weights: random FID Inception, BatchNorm calibrated on 32 of the images')
         print(f'{args.n} + {args.n} PNGs of 64 px, dims {args.dims}, batch {args.batch_size}')
-        runs = [('pytorch-fid', lambda: pytorch_fid(paths, weights, args.dims, args.batch_size)),
-                ('ours', lambda: ours(paths, weights, args.dims, args.batch_size, False))]
+        runs = [
+            ('pytorch-fid', lambda: pytorch_fid(paths, weights, args.dims, args.batch_size)),
+            ('ours', lambda: ours(paths, weights, args.dims, args.batch_size, False)),
+        ]
         if args.exact:
-            runs.append(('ours --exact', lambda: ours(paths, weights, args.dims, args.batch_size, True)))
+            runs.append(
+                ('ours --exact', lambda: ours(paths, weights, args.dims, args.batch_size, True))
+            )
         times, values = {k: [] for k, _ in runs}, {}
         for r in range(args.repeat):
-            for name, fn in (runs if r % 2 == 0 else runs[::-1]):
+            for name, fn in runs if r % 2 == 0 else runs[::-1]:
                 values[name], t = timed(fn)
                 times[name].append(t)
                 print(f'  {name:13s} FID {values[name]:.6f}  {t:.1f} s', flush=True)
     ref, t_ref = values['pytorch-fid'], min(times['pytorch-fid'])
     for name in values:
         if name != 'pytorch-fid':
-            print(f'{name}: FID {values[name]:.6f} vs {ref:.6f} (relative difference '
-                  f'{abs(values[name] - ref) / abs(ref):.1e}); {t_ref / min(times[name]):.2f}x faster '
-                  f'({min(times[name]):.1f} s vs {t_ref:.1f} s, best of {args.repeat})')
+            print(
+                f'{name}: FID {values[name]:.6f} vs {ref:.6f} (relative difference '
+                f'{abs(values[name] - ref) / abs(ref):.1e}); {t_ref / min(times[name]):.2f}x faster '
+                f'({min(times[name]):.1f} s vs {t_ref:.1f} s, best of {args.repeat})'
+            )
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ is conditioned on, DALLE with the CLIP from scratch, baselines). Prints mean +- 
 R-precision on the real test images and the baselines, and writes <out>/shapes.json. Each run's
 learning curve is <out>/<system>_seed<N>_eval/curve.png.
 """
+
 import argparse
 import json
 import os
@@ -26,20 +27,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ends with the evaluation), and the run dir whose R-precision on the real test images the
 # generator's R-precision is measured against.
 SYSTEMS = {
-    'dmgan_clip': dict(prep=['pretrain_DAMSM.py', '--cfg', 'cfg/clip_shapes.yml'],
-                       needs='output/clip_shapes/checkpoints/text_encoder1.pth',
-                       train=['main.py', '--cfg', 'cfg/shapes_DMGAN.yml'], eval='cfg/eval_shapes_DMGAN.yml',
-                       encoder_run='output/clip_shapes'),
-    'dmgan_damsm': dict(prep=['pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml'],
-                        needs='output/DAMSM_shapes/checkpoints/text_encoder4.pth',
-                        train=['main.py', '--cfg', 'cfg/shapes_DMGAN_DAMSM.yml'], eval='cfg/eval_shapes_DMGAN.yml',
-                        encoder_run='output/DAMSM_shapes'),
-    'dalle': dict(prep=['train_vae.py', '--cfg', 'cfg/dalle/shapes_vae.yml'], needs='output/shapes_vae/vae.pt',
-                  train=['train_dalle.py', '--cfg', 'cfg/dalle/shapes_dalle.yml', '--vae_path', 'output/shapes_vae/vae.pt'],
-                  eval=None, encoder_run='output/clip_shapes'),
+    'dmgan_clip': dict(
+        prep=['pretrain_DAMSM.py', '--cfg', 'cfg/clip_shapes.yml'],
+        needs='output/clip_shapes/checkpoints/text_encoder1.pth',
+        train=['main.py', '--cfg', 'cfg/shapes_DMGAN.yml'],
+        eval='cfg/eval_shapes_DMGAN.yml',
+        encoder_run='output/clip_shapes',
+    ),
+    'dmgan_damsm': dict(
+        prep=['pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml'],
+        needs='output/DAMSM_shapes/checkpoints/text_encoder4.pth',
+        train=['main.py', '--cfg', 'cfg/shapes_DMGAN_DAMSM.yml'],
+        eval='cfg/eval_shapes_DMGAN.yml',
+        encoder_run='output/DAMSM_shapes',
+    ),
+    'dalle': dict(
+        prep=['train_vae.py', '--cfg', 'cfg/dalle/shapes_vae.yml'],
+        needs='output/shapes_vae/vae.pt',
+        train=[
+            'train_dalle.py',
+            '--cfg',
+            'cfg/dalle/shapes_dalle.yml',
+            '--vae_path',
+            'output/shapes_vae/vae.pt',
+        ],
+        eval=None,
+        encoder_run='output/clip_shapes',
+    ),
 }
 COLUMNS = ('count', 'shape', 'colour', 'size', 'position', 'all')
-TARGETS = {'count': 0.90, 'shape': 0.85, 'colour': 0.90, 'size': 0.90, 'position': 0.85, 'all': 0.60}
+TARGETS = {
+    'count': 0.90,
+    'shape': 0.85,
+    'colour': 0.90,
+    'size': 0.90,
+    'position': 0.85,
+    'all': 0.60,
+}
 
 
 def run(cmd, log):
@@ -64,8 +88,12 @@ def main():
     p.add_argument('--judge', default='output/judge', help='fid_score.py --train_judge run dir')
     args = p.parse_args()
     os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
-    result = {'date': time.strftime('%Y-%m-%d %H:%M'), 'cpus': os.cpu_count(),
-              'machine': platform.processor() or platform.machine(), 'systems': {}}
+    result = {
+        'date': time.strftime('%Y-%m-%d %H:%M'),
+        'cpus': os.cpu_count(),
+        'machine': platform.processor() or platform.machine(),
+        'systems': {},
+    }
     for name in args.systems:
         sys_ = SYSTEMS[name]
         prep_seconds = None
@@ -74,19 +102,61 @@ def main():
         enc_r = metrics(sys_['encoder_run'])
         rows = []
         for seed in args.seeds:
-            gen_dir, eval_dir = f'{args.out}/{name}_seed{seed}', f'{args.out}/{name}_seed{seed}_eval'
-            train_s = run(sys_['train'] + ['--seed', str(seed), '--out', gen_dir, '--overwrite',
-                                           '--set', f'EVAL.JUDGE={args.judge}'], os.path.join(ROOT, gen_dir + '.log'))
+            gen_dir, eval_dir = (
+                f'{args.out}/{name}_seed{seed}',
+                f'{args.out}/{name}_seed{seed}_eval',
+            )
+            train_s = run(
+                sys_['train']
+                + [
+                    '--seed',
+                    str(seed),
+                    '--out',
+                    gen_dir,
+                    '--overwrite',
+                    '--set',
+                    f'EVAL.JUDGE={args.judge}',
+                ],
+                os.path.join(ROOT, gen_dir + '.log'),
+            )
             if sys_['eval']:
-                run(['main.py', '--cfg', sys_['eval'], '--out', eval_dir, '--set', f'TRAIN.NET_G={gen_dir}',
-                     '--set', f"TRAIN.NET_E={sys_['needs']}", '--set', f'EVAL.JUDGE={args.judge}'],
-                    os.path.join(ROOT, eval_dir + '.log'))
+                run(
+                    [
+                        'main.py',
+                        '--cfg',
+                        sys_['eval'],
+                        '--out',
+                        eval_dir,
+                        '--set',
+                        f'TRAIN.NET_G={gen_dir}',
+                        '--set',
+                        f"TRAIN.NET_E={sys_['needs']}",
+                        '--set',
+                        f'EVAL.JUDGE={args.judge}',
+                    ],
+                    os.path.join(ROOT, eval_dir + '.log'),
+                )
             m = metrics(eval_dir if sys_['eval'] else gen_dir)
-            rows.append({'seed': seed, 'train_seconds': metrics(gen_dir)['train_seconds'], 'wall_seconds': train_s, **m})
-            print(f"{name} seed {seed}: " + ' '.join(f"{c} {m[f'judge_{c}']:.3f}" for c in COLUMNS)
-                  + f" R-precision {m['r_precision']:.3f} ({rows[-1]['train_seconds']:.0f} s)", flush=True)
-        result['systems'][name] = {'prepared': sys_['needs'], 'encoder_r_precision': enc_r.get('R_precision'),
-                                   'prep_seconds': prep_seconds, 'runs': rows}
+            rows.append(
+                {
+                    'seed': seed,
+                    'train_seconds': metrics(gen_dir)['train_seconds'],
+                    'wall_seconds': train_s,
+                    **m,
+                }
+            )
+            print(
+                f"{name} seed {seed}: "
+                + ' '.join(f"{c} {m[f'judge_{c}']:.3f}" for c in COLUMNS)
+                + f" R-precision {m['r_precision']:.3f} ({rows[-1]['train_seconds']:.0f} s)",
+                flush=True,
+            )
+        result['systems'][name] = {
+            'prepared': sys_['needs'],
+            'encoder_r_precision': enc_r.get('R_precision'),
+            'prep_seconds': prep_seconds,
+            'runs': rows,
+        }
     with open(os.path.join(ROOT, args.out, 'shapes.json'), 'w') as f:
         json.dump(result, f, indent=1)
     head = ['system'] + list(COLUMNS) + ['R-precision', 'encoder R-precision', 'training s']
@@ -97,13 +167,25 @@ def main():
         def cell(key):
             v = np.array([r[key] for r in runs], dtype=float)
             return f'{v.mean():.3f} ± {v.std():.3f}' if len(v) > 1 else f'{v[0]:.3f}'
-        print(f"| {name} ({len(runs)} seeds) | " + ' | '.join(cell(f'judge_{c}') for c in COLUMNS)
-              + f" | {cell('r_precision')} | {s['encoder_r_precision']:.3f} | {cell('train_seconds')} |")
+
+        print(
+            f"| {name} ({len(runs)} seeds) | "
+            + ' | '.join(cell(f'judge_{c}') for c in COLUMNS)
+            + f" | {cell('r_precision')} | {s['encoder_r_precision']:.3f} | {cell('train_seconds')} |"
+        )
         r0 = runs[0]
-        for label, prefix in (('untrained', 'untrained_judge_'), ('own images, shuffled captions', 'shuffled_judge_'),
-                              ('real image, wrong caption', 'wrong_caption_judge_'), ('real image', 'real_judge_')):
+        for label, prefix in (
+            ('untrained', 'untrained_judge_'),
+            ('own images, shuffled captions', 'shuffled_judge_'),
+            ('real image, wrong caption', 'wrong_caption_judge_'),
+            ('real image', 'real_judge_'),
+        ):
             if f'{prefix}all' in r0:
-                print(f"| {name}: {label} | " + ' | '.join(f"{r0[prefix + c]:.3f}" for c in COLUMNS) + ' | | | |')
+                print(
+                    f"| {name}: {label} | "
+                    + ' | '.join(f"{r0[prefix + c]:.3f}" for c in COLUMNS)
+                    + ' | | | |'
+                )
     print('targets: ' + ', '.join(f'{c} >= {t}' for c, t in TARGETS.items()))
 
 

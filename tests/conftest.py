@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny synthetic dataset in the real AttnGAN/CUB layout."""
+
 import os
 import sys
 
@@ -24,8 +25,10 @@ def protocol0_names(names):
 def protocol0_int64_list(values):
     """train/class_info.pickle: a list of numpy.core.multiarray.scalar(dtype('i8'), bytes),
     a value seen before repeated through its memo slot (g<n>), as pickle's memo does."""
-    out = (b"(lp0\ncnumpy.core.multiarray\nscalar\np1\n(cnumpy\ndtype\np2\n(S'i8'\np3\nI0\nI1\ntp4\n"
-           b"Rp5\n(I3\nS'<'\np6\nNNNI-1\nI-1\nI0\ntp7\nb")
+    out = (
+        b"(lp0\ncnumpy.core.multiarray\nscalar\np1\n(cnumpy\ndtype\np2\n(S'i8'\np3\nI0\nI1\ntp4\n"
+        b"Rp5\n(I3\nS'<'\np6\nNNNI-1\nI-1\nI0\ntp7\nb"
+    )
     memo, slot, first = {}, 8, True
     for v in values:
         if v in memo:
@@ -34,8 +37,17 @@ def protocol0_int64_list(values):
         raw = ''.join(f'\\x{b:02x}' for b in int(v).to_bytes(8, 'little'))
         if not first:
             out += b'g1\n(g5\n'
-        out += b"S'" + raw.encode() + b"'\np" + str(slot).encode() + b'\ntp' + str(slot + 1).encode() \
-            + b'\nRp' + str(slot + 2).encode() + b'\na'
+        out += (
+            b"S'"
+            + raw.encode()
+            + b"'\np"
+            + str(slot).encode()
+            + b'\ntp'
+            + str(slot + 1).encode()
+            + b'\nRp'
+            + str(slot + 2).encode()
+            + b'\na'
+        )
         memo[v], slot, first = slot + 2, slot + 3, False
     return out + b'.'
 
@@ -46,18 +58,31 @@ def write_attngan_metadata(root, crlf=False):
     optionally as a CRLF checkout of them."""
     for split in ('train', 'test'):
         keys = utils.read_attngan_split(root, split)
-        classes = [int(c) for c in utils.safe_pickle_load(os.path.join(root, split, 'class_info.pickle'))]
-        cls = protocol0_int64_list(classes) if split == 'train' else \
-            b'(lp0\n' + b''.join(b'I' + str(c).encode() + b'\na' for c in classes) + b'.'
+        classes = [
+            int(c) for c in utils.safe_pickle_load(os.path.join(root, split, 'class_info.pickle'))
+        ]
+        cls = (
+            protocol0_int64_list(classes)
+            if split == 'train'
+            else b'(lp0\n' + b''.join(b'I' + str(c).encode() + b'\na' for c in classes) + b'.'
+        )
         for name, data in (('filenames.pickle', protocol0_names(keys)), ('class_info.pickle', cls)):
             with open(os.path.join(root, split, name), 'wb') as f:
                 f.write(data.replace(b'\n', b'\r\n') if crlf else data)
 
 
 def make_tiny_shapes(out_dir, num_train=40, num_test=20, image_size=32, seed=0, p_two=0.3):
-    c = utils.to_cfg({**preprocess_data.DEFAULTS['SHAPES'], 'OUT_DIR': str(out_dir),
-                      'NUM_TRAIN': num_train, 'NUM_TEST': num_test, 'IMAGE_SIZE': image_size,
-                      'SEED': seed, 'P_TWO_OBJECTS': p_two})
+    c = utils.to_cfg(
+        {
+            **preprocess_data.DEFAULTS['SHAPES'],
+            'OUT_DIR': str(out_dir),
+            'NUM_TRAIN': num_train,
+            'NUM_TEST': num_test,
+            'IMAGE_SIZE': image_size,
+            'SEED': seed,
+            'P_TWO_OBJECTS': p_two,
+        }
+    )
     preprocess_data.make_shapes(c, utils.get_logger(None, 'tiny'))
     return str(out_dir)
 
@@ -74,7 +99,15 @@ def tiny_judge(tmp_path_factory, tiny_shapes):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('judge')
     judge = models.ShapesJudge(width=4, cell_dim=4, image_size=32)
-    utils.save_checkpoint(str(out), 'judge', 0, {'judge': judge}, name='judge_final.pt',
-                          extra={'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
-                                 'attributes': utils.caption_attributes(tiny_shapes)})
+    utils.save_checkpoint(
+        str(out),
+        'judge',
+        0,
+        {'judge': judge},
+        name='judge_final.pt',
+        extra={
+            'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
+            'attributes': utils.caption_attributes(tiny_shapes),
+        },
+    )
     return str(out)

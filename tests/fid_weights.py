@@ -1,5 +1,6 @@
 """A random-init FID Inception in pytorch-fid's weights format, for parity tests and
 benchmarks where the real pt_inception-2015-12-05-6726825d.pth cannot be downloaded."""
+
 import torch
 
 import models
@@ -14,7 +15,7 @@ def calibrated_random_weights(images, path, seed=0):
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
-            m.momentum = None          # cumulative average: exactly this batch's statistics
+            m.momentum = None  # cumulative average: exactly this batch's statistics
     net.train()
     with torch.no_grad():
         net(images)

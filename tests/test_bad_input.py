@@ -1,6 +1,7 @@
 """Bad input, as a user gives it on the command line: each case exits non-zero with one line on
 stderr naming the file, key or value, no traceback, and leaves its inputs and earlier outputs
 as they were."""
+
 import hashlib
 import os
 import subprocess
@@ -14,8 +15,13 @@ PY = sys.executable
 
 
 def cli(script, *args, cwd=ROOT):
-    return subprocess.run([PY, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+    return subprocess.run(
+        [PY, os.path.join(ROOT, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def digest(folder):
@@ -52,21 +58,49 @@ def inputs(tmp_path):
 
 
 CASES = {
-    'empty jsonl': (['train_dalle.py', '--image_text_folder', '{in}/empty.jsonl'], ['empty.jsonl', 'no (image, caption) pairs']),
-    'header-only csv': (['train_dalle.py', '--image_text_folder', '{in}/header.csv'], ['header.csv', 'no (image, caption) pairs']),
-    'csv row without caption': (['train_dalle.py', '--image_text_folder', '{in}/nocaption.csv'],
-                                ['nocaption.csv:2', 'without a caption']),
-    'corrupt --vae_path': (['train_dalle.py', '--image_text_folder', '{data}/train.jsonl', '--vae_path',
-                            '{in}/corrupt_vae.pt'], ['corrupt_vae.pt', 'not a readable']),
+    'empty jsonl': (
+        ['train_dalle.py', '--image_text_folder', '{in}/empty.jsonl'],
+        ['empty.jsonl', 'no (image, caption) pairs'],
+    ),
+    'header-only csv': (
+        ['train_dalle.py', '--image_text_folder', '{in}/header.csv'],
+        ['header.csv', 'no (image, caption) pairs'],
+    ),
+    'csv row without caption': (
+        ['train_dalle.py', '--image_text_folder', '{in}/nocaption.csv'],
+        ['nocaption.csv:2', 'without a caption'],
+    ),
+    'corrupt --vae_path': (
+        [
+            'train_dalle.py',
+            '--image_text_folder',
+            '{data}/train.jsonl',
+            '--vae_path',
+            '{in}/corrupt_vae.pt',
+        ],
+        ['corrupt_vae.pt', 'not a readable'],
+    ),
     'top_k -1': (['dalle_gen.py', 'a red circle', '2', '{tmp}/gen', '--top_k', '-1'], ['TOP_K=-1']),
-    'inception --splits 0': (['inception_score.py', '--path', '{data}', '--splits', '0'], ['--splits 0']),
-    'batch size 0': (['train_vae.py', '--image_folder', '{data}', '--batch_size', '0'], ['BATCH_SIZE=0', 'at least 1']),
-    'learning rate nan': (['train_vae.py', '--image_folder', '{data}', '--set', 'TRAIN.LEARNING_RATE=.nan'],
-                          ['LEARNING_RATE=nan']),
-    'output path is a file': (['train_vae.py', '--image_folder', '{data}', '--out', '{in}/a_file'],
-                              ['a_file', 'not a directory']),
-    'output path below a file': (['train_vae.py', '--image_folder', '{data}', '--out', '{in}/a_file/run'],
-                                 ['a_file/run', 'cannot write']),
+    'inception --splits 0': (
+        ['inception_score.py', '--path', '{data}', '--splits', '0'],
+        ['--splits 0'],
+    ),
+    'batch size 0': (
+        ['train_vae.py', '--image_folder', '{data}', '--batch_size', '0'],
+        ['BATCH_SIZE=0', 'at least 1'],
+    ),
+    'learning rate nan': (
+        ['train_vae.py', '--image_folder', '{data}', '--set', 'TRAIN.LEARNING_RATE=.nan'],
+        ['LEARNING_RATE=nan'],
+    ),
+    'output path is a file': (
+        ['train_vae.py', '--image_folder', '{data}', '--out', '{in}/a_file'],
+        ['a_file', 'not a directory'],
+    ),
+    'output path below a file': (
+        ['train_vae.py', '--image_folder', '{data}', '--out', '{in}/a_file/run'],
+        ['a_file/run', 'cannot write'],
+    ),
 }
 
 
@@ -77,7 +111,11 @@ def test_bad_input_is_one_line_and_touches_nothing(case, inputs, tiny_shapes, tm
     fill = {'in': inputs, 'data': tiny_shapes, 'tmp': tmp_path}
     argv = [a.format(**fill) for a in argv]
     if '--out' not in argv:
-        argv += ['--out', str(tmp_path / 'run')] if argv[0] not in ('dalle_gen.py', 'inception_score.py') else []
+        argv += (
+            ['--out', str(tmp_path / 'run')]
+            if argv[0] not in ('dalle_gen.py', 'inception_score.py')
+            else []
+        )
     before = digest(inputs), digest(tiny_shapes)
     r = cli(*argv)
     assert_one_line(r, *needles)
@@ -87,8 +125,28 @@ def test_bad_input_is_one_line_and_touches_nothing(case, inputs, tiny_shapes, tm
 @pytest.mark.slow
 def test_resume_after_an_architecture_change_is_one_line(tiny_shapes, tmp_path):
     run = tmp_path / 'vae'
-    common = ['--image_folder', tiny_shapes, '--out', run, '--image_size', 16, '--num_layers', 1, '--num_tokens', 16,
-              '--emb_dim', 8, '--epochs', 1, '--batch_size', 8, '--set', 'WORKERS=0', '--set', 'TRAIN.AMP=false']
+    common = [
+        '--image_folder',
+        tiny_shapes,
+        '--out',
+        run,
+        '--image_size',
+        16,
+        '--num_layers',
+        1,
+        '--num_tokens',
+        16,
+        '--emb_dim',
+        8,
+        '--epochs',
+        1,
+        '--batch_size',
+        8,
+        '--set',
+        'WORKERS=0',
+        '--set',
+        'TRAIN.AMP=false',
+    ]
     r = cli('train_vae.py', *common, '--hidden_dim', 8)
     assert r.returncode == 0, r.stderr
     before = digest(run / 'checkpoints')
@@ -102,12 +160,16 @@ def test_unreadable_test_images_are_left_out_of_r_precision_and_counted(tiny_sha
     of scoring a grey stand-in, and says how many it dropped."""
     import pretrain_DAMSM
     import utils
+
     keys = sorted(utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images')))[:6]
     bad = tmp_path / 'broken.jpg'
     bad.write_bytes(b'not a jpeg')
-    items = [(k, ['a caption', 'another'], i % 3) for i, k in enumerate(keys)] + [(str(bad), ['x', 'y'], 0)]
-    loader = torch.utils.data.DataLoader(pretrain_DAMSM.EvalSet(items, size=16), batch_size=4,
-                                         collate_fn=pretrain_DAMSM.collate_eval)
+    items = [(k, ['a caption', 'another'], i % 3) for i, k in enumerate(keys)] + [
+        (str(bad), ['x', 'y'], 0)
+    ]
+    loader = torch.utils.data.DataLoader(
+        pretrain_DAMSM.EvalSet(items, size=16), batch_size=4, collate_fn=pretrain_DAMSM.collate_eval
+    )
     batches = list(loader)
     assert sum(len(b.get('image', [])) for b in batches) == 6
     assert [len(b['skipped']) for b in batches] == [0, 1]

@@ -1,6 +1,7 @@
 """The DALLE pipeline: DiscreteVAE/VQGAN layouts, the DALLE loss and sampling, and a smoke run
 of train_vae.py, train_dalle.py (resume, --chinese, CLIP BPE, VQGAN), dalle_gen.py,
 clip_sort.py and the Wukong-style filter, all on tiny configs."""
+
 import hashlib
 import json
 import os
@@ -25,18 +26,38 @@ import utils  # noqa: E402
 
 # DALLE-pytorch 1.6.6 DiscreteVAE(image_size=16, num_layers=2, num_tokens=16, codebook_dim=8,
 # hidden_dim=8, num_resnet_blocks=1).state_dict(), keys and shapes read off the package.
-DP_VAE_HPARAMS = dict(image_size=16, num_layers=2, num_tokens=16, codebook_dim=8, hidden_dim=8,
-                      num_resnet_blocks=1)
+DP_VAE_HPARAMS = dict(
+    image_size=16, num_layers=2, num_tokens=16, codebook_dim=8, hidden_dim=8, num_resnet_blocks=1
+)
 DP_VAE_LAYOUT = [
-    ('codebook.weight', (16, 8)), ('encoder.0.0.weight', (8, 3, 4, 4)), ('encoder.0.0.bias', (8,)),
-    ('encoder.1.0.weight', (8, 8, 4, 4)), ('encoder.1.0.bias', (8,)), ('encoder.2.net.0.weight', (8, 8, 3, 3)),
-    ('encoder.2.net.0.bias', (8,)), ('encoder.2.net.2.weight', (8, 8, 3, 3)), ('encoder.2.net.2.bias', (8,)),
-    ('encoder.2.net.4.weight', (8, 8, 1, 1)), ('encoder.2.net.4.bias', (8,)), ('encoder.3.weight', (16, 8, 1, 1)),
-    ('encoder.3.bias', (16,)), ('decoder.0.weight', (8, 8, 1, 1)), ('decoder.0.bias', (8,)),
-    ('decoder.1.net.0.weight', (8, 8, 3, 3)), ('decoder.1.net.0.bias', (8,)), ('decoder.1.net.2.weight', (8, 8, 3, 3)),
-    ('decoder.1.net.2.bias', (8,)), ('decoder.1.net.4.weight', (8, 8, 1, 1)), ('decoder.1.net.4.bias', (8,)),
-    ('decoder.2.0.weight', (8, 8, 4, 4)), ('decoder.2.0.bias', (8,)), ('decoder.3.0.weight', (8, 8, 4, 4)),
-    ('decoder.3.0.bias', (8,)), ('decoder.4.weight', (3, 8, 1, 1)), ('decoder.4.bias', (3,))]
+    ('codebook.weight', (16, 8)),
+    ('encoder.0.0.weight', (8, 3, 4, 4)),
+    ('encoder.0.0.bias', (8,)),
+    ('encoder.1.0.weight', (8, 8, 4, 4)),
+    ('encoder.1.0.bias', (8,)),
+    ('encoder.2.net.0.weight', (8, 8, 3, 3)),
+    ('encoder.2.net.0.bias', (8,)),
+    ('encoder.2.net.2.weight', (8, 8, 3, 3)),
+    ('encoder.2.net.2.bias', (8,)),
+    ('encoder.2.net.4.weight', (8, 8, 1, 1)),
+    ('encoder.2.net.4.bias', (8,)),
+    ('encoder.3.weight', (16, 8, 1, 1)),
+    ('encoder.3.bias', (16,)),
+    ('decoder.0.weight', (8, 8, 1, 1)),
+    ('decoder.0.bias', (8,)),
+    ('decoder.1.net.0.weight', (8, 8, 3, 3)),
+    ('decoder.1.net.0.bias', (8,)),
+    ('decoder.1.net.2.weight', (8, 8, 3, 3)),
+    ('decoder.1.net.2.bias', (8,)),
+    ('decoder.1.net.4.weight', (8, 8, 1, 1)),
+    ('decoder.1.net.4.bias', (8,)),
+    ('decoder.2.0.weight', (8, 8, 4, 4)),
+    ('decoder.2.0.bias', (8,)),
+    ('decoder.3.0.weight', (8, 8, 4, 4)),
+    ('decoder.3.0.bias', (8,)),
+    ('decoder.4.weight', (3, 8, 1, 1)),
+    ('decoder.4.bias', (3,)),
+]
 
 TINY_VQGAN_YAML = """model:
   base_learning_rate: 4.5e-06
@@ -77,13 +98,18 @@ def test_discrete_vae_layout_equals_dalle_pytorch(tmp_path):
     # a DALLE-pytorch vae.pt: {'hparams', 'weights'} in its layout, as its train_vae.py saves it
     torch.manual_seed(0)
     weights = {k: torch.randn(s) for k, s in DP_VAE_LAYOUT}
-    torch.save({'hparams': {**DP_VAE_HPARAMS, 'channels': 3}, 'weights': weights}, tmp_path / 'vae.pt')
+    torch.save(
+        {'hparams': {**DP_VAE_HPARAMS, 'channels': 3}, 'weights': weights}, tmp_path / 'vae.pt'
+    )
     vae = models.load_discrete_vae(str(tmp_path / 'vae.pt'))
     assert all(torch.equal(vae.state_dict()[k], w) for k, w in weights.items())
     idx = vae.get_codebook_indices(torch.rand(2, 3, 16, 16) * 2 - 1)
     assert idx.shape == (2, 16) and int(idx.max()) < 16
     assert vae.decode(idx).shape == (2, 3, 16, 16)
-    torch.save({'hparams': DP_VAE_HPARAMS, 'weights': {**weights, 'extra.weight': torch.zeros(1)}}, tmp_path / 'bad.pt')
+    torch.save(
+        {'hparams': DP_VAE_HPARAMS, 'weights': {**weights, 'extra.weight': torch.zeros(1)}},
+        tmp_path / 'bad.pt',
+    )
     with pytest.raises(utils.UserError, match='do not match'):
         models.load_discrete_vae(str(tmp_path / 'bad.pt'))
 
@@ -91,8 +117,18 @@ def test_discrete_vae_layout_equals_dalle_pytorch(tmp_path):
 def test_vqgan_keys_equal_taming_f16_1024():
     with open(os.path.join(ROOT, 'tests', 'data', 'vqgan_imagenet_f16_1024_keys.txt')) as f:
         expected = [line.strip() for line in f if line.strip() and not line.startswith('#')]
-    dd = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
-              ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0)
+    dd = dict(
+        double_z=False,
+        z_channels=256,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        ch=128,
+        ch_mult=[1, 1, 2, 2, 4],
+        num_res_blocks=2,
+        attn_resolutions=[16],
+        dropout=0.0,
+    )
     with torch.device('meta'):
         vq = models.VQGAN(dd, 1024, 256)
     sd = vq.state_dict()
@@ -130,8 +166,20 @@ def test_vqgan_loads_strict(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def tiny_dalle(seed=0):
     torch.manual_seed(seed)
-    return models.DALLE(num_text_tokens=50, text_seq_len=8, num_image_tokens=30, image_fmap_size=4, dim=32,
-                        depth=2, heads=2, dim_head=16).double().eval()
+    return (
+        models.DALLE(
+            num_text_tokens=50,
+            text_seq_len=8,
+            num_image_tokens=30,
+            image_fmap_size=4,
+            dim=32,
+            depth=2,
+            heads=2,
+            dim_head=16,
+        )
+        .double()
+        .eval()
+    )
 
 
 def test_loss_equals_masked_joint_vocabulary_cross_entropy():
@@ -144,11 +192,13 @@ def test_loss_equals_masked_joint_vocabulary_cross_entropy():
     T = d.text_seq_len
     # text positions give no probability to image ids and vice versa
     p = logits.softmax(-1)
-    assert p[:, :T, d.num_text_tokens:].max() == 0 and p[:, T:, :d.num_text_tokens].max() == 0
+    assert p[:, :T, d.num_text_tokens :].max() == 0 and p[:, T:, : d.num_text_tokens].max() == 0
     labels = torch.cat([tb[:, 1:], image + d.num_text_tokens], 1)
     ref_t = F.cross_entropy(logits[:, :T].flatten(0, 1), labels[:, :T].flatten())
     ref_i = F.cross_entropy(logits[:, T:].flatten(0, 1), labels[:, T:].flatten())
-    assert torch.allclose(lt.double(), ref_t, atol=1e-5) and torch.allclose(li.double(), ref_i, atol=1e-5)
+    assert torch.allclose(lt.double(), ref_t, atol=1e-5) and torch.allclose(
+        li.double(), ref_i, atol=1e-5
+    )
     assert torch.allclose(loss.double(), (ref_t + 7 * ref_i) / 8, atol=1e-5)
     # padding gets a distinct id per position, predicted like any text token
     assert tb[0, 6:].tolist() == [d.num_text_tokens - 8 + i for i in range(5, 8)]
@@ -159,10 +209,14 @@ def test_kv_cache_sampling_equals_full_forward_sampling():
     text = torch.randint(1, 50, (3, 8))
     text[:, 6:] = 0
     for top_k in (0.9, 5, 0.0):
-        a = d.generate_image_tokens(text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=True)
-        b = d.generate_image_tokens(text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=False)
+        a = d.generate_image_tokens(
+            text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=True
+        )
+        b = d.generate_image_tokens(
+            text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=False
+        )
         assert torch.equal(a, b) and a.shape == (3, 16)
-    assert len(set(a.flatten().tolist())) > 3        # really sampling, not a constant
+    assert len(set(a.flatten().tolist())) > 3  # really sampling, not a constant
 
 
 def test_cpu_bf16_attention_equals_sdpa():
@@ -173,7 +227,7 @@ def test_cpu_bf16_attention_equals_sdpa():
     attn = models.CausalSelfAttention(24, 3, 8)
     x = torch.randn(2, 40, 24)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        got = attn(x)                                  # the matmul path
+        got = attn(x)  # the matmul path
     assert torch.allclose(got.float(), attn(x), atol=0.05)
 
 
@@ -183,16 +237,20 @@ def test_top_k_counts_the_vocabulary_it_is_told(over, kept):
     over the joint vocabulary, as DALLE-pytorch counts, int(0.1 * (58 + 30)) = 8."""
     d = tiny_dalle()
     text = torch.randint(1, 50, (2, 8))
-    out = d.generate_image_tokens(text, 0.9, 1e4, torch.Generator().manual_seed(0), use_cache=True, top_k_over=over)
+    out = d.generate_image_tokens(
+        text, 0.9, 1e4, torch.Generator().manual_seed(0), use_cache=True, top_k_over=over
+    )
     seen = set()
     for i in range(d.image_seq_len):
         with torch.no_grad():
             h = d.transformer(d.embed(d.text_with_bos(text), out[:, :i]))[:, -1]
             allowed = d.image_logits(h).topk(kept, dim=-1).indices
-        assert (allowed == out[:, i:i + 1]).any(-1).all()
-        seen |= {(tuple(a.tolist()), o.item()) for a, o in zip(allowed, out[:, i]) if o not in a[:3]}
-    assert len(set(out.flatten().tolist())) > 3      # a hot temperature spreads over the allowed ones
-    assert bool(seen) == (over == 'all')             # only the joint count draws beyond the best 3
+        assert (allowed == out[:, i : i + 1]).any(-1).all()
+        seen |= {
+            (tuple(a.tolist()), o.item()) for a, o in zip(allowed, out[:, i]) if o not in a[:3]
+        }
+    assert len(set(out.flatten().tolist())) > 3  # a hot temperature spreads over the allowed ones
+    assert bool(seen) == (over == 'all')  # only the joint count draws beyond the best 3
 
 
 def test_parameter_count_equals_dalle_pytorch_train_dalle():
@@ -213,7 +271,9 @@ def test_amp_trains_in_bfloat16_and_fp16_needs_cuda():
     amp, scaler = train_dalle.autocast(torch.device('cpu'), c)
     opt = train_dalle.make_optimizer(d.parameters(), 1e-3)
     before = d.text_emb.weight.detach().clone()
-    loss, _, _ = train_dalle.train_step(d, vae, opt, torch.rand(2, 3, 8, 8) * 2 - 1, torch.randint(1, 20, (2, 4)), c, amp)
+    loss, _, _ = train_dalle.train_step(
+        d, vae, opt, torch.rand(2, 3, 8, 8) * 2 - 1, torch.randint(1, 20, (2, 4)), c, amp
+    )
     assert seen == [torch.bfloat16] and torch.isfinite(loss) and scaler is None
     assert d.text_emb.weight.dtype == torch.float32 and not torch.equal(before, d.text_emb.weight)
     with pytest.raises(utils.UserError, match='needs CUDA'):
@@ -227,38 +287,97 @@ def test_amp_trains_in_bfloat16_and_fp16_needs_cuda():
 def nested_images(tmp_path_factory, tiny_shapes):
     """The tiny images at mixed depths, no class-folder structure."""
     root = tmp_path_factory.mktemp('imgs')
-    for i, p in enumerate(utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images'))[:32]):
+    for i, p in enumerate(
+        utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images'))[:32]
+    ):
         d = root / ('a' if i % 2 else 'b/c/d') if i % 3 else root
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(p, d / f'{i}.jpg')
     return str(root)
 
 
-VAE_ARGS = ['--image_size', 16, '--num_layers', 2, '--num_tokens', 16, '--emb_dim', 8, '--hidden_dim', 8,
-            '--num_resnet_blocks', 1, '--batch_size', 8, '--set', 'WORKERS=0', '--set', 'TRAIN.LOG_EVERY=2']
+VAE_ARGS = [
+    '--image_size',
+    16,
+    '--num_layers',
+    2,
+    '--num_tokens',
+    16,
+    '--emb_dim',
+    8,
+    '--hidden_dim',
+    8,
+    '--num_resnet_blocks',
+    1,
+    '--batch_size',
+    8,
+    '--set',
+    'WORKERS=0',
+    '--set',
+    'TRAIN.LOG_EVERY=2',
+]
 
 
 @pytest.mark.slow
 def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shapes, tiny_judge):
     a = tmp_path / 'a'
-    m = run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', a, *VAE_ARGS,
-                               '--set', 'TRAIN.SAVE_EVERY_N_STEPS=2', '--set', 'TRAIN.KEEP_CHECKPOINTS=0',
-                               '--set', 'TRAIN.ANNEAL_RATE=0.01', '--set', 'TRAIN.LR_DECAY_EVERY=2',
-                               '--set', f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl', '--set', f'EVAL.JUDGE={tiny_judge}'])
-    assert m['train_steps'] == 8 and m['final_temp'] < 1.0     # compounded at steps 2, 4, 6
+    m = run_script(
+        train_vae,
+        [
+            '--image_folder',
+            nested_images,
+            '--epochs',
+            2,
+            '--out',
+            a,
+            *VAE_ARGS,
+            '--set',
+            'TRAIN.SAVE_EVERY_N_STEPS=2',
+            '--set',
+            'TRAIN.KEEP_CHECKPOINTS=0',
+            '--set',
+            'TRAIN.ANNEAL_RATE=0.01',
+            '--set',
+            'TRAIN.LR_DECAY_EVERY=2',
+            '--set',
+            f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl',
+            '--set',
+            f'EVAL.JUDGE={tiny_judge}',
+        ],
+    )
+    assert m['train_steps'] == 8 and m['final_temp'] < 1.0  # compounded at steps 2, 4, 6
     assert m['holdout_images'] == 20 and os.path.isfile(a / 'holdout_recon.png')
-    for attr in ('colour', 'shape', 'size'):   # judge on originals, reconstructions, one colour per token
+    for attr in (
+        'colour',
+        'shape',
+        'size',
+    ):  # judge on originals, reconstructions, one colour per token
         assert all(0 <= m[f'judge_{w}_{attr}'] <= 1 for w in ('original', 'recon', 'token_average'))
     assert 0 < m['final_perplexity'] and 0 < m['final_codes_used'] <= 1
-    dp = torch.load(a / 'vae.pt', weights_only=True)           # what DALLE-pytorch's train_dalle reads
+    dp = torch.load(a / 'vae.pt', weights_only=True)  # what DALLE-pytorch's train_dalle reads
     assert set(dp) == {'hparams', 'weights'} and dp['hparams']['num_tokens'] == 16
     assert [(k, tuple(v.shape)) for k, v in dp['weights'].items()] == DP_VAE_LAYOUT
     assert os.path.isfile(a / 'vae-final.pt') and os.listdir(a / 'tb')
     # resume from step 2 (mid-epoch 0) -> the same weights as the uninterrupted run
     b = tmp_path / 'b'
-    run_script(train_vae, ['--image_folder', nested_images, '--epochs', 2, '--out', b, *VAE_ARGS,
-                           '--set', 'TRAIN.ANNEAL_RATE=0.01', '--set', 'TRAIN.LR_DECAY_EVERY=2',
-                           '--resume', a / 'checkpoints' / 'vae_00000002.pt'])
+    run_script(
+        train_vae,
+        [
+            '--image_folder',
+            nested_images,
+            '--epochs',
+            2,
+            '--out',
+            b,
+            *VAE_ARGS,
+            '--set',
+            'TRAIN.ANNEAL_RATE=0.01',
+            '--set',
+            'TRAIN.LR_DECAY_EVERY=2',
+            '--resume',
+            a / 'checkpoints' / 'vae_00000002.pt',
+        ],
+    )
     wa, wb = (torch.load(p / 'vae.pt', weights_only=True)['weights'] for p in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -267,6 +386,7 @@ def test_vae_temperature_compounds_at_log_points_as_dalle_pytorch():
     """DALLE-pytorch train_vae.py: temp = max(temp * exp(-anneal_rate * global_step), temp_min) at
     every log point; the closed form equals that loop at every step."""
     import math
+
     c = utils.to_cfg({**train_vae.DEFAULTS['TRAIN'], 'ANNEAL_RATE': 1e-4, 'LR_DECAY_EVERY': 10})
     temp = c.STARTING_TEMP
     for step in range(1, 400):
@@ -285,14 +405,45 @@ def test_vae_temperature_compounds_at_log_points_as_dalle_pytorch():
 def test_train_vae_code_restarts_resume_exactly(nested_images, tmp_path):
     # codes re-pointed at steps 4 and 8 from the histogram since the last log; the checkpoint at 6
     # falls inside a window, so a resume must carry the histogram to restart the same codes
-    args = [*VAE_ARGS, '--epochs', 2, '--set', 'TRAIN.LOG_EVERY=4', '--set', 'TRAIN.RESTART_DEAD_CODES=true',
-            '--set', 'TRAIN.LOGIT_INIT_SCALE=10.0']
+    args = [
+        *VAE_ARGS,
+        '--epochs',
+        2,
+        '--set',
+        'TRAIN.LOG_EVERY=4',
+        '--set',
+        'TRAIN.RESTART_DEAD_CODES=true',
+        '--set',
+        'TRAIN.LOGIT_INIT_SCALE=10.0',
+    ]
     a, b = tmp_path / 'a', tmp_path / 'b'
-    m = run_script(train_vae, ['--image_folder', nested_images, '--out', a, *args, '--set', 'TRAIN.SAVE_EVERY_N_STEPS=2',
-                               '--set', 'TRAIN.KEEP_CHECKPOINTS=0'])
+    m = run_script(
+        train_vae,
+        [
+            '--image_folder',
+            nested_images,
+            '--out',
+            a,
+            *args,
+            '--set',
+            'TRAIN.SAVE_EVERY_N_STEPS=2',
+            '--set',
+            'TRAIN.KEEP_CHECKPOINTS=0',
+        ],
+    )
     assert m['final_restarted'] > 0
-    run_script(train_vae, ['--image_folder', nested_images, '--out', b, *args,
-                           '--resume', a / 'checkpoints' / 'vae_00000006.pt'])
+    run_script(
+        train_vae,
+        [
+            '--image_folder',
+            nested_images,
+            '--out',
+            b,
+            *args,
+            '--resume',
+            a / 'checkpoints' / 'vae_00000006.pt',
+        ],
+    )
     wa, wb = (torch.load(p / 'vae.pt', weights_only=True)['weights'] for p in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -302,31 +453,39 @@ def test_dead_code_restarts_split_the_busy_code():
     vae = models.DiscreteVAE(16, 32, 8, 2, 1, 8)
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        vae.encoder[-1].bias[0] += 1e3                   # code 0 wins everywhere: the collapse
+        vae.encoder[-1].bias[0] += 1e3  # code 0 wins everywhere: the collapse
     assert vae.get_codebook_indices(x).unique().tolist() == [0]
     recon = vae.decode(vae.get_codebook_indices(x))
     n = train_vae.restart_dead_codes(vae, x, torch.arange(32) > 0, 10.0)
     assert n == 31 and torch.equal(vae.codebook.weight[1:], vae.codebook.weight[:1].expand(31, -1))
-    assert len(vae.get_codebook_indices(x).unique()) > 8   # the split codes each took some positions...
-    assert torch.allclose(vae.decode(vae.get_codebook_indices(x)), recon)   # ...with the parent's vector
+    assert (
+        len(vae.get_codebook_indices(x).unique()) > 8
+    )  # the split codes each took some positions...
+    assert torch.allclose(
+        vae.decode(vae.get_codebook_indices(x)), recon
+    )  # ...with the parent's vector
 
 
 def test_dead_code_restarts_seed_where_reconstruction_fails():
     """Restarted codes start at features of badly reconstructed tokens: none from an image the
     VAE already reconstructs exactly."""
     torch.manual_seed(0)
-    vae = models.DiscreteVAE(32, 32, 8, 2, 1, 8)        # 8x8 tokens per image
+    vae = models.DiscreteVAE(32, 32, 8, 2, 1, 8)  # 8x8 tokens per image
     with torch.no_grad():
-        vae.encoder[-1].bias[0] += 1e3                   # code 0 everywhere
-        exact = vae.decode(torch.zeros(1, 64, dtype=torch.long))   # decodes to itself: zero error
+        vae.encoder[-1].bias[0] += 1e3  # code 0 everywhere
+        exact = vae.decode(torch.zeros(1, 64, dtype=torch.long))  # decodes to itself: zero error
     x = torch.cat([exact, torch.rand(1, 3, 32, 32) * 2 - 1])
     w0 = vae.encoder[-1].weight[0].flatten().clone()
     assert train_vae.restart_dead_codes(vae, x, torch.arange(32) >= 24, 10.0) == 8
     with torch.no_grad():
-        feats = F.normalize(vae.encoder[:-1](x).permute(0, 2, 3, 1).flatten(1, 2), dim=-1)   # (2, 64, C)
-    h0 = F.normalize(vae.encoder[-1].weight[24:].flatten(1) - w0, dim=-1)     # each restart's h0 direction
-    best = (h0 @ feats.transpose(1, 2)).amax(2)                              # (2, 8): best match in each image
-    assert torch.allclose(best[1], torch.ones(8), atol=1e-4)               # all from the image it fails on
+        feats = F.normalize(
+            vae.encoder[:-1](x).permute(0, 2, 3, 1).flatten(1, 2), dim=-1
+        )  # (2, 64, C)
+    h0 = F.normalize(
+        vae.encoder[-1].weight[24:].flatten(1) - w0, dim=-1
+    )  # each restart's h0 direction
+    best = (h0 @ feats.transpose(1, 2)).amax(2)  # (2, 8): best match in each image
+    assert torch.allclose(best[1], torch.ones(8), atol=1e-4)  # all from the image it fails on
     assert (best[0] < 1 - 1e-3).all()
 
 
@@ -357,7 +516,10 @@ def test_vae_forward_equals_dense_gumbel_formulas(hard, reinmax):
     vae = models.DiscreteVAE(16, 32, 8, 2, 1, 8)
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     grads = []
-    for fn in (lambda: vae(x, temperature=0.7, hard=hard, reinmax=reinmax)[0], lambda: _dense_reference(vae, x, 0.7, hard, reinmax)):
+    for fn in (
+        lambda: vae(x, temperature=0.7, hard=hard, reinmax=reinmax)[0],
+        lambda: _dense_reference(vae, x, 0.7, hard, reinmax),
+    ):
         vae.zero_grad()
         torch.manual_seed(1)
         out = fn()
@@ -376,12 +538,16 @@ def test_vae_gumbel_codes_follow_the_softmax():
         p.requires_grad_(False)
     vae.encoder[-1].weight.zero_()
     vae.encoder[-1].bias.copy_(torch.tensor([0.0, 1.0, 2.0, -1.0]))
-    vae.codebook.weight.copy_(torch.eye(4, 3))      # code 3 -> the zero vector, told apart by the decoder input
+    vae.codebook.weight.copy_(
+        torch.eye(4, 3)
+    )  # code 3 -> the zero vector, told apart by the decoder input
     seen = []
     vae.decoder = torch.nn.Identity()
     for _ in range(50):
         z = vae(torch.zeros(400, 3, 2, 2), hard=True)[0].flatten(1)
-        seen.append(torch.where(z.abs().sum(1) > 0, z.argmax(1), torch.full_like(z[:, 0], 3).long()))
+        seen.append(
+            torch.where(z.abs().sum(1) > 0, z.argmax(1), torch.full_like(z[:, 0], 3).long())
+        )
     freq = torch.bincount(torch.cat(seen), minlength=4).float() / 20000
     assert torch.allclose(freq, torch.tensor([0.0, 1.0, 2.0, -1.0]).softmax(0), atol=0.01)
 
@@ -389,12 +555,29 @@ def test_vae_gumbel_codes_follow_the_softmax():
 def test_train_vae_bad_input(tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(utils.UserError, match='no images'):
-        run_script(train_vae, ['--image_folder', tmp_path / 'empty', '--out', tmp_path / 'o', *VAE_ARGS])
+        run_script(
+            train_vae, ['--image_folder', tmp_path / 'empty', '--out', tmp_path / 'o', *VAE_ARGS]
+        )
     with pytest.raises(utils.UserError, match='divisible'):
-        run_script(train_vae, ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS, '--image_size', 18])
+        run_script(
+            train_vae,
+            ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS, '--image_size', 18],
+        )
     with pytest.raises(utils.UserError, match='REINMAX=true needs TRAIN.STRAIGHT_THROUGH'):
-        run_script(train_vae, ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS,
-                               '--set', 'TRAIN.REINMAX=true', '--set', 'TRAIN.STRAIGHT_THROUGH=false'])
+        run_script(
+            train_vae,
+            [
+                '--image_folder',
+                tmp_path,
+                '--out',
+                tmp_path / 'o',
+                *VAE_ARGS,
+                '--set',
+                'TRAIN.REINMAX=true',
+                '--set',
+                'TRAIN.STRAIGHT_THROUGH=false',
+            ],
+        )
 
 
 @pytest.fixture(scope='module')
@@ -404,29 +587,82 @@ def tiny_vae(tmp_path_factory, nested_images):
     return str(out / 'vae.pt')
 
 
-DALLE_ARGS = ['--dim', 16, '--depth', 1, '--heads', 2, '--dim_head', 8, '--text_seq_len', 32, '--batch_size', 8,
-              '--set', 'WORKERS=0', '--set', 'TRAIN.LOG_EVERY=2', '--set', 'TRAIN.NUM_SAMPLES=2',
-              '--set', 'TRAIN.SAMPLE_EVERY=0']
+DALLE_ARGS = [
+    '--dim',
+    16,
+    '--depth',
+    1,
+    '--heads',
+    2,
+    '--dim_head',
+    8,
+    '--text_seq_len',
+    32,
+    '--batch_size',
+    8,
+    '--set',
+    'WORKERS=0',
+    '--set',
+    'TRAIN.LOG_EVERY=2',
+    '--set',
+    'TRAIN.NUM_SAMPLES=2',
+    '--set',
+    'TRAIN.SAMPLE_EVERY=0',
+]
 
 
 @pytest.mark.slow
-def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_path, tiny_encoder, tiny_judge,
-                                                     monkeypatch):
-    data = os.path.join(tiny_shapes, 'train.jsonl')         # 400 captions of 40 images
+def test_train_dalle_resume_then_generate_and_rerank(
+    tiny_shapes, tiny_vae, tmp_path, tiny_encoder, tiny_judge, monkeypatch
+):
+    data = os.path.join(tiny_shapes, 'train.jsonl')  # 400 captions of 40 images
     a = tmp_path / 'a'
-    args = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
-            *DALLE_ARGS, '--set', 'TRAIN.KEEP_N_CHECKPOINTS=0', '--set', 'TRAIN.SAVE_EVERY_N_STEPS=20']
-    m = run_script(train_dalle, [*args, '--out', a, '--dalle_output_file_name', 'vae_dalle', '--set',
-                                 f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl', '--set', 'EVAL.NUM_CAPTIONS=6',
-                                 '--set', f'EVAL.JUDGE={tiny_judge}', '--set', 'EVAL.BASELINE=true',
-                                 '--set', f'EVAL.ENCODER={tiny_encoder}'])
-    assert m['train_steps'] == 50 and m['final_loss'] > 0 and m['dalle_path'].endswith('vae_dalle.pt')
-    assert m['eval_captions'] == 6 and os.path.isfile(a / 'holdout_samples.png')    # one sample per held-out caption
+    args = [
+        '--image_text_folder',
+        data,
+        '--vae_path',
+        tiny_vae,
+        '--set',
+        'TEXT.TOKENIZER=words',
+        '--epochs',
+        1,
+        *DALLE_ARGS,
+        '--set',
+        'TRAIN.KEEP_N_CHECKPOINTS=0',
+        '--set',
+        'TRAIN.SAVE_EVERY_N_STEPS=20',
+    ]
+    m = run_script(
+        train_dalle,
+        [
+            *args,
+            '--out',
+            a,
+            '--dalle_output_file_name',
+            'vae_dalle',
+            '--set',
+            f'EVAL.HOLDOUT={tiny_shapes}/test.jsonl',
+            '--set',
+            'EVAL.NUM_CAPTIONS=6',
+            '--set',
+            f'EVAL.JUDGE={tiny_judge}',
+            '--set',
+            'EVAL.BASELINE=true',
+            '--set',
+            f'EVAL.ENCODER={tiny_encoder}',
+        ],
+    )
+    assert (
+        m['train_steps'] == 50 and m['final_loss'] > 0 and m['dalle_path'].endswith('vae_dalle.pt')
+    )
+    assert m['eval_captions'] == 6 and os.path.isfile(
+        a / 'holdout_samples.png'
+    )  # one sample per held-out caption
     for attr in ('count', 'shape', 'colour', 'size', 'position', 'all'):
         assert all(0 <= m[f'{p}judge_{attr}'] <= 1 for p in ('', 'untrained_', 'shuffled_'))
     # R-precision of the samples with the encoder: every caption of another class as a negative
     held = utils.read_pairs(f'{tiny_shapes}/test.jsonl')
-    held = held[::max(1, len(held) // 6)][:6]
+    held = held[:: max(1, len(held) // 6)][:6]
     classes = [os.path.basename(os.path.dirname(p)) for p, _ in held]
     assert m['r_precision_negatives'] == 6 - max(classes.count(c) for c in classes)
     assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
@@ -442,23 +678,44 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
     assert all((a / 'holdout_images' / f).is_file() for f in dumped)
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert {'hparams', 'vae_class_name', 'vae_params', 'tokenizer'} <= set(ck['extra'])
-    assert set(ck['models']) == {'dalle', 'vae'} and ck['optimizers']['opt']['state'] and ck['epoch'] == 1
+    assert (
+        set(ck['models']) == {'dalle', 'vae'}
+        and ck['optimizers']['opt']['state']
+        and ck['epoch'] == 1
+    )
     # --dalle_path resumes mid-epoch (step 20 of 50): the same final weights
     b = tmp_path / 'b'
-    run_script(train_dalle, [*args, '--out', b, '--dalle_path', a / 'checkpoints' / 'dalle_00000020.pt'])
+    run_script(
+        train_dalle, [*args, '--out', b, '--dalle_path', a / 'checkpoints' / 'dalle_00000020.pt']
+    )
     wa = utils.load_checkpoint(str(a / 'checkpoints' / 'dalle_00000050.pt'))['models']['dalle']
     wb = utils.load_checkpoint(str(b / 'checkpoints' / 'dalle_00000050.pt'))['models']['dalle']
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # dalle_gen: IMG_NUM images + grid, KV cache
     g = tmp_path / 'gen'
-    run_script(dalle_gen, ['a large red circle in the center.', 5, g, '--dalle_path', m['dalle_path'],
-                           '--batch_size', 2, '--top_k', 0.5])
+    run_script(
+        dalle_gen,
+        [
+            'a large red circle in the center.',
+            5,
+            g,
+            '--dalle_path',
+            m['dalle_path'],
+            '--batch_size',
+            2,
+            '--top_k',
+            0.5,
+        ],
+    )
     files = sorted(os.listdir(g))
     assert {f'{i}.png' for i in range(5)} | {'grid.png', 'caption.txt'} <= set(files)
     with open(g / 'metrics.json') as f:
         assert json.load(f)['tokens_per_second'] > 0
     # clip_sort with our encoders (--clip_path)
-    run_script(clip_sort, ['a large red circle in the center.', 5, g, '--clip_path', tiny_encoder, '--top_k', 3])
+    run_script(
+        clip_sort,
+        ['a large red circle in the center.', 5, g, '--clip_path', tiny_encoder, '--top_k', 3],
+    )
     with open(g / 'ranking.json') as f:
         r = json.load(f)
     assert sorted(x['index'] for x in r['ranking']) == list(range(5))
@@ -467,24 +724,33 @@ def test_train_dalle_resume_then_generate_and_rerank(tiny_shapes, tiny_vae, tmp_
     # several captions at once ('|'): caption k in SAVE_PATH/<k>, each sampled as when alone
     many = tmp_path / 'many'
     texts = 'a small blue square. | a large red circle in the center.'
-    run_script(dalle_gen, [texts, 5, many, '--dalle_path', m['dalle_path'], '--batch_size', 2, '--top_k', 0.5])
+    run_script(
+        dalle_gen,
+        [texts, 5, many, '--dalle_path', m['dalle_path'], '--batch_size', 2, '--top_k', 0.5],
+    )
     assert (many / '1' / 'caption.txt').read_text() == 'a large red circle in the center.\n'
     for i in range(5):
-        assert torch.equal(TF.to_tensor(utils.load_image(many / '1' / f'{i}.png')),
-                           TF.to_tensor(utils.load_image(g / f'{i}.png')))
+        assert torch.equal(
+            TF.to_tensor(utils.load_image(many / '1' / f'{i}.png')),
+            TF.to_tensor(utils.load_image(g / f'{i}.png')),
+        )
     run_script(clip_sort, [texts, 5, many, '--clip_path', tiny_encoder, '--top_k', 3])
     with open(many / '1' / 'ranking.json') as f:
         assert json.load(f)['ranking'] == r['ranking']
     assert os.path.isfile(many / '0' / 'ranking.json')
     with pytest.raises(utils.UserError, match="empty caption"):
-        run_script(dalle_gen, ['a red circle. |', 2, tmp_path / 'bad', '--dalle_path', m['dalle_path']])
+        run_script(
+            dalle_gen, ['a red circle. |', 2, tmp_path / 'bad', '--dalle_path', m['dalle_path']]
+        )
     # text2img's command lines, TEXT IMG_NUM SAVE_PATH and nothing else: the models where
     # train_dalle.py and pretrain_DAMSM.py leave them without --cfg/--out, else one line saying
     # what to train first
     seed = tmp_path / 'seed'
     seed.mkdir()
     monkeypatch.chdir(seed)
-    with pytest.raises(utils.UserError, match=r'output/dalle/checkpoints/dalle.pt: no DALLE.*train_dalle.py'):
+    with pytest.raises(
+        utils.UserError, match=r'output/dalle/checkpoints/dalle.pt: no DALLE.*train_dalle.py'
+    ):
         run_script(dalle_gen, ['a red circle.', 2, 'samples'])
     with pytest.raises(utils.UserError, match=r'output/DAMSM: no CLIP encoder.*pretrain_DAMSM.py'):
         run_script(clip_sort, ['a red circle.', 2, 'samples'])
@@ -504,26 +770,56 @@ def test_cached_image_tokens_train_as_tokenising_every_step(tiny_shapes, tiny_va
     """TRAIN.CACHE_IMAGE_TOKENS: each image tokenised once gives the tokens (and so the weights)
     that tokenising every batch gives, under the fixed transform it requires."""
     data = os.path.join(tiny_shapes, 'train.jsonl')
-    args = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
-            *DALLE_ARGS, '--set', 'TRAIN.MAX_STEPS=6', '--random_resize_crop_lower_ratio', 1.0]
+    args = [
+        '--image_text_folder',
+        data,
+        '--vae_path',
+        tiny_vae,
+        '--set',
+        'TEXT.TOKENIZER=words',
+        '--epochs',
+        1,
+        *DALLE_ARGS,
+        '--set',
+        'TRAIN.MAX_STEPS=6',
+        '--random_resize_crop_lower_ratio',
+        1.0,
+    ]
     run_script(train_dalle, [*args, '--out', tmp_path / 'plain'])
-    run_script(train_dalle, [*args, '--out', tmp_path / 'cached', '--set', 'TRAIN.CACHE_IMAGE_TOKENS=true'])
-    wa, wb = (utils.load_checkpoint(str(tmp_path / r / 'checkpoints' / 'dalle.pt'))['models']['dalle']
-              for r in ('plain', 'cached'))
+    run_script(
+        train_dalle, [*args, '--out', tmp_path / 'cached', '--set', 'TRAIN.CACHE_IMAGE_TOKENS=true']
+    )
+    wa, wb = (
+        utils.load_checkpoint(str(tmp_path / r / 'checkpoints' / 'dalle.pt'))['models']['dalle']
+        for r in ('plain', 'cached')
+    )
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     vae = models.load_discrete_vae(tiny_vae).eval()
-    cfg = utils.build_cfg(train_dalle.DEFAULTS, utils.base_parser('x').parse_args(
-        ['--set', 'TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1.0', '--set', 'TEXT.TOKENIZER=words']))
+    cfg = utils.build_cfg(
+        train_dalle.DEFAULTS,
+        utils.base_parser('x').parse_args(
+            ['--set', 'TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1.0', '--set', 'TEXT.TOKENIZER=words']
+        ),
+    )
     pairs = utils.read_pairs(data)[:30]
     tok = train_dalle.build_tokenizer(cfg, pairs)
     ds = train_dalle.build_dataset(cfg, tok, pairs, vae.image_size)
-    cached = train_dalle.CachedTokenPairs(ds, vae, torch.device('cpu'), torch.autocast('cpu', enabled=False))
+    cached = train_dalle.CachedTokenPairs(
+        ds, vae, torch.device('cpu'), torch.autocast('cpu', enabled=False)
+    )
     for i in (0, 7, 29):
         image, text = ds[i]
         tokens, text_cached = cached[i]
-        assert torch.equal(tokens, vae.get_codebook_indices(image[None])[0]) and torch.equal(text, text_cached)
-    with pytest.raises(utils.UserError, match='CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1'):
-        run_script(train_dalle, [*args[:-2], '--out', tmp_path / 'crop', '--set', 'TRAIN.CACHE_IMAGE_TOKENS=true'])
+        assert torch.equal(tokens, vae.get_codebook_indices(image[None])[0]) and torch.equal(
+            text, text_cached
+        )
+    with pytest.raises(
+        utils.UserError, match='CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1'
+    ):
+        run_script(
+            train_dalle,
+            [*args[:-2], '--out', tmp_path / 'crop', '--set', 'TRAIN.CACHE_IMAGE_TOKENS=true'],
+        )
 
 
 def test_preloaded_vae_images_equal_decoding_each_step(nested_images):
@@ -536,23 +832,42 @@ def test_preloaded_vae_images_equal_decoding_each_step(nested_images):
 @pytest.mark.slow
 def test_train_dalle_caption_too_long(tiny_shapes, tiny_vae, tmp_path):
     data = os.path.join(tiny_shapes, 'train.jsonl')
-    base = ['--image_text_folder', data, '--vae_path', tiny_vae, '--set', 'TEXT.TOKENIZER=words', '--epochs', 1,
-            *DALLE_ARGS, '--text_seq_len', 4]
+    base = [
+        '--image_text_folder',
+        data,
+        '--vae_path',
+        tiny_vae,
+        '--set',
+        'TEXT.TOKENIZER=words',
+        '--epochs',
+        1,
+        *DALLE_ARGS,
+        '--text_seq_len',
+        4,
+    ]
     with pytest.raises(utils.UserError, match=r"caption '.*' has \d+ tokens > TEXT_SEQ_LEN=4"):
         run_script(train_dalle, [*base, '--out', tmp_path / 'a'])
-    m = run_script(train_dalle, [*base, '--out', tmp_path / 'b', '--truncate_captions', '--batch_size', 100])
+    m = run_script(
+        train_dalle, [*base, '--out', tmp_path / 'b', '--truncate_captions', '--batch_size', 100]
+    )
     assert m['train_steps'] == 4
 
 
 def chinese_folder(root, tiny_shapes):
     """DALLE-pytorch's folder format with Chinese captions, and a tiny BERT vocab.txt."""
     caps = ['红色的圆', '蓝色的方块', '绿色的三角形在左边', '黄色的星星']
-    for i, p in enumerate(utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images'))[:16]):
+    for i, p in enumerate(
+        utils.list_images(os.path.join(tiny_shapes, 'CUB_200_2011', 'images'))[:16]
+    ):
         shutil.copy(p, root / f'{i}.jpg')
-        (root / f'{i}.txt').write_text(caps[i % 4] + '\n' + caps[(i + 1) % 4] + '\n', encoding='utf-8')
+        (root / f'{i}.txt').write_text(
+            caps[i % 4] + '\n' + caps[(i + 1) % 4] + '\n', encoding='utf-8'
+        )
     chars = sorted({ch for c in caps for ch in c})
     vocab = root / 'vocab.txt'
-    vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + chars) + '\n', encoding='utf-8')
+    vocab.write_text(
+        '\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + chars) + '\n', encoding='utf-8'
+    )
     return str(vocab)
 
 
@@ -560,13 +875,28 @@ def chinese_folder(root, tiny_shapes):
 def test_train_dalle_chinese_tokenizer(tiny_shapes, tiny_vae, tmp_path):
     (tmp_path / 'data').mkdir()
     vocab = chinese_folder(tmp_path / 'data', tiny_shapes)
-    m = run_script(train_dalle, ['--image_text_folder', tmp_path / 'data', '--vae_path', tiny_vae, '--chinese',
-                                 '--bpe_path', vocab, '--epochs', 1, *DALLE_ARGS, '--out', tmp_path / 'o'])
+    m = run_script(
+        train_dalle,
+        [
+            '--image_text_folder',
+            tmp_path / 'data',
+            '--vae_path',
+            tiny_vae,
+            '--chinese',
+            '--bpe_path',
+            vocab,
+            '--epochs',
+            1,
+            *DALLE_ARGS,
+            '--out',
+            tmp_path / 'o',
+        ],
+    )
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert ck['extra']['tokenizer'] == {'kind': 'chinese', 'path': vocab}
     tok = utils.DalleTokenizer(ck['extra']['tokenizer'])
     ids = tok.tokenize('红色的圆', 6, False).tolist()
-    assert ids[4:] == [0, 0] and 0 not in ids[:4] and 1 not in ids[:4]      # no [UNK], no [CLS]/[SEP]
+    assert ids[4:] == [0, 0] and 0 not in ids[:4] and 1 not in ids[:4]  # no [UNK], no [CLS]/[SEP]
     assert ck['extra']['hparams']['num_text_tokens'] == tok.vocab_size
 
 
@@ -591,18 +921,42 @@ def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
     bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
     tok = utils.DalleTokenizer({'kind': 'clip', 'path': bpe})
     ids = tok.encode('a red circle.')
-    assert 0 not in ids and min(ids) >= 1 and len(ids) < len('a red circle.')   # shifted, merged
+    assert 0 not in ids and min(ids) >= 1 and len(ids) < len('a red circle.')  # shifted, merged
     ckpt, cfg = write_tiny_vqgan(tmp_path)
     data = os.path.join(tiny_shapes, 'test.jsonl')
-    m = run_script(train_dalle, ['--image_text_folder', data, '--vqgan_model_path', ckpt, '--vqgan_config_path', cfg,
-                                 '--bpe_path', bpe, '--epochs', 1, *DALLE_ARGS, '--batch_size', 100,
-                                 '--text_seq_len', 160, '--out', tmp_path / 'o'])
+    m = run_script(
+        train_dalle,
+        [
+            '--image_text_folder',
+            data,
+            '--vqgan_model_path',
+            ckpt,
+            '--vqgan_config_path',
+            cfg,
+            '--bpe_path',
+            bpe,
+            '--epochs',
+            1,
+            *DALLE_ARGS,
+            '--batch_size',
+            100,
+            '--text_seq_len',
+            160,
+            '--out',
+            tmp_path / 'o',
+        ],
+    )
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
-    assert ck['extra']['vae_class_name'] == 'VQGAN' and ck['extra']['hparams']['image_fmap_size'] == 8
+    assert (
+        ck['extra']['vae_class_name'] == 'VQGAN' and ck['extra']['hparams']['image_fmap_size'] == 8
+    )
     dalle, vae, _ = models.load_dalle(ck, torch.device('cpu'))
     assert isinstance(vae, models.VQGAN) and dalle.image_seq_len == 64
     with pytest.raises(utils.UserError, match='go together'):
-        run_script(train_dalle, ['--image_text_folder', data, '--vqgan_model_path', ckpt, '--out', tmp_path / 'x'])
+        run_script(
+            train_dalle,
+            ['--image_text_folder', data, '--vqgan_model_path', ckpt, '--out', tmp_path / 'x'],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,25 +970,46 @@ def _gen_images(folder, n):
 
 
 def _tiny_vision():
-    return dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                image_size=32, patch_size=8)
+    return dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
 
 
 @pytest.mark.slow
 def test_clip_sort_transformers_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
     bpe = tiny_clip_bpe_dir(tmp_path / 'clip')
     tok = CLIPTokenizer.from_pretrained(bpe)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=32, bos_token_id=len(tok) - 2,
-                                      eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
-                     vision_config=_tiny_vision(), projection_dim=8)
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=len(tok) - 2,
+            eos_token_id=len(tok) - 1,
+            pad_token_id=len(tok) - 1,
+        ),
+        vision_config=_tiny_vision(),
+        projection_dim=8,
+    )
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(str(tmp_path / 'clip'))
     ip = CLIPImageProcessor(size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32})
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(tmp_path / 'clip'))
     _gen_images(tmp_path / 'g', 4)
-    run_script(clip_sort, ['a red circle.', 4, tmp_path / 'g', '--clip_model', tmp_path / 'clip', '--top_k', 2])
+    run_script(
+        clip_sort,
+        ['a red circle.', 4, tmp_path / 'g', '--clip_model', tmp_path / 'clip', '--top_k', 2],
+    )
     with open(tmp_path / 'g' / 'ranking.json') as f:
         r = json.load(f)['ranking']
     scores = [x['score'] for x in r]
@@ -644,21 +1019,39 @@ def test_clip_sort_transformers_clip(tmp_path):
 
 @pytest.mark.slow
 def test_clip_sort_transformers_chinese_clip(tmp_path):
-    from transformers import (BertTokenizer, ChineseCLIPConfig, ChineseCLIPImageProcessor, ChineseCLIPModel,
-                              ChineseCLIPProcessor)
+    from transformers import (
+        BertTokenizer,
+        ChineseCLIPConfig,
+        ChineseCLIPImageProcessor,
+        ChineseCLIPModel,
+        ChineseCLIPProcessor,
+    )
+
     (tmp_path / 'data').mkdir()
     d = tmp_path / 'cn'
     d.mkdir()
     chars = sorted(set('红色的圆蓝方块'))
-    (d / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + chars) + '\n',
-                                 encoding='utf-8')
+    (d / 'vocab.txt').write_text(
+        '\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + chars) + '\n', encoding='utf-8'
+    )
     tok = BertTokenizer(str(d / 'vocab.txt'))
-    cfg = ChineseCLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32),
-                            vision_config=_tiny_vision(), projection_dim=8)
+    cfg = ChineseCLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        ),
+        vision_config=_tiny_vision(),
+        projection_dim=8,
+    )
     torch.manual_seed(0)
     ChineseCLIPModel(cfg).save_pretrained(str(d))
-    ip = ChineseCLIPImageProcessor(size={'height': 32, 'width': 32}, crop_size={'height': 32, 'width': 32})
+    ip = ChineseCLIPImageProcessor(
+        size={'height': 32, 'width': 32}, crop_size={'height': 32, 'width': 32}
+    )
     ChineseCLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(d))
     _gen_images(tmp_path / 'g', 3)
     run_script(clip_sort, ['红色的圆', 3, tmp_path / 'g', '--clip_model', d])
@@ -675,14 +1068,33 @@ def test_clip_sort_transformers_chinese_clip(tmp_path):
 def tiny_encoder(tmp_path_factory, tiny_shapes):
     """A random-init CLIP-family encoder pair saved as pretrain_DAMSM.py saves them."""
     import pretrain_DAMSM
+
     torch.manual_seed(0)
     data = utils.AttnGANData(tiny_shapes, 10)
     words = [data.ixtoword[i] for i in range(1, len(data.ixtoword))]
     tok = models.tokenizer_spec('words', 30, words=words)
-    text = models.build_text_encoder({'family': 'clip', 'dim': 16, 'tokenizer': tok, 'width': 16, 'heads': 2,
-                                      'layers': 1, 'keep_special': False})
-    image = models.build_image_encoder({'family': 'clip', 'dim': 16, 'image_size': 32, 'layers': [1],
-                                        'width': 16, 'head_width': 8, 'patch_size': 8})
+    text = models.build_text_encoder(
+        {
+            'family': 'clip',
+            'dim': 16,
+            'tokenizer': tok,
+            'width': 16,
+            'heads': 2,
+            'layers': 1,
+            'keep_special': False,
+        }
+    )
+    image = models.build_image_encoder(
+        {
+            'family': 'clip',
+            'dim': 16,
+            'image_size': 32,
+            'layers': [1],
+            'width': 16,
+            'head_width': 8,
+            'patch_size': 8,
+        }
+    )
     out = tmp_path_factory.mktemp('enc')
     run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
     pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
@@ -694,32 +1106,71 @@ def tiny_encoder(tmp_path_factory, tiny_shapes):
 # ----------------------------------------------------------------------------------------------
 def test_wukong_filter_rules(tmp_path):
     from PIL import Image
+
     img = tmp_path / 'img'
     img.mkdir()
-    sizes = {'ok': (64, 48), 'wide': (200, 40), 'tall': (40, 130), 'small': (60, 24), 'thin': (20, 50)}
+    sizes = {
+        'ok': (64, 48),
+        'wide': (200, 40),
+        'tall': (40, 130),
+        'small': (60, 24),
+        'thin': (20, 50),
+    }
     for name, s in sizes.items():
         Image.new('RGB', s, (200, 100, 50)).save(img / f'{name}.jpg')
     (img / 'broken.jpg').write_bytes(b'not an image')
-    rows = [('ok', '美味的红烧肉'), ('ok', '一道家常菜，红烧肉'), ('ok', '好吃的米饭'), ('ok', '番茄炒蛋的做法'),
-            ('ok', '清蒸鱼'), ('ok', '糖醋排骨真好吃'), ('ok', '今天的红烧肉'), ('ok', '红烧肉和米饭'),
-            ('ok', '米饭'), ('ok', '排骨汤'),                                              # 10 kept
-            ('ok', '红烧肉' * 11),                                                         # 33 chars
-            ('ok', '3个红烧肉'), ('ok', '红烧肉？'), ('ok', '《红烧肉》'), ('ok', '红烧肉:好吃'),
-            ('ok', '红烧肉' + 'a' * 19), ('ok', '今天天气很好'),                             # no keyword
-            ('wide', '红烧肉'), ('tall', '红烧肉'), ('small', '红烧肉'), ('thin', '红烧肉'),
-            ('broken', '红烧肉')]
+    rows = [
+        ('ok', '美味的红烧肉'),
+        ('ok', '一道家常菜，红烧肉'),
+        ('ok', '好吃的米饭'),
+        ('ok', '番茄炒蛋的做法'),
+        ('ok', '清蒸鱼'),
+        ('ok', '糖醋排骨真好吃'),
+        ('ok', '今天的红烧肉'),
+        ('ok', '红烧肉和米饭'),
+        ('ok', '米饭'),
+        ('ok', '排骨汤'),  # 10 kept
+        ('ok', '红烧肉' * 11),  # 33 chars
+        ('ok', '3个红烧肉'),
+        ('ok', '红烧肉？'),
+        ('ok', '《红烧肉》'),
+        ('ok', '红烧肉:好吃'),
+        ('ok', '红烧肉' + 'a' * 19),
+        ('ok', '今天天气很好'),  # no keyword
+        ('wide', '红烧肉'),
+        ('tall', '红烧肉'),
+        ('small', '红烧肉'),
+        ('thin', '红烧肉'),
+        ('broken', '红烧肉'),
+    ]
     with open(tmp_path / 'data.csv', 'w', encoding='utf-8') as f:
         f.write('filepath,caption\n' + ''.join(f'img/{n}.jpg,{c}\n' for n, c in rows))
     (tmp_path / 'food.txt').write_text('红烧肉\n米饭\n番茄炒蛋\n清蒸鱼\n排骨\n', encoding='utf-8')
-    c = utils.to_cfg({**preprocess_data.DEFAULTS['FILTER'], 'INPUT_CSV': str(tmp_path / 'data.csv'),
-                      'KEYWORDS': str(tmp_path / 'food.txt'), 'OUT_DIR': str(tmp_path / 'out')})
+    c = utils.to_cfg(
+        {
+            **preprocess_data.DEFAULTS['FILTER'],
+            'INPUT_CSV': str(tmp_path / 'data.csv'),
+            'KEYWORDS': str(tmp_path / 'food.txt'),
+            'OUT_DIR': str(tmp_path / 'out'),
+        }
+    )
     m = preprocess_data.filter_pairs(c, utils.get_logger(None, 'filter'))
-    assert m == {'input_pairs': 22, 'kept': 10, 'train': 9, 'val': 1, 'dropped_caption_too_long': 1,
-                 'dropped_forbidden_characters': 4, 'dropped_piece_too_long': 1, 'dropped_no_keyword': 1,
-                 'dropped_aspect_ratio': 2, 'dropped_too_small': 2, 'dropped_unreadable_image': 1}
+    assert m == {
+        'input_pairs': 22,
+        'kept': 10,
+        'train': 9,
+        'val': 1,
+        'dropped_caption_too_long': 1,
+        'dropped_forbidden_characters': 4,
+        'dropped_piece_too_long': 1,
+        'dropped_no_keyword': 1,
+        'dropped_aspect_ratio': 2,
+        'dropped_too_small': 2,
+        'dropped_unreadable_image': 1,
+    }
     train = utils.read_csv_pairs(str(tmp_path / 'out' / 'train_clean.csv'))
     val = utils.read_jsonl_pairs(str(tmp_path / 'out' / 'DALLE.val.jsonl'))
     assert len(train) == 9 and len(val) == 1 and all(os.path.isfile(p) for p, _ in train + val)
     assert {t for _, t in train + val} == {c for n, c in rows[:10]}
-    m2 = preprocess_data.filter_pairs(c, utils.get_logger(None, 'filter'))     # the split is seeded
+    m2 = preprocess_data.filter_pairs(c, utils.get_logger(None, 'filter'))  # the split is seeded
     assert m2 == m and utils.read_jsonl_pairs(str(tmp_path / 'out' / 'DALLE.val.jsonl')) == val

@@ -1,5 +1,6 @@
 """demo.py's runner: finished steps are skipped on a re-run, a failing step stops the demo
 with its command and last line, and the pipeline's commands parse with the real cfgs."""
+
 import json
 import os
 import sys
@@ -11,8 +12,11 @@ import utils
 
 
 def touch_step(name, marker, fail=False):
-    code = (f"print('working on {name}'); import sys; sys.exit('{name}: bad input, expected X')" if fail
-            else f"print('working on {name}'); open({str(marker)!r}, 'w').write('ok')")
+    code = (
+        f"print('working on {name}'); import sys; sys.exit('{name}: bad input, expected X')"
+        if fail
+        else f"print('working on {name}'); open({str(marker)!r}, 'w').write('ok')"
+    )
     return demo.Step(name, name, [sys.executable, '-c', code], str(marker))
 
 
@@ -22,7 +26,11 @@ def test_failing_step_stops_with_its_command_and_cause_then_rerun_resumes(tmp_pa
     with pytest.raises(SystemExit) as e:
         demo.run_all([a, b], times, str(tmp_path), 0, 2)
     msg = str(e.value)
-    assert 'step "b" failed: b: bad input, expected X' in msg and 'command:' in msg and sys.executable in msg
+    assert (
+        'step "b" failed: b: bad input, expected X' in msg
+        and 'command:' in msg
+        and sys.executable in msg
+    )
     assert set(json.load(open(tmp_path / 'step_times.json'))) == {'a'}
     assert (tmp_path / 'logs' / 'b.log').read_text().startswith('working on b')
     # the re-run skips a (its marker exists) and runs b again, which now succeeds
@@ -34,7 +42,9 @@ def test_failing_step_stops_with_its_command_and_cause_then_rerun_resumes(tmp_pa
 
 
 def test_a_step_that_exits_0_without_its_marker_is_a_failure(tmp_path):
-    s = demo.Step('c', 'c', [sys.executable, '-c', "print('no marker written')"], str(tmp_path / 'c.done'))
+    s = demo.Step(
+        'c', 'c', [sys.executable, '-c', "print('no marker written')"], str(tmp_path / 'c.done')
+    )
     with pytest.raises(SystemExit, match='no marker written'):
         demo.run_all([s], {}, str(tmp_path), 0, 1)
 
@@ -49,9 +59,14 @@ def test_every_step_names_a_real_cfg_and_valid_overrides(tmp_path, scale):
     import train_dalle
     import train_vae
     import xmc_gan
-    defaults = {'preprocess_data.py': preprocess_data.DEFAULTS, 'fid_score.py': fid_score.DEFAULTS,
-                'pretrain_DAMSM.py': pretrain_DAMSM.DEFAULTS, 'train_vae.py': train_vae.DEFAULTS,
-                'train_dalle.py': train_dalle.DEFAULTS}
+
+    defaults = {
+        'preprocess_data.py': preprocess_data.DEFAULTS,
+        'fid_score.py': fid_score.DEFAULTS,
+        'pretrain_DAMSM.py': pretrain_DAMSM.DEFAULTS,
+        'train_vae.py': train_vae.DEFAULTS,
+        'train_dalle.py': train_dalle.DEFAULTS,
+    }
     checked = 0
     for step in demo.steps(str(tmp_path), scale):
         argv = step.cmd[2:]
@@ -59,9 +74,14 @@ def test_every_step_names_a_real_cfg_and_valid_overrides(tmp_path, scale):
             continue
         cfg_path = argv[argv.index('--cfg') + 1]
         script = step.cmd[1]
-        d = defaults.get(script) or (xmc_gan.DEFAULTS if utils.load_yaml(cfg_path).get('MODEL') == 'XMCGAN'
-                                     else main.DEFAULTS)
-        cfg = utils.merge_cfg(utils.to_cfg({**utils.COMMON_DEFAULTS, **d}), utils.load_yaml(cfg_path), cfg_path)
+        d = defaults.get(script) or (
+            xmc_gan.DEFAULTS
+            if utils.load_yaml(cfg_path).get('MODEL') == 'XMCGAN'
+            else main.DEFAULTS
+        )
+        cfg = utils.merge_cfg(
+            utils.to_cfg({**utils.COMMON_DEFAULTS, **d}), utils.load_yaml(cfg_path), cfg_path
+        )
         sets = [argv[i + 1] for i, a in enumerate(argv) if a == '--set']
         utils.apply_set(cfg, sets)
         checked += 1

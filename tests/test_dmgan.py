@@ -1,4 +1,5 @@
 """DM-GAN: parameter-count parity with the original, memory attention, losses."""
+
 import math
 
 import pytest
@@ -13,9 +14,11 @@ def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-@pytest.mark.parametrize('r_num, expected', [(2, 21_449_042), (3, 22_335_314)])   # DM-GAN's G_NET
+@pytest.mark.parametrize('r_num, expected', [(2, 21_449_042), (3, 22_335_314)])  # DM-GAN's G_NET
 def test_generator_parameter_count_equals_original(r_num, expected):
-    G = models.DMGANGenerator(gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=r_num)
+    G = models.DMGANGenerator(
+        gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=r_num
+    )
     assert n_params(G) == expected
 
 
@@ -36,15 +39,19 @@ def test_memory_mask_is_per_sample():
     assert (att[pad] == 0).all() and (att[~pad] > 0).all()
     # Each sample alone gives the same result as in the batch (nothing leaks across samples).
     for b in range(3):
-        o1, a1 = mem(h[b:b + 1], words[b:b + 1], pad[b:b + 1])
+        o1, a1 = mem(h[b : b + 1], words[b : b + 1], pad[b : b + 1])
         torch.testing.assert_close(o1[0], out[b])
         torch.testing.assert_close(a1[0], att[b])
 
 
 def test_generator_and_discriminator_shapes():
     G = models.DMGANGenerator(gf_dim=4, z_dim=10, cond_dim=6, text_dim=12, branch_num=3, r_num=1)
-    imgs, atts, mu, logvar = G(torch.randn(2, 10), torch.randn(2, 12), torch.randn(2, 12, 7),
-                               torch.zeros(2, 7, dtype=torch.bool))
+    imgs, atts, mu, logvar = G(
+        torch.randn(2, 10),
+        torch.randn(2, 12),
+        torch.randn(2, 12, 7),
+        torch.zeros(2, 7, dtype=torch.bool),
+    )
     assert [tuple(i.shape) for i in imgs] == [(2, 3, 64, 64), (2, 3, 128, 128), (2, 3, 256, 256)]
     assert [tuple(a.shape) for a in atts] == [(2, 7, 64, 64), (2, 7, 128, 128)]
     assert mu.shape == logvar.shape == (2, 6) and imgs[0].abs().max() <= 1
@@ -58,7 +65,7 @@ def test_generator_and_discriminator_shapes():
 def test_spectral_norm_has_unit_top_singular_value():
     torch.manual_seed(0)
     sn = models.SpectralNorm(torch.nn.Conv2d(4, 6, 3))
-    for _ in range(50):                      # power iterations converge during training forwards
+    for _ in range(50):  # power iterations converge during training forwards
         sn(torch.randn(1, 4, 5, 5))
     w = sn.module.weight.detach().reshape(6, -1)
     assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, rel=1e-3)
@@ -68,18 +75,26 @@ def test_spectral_norm_has_unit_top_singular_value():
 def test_discriminator_loss_matches_hand_computation():
     torch.manual_seed(0)
     D = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
-    real, fake, sent = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1, torch.randn(3, 4)
-    for _ in range(30):                       # converge the spectral-norm power iteration,
+    real, fake, sent = (
+        torch.rand(3, 3, 64, 64) * 2 - 1,
+        torch.rand(3, 3, 64, 64) * 2 - 1,
+        torch.randn(3, 4),
+    )
+    for _ in range(30):  # converge the spectral-norm power iteration,
         D(real)
-    D.eval()                                  # then freeze it for the comparison
+    D.eval()  # then freeze it for the comparison
     got = main.discriminator_loss(D, real, fake, sent)
     sig = torch.sigmoid
     rh, fh = D(real), D(fake)
 
     def bce(p, y):
         return -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
-    want = (bce(sig(D.uncond(rh)), 1) + bce(sig(D.cond(rh, sent)), 1)) / 2 + \
-        (bce(sig(D.uncond(fh)), 0) + bce(sig(D.cond(fh, sent)), 0) + bce(sig(D.cond(rh[:2], sent[1:])), 0)) / 3
+
+    want = (bce(sig(D.uncond(rh)), 1) + bce(sig(D.cond(rh, sent)), 1)) / 2 + (
+        bce(sig(D.uncond(fh)), 0)
+        + bce(sig(D.cond(fh, sent)), 0)
+        + bce(sig(D.cond(rh[:2], sent[1:])), 0)
+    ) / 3
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -111,21 +126,39 @@ def tiny_step(amp_dtype, contrastive):
     """main.train_step on tiny random networks (2 stages, 32 -> 64 px) and a small image encoder."""
     torch.manual_seed(0)
     T = utils.to_cfg(main.DEFAULTS['TRAIN'])
-    G = models.DMGANGenerator(gf_dim=4, z_dim=8, cond_dim=6, text_dim=12, branch_num=2, r_num=1, base_size=32)
+    G = models.DMGANGenerator(
+        gf_dim=4, z_dim=8, cond_dim=6, text_dim=12, branch_num=2, r_num=1, base_size=32
+    )
     Ds = [models.DMGANDiscriminator(s, df_dim=4, text_dim=12) for s in (32, 64)]
     G.apply(main.init_weights)
     for d in Ds:
         d.apply(main.init_weights)
-    enc = models.build_image_encoder({'family': 'damsm', 'dim': 12, 'image_size': 64, 'backbone': 'small',
-                                      'width': 4, 'train_backbone': False}).eval().requires_grad_(False)
+    enc = (
+        models.build_image_encoder(
+            {
+                'family': 'damsm',
+                'dim': 12,
+                'image_size': 64,
+                'backbone': 'small',
+                'width': 4,
+                'train_backbone': False,
+            }
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     optG = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     optsD = [torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=2e-4) for d in Ds]
     B = 6
     reals = [torch.rand(B, 3, s, s) * 2 - 1 for s in (32, 64)]
-    feats = [(torch.randn(B, 12, 5), torch.randn(B, 12), torch.zeros(B, 5, dtype=torch.bool))
-             for _ in range(2 if contrastive else 1)]
+    feats = [
+        (torch.randn(B, 12, 5), torch.randn(B, 12), torch.zeros(B, 5, dtype=torch.bool))
+        for _ in range(2 if contrastive else 1)
+    ]
     amp = torch.autocast('cpu', dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
-    return main.train_step(G, Ds, optG, optsD, enc, reals, torch.arange(B), feats, torch.randn(B, 8), T, amp, 0)
+    return main.train_step(
+        G, Ds, optG, optsD, enc, reals, torch.arange(B), feats, torch.randn(B, 8), T, amp, 0
+    )
 
 
 @pytest.mark.slow
@@ -133,21 +166,21 @@ def tiny_step(amp_dtype, contrastive):
 def test_bf16_autocast_step_matches_fp32(contrastive):
     """TRAIN.AMP (bf16 autocast) computes the same losses as fp32 up to bf16 rounding."""
     full, half = tiny_step(None, contrastive), tiny_step(torch.bfloat16, contrastive)
-    assert half['loss_G'] != full['loss_G']                    # bf16 arithmetic did run
+    assert half['loss_G'] != full['loss_G']  # bf16 arithmetic did run
     for k in ('loss_D', 'loss_G', 'damsm'):
         assert math.isfinite(half[k]) and half[k] == pytest.approx(full[k], rel=0.03), k
 
 
 # ---------------------------------------------------------------- the script, end to end
-import json          # noqa: E402
-import os            # noqa: E402
-import signal        # noqa: E402
-import subprocess    # noqa: E402
-import sys           # noqa: E402
-import time          # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
-import pretrain_DAMSM   # noqa: E402
-from conftest import ROOT   # noqa: E402
+import pretrain_DAMSM  # noqa: E402
+from conftest import ROOT  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -158,10 +191,28 @@ def tiny_encoder(tmp_path_factory, tiny_shapes):
     data = utils.AttnGANData(tiny_shapes, 10)
     words = [data.ixtoword[i] for i in range(1, len(data.ixtoword))]
     tok = models.tokenizer_spec('words', 30, words=words)
-    text = models.build_text_encoder({'family': 'clip', 'dim': 16, 'tokenizer': tok, 'width': 16, 'heads': 2,
-                                      'layers': 1, 'keep_special': False})
-    image = models.build_image_encoder({'family': 'clip', 'dim': 16, 'image_size': 32, 'layers': [1],
-                                        'width': 16, 'head_width': 8, 'patch_size': 8})
+    text = models.build_text_encoder(
+        {
+            'family': 'clip',
+            'dim': 16,
+            'tokenizer': tok,
+            'width': 16,
+            'heads': 2,
+            'layers': 1,
+            'keep_special': False,
+        }
+    )
+    image = models.build_image_encoder(
+        {
+            'family': 'clip',
+            'dim': 16,
+            'image_size': 32,
+            'layers': [1],
+            'width': 16,
+            'head_width': 8,
+            'patch_size': 8,
+        }
+    )
     out = tmp_path_factory.mktemp('enc')
     run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
     pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
@@ -173,10 +224,22 @@ def tiny_rnn_encoder(tmp_path_factory, tiny_shapes):
     """A random-init DAMSM pair (bi-LSTM + small CNN) over AttnGAN's vocabulary of the tiny data."""
     torch.manual_seed(0)
     data = utils.AttnGANData(tiny_shapes, 10)
-    tok = models.tokenizer_spec('attngan', 18, words=[data.ixtoword[i] for i in range(len(data.ixtoword))])
-    text = models.build_text_encoder({'family': 'damsm', 'dim': 16, 'tokenizer': tok, 'word_dim': 8, 'dropout': 0.5})
-    image = models.build_image_encoder({'family': 'damsm', 'dim': 16, 'image_size': 32, 'backbone': 'small',
-                                        'width': 4, 'train_backbone': True})
+    tok = models.tokenizer_spec(
+        'attngan', 18, words=[data.ixtoword[i] for i in range(len(data.ixtoword))]
+    )
+    text = models.build_text_encoder(
+        {'family': 'damsm', 'dim': 16, 'tokenizer': tok, 'word_dim': 8, 'dropout': 0.5}
+    )
+    image = models.build_image_encoder(
+        {
+            'family': 'damsm',
+            'dim': 16,
+            'image_size': 32,
+            'backbone': 'small',
+            'width': 4,
+            'train_backbone': True,
+        }
+    )
     out = tmp_path_factory.mktemp('rnn_enc')
     run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
     pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
@@ -186,22 +249,66 @@ def tiny_rnn_encoder(tmp_path_factory, tiny_shapes):
 @pytest.mark.slow
 def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_encoder, tmp_path):
     """The original DM-GAN's conditioning: the DAMSM bi-LSTM words/sentence, the CNN's regions."""
-    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_rnn_encoder, 'TRAIN.BATCH_SIZE=4',
-                      'TRAIN.MAX_EPOCH=1', 'TRAIN.CONTRASTIVE.ENABLE=false'))
+    run_ok(
+        dmgan_args(
+            'shapes_DMGAN.yml',
+            tmp_path / 'train',
+            tiny_shapes,
+            tiny_rnn_encoder,
+            'TRAIN.BATCH_SIZE=4',
+            'TRAIN.MAX_EPOCH=1',
+            'TRAIN.CONTRASTIVE.ENABLE=false',
+        )
+    )
     assert json.load(open(tmp_path / 'train' / 'metrics.json'))['train_steps'] == 10
-    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'eval', tiny_shapes, tiny_rnn_encoder, 'TRAIN.FLAG=false',
-                      f'TRAIN.NET_G={tmp_path / "train"}', 'EVAL.NUM_IMAGES=12', 'EVAL.BATCH_SIZE=5',
-                      'EVAL.R_NEG=5', 'EVAL.R_FOLDS=2'))
+    run_ok(
+        dmgan_args(
+            'shapes_DMGAN.yml',
+            tmp_path / 'eval',
+            tiny_shapes,
+            tiny_rnn_encoder,
+            'TRAIN.FLAG=false',
+            f'TRAIN.NET_G={tmp_path / "train"}',
+            'EVAL.NUM_IMAGES=12',
+            'EVAL.BATCH_SIZE=5',
+            'EVAL.R_NEG=5',
+            'EVAL.R_FOLDS=2',
+        )
+    )
     m = json.load(open(tmp_path / 'eval' / 'metrics.json'))
     assert m['num_images'] == 12 and 0 <= m['r_precision'] <= 1
-    assert len([f for f in os.listdir(tmp_path / 'eval' / 'valid' / 'single') if f.endswith('.png')]) == 12
+    assert (
+        len([f for f in os.listdir(tmp_path / 'eval' / 'valid' / 'single') if f.endswith('.png')])
+        == 12
+    )
 
 
 def dmgan_args(cfg, out, data, enc, *sets):
-    argv = [sys.executable, os.path.join(ROOT, 'main.py'), '--cfg', os.path.join(ROOT, 'cfg', cfg),
-            '--out', str(out), '--deterministic', '--set', f'DATA_DIR={data}', '--set', f'TRAIN.NET_E={enc}',
-            '--set', 'WORKERS=0', '--set', 'GAN.GF_DIM=2', '--set', 'GAN.DF_DIM=2', '--set', 'GAN.Z_DIM=8',
-            '--set', 'GAN.CONDITION_DIM=8', '--set', 'TEXT.EMBEDDING_DIM=16']
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, 'main.py'),
+        '--cfg',
+        os.path.join(ROOT, 'cfg', cfg),
+        '--out',
+        str(out),
+        '--deterministic',
+        '--set',
+        f'DATA_DIR={data}',
+        '--set',
+        f'TRAIN.NET_E={enc}',
+        '--set',
+        'WORKERS=0',
+        '--set',
+        'GAN.GF_DIM=2',
+        '--set',
+        'GAN.DF_DIM=2',
+        '--set',
+        'GAN.Z_DIM=8',
+        '--set',
+        'GAN.CONDITION_DIM=8',
+        '--set',
+        'TEXT.EMBEDDING_DIM=16',
+    ]
     for s in sets:
         argv += ['--set', s]
     return argv
@@ -216,25 +323,45 @@ def run_ok(argv):
 @pytest.mark.slow
 @pytest.mark.parametrize('contrastive', [True, False])
 def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, contrastive):
-    train_sets = ['TRAIN.BATCH_SIZE=4', 'TRAIN.MAX_EPOCH=1', f'TRAIN.CONTRASTIVE.ENABLE={str(contrastive).lower()}']
-    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_encoder, *train_sets))
+    train_sets = [
+        'TRAIN.BATCH_SIZE=4',
+        'TRAIN.MAX_EPOCH=1',
+        f'TRAIN.CONTRASTIVE.ENABLE={str(contrastive).lower()}',
+    ]
+    run_ok(
+        dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_encoder, *train_sets)
+    )
     m = json.load(open(tmp_path / 'train' / 'metrics.json'))
     assert m['train_steps'] == 10 and m['checkpoint'].endswith('dmgan_00000010.pt')
-    assert os.listdir(tmp_path / 'train' / 'tb')                # TensorBoard events written
-    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'eval', tiny_shapes, tiny_encoder, 'TRAIN.FLAG=false',
-                      f'TRAIN.NET_G={tmp_path / "train"}', 'EVAL.NUM_IMAGES=30', 'EVAL.BATCH_SIZE=7',
-                      'EVAL.R_NEG=5', 'EVAL.R_FOLDS=3', 'EVAL.BASELINE=true', f'EVAL.JUDGE={tiny_judge}'))
+    assert os.listdir(tmp_path / 'train' / 'tb')  # TensorBoard events written
+    run_ok(
+        dmgan_args(
+            'shapes_DMGAN.yml',
+            tmp_path / 'eval',
+            tiny_shapes,
+            tiny_encoder,
+            'TRAIN.FLAG=false',
+            f'TRAIN.NET_G={tmp_path / "train"}',
+            'EVAL.NUM_IMAGES=30',
+            'EVAL.BATCH_SIZE=7',
+            'EVAL.R_NEG=5',
+            'EVAL.R_FOLDS=3',
+            'EVAL.BASELINE=true',
+            f'EVAL.JUDGE={tiny_judge}',
+        )
+    )
     m = json.load(open(tmp_path / 'eval' / 'metrics.json'))
     out = tmp_path / 'eval' / 'valid' / 'single'
     pngs = sorted(f for f in os.listdir(out) if f.endswith('.png'))
     records = json.load(open(out / 'captions.json'))
-    assert m['num_images'] == len(pngs) == len(records) == 30       # 20 test images, then 10 of pass 2
+    assert m['num_images'] == len(pngs) == len(records) == 30  # 20 test images, then 10 of pass 2
     assert sorted(r['file'] for r in records) == pngs
     assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
     for prefix in ('judge_', 'untrained_judge_', 'real_judge_', 'wrong_caption_judge_'):
         for attr in ('shape', 'colour', 'size', 'position', 'all'):
             assert 0 <= m[prefix + attr] <= 1, prefix + attr
     from PIL import Image
+
     assert Image.open(out / pngs[0]).size == (32, 32)
     # one judge line per image; the breakdown and the shuffled-caption baseline beside the scores
     lines = [json.loads(x) for x in open(tmp_path / 'eval' / 'judge.jsonl')]
@@ -246,12 +373,22 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
     gen = m['protocol']['weights']['generator']
     assert gen['path'].endswith('dmgan_00000010.pt') and gen['sha256'] == sha256_of(gen['path'])
     assert m['protocol']['num_images'] == 30 and m['protocol']['split'] == 'test'
-    assert 'generator' not in m['untrained_protocol']['weights'] and m['real_protocol']['num_images'] == 20
+    assert (
+        'generator' not in m['untrained_protocol']['weights']
+        and m['real_protocol']['num_images'] == 20
+    )
     judge_file = os.path.join(tiny_judge, 'checkpoints', 'judge_final.pt')
-    assert m['wrong_caption_protocol']['weights']['judge'] == {'path': judge_file, 'sha256': sha256_of(judge_file)}
+    assert m['wrong_caption_protocol']['weights']['judge'] == {
+        'path': judge_file,
+        'sha256': sha256_of(judge_file),
+    }
     # keys.json lets fid_score.py's judge score the dumped files: the same verdicts up to PNG rounding
-    r = subprocess.run([sys.executable, 'fid_score.py', '--judge', str(tiny_judge), '--accuracy', str(out)],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, 'fid_score.py', '--judge', str(tiny_judge), '--accuracy', str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     acc = dict(zip(*[iter(r.stdout.split('attribute accuracy:')[1].split())] * 2))
     assert abs(float(acc['colour']) - m['judge_colour']) < 0.05
@@ -259,16 +396,22 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
 
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, tmp_path):
-    sets = ['TRAIN.BATCH_SIZE=8', 'TRAIN.MAX_EPOCH=3', 'TRAIN.SNAPSHOT_INTERVAL=1', 'TRAIN.CONTRASTIVE.ENABLE=false']
+    sets = [
+        'TRAIN.BATCH_SIZE=8',
+        'TRAIN.MAX_EPOCH=3',
+        'TRAIN.SNAPSHOT_INTERVAL=1',
+        'TRAIN.CONTRASTIVE.ENABLE=false',
+    ]
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'straight', tiny_shapes, tiny_encoder, *sets))
     straight = json.load(open(tmp_path / 'straight' / 'metrics.json'))
     argv = dmgan_args('shapes_DMGAN.yml', tmp_path / 'killed', tiny_shapes, tiny_encoder, *sets)
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = tmp_path / 'killed' / 'checkpoints'
-    while p.poll() is None and not (ck.is_dir() and any(f.startswith('dmgan_') and f.endswith('.pt')
-                                                        for f in os.listdir(ck))):
+    while p.poll() is None and not (
+        ck.is_dir() and any(f.startswith('dmgan_') and f.endswith('.pt') for f in os.listdir(ck))
+    ):
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)           # killed after the first checkpoint, before the last
+    p.send_signal(signal.SIGKILL)  # killed after the first checkpoint, before the last
     p.wait()
     assert not (tmp_path / 'killed' / 'metrics.json').exists()
     run_ok(argv + ['--resume', 'auto'])
@@ -279,38 +422,81 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, 
 
 @pytest.mark.slow
 def test_learning_curve_over_the_checkpoints(tiny_shapes, tiny_encoder, tiny_judge, tmp_path):
-    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'train', tiny_shapes, tiny_encoder, 'TRAIN.BATCH_SIZE=8',
-                      'TRAIN.MAX_EPOCH=2', 'TRAIN.SNAPSHOT_INTERVAL=1', 'TRAIN.KEEP_CHECKPOINTS=0'))
-    run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'eval', tiny_shapes, tiny_encoder, 'TRAIN.FLAG=false',
-                      f'TRAIN.NET_G={tmp_path / "train"}', 'EVAL.NUM_IMAGES=10', 'EVAL.R_NEG=5', 'EVAL.R_FOLDS=2',
-                      f'EVAL.JUDGE={tiny_judge}', 'EVAL.CURVE=true'))
+    run_ok(
+        dmgan_args(
+            'shapes_DMGAN.yml',
+            tmp_path / 'train',
+            tiny_shapes,
+            tiny_encoder,
+            'TRAIN.BATCH_SIZE=8',
+            'TRAIN.MAX_EPOCH=2',
+            'TRAIN.SNAPSHOT_INTERVAL=1',
+            'TRAIN.KEEP_CHECKPOINTS=0',
+        )
+    )
+    run_ok(
+        dmgan_args(
+            'shapes_DMGAN.yml',
+            tmp_path / 'eval',
+            tiny_shapes,
+            tiny_encoder,
+            'TRAIN.FLAG=false',
+            f'TRAIN.NET_G={tmp_path / "train"}',
+            'EVAL.NUM_IMAGES=10',
+            'EVAL.R_NEG=5',
+            'EVAL.R_FOLDS=2',
+            f'EVAL.JUDGE={tiny_judge}',
+            'EVAL.CURVE=true',
+        )
+    )
     curve = json.load(open(tmp_path / 'eval' / 'curve.json'))
-    assert [c['step'] for c in curve] == [5, 10] and curve[0]['train_seconds'] < curve[1]['train_seconds']
+    assert [c['step'] for c in curve] == [5, 10] and curve[0]['train_seconds'] < curve[1][
+        'train_seconds'
+    ]
     final = json.load(open(tmp_path / 'eval' / 'metrics.json'))
-    assert curve[-1]['judge_all'] == final['judge_all'] and curve[-1]['r_precision'] == final['r_precision']
+    assert (
+        curve[-1]['judge_all'] == final['judge_all']
+        and curve[-1]['r_precision'] == final['r_precision']
+    )
     from PIL import Image
+
     assert Image.open(tmp_path / 'eval' / 'curve.png').size == (640, 400)
 
 
 @pytest.mark.slow
 def test_eval_refuses_wrong_checkpoint_kind(tiny_shapes, tiny_encoder, tmp_path):
-    r = subprocess.run(dmgan_args('shapes_DMGAN.yml', tmp_path / 'e', tiny_shapes, tiny_encoder,
-                                  'TRAIN.FLAG=false', f'TRAIN.NET_G={tiny_encoder}'),
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        dmgan_args(
+            'shapes_DMGAN.yml',
+            tmp_path / 'e',
+            tiny_shapes,
+            tiny_encoder,
+            'TRAIN.FLAG=false',
+            f'TRAIN.NET_G={tiny_encoder}',
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "kind 'text_encoder', expected 'dmgan'" in r.stderr
 
 
 def sha256_of(path):
     import hashlib
+
     with open(path, 'rb') as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_dmgan_and_dalle_score_through_the_one_path_as_directly(tiny_shapes, tiny_encoder, tiny_judge, tmp_path):
+def test_dmgan_and_dalle_score_through_the_one_path_as_directly(
+    tiny_shapes, tiny_encoder, tiny_judge, tmp_path
+):
     """The same fake images through DM-GAN's and DALLE's metric plug-ins (utils.evaluate_generator)
     get the numbers of utils.judge_accuracy and utils.r_precision called directly on them, and a
     protocol naming the weights files with their sha256."""
     import train_dalle
+
     text_enc, image_enc = models.load_encoders(tiny_encoder)
     judge = models.load_judge(tiny_judge)
     g = torch.Generator().manual_seed(0)
@@ -323,16 +509,29 @@ def test_dmgan_and_dalle_score_through_the_one_path_as_directly(tiny_shapes, tin
 
         def sampler(batch):
             drawn.append(len(batch))
-            return fakes[sum(drawn) - len(batch):sum(drawn)]
-        return utils.evaluate_generator(sampler, records, plugins, batch_size, 'test', 7, weights, 32, **kw)
+            return fakes[sum(drawn) - len(batch) : sum(drawn)]
+
+        return utils.evaluate_generator(
+            sampler, records, plugins, batch_size, 'test', 7, weights, 32, **kw
+        )
 
     def direct(records, wrong, n_neg, folds, seed):
         keys, n = [r['key'] for r in records], len(records)
-        img, txt = utils.encode_pairs(image_enc, text_enc, fakes[:n], [r['caption'] for r in records])
-        mean, std = utils.r_precision(img, txt, [r['class'] for r in records], n_neg=n_neg, folds=folds, seed=seed)
-        return {**{f'judge_{k}': v for k, v in utils.judge_accuracy(judge, fakes[:n], keys).items()},
-                **{f'shuffled_judge_{k}': v for k, v in utils.judge_accuracy(judge, fakes[:n], wrong(keys)).items()},
-                'r_precision': mean, 'r_precision_std': std}, utils.clip_score(img, txt)
+        img, txt = utils.encode_pairs(
+            image_enc, text_enc, fakes[:n], [r['caption'] for r in records]
+        )
+        mean, std = utils.r_precision(
+            img, txt, [r['class'] for r in records], n_neg=n_neg, folds=folds, seed=seed
+        )
+        return {
+            **{f'judge_{k}': v for k, v in utils.judge_accuracy(judge, fakes[:n], keys).items()},
+            **{
+                f'shuffled_judge_{k}': v
+                for k, v in utils.judge_accuracy(judge, fakes[:n], wrong(keys)).items()
+            },
+            'r_precision': mean,
+            'r_precision_std': std,
+        }, utils.clip_score(img, txt)
 
     # DM-GAN: two passes over the 20 test images, batches restarting at each pass; the image dump
     cfg = utils.to_cfg(main.DEFAULTS)
@@ -340,26 +539,59 @@ def test_dmgan_and_dalle_score_through_the_one_path_as_directly(tiny_shapes, tin
     cfg.TREE.update(BASE_SIZE=32, BRANCH_NUM=1)
     records = main.eval_records(cfg, main.build_dataset(cfg, 'test', train=False))
     weights = main.weights_files(None, text_enc, image_enc, judge)
-    got = through(records, main.metric_plugins(cfg.EVAL, text_enc, image_enc, judge, str(tmp_path / 'dump')), 7,
-                  weights, per_pass=True)
-    want, clip = direct(records, lambda keys: [keys[j] for j in utils.derangement(len(keys), cfg.EVAL.SEED)],
-                        5, 3, cfg.EVAL.SEED)
+    got = through(
+        records,
+        main.metric_plugins(cfg.EVAL, text_enc, image_enc, judge, str(tmp_path / 'dump')),
+        7,
+        weights,
+        per_pass=True,
+    )
+    want, clip = direct(
+        records,
+        lambda keys: [keys[j] for j in utils.derangement(len(keys), cfg.EVAL.SEED)],
+        5,
+        3,
+        cfg.EVAL.SEED,
+    )
     assert {k: got[k] for k in want} == want and got['clip_score'] == pytest.approx(clip)
-    assert 'judge_breakdown_counting' in got and all('correct' in r and 'reason' in r for r in records)
+    assert 'judge_breakdown_counting' in got and all(
+        'correct' in r and 'reason' in r for r in records
+    )
     dumped = json.load(open(tmp_path / 'dump' / 'keys.json'))
-    assert dumped == {r['file']: r['key'] for r in records} and len(list((tmp_path / 'dump').glob('*.png'))) == 30
+    assert (
+        dumped == {r['file']: r['key'] for r in records}
+        and len(list((tmp_path / 'dump').glob('*.png'))) == 30
+    )
     # DALLE: the held-out captions, image i against caption i + 1 for the shuffled baseline
-    E = utils.to_cfg({**train_dalle.DEFAULTS['EVAL'], 'HOLDOUT': os.path.join(tiny_shapes, 'test.jsonl'),
-                      'NUM_CAPTIONS': 30})
+    E = utils.to_cfg(
+        {
+            **train_dalle.DEFAULTS['EVAL'],
+            'HOLDOUT': os.path.join(tiny_shapes, 'test.jsonl'),
+            'NUM_CAPTIONS': 30,
+        }
+    )
     records = train_dalle.holdout_records(E)
-    got = through(records, train_dalle.metric_plugins(judge, (text_enc, image_enc), 5), train_dalle.SAMPLE_BATCH,
-                  {'judge': judge.weights_path})
+    got = through(
+        records,
+        train_dalle.metric_plugins(judge, (text_enc, image_enc), 5),
+        train_dalle.SAMPLE_BATCH,
+        {'judge': judge.weights_path},
+    )
     want, clip = direct(records, lambda keys: keys[1:] + keys[:1], 5, 10, 0)
     assert {k: got[k] for k in want} == want and got['clip_score'] == pytest.approx(clip)
     # the protocol: what was scored, and the sha256 of each weights file
     p = through(records, [utils.JudgeAccuracy(judge)], 8, weights)['protocol']
-    assert {k: p[k] for k in ('split', 'num_images', 'seed', 'image_size')} == \
-        {'split': 'test', 'num_images': len(records), 'seed': 7, 'image_size': 32}
-    assert p['weights'] == {name: {'path': path, 'sha256': sha256_of(path)} for name, path in
-                            (('judge', judge.weights_path), ('text_encoder', tiny_encoder),
-                             ('image_encoder', tiny_encoder.replace('text_encoder', 'image_encoder')))}
+    assert {k: p[k] for k in ('split', 'num_images', 'seed', 'image_size')} == {
+        'split': 'test',
+        'num_images': len(records),
+        'seed': 7,
+        'image_size': 32,
+    }
+    assert p['weights'] == {
+        name: {'path': path, 'sha256': sha256_of(path)}
+        for name, path in (
+            ('judge', judge.weights_path),
+            ('text_encoder', tiny_encoder),
+            ('image_encoder', tiny_encoder.replace('text_encoder', 'image_encoder')),
+        )
+    }

@@ -1,6 +1,7 @@
 """Encoders (models.py, encoders section) and pretrain_DAMSM.py: the losses against values
 computed independently here, the uniform encoder API of every family, checkpoints, one
 step of every cfg on fixture data, resume, and 2-process DDP against one process."""
+
 import json
 import math
 import os
@@ -29,12 +30,14 @@ def _softmax(x, axis):
 
 def _ce_both_ways(sim):
     """-log softmax of the diagonal along rows (loss0) and along columns (loss1), means."""
+
     def ce(m):
         out = []
         for i in range(len(m)):
             row = m[i][np.isfinite(m[i])]
             out.append(-(m[i, i] - np.log(np.exp(row).sum())))
         return float(np.mean(out))
+
     return ce(sim), ce(sim.T)
 
 
@@ -53,15 +56,17 @@ def ref_words_loss(regions, words, lengths, cls, g1, g2, g3):
     ctx = regions.reshape(B, D, -1)
     sim = np.zeros((B, B))
     for i in range(B):
-        e = words[i, :, :lengths[i]]                        # D x n
+        e = words[i, :, : lengths[i]]  # D x n
         for j in range(B):
-            v = ctx[j]                                      # D x R
-            s = _softmax(v.T @ e, axis=1)                   # over words, per region (Eq. 8)
-            a = _softmax(g1 * s.T, axis=1)                  # over regions, per word (Eq. 9)
-            c = v @ a.T                                     # region context per word
-            cos = [(c[:, k] @ e[:, k]) / (np.linalg.norm(c[:, k]) * np.linalg.norm(e[:, k]))
-                   for k in range(e.shape[1])]
-            sim[j, i] = np.log(np.sum(np.exp(g2 * np.array(cos))))   # Eq. 10
+            v = ctx[j]  # D x R
+            s = _softmax(v.T @ e, axis=1)  # over words, per region (Eq. 8)
+            a = _softmax(g1 * s.T, axis=1)  # over regions, per word (Eq. 9)
+            c = v @ a.T  # region context per word
+            cos = [
+                (c[:, k] @ e[:, k]) / (np.linalg.norm(c[:, k]) * np.linalg.norm(e[:, k]))
+                for k in range(e.shape[1])
+            ]
+            sim[j, i] = np.log(np.sum(np.exp(g2 * np.array(cos))))  # Eq. 10
     return _ce_both_ways(_mask_same_class(sim * g3, cls))
 
 
@@ -73,15 +78,18 @@ def test_words_loss_matches_reference():
     cls = np.array([0, 1, 0, 2])
     pad = torch.arange(T)[None] >= torch.as_tensor(lengths)[:, None]
     words_padded = words.copy()
-    words_padded[pad.numpy().nonzero()[0], :, pad.numpy().nonzero()[1]] = 7.0   # must not matter
-    w0, w1, maps = models.words_loss(torch.tensor(regions), torch.tensor(words_padded), pad,
-                                     torch.tensor(cls), 4.0, 5.0, 10.0)
+    words_padded[pad.numpy().nonzero()[0], :, pad.numpy().nonzero()[1]] = 7.0  # must not matter
+    w0, w1, maps = models.words_loss(
+        torch.tensor(regions), torch.tensor(words_padded), pad, torch.tensor(cls), 4.0, 5.0, 10.0
+    )
     r0, r1 = ref_words_loss(regions, words, lengths, cls, 4.0, 5.0, 10.0)
     assert w0.item() == pytest.approx(r0, rel=1e-9) and w1.item() == pytest.approx(r1, rel=1e-9)
     assert maps[0].shape == (T, 3, 3)
     assert torch.allclose(maps[1][:3].sum((1, 2)), torch.ones(3, dtype=torch.float64))
     # without class masking the numbers change (the masking is really applied)
-    n0, _, _ = models.words_loss(torch.tensor(regions), torch.tensor(words), pad, None, 4.0, 5.0, 10.0)
+    n0, _, _ = models.words_loss(
+        torch.tensor(regions), torch.tensor(words), pad, None, 4.0, 5.0, 10.0
+    )
     assert abs(n0.item() - r0) > 1e-6
 
 
@@ -89,8 +97,18 @@ def test_sent_loss_matches_reference():
     rng = np.random.RandomState(1)
     img, sent = rng.randn(5, 8), rng.randn(5, 8)
     cls = np.array([3, 3, 1, 2, 1])
-    sim = np.array([[img[j] @ sent[i] / (np.linalg.norm(img[j]) * np.linalg.norm(sent[i])) for i in range(5)]
-                    for j in range(5)]) * 10.0
+    sim = (
+        np.array(
+            [
+                [
+                    img[j] @ sent[i] / (np.linalg.norm(img[j]) * np.linalg.norm(sent[i]))
+                    for i in range(5)
+                ]
+                for j in range(5)
+            ]
+        )
+        * 10.0
+    )
     r0, r1 = _ce_both_ways(_mask_same_class(sim, cls))
     s0, s1 = models.sent_loss(torch.tensor(img), torch.tensor(sent), torch.tensor(cls), 10.0)
     assert s0.item() == pytest.approx(r0, rel=1e-9) and s1.item() == pytest.approx(r1, rel=1e-9)
@@ -104,7 +122,9 @@ def test_clip_loss_matches_reference():
     logits = math.exp(t) * n(img) @ n(txt).T
     li = np.mean([-np.log(_softmax(logits, 1)[k, k]) for k in range(4)])
     lt = np.mean([-np.log(_softmax(logits.T, 1)[k, k]) for k in range(4)])
-    got = models.clip_loss(torch.tensor(img), torch.tensor(txt), torch.tensor(t, dtype=torch.float64))
+    got = models.clip_loss(
+        torch.tensor(img), torch.tensor(txt), torch.tensor(t, dtype=torch.float64)
+    )
     assert got.item() == pytest.approx((li + lt) / 2, rel=1e-9)
 
 
@@ -130,12 +150,20 @@ def test_one_cycle_matches_torch():
     for pct, div, final in ((0.02, 25.0, 1e4), (0.1, 1e3, 1e6)):
         p = torch.nn.Parameter(torch.zeros(1))
         opt = torch.optim.Adam([p], lr=1.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2.0, total_steps=200, pct_start=pct,
-                                                    div_factor=div, final_div_factor=final,
-                                                    anneal_strategy='cos', cycle_momentum=False)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=2.0,
+            total_steps=200,
+            pct_start=pct,
+            div_factor=div,
+            final_div_factor=final,
+            anneal_strategy='cos',
+            cycle_momentum=False,
+        )
         for i in range(200):
             assert 2.0 * pretrain_DAMSM.one_cycle(i, 200, pct, div, final) == pytest.approx(
-                opt.param_groups[0]['lr'], rel=1e-9)
+                opt.param_groups[0]['lr'], rel=1e-9
+            )
             opt.step()
             sched.step()
 
@@ -150,29 +178,87 @@ TEXTS = ['a red circle on the left', 'big blue square', 'a circle']
 def tiny_specs(family, tok):
     D = 16
     if family == 'damsm':
-        return ({'family': 'damsm', 'dim': D, 'tokenizer': tok, 'word_dim': 12, 'dropout': 0.0},
-                {'family': 'damsm', 'dim': D, 'image_size': 32, 'backbone': 'small', 'width': 4,
-                 'train_backbone': True})
+        return (
+            {'family': 'damsm', 'dim': D, 'tokenizer': tok, 'word_dim': 12, 'dropout': 0.0},
+            {
+                'family': 'damsm',
+                'dim': D,
+                'image_size': 32,
+                'backbone': 'small',
+                'width': 4,
+                'train_backbone': True,
+            },
+        )
     if family == 'clip':
-        return ({'family': 'clip', 'dim': D, 'tokenizer': tok, 'width': 16, 'heads': 2, 'layers': 2,
-                 'keep_special': False},
-                {'family': 'clip', 'dim': D, 'image_size': 32, 'layers': [2], 'width': 16, 'head_width': 8,
-                 'patch_size': 8})
+        return (
+            {
+                'family': 'clip',
+                'dim': D,
+                'tokenizer': tok,
+                'width': 16,
+                'heads': 2,
+                'layers': 2,
+                'keep_special': False,
+            },
+            {
+                'family': 'clip',
+                'dim': D,
+                'image_size': 32,
+                'layers': [2],
+                'width': 16,
+                'head_width': 8,
+                'patch_size': 8,
+            },
+        )
     if family == 'clip_rn':
-        return (tiny_specs('clip', tok)[0],
-                {'family': 'clip', 'dim': D, 'image_size': 64, 'layers': [1, 1, 1, 1], 'width': 8,
-                 'head_width': 32, 'patch_size': 0})
+        return (
+            tiny_specs('clip', tok)[0],
+            {
+                'family': 'clip',
+                'dim': D,
+                'image_size': 64,
+                'layers': [1, 1, 1, 1],
+                'width': 8,
+                'head_width': 32,
+                'patch_size': 0,
+            },
+        )
     from transformers import CLIPConfig
-    c = CLIPConfig(text_config=dict(vocab_size=len(tok['vocab']), hidden_size=24, intermediate_size=48,
-                                    num_hidden_layers=2, num_attention_heads=2, projection_dim=D,
-                                    max_position_embeddings=tok['context_length'], bos_token_id=len(WORDS),
-                                    eos_token_id=len(WORDS) + 1, pad_token_id=0),
-                   vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=2, image_size=32, patch_size=8, projection_dim=D),
-                   projection_dim=D)
-    return ({'family': 'clip_hf', 'dim': D, 'tokenizer': tok, 'keep_special': False,
-             'config': c.text_config.to_dict()},
-            {'family': 'clip_hf', 'dim': D, 'config': c.vision_config.to_dict()})
+
+    c = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok['vocab']),
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=D,
+            max_position_embeddings=tok['context_length'],
+            bos_token_id=len(WORDS),
+            eos_token_id=len(WORDS) + 1,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=D,
+        ),
+        projection_dim=D,
+    )
+    return (
+        {
+            'family': 'clip_hf',
+            'dim': D,
+            'tokenizer': tok,
+            'keep_special': False,
+            'config': c.text_config.to_dict(),
+        },
+        {'family': 'clip_hf', 'dim': D, 'config': c.vision_config.to_dict()},
+    )
 
 
 @pytest.mark.parametrize('family', ['damsm', 'clip', 'clip_rn', 'clip_hf'])
@@ -182,22 +268,26 @@ def test_encoder_api_and_checkpoint_roundtrip(family, tmp_path):
     tspec, ispec = tiny_specs(family, tok)
     te, ie = models.build_text_encoder(tspec).eval(), models.build_image_encoder(ispec).eval()
     words, sent, pad = te.encode(TEXTS)
-    n_words = [6, 3, 2]                       # the transformers' <sot>/<eot> are dropped
+    n_words = [6, 3, 2]  # the transformers' <sot>/<eot> are dropped
     assert words.shape[:2] == (3, 16) and sent.shape == (3, 16) and pad.dtype == torch.bool
-    assert (~pad).sum(1).tolist() == n_words     # the RNN pads to 12 words, the others to the longest
+    assert (~pad).sum(1).tolist() == n_words  # the RNN pads to 12 words, the others to the longest
     assert words.shape[2] == (12 if family == 'damsm' else max(n_words))
-    images = torch.rand(2, 3, 50, 50) * 2 - 1                    # any size: resized inside
+    images = torch.rand(2, 3, 50, 50) * 2 - 1  # any size: resized inside
     regions, glob = ie.encode(images)
     assert regions.shape[:2] == (2, 16) and glob.shape == (2, 16)
     # a caption's features do not depend on the batch it comes in (padding, trimming)
     w1, s1, _ = te.encode(TEXTS[2:])
-    assert torch.allclose(s1[0], sent[2], atol=1e-5) and torch.allclose(w1[0, :, :2], words[2, :, :2], atol=1e-5)
+    assert torch.allclose(s1[0], sent[2], atol=1e-5) and torch.allclose(
+        w1[0, :, :2], words[2, :, :2], atol=1e-5
+    )
     assert te.word_strings(TEXTS[0]) == ['a', 'red', 'circle', 'on', 'the', 'left']
     # saved as pretrain_DAMSM does, rebuilt by load_encoders from the spec alone
     run = type('R', (), {'out': str(tmp_path), 'cfg': utils.to_cfg({'X': 1})})()
     pretrain_DAMSM.save_encoders(run, type('M', (), {'text': te, 'image': ie})(), 7, 70)
-    for kind in ('text_encoder', 'image_encoder'):   # only plain types: weights_only loading
-        assert torch.load(tmp_path / 'checkpoints' / f'{kind}7.pth', weights_only=True)['kind'] == kind
+    for kind in ('text_encoder', 'image_encoder'):  # only plain types: weights_only loading
+        assert (
+            torch.load(tmp_path / 'checkpoints' / f'{kind}7.pth', weights_only=True)['kind'] == kind
+        )
     te2, ie2 = models.load_encoders(str(tmp_path / 'checkpoints' / 'text_encoder7.pth'))
     assert not any(p.requires_grad for p in list(te2.parameters()) + list(ie2.parameters()))
     assert torch.allclose(te2.encode(TEXTS)[1], sent, atol=1e-6)
@@ -212,6 +302,7 @@ def test_clip_text_pools_at_end_token_not_largest_id():
     vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '红', '色', '的', '猫', '狗']
     torch.manual_seed(0)
     import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, 'vocab.txt')
         with open(path, 'w', encoding='utf-8') as f:
@@ -226,7 +317,7 @@ def test_clip_text_pools_at_end_token_not_largest_id():
             x = blk(x, causal=True)
         states = te.ln_final(x) @ te.text_projection
         sent = te(ids, lengths)[1]
-    assert torch.allclose(sent[0], states[0, 5], atol=1e-5)          # [SEP]
+    assert torch.allclose(sent[0], states[0, 5], atol=1e-5)  # [SEP]
     assert not torch.allclose(sent[0], states[0, ids[0].argmax()], atol=1e-3)
     assert te.word_strings('红色的狗') == ['红', '色', '的', '狗']
 
@@ -254,27 +345,49 @@ def test_clip_bpe_tokenizer_from_a_local_folder(tmp_path):
     ids, lengths = tok(['a red cat', 'red red red red red red'])
     sot, eot = vocab['<|startoftext|>'], vocab['<|endoftext|>']
     assert ids[0].tolist() == [sot, vocab['a</w>'], vocab['red</w>'], vocab['cat</w>'], eot, eot]
-    assert lengths.tolist() == [5, 6] and ids[1, 5] == eot        # truncation keeps the end token
+    assert lengths.tolist() == [5, 6] and ids[1, 5] == eot  # truncation keeps the end token
     with pytest.raises(utils.UserError, match='offline'):
         models.tokenizer_spec('clip', 6, str(tmp_path / 'missing'))
 
 
 def test_inception_weights_load_into_the_cnn_encoder(tmp_path):
     import torchvision
+
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    torch.save(net.state_dict(), tmp_path / 'inception.pth')      # torchvision's file layout
-    enc = models.build_image_encoder({'family': 'damsm', 'dim': 8, 'image_size': 299,
-                                      'backbone': 'inception_v3', 'train_backbone': False})
+    torch.save(net.state_dict(), tmp_path / 'inception.pth')  # torchvision's file layout
+    enc = models.build_image_encoder(
+        {
+            'family': 'damsm',
+            'dim': 8,
+            'image_size': 299,
+            'backbone': 'inception_v3',
+            'train_backbone': False,
+        }
+    )
     models.load_inception_weights(enc, str(tmp_path / 'inception.pth'))
     assert torch.equal(enc.to_regions[0].conv.weight, net.Conv2d_1a_3x3.conv.weight)
-    assert torch.equal(enc.to_global[2].branch_pool.conv.weight, net.Mixed_7c.branch_pool.conv.weight)
+    assert torch.equal(
+        enc.to_global[2].branch_pool.conv.weight, net.Mixed_7c.branch_pool.conv.weight
+    )
     enc.train()
-    assert not enc.to_regions.training and enc.emb_features.training   # a spec without bn_stats: frozen BN
-    adapt = models.build_image_encoder({'family': 'damsm', 'dim': 8, 'image_size': 299, 'backbone': 'inception_v3',
-                                        'train_backbone': False, 'bn_stats': 'adapt'})
+    assert (
+        not enc.to_regions.training and enc.emb_features.training
+    )  # a spec without bn_stats: frozen BN
+    adapt = models.build_image_encoder(
+        {
+            'family': 'damsm',
+            'dim': 8,
+            'image_size': 299,
+            'backbone': 'inception_v3',
+            'train_backbone': False,
+            'bn_stats': 'adapt',
+        }
+    )
     adapt.load_state_dict(enc.state_dict())
-    adapt.train()       # AttnGAN's cnn_model.train(): weights frozen, BatchNorm statistics move
-    assert adapt.to_regions.training and not any(p.requires_grad for p in adapt.to_regions.parameters())
+    adapt.train()  # AttnGAN's cnn_model.train(): weights frozen, BatchNorm statistics move
+    assert adapt.to_regions.training and not any(
+        p.requires_grad for p in adapt.to_regions.parameters()
+    )
     before = adapt.to_regions[0].bn.running_mean.clone()
     adapt(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert not torch.equal(before, adapt.to_regions[0].bn.running_mean)
@@ -290,18 +403,39 @@ def test_inception_weights_load_into_the_cnn_encoder(tmp_path):
 @pytest.fixture(scope='module')
 def fixture_data(tmp_path_factory):
     """Tiny shapes data whose metadata has the bytes of AttnGAN's birds.zip, as a CRLF copy."""
-    root = make_tiny_shapes(tmp_path_factory.mktemp('enc') / 'shapes', num_train=8, num_test=8,
-                            image_size=32, seed=1)
+    root = make_tiny_shapes(
+        tmp_path_factory.mktemp('enc') / 'shapes', num_train=8, num_test=8, image_size=32, seed=1
+    )
     write_attngan_metadata(root, crlf=True)
     return root
 
 
 def run_script(cfg, out, data, *sets, resume=None):
-    argv = ['pretrain_DAMSM.py', '--cfg', cfg, '--out', str(out),
-            '--set', f'DATA_DIR={data}', '--set', f'DATA.TRAIN_CSV={data}/train.csv',
-            '--set', f'DATA.VAL_CSV={data}/test.csv', '--set', 'WORKERS=0',
-            '--set', 'TRAIN.BATCH_SIZE=8', '--set', 'TRAIN.MAX_EPOCH=1', '--set', 'EVAL.R_NEG=2',
-            '--set', 'EVAL.NUM=6', '--set', 'EVAL.ATTN_IMAGES=2']
+    argv = [
+        'pretrain_DAMSM.py',
+        '--cfg',
+        cfg,
+        '--out',
+        str(out),
+        '--set',
+        f'DATA_DIR={data}',
+        '--set',
+        f'DATA.TRAIN_CSV={data}/train.csv',
+        '--set',
+        f'DATA.VAL_CSV={data}/test.csv',
+        '--set',
+        'WORKERS=0',
+        '--set',
+        'TRAIN.BATCH_SIZE=8',
+        '--set',
+        'TRAIN.MAX_EPOCH=1',
+        '--set',
+        'EVAL.R_NEG=2',
+        '--set',
+        'EVAL.NUM=6',
+        '--set',
+        'EVAL.ATTN_IMAGES=2',
+    ]
     for s in sets:
         argv += ['--set', s]
     if resume:
@@ -317,20 +451,51 @@ def run_script(cfg, out, data, *sets, resume=None):
         return json.load(f)
 
 
-PRETRAINED_HF = ['MODEL.PRETRAINED={clip}', 'MODEL.TOKENIZER_PATH={clip}', 'TEXT.EMBEDDING_DIM=16',
-                 'TREE.BASE_SIZE=32']      # a CLIPModel folder in the hub's format, as a real run reads it
-SMALL_HF = ['MODEL.PRETRAINED=', 'MODEL.TOKENIZER=words', 'TEXT.EMBEDDING_DIM=16', 'TREE.BASE_SIZE=32',
-            'MODEL.CLIP.VISION_LAYERS=[1]', 'MODEL.CLIP.PATCH_SIZE=8', 'MODEL.CLIP.VISION_WIDTH=16',
-            'MODEL.CLIP.HEAD_WIDTH=8', 'MODEL.CLIP.TEXT_WIDTH=16', 'MODEL.CLIP.TEXT_HEADS=2',
-            'MODEL.CLIP.TEXT_LAYERS=1']
-SMALL_RN50 = ['MODEL.TOKENIZER=words', 'TEXT.EMBEDDING_DIM=16', 'TREE.BASE_SIZE=64', 'DATA.CLASS_FROM=folder',
-              'MODEL.CLIP.VISION_LAYERS=[1,1,1,1]', 'MODEL.CLIP.VISION_WIDTH=8', 'MODEL.CLIP.HEAD_WIDTH=32',
-              'MODEL.CLIP.TEXT_WIDTH=16', 'MODEL.CLIP.TEXT_HEADS=2', 'MODEL.CLIP.TEXT_LAYERS=1']
-CFGS = {      # every shipped cfg, shrunk to fixture size; the real cfg's other keys stay
-    'DAMSM/bird.yml': ['MODEL.PRETRAINED=', 'TEXT.EMBEDDING_DIM=16', 'TRAIN.BATCH_SIZE=2', 'EVAL.NUM=3',
-                       'EVAL.R_NEG=1'],
-    'DAMSM/coco.yml': ['MODEL.PRETRAINED=', 'TEXT.EMBEDDING_DIM=16', 'MODEL.CNN.BACKBONE=small',
-                       'TEXT.CAPTIONS_PER_IMAGE=10'],
+PRETRAINED_HF = [
+    'MODEL.PRETRAINED={clip}',
+    'MODEL.TOKENIZER_PATH={clip}',
+    'TEXT.EMBEDDING_DIM=16',
+    'TREE.BASE_SIZE=32',
+]  # a CLIPModel folder in the hub's format, as a real run reads it
+SMALL_HF = [
+    'MODEL.PRETRAINED=',
+    'MODEL.TOKENIZER=words',
+    'TEXT.EMBEDDING_DIM=16',
+    'TREE.BASE_SIZE=32',
+    'MODEL.CLIP.VISION_LAYERS=[1]',
+    'MODEL.CLIP.PATCH_SIZE=8',
+    'MODEL.CLIP.VISION_WIDTH=16',
+    'MODEL.CLIP.HEAD_WIDTH=8',
+    'MODEL.CLIP.TEXT_WIDTH=16',
+    'MODEL.CLIP.TEXT_HEADS=2',
+    'MODEL.CLIP.TEXT_LAYERS=1',
+]
+SMALL_RN50 = [
+    'MODEL.TOKENIZER=words',
+    'TEXT.EMBEDDING_DIM=16',
+    'TREE.BASE_SIZE=64',
+    'DATA.CLASS_FROM=folder',
+    'MODEL.CLIP.VISION_LAYERS=[1,1,1,1]',
+    'MODEL.CLIP.VISION_WIDTH=8',
+    'MODEL.CLIP.HEAD_WIDTH=32',
+    'MODEL.CLIP.TEXT_WIDTH=16',
+    'MODEL.CLIP.TEXT_HEADS=2',
+    'MODEL.CLIP.TEXT_LAYERS=1',
+]
+CFGS = {  # every shipped cfg, shrunk to fixture size; the real cfg's other keys stay
+    'DAMSM/bird.yml': [
+        'MODEL.PRETRAINED=',
+        'TEXT.EMBEDDING_DIM=16',
+        'TRAIN.BATCH_SIZE=2',
+        'EVAL.NUM=3',
+        'EVAL.R_NEG=1',
+    ],
+    'DAMSM/coco.yml': [
+        'MODEL.PRETRAINED=',
+        'TEXT.EMBEDDING_DIM=16',
+        'MODEL.CNN.BACKBONE=small',
+        'TEXT.CAPTIONS_PER_IMAGE=10',
+    ],
     'DAMSM/shapes.yml': [],
     'DAMSM/clip_bird.yml': PRETRAINED_HF,
     'DAMSM/clip_coco.yml': SMALL_HF + ['TEXT.CAPTIONS_PER_IMAGE=10'],
@@ -344,14 +509,33 @@ CFGS = {      # every shipped cfg, shrunk to fixture size; the real cfg's other 
 def tiny_clip_dir(tmp_path_factory):
     """A random-init CLIPModel saved with save_pretrained, beside its tokenizer files."""
     from transformers import CLIPConfig, CLIPModel
+
     folder = tmp_path_factory.mktemp('clip')
     vocab = write_bpe(folder)
     torch.manual_seed(0)
-    c = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                                    num_attention_heads=2, projection_dim=16, bos_token_id=len(vocab) - 2,
-                                    eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
-                   vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                                      image_size=32, patch_size=8, projection_dim=16), projection_dim=16)
+    c = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            projection_dim=16,
+            bos_token_id=len(vocab) - 2,
+            eos_token_id=len(vocab) - 1,
+            pad_token_id=len(vocab) - 1,
+        ),
+        vision_config=dict(
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=16,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(c).save_pretrained(folder)
     return folder
 
@@ -368,8 +552,9 @@ def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
     words, sent, pad = te.encode(['a red circle in the middle'])
     regions, glob = ie.encode(torch.zeros(1, 3, 40, 40))
     assert words.shape[1] == sent.shape[1] == regions.shape[1] == glob.shape[1]
-    if '{clip}' in ' '.join(CFGS[cfg]):       # the CLIP weights were loaded (and barely moved: lr 8e-7)
+    if '{clip}' in ' '.join(CFGS[cfg]):  # the CLIP weights were loaded (and barely moved: lr 8e-7)
         from transformers import CLIPModel
+
         ref = CLIPModel.from_pretrained(tiny_clip_dir).text_model.embeddings.token_embedding.weight
         assert torch.allclose(te.model.text_model.embeddings.token_embedding.weight, ref, atol=1e-4)
 
@@ -393,15 +578,22 @@ def test_bad_cfg_values_are_one_line_errors(fixture_data, tmp_path):
     with pytest.raises(utils.UserError, match='MODEL.FAMILY'):
         run_script(cfg, tmp_path / 'a', fixture_data, 'MODEL.FAMILY=lstm')
     with pytest.raises(utils.UserError, match='FINETUNE'):
-        run_script(os.path.join(ROOT, 'cfg', 'DAMSM', 'clip_shapes.yml'), tmp_path / 'b', fixture_data,
-                   'MODEL.FINETUNE=[text_model.nothing]')
+        run_script(
+            os.path.join(ROOT, 'cfg', 'DAMSM', 'clip_shapes.yml'),
+            tmp_path / 'b',
+            fixture_data,
+            'MODEL.FINETUNE=[text_model.nothing]',
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # DDP: 2 gloo processes on CPU == one process on the concatenated batch
 # ----------------------------------------------------------------------------------------------
 DDP_CASES = {
-    'clip_hf': {'family': 'clip_hf', 'loss': {'WORDS': 1.0, 'SENT': 1.0, 'NTXENT': 1.0, 'CLIP': 1.0}},
+    'clip_hf': {
+        'family': 'clip_hf',
+        'loss': {'WORDS': 1.0, 'SENT': 1.0, 'NTXENT': 1.0, 'CLIP': 1.0},
+    },
     'clip': {'family': 'clip', 'loss': {'WORDS': 1.0, 'SENT': 1.0, 'NTXENT': 0.0, 'CLIP': 1.0}},
 }
 
@@ -411,17 +603,30 @@ def _ddp_setup(name):
     case = DDP_CASES[name]
     tok = models.tokenizer_spec('words', 12, words=WORDS)
     tspec, ispec = tiny_specs(case['family'], tok)
-    model = pretrain_DAMSM.DualEncoder(models.build_text_encoder(tspec), models.build_image_encoder(ispec),
-                                       True).double()          # float64: agreement to rounding
+    model = pretrain_DAMSM.DualEncoder(
+        models.build_text_encoder(tspec), models.build_image_encoder(ispec), True
+    ).double()  # float64: agreement to rounding
     with torch.no_grad():
         model.logit_scale.fill_(2.0)
-    cfg = utils.to_cfg({'LOSS': {**pretrain_DAMSM.DEFAULTS['LOSS'], **case['loss']},
-                        'TRAIN': {'SMOOTH': {'GAMMA1': 4.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0}},
-                        'TEXT': {'WORDS_NUM': 12}})
+    cfg = utils.to_cfg(
+        {
+            'LOSS': {**pretrain_DAMSM.DEFAULTS['LOSS'], **case['loss']},
+            'TRAIN': {'SMOOTH': {'GAMMA1': 4.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0}},
+            'TEXT': {'WORDS_NUM': 12},
+        }
+    )
     g = torch.Generator().manual_seed(1)
     images = torch.rand(8, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
-    texts = ['a red circle on the left', 'big blue square', 'a circle', 'the big red square on the left',
-             'blue', 'a big circle', 'red square on the left', 'a blue circle']
+    texts = [
+        'a red circle on the left',
+        'big blue square',
+        'a circle',
+        'the big red square on the left',
+        'blue',
+        'a big circle',
+        'red square on the left',
+        'a blue circle',
+    ]
     texts2 = texts[1:] + texts[:1]
     ids, lengths = model.text.tokenizer(texts)
     ids2, lengths2 = model.text.tokenizer(texts2)
@@ -431,13 +636,16 @@ def _ddp_setup(name):
 
 def _loss_and_grads(model, cfg, images, caps, cls, world, gather, ddp=None):
     feats = pretrain_DAMSM.encode(ddp or model, images, caps, regions=True)
-    loss, values, _ = pretrain_DAMSM.compute_losses(feats, cls, cfg, model.logit_scale, world, gather)
+    loss, values, _ = pretrain_DAMSM.compute_losses(
+        feats, cls, cfg, model.logit_scale, world, gather
+    )
     (loss * world).backward()
     return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _ddp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     try:
@@ -445,11 +653,19 @@ def _ddp_worker(rank, world, init_file, out_dir):
             model, cfg, images, caps, cls = _ddp_setup(name)
             ddp = utils.wrap_ddp(model, torch.device('cpu'))
             s = slice(rank * 4, rank * 4 + 4)
-            values, grads = _loss_and_grads(model, cfg, images[s], [(i[s], n[s]) for i, n in caps], cls[s],
-                                            world, utils.all_gather_with_grad, ddp)
+            values, grads = _loss_and_grads(
+                model,
+                cfg,
+                images[s],
+                [(i[s], n[s]) for i, n in caps],
+                cls[s],
+                world,
+                utils.all_gather_with_grad,
+                ddp,
+            )
             if rank == 0:
                 torch.save({'values': values, 'grads': grads}, os.path.join(out_dir, f'{name}.pt'))
-        dist.barrier()      # leave together: a rank tearing gloo down while rank 0 writes can abort
+        dist.barrier()  # leave together: a rank tearing gloo down while rank 0 writes can abort
     finally:
         dist.destroy_process_group()
 
@@ -457,6 +673,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
+
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
     for name in DDP_CASES:
         model, cfg, images, caps, cls = _ddp_setup(name)
@@ -478,22 +695,65 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 
 def test_r_precision_feasibility_is_checked_before_training(fixture_data, tmp_path):
     """Too few captions of other classes for EVAL.R_NEG: one line before any step is spent."""
-    with pytest.raises(utils.UserError, match=r'R-precision on the 6 test images \(EVAL.R_NEG\) needs 50'):
-        run_script(os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml'), tmp_path / 'r', fixture_data, 'EVAL.R_NEG=50')
+    with pytest.raises(
+        utils.UserError, match=r'R-precision on the 6 test images \(EVAL.R_NEG\) needs 50'
+    ):
+        run_script(
+            os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml'),
+            tmp_path / 'r',
+            fixture_data,
+            'EVAL.R_NEG=50',
+        )
     assert not (tmp_path / 'r' / 'checkpoints').exists()
 
 
 def test_open_clip_flags_as_text2img_writes_them(tmp_path, monkeypatch):
     """text2img's command line for CLIP from scratch, open_clip's flags as written."""
     import pretrain_DAMSM
-    args = pretrain_DAMSM.parse_args(['--train-data', '../train_clean.csv', '--val-data', '../val_clean.csv',
-                                      '--batch-size', '64', '--lr', '1e-4', '--wd', '0.1', '--epochs', '30',
-                                      '--model', 'RN50', '--workers', '4', '--save-frequency', '10',
-                                      '--report-to', 'tensorboard', '--horovod'])
+
+    args = pretrain_DAMSM.parse_args(
+        [
+            '--train-data',
+            '../train_clean.csv',
+            '--val-data',
+            '../val_clean.csv',
+            '--batch-size',
+            '64',
+            '--lr',
+            '1e-4',
+            '--wd',
+            '0.1',
+            '--epochs',
+            '30',
+            '--model',
+            'RN50',
+            '--workers',
+            '4',
+            '--save-frequency',
+            '10',
+            '--report-to',
+            'tensorboard',
+            '--horovod',
+        ]
+    )
     cfg = utils.build_cfg(pretrain_DAMSM.DEFAULTS, args)
-    assert (cfg.DATA.FORMAT, cfg.DATA.TRAIN_CSV, cfg.DATA.VAL_CSV) == ('csv', '../train_clean.csv', '../val_clean.csv')
-    assert (cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.ENCODER_LR, cfg.TRAIN.WEIGHT_DECAY, cfg.TRAIN.MAX_EPOCH) == (64, 1e-4, 0.1, 30)
-    assert (cfg.WORKERS, cfg.TRAIN.SNAPSHOT_INTERVAL, cfg.MODEL.FAMILY, cfg.TEXT.EMBEDDING_DIM) == (4, 10, 'clip', 1024)
+    assert (cfg.DATA.FORMAT, cfg.DATA.TRAIN_CSV, cfg.DATA.VAL_CSV) == (
+        'csv',
+        '../train_clean.csv',
+        '../val_clean.csv',
+    )
+    assert (
+        cfg.TRAIN.BATCH_SIZE,
+        cfg.TRAIN.ENCODER_LR,
+        cfg.TRAIN.WEIGHT_DECAY,
+        cfg.TRAIN.MAX_EPOCH,
+    ) == (64, 1e-4, 0.1, 30)
+    assert (cfg.WORKERS, cfg.TRAIN.SNAPSHOT_INTERVAL, cfg.MODEL.FAMILY, cfg.TEXT.EMBEDDING_DIM) == (
+        4,
+        10,
+        'clip',
+        1024,
+    )
     assert cfg.MODEL.CLIP.VISION_LAYERS == [3, 4, 6, 3] and cfg.TREE.BASE_SIZE == 224
     assert len(args.open_clip_notes) == 2 and 'torchrun' in args.open_clip_notes[1]
     # an explicit --set still wins over a flag; an unknown model is one line
@@ -509,8 +769,12 @@ def test_csv_image_paths_resolve_as_open_clip_then_beside_the_csv(tmp_path, monk
     for folder in ('data', 'work'):
         (tmp_path / folder / 'img' / 'a.jpg').write_bytes(b'x')
     (tmp_path / 'data' / 'img' / 'b.jpg').write_bytes(b'x')
-    (tmp_path / 'data' / 'train.csv').write_text('filepath\ttitle\nimg/a.jpg\tone\nimg/b.jpg\ttwo\n')
+    (tmp_path / 'data' / 'train.csv').write_text(
+        'filepath\ttitle\nimg/a.jpg\tone\nimg/b.jpg\ttwo\n'
+    )
     monkeypatch.chdir(tmp_path / 'work')
     got = utils.read_csv_pairs(str(tmp_path / 'data' / 'train.csv'))
-    assert got == [(str(tmp_path / 'work' / 'img' / 'a.jpg'), 'one'),        # from the working directory
-                   (str(tmp_path / 'data' / 'img' / 'b.jpg'), 'two')]        # else beside the CSV
+    assert got == [
+        (str(tmp_path / 'work' / 'img' / 'a.jpg'), 'one'),  # from the working directory
+        (str(tmp_path / 'data' / 'img' / 'b.jpg'), 'two'),
+    ]  # else beside the CSV

@@ -1,5 +1,6 @@
 """Foundation: cfg/CLI, readers in the real layouts, safe unpickling, checkpoints,
 deterministic dataset generation, DDP on gloo."""
+
 import json
 import os
 import pickle
@@ -21,13 +22,22 @@ PY = sys.executable
 
 
 def run_script(*args, cwd=ROOT, env=None):
-    return subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [PY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 # ---------------------------------------------------------------- cfg / CLI
-DEFAULTS = {'TRAIN': {'BATCH_SIZE': 64, 'LR': 2e-4, 'FLAG': True, 'NET_E': ''},
-            'GAN': {'GF_DIM': 128}, 'NAMES': ['a']}
+DEFAULTS = {
+    'TRAIN': {'BATCH_SIZE': 64, 'LR': 2e-4, 'FLAG': True, 'NET_E': ''},
+    'GAN': {'GF_DIM': 128},
+    'NAMES': ['a'],
+}
 
 
 def parse(argv):
@@ -37,23 +47,37 @@ def parse(argv):
 def test_cfg_merge_and_set(tmp_path):
     f = tmp_path / 'c.yml'
     f.write_text('TRAIN:\n  BATCH_SIZE: 10\n  LR: 1\nGAN:\n  GF_DIM: 64\n')
-    cfg = parse(['--cfg', str(f), '--set', 'TRAIN.NET_E=x/text_encoder200.pth',
-                 '--set', 'TRAIN.FLAG=false', '--set', 'NAMES=[b, c]', '--seed', '7'])
+    cfg = parse(
+        [
+            '--cfg',
+            str(f),
+            '--set',
+            'TRAIN.NET_E=x/text_encoder200.pth',
+            '--set',
+            'TRAIN.FLAG=false',
+            '--set',
+            'NAMES=[b, c]',
+            '--seed',
+            '7',
+        ]
+    )
     assert cfg.TRAIN.BATCH_SIZE == 10 and cfg.GAN.GF_DIM == 64
-    assert cfg.TRAIN.LR == 1.0 and isinstance(cfg.TRAIN.LR, float)   # int accepted for a float key
-    assert parse(['--set', 'TRAIN.LR=3e-4']).TRAIN.LR == 3e-4         # YAML 1.1 reads this as a string
+    assert cfg.TRAIN.LR == 1.0 and isinstance(cfg.TRAIN.LR, float)  # int accepted for a float key
+    assert parse(['--set', 'TRAIN.LR=3e-4']).TRAIN.LR == 3e-4  # YAML 1.1 reads this as a string
     with pytest.raises(utils.UserError, match='expected float'):
         parse(['--set', 'TRAIN.LR=fast'])
     assert cfg.TRAIN.FLAG is False and cfg.NAMES == ['b', 'c'] and cfg.SEED == 7
     assert cfg.TRAIN.NET_E == 'x/text_encoder200.pth'
     assert cfg.OUT_DIR == os.path.join('output', 'c')
-    assert DEFAULTS['TRAIN']['BATCH_SIZE'] == 64                    # defaults untouched
+    assert DEFAULTS['TRAIN']['BATCH_SIZE'] == 64  # defaults untouched
 
 
 def test_cfg_unknown_keys_name_the_closest(tmp_path):
     f = tmp_path / 'c.yml'
     f.write_text('TRAIN:\n  BATCH_SIZ: 10\n')
-    with pytest.raises(utils.UserError, match=r"c.yml: unknown cfg key 'TRAIN.BATCH_SIZ'.*TRAIN.BATCH_SIZE"):
+    with pytest.raises(
+        utils.UserError, match=r"c.yml: unknown cfg key 'TRAIN.BATCH_SIZ'.*TRAIN.BATCH_SIZE"
+    ):
         parse(['--cfg', str(f)])
     with pytest.raises(utils.UserError, match=r"--set: unknown cfg key 'GAN.GF_DIMM'.*GAN.GF_DIM"):
         parse(['--set', 'GAN.GF_DIMM=3'])
@@ -69,18 +93,32 @@ def test_script_errors_are_one_line(tmp_path):
     r = run_script('preprocess_data.py', '--set', 'SHAPES.NUM_TRAN=5', '--out', str(tmp_path / 'r'))
     assert r.returncode == 2
     assert r.stderr.strip().count('\n') == 0 and "SHAPES.NUM_TRAIN" in r.stderr, r.stderr
-    r = run_script('preprocess_data.py', '--gpu', '0', '--out', str(tmp_path / 'r'),
-                   '--set', 'SHAPES.NUM_TRAIN=2', '--set', 'SHAPES.NUM_TEST=1',
-                   '--set', f'SHAPES.OUT_DIR={tmp_path / "d"}')
+    r = run_script(
+        'preprocess_data.py',
+        '--gpu',
+        '0',
+        '--out',
+        str(tmp_path / 'r'),
+        '--set',
+        'SHAPES.NUM_TRAIN=2',
+        '--set',
+        'SHAPES.NUM_TEST=1',
+        '--set',
+        f'SHAPES.OUT_DIR={tmp_path / "d"}',
+    )
     if torch.cuda.is_available():
         assert r.returncode == 0, r.stderr
     else:
-        assert r.returncode == 2 and r.stderr.startswith('error: GPU_ID=0 (--gpu or the cfg): CUDA was asked for')
+        assert r.returncode == 2 and r.stderr.startswith(
+            'error: GPU_ID=0 (--gpu or the cfg): CUDA was asked for'
+        )
         assert r.stderr.strip().count('\n') == 0
 
 
 def test_setup_saves_cfg_and_metrics(tmp_path):
-    args = utils.base_parser('t').parse_args(['--out', str(tmp_path / 'run'), '--set', 'GAN.GF_DIM=8'])
+    args = utils.base_parser('t').parse_args(
+        ['--out', str(tmp_path / 'run'), '--set', 'GAN.GF_DIM=8']
+    )
     run = utils.setup(args, DEFAULTS, tensorboard=False)
     saved = utils.load_yaml(os.path.join(run.out, 'cfg.yml'))
     assert saved['GAN']['GF_DIM'] == 8 and saved['OUT_DIR'] == str(tmp_path / 'run')
@@ -135,8 +173,9 @@ def test_cub_layout_reader(tiny_shapes):
     assert len(caps) == 10
     assert [data.ixtoword[i] for i in data.ids['test'][30]] == utils.tokenize_attngan(caps[0])
     assert data.class_ids('train')[0] >= 1 and key in data.bbox
-    ds = utils.TextImageDataset(data, 'train', base_size=8, branch_num=3, words_num=5,
-                                two_captions=True)
+    ds = utils.TextImageDataset(
+        data, 'train', base_size=8, branch_num=3, words_num=5, two_captions=True
+    )
     item = ds[0]
     assert [tuple(t.shape) for t in item['imgs']] == [(3, 8, 8), (3, 16, 16), (3, 32, 32)]
     assert item['imgs'][0].min() >= -1 and item['imgs'][0].max() <= 1
@@ -145,11 +184,16 @@ def test_cub_layout_reader(tiny_shapes):
     # Long captions keep an order-preserving subset of words_num words.
     ids = [w for w in data.ids['train'][0] if w]
     sub, n = ds.caption(0)
-    assert n == 5 and list(sub.numpy()) == [w for w in ids if w in set(sub.numpy())][:5] or n == len(ids)
+    assert (
+        n == 5
+        and list(sub.numpy()) == [w for w in ids if w in set(sub.numpy())][:5]
+        or n == len(ids)
+    )
 
 
 def test_bird_bbox_crop():
     from PIL import Image
+
     img = Image.new('RGB', (200, 100))
     # box x=50 y=20 w=40 h=20 -> centre (70, 30), half side 0.75 * 40 = 30
     assert utils.crop_to_bbox(img, [50, 20, 40, 20]).size == (60, 60)
@@ -157,12 +201,15 @@ def test_bird_bbox_crop():
 
 def write_coco_attngan(root, n=3):
     from PIL import Image
+
     os.makedirs(root / 'images')
     os.makedirs(root / 'text')
     keys = [f'COCO_train2014_{i:012d}' for i in range(n)]
     for i, k in enumerate(keys):
         Image.new('RGB', (40, 30), (i * 60, 0, 0)).save(root / 'images' / f'{k}.jpg')
-        (root / 'text' / f'{k}.txt').write_text(''.join(f'A red thing number {i} {j}.\n' for j in range(5)))
+        (root / 'text' / f'{k}.txt').write_text(
+            ''.join(f'A red thing number {i} {j}.\n' for j in range(5))
+        )
     for split, ks in (('train', keys[:2]), ('test', keys[2:])):
         os.makedirs(root / split)
         (root / split / 'filenames.pickle').write_bytes(pickle.dumps(ks, protocol=2))
@@ -173,8 +220,8 @@ def test_coco_attngan_layout(tmp_path):
     keys = write_coco_attngan(tmp_path / 'coco')
     data = utils.AttnGANData(str(tmp_path / 'coco'), 5)
     assert not data.is_birds and data.keys['test'] == keys[2:]
-    assert os.path.isfile(tmp_path / 'coco' / 'captions.pickle')        # built as AttnGAN does
-    assert data.class_ids('test') == [0]                                # no class_info: arange
+    assert os.path.isfile(tmp_path / 'coco' / 'captions.pickle')  # built as AttnGAN does
+    assert data.class_ids('test') == [0]  # no class_info: arange
     ds = utils.TextImageDataset(data, 'test', base_size=16, branch_num=1, words_num=12, train=False)
     assert ds[0]['imgs'][0].shape == (3, 16, 16)
     with pytest.raises(utils.UserError, match='CAPTIONS_PER_IMAGE'):
@@ -188,18 +235,29 @@ def test_coco_attngan_layout(tmp_path):
 
 def test_coco_json_csv_jsonl_folder(tmp_path):
     from PIL import Image
+
     (tmp_path / 'train2014').mkdir()
     for i in (1, 2):
         Image.new('RGB', (8, 8)).save(tmp_path / 'train2014' / f'COCO_train2014_{i:012d}.jpg')
-    js = {'images': [{'id': 2, 'file_name': 'COCO_train2014_000000000002.jpg'},
-                     {'id': 1, 'file_name': 'COCO_train2014_000000000001.jpg'}],
-          'annotations': [{'id': 9, 'image_id': 1, 'caption': 'a cat '},
-                          {'id': 8, 'image_id': 2, 'caption': 'a dog'},
-                          {'id': 7, 'image_id': 1, 'caption': 'a kitten'}]}
+    js = {
+        'images': [
+            {'id': 2, 'file_name': 'COCO_train2014_000000000002.jpg'},
+            {'id': 1, 'file_name': 'COCO_train2014_000000000001.jpg'},
+        ],
+        'annotations': [
+            {'id': 9, 'image_id': 1, 'caption': 'a cat '},
+            {'id': 8, 'image_id': 2, 'caption': 'a dog'},
+            {'id': 7, 'image_id': 1, 'caption': 'a kitten'},
+        ],
+    }
     (tmp_path / 'captions_train2014.json').write_text(json.dumps(js))
-    pairs = utils.read_coco_json(str(tmp_path / 'captions_train2014.json'), str(tmp_path / 'train2014'))
-    assert [os.path.basename(p) for p, _ in pairs] == ['COCO_train2014_000000000001.jpg',
-                                                       'COCO_train2014_000000000002.jpg']
+    pairs = utils.read_coco_json(
+        str(tmp_path / 'captions_train2014.json'), str(tmp_path / 'train2014')
+    )
+    assert [os.path.basename(p) for p, _ in pairs] == [
+        'COCO_train2014_000000000001.jpg',
+        'COCO_train2014_000000000002.jpg',
+    ]
     assert pairs[0][1] == ['a cat', 'a kitten'] and pairs[1][1] == ['a dog']
 
     (tmp_path / 'c.csv').write_text('img,cap\ntrain2014/COCO_train2014_000000000001.jpg,hello\n')
@@ -208,7 +266,9 @@ def test_coco_json_csv_jsonl_folder(tmp_path):
     with pytest.raises(utils.UserError, match="no column 'filepath'"):
         utils.read_csv_pairs(str(tmp_path / 'c.csv'), sep=',')
 
-    (tmp_path / 'd.jsonl').write_text(json.dumps({'image_path': '/abs/x.jpg', 'sentences': '一只猫'}) + '\n\n')
+    (tmp_path / 'd.jsonl').write_text(
+        json.dumps({'image_path': '/abs/x.jpg', 'sentences': '一只猫'}) + '\n\n'
+    )
     assert utils.read_jsonl_pairs(str(tmp_path / 'd.jsonl')) == [('/abs/x.jpg', '一只猫')]
     (tmp_path / 'e.jsonl').write_text('{"path": 1}\n')
     with pytest.raises(utils.UserError, match=r'e.jsonl:1: expected'):
@@ -219,12 +279,15 @@ def test_coco_json_csv_jsonl_folder(tmp_path):
     Image.new('RGB', (8, 8)).save(deep / 'x.png')
     (deep / 'x.txt').write_text('first caption\n\nsecond caption\n')
     Image.new('RGB', (8, 8)).save(deep / 'no_caption.png')
-    assert utils.read_pairs(str(tmp_path / 'folder')) == [(str(deep / 'x.png'), ['first caption', 'second caption'])]
+    assert utils.read_pairs(str(tmp_path / 'folder')) == [
+        (str(deep / 'x.png'), ['first caption', 'second caption'])
+    ]
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_shapes):
     import torchvision.transforms as T
     from PIL import Image
+
     good = tmp_path / 'good.png'
     Image.new('RGB', (8, 8), (255, 0, 0)).save(good)
     bad = tmp_path / 'bad.png'
@@ -239,7 +302,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_shapes):
     tds = utils.TextImageDataset(data, 'train', base_size=8, branch_num=1)
     assert tds[0]['key'] == data.keys['train'][1] and len(tds.bad) == 1
     tds[0]
-    assert len(tds.bad) == 1                       # each bad file counted once
+    assert len(tds.bad) == 1  # each bad file counted once
     # every image unreadable (far more than Python's recursion limit): one line, no RecursionError
     many = utils.PairDataset([(str(bad), 'x')] * 3000, T.ToTensor())
     with pytest.raises(utils.UserError, match='no readable image among the 3000 items'):
@@ -259,6 +322,7 @@ def test_shapes_generation_is_deterministic(tmp_path):
                 p = os.path.join(d, f)
                 out[os.path.relpath(p, root)] = open(p, 'rb').read()
         return out
+
     fa, fb = files(a), files(b)
     assert fa == fb and len(fa) > 20
     assert files(c) != fa
@@ -266,7 +330,7 @@ def test_shapes_generation_is_deterministic(tmp_path):
     for key, at in attrs.items():
         caps = open(os.path.join(a, 'text', key + '.txt')).read().splitlines()
         assert len(caps) == 10 and len(set(caps)) >= 5
-        for o in at['objects']:     # every caption names every object's colour
+        for o in at['objects']:  # every caption names every object's colour
             assert all(o['colour'] in cap for cap in caps)
     # Re-running with the same settings is a no-op; other settings are refused.
     make_tiny_shapes(tmp_path / 'a', 6, 3, 24, seed=5)
@@ -277,7 +341,9 @@ def test_shapes_generation_is_deterministic(tmp_path):
 # ---------------------------------------------------------------- checkpoints
 def toy_state(seed=0):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
     scaler = torch.amp.GradScaler('cpu', init_scale=1024.0, growth_interval=2)
@@ -285,11 +351,11 @@ def toy_state(seed=0):
 
 
 def toy_step(model, opt, sched, scaler):
-    x = torch.randn(16, 4)                    # consumes the torch RNG: resume must restore it
-    noise = float(np.random.rand())           # and numpy's
+    x = torch.randn(16, 4)  # consumes the torch RNG: resume must restore it
+    noise = float(np.random.rand())  # and numpy's
     loss = ((model(x) - x.sum(1, keepdim=True) - noise) ** 2).mean()
     opt.zero_grad()
-    scaler.scale(loss).backward()             # the scale grows every 2 steps: state to restore
+    scaler.scale(loss).backward()  # the scale grows every 2 steps: state to restore
     scaler.step(opt)
     scaler.update()
     sched.step()
@@ -304,9 +370,18 @@ def test_resume_restores_every_piece_of_state(tmp_path):
     utils.seed_everything(1)
     model, opt, sched, scaler = toy_state()
     first = [toy_step(model, opt, sched, scaler) for _ in range(3)]
-    utils.save_checkpoint(str(tmp_path), 'toy', 3, {'m': model}, {'o': opt}, {'s': sched},
-                          scaler=scaler, epoch=1, cfg=utils.to_cfg({'A': 1}))
-    for _ in range(5):                        # wander off: the restore must undo all of this
+    utils.save_checkpoint(
+        str(tmp_path),
+        'toy',
+        3,
+        {'m': model},
+        {'o': opt},
+        {'s': sched},
+        scaler=scaler,
+        epoch=1,
+        cfg=utils.to_cfg({'A': 1}),
+    )
+    for _ in range(5):  # wander off: the restore must undo all of this
         toy_step(model, opt, sched, scaler)
     torch.rand(100), np.random.rand(100)
 
@@ -322,8 +397,10 @@ def test_checkpoint_keep_kind_and_errors(tmp_path):
     model = torch.nn.Linear(2, 2)
     for s in range(5):
         utils.save_checkpoint(str(tmp_path), 'toy', s, {'m': model}, keep=2)
-    assert [os.path.basename(p) for p in utils.list_checkpoints(str(tmp_path), 'toy')] == \
-        ['toy_00000003.pt', 'toy_00000004.pt']
+    assert [os.path.basename(p) for p in utils.list_checkpoints(str(tmp_path), 'toy')] == [
+        'toy_00000003.pt',
+        'toy_00000004.pt',
+    ]
     path = utils.list_checkpoints(str(tmp_path), 'toy')[-1]
     with pytest.raises(utils.UserError, match="kind 'toy', expected 'dmgan'"):
         utils.load_checkpoint(path, 'dmgan')
@@ -332,7 +409,7 @@ def test_checkpoint_keep_kind_and_errors(tmp_path):
         utils.load_checkpoint(str(tmp_path / 'plain.pt'))
     # A truncated newest checkpoint: --resume auto falls back to the previous one.
     data = open(path, 'rb').read()
-    open(path, 'wb').write(data[:len(data) // 2])
+    open(path, 'wb').write(data[: len(data) // 2])
     assert utils.resolve_resume('auto', str(tmp_path), 'toy')['step'] == 3
     assert utils.resolve_resume('auto', str(tmp_path / 'empty'), 'toy') is None
     with pytest.raises(utils.UserError, match='checkpoint not found'):
@@ -356,9 +433,9 @@ def test_write_killed_midway_leaves_previous_checkpoint(tmp_path):
         time.sleep(0.1)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert any('.tmp.' in f for f in os.listdir(ckdir))       # the killed write got that far
+    assert any('.tmp.' in f for f in os.listdir(ckdir))  # the killed write got that far
     ckpt = utils.resolve_resume('auto', str(tmp_path), 'toy')
-    assert ckpt['models']['m']['weight'].shape == (3, 3)       # the previous one, intact
+    assert ckpt['models']['m']['weight'].shape == (3, 3)  # the previous one, intact
 
 
 # ---------------------------------------------------------------- distributed
@@ -393,22 +470,35 @@ utils.run_main(main)
 def test_ddp_gloo_two_processes(tmp_path):
     script = tmp_path / 'ddp.py'
     script.write_text(DDP_SCRIPT.format(root=ROOT, tmp=str(tmp_path)))
-    r = subprocess.run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        str(script), '--out', str(tmp_path / 'run')], capture_output=True, text=True,
-                       timeout=240, cwd=str(tmp_path))
+    r = subprocess.run(
+        [
+            PY,
+            '-m',
+            'torch.distributed.run',
+            '--standalone',
+            '--nproc_per_node=2',
+            str(script),
+            '--out',
+            str(tmp_path / 'run'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     outs = [json.load(open(tmp_path / f'rank{i}.json')) for i in range(2)]
     assert [o['world'] for o in outs] == [2, 2]
-    assert sorted(outs[0]['seen'] + outs[1]['seen']) == list(range(8))   # DistributedSampler shards
+    assert sorted(outs[0]['seen'] + outs[1]['seen']) == list(range(8))  # DistributedSampler shards
     assert not set(outs[0]['seen']) & set(outs[1]['seen'])
     assert all(o['gathered'] == 8 for o in outs)
-    assert outs[0]['w'] == outs[1]['w'] == 1.0                            # DDP broadcast rank 0's weights
+    assert outs[0]['w'] == outs[1]['w'] == 1.0  # DDP broadcast rank 0's weights
     # d(sum of gathered)/dw: each rank's local shard only, averaged by DDP across ranks
     expect = (sum(outs[0]['seen']) * 1 + sum(outs[1]['seen']) * 2) / 2
     assert outs[0]['grad'] == pytest.approx(expect) and outs[1]['grad'] == pytest.approx(expect)
     assert outs[0]['mean'] == 0.5
-    assert len(os.listdir(tmp_path / 'run' / 'checkpoints')) == 1        # only rank 0 saved
-    assert r.stdout.count('run dir') == 1                                 # only rank 0 logs
+    assert len(os.listdir(tmp_path / 'run' / 'checkpoints')) == 1  # only rank 0 saved
+    assert r.stdout.count('run dir') == 1  # only rank 0 logs
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
@@ -416,23 +506,32 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch
     utils.atomic_write_bytes(str(path), b'old')
     real_fsync = os.fsync
 
-    def full(fd):                                  # the disk fills up while the new file is written
+    def full(fd):  # the disk fills up while the new file is written
         raise OSError(28, 'No space left on device')
+
     monkeypatch.setattr(os, 'fsync', full)
     with pytest.raises(utils.UserError, match=r'ckpt.pt: cannot write \(No space left on device\)'):
         utils.atomic_write_bytes(str(path), b'new' * 1000)
     monkeypatch.setattr(os, 'fsync', real_fsync)
     assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['ckpt.pt']
-    with pytest.raises(utils.UserError, match='cannot write'):     # the target is a folder
+    with pytest.raises(utils.UserError, match='cannot write'):  # the target is a folder
         utils.atomic_write_bytes(str(tmp_path), b'x')
 
 
-@pytest.mark.parametrize('key,value,expected', [
-    ('TRAIN.BATCH_SIZE', '0', 'at least 1'), ('TRAIN.BATCH_SIZE', '-1', 'at least 1'),
-    ('TRAIN.GENERATOR_LR', '.nan', 'a finite learning rate'), ('TRAIN.GENERATOR_LR', '-1e-3', 'a finite learning rate'),
-    ('TRAIN.EMA_DECAY', '1.5', r'in \[0, 1\]'), ('TRAIN.MAX_EPOCH', '-2', '>= 0')])
+@pytest.mark.parametrize(
+    'key,value,expected',
+    [
+        ('TRAIN.BATCH_SIZE', '0', 'at least 1'),
+        ('TRAIN.BATCH_SIZE', '-1', 'at least 1'),
+        ('TRAIN.GENERATOR_LR', '.nan', 'a finite learning rate'),
+        ('TRAIN.GENERATOR_LR', '-1e-3', 'a finite learning rate'),
+        ('TRAIN.EMA_DECAY', '1.5', r'in \[0, 1\]'),
+        ('TRAIN.MAX_EPOCH', '-2', '>= 0'),
+    ],
+)
 def test_bad_values_are_refused_where_the_cfg_is_read(key, value, expected):
     import main
+
     args = utils.base_parser('x').parse_args(['--set', f'{key}={value}'])
     with pytest.raises(utils.UserError, match=f'--set: {key}=.*: expected {expected}'):
         utils.build_cfg(main.DEFAULTS, args)
@@ -444,7 +543,9 @@ def test_non_utf8_cfg_and_legacy_launcher_flag(tmp_path, monkeypatch):
     with pytest.raises(utils.UserError, match='not UTF-8 text'):
         utils.load_yaml(str(bad))
     monkeypatch.setattr(os, 'environ', {k: v for k, v in os.environ.items() if k != 'LOCAL_RANK'})
-    args = utils.base_parser('x').parse_args(['--local-rank=1'])      # python -m torch.distributed.launch
+    args = utils.base_parser('x').parse_args(
+        ['--local-rank=1']
+    )  # python -m torch.distributed.launch
     utils.build_cfg({}, args)
     assert os.environ['LOCAL_RANK'] == '1'
     assert utils.base_parser('x').parse_args(['--local_rank', '0']).local_rank == 0
@@ -452,29 +553,42 @@ def test_non_utf8_cfg_and_legacy_launcher_flag(tmp_path, monkeypatch):
 
 def test_resume_says_what_the_checkpoint_keeps(caplog):
     import logging
+
     saved = utils.to_cfg({'TRAIN': {'GENERATOR_LR': 1e-3, 'MAX_EPOCH': 2}, 'OUT_DIR': 'a'})
     now = utils.to_cfg({'TRAIN': {'GENERATOR_LR': 5e-4, 'MAX_EPOCH': 4}, 'OUT_DIR': 'b'})
     with caplog.at_level(logging.INFO, logger='resume_test'):
-        utils.report_resume_differences({'cfg': saved.to_dict()}, now, logging.getLogger('resume_test'))
+        utils.report_resume_differences(
+            {'cfg': saved.to_dict()}, now, logging.getLogger('resume_test')
+        )
     warn = [r.message for r in caplog.records if r.levelno == logging.WARNING]
-    assert warn == ["TRAIN.GENERATOR_LR=0.0005 is not used: resuming keeps the checkpoint's optimizer state "
-                    "(lr 0.001); start a new run dir for a new learning rate"]
-    assert any('TRAIN.MAX_EPOCH (2 -> 4)' in r.message and 'OUT_DIR' not in r.message for r in caplog.records)
+    assert warn == [
+        "TRAIN.GENERATOR_LR=0.0005 is not used: resuming keeps the checkpoint's optimizer state "
+        "(lr 0.001); start a new run dir for a new learning rate"
+    ]
+    assert any(
+        'TRAIN.MAX_EPOCH (2 -> 4)' in r.message and 'OUT_DIR' not in r.message
+        for r in caplog.records
+    )
 
 
 def test_dataloader_worker_errors_are_one_line(tmp_path):
     """Images of mixed sizes fail in a worker's collate: one line, not the worker's traceback."""
     from PIL import Image
+
     for i, size in enumerate((8, 8, 16, 16)):
         Image.new('RGB', (size, size)).save(tmp_path / f'{i}.png')
-    code = ("import sys, torch, torchvision.transforms as T; sys.path.insert(0, %r); import utils\n"
-            "def main():\n"
-            "    ds = utils.PairDataset([(%r + f'/{i}.png', 'x') for i in range(4)], T.ToTensor())\n"
-            "    list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))\n"
-            "utils.run_main(main)\n") % (ROOT, str(tmp_path))
+    code = (
+        "import sys, torch, torchvision.transforms as T; sys.path.insert(0, %r); import utils\n"
+        "def main():\n"
+        "    ds = utils.PairDataset([(%r + f'/{i}.png', 'x') for i in range(4)], T.ToTensor())\n"
+        "    list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))\n"
+        "utils.run_main(main)\n"
+    ) % (ROOT, str(tmp_path))
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
-    assert r.stderr.startswith('error: in a data-loading worker: RuntimeError: stack expects each tensor')
+    assert r.stderr.startswith(
+        'error: in a data-loading worker: RuntimeError: stack expects each tensor'
+    )
     assert r.stderr.strip().count('\n') == 0
 
 
@@ -484,9 +598,11 @@ def test_run_dir_with_checkpoints_is_refused_without_resume(tmp_path):
     (run / 'checkpoints' / 'vae_00000016.pt').write_bytes(b'old run')
     (run / 'cfg.yml').write_text('old: cfg\n')
     p = utils.base_parser('x')
-    with pytest.raises(utils.UserError, match=r'holds a run already \(1 checkpoint\(s\), newest vae_00000016.pt\)'):
+    with pytest.raises(
+        utils.UserError, match=r'holds a run already \(1 checkpoint\(s\), newest vae_00000016.pt\)'
+    ):
         utils.setup(p.parse_args(['--out', str(run)]), {}, tensorboard=False)
-    assert (run / 'cfg.yml').read_text() == 'old: cfg\n'            # nothing overwritten
+    assert (run / 'cfg.yml').read_text() == 'old: cfg\n'  # nothing overwritten
     utils.setup(p.parse_args(['--out', str(run), '--resume', 'auto']), {}, tensorboard=False)
     assert (run / 'checkpoints' / 'vae_00000016.pt').exists()
     utils.setup(p.parse_args(['--out', str(run), '--overwrite']), {}, tensorboard=False)
@@ -503,6 +619,7 @@ def project_imports(path, modules):
     """(imported top-level module, enclosing function or None) for every import of `modules`
     in the file, at module level or inside functions."""
     import ast
+
     found = []
 
     def visit(node, func):
@@ -514,8 +631,11 @@ def project_imports(path, modules):
             else:
                 names = []
             found.extend((n.split('.')[0], func) for n in names if n.split('.')[0] in modules)
-            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            inner = (
+                child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            )
             visit(child, inner)
+
     with open(path, encoding='utf-8') as f:
         visit(ast.parse(f.read(), path), None)
     return found

@@ -1,5 +1,6 @@
 """Evaluation: FID equal to pytorch-fid, Inception Score equal to the original / torch-fidelity,
 R-precision and CLIP score on hand-built embeddings, the shapes judge."""
+
 import json
 import os
 import subprocess
@@ -49,6 +50,7 @@ def fid_setup(tmp_path_factory):
 def pytorch_fid_value(paths, weights, dims):
     import pytorch_fid.fid_score as pf
     import pytorch_fid.inception as pi
+
     sd = torch.load(weights, weights_only=True)
     with mock.patch.object(pi, 'load_state_dict_from_url', lambda *a, **k: sd):
         return pf.calculate_fid_given_paths(list(paths), 50, 'cpu', dims, num_workers=0)
@@ -56,9 +58,10 @@ def pytorch_fid_value(paths, weights, dims):
 
 def test_fid_inception_has_pytorch_fid_state_dict_layout():
     import pytorch_fid.inception as pi
+
     ours = models.FIDInceptionV3().state_dict()
     with mock.patch.object(pi, 'load_state_dict_from_url', lambda *a, **k: ours):
-        theirs = pi.fid_inception_v3().state_dict()     # loads ours with strict=True
+        theirs = pi.fid_inception_v3().state_dict()  # loads ours with strict=True
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
     assert ours['fc.weight'].shape == (1008, 2048)
@@ -77,8 +80,19 @@ def test_fid_parity_with_pytorch_fid_dims_64(fid_setup, tmp_path):
     ref = pytorch_fid_value((a, b), w, 64)
     assert ref > 1.0
     # the CLI (default: BatchNorm folded, channels_last, eigenvalue trace)
-    p = run('fid_score.py', a, b, '--dims', '64', '--weights', w, '--num_workers', '0',
-            '--json', str(tmp_path / 'fid.json'))
+    p = run(
+        'fid_score.py',
+        a,
+        b,
+        '--dims',
+        '64',
+        '--weights',
+        w,
+        '--num_workers',
+        '0',
+        '--json',
+        str(tmp_path / 'fid.json'),
+    )
     assert p.returncode == 0, p.stderr
     printed = float(p.stdout.split('FID:')[-1])
     assert json.load(open(tmp_path / 'fid.json'))['fid'] == printed
@@ -105,19 +119,24 @@ def test_fid_parity_with_pytorch_fid_dims_2048(fid_setup):
 def test_fid_identical_folders_and_npz_round_trip(fid_setup, tmp_path, monkeypatch):
     a, b, w = fid_setup
     npz = str(tmp_path / 'a.npz')
-    p = run('fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0')
+    p = run(
+        'fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0'
+    )
     assert p.returncode == 0, p.stderr
     p = run('fid_score.py', '--path', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0')
     assert p.returncode == 0, p.stderr
-    assert abs(float(p.stdout.split('FID:')[-1])) < 1e-6          # a folder against its own statistics
+    assert abs(float(p.stdout.split('FID:')[-1])) < 1e-6  # a folder against its own statistics
     with pytest.warns(UserWarning, match='singular'):
         direct = ours((a, b), w, 64, exact=False)
     net = models.feature_net(64, w)
-    via_npz = utils.frechet_distance(*utils.path_statistics(npz, net),
-                                     *utils.path_statistics(b, net, 50, 0))
+    via_npz = utils.frechet_distance(
+        *utils.path_statistics(npz, net), *utils.path_statistics(b, net, 50, 0)
+    )
     assert via_npz == pytest.approx(direct, rel=1e-12)
     # saved statistics are never overwritten, nor mixed with another feature layer
-    monkeypatch.setattr(sys, 'argv', ['fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w])
+    monkeypatch.setattr(
+        sys, 'argv', ['fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w]
+    )
     with pytest.raises(utils.UserError, match='exists'):
         fid_score.main()
     with pytest.raises(utils.UserError, match='inception-64'):
@@ -128,17 +147,22 @@ def test_rank_deficient_statistics_get_pytorch_fids_answer(monkeypatch):
     """Fewer images than dims: where the eigenvalue route keeps an imaginary residue, the default
     takes pytorch-fid's sqrtm route and returns its number; where that refuses too, one line."""
     from pytorch_fid.fid_score import calculate_frechet_distance
+
     r = np.random.RandomState(0)
     a, b = r.rand(20, 64) * 100, r.rand(25, 64) * 100 + 5
     stats = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     ref = calculate_frechet_distance(*stats)
     assert utils.frechet_distance(*stats) == pytest.approx(ref, rel=1e-6)
     real = utils.sqrt_eigenvalues
-    monkeypatch.setattr(utils, 'sqrt_eigenvalues', lambda s1, s2: real(s1, s2) + 0.01j)   # a noisy residue
+    monkeypatch.setattr(
+        utils, 'sqrt_eigenvalues', lambda s1, s2: real(s1, s2) + 0.01j
+    )  # a noisy residue
     assert utils.frechet_distance(*stats) == utils.frechet_distance(*stats, method='sqrtm')
     a, b = r.rand(20, 256) * 1000, r.rand(25, 256) * 1000 + 5
     with pytest.raises(utils.UserError, match=r'imaginary component .*\(pytorch-fid refuses'):
-        utils.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        utils.frechet_distance(
+            a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+        )
 
 
 def test_fewer_images_than_dims_warns():
@@ -158,11 +182,17 @@ def test_missing_weights_is_one_line(fid_setup, tmp_path):
 
 def test_eigenvalue_trace_agrees_with_sqrtm():
     from pytorch_fid.fid_score import calculate_frechet_distance
+
     rng = np.random.RandomState(0)
     mix = rng.randn(256, 256) * 0.1
-    for n in (2000, 100):                          # full-rank and singular covariances
+    for n in (2000, 100):  # full-rank and singular covariances
         x1, x2 = rng.randn(n, 256) @ mix, rng.randn(n, 256) @ mix + 0.05
-        mu1, s1, mu2, s2 = x1.mean(0), np.cov(x1, rowvar=False), x2.mean(0), np.cov(x2, rowvar=False)
+        mu1, s1, mu2, s2 = (
+            x1.mean(0),
+            np.cov(x1, rowvar=False),
+            x2.mean(0),
+            np.cov(x2, rowvar=False),
+        )
         eig = utils.frechet_distance(mu1, s1, mu2, s2)
         sqrtm = utils.frechet_distance(mu1, s1, mu2, s2, method='sqrtm')
         ref = calculate_frechet_distance(mu1, s1, mu2, s2)
@@ -180,16 +210,19 @@ def test_eigenvalue_trace_agrees_with_sqrtm():
 def test_inception_score_known_values():
     mean, std = utils.inception_score(torch.zeros(100, 1008))
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
-    onehot = 60.0 * torch.eye(1008)[torch.arange(50) % 5]   # 5 classes, each split holds all 5
+    onehot = 60.0 * torch.eye(1008)[torch.arange(50) % 5]  # 5 classes, each split holds all 5
     mean, std = utils.inception_score(onehot, splits=10)
     assert mean == pytest.approx(5.0, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
 
 
 def test_inception_score_equals_torch_fidelity():
     from torch_fidelity.metric_isc import isc_features_to_metric
+
     logits = torch.randn(103, 1008, generator=torch.Generator().manual_seed(0)) * 4
     for seed in (None, 2020):
-        ref = isc_features_to_metric(logits, splits=10, shuffle=seed is not None, rng_seed=seed or 0)
+        ref = isc_features_to_metric(
+            logits, splits=10, shuffle=seed is not None, rng_seed=seed or 0
+        )
         mean, std = utils.inception_score(logits, 10, seed)
         assert mean == pytest.approx(ref['inception_score_mean'], rel=1e-10)
         assert std == pytest.approx(ref['inception_score_std'], rel=1e-8)
@@ -198,12 +231,24 @@ def test_inception_score_equals_torch_fidelity():
 @pytest.mark.slow
 def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     a, _, w = fid_setup
-    p = run('inception_score.py', '--path', a, '--splits', '2', '--weights', w, '--num_workers', '0',
-            '--json', str(tmp_path / 'is.json'))
+    p = run(
+        'inception_score.py',
+        '--path',
+        a,
+        '--splits',
+        '2',
+        '--weights',
+        w,
+        '--num_workers',
+        '0',
+        '--json',
+        str(tmp_path / 'is.json'),
+    )
     assert p.returncode == 0, p.stderr
     res = json.load(open(tmp_path / 'is.json'))
     assert res['images'] == 12 and res['net'] == 'tf' and 1.0 <= res['is_mean'] <= 1008
     import torchvision
+
     tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     torch.save(tv.state_dict(), tmp_path / 'tv.pth')
     net = models.inception_classifier('torchvision', str(tmp_path / 'tv.pth'), torch.device('cpu'))
@@ -221,7 +266,7 @@ def orthonormal(n, d, seed=0):
 
 def test_r_precision_known_answers():
     e = orthonormal(200, 256)
-    assert utils.r_precision(e, 3 * e) == (1.0, 0.0)                 # own caption is the image
+    assert utils.r_precision(e, 3 * e) == (1.0, 0.0)  # own caption is the image
     # half the images face away from their caption: exactly half the trials are hits
     sign = torch.ones(200, 1)
     sign[::2] = -1
@@ -237,36 +282,48 @@ def test_r_precision_draws_negatives_from_other_classes():
     centres = orthonormal(n_cls + n_cls * per, 512)
     cls = np.repeat(np.arange(n_cls), per)
     img = centres[cls]
-    a = torch.linspace(0.2, 0.9, per).repeat(n_cls)[:, None]            # alignment with the image
-    txt = a * img + torch.sqrt(1 - a ** 2) * centres[n_cls:]
+    a = torch.linspace(0.2, 0.9, per).repeat(n_cls)[:, None]  # alignment with the image
+    txt = a * img + torch.sqrt(1 - a**2) * centres[n_cls:]
     assert utils.r_precision(img, txt, cls) == (1.0, 0.0)
-    assert utils.r_precision(img, txt, None)[0] < 1.0   # any-caption negatives include own-class ones
+    assert (
+        utils.r_precision(img, txt, None)[0] < 1.0
+    )  # any-caption negatives include own-class ones
     with pytest.raises(utils.UserError, match='other classes'):
         utils.r_precision(img[:60], txt[:60], cls[:60])
 
 
 def test_clip_score_and_clip_r_precision():
     img = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    txt = torch.tensor([[0.6, 0.8], [3.0, -1.0]])                        # cos 0.6 and < 0
+    txt = torch.tensor([[0.6, 0.8], [3.0, -1.0]])  # cos 0.6 and < 0
     assert utils.clip_score(img, txt) == pytest.approx(2.5 * 0.6 / 2)
     assert utils.clip_score(img, txt, w=1.0) == pytest.approx(0.3)
 
-    class Enc(torch.nn.Module):     # the encoders API of models.py, on embeddings it is handed
+    class Enc(torch.nn.Module):  # the encoders API of models.py, on embeddings it is handed
         def __init__(self, table):
             super().__init__()
             self.table = table
             self.p = torch.nn.Parameter(torch.zeros(1))
 
         def encode(self, x):
-            g = self.table[x[:, 0, 0, 0].long()] if torch.is_tensor(x) else self.table[[int(t) for t in x]]
+            g = (
+                self.table[x[:, 0, 0, 0].long()]
+                if torch.is_tensor(x)
+                else self.table[[int(t) for t in x]]
+            )
             return (None, g) if torch.is_tensor(x) else (None, g, None)
 
     e = orthonormal(150, 200)
     images = torch.arange(150.0)[:, None, None, None].expand(150, 3, 2, 2)
-    img, txt = utils.encode_pairs(Enc(e), Enc(e), images, [str(i) for i in range(150)], batch_size=64)
+    img, txt = utils.encode_pairs(
+        Enc(e), Enc(e), images, [str(i) for i in range(150)], batch_size=64
+    )
     assert torch.equal(img, e.float()) and torch.equal(txt, e.float())
     m = utils.clip_metrics(img, txt)
-    assert m == {'clip_score': pytest.approx(2.5), 'clip_r_precision': 1.0, 'clip_r_precision_std': 0.0}
+    assert m == {
+        'clip_score': pytest.approx(2.5),
+        'clip_r_precision': 1.0,
+        'clip_r_precision_std': 0.0,
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -307,17 +364,19 @@ def test_breakdown_categories_and_reasons():
     A, B = obj('star', 'blue', 'large', 0), obj('cross', 'pink', 'small', 2)
     pair = {'objects': [A, B], 'relation': 'to the left of'}
     cases = [  # (judged objects, caption), what the breakdown should count
-        ([obj('circle', 'red', 'small', 4)], one),               # one object, all right
-        ([obj('circle', 'blue', 'small', 4)], one),              # right shape, wrong colour
-        ([obj('square', 'red', 'small', 3)], one),               # wrong shape and cell
-        ([A, B], pair),                                          # pair right
-        ([A, dict(B, colour='blue')], pair),                     # pair: shapes right, B's colour wrong
-        ([A], pair),                                             # one object missing
+        ([obj('circle', 'red', 'small', 4)], one),  # one object, all right
+        ([obj('circle', 'blue', 'small', 4)], one),  # right shape, wrong colour
+        ([obj('square', 'red', 'small', 3)], one),  # wrong shape and cell
+        ([A, B], pair),  # pair right
+        ([A, dict(B, colour='blue')], pair),  # pair: shapes right, B's colour wrong
+        ([A], pair),  # one object missing
     ]
     scenes = [utils.judge_scene(p, t) for p, t in cases]
     b = utils.judge_breakdown(scenes, [t for _, t in cases])
     assert b['single_object'] == pytest.approx(2 / 3) and b['colours'] == pytest.approx(1 / 3)
-    assert b['two_objects'] == pytest.approx(2 / 3) and b['colour_attribution'] == pytest.approx(1 / 3)
+    assert b['two_objects'] == pytest.approx(2 / 3) and b['colour_attribution'] == pytest.approx(
+        1 / 3
+    )
     assert b['counting'] == pytest.approx(5 / 6) and b['position'] == pytest.approx(4 / 6)
     reasons = [utils.scene_reason(p, t, s) for (p, t), s in zip(cases, scenes)]
     assert reasons[0] == '' and reasons[3] == ''
@@ -331,6 +390,7 @@ def test_breakdown_categories_and_reasons():
 def test_relation_from_cells_agrees_with_the_generator():
     """The named-axis reading of cells holds for every relation sample_scene writes."""
     import random
+
     rng = random.Random(0)
     for _ in range(3000):
         scene = preprocess_data.sample_scene(rng, p_two=1.0)
@@ -348,8 +408,10 @@ class Oracle(torch.nn.Module):
 
     def forward(self, x):
         t = self.targets[x[:, 0, 0, 0].round().long()]
+
         def onehot(col, n):
             return torch.nn.functional.one_hot(t[..., col].clamp(min=0), n).float() * 10
+
         return (t[..., :1].float() * 20 - 10, onehot(1, 6), onehot(2, 8), onehot(3, 2))
 
 
@@ -359,12 +421,16 @@ def test_judge_accuracy_with_an_oracle(tiny_shapes):
     judge = Oracle([attrs[k] for k in keys])
     images = torch.arange(float(len(keys)))[:, None, None, None].expand(len(keys), 3, 4, 4)
     acc = utils.judge_accuracy(judge, images, keys, attrs)
-    assert acc == {**{k: 1.0 for k in ('count', 'shape', 'colour', 'size', 'position', 'all')},
-                   **{f'breakdown_{k}': 1.0 for k in utils.BREAKDOWN}}
+    assert acc == {
+        **{k: 1.0 for k in ('count', 'shape', 'colour', 'size', 'position', 'all')},
+        **{f'breakdown_{k}': 1.0 for k in utils.BREAKDOWN},
+    }
     records = []
     wrong = utils.judge_accuracy(judge, images, keys[1:] + keys[:1], attrs, records=records)
     assert wrong['all'] < 0.5 and [r['key'] for r in records] == keys[1:] + keys[:1]
-    assert all(r['correct'] == (r['reason'] == '') for r in records) and not all(r['correct'] for r in records)
+    assert all(r['correct'] == (r['reason'] == '') for r in records) and not all(
+        r['correct'] for r in records
+    )
     assert {r['category'] for r in records} == {'one object', 'two objects'}
     with pytest.raises(utils.UserError, match='not a key'):
         utils.judge_accuracy(judge, images[:1], ['nope'], attrs)
@@ -381,10 +447,28 @@ def test_shapes_key():
 @pytest.mark.slow
 def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     out = tmp_path / 'judge'
-    p = run('fid_score.py', '--train_judge', '--cfg', 'cfg/judge_shapes.yml', '--out', str(out),
-            '--set', f'DATA_DIR={tiny_shapes}', '--set', 'JUDGE.IMAGE_SIZE=32', '--set', 'JUDGE.WIDTH=8',
-            '--set', 'JUDGE.CELL_DIM=8', '--set', 'TRAIN.EPOCHS=1', '--set', 'TRAIN.BATCH_SIZE=8',
-            '--set', 'TRAIN.WORKERS=0')
+    p = run(
+        'fid_score.py',
+        '--train_judge',
+        '--cfg',
+        'cfg/judge_shapes.yml',
+        '--out',
+        str(out),
+        '--set',
+        f'DATA_DIR={tiny_shapes}',
+        '--set',
+        'JUDGE.IMAGE_SIZE=32',
+        '--set',
+        'JUDGE.WIDTH=8',
+        '--set',
+        'JUDGE.CELL_DIM=8',
+        '--set',
+        'TRAIN.EPOCHS=1',
+        '--set',
+        'TRAIN.BATCH_SIZE=8',
+        '--set',
+        'TRAIN.WORKERS=0',
+    )
     assert p.returncode == 0, p.stderr
     m = json.load(open(out / 'metrics.json'))
     assert m['feature_dim'] == 72 and 0 <= m['heldout_all'] <= 1 and 'wrong_caption_shape' in m
@@ -396,15 +480,34 @@ def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     gen = tmp_path / 'gen'
     os.makedirs(gen)
     for i, k in enumerate(keys):
-        Image.open(os.path.join(tiny_shapes, 'CUB_200_2011', 'images', k + '.jpg')).save(gen / f'{i:03d}.png')
+        Image.open(os.path.join(tiny_shapes, 'CUB_200_2011', 'images', k + '.jpg')).save(
+            gen / f'{i:03d}.png'
+        )
     json.dump({f'{i:03d}.png': k for i, k in enumerate(keys)}, open(gen / 'keys.json', 'w'))
-    p = run('fid_score.py', '--judge', str(out), '--accuracy', str(gen), '--json', str(tmp_path / 'acc.json'))
+    p = run(
+        'fid_score.py',
+        '--judge',
+        str(out),
+        '--accuracy',
+        str(gen),
+        '--json',
+        str(tmp_path / 'acc.json'),
+    )
     assert p.returncode == 0, p.stderr
     acc = json.load(open(tmp_path / 'acc.json'))
-    images = torch.stack([torch.from_numpy(np.array(Image.open(gen / f'{i:03d}.png'))).permute(2, 0, 1)
-                          for i in range(len(keys))]).float() / 127.5 - 1
+    images = (
+        torch.stack(
+            [
+                torch.from_numpy(np.array(Image.open(gen / f'{i:03d}.png'))).permute(2, 0, 1)
+                for i in range(len(keys))
+            ]
+        ).float()
+        / 127.5
+        - 1
+    )
     assert acc['images'] == 20 and acc['shape'] == pytest.approx(
-        utils.judge_accuracy(judge, images, keys, attrs)['shape'])
+        utils.judge_accuracy(judge, images, keys, attrs)['shape']
+    )
     p = run('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
     assert p.returncode == 0, p.stderr
-    assert float(p.stdout.split('FID:')[-1]) < 1e-3     # the test images against their own statistics
+    assert float(p.stdout.split('FID:')[-1]) < 1e-3  # the test images against their own statistics

@@ -1,5 +1,6 @@
 """Files as users have them: AttnGAN's CUB metadata in its exact bytes (protocol-0 pickles
 with numpy int64 class ids, and their CRLF copies)."""
+
 import math
 import os
 import pickle
@@ -12,16 +13,21 @@ from conftest import protocol0_int64_list, protocol0_names, write_attngan_metada
 import utils
 
 
-KEYS = ['002.Laysan_Albatross/Laysan_Albatross_0002_1027', '002.Laysan_Albatross/Laysan_Albatross_0003_1033',
-        '003.Sooty_Albatross/Sooty_Albatross_0001_1071']
+KEYS = [
+    '002.Laysan_Albatross/Laysan_Albatross_0002_1027',
+    '002.Laysan_Albatross/Laysan_Albatross_0003_1033',
+    '003.Sooty_Albatross/Sooty_Albatross_0001_1071',
+]
 CLASSES = [2, 2, 3]
 
 
 def test_fixture_bytes_are_the_real_layout():
     data = protocol0_int64_list(CLASSES)
-    head = (b"(lp0\ncnumpy.core.multiarray\nscalar\np1\n(cnumpy\ndtype\np2\n(S'i8'\np3\nI0\nI1\ntp4\nRp5\n"
-            b"(I3\nS'<'\np6\nNNNI-1\nI-1\nI0\ntp7\nbS'\\x02\\x00\\x00\\x00\\x00\\x00\\x00\\x00'\np8\ntp9\n"
-            b"Rp10\nag10\n")
+    head = (
+        b"(lp0\ncnumpy.core.multiarray\nscalar\np1\n(cnumpy\ndtype\np2\n(S'i8'\np3\nI0\nI1\ntp4\nRp5\n"
+        b"(I3\nS'<'\np6\nNNNI-1\nI-1\nI0\ntp7\nbS'\\x02\\x00\\x00\\x00\\x00\\x00\\x00\\x00'\np8\ntp9\n"
+        b"Rp10\nag10\n"
+    )
     assert data.startswith(head)
     # the bytes this test built are what numpy's own pickling gives: plain pickle (on these
     # trusted bytes only) returns numpy int64 scalars, as it does on AttnGAN's file
@@ -57,9 +63,11 @@ def test_numpy_reconstruction_is_limited_to_numeric_scalars(tmp_path):
         with pytest.raises(utils.UserError, match='unsafe or corrupt pickle'):
             utils.safe_pickle_load(str(p))
     assert not marker.exists()
-    ok = tmp_path / 'f8.pickle'       # numpy >= 2's module name, a float kind
-    ok.write_bytes(b"cnumpy._core.multiarray\nscalar\n(cnumpy\ndtype\n(S'f8'\nI0\nI1\ntR"
-                   b"S'\\x00\\x00\\x00\\x00\\x00\\x00\\xf8?'\ntR.")
+    ok = tmp_path / 'f8.pickle'  # numpy >= 2's module name, a float kind
+    ok.write_bytes(
+        b"cnumpy._core.multiarray\nscalar\n(cnumpy\ndtype\n(S'f8'\nI0\nI1\ntR"
+        b"S'\\x00\\x00\\x00\\x00\\x00\\x00\\xf8?'\ntR."
+    )
     assert utils.safe_pickle_load(str(ok)) == 1.5
 
 
@@ -82,14 +90,27 @@ def test_missing_weights_under_auto_stop_the_run(tmp_path, monkeypatch):
     import torch
 
     import models
+
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
-    enc = models.build_image_encoder({'family': 'damsm', 'dim': 8, 'backbone': 'small', 'width': 4,
-                                      'train_backbone': True, 'image_size': 32})
-    with pytest.raises(utils.UserError, match=r'hub/checkpoints/inception_v3_google-.*\.pth: Inception-v3'):
+    enc = models.build_image_encoder(
+        {
+            'family': 'damsm',
+            'dim': 8,
+            'backbone': 'small',
+            'width': 4,
+            'train_backbone': True,
+            'image_size': 32,
+        }
+    )
+    with pytest.raises(
+        utils.UserError, match=r'hub/checkpoints/inception_v3_google-.*\.pth: Inception-v3'
+    ):
         models.load_inception_weights(enc, 'auto')
-    with pytest.raises(utils.UserError, match=r'hub/checkpoints/resnet50-.*\.pth: ImageNet ResNet-50'):
+    with pytest.raises(
+        utils.UserError, match=r'hub/checkpoints/resnet50-.*\.pth: ImageNet ResNet-50'
+    ):
         models.PretrainedResNet50('auto')
-    models.load_inception_weights(enc, '')          # '' is the explicit random init
+    models.load_inception_weights(enc, '')  # '' is the explicit random init
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +120,7 @@ def test_missing_weights_under_auto_stop_the_run(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 def original_layouts():
     import re
+
     sections, name = {}, None
     path = os.path.join(os.path.dirname(__file__), 'fixtures', 'original_state_dicts.txt')
     with open(path) as f:
@@ -114,30 +136,49 @@ def original_layouts():
 
 def random_state(layout, seed=0):
     import torch
+
     g = torch.Generator().manual_seed(seed)
-    return {k: (torch.randn(s, generator=g) if s else torch.tensor(3)) if 'num_batches' not in k
-            else torch.tensor(7) for k, s in layout}
+    return {
+        k: (torch.randn(s, generator=g) if s else torch.tensor(3))
+        if 'num_batches' not in k
+        else torch.tensor(7)
+        for k, s in layout
+    }
 
 
 def test_released_dmgan_weights_load_strictly():
     import torch
 
     import models
+
     lay = original_layouts()
     for name, r_num in (('G_NET@bird_DMGAN', 2), ('G_NET@coco_DMGAN', 3)):
         state = random_state(lay[name])
         netG = models.DMGANGenerator(64, 100, 100, 256, 3, r_num, 64)
-        netG.load_state_dict(models.convert_dmgan_state_dict(state))        # strict
-        assert torch.equal(netG.init_stage.upsample[3][1].weight, state['h_net1.upsample4.1.weight'])
-        assert torch.equal(netG.stages[1].memory.response_gate[0].bias, state['h_net3.response_gate.0.bias'])
+        netG.load_state_dict(models.convert_dmgan_state_dict(state))  # strict
+        assert torch.equal(
+            netG.init_stage.upsample[3][1].weight, state['h_net1.upsample4.1.weight']
+        )
+        assert torch.equal(
+            netG.stages[1].memory.response_gate[0].bias, state['h_net3.response_gate.0.bias']
+        )
         assert torch.equal(netG.img_heads[2][0].weight, state['img_net3.img.0.weight'])
-    for name, size in (('D_NET64@bird_DMGAN', 64), ('D_NET128@bird_DMGAN', 128), ('D_NET256@bird_DMGAN', 256)):
+    for name, size in (
+        ('D_NET64@bird_DMGAN', 64),
+        ('D_NET128@bird_DMGAN', 128),
+        ('D_NET256@bird_DMGAN', 256),
+    ):
         state = random_state(lay[name])
         netD = models.DMGANDiscriminator(size, 32, 256)
         netD.load_state_dict(models.convert_dmgan_state_dict(state))
-        assert torch.equal(netD.cond.joint[0].weight_bar, state['COND_DNET.jointConv.0.module.weight_bar'])
+        assert torch.equal(
+            netD.cond.joint[0].weight_bar, state['COND_DNET.jointConv.0.module.weight_bar']
+        )
         assert torch.equal(netD.img_code[6].module.bias, state['img_code_s16.6.module.bias'])
-        last = {128: 'img_code_s32_1.0.module.weight_u', 256: 'img_code_s64_2.0.module.weight_u'}.get(size)
+        last = {
+            128: 'img_code_s32_1.0.module.weight_u',
+            256: 'img_code_s64_2.0.module.weight_u',
+        }.get(size)
         if last:
             assert torch.equal(netD.img_code[-2].weight_u, state[last])
 
@@ -147,19 +188,26 @@ def test_released_damsm_encoders_load(tmp_path):
     import torch
 
     import models
+
     lay = original_layouts()
     text = random_state(lay['RNN_ENCODER@AttnGAN'])
     image = random_state(lay['CNN_ENCODER@AttnGAN'])
     torch.save(text, tmp_path / 'text_encoder200.pth')
     torch.save(image, tmp_path / 'image_encoder200.pth')
     words = ['<end>'] + [f'w{i}' for i in range(1, 5450)]
-    te, ie = models.load_encoders(str(tmp_path / 'text_encoder200.pth'), attngan_words=lambda: words)
+    te, ie = models.load_encoders(
+        str(tmp_path / 'text_encoder200.pth'), attngan_words=lambda: words
+    )
     assert torch.equal(te.encoder.weight, text['encoder.weight'])
-    assert torch.equal(ie.to_global[2].branch_pool.conv.weight, image['Mixed_7c.branch_pool.conv.weight'])
+    assert torch.equal(
+        ie.to_global[2].branch_pool.conv.weight, image['Mixed_7c.branch_pool.conv.weight']
+    )
     words_, sent, pad = te.encode(['w1 w2 w3'])
     assert words_.shape == (1, 256, 18) and sent.shape == (1, 256) and int((~pad).sum()) == 3
     with pytest.raises(utils.UserError, match='captions.pickle has 11'):
-        models.load_encoders(str(tmp_path / 'text_encoder200.pth'), attngan_words=lambda: words[:11])
+        models.load_encoders(
+            str(tmp_path / 'text_encoder200.pth'), attngan_words=lambda: words[:11]
+        )
     with pytest.raises(utils.UserError, match='carry no vocabulary'):
         models.load_encoders(str(tmp_path / 'text_encoder200.pth'))
 
@@ -170,14 +218,26 @@ def test_offline_stand_in_tokenizers_are_refused(tmp_path):
     from transformers import BertTokenizer
 
     import models
-    stand_in = BertTokenizer(vocab={t: i for i, t in enumerate(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'])})
-    with pytest.raises(utils.UserError, match=r'x: the tokenizer holds only its 5 special tokens.*cn_clip/clip/vocab.txt'):
+
+    stand_in = BertTokenizer(
+        vocab={t: i for i, t in enumerate(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'])}
+    )
+    with pytest.raises(
+        utils.UserError,
+        match=r'x: the tokenizer holds only its 5 special tokens.*cn_clip/clip/vocab.txt',
+    ):
         utils.check_real_vocabulary(stand_in, 'x', 'bert')
-    real = BertTokenizer(vocab={t: i for i, t in enumerate(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '红', '色'])})
+    real = BertTokenizer(
+        vocab={
+            t: i for i, t in enumerate(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '红', '色'])
+        }
+    )
     assert utils.check_real_vocabulary(real, 'x', 'bert') is real
-    vocab = tmp_path / 'vocab.txt'                 # models.tokenizer_spec applies it to the file it reads
+    vocab = tmp_path / 'vocab.txt'  # models.tokenizer_spec applies it to the file it reads
     vocab.write_text('[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n')
-    with pytest.raises(utils.UserError, match=f'MODEL.TOKENIZER_PATH={vocab}: the tokenizer holds only'):
+    with pytest.raises(
+        utils.UserError, match=f'MODEL.TOKENIZER_PATH={vocab}: the tokenizer holds only'
+    ):
         models.tokenizer_spec('bert', 32, str(vocab))
 
 
@@ -185,7 +245,7 @@ def test_offline_stand_in_tokenizers_are_refused(tmp_path):
 # XMC-GAN's resnet_pretrained.npy: np.save of a 0-d object array holding the Flax variables
 # {'params': ..., 'batch_stats': ...} of xmcgan/utils/resnet_v1.py's ResNet50 (HWIO kernels)
 # ----------------------------------------------------------------------------------------------
-TINY = dict(stage_sizes=(1, 1, 1, 1), width=4, num_classes=10)      # ResNet50 at widths / 16
+TINY = dict(stage_sizes=(1, 1, 1, 1), width=4, num_classes=10)  # ResNet50 at widths / 16
 
 
 def flax_tree(net, seed=0):
@@ -234,8 +294,11 @@ def frozen_dict_class(slots):
             return len(self._dict)
 
         if not slots:
+
             def __reduce__(self):
-                unfreeze = lambda x: {k: unfreeze(v) for k, v in x.items()} if isinstance(x, Mapping) else x  # noqa: E731
+                def unfreeze(x):
+                    return {k: unfreeze(v) for k, v in x.items()} if isinstance(x, Mapping) else x
+
                 return FrozenDict, (unfreeze(self),)
 
     FrozenDict.__module__, FrozenDict.__qualname__ = 'flax.core.frozen_dict', 'FrozenDict'
@@ -245,7 +308,9 @@ def frozen_dict_class(slots):
 def npy_with_payload(path, payload):
     """A .npy of a 0-d object array (the header np.save writes) with this pickle as its payload."""
     with open(path, 'wb') as f:
-        np.lib.format.write_array_header_1_0(f, {'descr': '|O', 'fortran_order': False, 'shape': ()})
+        np.lib.format.write_array_header_1_0(
+            f, {'descr': '|O', 'fortran_order': False, 'shape': ()}
+        )
         f.write(payload)
 
 
@@ -255,6 +320,7 @@ def write_resnet_npy(path, tree, form='numpy'):
     FrozenDicts (their __reduce__); frozen_slots: every dict a FrozenDict pickled by its slots."""
     import sys
     import types
+
     if form == 'numpy':
         np.save(path, np.array(tree, dtype=object))
         return
@@ -266,13 +332,18 @@ def write_resnet_npy(path, tree, form='numpy'):
             mods = {n: types.ModuleType(n) for n in ('flax', 'flax.core', 'flax.core.frozen_dict')}
             for n, m in mods.items():
                 mp.setitem(sys.modules, n, m)
-            FD = mods['flax.core.frozen_dict'].FrozenDict = frozen_dict_class(form == 'frozen_slots')
+            FD = mods['flax.core.frozen_dict'].FrozenDict = frozen_dict_class(
+                form == 'frozen_slots'
+            )
             if form == 'frozen':
                 tree = {k: FD(v) for k, v in tree.items()}
             else:
-                freeze = lambda x: FD({k: freeze(v) for k, v in x.items()}) if isinstance(x, dict) else x  # noqa: E731
+
+                def freeze(x):
+                    return FD({k: freeze(v) for k, v in x.items()}) if isinstance(x, dict) else x
+
                 tree = freeze(tree)
-            arr = np.empty((), object)        # np.array would read a Mapping as a sequence of its keys
+            arr = np.empty((), object)  # np.array would read a Mapping as a sequence of its keys
             arr[()] = tree
             data = pickle.dumps(arr, protocol=4)
         assert b'flax.core.frozen_dict' in data
@@ -282,21 +353,39 @@ def write_resnet_npy(path, tree, form='numpy'):
 def test_full_resnet50_layout_is_the_original_one():
     """The keys and shapes resnet_v1.py's ResNet50 gives its Flax variables."""
     import models
+
     lay = {k: s for k, (_, s, _) in models.FlaxResNetV1().flax_tensors().items()}
     assert lay['params/init_conv/kernel'] == (7, 7, 3, 64)
-    assert lay['params/init_bn/scale'] == lay['batch_stats/init_bn/mean'] == lay['batch_stats/init_bn/var'] == (64,)
+    assert (
+        lay['params/init_bn/scale']
+        == lay['batch_stats/init_bn/mean']
+        == lay['batch_stats/init_bn/var']
+        == (64,)
+    )
     assert lay['params/head/kernel'] == (2048, 1000) and lay['params/head/bias'] == (1000,)
     for i, (n, f) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
         blocks = {k.split('/')[2] for k in lay if k.startswith(f'params/stage{i + 1}/')}
         assert blocks == {f'block{j + 1}' for j in range(n)}
         cin = 64 if i == 0 else 2 * f
         b1 = f'params/stage{i + 1}/block1'
-        assert lay[f'{b1}/conv1/kernel'] == (1, 1, cin, f) and lay[f'{b1}/conv2/kernel'] == (3, 3, f, f)
-        assert lay[f'{b1}/conv3/kernel'] == (1, 1, f, 4 * f) and lay[f'{b1}/proj_conv/kernel'] == (1, 1, cin, 4 * f)
+        assert lay[f'{b1}/conv1/kernel'] == (1, 1, cin, f) and lay[f'{b1}/conv2/kernel'] == (
+            3,
+            3,
+            f,
+            f,
+        )
+        assert lay[f'{b1}/conv3/kernel'] == (1, 1, f, 4 * f) and lay[f'{b1}/proj_conv/kernel'] == (
+            1,
+            1,
+            cin,
+            4 * f,
+        )
         assert lay[f'batch_stats/stage{i + 1}/block1/proj_bn/var'] == (4 * f,)
         assert f'params/stage{i + 1}/block2/proj_conv/kernel' not in lay
-    assert not [k for k in lay if 'conv' in k and k.endswith('/bias')]       # convs without bias
-    assert {k.split('/')[0] for k in lay} == {'params', 'batch_stats'} and len(lay) == 53 + 53 * 4 + 2
+    assert not [k for k in lay if 'conv' in k and k.endswith('/bias')]  # convs without bias
+    assert {k.split('/')[0] for k in lay} == {'params', 'batch_stats'} and len(
+        lay
+    ) == 53 + 53 * 4 + 2
     # torchvision's ResNet-50 has the same 25,557,032 parameters
     assert sum(math.prod(s) for k, s in lay.items() if k.startswith('params/')) == 25_557_032
 
@@ -306,6 +395,7 @@ def test_resnet_npy_reads_as_the_original_tree(tmp_path, form):
     import torch
 
     import models
+
     net = models.FlaxResNetV1(**TINY)
     tree = flax_tree(net)
     path = str(tmp_path / 'resnet_pretrained.npy')
@@ -314,18 +404,22 @@ def test_resnet_npy_reads_as_the_original_tree(tmp_path, form):
     assert isinstance(got, np.ndarray) and got.shape == () and got.dtype == object
     got = got.item()
     plain = lambda t: type(t) is dict and all(plain(v) for v in t.values() if isinstance(v, dict))  # noqa: E731
-    assert plain(got)                                   # FrozenDicts read as dicts
+    assert plain(got)  # FrozenDicts read as dicts
     a, b = flat(tree), flat(got)
     assert a.keys() == b.keys()
     for k in a:
         assert b[k].dtype == np.float32 and np.array_equal(a[k], b[k]), k
     models.load_flax_resnet(net, got, path)
     v = tree['params']
-    assert torch.equal(net.stage2.block1.conv2.weight, torch.from_numpy(v['stage2']['block1']['conv2']['kernel'])
-                       .permute(3, 2, 0, 1))
+    assert torch.equal(
+        net.stage2.block1.conv2.weight,
+        torch.from_numpy(v['stage2']['block1']['conv2']['kernel']).permute(3, 2, 0, 1),
+    )
     assert torch.equal(net.head.weight, torch.from_numpy(v['head']['kernel']).t())
-    assert torch.equal(net.stage4.block1.proj_bn.running_var,
-                       torch.from_numpy(tree['batch_stats']['stage4']['block1']['proj_bn']['var']))
+    assert torch.equal(
+        net.stage4.block1.proj_bn.running_var,
+        torch.from_numpy(tree['batch_stats']['stage4']['block1']['proj_bn']['var']),
+    )
 
 
 def test_resnet_npy_with_code_is_refused(tmp_path):
@@ -347,19 +441,28 @@ def test_resnet_npy_with_code_is_refused(tmp_path):
 
     class ObjectFromBytes:
         def __reduce__(self):
-            return (np._core.multiarray._reconstruct, (np.ndarray, (0,), b'b'),
-                    (1, (1,), np.dtype(object), False, b'\0' * 8))
+            return (
+                np._core.multiarray._reconstruct,
+                (np.ndarray, (0,), b'b'),
+                (1, (1,), np.dtype(object), False, b'\0' * 8),
+            )
 
-    cases = {'system': pickle.dumps(np.array({'params': {'x': System()}}, dtype=object), protocol=4),
-             'eval': pickle.dumps(np.array([Eval()], dtype=object), protocol=3),
-             'raw_system': b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.",
-             'object_from_bytes': pickle.dumps(ObjectFromBytes(), protocol=4),
-             'structured': pickle.dumps(np.array({'x': np.zeros(2, [('a', 'f4')])}, dtype=object), protocol=4),
-             'numpy_call': pickle.dumps(np.array({'x': np.load}, dtype=object), protocol=4)}
+    cases = {
+        'system': pickle.dumps(np.array({'params': {'x': System()}}, dtype=object), protocol=4),
+        'eval': pickle.dumps(np.array([Eval()], dtype=object), protocol=3),
+        'raw_system': b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.",
+        'object_from_bytes': pickle.dumps(ObjectFromBytes(), protocol=4),
+        'structured': pickle.dumps(
+            np.array({'x': np.zeros(2, [('a', 'f4')])}, dtype=object), protocol=4
+        ),
+        'numpy_call': pickle.dumps(np.array({'x': np.load}, dtype=object), protocol=4),
+    }
     for name, payload in cases.items():
         p = tmp_path / f'{name}.npy'
         npy_with_payload(p, payload)
-        with pytest.raises(utils.UserError, match=f'^{p}: unsafe or corrupt pickle in the .npy file') as e:
+        with pytest.raises(
+            utils.UserError, match=f'^{p}: unsafe or corrupt pickle in the .npy file'
+        ) as e:
             utils.safe_npy_load(str(p))
         assert '\n' not in str(e.value), name
     assert not marker.exists()
@@ -370,19 +473,28 @@ def test_resnet_npy_with_code_is_refused(tmp_path):
 
 def test_resnet_npy_mapping_is_strict(tmp_path):
     import models
+
     net, path = models.FlaxResNetV1(**TINY), 'r.npy'
     tree = flax_tree(net)
     del tree['batch_stats']['stage3']['block1']['bn2']['var']
-    with pytest.raises(utils.UserError, match='^r.npy: missing Flax ResNet-50 variable batch_stats/stage3/block1/bn2/var'):
+    with pytest.raises(
+        utils.UserError,
+        match='^r.npy: missing Flax ResNet-50 variable batch_stats/stage3/block1/bn2/var',
+    ):
         models.load_flax_resnet(net, tree, path)
     tree = flax_tree(net)
     tree['params']['stage1']['block1']['conv1']['bias'] = np.zeros(4, np.float32)
-    with pytest.raises(utils.UserError, match='unexpected Flax ResNet-50 variable params/stage1/block1/conv1/bias'):
+    with pytest.raises(
+        utils.UserError, match='unexpected Flax ResNet-50 variable params/stage1/block1/conv1/bias'
+    ):
         models.load_flax_resnet(net, tree, path)
     tree = flax_tree(net)
-    tree['params']['init_conv']['kernel'] = np.zeros((4, 3, 7, 7), np.float32)       # OIHW, not HWIO
-    with pytest.raises(utils.UserError, match=r'params/init_conv/kernel is float32 \(4, 3, 7, 7\), '
-                                              r'expected float \(7, 7, 3, 4\)'):
+    tree['params']['init_conv']['kernel'] = np.zeros((4, 3, 7, 7), np.float32)  # OIHW, not HWIO
+    with pytest.raises(
+        utils.UserError,
+        match=r'params/init_conv/kernel is float32 \(4, 3, 7, 7\), '
+        r'expected float \(7, 7, 3, 4\)',
+    ):
         models.load_flax_resnet(net, tree, path)
     with pytest.raises(utils.UserError, match='holds a list'):
         models.load_flax_resnet(net, [tree], path)
@@ -397,6 +509,7 @@ def test_same_padding_as_flax_computes_it():
     import torch.nn.functional as F
 
     import models
+
     assert models.same_pads(224, 7, 2) == (2, 3) and models.same_pads(112, 3, 2) == (0, 1)
     assert models.same_pads(56, 3, 2) == (0, 1) and models.same_pads(33, 7, 2) == (3, 3)
     assert models.same_pads(7, 3, 1) == (1, 1) and models.same_pads(56, 1, 2) == (0, 0)
@@ -409,7 +522,7 @@ def test_same_padding_as_flax_computes_it():
     ref = torch.empty(1, 4, 4, 3)
     for i in range(4):
         for j in range(3):
-            ref[..., i, j] = y[..., 2 * i:2 * i + 3, 2 * j:2 * j + 3].amax((-2, -1))
+            ref[..., i, j] = y[..., 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].amax((-2, -1))
     torch.testing.assert_close(models.max_pool_same(y), ref)
 
 
@@ -417,12 +530,13 @@ def reference_forward(tree, x, stage_sizes):
     """resnet_v1.py's ResNet50 written out from the Flax variables (NCHW; BatchNorm at inference)."""
     import torch
     import torch.nn.functional as F
+
     p, s = tree['params'], tree['batch_stats']
 
     def conv(x, v, stride=1):
         k = torch.from_numpy(v['kernel']).permute(3, 2, 0, 1)
         pads = []
-        for n in reversed(x.shape[-2:]):                     # TF 'SAME': ceil(n / stride) outputs
+        for n in reversed(x.shape[-2:]):  # TF 'SAME': ceil(n / stride) outputs
             total = max((math.ceil(n / stride) - 1) * stride + k.shape[-1] - n, 0)
             pads += [total // 2, total - total // 2]
         return F.conv2d(F.pad(x, pads), k, stride=stride)
@@ -432,7 +546,7 @@ def reference_forward(tree, x, stage_sizes):
         return (x - t(st['mean'])) / torch.sqrt(t(st['var']) + 1e-5) * t(v['scale']) + t(v['bias'])
 
     x = bn(conv(x, p['init_conv'], 2), p['init_bn'], s['init_bn'])
-    x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-math.inf), 3, 2)         # even sizes here
+    x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-math.inf), 3, 2)  # even sizes here
     for i, n in enumerate(stage_sizes):
         for j in range(n):
             name = (f'stage{i + 1}', f'block{j + 1}')
@@ -441,9 +555,15 @@ def reference_forward(tree, x, stage_sizes):
             y = F.relu(bn(conv(x, v['conv1']), v['bn1'], st['bn1']))
             y = F.relu(bn(conv(y, v['conv2'], stride), v['bn2'], st['bn2']))
             y = bn(conv(y, v['conv3']), v['bn3'], st['bn3'])
-            res = bn(conv(x, v['proj_conv'], stride), v['proj_bn'], st['proj_bn']) if 'proj_conv' in v else x
+            res = (
+                bn(conv(x, v['proj_conv'], stride), v['proj_bn'], st['proj_bn'])
+                if 'proj_conv' in v
+                else x
+            )
             x = F.relu(res + y)
-    return x.mean((2, 3)) @ torch.from_numpy(p['head']['kernel']) + torch.from_numpy(p['head']['bias'])
+    return x.mean((2, 3)) @ torch.from_numpy(p['head']['kernel']) + torch.from_numpy(
+        p['head']['bias']
+    )
 
 
 def jax_bilinear_resize(x, size):
@@ -455,7 +575,8 @@ def jax_bilinear_resize(x, size):
         scale = size / n
         sample = (np.arange(size) + 0.5) / scale - 0.5
         w = np.maximum(0, 1 - np.abs(sample[None, :] - np.arange(n)[:, None]) / max(1 / scale, 1))
-        return torch.from_numpy(w / w.sum(0, keepdims=True)).float()     # (n, size)
+        return torch.from_numpy(w / w.sum(0, keepdims=True)).float()  # (n, size)
+
     return torch.einsum('bchw,hi,wj->bcij', x, weights(x.shape[-2]), weights(x.shape[-1]))
 
 
@@ -463,13 +584,15 @@ def test_flax_resnet_forward_equals_the_original_computation():
     import torch
 
     import models
+
     net = models.FlaxResNetV1(**TINY)
     tree = flax_tree(net, seed=1)
     models.load_flax_resnet(net, tree, 'r.npy')
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(net.eval()(x), reference_forward(tree, x, TINY['stage_sizes']),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            net.eval()(x), reference_forward(tree, x, TINY['stage_sizes']), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize('size', [256, 128])
@@ -479,6 +602,7 @@ def test_pretrained_resnet_npy_feeds_0_1_images_to_the_head(tmp_path, monkeypatc
     import torch
 
     import models
+
     tiny = models.FlaxResNetV1(**TINY)
     tree = flax_tree(tiny, seed=2)
     path = str(tmp_path / 'resnet_pretrained.npy')
@@ -492,8 +616,14 @@ def test_pretrained_resnet_npy_feeds_0_1_images_to_the_head(tmp_path, monkeypatc
     with torch.no_grad():
         out = rn(images)
     want_in = jax_bilinear_resize((images + 1) / 2, 224)
-    torch.testing.assert_close(seen['x'], want_in, rtol=0, atol=5e-5)        # fp32 rounding
+    torch.testing.assert_close(seen['x'], want_in, rtol=0, atol=5e-5)  # fp32 rounding
     assert seen['x'].min() >= 0 and seen['x'].max() <= 1
-    assert out.shape == (2, 10) and not rn.training and not any(p.requires_grad for p in rn.parameters())
+    assert (
+        out.shape == (2, 10)
+        and not rn.training
+        and not any(p.requires_grad for p in rn.parameters())
+    )
     with torch.no_grad():
-        torch.testing.assert_close(out, reference_forward(tree, seen['x'], TINY['stage_sizes']), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            out, reference_forward(tree, seen['x'], TINY['stage_sizes']), rtol=1e-4, atol=1e-4
+        )

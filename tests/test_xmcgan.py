@@ -2,6 +2,7 @@
 parameter counts, a training step at the original's test sizes, mid-epoch resume, checkpoint
 evaluation (rows, re-run, SIGTERM under --watch), resumable caption embedding (project
 encoder and a tiny BERT)."""
+
 import hashlib
 import json
 import math
@@ -35,7 +36,9 @@ def cross_entropy_rows(s, i):
 def test_contrastive_loss_matches_loop():
     torch.manual_seed(0)
     a, b, tau = torch.randn(4, 3), torch.randn(4, 3), 0.1
-    cos = [[F.cosine_similarity(a[i], b[j], dim=0).item() / tau for j in range(4)] for i in range(4)]
+    cos = [
+        [F.cosine_similarity(a[i], b[j], dim=0).item() / tau for j in range(4)] for i in range(4)
+    ]
     a2b = sum(cross_entropy_rows(cos[i], i) for i in range(4)) / 4
     b2a = sum(cross_entropy_rows([cos[j][i] for j in range(4)], i) for i in range(4)) / 4
     assert xmc_gan.contrastive_loss(a, b, tau).item() == pytest.approx(a2b + b2a, rel=1e-5)
@@ -47,7 +50,7 @@ def test_word_loss_matches_original_algorithm():
     B, R, T, D, g1, g2, g3 = 3, 5, 4, 6, 5.0, 5.0, 50.0
     regions, words = torch.randn(B, R, D), torch.randn(B, T, D)
     lengths = torch.tensor([4, 2, 3])
-    s = [[0.0] * B for _ in range(B)]          # s[caption][image]
+    s = [[0.0] * B for _ in range(B)]  # s[caption][image]
     for i in range(B):
         for b in range(B):
             r = [regions[b, k] / regions[b, k].norm() for k in range(R)]
@@ -63,8 +66,10 @@ def test_word_loss_matches_original_algorithm():
     got = xmc_gan.word_contrastive_loss(regions, words, lengths, g1, g2, g3)
     assert got.item() == pytest.approx(per_image + per_caption, rel=1e-4)
     words2 = words.clone()
-    words2[1, 2:] = torch.randn(2, D)          # padding must not matter
-    torch.testing.assert_close(xmc_gan.word_contrastive_loss(regions, words2, lengths, g1, g2, g3), got)
+    words2[1, 2:] = torch.randn(2, D)  # padding must not matter
+    torch.testing.assert_close(
+        xmc_gan.word_contrastive_loss(regions, words2, lengths, g1, g2, g3), got
+    )
 
 
 def test_hinge_loss():
@@ -89,11 +94,26 @@ def original_counts(size, ch_dim, z, text):
     ch, gd, sd = [ch_dim * m for m in gm], 2 * z, text + 2 * z
 
     def gen_block(cin, cout, cd):
-        return 2 * conv(cd, cin, 1) + conv(cin, cout, 3) + 2 * conv(cd, cout, 1) + conv(cout, cout, 3) + conv(cin, cout, 1)
-    g = conv(text, z, 1) + conv(z, 16 * ch_dim * 16, 1) + gen_block(16 * ch_dim, ch[0], gd) + gen_block(ch[0], ch[1], gd)
+        return (
+            2 * conv(cd, cin, 1)
+            + conv(cin, cout, 3)
+            + 2 * conv(cd, cout, 1)
+            + conv(cout, cout, 3)
+            + conv(cin, cout, 1)
+        )
+
+    g = (
+        conv(text, z, 1)
+        + conv(z, 16 * ch_dim * 16, 1)
+        + gen_block(16 * ch_dim, ch[0], gd)
+        + gen_block(ch[0], ch[1], gd)
+    )
     g += conv(ch[1], text, 1) + sum(gen_block(ch[i - 1], ch[i], sd) for i in range(2, len(ch)))
     g += 2 * conv(sd, ch[-1], 1) + conv(ch[-1], 3, 3)
-    mults, downs = {128: ([2, 4, 8, 16, 16], [1, 1, 1, 1, 0]), 256: ([2, 4, 8, 8, 16, 16], [1, 1, 1, 1, 1, 0])}[size]
+    mults, downs = {
+        128: ([2, 4, 8, 16, 16], [1, 1, 1, 1, 0]),
+        256: ([2, 4, 8, 8, 16, 16], [1, 1, 1, 1, 1, 0]),
+    }[size]
     d, c, s = conv(3, ch_dim, 3) + conv(ch_dim, ch_dim, 3) + conv(3, ch_dim, 1), ch_dim, size // 2
     for m, down in zip(mults, downs):
         o = ch_dim * m
@@ -103,12 +123,23 @@ def original_counts(size, ch_dim, z, text):
     return g, d + conv(c, 1, 1) + conv(text, c, 1) + conv(cond, text, 1)
 
 
-@pytest.mark.parametrize('size, g_want, d_want', [(128, 78_507_779, 87_911_713), (256, 92_865_539, 99_415_585)])
+@pytest.mark.parametrize(
+    'size, g_want, d_want', [(128, 78_507_779, 87_911_713), (256, 92_865_539, 99_415_585)]
+)
 def test_parameter_counts_equal_original_description(size, g_want, d_want):
-    assert original_counts(size, 96, 128, 768) == (g_want, d_want)      # coco_xmc.py: gf = df = 96, z 128, BERT 768
+    assert original_counts(size, 96, 128, 768) == (
+        g_want,
+        d_want,
+    )  # coco_xmc.py: gf = df = 96, z 128, BERT 768
     with torch.device('meta'):
-        G, D = models.XMCGenerator(size, 96, 128, 768, 15.0), models.XMCDiscriminator(size, 96, 768, 16)
-    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (g_want, d_want)
+        G, D = (
+            models.XMCGenerator(size, 96, 128, 768, 15.0),
+            models.XMCDiscriminator(size, 96, 768, 16),
+        )
+    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (
+        g_want,
+        d_want,
+    )
 
 
 @pytest.mark.parametrize('size', [64, 128, 256])
@@ -119,7 +150,10 @@ def test_generator_and_discriminator_shapes(size):
     img = G(torch.randn(2, 4), torch.randn(2, 8), torch.randn(2, 5, 8), pad)
     assert img.shape == (2, 3, size, size) and img.abs().max() <= 1
     logit, pooled, sent_c, regions = D(img, torch.randn(2, 8))
-    assert logit.shape == (2,) and pooled.shape == sent_c.shape == (2, 2 * (8 if size == 64 else 16))
+    assert logit.shape == (2,) and pooled.shape == sent_c.shape == (
+        2,
+        2 * (8 if size == 64 else 16),
+    )
     assert regions.shape == (2, 16 * 16, 8)
 
 
@@ -141,27 +175,59 @@ def encoder(tmp_path_factory, tiny_shapes):
     d = utils.AttnGANData(tiny_shapes, 10)
     torch.manual_seed(0)
     tok = models.tokenizer_spec('words', 18, words=[d.ixtoword[i] for i in range(len(d.ixtoword))])
-    te = models.build_text_encoder({'family': 'clip', 'dim': 16, 'tokenizer': tok, 'width': 16, 'heads': 2,
-                                    'layers': 1, 'keep_special': False})
-    ie = models.build_image_encoder({'family': 'damsm', 'dim': 16, 'image_size': 32, 'backbone': 'small',
-                                     'width': 4, 'train_backbone': True})
+    te = models.build_text_encoder(
+        {
+            'family': 'clip',
+            'dim': 16,
+            'tokenizer': tok,
+            'width': 16,
+            'heads': 2,
+            'layers': 1,
+            'keep_special': False,
+        }
+    )
+    ie = models.build_image_encoder(
+        {
+            'family': 'damsm',
+            'dim': 16,
+            'image_size': 32,
+            'backbone': 'small',
+            'width': 4,
+            'train_backbone': True,
+        }
+    )
     out = tmp_path_factory.mktemp('enc')
     for kind, m in (('text_encoder', te), ('image_encoder', ie)):
-        utils.save_checkpoint(str(out), kind, 0, models={kind: m}, extra={'spec': m.spec}, keep=0, name=f'{kind}1.pth')
+        utils.save_checkpoint(
+            str(out), kind, 0, models={kind: m}, extra={'spec': m.spec}, keep=0, name=f'{kind}1.pth'
+        )
     return str(out / 'checkpoints' / 'text_encoder1.pth')
 
 
 def embed_cfg(data, out, **kw):
-    return utils.to_cfg({**preprocess_data.DEFAULTS['EMBED'], 'SOURCE': 'attngan', 'DATA_DIR': data,
-                         'SPLITS': {'train': 'train', 'test': 'test'}, 'MAX_CAPTIONS': 3, 'SHARD_SIZE': 32,
-                         'BATCH_SIZE': 16, 'OUT_DIR': str(out), **kw})
+    return utils.to_cfg(
+        {
+            **preprocess_data.DEFAULTS['EMBED'],
+            'SOURCE': 'attngan',
+            'DATA_DIR': data,
+            'SPLITS': {'train': 'train', 'test': 'test'},
+            'MAX_CAPTIONS': 3,
+            'SHARD_SIZE': 32,
+            'BATCH_SIZE': 16,
+            'OUT_DIR': str(out),
+            **kw,
+        }
+    )
 
 
 @pytest.fixture(scope='module')
 def embeddings(tmp_path_factory, tiny_shapes, encoder):
     out = tmp_path_factory.mktemp('emb')
-    preprocess_data.embed_captions(embed_cfg(tiny_shapes, out, ENCODER=encoder), torch.device('cpu'),
-                                   utils.get_logger(None, 'test'))
+    preprocess_data.embed_captions(
+        embed_cfg(tiny_shapes, out, ENCODER=encoder),
+        torch.device('cpu'),
+        utils.get_logger(None, 'test'),
+    )
     return str(out)
 
 
@@ -174,21 +240,46 @@ def run_main(monkeypatch, cfg, *argv):
 
 
 def tiny_train_cfg(embeddings, out, **train):
-    return {'MODEL': 'XMCGAN', 'EMBEDDINGS': embeddings, 'IMAGE_SIZE': 64, 'WORKERS': 0, 'OUT': str(out),
-            'GAN': {'GF_DIM': 8, 'DF_DIM': 8, 'Z_DIM': 8},
-            'TRAIN': {'BATCH_SIZE': 2, 'MAX_STEPS': 2, 'CHECKPOINT_EVERY': 1, 'LOG_EVERY': 1,
-                      'CONTRASTIVE': {'PRETRAINED_IMAGE': False}, **train}}
+    return {
+        'MODEL': 'XMCGAN',
+        'EMBEDDINGS': embeddings,
+        'IMAGE_SIZE': 64,
+        'WORKERS': 0,
+        'OUT': str(out),
+        'GAN': {'GF_DIM': 8, 'DF_DIM': 8, 'Z_DIM': 8},
+        'TRAIN': {
+            'BATCH_SIZE': 2,
+            'MAX_STEPS': 2,
+            'CHECKPOINT_EVERY': 1,
+            'LOG_EVERY': 1,
+            'CONTRASTIVE': {'PRETRAINED_IMAGE': False},
+            **train,
+        },
+    }
 
 
 @pytest.fixture(scope='module')
 def judge(tmp_path_factory, tiny_shapes):
     """A random-init shapes judge saved as fid_score.py saves a trained one (its features give
     the "shapes FID")."""
-    spec = {'n_shapes': 6, 'n_colours': 8, 'n_sizes': 2, 'width': 4, 'cell_dim': 4, 'image_size': 32}
+    spec = {
+        'n_shapes': 6,
+        'n_colours': 8,
+        'n_sizes': 2,
+        'width': 4,
+        'cell_dim': 4,
+        'image_size': 32,
+    }
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('judge')
-    utils.save_checkpoint(str(out), 'judge', 0, {'judge': models.ShapesJudge(**spec)}, name='judge_final.pt',
-                          extra={'model': spec, 'attributes': utils.caption_attributes(tiny_shapes)})
+    utils.save_checkpoint(
+        str(out),
+        'judge',
+        0,
+        {'judge': models.ShapesJudge(**spec)},
+        name='judge_final.pt',
+        extra={'model': spec, 'attributes': utils.caption_attributes(tiny_shapes)},
+    )
     return str(out)
 
 
@@ -201,7 +292,9 @@ def dmgan_run(tmp_path_factory, encoder):
     cfg.TEXT.EMBEDDING_DIM, cfg.TRAIN.NET_E = 16, encoder
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('dmgan')
-    utils.save_checkpoint(str(out), 'dmgan', 1, {'G_ema': models.build_dmgan_generator(cfg, 16)}, cfg=cfg)
+    utils.save_checkpoint(
+        str(out), 'dmgan', 1, {'G_ema': models.build_dmgan_generator(cfg, 16)}, cfg=cfg
+    )
     return str(out)
 
 
@@ -221,21 +314,28 @@ def trained_run(tmp_path_factory, embeddings):
 def test_one_train_step_at_the_original_test_sizes(monkeypatch, tmp_path, embeddings):
     """coco_xmc.py's test config: gf/df 16, z 8, batch 2, at 128 px, all four contrastive losses
     (a random-init ResNet-50 for the pretrained one); the EMA moved 0.1% of the way."""
-    cfg = tiny_train_cfg(embeddings, tmp_path / 'run', MAX_STEPS=1, RESNET='',
-                         CONTRASTIVE={'PRETRAINED_IMAGE': True})
+    cfg = tiny_train_cfg(
+        embeddings, tmp_path / 'run', MAX_STEPS=1, RESNET='', CONTRASTIVE={'PRETRAINED_IMAGE': True}
+    )
     cfg.update(IMAGE_SIZE=128, GAN={'GF_DIM': 16, 'DF_DIM': 16, 'Z_DIM': 8})
     run_main(monkeypatch, cfg)
-    ckpt = utils.load_checkpoint(str(tmp_path / 'run' / 'checkpoints' / 'xmcgan_00000001.pt'), 'xmcgan')
+    ckpt = utils.load_checkpoint(
+        str(tmp_path / 'run' / 'checkpoints' / 'xmcgan_00000001.pt'), 'xmcgan'
+    )
     metrics = json.load(open(tmp_path / 'run' / 'metrics.json'))
-    assert all(math.isfinite(metrics[f'final_{k}']) for k in ('d_loss', 'g_loss', 'c_loss_g_pretrained'))
+    assert all(
+        math.isfinite(metrics[f'final_{k}']) for k in ('d_loss', 'g_loss', 'c_loss_g_pretrained')
+    )
     assert metrics['final_c_loss_g_pretrained'] > 0 and metrics['final_real_word'] > 0
-    torch.manual_seed(0)                       # utils.setup's seed, then the networks are built first
+    torch.manual_seed(0)  # utils.setup's seed, then the networks are built first
     G0, D0 = xmc_gan.build_networks(utils.to_cfg(ckpt['cfg']), 16)
     m = ckpt['models']
     for k, p0 in G0.named_parameters():
         torch.testing.assert_close(m['G_ema'][k], 0.999 * p0.detach() + 0.001 * m['G'][k])
     assert not torch.equal(m['G']['to_rgb.weight'], G0.to_rgb.weight)
-    assert not torch.equal(m['D']['out.parametrizations.weight.original'], D0.out.parametrizations.weight.original)
+    assert not torch.equal(
+        m['D']['out.parametrizations.weight.original'], D0.out.parametrizations.weight.original
+    )
 
 
 @pytest.mark.slow
@@ -256,10 +356,27 @@ def test_resume_mid_epoch_equals_uninterrupted(monkeypatch, tmp_path, embeddings
 # Evaluation of every checkpoint
 # ----------------------------------------------------------------------------
 def eval_cfg(embeddings, encoder, judge, workdir, out):
-    return {'MODEL': 'XMCGAN', 'EMBEDDINGS': embeddings, 'OUT': str(out), 'WORKERS': 0, 'TRAIN': {'FLAG': False},
-            'EVAL': {'WORKDIR': workdir, 'NET_E': encoder, 'NUM_IMAGES': 12, 'REPEATS': 2, 'BATCH_SIZE': 8,
-                     'R_NEG': 5, 'R_FOLDS': 2, 'BASELINE': True, 'POLL_SECONDS': 1, 'JUDGE': judge,
-                     'FID_FEATURES': 'judge', 'IS': False}}      # IS needs the FID Inception's weights
+    return {
+        'MODEL': 'XMCGAN',
+        'EMBEDDINGS': embeddings,
+        'OUT': str(out),
+        'WORKERS': 0,
+        'TRAIN': {'FLAG': False},
+        'EVAL': {
+            'WORKDIR': workdir,
+            'NET_E': encoder,
+            'NUM_IMAGES': 12,
+            'REPEATS': 2,
+            'BATCH_SIZE': 8,
+            'R_NEG': 5,
+            'R_FOLDS': 2,
+            'BASELINE': True,
+            'POLL_SECONDS': 1,
+            'JUDGE': judge,
+            'FID_FEATURES': 'judge',
+            'IS': False,
+        },
+    }  # IS needs the FID Inception's weights
 
 
 def rows(path):
@@ -267,33 +384,50 @@ def rows(path):
 
 
 @pytest.mark.slow
-def test_evaluation_scores_each_checkpoint_once(monkeypatch, tmp_path, embeddings, encoder, judge, trained_run,
-                                                 dmgan_run, tiny_shapes):
+def test_evaluation_scores_each_checkpoint_once(
+    monkeypatch, tmp_path, embeddings, encoder, judge, trained_run, dmgan_run, tiny_shapes
+):
     """FID on the judge's features against saved real statistics, judge accuracy, R-precision;
     sample grids of real images, XMC-GAN and DM-GAN on the same captions."""
     cfg = eval_cfg(embeddings, encoder, judge, trained_run, tmp_path / 'eval')
     cfg['EVAL'].update(DMGAN=dmgan_run, SAVE_IMAGES=True)
     run_main(monkeypatch, cfg)
     table = tmp_path / 'eval' / 'eval.txt'
-    assert [r.split('\t')[:2] for r in rows(table)] == [['xmcgan_00000001.pt', '1'], ['xmcgan_00000002.pt', '2']]
+    assert [r.split('\t')[:2] for r in rows(table)] == [
+        ['xmcgan_00000001.pt', '1'],
+        ['xmcgan_00000002.pt', '2'],
+    ]
     metrics = json.load(open(tmp_path / 'eval' / 'metrics.json'))
     scores = metrics['eval/xmcgan_00000002.pt']
-    assert 0 <= scores['r_precision'] <= 1 and 0 <= scores['judge_colour'] <= 1 and scores['fid'] > 0
+    assert (
+        0 <= scores['r_precision'] <= 1 and 0 <= scores['judge_colour'] <= 1 and scores['fid'] > 0
+    )
     assert set(metrics['untrained']) == set(scores) - {'step'}
     generator = os.path.join(trained_run, 'checkpoints', 'xmcgan_00000002.pt')
     with open(generator, 'rb') as f:
-        assert scores['protocol']['weights']['generator'] == {'path': generator,
-                                                              'sha256': hashlib.sha256(f.read()).hexdigest()}
-    assert scores['protocol']['seed'] == [42, 43] and {'judge', 'fid_features', 'fid_statistics', 'text_encoder',
-                                                       'image_encoder'} <= set(scores['protocol']['weights'])
+        assert scores['protocol']['weights']['generator'] == {
+            'path': generator,
+            'sha256': hashlib.sha256(f.read()).hexdigest(),
+        }
+    assert scores['protocol']['seed'] == [42, 43] and {
+        'judge',
+        'fid_features',
+        'fid_statistics',
+        'text_encoder',
+        'image_encoder',
+    } <= set(scores['protocol']['weights'])
     assert len(list((tmp_path / 'eval').glob('real_test_64px_shapes-judge-36.npz'))) == 1
     from PIL import Image
+
     grid = Image.open(tmp_path / 'eval' / 'samples_00000002.png')
-    assert grid.size == (2 + 8 * 66, 2 + 3 * 66) and os.listdir(tmp_path / 'eval' / 'tb')   # 3 rows of 8
+    assert grid.size == (2 + 8 * 66, 2 + 3 * 66) and os.listdir(
+        tmp_path / 'eval' / 'tb'
+    )  # 3 rows of 8
     assert len((tmp_path / 'eval' / 'samples_00000002.txt').read_text().splitlines()) == 8
-    assert [r['caption'] for r in json.loads((tmp_path / 'eval' / 'samples_00000002.json').read_text())] == \
-        (tmp_path / 'eval' / 'samples_00000002.txt').read_text().splitlines()
-    dump = tmp_path / 'eval' / 'images_00000002'            # the first of 2 samplings: 12 images
+    assert [
+        r['caption'] for r in json.loads((tmp_path / 'eval' / 'samples_00000002.json').read_text())
+    ] == (tmp_path / 'eval' / 'samples_00000002.txt').read_text().splitlines()
+    dump = tmp_path / 'eval' / 'images_00000002'  # the first of 2 samplings: 12 images
     keys = json.loads((dump / 'keys.json').read_text())
     assert sorted(keys) == sorted(p.name for p in dump.glob('*.png')) and len(keys) == 12
     assert set(keys.values()) <= set(json.load(open(os.path.join(tiny_shapes, 'attributes.json'))))
@@ -307,14 +441,19 @@ def test_watch_stops_cleanly_on_sigterm(tmp_path, embeddings, encoder, trained_r
     cfg['EVAL'].update(BASELINE=False, FID=False)
     path = tmp_path / 'eval.yml'
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != 'OUT'}))
-    proc = subprocess.Popen([sys.executable, 'main.py', '--cfg', str(path), '--out', cfg['OUT'], '--watch'],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, 'main.py', '--cfg', str(path), '--out', cfg['OUT'], '--watch'],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     table = tmp_path / 'eval' / 'eval.txt'
-    for _ in range(1200):                     # hang guard only: wait for both rows, then signal
+    for _ in range(1200):  # hang guard only: wait for both rows, then signal
         if table.is_file() and len(rows(table)) == 2 or proc.poll() is not None:
             break
         time.sleep(0.5)
-    assert proc.poll() is None, proc.stdout.read()       # still watching
+    assert proc.poll() is None, proc.stdout.read()  # still watching
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate()[0]
     assert proc.returncode == 0, out
@@ -324,18 +463,23 @@ def test_watch_stops_cleanly_on_sigterm(tmp_path, embeddings, encoder, trained_r
 # ----------------------------------------------------------------------------
 # Caption embeddings (preprocess_data.py TASK embed)
 # ----------------------------------------------------------------------------
-def test_embedding_resumes_without_recomputing_finished_shards(tmp_path, tiny_shapes, encoder, embeddings):
+def test_embedding_resumes_without_recomputing_finished_shards(
+    tmp_path, tiny_shapes, encoder, embeddings
+):
     E = embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=encoder)
     encode, info = preprocess_data.caption_encoder(E, torch.device('cpu'))
     seen = []
 
-    def interrupted(texts):                   # dies in the train split's third batch (second shard)
+    def interrupted(texts):  # dies in the train split's third batch (second shard)
         if len(seen) == 2:
             raise KeyboardInterrupt
         seen.append(len(texts))
         return encode(texts)
+
     with pytest.raises(KeyboardInterrupt):
-        preprocess_data.embed_captions(E, torch.device('cpu'), utils.get_logger(None, 'test'), (interrupted, info))
+        preprocess_data.embed_captions(
+            E, torch.device('cpu'), utils.get_logger(None, 'test'), (interrupted, info)
+        )
     first = tmp_path / 'emb' / 'train_00000.pt'
     assert sorted(os.listdir(tmp_path / 'emb')) == ['index.json', 'train_00000.pt']
     stamp = first.stat().st_mtime_ns
@@ -344,34 +488,61 @@ def test_embedding_resumes_without_recomputing_finished_shards(tmp_path, tiny_sh
     def counting(texts):
         seen.append(len(texts))
         return encode(texts)
-    index = preprocess_data.embed_captions(E, torch.device('cpu'), utils.get_logger(None, 'test'), (counting, info))
+
+    index = preprocess_data.embed_captions(
+        E, torch.device('cpu'), utils.get_logger(None, 'test'), (counting, info)
+    )
     total = sum(sp['num_captions'] for sp in index['splits'].values())
     assert index['complete'] and sum(seen) == total - 32 and first.stat().st_mtime_ns == stamp
-    for name in os.listdir(embeddings):        # the same bytes' worth as an uninterrupted run
+    for name in os.listdir(embeddings):  # the same bytes' worth as an uninterrupted run
         if name.endswith('.pt'):
-            a, b = (torch.load(os.path.join(d, name), weights_only=True) for d in (embeddings, tmp_path / 'emb'))
+            a, b = (
+                torch.load(os.path.join(d, name), weights_only=True)
+                for d in (embeddings, tmp_path / 'emb')
+            )
             assert a['keys'] == b['keys'] and a['texts'] == b['texts']
             torch.testing.assert_close(a['words'], b['words'])
     with pytest.raises(utils.UserError, match='other settings'):
-        preprocess_data.embed_captions(embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=encoder, MAX_LEN=9),
-                                       torch.device('cpu'), utils.get_logger(None, 'test'))
+        preprocess_data.embed_captions(
+            embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=encoder, MAX_LEN=9),
+            torch.device('cpu'),
+            utils.get_logger(None, 'test'),
+        )
 
 
 def test_embedding_with_a_tiny_bert(tmp_path, tiny_shapes):
     """The transformers path with a random BertConfig saved like a hub model: [CLS] ... [SEP]
     within 17 tokens, sentence = sum of the 17 outputs / true length (the original's formula)."""
     from transformers import BertConfig, BertModel, BertTokenizer
+
     d = utils.AttnGANData(tiny_shapes, 10)
     vocab = tmp_path / 'vocab.txt'
-    vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] +
-                               [d.ixtoword[i] for i in range(1, len(d.ixtoword))] + ['.', ',', ';']) + '\n')
+    vocab.write_text(
+        '\n'.join(
+            ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
+            + [d.ixtoword[i] for i in range(1, len(d.ixtoword))]
+            + ['.', ',', ';']
+        )
+        + '\n'
+    )
     bert_dir = tmp_path / 'bert'
     BertTokenizer(str(vocab)).save_pretrained(bert_dir)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab.read_text().split()), hidden_size=8, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=16, max_position_embeddings=32)).save_pretrained(bert_dir)
-    index = preprocess_data.embed_captions(embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=str(bert_dir), MAX_CAPTIONS=1),
-                                           torch.device('cpu'), utils.get_logger(None, 'test'))
+    BertModel(
+        BertConfig(
+            vocab_size=len(vocab.read_text().split()),
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(bert_dir)
+    index = preprocess_data.embed_captions(
+        embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=str(bert_dir), MAX_CAPTIONS=1),
+        torch.device('cpu'),
+        utils.get_logger(None, 'test'),
+    )
     assert index['dim'] == 8 and index['encoder']['kind'] == 'transformers'
     shard = torch.load(tmp_path / 'emb' / 'test_00000.pt', weights_only=True)
     assert shard['words'].shape == (20, 17, 8) and shard['words'].dtype == torch.float16
@@ -384,6 +555,7 @@ def test_embedding_with_a_tiny_bert(tmp_path, tiny_shapes):
 def test_model_is_read_from_the_merged_cfg(tmp_path):
     """MODEL chooses the trainer as the merged cfg has it: the file's, overridden by --set."""
     import main
+
     parse = utils.base_parser('x').parse_args
     cfg = tmp_path / 'x.yml'
     cfg.write_text('MODEL: XMCGAN\n')
