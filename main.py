@@ -85,17 +85,17 @@ def build_dataset(cfg, split, train, two_captions=False):
     )
 
 
-def init_weights(m):
+def init_weights(module):
     """DM-GAN's weights_init: orthogonal conv/linear, BN gamma ~ N(1, 0.02)."""
-    if isinstance(m, models.SpectralNorm):
-        nn.init.orthogonal_(m.weight_bar.data)
-    elif isinstance(m, (nn.Conv2d, nn.Linear)) and 'weight' in m._parameters:
-        nn.init.orthogonal_(m.weight.data)
-        if m.bias is not None:
-            m.bias.data.zero_()
-    elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        m.weight.data.normal_(1.0, 0.02)
-        m.bias.data.zero_()
+    if isinstance(module, models.SpectralNorm):
+        nn.init.orthogonal_(module.weight_bar.data)
+    elif isinstance(module, (nn.Conv2d, nn.Linear)) and 'weight' in module._parameters:
+        nn.init.orthogonal_(module.weight.data)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        module.weight.data.normal_(1.0, 0.02)
+        module.bias.data.zero_()
 
 
 # ----------------------------------------------------------------------------
@@ -128,12 +128,14 @@ def generator_adv_loss(netsD, fakes, sent):
     return total
 
 
-def damsm_loss(image_encoder, fake, words, sent, pad, class_ids, g):
+def damsm_loss(image_encoder, fake, words, sent, pad, class_ids, smooth_cfg):
     """DAMSM word + sentence losses, both directions, on the last stage's image
     (AttnGAN Eq. 10-14), with the frozen encoders; weighted by LAMBDA by the caller."""
     regions, global_feat = image_encoder.encode(fake)
-    w0, w1, _ = models.words_loss(regions, words, pad, class_ids, g.GAMMA1, g.GAMMA2, g.GAMMA3)
-    s0, s1 = models.sent_loss(global_feat, sent, class_ids, g.GAMMA3)
+    w0, w1, _ = models.words_loss(
+        regions, words, pad, class_ids, smooth_cfg.GAMMA1, smooth_cfg.GAMMA2, smooth_cfg.GAMMA3
+    )
+    s0, s1 = models.sent_loss(global_feat, sent, class_ids, smooth_cfg.GAMMA3)
     return w0 + w1 + s0 + s1, global_feat
 
 
@@ -145,18 +147,20 @@ def kl_loss(mu, logvar):
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
-def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T, amp, step):
+def train_step(
+    ddp_G, ddp_Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, train_cfg, amp, step
+):
     """One D step per stage, then one G step, on a batch: reals per stage, text features of
     each caption view (two with the contrastive term), the same z for every view."""
     with amp:
-        outs = [G(noise, s, w, p) for w, s, p in feats]
+        outs = [ddp_G(noise, s, w, p) for w, s, p in feats]
     # --- D: every stage, summed over caption views
     errD_total = 0.0
-    for i, (D, optD) in enumerate(zip(Ds, optsD)):
+    for i, (ddp_D, optD) in enumerate(zip(ddp_Ds, optsD)):
         optD.zero_grad(set_to_none=True)
         with amp:
             errD = sum(
-                discriminator_loss(D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats)
+                discriminator_loss(ddp_D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats)
             )
         utils.check_finite(errD, f'D{i}', step)
         errD.backward()
@@ -166,21 +170,23 @@ def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T,
     optG.zero_grad(set_to_none=True)
     with amp:
         errG, img_codes, damsm_total = 0.0, [], 0.0
-        use_encoder = T.SMOOTH.LAMBDA > 0 or len(feats) == 2  # else the image encoder adds nothing
+        use_encoder = (
+            train_cfg.SMOOTH.LAMBDA > 0 or len(feats) == 2
+        )  # else the image encoder adds nothing
         for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
-            errG = errG + generator_adv_loss(Ds, fakes, sent) + kl_loss(mu, logvar)
+            errG = errG + generator_adv_loss(ddp_Ds, fakes, sent) + kl_loss(mu, logvar)
             if use_encoder:
                 damsm, code = damsm_loss(
-                    image_enc, fakes[-1], words, sent, pad, class_ids, T.SMOOTH
+                    image_enc, fakes[-1], words, sent, pad, class_ids, train_cfg.SMOOTH
                 )
-                errG = errG + T.SMOOTH.LAMBDA * damsm
+                errG = errG + train_cfg.SMOOTH.LAMBDA * damsm
                 img_codes.append(code)
                 damsm_total += damsm.item()
         if len(feats) == 2:
             # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
             a, b = (utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes)
-            cl = models.nt_xent_loss(a, b, T.CONTRASTIVE.TEMPERATURE)
-            errG = errG + T.CONTRASTIVE.WEIGHT * cl
+            cl = models.nt_xent_loss(a, b, train_cfg.CONTRASTIVE.TEMPERATURE)
+            errG = errG + train_cfg.CONTRASTIVE.WEIGHT * cl
     utils.check_finite(errG, 'G', step)
     errG.backward()
     optG.step()
@@ -189,15 +195,15 @@ def train_step(G, Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, T,
 
 def train(run, args):
     cfg, dev, log = run.cfg, run.device, run.log
-    T, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
+    train_cfg, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
     text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     ds = build_dataset(cfg, 'train', train=True, two_captions=contrastive)
     loader = utils.make_loader(
-        ds, T.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
+        ds, train_cfg.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
     )
     if len(loader) == 0:
         raise utils.UserError(
-            f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} exceeds the {len(ds)} training images"
+            f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE} exceeds the {len(ds)} training images"
         )
     sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
     netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
@@ -209,11 +215,11 @@ def train(run, args):
     for net in (netG, netsD):  # NHWC: faster convolutions on CPU (oneDNN) and on tensor cores
         net.to(memory_format=torch.channels_last)
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
-    optG = torch.optim.Adam(netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999))
+    optG = torch.optim.Adam(netG.parameters(), lr=train_cfg.GENERATOR_LR, betas=(0.5, 0.999))
     optsD = [
         torch.optim.Adam(
             [p for p in d.parameters() if p.requires_grad],
-            lr=T.DISCRIMINATOR_LR,
+            lr=train_cfg.DISCRIMINATOR_LR,
             betas=(0.5, 0.999),
         )
         for d in netsD
@@ -225,21 +231,23 @@ def train(run, args):
     if ckpt:
         step, start_epoch = utils.restore_checkpoint(ckpt, nets, opts)
         seconds_before = ckpt['extra'].get('train_seconds', 0.0)
-    elif T.NET_G:
-        init_from_released(T.NET_G, netG, netG_ema, netsD, dev, log)
-    G, Ds = utils.wrap_ddp(netG, dev), [utils.wrap_ddp(d, dev) for d in netsD]
-    for D, netD in zip(Ds, netsD):  # the logit heads are reached through the wrapper's module
-        D.cond, D.uncond = netD.cond, netD.uncond
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=T.AMP)
+    elif train_cfg.NET_G:
+        init_from_released(train_cfg.NET_G, netG, netG_ema, netsD, dev, log)
+    ddp_G, ddp_Ds = utils.wrap_ddp(netG, dev), [utils.wrap_ddp(d, dev) for d in netsD]
+    for ddp_D, netD in zip(
+        ddp_Ds, netsD
+    ):  # the logit heads are reached through the wrapper's module
+        ddp_D.cond, ddp_D.uncond = netD.cond, netD.uncond
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
     fixed = fixed_test_batch(cfg, text_enc, dev)
     log.info(
         f"G {count(netG):,} params, D {[count(d) for d in netsD]}, {len(ds)} images, "
         f"{len(loader)} steps/epoch, contrastive={contrastive}"
     )
     t0, last = time.time(), {}
-    for epoch in range(start_epoch, T.MAX_EPOCH):
+    for epoch in range(start_epoch, train_cfg.MAX_EPOCH):
         utils.set_epoch(loader, epoch)
-        bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=log)
         for batch in bar:
             reals = [
                 im.to(dev, non_blocking=True, memory_format=torch.channels_last)
@@ -251,8 +259,8 @@ def train(run, args):
             )  # same z for both views
             feats = [models.encode_text(text_enc, v, dev) for v in views]
             last = train_step(
-                G,
-                Ds,
+                ddp_G,
+                ddp_Ds,
                 optG,
                 optsD,
                 image_enc,
@@ -260,18 +268,18 @@ def train(run, args):
                 batch['class_id'].to(dev),
                 feats,
                 noise,
-                T,
+                train_cfg,
                 amp,
                 step,
             )
-            models.ema_update(netG_ema, netG, T.EMA_DECAY)
+            models.ema_update(netG_ema, netG, train_cfg.EMA_DECAY)
             step += 1
             bar.set_postfix(**last)
-            if step % T.LOG_EVERY == 0:
+            if step % train_cfg.LOG_EVERY == 0:
                 for k, v in last.items():
                     run.writer.add_scalar(f'train/{k}', v, step)
         write_samples(run, netG_ema, fixed, epoch + 1)
-        if (epoch + 1) % T.SNAPSHOT_INTERVAL == 0 or epoch + 1 == T.MAX_EPOCH:
+        if (epoch + 1) % train_cfg.SNAPSHOT_INTERVAL == 0 or epoch + 1 == train_cfg.MAX_EPOCH:
             seconds = round(
                 seconds_before + time.time() - t0, 1
             )  # training time, for learning curves
@@ -284,7 +292,7 @@ def train(run, args):
                 epoch=epoch + 1,
                 cfg=cfg,
                 extra={'text_dim': text_enc.spec['dim'], 'train_seconds': seconds},
-                keep=T.KEEP_CHECKPOINTS,
+                keep=train_cfg.KEEP_CHECKPOINTS,
             )
             log.info(f"epoch {epoch + 1}: saved {path}")
     utils.write_metrics(
@@ -319,8 +327,8 @@ def init_from_released(path, netG, netG_ema, netsD, dev, log):
     log.info(f"fine-tuning from {path} and netD0..{len(netsD) - 1}.pth beside it")
 
 
-def count(m):
-    return sum(p.numel() for p in m.parameters())
+def count(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def fixed_test_batch(cfg, text_enc, dev, n=8):
@@ -365,9 +373,9 @@ def write_samples(run, netG, fixed, epoch):
 def eval_records(cfg, ds):
     """Passes over the test set up to EVAL.NUM_IMAGES records, a seeded random caption of each
     image per pass, with the PNG name of its image."""
-    E, rng, records = cfg.EVAL, np.random.RandomState(cfg.EVAL.SEED), []
-    n_target = min(E.NUM_IMAGES, E.MAX_PASSES * len(ds))
-    for p in range(E.MAX_PASSES):
+    eval_cfg, rng, records = cfg.EVAL, np.random.RandomState(cfg.EVAL.SEED), []
+    n_target = min(eval_cfg.NUM_IMAGES, eval_cfg.MAX_PASSES * len(ds))
+    for p in range(eval_cfg.MAX_PASSES):
         for k, c in zip(ds.keys, ds.class_ids):
             if len(records) == n_target:
                 return records
@@ -395,14 +403,19 @@ def dmgan_sampler(cfg, netG, text_enc, dev):
     return sample
 
 
-def metric_plugins(E, text_enc, image_enc, judge=None, out_dir=None):
+def metric_plugins(eval_cfg, text_enc, image_enc, judge=None, out_dir=None):
     """R-precision and CLIP score on the conditioning encoders; with a judge, its accuracy on the
     images as their PNG files hold them and the shuffled-caption baseline; with out_dir, the
     image dump."""
-    plugins = utils.encoder_plugins(text_enc, image_enc, E.R_NEG, E.R_FOLDS, E.SEED)
+    plugins = utils.encoder_plugins(
+        text_enc, image_enc, eval_cfg.R_NEG, eval_cfg.R_FOLDS, eval_cfg.SEED
+    )
     if judge is not None:
         accuracy = utils.JudgeAccuracy(judge)
-        plugins += [accuracy, utils.ShuffledJudge(accuracy, lambda n: utils.derangement(n, E.SEED))]
+        plugins += [
+            accuracy,
+            utils.ShuffledJudge(accuracy, lambda n: utils.derangement(n, eval_cfg.SEED)),
+        ]
     if out_dir:
         plugins.append(utils.ImageDump(out_dir))
     return plugins
@@ -428,16 +441,16 @@ def generate_and_score(
 ):
     """Scores (and the protocol) of netG's images of eval_records; the records, each with its
     judge verdict when a judge is given. Saves each image in out_dir when given."""
-    E = cfg.EVAL
+    eval_cfg = cfg.EVAL
     records = eval_records(cfg, build_dataset(cfg, 'test', train=False))
-    torch.manual_seed(E.SEED)  # conditioning augmentation samples from the global generator
+    torch.manual_seed(eval_cfg.SEED)  # conditioning augmentation samples from the global generator
     scores = utils.evaluate_generator(
         dmgan_sampler(cfg, netG, text_enc, dev),
         records,
-        metric_plugins(E, text_enc, image_enc, judge, out_dir),
-        E.BATCH_SIZE,
+        metric_plugins(eval_cfg, text_enc, image_enc, judge, out_dir),
+        eval_cfg.BATCH_SIZE,
         'test',
-        E.SEED,
+        eval_cfg.SEED,
         weights_files(generator_path, text_enc, image_enc, judge),
         image_size(cfg),
         per_pass=True,

@@ -136,14 +136,23 @@ def check_cfg(cfg):
 def image_transforms(size, train):
     """open_clip's CSV transforms (open_clip transform.py image_transform) ending in [-1, 1];
     the encoders normalise."""
-    import torchvision.transforms as T
+    from torchvision import transforms
 
     first = (
-        [T.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC)]
+        [
+            transforms.RandomResizedCrop(
+                size, scale=(0.9, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+            )
+        ]
         if train
-        else [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+        else [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+        ]
     )
-    return T.Compose(first + [T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    return transforms.Compose(
+        first + [transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]
+    )
 
 
 class CSVTrainSet(torch.utils.data.Dataset):
@@ -207,8 +216,8 @@ def class_ids_for(paths, mode):
 
 def build_data(cfg):
     """-> training set, test EvalSet, vocabulary (AttnGAN's ixtoword order) for word tokenizers."""
-    D, size, num = cfg.DATA, cfg.TREE.BASE_SIZE, cfg.EVAL.NUM
-    if D.FORMAT == 'attngan':
+    data_cfg, size, num = cfg.DATA, cfg.TREE.BASE_SIZE, cfg.EVAL.NUM
+    if data_cfg.FORMAT == 'attngan':
         data = utils.AttnGANData(cfg.DATA_DIR, cfg.TEXT.CAPTIONS_PER_IMAGE)
         train = utils.TextImageDataset(
             data,
@@ -218,21 +227,23 @@ def build_data(cfg):
             words_num=cfg.TEXT.WORDS_NUM,
             train=True,
             two_captions=cfg.LOSS.NTXENT > 0,
-            flip=D.FLIP,
+            flip=data_cfg.FLIP,
         )
         test = utils.TextImageDataset(data, 'test', base_size=size, branch_num=1, train=False)
         cls = data.class_ids('test')
         keys = data.keys['test'][: num or None]
         evalset = EvalSet([(k, data.raw_captions(k)[:2], cls[i]) for i, k in enumerate(keys)], test)
         return train, evalset, [data.ixtoword[i] for i in range(len(data.ixtoword))]
-    kw = dict(img_key=D.CSV_IMG_KEY, caption_key=D.CSV_CAPTION_KEY, sep=D.CSV_SEP)
-    pairs = utils.read_csv_pairs(D.TRAIN_CSV, **kw)
-    train = CSVTrainSet(pairs, class_ids_for([p for p, _ in pairs], D.CLASS_FROM), size)
+    kw = dict(
+        img_key=data_cfg.CSV_IMG_KEY, caption_key=data_cfg.CSV_CAPTION_KEY, sep=data_cfg.CSV_SEP
+    )
+    pairs = utils.read_csv_pairs(data_cfg.TRAIN_CSV, **kw)
+    train = CSVTrainSet(pairs, class_ids_for([p for p, _ in pairs], data_cfg.CLASS_FROM), size)
     grouped = collections.OrderedDict()
-    for path, cap in utils.read_csv_pairs(D.VAL_CSV, **kw):
+    for path, cap in utils.read_csv_pairs(data_cfg.VAL_CSV, **kw):
         grouped.setdefault(path, []).append(cap)
     paths = list(grouped)[: num or None]
-    cls = class_ids_for(paths, D.CLASS_FROM)
+    cls = class_ids_for(paths, data_cfg.CLASS_FROM)
     evalset = EvalSet([(p, grouped[p][:2], c) for p, c in zip(paths, cls)], size=size)
     words = []
     if cfg.MODEL.TOKENIZER in ('attngan', 'words'):
@@ -248,125 +259,127 @@ def hf_clip_config(cfg, tok_spec):
     """clip_hf: the hub/folder CLIPConfig, or a small random-init one sized by MODEL.CLIP."""
     from transformers import CLIPConfig
 
-    M, C = cfg.MODEL, cfg.MODEL.CLIP
-    if M.PRETRAINED:
+    model_cfg, clip_cfg = cfg.MODEL, cfg.MODEL.CLIP
+    if model_cfg.PRETRAINED:
         try:
-            return CLIPConfig.from_pretrained(M.PRETRAINED)
+            return CLIPConfig.from_pretrained(model_cfg.PRETRAINED)
         except OSError as e:
             raise utils.UserError(
-                f"MODEL.PRETRAINED={M.PRETRAINED!r}: no CLIP config offline "
+                f"MODEL.PRETRAINED={model_cfg.PRETRAINED!r}: no CLIP config offline "
                 f"({str(e).splitlines()[0][:200]})"
             )
-    if C.PATCH_SIZE <= 0 or len(C.VISION_LAYERS) != 1:
+    if clip_cfg.PATCH_SIZE <= 0 or len(clip_cfg.VISION_LAYERS) != 1:
         raise utils.UserError(
             "MODEL.CLIP: a random-init clip_hf model is a ViT: PATCH_SIZE > 0 "
             "and VISION_LAYERS = [depth]"
         )
-    D, tok = cfg.TEXT.EMBEDDING_DIM, models.TextEncoderTokenizer(tok_spec)
+    embed_dim, tok = cfg.TEXT.EMBEDDING_DIM, models.TextEncoderTokenizer(tok_spec)
     return CLIPConfig(
         text_config=dict(
             vocab_size=len(tok_spec['vocab']),
-            hidden_size=C.TEXT_WIDTH,
-            intermediate_size=4 * C.TEXT_WIDTH,
-            num_hidden_layers=C.TEXT_LAYERS,
-            num_attention_heads=C.TEXT_HEADS,
+            hidden_size=clip_cfg.TEXT_WIDTH,
+            intermediate_size=4 * clip_cfg.TEXT_WIDTH,
+            num_hidden_layers=clip_cfg.TEXT_LAYERS,
+            num_attention_heads=clip_cfg.TEXT_HEADS,
             max_position_embeddings=cfg.TEXT.WORDS_NUM,
-            projection_dim=D,
+            projection_dim=embed_dim,
             bos_token_id=tok.sot,
             eos_token_id=tok.eot,
             pad_token_id=tok.pad_id,
         ),
         vision_config=dict(
-            hidden_size=C.VISION_WIDTH,
-            intermediate_size=4 * C.VISION_WIDTH,
-            num_hidden_layers=C.VISION_LAYERS[0],
-            num_attention_heads=C.VISION_WIDTH // C.HEAD_WIDTH,
+            hidden_size=clip_cfg.VISION_WIDTH,
+            intermediate_size=4 * clip_cfg.VISION_WIDTH,
+            num_hidden_layers=clip_cfg.VISION_LAYERS[0],
+            num_attention_heads=clip_cfg.VISION_WIDTH // clip_cfg.HEAD_WIDTH,
             image_size=cfg.TREE.BASE_SIZE,
-            patch_size=C.PATCH_SIZE,
-            projection_dim=D,
+            patch_size=clip_cfg.PATCH_SIZE,
+            projection_dim=embed_dim,
         ),
-        projection_dim=D,
+        projection_dim=embed_dim,
     )
 
 
 def build_encoders(cfg, words, log):
     """The text and image encoder specs of MODEL.FAMILY, the modules, pretrained weights."""
-    M, C, D = cfg.MODEL, cfg.MODEL.CLIP, cfg.TEXT.EMBEDDING_DIM
-    tok = models.tokenizer_spec(M.TOKENIZER, cfg.TEXT.WORDS_NUM, M.TOKENIZER_PATH, words)
-    if M.FAMILY == 'damsm':
+    model_cfg, clip_cfg, embed_dim = cfg.MODEL, cfg.MODEL.CLIP, cfg.TEXT.EMBEDDING_DIM
+    tok = models.tokenizer_spec(
+        model_cfg.TOKENIZER, cfg.TEXT.WORDS_NUM, model_cfg.TOKENIZER_PATH, words
+    )
+    if model_cfg.FAMILY == 'damsm':
         text = {
             'family': 'damsm',
-            'dim': D,
+            'dim': embed_dim,
             'tokenizer': tok,
-            'word_dim': M.RNN.WORD_DIM,
-            'dropout': M.RNN.DROPOUT,
+            'word_dim': model_cfg.RNN.WORD_DIM,
+            'dropout': model_cfg.RNN.DROPOUT,
         }
         image = {
             'family': 'damsm',
-            'dim': D,
+            'dim': embed_dim,
             'image_size': cfg.TREE.BASE_SIZE,
-            'backbone': M.CNN.BACKBONE,
-            'width': M.CNN.WIDTH,
-            'train_backbone': M.CNN.TRAIN_BACKBONE,
-            'bn_stats': M.CNN.BN_STATS,
+            'backbone': model_cfg.CNN.BACKBONE,
+            'width': model_cfg.CNN.WIDTH,
+            'train_backbone': model_cfg.CNN.TRAIN_BACKBONE,
+            'bn_stats': model_cfg.CNN.BN_STATS,
         }
-        if M.CNN.BN_STATS not in ('adapt', 'frozen'):
+        if model_cfg.CNN.BN_STATS not in ('adapt', 'frozen'):
             raise utils.UserError(
-                f"MODEL.CNN.BN_STATS={M.CNN.BN_STATS!r}: expected adapt or frozen"
+                f"MODEL.CNN.BN_STATS={model_cfg.CNN.BN_STATS!r}: expected adapt or frozen"
             )
-    elif M.FAMILY == 'clip':
+    elif model_cfg.FAMILY == 'clip':
         text = {
             'family': 'clip',
-            'dim': D,
+            'dim': embed_dim,
             'tokenizer': tok,
-            'width': C.TEXT_WIDTH,
-            'heads': C.TEXT_HEADS,
-            'layers': C.TEXT_LAYERS,
-            'keep_special': M.KEEP_SPECIAL,
+            'width': clip_cfg.TEXT_WIDTH,
+            'heads': clip_cfg.TEXT_HEADS,
+            'layers': clip_cfg.TEXT_LAYERS,
+            'keep_special': model_cfg.KEEP_SPECIAL,
         }
         image = {
             'family': 'clip',
-            'dim': D,
+            'dim': embed_dim,
             'image_size': cfg.TREE.BASE_SIZE,
-            'layers': list(C.VISION_LAYERS),
-            'width': C.VISION_WIDTH,
-            'head_width': C.HEAD_WIDTH,
-            'patch_size': C.PATCH_SIZE,
+            'layers': list(clip_cfg.VISION_LAYERS),
+            'width': clip_cfg.VISION_WIDTH,
+            'head_width': clip_cfg.HEAD_WIDTH,
+            'patch_size': clip_cfg.PATCH_SIZE,
         }
     else:
         config = hf_clip_config(cfg, tok)
         tc, vc = config.text_config, config.vision_config
         if (
-            not (tc.projection_dim == vc.projection_dim == D)
+            not (tc.projection_dim == vc.projection_dim == embed_dim)
             or tc.vocab_size != len(tok['vocab'])
             or tc.max_position_embeddings < cfg.TEXT.WORDS_NUM
         ):
             raise utils.UserError(
-                f"TEXT.EMBEDDING_DIM={D}, the tokenizer's {len(tok['vocab'])} ids and "
+                f"TEXT.EMBEDDING_DIM={embed_dim}, the tokenizer's {len(tok['vocab'])} ids and "
                 f"TEXT.WORDS_NUM={cfg.TEXT.WORDS_NUM} must fit the CLIP model: projection_dim "
                 f"{tc.projection_dim}, vocab_size {tc.vocab_size}, "
                 f"{tc.max_position_embeddings} positions"
             )
         text = {
             'family': 'clip_hf',
-            'dim': D,
+            'dim': embed_dim,
             'tokenizer': tok,
-            'keep_special': M.KEEP_SPECIAL,
+            'keep_special': model_cfg.KEEP_SPECIAL,
             'config': config.text_config.to_dict(),
         }
-        image = {'family': 'clip_hf', 'dim': D, 'config': config.vision_config.to_dict()}
+        image = {'family': 'clip_hf', 'dim': embed_dim, 'config': config.vision_config.to_dict()}
     te, ie = models.build_text_encoder(text), models.build_image_encoder(image)
-    if M.FAMILY == 'damsm' and M.CNN.BACKBONE == 'inception_v3':
-        models.load_inception_weights(ie, M.PRETRAINED, log)
-    if M.FAMILY == 'clip_hf':
-        if M.PRETRAINED:
+    if model_cfg.FAMILY == 'damsm' and model_cfg.CNN.BACKBONE == 'inception_v3':
+        models.load_inception_weights(ie, model_cfg.PRETRAINED, log)
+    if model_cfg.FAMILY == 'clip_hf':
+        if model_cfg.PRETRAINED:
             from transformers import CLIPModel
 
             try:
-                clip = CLIPModel.from_pretrained(M.PRETRAINED)
+                clip = CLIPModel.from_pretrained(model_cfg.PRETRAINED)
             except OSError as e:
                 raise utils.UserError(
-                    f"MODEL.PRETRAINED={M.PRETRAINED!r}: no CLIP weights offline "
+                    f"MODEL.PRETRAINED={model_cfg.PRETRAINED!r}: no CLIP weights offline "
                     f"({str(e).splitlines()[0][:200]})"
                 )
             for ours, theirs in (
@@ -376,8 +389,8 @@ def build_encoders(cfg, words, log):
                 (ie.model.visual_projection, clip.visual_projection),
             ):
                 ours.load_state_dict(theirs.state_dict())
-            log.info(f"CLIP weights from {M.PRETRAINED}")
-        set_finetune([te.model, ie.model], M.FINETUNE)
+            log.info(f"CLIP weights from {model_cfg.PRETRAINED}")
+        set_finetune([te.model, ie.model], model_cfg.FINETUNE)
     return te, ie
 
 
@@ -415,22 +428,24 @@ class DualEncoder(nn.Module):
 def param_groups(model, cfg):
     """clip_hf: pretrained weights at BACKBONE_LR, new heads at LINEAR_LR (T2I_CLIP-GAN); else
     one ENCODER_LR. With weight decay, none on gains, biases and logit_scale (open_clip)."""
-    T = cfg.TRAIN
+    train_cfg = cfg.TRAIN
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.MODEL.FAMILY == 'clip_hf':
         is_backbone = lambda n: n.startswith(('text.model.', 'image.model.'))  # noqa: E731
         groups = [
-            ('backbone', T.BACKBONE_LR, [(n, p) for n, p in named if is_backbone(n)]),
-            ('head', T.LINEAR_LR, [(n, p) for n, p in named if not is_backbone(n)]),
+            ('backbone', train_cfg.BACKBONE_LR, [(n, p) for n, p in named if is_backbone(n)]),
+            ('head', train_cfg.LINEAR_LR, [(n, p) for n, p in named if not is_backbone(n)]),
         ]
     else:
-        groups = [('encoder', T.ENCODER_LR, named)]
+        groups = [('encoder', train_cfg.ENCODER_LR, named)]
     out = []
     for name, lr, ps in groups:
         decay = [p for n, p in ps if p.ndim >= 2]
         rest = [p for n, p in ps if p.ndim < 2]
         for params, wd in (
-            ((decay, T.WEIGHT_DECAY), (rest, 0.0)) if T.WEIGHT_DECAY else ((decay + rest, 0.0),)
+            ((decay, train_cfg.WEIGHT_DECAY), (rest, 0.0))
+            if train_cfg.WEIGHT_DECAY
+            else ((decay + rest, 0.0),)
         ):
             if params:
                 out.append(
@@ -440,9 +455,9 @@ def param_groups(model, cfg):
 
 
 def build_optimizer(model, cfg):
-    T = cfg.TRAIN
-    opt = torch.optim.AdamW if T.OPTIMIZER == 'adamw' else torch.optim.Adam
-    return opt(param_groups(model, cfg), betas=tuple(T.BETAS), eps=T.EPS)
+    train_cfg = cfg.TRAIN
+    opt = torch.optim.AdamW if train_cfg.OPTIMIZER == 'adamw' else torch.optim.Adam
+    return opt(param_groups(model, cfg), betas=tuple(train_cfg.BETAS), eps=train_cfg.EPS)
 
 
 def one_cycle(i, total, pct, div, final_div):
@@ -455,20 +470,22 @@ def one_cycle(i, total, pct, div, final_div):
 
 
 def lr_factor(cfg, group, step, epoch, steps_per_epoch):
-    T = cfg.TRAIN
-    if T.SCHEDULE == 'attngan':  # lr *= 0.98 after each epoch while lr > lr0 / 10
+    train_cfg = cfg.TRAIN
+    if train_cfg.SCHEDULE == 'attngan':  # lr *= 0.98 after each epoch while lr > lr0 / 10
         f = 1.0
         for _ in range(epoch):
             f = f * 0.98 if f > 0.1 else f
         return f
     if (
-        T.SCHEDULE == 'onecycle_epoch'
+        train_cfg.SCHEDULE == 'onecycle_epoch'
     ):  # T2I_CLIP-GAN: OneCycleLR sized in batches, stepped per epoch
         pct, div, final_div = (0.02, 25.0, 1e4) if group != 'head' else (0.1, 1e3, 1e6)
-        return one_cycle(epoch, steps_per_epoch * T.MAX_EPOCH, pct, div, final_div)
-    if T.SCHEDULE == 'cosine':  # open_clip's cosine_lr: linear warmup, cosine to 0, per step
-        total = steps_per_epoch * T.MAX_EPOCH
-        warm = max(1, int(T.WARMUP * total))
+        return one_cycle(epoch, steps_per_epoch * train_cfg.MAX_EPOCH, pct, div, final_div)
+    if (
+        train_cfg.SCHEDULE == 'cosine'
+    ):  # open_clip's cosine_lr: linear warmup, cosine to 0, per step
+        total = steps_per_epoch * train_cfg.MAX_EPOCH
+        warm = max(1, int(train_cfg.WARMUP * total))
         if step < warm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
@@ -517,16 +534,16 @@ def compute_losses(feats, class_ids, cfg, logit_scale=None, world=1, gather=_ide
     """The weighted objective. Under DDP each rank computes it on the gathered global batch
     (its own shard keeps the gradient); the caller multiplies it by the world size, so DDP's
     gradient average is exactly the global loss's gradient. Returns (loss, values, maps)."""
-    L, S = cfg.LOSS, cfg.TRAIN.SMOOTH
+    loss_cfg, smooth_cfg = cfg.LOSS, cfg.TRAIN.SMOOTH
     regions, img, views = feats
-    cls = gather(class_ids) if L.CLASS_MASK else None
+    cls = gather(class_ids) if loss_cfg.CLASS_MASK else None
     img = gather(_fp32(img))
-    reg = gather(_fp32(regions)) if L.WORDS else None
+    reg = gather(_fp32(regions)) if loss_cfg.WORDS else None
     terms, sents, maps = collections.defaultdict(int), [], []
     for words, sent, pad in views:  # T2I_CLIP-GAN: both DAMSM losses for each caption view
         sent = gather(_fp32(sent))
         sents.append(sent)
-        if L.WORDS:
+        if loss_cfg.WORDS:
             if world > 1:  # equal shapes on every rank for the gather
                 extra = cfg.TEXT.WORDS_NUM - words.shape[2]
                 words, pad = F.pad(words, (0, extra)), F.pad(pad, (0, extra), value=True)
@@ -535,30 +552,30 @@ def compute_losses(feats, class_ids, cfg, logit_scale=None, world=1, gather=_ide
                 gather(_fp32(words)),
                 gather(pad.to(torch.uint8)).bool(),
                 cls,
-                S.GAMMA1,
-                S.GAMMA2,
-                S.GAMMA3,
+                smooth_cfg.GAMMA1,
+                smooth_cfg.GAMMA2,
+                smooth_cfg.GAMMA3,
             )
             terms['w_loss0'] += w0
             terms['w_loss1'] += w1
             maps = maps or m
-        if L.SENT:
-            s0, s1 = models.sent_loss(img, sent, cls, S.GAMMA3)
+        if loss_cfg.SENT:
+            s0, s1 = models.sent_loss(img, sent, cls, smooth_cfg.GAMMA3)
             terms['s_loss0'] += s0
             terms['s_loss1'] += s1
-    if L.NTXENT:
-        terms['nt_xent'] = models.nt_xent_loss(sents[0], sents[1], L.NTXENT_TAU)
-    if L.CLIP:
+    if loss_cfg.NTXENT:
+        terms['nt_xent'] = models.nt_xent_loss(sents[0], sents[1], loss_cfg.NTXENT_TAU)
+    if loss_cfg.CLIP:
         # the temperature is one shared weight, not a shard: keep its gradient at 1x after the x world
         scale = logit_scale / world + (logit_scale * (1 - 1 / world)).detach()
         terms['clip'] = models.clip_loss(img, sents[0], scale)
     weight = {
-        'w_loss0': L.WORDS,
-        'w_loss1': L.WORDS,
-        's_loss0': L.SENT,
-        's_loss1': L.SENT,
-        'nt_xent': L.NTXENT,
-        'clip': L.CLIP,
+        'w_loss0': loss_cfg.WORDS,
+        'w_loss1': loss_cfg.WORDS,
+        's_loss0': loss_cfg.SENT,
+        's_loss1': loss_cfg.SENT,
+        'nt_xent': loss_cfg.NTXENT,
+        'clip': loss_cfg.CLIP,
     }
     total = sum(weight[k] * v for k, v in terms.items())
     values = {k: float(v.detach()) for k, v in terms.items()}
@@ -632,9 +649,11 @@ def evaluate(model, loader, cfg, device):
             sums[k] += v
         n += 1
         if panels is None and cfg.EVAL.ATTN_IMAGES and maps:
-            k = cfg.EVAL.ATTN_IMAGES
+            n_attn = cfg.EVAL.ATTN_IMAGES
             panels = attention_panels(
-                images[:k], maps[:k], [model.text.word_strings(t) for t in raw['text'][:k]]
+                images[:n_attn],
+                maps[:n_attn],
+                [model.text.word_strings(t) for t in raw['text'][:n_attn]],
             )
     for msg in skipped:
         logging.getLogger('t2i').warning(f"test image not scored: {msg}")
@@ -671,7 +690,7 @@ def save_encoders(run, model, epoch, step):
 
 
 def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
-    T, amp = cfg.TRAIN, cfg.TRAIN.AMP and run.device.type == 'cuda'
+    train_cfg, amp = cfg.TRAIN, cfg.TRAIN.AMP and run.device.type == 'cuda'
     clip_params = [
         p
         for p in (model.text if cfg.MODEL.FAMILY == 'damsm' else model).parameters()
@@ -679,7 +698,7 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
     ]
     regions = cfg.LOSS.WORDS > 0 or cfg.MODEL.FAMILY != 'clip'  # every weight in the graph, for DDP
     sums, n = collections.defaultdict(float), 0
-    bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=run.log)
+    bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=run.log)
     for raw in bar:
         for g in opt.param_groups:
             g['lr'] = g['base_lr'] * lr_factor(cfg, g['name'], step, epoch, len(loader))
@@ -692,9 +711,9 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
         utils.check_finite(loss, 'DAMSM/CLIP total', step)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss * run.world).backward()
-        if T.RNN_GRAD_CLIP > 0:
+        if train_cfg.RNN_GRAD_CLIP > 0:
             scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(clip_params, T.RNN_GRAD_CLIP)
+            nn.utils.clip_grad_norm_(clip_params, train_cfg.RNN_GRAD_CLIP)
         scaler.step(opt)
         scaler.update()
         if model.logit_scale is not None:  # CLIP: the temperature stays within [1, 100]
@@ -705,7 +724,7 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
             sums[k] += v
         n += 1
         bar.set_postfix(**{k: v for k, v in values.items() if k == 'loss'})
-        if step % T.LOG_EVERY == 0:
+        if step % train_cfg.LOG_EVERY == 0:
             for k, v in values.items():
                 run.writer.add_scalar(f'train_step/{k}', v, step)
             for g in opt.param_groups:

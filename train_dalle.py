@@ -150,31 +150,33 @@ def parse_args(argv=None):
 # Text: utils.DalleTokenizer (0 = padding), built from the cfg or the captions
 # ----------------------------------------------------------------------------
 def build_tokenizer(cfg, pairs=None):
-    t = cfg.TEXT
-    if t.TOKENIZER == 'words':
+    text_cfg = cfg.TEXT
+    if text_cfg.TOKENIZER == 'words':
         return utils.DalleTokenizer.from_captions(
             c for _, caps in pairs for c in ([caps] if isinstance(caps, str) else caps)
         )
-    return utils.DalleTokenizer({'kind': t.TOKENIZER, 'path': t.TOKENIZER_PATH})
+    return utils.DalleTokenizer({'kind': text_cfg.TOKENIZER, 'path': text_cfg.TOKENIZER_PATH})
 
 
 # ----------------------------------------------------------------------------
 # Data: (image in [-1, 1], caption ids); captions tokenised once up front
 # ----------------------------------------------------------------------------
 def build_dataset(cfg, tokenizer, pairs, image_size):
-    import torchvision.transforms as T
+    from torchvision import transforms
 
     ids = {}
     for _, caps in pairs:
-        for c in [caps] if isinstance(caps, str) else caps:
-            if c not in ids:
-                ids[c] = tokenizer.tokenize(c, cfg.TEXT.TEXT_SEQ_LEN, cfg.TEXT.TRUNCATE_CAPTIONS)
+        for caption in [caps] if isinstance(caps, str) else caps:
+            if caption not in ids:
+                ids[caption] = tokenizer.tokenize(
+                    caption, cfg.TEXT.TEXT_SEQ_LEN, cfg.TEXT.TRUNCATE_CAPTIONS
+                )
     lo = cfg.TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO
-    tf = T.Compose(
+    tf = transforms.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=(lo, 1.0), ratio=(1.0, 1.0)),
-            T.ToTensor(),
-            T.Normalize((0.5,) * 3, (0.5,) * 3),
+            transforms.RandomResizedCrop(image_size, scale=(lo, 1.0), ratio=(1.0, 1.0)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5,) * 3, (0.5,) * 3),
         ]
     )
     return utils.PairDataset(pairs, tf, tokenize=ids.__getitem__)
@@ -240,7 +242,7 @@ def make_optimizer(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
-def train_step(model, vae, opt, images, text, c, amp, scaler=None):
+def train_step(model, vae, opt, images, text, train_cfg, amp, scaler=None):
     """One step: tokenise the images with the frozen VAE (unless given as tokens already),
     (CE_text + w·CE_img)/(w+1), clip the gradient norm, Adam. Returns (loss, CE_text, CE_img)."""
     image_tokens = images
@@ -253,26 +255,30 @@ def train_step(model, vae, opt, images, text, c, amp, scaler=None):
     (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
         scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), c.CLIP_GRAD_NORM)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.CLIP_GRAD_NORM)
     scaler.step(opt) if scaler else opt.step()
     if scaler:
         scaler.update()
     return loss.detach(), loss_text.item(), loss_img.item()
 
 
-def autocast(device, c):
+def autocast(device, train_cfg):
     """bf16 autocast on CPU and CUDA; fp16 (with a GradScaler) on CUDA only."""
-    if c.AMP_DTYPE not in ('bfloat16', 'float16'):
-        raise utils.UserError(f"TRAIN.AMP_DTYPE={c.AMP_DTYPE!r}: expected bfloat16 or float16")
-    fp16 = c.AMP and c.AMP_DTYPE == 'float16'
+    if train_cfg.AMP_DTYPE not in ('bfloat16', 'float16'):
+        raise utils.UserError(
+            f"TRAIN.AMP_DTYPE={train_cfg.AMP_DTYPE!r}: expected bfloat16 or float16"
+        )
+    fp16 = train_cfg.AMP and train_cfg.AMP_DTYPE == 'float16'
     if fp16 and device.type != 'cuda':
         raise utils.UserError("TRAIN.AMP_DTYPE=float16 needs CUDA; use bfloat16 on the CPU")
-    amp = torch.autocast(device.type, dtype=getattr(torch, c.AMP_DTYPE), enabled=c.AMP)
+    amp = torch.autocast(
+        device.type, dtype=getattr(torch, train_cfg.AMP_DTYPE), enabled=train_cfg.AMP
+    )
     return amp, (torch.amp.GradScaler('cuda') if fp16 else None)
 
 
 def train(run, args):
-    cfg, dev, log, c = run.cfg, run.device, run.log, run.cfg.TRAIN
+    cfg, dev, log, train_cfg = run.cfg, run.device, run.log, run.cfg.TRAIN
     if not cfg.IMAGE_TEXT_FOLDER:
         raise utils.UserError(
             "IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv"
@@ -287,31 +293,31 @@ def train(run, args):
     else:
         vae = load_vae(cfg, log).to(dev).eval().requires_grad_(False)
         tokenizer = build_tokenizer(cfg, pairs)
-        m = cfg.MODEL
+        model_cfg = cfg.MODEL
         dalle = models.DALLE(
             tokenizer.vocab_size,
             cfg.TEXT.TEXT_SEQ_LEN,
             vae.num_tokens,
             vae.fmap_size,
-            m.DIM,
-            m.DEPTH,
-            m.HEADS,
-            m.DIM_HEAD,
-            m.ATTN_DROPOUT,
-            m.FF_DROPOUT,
-            m.LOSS_IMG_WEIGHT,
+            model_cfg.DIM,
+            model_cfg.DEPTH,
+            model_cfg.HEADS,
+            model_cfg.DIM_HEAD,
+            model_cfg.ATTN_DROPOUT,
+            model_cfg.FF_DROPOUT,
+            model_cfg.LOSS_IMG_WEIGHT,
         ).to(dev)
     if ckpt and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
         raise utils.UserError(
             f"TEXT.TEXT_SEQ_LEN={cfg.TEXT.TEXT_SEQ_LEN} but the checkpoint has {dalle.text_seq_len}"
         )
     ds = build_dataset(cfg, tokenizer, pairs, vae.image_size)
-    amp, scaler = autocast(dev, c)
-    if c.CACHE_IMAGE_TOKENS:
-        if c.RANDOM_RESIZE_CROP_LOWER_RATIO != 1:
+    amp, scaler = autocast(dev, train_cfg)
+    if train_cfg.CACHE_IMAGE_TOKENS:
+        if train_cfg.RANDOM_RESIZE_CROP_LOWER_RATIO != 1:
             raise utils.UserError(
                 f"TRAIN.CACHE_IMAGE_TOKENS needs TRAIN.RANDOM_RESIZE_CROP_LOWER_RATIO=1 (a fixed "
-                f"transform), not {c.RANDOM_RESIZE_CROP_LOWER_RATIO}"
+                f"transform), not {train_cfg.RANDOM_RESIZE_CROP_LOWER_RATIO}"
             )
         t_cache = time.time()
         ds = CachedTokenPairs(ds, vae, dev, amp)
@@ -320,21 +326,21 @@ def train(run, args):
             + (f"; {ds.skipped} pairs with unreadable images dropped" if ds.skipped else '')
         )
     loader = utils.make_loader(
-        ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
+        ds, train_cfg.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
     )
     if len(loader) == 0:
         raise utils.UserError(
-            f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training pairs"
+            f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE} exceeds the {len(ds)} training pairs"
         )
-    opt = make_optimizer(dalle.parameters(), c.LEARNING_RATE)
+    opt = make_optimizer(dalle.parameters(), train_cfg.LEARNING_RATE)
     sched = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode='min', factor=0.5, patience=10, cooldown=10, min_lr=1e-6
         )
-        if c.LR_DECAY
+        if train_cfg.LR_DECAY
         else None
     )
-    if c.AMP and c.AMP_DTYPE == 'bfloat16':
+    if train_cfg.AMP and train_cfg.AMP_DTYPE == 'bfloat16':
         utils.warn_slow_bf16(dev, log)
     scheds = {'sched': sched} if sched else {}
     step, epoch, skip = 0, 0, 0
@@ -351,9 +357,9 @@ def train(run, args):
     log.info(
         f"DALLE {sum(p.numel() for p in dalle.parameters()):,} params (VAE {vae.class_name} frozen), "
         f"text {dalle.text_seq_len} + image {dalle.image_seq_len} tokens, vocab {tokenizer.vocab_size} "
-        f"({tokenizer.spec['kind']}), {len(ds)} pairs, {len(loader)} steps/epoch, amp={c.AMP}"
+        f"({tokenizer.spec['kind']}), {len(ds)} pairs, {len(loader)} steps/epoch, amp={train_cfg.AMP}"
     )
-    fixed = fixed_captions(pairs, tokenizer, cfg, c.NUM_SAMPLES)
+    fixed = fixed_captions(pairs, tokenizer, cfg, train_cfg.NUM_SAMPLES)
 
     def save(epoch, batches_done, name=None):
         return utils.save_checkpoint(
@@ -367,15 +373,18 @@ def train(run, args):
             epoch=epoch,
             cfg=cfg,
             extra={**extra, 'batches_done': batches_done},
-            keep=c.KEEP_N_CHECKPOINTS,
+            keep=train_cfg.KEEP_N_CHECKPOINTS,
             name=name,
         )
 
     t0, start_step, last = time.time(), step, {}
     where = (epoch, skip)  # (epoch, batches done in it) of the latest save
-    for epoch in range(epoch, c.EPOCHS if not (c.MAX_STEPS and step >= c.MAX_STEPS) else epoch):
+    for epoch in range(
+        epoch,
+        train_cfg.EPOCHS if not (train_cfg.MAX_STEPS and step >= train_cfg.MAX_STEPS) else epoch,
+    ):
         utils.set_epoch(loader, epoch)
-        bar = utils.progress(loader, desc=f'epoch {epoch}', every=c.LOG_EVERY, log=log)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=log)
         epoch_loss, n, stop = 0.0, 0, False
         for i, (images, text) in enumerate(bar):
             if i < skip:  # resumed mid-epoch: the same order, past the batches done; loading
@@ -383,28 +392,39 @@ def train(run, args):
                     utils.set_rng_state(ckpt['rng'])
                 continue
             loss, lt, li = train_step(
-                model, vae, opt, images.to(dev, non_blocking=True), text.to(dev), c, amp, scaler
+                model,
+                vae,
+                opt,
+                images.to(dev, non_blocking=True),
+                text.to(dev),
+                train_cfg,
+                amp,
+                scaler,
             )
             utils.check_finite(loss, 'dalle', step)
             step += 1
             epoch_loss, n = epoch_loss + loss.item(), n + 1
             last = {'loss': loss.item(), 'loss_text': lt, 'loss_img': li}
             bar.set_postfix(**last)
-            if step % c.LOG_EVERY == 0:
+            if step % train_cfg.LOG_EVERY == 0:
                 for k, v in {**last, 'lr': opt.param_groups[0]['lr']}.items():
                     run.writer.add_scalar(f'train/{k}', v, step)
-            if c.SAMPLE_EVERY and step % c.SAMPLE_EVERY == 0:
+            if train_cfg.SAMPLE_EVERY and step % train_cfg.SAMPLE_EVERY == 0:
                 write_samples(run, dalle, vae, fixed, cfg.SAMPLE, step)
-            stop = bool(c.MAX_STEPS) and step >= c.MAX_STEPS
+            stop = bool(train_cfg.MAX_STEPS) and step >= train_cfg.MAX_STEPS
             if stop and i + 1 < len(loader):
                 break
-            if c.SAVE_EVERY_N_STEPS and step % c.SAVE_EVERY_N_STEPS == 0 and i + 1 < len(loader):
+            if (
+                train_cfg.SAVE_EVERY_N_STEPS
+                and step % train_cfg.SAVE_EVERY_N_STEPS == 0
+                and i + 1 < len(loader)
+            ):
                 save(epoch, i + 1)
         skip = 0
         where = (epoch, i + 1) if stop and i + 1 < len(loader) else (epoch + 1, 0)
         if where[1] == 0 and sched and n:
             sched.step(utils.all_reduce_mean(epoch_loss / n))
-        if not c.SAMPLE_EVERY or stop:
+        if not train_cfg.SAMPLE_EVERY or stop:
             write_samples(run, dalle, vae, fixed, cfg.SAMPLE, step)
         log.info(f"epoch {epoch}, step {step}: saved {save(*where)}")
         if stop:
@@ -422,13 +442,13 @@ def train(run, args):
     utils.write_metrics(run.out, metrics)
 
 
-def holdout_records(E):
+def holdout_records(eval_cfg):
     """EVAL.NUM_CAPTIONS caption records spread over EVAL.HOLDOUT, the first caption of each
     pair, the class its key's folder."""
-    if not E.HOLDOUT:
+    if not eval_cfg.HOLDOUT:
         raise utils.UserError("EVAL.JUDGE needs EVAL.HOLDOUT: held-out (image, caption) pairs")
-    pairs = utils.read_pairs(E.HOLDOUT)
-    pairs = pairs[:: max(1, len(pairs) // E.NUM_CAPTIONS)][: E.NUM_CAPTIONS]
+    pairs = utils.read_pairs(eval_cfg.HOLDOUT)
+    pairs = pairs[:: max(1, len(pairs) // eval_cfg.NUM_CAPTIONS)][: eval_cfg.NUM_CAPTIONS]
     records = []
     for i, (path, caps) in enumerate(pairs):
         key = utils.shapes_key(path)
@@ -498,18 +518,20 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     protocol: true caption against R_NEG captions of images of other classes, by the encoder's
     cosine) and their CLIP score. Writes holdout_samples.png (rows: trained, untrained), the
     samples as PNGs with keys.json in holdout_images/ and judge.jsonl (one verdict per sample)."""
-    E = cfg.EVAL
-    held = holdout_records(E)
-    judge = models.load_judge(E.JUDGE, dev)
+    eval_cfg = cfg.EVAL
+    held = holdout_records(eval_cfg)
+    judge = models.load_judge(eval_cfg.JUDGE, dev)
     weights = {'dalle': dalle_path, 'judge': judge.weights_path}
     encoders, n_neg = None, 0
-    if E.ENCODER:
-        encoders = models.load_encoders(E.ENCODER, dev)
+    if eval_cfg.ENCODER:
+        encoders = models.load_encoders(eval_cfg.ENCODER, dev)
         weights.update(
             text_encoder=encoders[0].weights_path, image_encoder=encoders[1].weights_path
         )
         classes = [r['class'] for r in held]
-        n_neg = int(min(E.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max()))
+        n_neg = int(
+            min(eval_cfg.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max())
+        )
 
     def score(model, files, out_dir=None):
         """The scores of model's samples, their records (with the judge's verdicts), the first 8."""
@@ -519,7 +541,7 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
             records,
             metric_plugins(judge, encoders, n_neg, out_dir),
             SAMPLE_BATCH,
-            E.HOLDOUT,
+            eval_cfg.HOLDOUT,
             cfg.SEED,
             files,
             vae.image_size,
@@ -532,7 +554,7 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     if encoders is not None:
         res['r_precision_negatives'] = n_neg
     rows = [first]
-    if E.BASELINE:
+    if eval_cfg.BASELINE:
         torch.manual_seed(cfg.SEED)  # same architecture, fresh initialisation
         untrained = models.DALLE(**dalle.hparams).to(dev)
         base, _, shown = score(untrained, {k: v for k, v in weights.items() if k != 'dalle'})

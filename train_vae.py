@@ -102,10 +102,15 @@ def parse_args(argv=None):
 # Data: every image below IMAGE_FOLDER (no class subfolders needed), in [-1, 1]
 # ----------------------------------------------------------------------------
 def image_transform(size):
-    import torchvision.transforms as T
+    from torchvision import transforms
 
-    return T.Compose(
-        [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]
+    return transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5,) * 3, (0.5,) * 3),
+        ]
     )
 
 
@@ -141,33 +146,33 @@ def kl_to_uniform(logits):
     return (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum() / logits.shape[0]
 
 
-def vae_loss(images, recon, logits, c):
+def vae_loss(images, recon, logits, train_cfg):
     """Reconstruction (MSE, or smooth-L1) in the normalised space, plus KL_LOSS_WEIGHT times
     the KL to uniform. At weight 0 the KL is left out of the graph (its forward and backward
     cost a quarter of a CPU step for a zero gradient) and returned as None."""
-    rec = (F.smooth_l1_loss if c.SMOOTH_L1_LOSS else F.mse_loss)(recon.float(), images)
-    if not c.KL_LOSS_WEIGHT:
+    rec = (F.smooth_l1_loss if train_cfg.SMOOTH_L1_LOSS else F.mse_loss)(recon.float(), images)
+    if not train_cfg.KL_LOSS_WEIGHT:
         return rec, rec, None
     kl = kl_to_uniform(logits)
-    return rec + c.KL_LOSS_WEIGHT * kl, rec, kl
+    return rec + train_cfg.KL_LOSS_WEIGHT * kl, rec, kl
 
 
-def temperature(c, step):
+def temperature(train_cfg, step):
     """The Gumbel temperature after `step` steps. 'compound' is DALLE-pytorch train_vae.py's rule,
     temp <- max(temp * exp(-ANNEAL_RATE * global_step), TEMP_MIN) at its log points (here every
     LR_DECAY_EVERY steps, when the LR decays too), in closed form: after k = step // E points at
     steps E, 2E, ..., kE the exponent is ANNEAL_RATE * E * k(k+1)/2. 'exponential' anneals every
     step, STARTING_TEMP * exp(-ANNEAL_RATE * step)."""
-    if c.TEMP_SCHEDULE == 'compound':
-        k = step // c.LR_DECAY_EVERY
-        exponent = c.ANNEAL_RATE * c.LR_DECAY_EVERY * k * (k + 1) / 2
-    elif c.TEMP_SCHEDULE == 'exponential':
-        exponent = c.ANNEAL_RATE * step
+    if train_cfg.TEMP_SCHEDULE == 'compound':
+        k = step // train_cfg.LR_DECAY_EVERY
+        exponent = train_cfg.ANNEAL_RATE * train_cfg.LR_DECAY_EVERY * k * (k + 1) / 2
+    elif train_cfg.TEMP_SCHEDULE == 'exponential':
+        exponent = train_cfg.ANNEAL_RATE * step
     else:
         raise utils.UserError(
-            f"TRAIN.TEMP_SCHEDULE={c.TEMP_SCHEDULE!r}: expected compound or exponential"
+            f"TRAIN.TEMP_SCHEDULE={train_cfg.TEMP_SCHEDULE!r}: expected compound or exponential"
         )
-    return max(c.STARTING_TEMP * math.exp(-exponent), c.TEMP_MIN)
+    return max(train_cfg.STARTING_TEMP * math.exp(-exponent), train_cfg.TEMP_MIN)
 
 
 def codebook_usage(counts):
@@ -215,11 +220,13 @@ def make_optimizer(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
-def train_step(model, opt, images, temp, c, amp, step=0):
+def train_step(model, opt, images, temp, train_cfg, amp, step=0):
     """Gumbel-softmax reconstruction at temperature temp, the VAE loss, one Adam step."""
     with amp:
-        recon, logits = model(images, temperature=temp, hard=c.STRAIGHT_THROUGH, reinmax=c.REINMAX)
-    loss, rec, kl = vae_loss(images, recon, logits, c)
+        recon, logits = model(
+            images, temperature=temp, hard=train_cfg.STRAIGHT_THROUGH, reinmax=train_cfg.REINMAX
+        )
+    loss, rec, kl = vae_loss(images, recon, logits, train_cfg)
     utils.check_finite(loss, 'vae', step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -239,34 +246,39 @@ def save_vae_pt(vae, path):
 
 
 def train(run, args):
-    cfg, dev, log, c, m = run.cfg, run.device, run.log, run.cfg.TRAIN, run.cfg.MODEL
-    if m.IMAGE_SIZE % 2**m.NUM_LAYERS:
+    cfg, dev, log, train_cfg, model_cfg = run.cfg, run.device, run.log, run.cfg.TRAIN, run.cfg.MODEL
+    if model_cfg.IMAGE_SIZE % 2**model_cfg.NUM_LAYERS:
         raise utils.UserError(
-            f"MODEL.IMAGE_SIZE={m.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2**m.NUM_LAYERS}"
+            f"MODEL.IMAGE_SIZE={model_cfg.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2**model_cfg.NUM_LAYERS}"
         )
-    temperature(c, 0)  # an unknown TEMP_SCHEDULE stops here, before any step
-    if c.REINMAX and not c.STRAIGHT_THROUGH:
+    temperature(train_cfg, 0)  # an unknown TEMP_SCHEDULE stops here, before any step
+    if train_cfg.REINMAX and not train_cfg.STRAIGHT_THROUGH:
         raise utils.UserError(
             "TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)"
         )
     ds = build_dataset(cfg)
     loader = utils.make_loader(
-        ds, c.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
+        ds, train_cfg.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
     )
     if len(loader) == 0:
         raise utils.UserError(
-            f"TRAIN.BATCH_SIZE={c.BATCH_SIZE} exceeds the {len(ds)} training images"
+            f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE} exceeds the {len(ds)} training images"
         )
     vae = models.DiscreteVAE(
-        m.IMAGE_SIZE, m.NUM_TOKENS, m.EMB_DIM, m.NUM_LAYERS, m.NUM_RESNET_BLOCKS, m.HIDDEN_DIM
+        model_cfg.IMAGE_SIZE,
+        model_cfg.NUM_TOKENS,
+        model_cfg.EMB_DIM,
+        model_cfg.NUM_LAYERS,
+        model_cfg.NUM_RESNET_BLOCKS,
+        model_cfg.HIDDEN_DIM,
     ).to(dev)
     with (
         torch.no_grad()
     ):  # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
-        vae.encoder[-1].weight.mul_(c.LOGIT_INIT_SCALE)
-        vae.encoder[-1].bias.mul_(c.LOGIT_INIT_SCALE)
-    opt = make_optimizer(vae.parameters(), c.LEARNING_RATE)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=c.LR_DECAY_RATE)
+        vae.encoder[-1].weight.mul_(train_cfg.LOGIT_INIT_SCALE)
+        vae.encoder[-1].bias.mul_(train_cfg.LOGIT_INIT_SCALE)
+    opt = make_optimizer(vae.parameters(), train_cfg.LEARNING_RATE)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=train_cfg.LR_DECAY_RATE)
     step, epoch, skip, counts = 0, 0, 0, None
     ckpt = utils.resolve_resume(args.resume, run.out, 'vae', log, run.cfg)
     if ckpt:
@@ -276,14 +288,14 @@ def train(run, args):
             'code_counts'
         )  # this window's code histogram, for RESTART_DEAD_CODES
     model = utils.wrap_ddp(vae, dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=c.AMP)
-    if c.AMP:
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
+    if train_cfg.AMP:
         utils.warn_slow_bf16(dev, log)
     log.info(
         f"DiscreteVAE {sum(p.numel() for p in vae.parameters()):,} params, {len(ds)} images, "
-        f"{vae.fmap_size}x{vae.fmap_size} tokens of {m.NUM_TOKENS}, {len(loader)} steps/epoch"
+        f"{vae.fmap_size}x{vae.fmap_size} tokens of {model_cfg.NUM_TOKENS}, {len(loader)} steps/epoch"
     )
-    counts = torch.zeros(m.NUM_TOKENS, device=dev) if counts is None else counts.to(dev)
+    counts = torch.zeros(model_cfg.NUM_TOKENS, device=dev) if counts is None else counts.to(dev)
     t0, last, start_step = time.time(), {}, step
 
     def save(epoch, batches_done):
@@ -296,7 +308,7 @@ def train(run, args):
             {'sched': sched},
             epoch=epoch,
             cfg=cfg,
-            keep=c.KEEP_CHECKPOINTS,
+            keep=train_cfg.KEEP_CHECKPOINTS,
             extra={
                 'hparams': vae.hparams,
                 'batches_done': batches_done,
@@ -306,38 +318,44 @@ def train(run, args):
         if run.main:
             save_vae_pt(vae, os.path.join(run.out, 'vae.pt'))
 
-    for epoch in range(epoch, c.EPOCHS):
+    for epoch in range(epoch, train_cfg.EPOCHS):
         utils.set_epoch(loader, epoch)
-        bar = utils.progress(loader, desc=f'epoch {epoch}', every=c.LOG_EVERY, log=log)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=log)
         for i, (images, _) in enumerate(bar):
             if i < skip:  # resumed mid-epoch: the same order, past the batches done; loading
                 if i == skip - 1:  # them drew random numbers, so the saved RNG state goes back
                     utils.set_rng_state(ckpt['rng'])
                 continue
             images = images.to(dev, non_blocking=True)
-            temp = temperature(c, step)
-            loss, rec, kl, recon, logits = train_step(model, opt, images, temp, c, amp, step)
+            temp = temperature(train_cfg, step)
+            loss, rec, kl, recon, logits = train_step(
+                model, opt, images, temp, train_cfg, amp, step
+            )
             step += 1
-            if step % c.LR_DECAY_EVERY == 0:
+            if step % train_cfg.LR_DECAY_EVERY == 0:
                 sched.step()
             counts += torch.bincount(
-                logits.detach().max(1).indices.flatten(), minlength=m.NUM_TOKENS
+                logits.detach().max(1).indices.flatten(), minlength=model_cfg.NUM_TOKENS
             )
             last = {'loss': loss.item(), 'recon': rec.item(), 'temp': temp}
             bar.set_postfix(**last)
-            if step % c.LOG_EVERY == 0:
+            if step % train_cfg.LOG_EVERY == 0:
                 last['kl'] = (kl if kl is not None else kl_to_uniform(logits)).item()
                 ppl, used = codebook_usage(counts)
-                if c.RESTART_DEAD_CODES:
+                if train_cfg.RESTART_DEAD_CODES:
                     last['restarted'] = restart_dead_codes(
-                        vae, images, counts == 0, c.LOGIT_INIT_SCALE
+                        vae, images, counts == 0, train_cfg.LOGIT_INIT_SCALE
                     )
                 counts.zero_()
                 last.update(perplexity=ppl, codes_used=used)
                 for k, v in {**last, 'lr': sched.get_last_lr()[0]}.items():
                     run.writer.add_scalar(f'train/{k}', v, step)
-                log_reconstructions(run, vae, images, recon, c.NUM_IMAGES_SAVE, step)
-            if c.SAVE_EVERY_N_STEPS and step % c.SAVE_EVERY_N_STEPS == 0 and i + 1 < len(loader):
+                log_reconstructions(run, vae, images, recon, train_cfg.NUM_IMAGES_SAVE, step)
+            if (
+                train_cfg.SAVE_EVERY_N_STEPS
+                and step % train_cfg.SAVE_EVERY_N_STEPS == 0
+                and i + 1 < len(loader)
+            ):
                 save(epoch, i + 1)
         skip = 0
         save(epoch + 1, 0)
@@ -405,10 +423,10 @@ def evaluate(cfg, vae, dev, log, run=None):
     if cfg.EVAL.JUDGE:
         # a reference beside the reconstructions: the originals with one average colour per
         # token, bilinearly enlarged back (what a perfect one-colour-per-token code keeps)
-        S, f = originals.shape[-1], vae.fmap_size
+        image_size, fmap_size = originals.shape[-1], vae.fmap_size
         grid = F.interpolate(
-            F.interpolate(originals, size=f, mode='area'),
-            size=S,
+            F.interpolate(originals, size=fmap_size, mode='area'),
+            size=image_size,
             mode='bilinear',
             align_corners=False,
         )

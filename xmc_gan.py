@@ -250,37 +250,42 @@ def word_contrastive_loss(regions, words, lengths, gamma1, gamma2, gamma3):
     return F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels)
 
 
-def discriminator_losses(D, real, fake, p, C, gather, scale, fake_terms):
+def discriminator_losses(ddp_D, real, fake, p, contrastive_cfg, gather, scale, fake_terms):
     """One D forward on [real; fake] (the sentence projection serves both the projection logit
     and L_sent, as the original) -> hinge (D, G) and the contrastive terms on D's features.
     `gather` collects the global batch; `scale` (world size) turns DDP's gradient average into
     the gradient of the global-batch loss."""
     B = len(real)
-    logit, pooled, sent_c, regions = D(torch.cat([real, fake]), torch.cat([p['sent']] * 2))
+    logit, pooled, sent_c, regions = ddp_D(torch.cat([real, fake]), torch.cat([p['sent']] * 2))
     (real_logit, fake_logit), (real_pool, fake_pool) = (
         logit.float().split(B),
         pooled.float().split(B),
     )
     (real_reg, fake_reg), sent_c = regions.float().split(B), gather(sent_c[:B].float())
-    words, lengths, tau = gather(p['words']), gather(p['length']), C.TEMPERATURE
-    t = {}
+    words, lengths, tau = gather(p['words']), gather(p['length']), contrastive_cfg.TEMPERATURE
+    terms = {}
 
     def word(reg):
         return scale * word_contrastive_loss(
-            gather(reg), words, lengths, C.GAMMA1, C.GAMMA2, C.GAMMA3
+            gather(reg),
+            words,
+            lengths,
+            contrastive_cfg.GAMMA1,
+            contrastive_cfg.GAMMA2,
+            contrastive_cfg.GAMMA3,
         )
 
-    if C.SENTENCE:
-        t['real_sentence'] = scale * contrastive_loss(gather(real_pool), sent_c, tau)
-    if C.WORD:
-        t['real_word'] = word(real_reg)
-    if fake_terms and C.SENTENCE:
-        t['fake_sentence'] = scale * contrastive_loss(gather(fake_pool), sent_c, tau)
-    if fake_terms and C.WORD:
-        t['fake_word'] = word(fake_reg)
-    if fake_terms and C.IMAGE:
-        t['image'] = scale * contrastive_loss(gather(fake_pool), gather(real_pool), tau)
-    return (*hinge_loss(real_logit, fake_logit), t)
+    if contrastive_cfg.SENTENCE:
+        terms['real_sentence'] = scale * contrastive_loss(gather(real_pool), sent_c, tau)
+    if contrastive_cfg.WORD:
+        terms['real_word'] = word(real_reg)
+    if fake_terms and contrastive_cfg.SENTENCE:
+        terms['fake_sentence'] = scale * contrastive_loss(gather(fake_pool), sent_c, tau)
+    if fake_terms and contrastive_cfg.WORD:
+        terms['fake_word'] = word(fake_reg)
+    if fake_terms and contrastive_cfg.IMAGE:
+        terms['image'] = scale * contrastive_loss(gather(fake_pool), gather(real_pool), tau)
+    return (*hinge_loss(real_logit, fake_logit), terms)
 
 
 # ----------------------------------------------------------------------------
@@ -290,7 +295,7 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
     """The batch's first D_STEPS_PER_G_STEP - 1 parts each drive a D-only step; on the last,
     ONE forward of G and D gives d_loss and g_loss, and D and G update together from the same
     weights (the original's jax.vjp pulled back with (1, 0) and (0, 1)). Returns scalars to log."""
-    (G, D, netG, netD), (optG, optD), C = nets, opts, cfg.TRAIN.CONTRASTIVE
+    (ddp_G, ddp_D, netG, netD), (optG, optD), contrastive_cfg = nets, opts, cfg.TRAIN.CONTRASTIVE
     n = len(batch['image']) // cfg.TRAIN.D_STEPS_PER_G_STEP
     parts = [
         {k: v[i * n : (i + 1) * n] for k, v in batch.items()}
@@ -303,28 +308,28 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
         with torch.no_grad(), amp:
             fake = netG(p['z'], p['sent'], p['words'], p['pad'])
         with amp:
-            hinge_d, _, t = discriminator_losses(
-                D, p['image'], fake, p, C, gather, scale, fake_terms=False
+            hinge_d, _, terms = discriminator_losses(
+                ddp_D, p['image'], fake, p, contrastive_cfg, gather, scale, fake_terms=False
             )
-        d_loss = hinge_d + t.get('real_word', 0) + t.get('real_sentence', 0)
+        d_loss = hinge_d + terms.get('real_word', 0) + terms.get('real_sentence', 0)
         utils.check_finite(d_loss, 'd_loss', step)
         optD.zero_grad(set_to_none=True)
         d_loss.backward()
         optD.step()
     p = parts[-1]
     with amp:
-        fake = G(p['z'], p['sent'], p['words'], p['pad'])
-        hinge_d, hinge_g, t = discriminator_losses(
-            D, p['image'], fake, p, C, gather, scale, fake_terms=True
+        fake = ddp_G(p['z'], p['sent'], p['words'], p['pad'])
+        hinge_d, hinge_g, terms = discriminator_losses(
+            ddp_D, p['image'], fake, p, contrastive_cfg, gather, scale, fake_terms=True
         )
-        c_loss_d = t.get('real_word', 0) + t.get('real_sentence', 0)
-        c_loss_g = t.get('fake_word', 0) + t.get('fake_sentence', 0) + t.get('image', 0)
+        c_loss_d = terms.get('real_word', 0) + terms.get('real_sentence', 0)
+        c_loss_g = terms.get('fake_word', 0) + terms.get('fake_sentence', 0) + terms.get('image', 0)
         c_loss_g_pretrained = 0
         if resnet is not None:  # ImageNet ResNet-50 outputs of real vs fake (Sec. 4.1, L_img)
             with torch.no_grad():
                 real_out = resnet(p['image'])
             c_loss_g_pretrained = scale * contrastive_loss(
-                gather(real_out.float()), gather(resnet(fake).float()), C.TEMPERATURE
+                gather(real_out.float()), gather(resnet(fake).float()), contrastive_cfg.TEMPERATURE
             )
     d_loss, g_loss = hinge_d + c_loss_d, hinge_g + c_loss_g + c_loss_g_pretrained
     utils.check_finite(d_loss, 'd_loss', step)
@@ -335,31 +340,33 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
     g_loss.backward(inputs=list(netG.parameters()))
     optD.step()
     optG.step()
-    c = {
+    global_values = {
         k: (v.item() if torch.is_tensor(v) else v) / scale
         for k, v in dict(  # the global-batch values
-            c_loss_d=c_loss_d, c_loss_g=c_loss_g, c_loss_g_pretrained=c_loss_g_pretrained, **t
+            c_loss_d=c_loss_d, c_loss_g=c_loss_g, c_loss_g_pretrained=c_loss_g_pretrained, **terms
         ).items()
     }
     return {
-        'd_loss': hinge_d.item() + c['c_loss_d'],
-        'g_loss': hinge_g.item() + c['c_loss_g'] + c['c_loss_g_pretrained'],
-        **c,
+        'd_loss': hinge_d.item() + global_values['c_loss_d'],
+        'g_loss': hinge_g.item() + global_values['c_loss_g'] + global_values['c_loss_g_pretrained'],
+        **global_values,
     }
 
 
 def train(run, args):
-    cfg, dev, log, T = run.cfg, run.device, run.log, run.cfg.TRAIN
+    cfg, dev, log, train_cfg = run.cfg, run.device, run.log, run.cfg.TRAIN
     emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'train')
-    ds = XMCDataset(emb, cfg.IMAGE_SIZE, flip=T.FLIP, seed=cfg.SEED)
-    if T.BATCH_SIZE % run.world:
+    ds = XMCDataset(emb, cfg.IMAGE_SIZE, flip=train_cfg.FLIP, seed=cfg.SEED)
+    if train_cfg.BATCH_SIZE % run.world:
         raise utils.UserError(
-            f"TRAIN.BATCH_SIZE={T.BATCH_SIZE}: not divisible by the {run.world} ranks"
+            f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE}: not divisible by the {run.world} ranks"
         )
-    sampler = EpochSampler(len(ds), T.BATCH_SIZE // run.world * T.D_STEPS_PER_G_STEP, cfg.SEED)
+    sampler = EpochSampler(
+        len(ds), train_cfg.BATCH_SIZE // run.world * train_cfg.D_STEPS_PER_G_STEP, cfg.SEED
+    )
     if sampler.batches == 0:
         raise utils.UserError(
-            f"TRAIN.BATCH_SIZE={T.BATCH_SIZE} x D_STEPS_PER_G_STEP exceeds the {len(ds)} images"
+            f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE} x D_STEPS_PER_G_STEP exceeds the {len(ds)} images"
         )
     # The loader's own generator (reseeded per epoch by set_epoch): starting an iterator must not
     # draw from the global RNG that z comes from, or a resumed run would diverge.
@@ -376,11 +383,13 @@ def train(run, args):
     netG, netD = (m.to(dev) for m in build_networks(cfg, emb.dim))
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
     optG = torch.optim.Adam(
-        netG.parameters(), lr=T.GENERATOR_LR, betas=(0.5, 0.999)
+        netG.parameters(), lr=train_cfg.GENERATOR_LR, betas=(0.5, 0.999)
     )  # coco_xmc.py beta1/2
-    optD = torch.optim.Adam(netD.parameters(), lr=T.DISCRIMINATOR_LR, betas=(0.5, 0.999))
+    optD = torch.optim.Adam(netD.parameters(), lr=train_cfg.DISCRIMINATOR_LR, betas=(0.5, 0.999))
     resnet = (
-        models.PretrainedResNet50(T.RESNET, log).to(dev) if T.CONTRASTIVE.PRETRAINED_IMAGE else None
+        models.PretrainedResNet50(train_cfg.RESNET, log).to(dev)
+        if train_cfg.CONTRASTIVE.PRETRAINED_IMAGE
+        else None
     )
     nets, opts = {'G': netG, 'G_ema': netG_ema, 'D': netD}, {'G': optG, 'D': optD}
     step, epoch, done_in_epoch = 0, 0, 0
@@ -388,12 +397,14 @@ def train(run, args):
     if ckpt:
         step, epoch = utils.restore_checkpoint(ckpt, nets, opts)
         done_in_epoch = ckpt['extra']['batch']
-    G = utils.wrap_ddp(netG, dev)
-    D = utils.wrap_ddp(netD, dev, find_unused_parameters=not T.CONTRASTIVE.WORD)  # D's region conv
-    gather = utils.all_gather_with_grad if T.GATHER_NEGATIVES else (lambda x: x)
-    scale = run.world if T.GATHER_NEGATIVES else 1
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=T.AMP)
-    max_steps = T.MAX_STEPS or T.MAX_EPOCH * sampler.batches
+    ddp_G = utils.wrap_ddp(netG, dev)
+    ddp_D = utils.wrap_ddp(
+        netD, dev, find_unused_parameters=not train_cfg.CONTRASTIVE.WORD
+    )  # D's region conv
+    gather = utils.all_gather_with_grad if train_cfg.GATHER_NEGATIVES else (lambda x: x)
+    scale = run.world if train_cfg.GATHER_NEGATIVES else 1
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
+    max_steps = train_cfg.MAX_STEPS or train_cfg.MAX_EPOCH * sampler.batches
     test = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
     log.info(
         f"G {count(netG):,} params, D {count(netD):,}; {len(ds)} images, {sampler.batches} steps/epoch "
@@ -405,22 +416,32 @@ def train(run, args):
             epoch, done_in_epoch = epoch + 1, 0
         ds.epoch, sampler.start = epoch, done_in_epoch
         utils.set_epoch(loader, epoch)
-        bar = utils.progress(loader, desc=f'epoch {epoch}', every=T.LOG_EVERY, log=log)
+        bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=log)
         for batch in bar:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             losses = train_step(
-                (G, D, netG, netD), (optG, optD), resnet, batch, cfg, amp, gather, scale, step
+                (ddp_G, ddp_D, netG, netD),
+                (optG, optD),
+                resnet,
+                batch,
+                cfg,
+                amp,
+                gather,
+                scale,
+                step,
             )
             sums = {k: sums.get(k, 0.0) + v for k, v in losses.items()}
-            models.ema_update(netG_ema, netG, T.EMA_DECAY)
+            models.ema_update(netG_ema, netG, train_cfg.EMA_DECAY)
             step, done_in_epoch, n_sums = step + 1, done_in_epoch + 1, n_sums + 1
-            if step % T.LOG_EVERY == 0 or step == max_steps:  # interval means, as clu's Average
+            if (
+                step % train_cfg.LOG_EVERY == 0 or step == max_steps
+            ):  # interval means, as clu's Average
                 last = {k: v / n_sums for k, v in sums.items()}
                 bar.set_postfix(d_loss=last['d_loss'], g_loss=last['g_loss'])
                 for k, v in last.items():
                     run.writer.add_scalar(f'train/{k}', v, step)
                 sums, n_sums = {}, 0
-            if step % T.CHECKPOINT_EVERY == 0 or step == max_steps:
+            if step % train_cfg.CHECKPOINT_EVERY == 0 or step == max_steps:
                 path = utils.save_checkpoint(
                     run.out,
                     'xmcgan',
@@ -430,7 +451,7 @@ def train(run, args):
                     epoch=epoch,
                     cfg=cfg,
                     extra={'batch': done_in_epoch, 'text_dim': emb.dim},
-                    keep=T.KEEP_CHECKPOINTS,
+                    keep=train_cfg.KEEP_CHECKPOINTS,
                 )
                 write_samples(run, netG_ema, test, cfg.GAN.Z_DIM, cfg.EVAL.SEED, step)
                 log.info(
@@ -450,8 +471,8 @@ def train(run, args):
     )
 
 
-def count(m):
-    return sum(p.numel() for p in m.parameters())
+def count(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 @torch.no_grad()
@@ -563,39 +584,47 @@ def metric_plugins(cfg, emb, dev):
     FID on the FID Inception's pool3 or the judge's features, IS on the FID Inception's logits in
     EVAL.IS_SPLITS splits: the original's eval_metrics.py uses 1), their networks loaded once;
     the weights files they use; and FID's feature network (None without FID)."""
-    E, plugins, weights, fid_net, last = cfg.EVAL, [], {}, None, []
-    judge = models.load_judge(E.JUDGE, dev) if E.JUDGE else None
+    eval_cfg, plugins, weights, fid_net, last = cfg.EVAL, [], {}, None, []
+    judge = models.load_judge(eval_cfg.JUDGE, dev) if eval_cfg.JUDGE else None
     if judge is not None:
         # 30,000 images wait for the judge in half precision, judged a sampled batch at a time
-        plugins.append(utils.JudgeAccuracy(judge, store='half', chunk=E.BATCH_SIZE))
+        plugins.append(utils.JudgeAccuracy(judge, store='half', chunk=eval_cfg.BATCH_SIZE))
         weights['judge'] = judge.weights_path
-    if E.NET_E:
-        text_enc, image_enc = models.load_encoders(E.NET_E, dev)
+    if eval_cfg.NET_E:
+        text_enc, image_enc = models.load_encoders(eval_cfg.NET_E, dev)
         features = utils.PairFeatures(text_enc, image_enc)
-        plugins += [features, utils.RPrecision(features, E.R_NEG, E.R_FOLDS, E.SEED)]
+        plugins += [
+            features,
+            utils.RPrecision(features, eval_cfg.R_NEG, eval_cfg.R_FOLDS, eval_cfg.SEED),
+        ]
         last = [
             utils.CLIPScore(features)
         ]  # after FID and IS: eval.txt's other columns keep their places
         weights.update(text_encoder=text_enc.weights_path, image_encoder=image_enc.weights_path)
 
     def inception():  # the file models.fid_inception reads
-        return utils.weights_path(E.FID_WEIGHTS or None, utils.FID_WEIGHTS, utils.FID_WEIGHTS_URL)
+        return utils.weights_path(
+            eval_cfg.FID_WEIGHTS or None, utils.FID_WEIGHTS, utils.FID_WEIGHTS_URL
+        )
 
-    if E.FID:
-        if E.FID_FEATURES not in ('inception', 'judge') or (
-            E.FID_FEATURES == 'judge' and judge is None
+    if eval_cfg.FID:
+        if eval_cfg.FID_FEATURES not in ('inception', 'judge') or (
+            eval_cfg.FID_FEATURES == 'judge' and judge is None
         ):
             raise utils.UserError(
-                f"EVAL.FID_FEATURES={E.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE"
+                f"EVAL.FID_FEATURES={eval_cfg.FID_FEATURES!r}: expected inception, or judge with EVAL.JUDGE"
             )
-        on_judge = E.FID_FEATURES == 'judge'
-        fid_net = models.feature_net(2048, E.FID_WEIGHTS or None, judge if on_judge else None, dev)
+        on_judge = eval_cfg.FID_FEATURES == 'judge'
+        fid_net = models.feature_net(
+            2048, eval_cfg.FID_WEIGHTS or None, judge if on_judge else None, dev
+        )
         plugins.append(utils.FID(fid_net, real_statistics(cfg, emb, fid_net, dev)))
         weights['fid_features'] = judge.weights_path if on_judge else inception()
-    if E.IS:
+    if eval_cfg.IS:
         plugins.append(
             utils.InceptionScore(
-                models.inception_classifier('tf', E.FID_WEIGHTS or None, dev), E.IS_SPLITS
+                models.inception_classifier('tf', eval_cfg.FID_WEIGHTS or None, dev),
+                eval_cfg.IS_SPLITS,
             )
         )
         weights['is_inception'] = inception()
@@ -606,28 +635,30 @@ def metric_plugins(cfg, emb, dev):
     return plugins + last, weights, fid_net
 
 
-def score(netG, ccfg, emb, plugins, E, dev, weights, dump=None, log=None):
+def score(netG, ccfg, emb, plugins, eval_cfg, dev, weights, dump=None, log=None):
     """Mean, and std across samplings, of REPEATS samplings (the original's eval_avg_num); `dump`
     (an ImageDump) sees the first. Returns them and the protocol, with the seeds of every sampling."""
     runs = []
-    for r in range(E.REPEATS):
-        seed = E.SEED + r
+    for r in range(eval_cfg.REPEATS):
+        seed = eval_cfg.SEED + r
         runs.append(
             utils.evaluate_generator(
                 xmc_sampler(netG, emb, ccfg.GAN.Z_DIM, seed, dev),
-                eval_records(emb, E.NUM_IMAGES, seed),
+                eval_records(emb, eval_cfg.NUM_IMAGES, seed),
                 plugins + ([dump] if dump is not None and r == 0 else []),
-                E.BATCH_SIZE,
+                eval_cfg.BATCH_SIZE,
                 'test',
                 seed,
                 weights,
                 ccfg.IMAGE_SIZE,
-                f'real test images: bilinear to {ccfg.IMAGE_SIZE} px, no crop' if E.FID else None,
+                f'real test images: bilinear to {ccfg.IMAGE_SIZE} px, no crop'
+                if eval_cfg.FID
+                else None,
                 stop=lambda: STOP['requested'],
                 log=log,
             )
         )
-    protocol = {**runs[0]['protocol'], 'seed': [E.SEED + r for r in range(E.REPEATS)]}
+    protocol = {**runs[0]['protocol'], 'seed': [eval_cfg.SEED + r for r in range(eval_cfg.REPEATS)]}
     runs = [{k: v for k, v in run.items() if k != 'protocol'} for run in runs]
     return {
         f'{k}{sfx}': float(fn([r[k] for r in runs]))
@@ -641,13 +672,13 @@ def evaluate(run, watch):
     """Score each xmcgan checkpoint of EVAL.WORKDIR not yet in <run dir>/eval.txt (EMA G); with
     --watch, keep looking for new ones until SIGTERM. Rows go to eval.txt, TensorBoard
     (eval/<metric> at the checkpoint's step) and metrics.json."""
-    cfg, dev, log, E = run.cfg, run.device, run.log, run.cfg.EVAL
-    if not os.path.isdir(os.path.join(E.WORKDIR, 'checkpoints')):
+    cfg, dev, log, eval_cfg = run.cfg, run.device, run.log, run.cfg.EVAL
+    if not os.path.isdir(os.path.join(eval_cfg.WORKDIR, 'checkpoints')):
         raise utils.UserError(
-            f"EVAL.WORKDIR={E.WORKDIR!r}: no checkpoints/ folder (expected a training run dir)"
+            f"EVAL.WORKDIR={eval_cfg.WORKDIR!r}: no checkpoints/ folder (expected a training run dir)"
         )
-    if E.DMGAN and not os.path.exists(E.DMGAN):
-        raise utils.UserError(f"EVAL.DMGAN={E.DMGAN}: no such DM-GAN run dir or checkpoint")
+    if eval_cfg.DMGAN and not os.path.exists(eval_cfg.DMGAN):
+        raise utils.UserError(f"EVAL.DMGAN={eval_cfg.DMGAN}: no such DM-GAN run dir or checkpoint")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: STOP.update(requested=True))
     emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
@@ -666,7 +697,7 @@ def evaluate(run, watch):
         while not STOP['requested']:
             for path in [
                 p
-                for p in utils.list_checkpoints(E.WORKDIR, 'xmcgan')
+                for p in utils.list_checkpoints(eval_cfg.WORKDIR, 'xmcgan')
                 if os.path.basename(p) not in scored()
             ]:
                 try:
@@ -693,16 +724,18 @@ def evaluate(run, watch):
                         else {}
                     ),
                 }
-                if E.BASELINE and 'untrained' not in (
+                if eval_cfg.BASELINE and 'untrained' not in (
                     json.load(open(mpath)) if os.path.isfile(mpath) else {}
                 ):
-                    torch.manual_seed(E.SEED)  # an untrained G: same architecture, same captions
+                    torch.manual_seed(
+                        eval_cfg.SEED
+                    )  # an untrained G: same architecture, same captions
                     base, protocol = score(
                         build_networks(ccfg, emb.dim)[0].to(dev).eval(),
                         ccfg,
                         emb,
                         plugins,
-                        E,
+                        eval_cfg,
                         dev,
                         weights,
                         log=log,
@@ -715,7 +748,7 @@ def evaluate(run, watch):
                 )  # the EMA weights, as the original reports
                 dump = (
                     utils.ImageDump(os.path.join(run.out, f'images_{step:08d}'))
-                    if E.SAVE_IMAGES
+                    if eval_cfg.SAVE_IMAGES
                     else None
                 )
                 scores, protocol = score(
@@ -723,7 +756,7 @@ def evaluate(run, watch):
                     ccfg,
                     emb,
                     plugins,
-                    E,
+                    eval_cfg,
                     dev,
                     {**weights, 'generator': path},
                     dump,
@@ -748,10 +781,10 @@ def evaluate(run, watch):
                     netG,
                     emb,
                     ccfg.GAN.Z_DIM,
-                    E.SEED,
+                    eval_cfg.SEED,
                     step,
                     os.path.join(run.out, f'samples_{step:08d}.png'),
-                    E.DMGAN,
+                    eval_cfg.DMGAN,
                 )
                 utils.write_metrics(
                     run.out,
@@ -763,7 +796,7 @@ def evaluate(run, watch):
                 log.info(f"{name} (step {step}, {time.time() - t0:.0f}s): {fmt(scores)}")
             if not watch:
                 break
-            for _ in range(max(1, int(E.POLL_SECONDS))):
+            for _ in range(max(1, int(eval_cfg.POLL_SECONDS))):
                 if not STOP['requested']:
                     time.sleep(1)
     except utils.Interrupted:

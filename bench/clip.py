@@ -133,13 +133,13 @@ def timed(fn, steps, device):
     (with --threads 1) is the steadier measure of the work a step takes."""
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    t, c = time.perf_counter(), time.process_time()
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = fn()
     float(loss.detach())
     if device.type == 'cuda':
         torch.cuda.synchronize()
-    return steps / (time.perf_counter() - t), (time.process_time() - c) / steps
+    return steps / (time.perf_counter() - wall_start), (time.process_time() - cpu_start) / steps
 
 
 def main():

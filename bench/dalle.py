@@ -79,8 +79,8 @@ def import_dalle_pytorch():
     return dalle_pytorch
 
 
-def count(m, skip=()):
-    return sum(p.numel() for k, p in m.named_parameters() if not k.startswith(skip))
+def count(module, skip=()):
+    return sum(p.numel() for k, p in module.named_parameters() if not k.startswith(skip))
 
 
 def dp_to_ours(sd):
@@ -160,7 +160,7 @@ def main():
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     dp = import_dalle_pytorch()
-    P = PRESETS[a.preset]
+    preset = PRESETS[a.preset]
     only = set(a.only or ['vae', 'dalle', 'sample'])
     res = {
         'preset': a.preset,
@@ -173,22 +173,22 @@ def main():
         'ours_amp': a.amp,
     }
     torch.manual_seed(0)
-    their_vae = dp.DiscreteVAE(**P['vae']).to(dev)
-    our_vae = models.DiscreteVAE(**P['vae']).to(dev)
+    their_vae = dp.DiscreteVAE(**preset['vae']).to(dev)
+    our_vae = models.DiscreteVAE(**preset['vae']).to(dev)
     our_vae.load_state_dict(their_vae.state_dict())
     assert count(our_vae) == count(their_vae)
     res['vae_params'] = count(our_vae)
-    S = P['vae']['image_size']
-    images01 = torch.rand(a.batch, 3, S, S, device=dev)
+    image_size = preset['vae']['image_size']
+    images01 = torch.rand(a.batch, 3, image_size, image_size, device=dev)
 
     if 'vae' in only:
-        c = utils.to_cfg(train_vae.DEFAULTS['TRAIN'])
+        vae_train_cfg = utils.to_cfg(train_vae.DEFAULTS['TRAIN'])
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp)
-        opt_o = train_vae.make_optimizer(our_vae.parameters(), c.LEARNING_RATE)
-        opt_t = torch.optim.Adam(their_vae.parameters(), lr=c.LEARNING_RATE)
+        opt_o = train_vae.make_optimizer(our_vae.parameters(), vae_train_cfg.LEARNING_RATE)
+        opt_t = torch.optim.Adam(their_vae.parameters(), lr=vae_train_cfg.LEARNING_RATE)
 
         def ours():
-            train_vae.train_step(our_vae, opt_o, images01 * 2 - 1, 0.9, c, amp)
+            train_vae.train_step(our_vae, opt_o, images01 * 2 - 1, 0.9, vae_train_cfg, amp)
 
         def theirs():
             loss = their_vae(images01, return_loss=True, temp=0.9)
@@ -200,42 +200,44 @@ def main():
         res['vae_train_steps_per_s'] = {k: 1 / v for k, v in t.items()}
         res['vae_speedup'] = t['theirs'] / t['ours']
         print(
-            f"DiscreteVAE train step ({res['vae_params']:,} params, batch {a.batch}, {S}px): ours "
+            f"DiscreteVAE train step ({res['vae_params']:,} params, batch {a.batch}, {image_size}px): ours "
             f"{1 / t['ours']:.3f}/s, dalle-pytorch {1 / t['theirs']:.3f}/s -> x{res['vae_speedup']:.2f}",
             flush=True,
         )
 
     if only & {'dalle', 'sample'}:
-        D = P['dalle']
+        dalle_preset = preset['dalle']
         torch.manual_seed(1)
         their_vae.eval()
         theirs_m = dp.DALLE(
             vae=their_vae,
-            num_text_tokens=D['num_text_tokens'],
-            text_seq_len=D['text_seq_len'],
-            dim=D['dim'],
-            depth=D['depth'],
-            heads=D['heads'],
-            dim_head=D['dim_head'],
+            num_text_tokens=dalle_preset['num_text_tokens'],
+            text_seq_len=dalle_preset['text_seq_len'],
+            dim=dalle_preset['dim'],
+            depth=dalle_preset['depth'],
+            heads=dalle_preset['heads'],
+            dim_head=dalle_preset['dim_head'],
             shift_tokens=False,
             rotary_emb=False,
         ).to(dev)  # train_dalle.py's defaults
         fmap = their_vae.image_size // 2**their_vae.num_layers
         ours_m = models.DALLE(
-            D['num_text_tokens'],
-            D['text_seq_len'],
+            dalle_preset['num_text_tokens'],
+            dalle_preset['text_seq_len'],
             their_vae.num_tokens,
             fmap,
-            D['dim'],
-            D['depth'],
-            D['heads'],
-            D['dim_head'],
+            dalle_preset['dim'],
+            dalle_preset['depth'],
+            dalle_preset['heads'],
+            dalle_preset['dim_head'],
         ).to(dev)
         ours_m.load_state_dict(dp_to_ours(theirs_m.state_dict()))
         assert count(ours_m) == count(theirs_m, skip=('vae.',))
         res['dalle_params'] = count(ours_m)
-        text = torch.randint(1, D['num_text_tokens'], (a.batch, D['text_seq_len']), device=dev)
-        text[:, D['text_seq_len'] // 2 :] = 0
+        text = torch.randint(
+            1, dalle_preset['num_text_tokens'], (a.batch, dalle_preset['text_seq_len']), device=dev
+        )
+        text[:, dalle_preset['text_seq_len'] // 2 :] = 0
         with torch.no_grad():
             tokens = our_vae.eval().get_codebook_indices(images01 * 2 - 1)
             lo, lt = ours_m(text, tokens)[0].item(), theirs_m(text, tokens, return_loss=True).item()
@@ -243,21 +245,23 @@ def main():
         res['same_loss'] = {'ours': lo, 'theirs': lt}
 
     if 'dalle' in only:
-        c = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': a.amp})
-        amp, _ = train_dalle.autocast(dev, c)
-        opt_o = train_dalle.make_optimizer(ours_m.parameters(), c.LEARNING_RATE)
+        dalle_train_cfg = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': a.amp})
+        amp, _ = train_dalle.autocast(dev, dalle_train_cfg)
+        opt_o = train_dalle.make_optimizer(ours_m.parameters(), dalle_train_cfg.LEARNING_RATE)
         opt_t = torch.optim.Adam(
-            [q for q in theirs_m.parameters() if q.requires_grad], lr=c.LEARNING_RATE
+            [q for q in theirs_m.parameters() if q.requires_grad], lr=dalle_train_cfg.LEARNING_RATE
         )
 
         def ours():
-            train_dalle.train_step(ours_m, our_vae, opt_o, images01 * 2 - 1, text, c, amp)
+            train_dalle.train_step(
+                ours_m, our_vae, opt_o, images01 * 2 - 1, text, dalle_train_cfg, amp
+            )
 
         def theirs():  # dalle-pytorch's train_dalle.py step (DummyBackend): forward with raw images
             loss = theirs_m(text, images01, return_loss=True)
             opt_t.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(theirs_m.parameters(), c.CLIP_GRAD_NORM)
+            torch.nn.utils.clip_grad_norm_(theirs_m.parameters(), dalle_train_cfg.CLIP_GRAD_NORM)
             opt_t.step()
 
         t = alternate({'ours': ours, 'theirs': theirs}, a.steps, dev)

@@ -72,7 +72,7 @@ def write_attngan_metadata(root, crlf=False):
 
 
 def make_tiny_shapes(out_dir, num_train=40, num_test=20, image_size=32, seed=0, p_two=0.3):
-    c = utils.to_cfg(
+    shapes_cfg = utils.to_cfg(
         {
             **preprocess_data.DEFAULTS['SHAPES'],
             'OUT_DIR': str(out_dir),
@@ -83,7 +83,7 @@ def make_tiny_shapes(out_dir, num_train=40, num_test=20, image_size=32, seed=0, 
             'P_TWO_OBJECTS': p_two,
         }
     )
-    preprocess_data.make_shapes(c, utils.get_logger(None, 'tiny'))
+    preprocess_data.make_shapes(shapes_cfg, utils.get_logger(None, 'tiny'))
     return str(out_dir)
 
 

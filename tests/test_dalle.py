@@ -141,8 +141,8 @@ def write_tiny_vqgan(folder, extra_key=None):
     cfg = folder / 'model.yaml'
     cfg.write_text(TINY_VQGAN_YAML)
     torch.manual_seed(0)
-    dd, n, e = models.read_vqgan_config(str(cfg))
-    sd = models.VQGAN(dd, n, e).state_dict()
+    ddconfig, n_embed, embed_dim = models.read_vqgan_config(str(cfg))
+    sd = models.VQGAN(ddconfig, n_embed, embed_dim).state_dict()
     sd['loss.discriminator.main.0.weight'] = torch.zeros(2)
     if extra_key:
         sd[extra_key] = torch.zeros(1)
@@ -183,17 +183,20 @@ def tiny_dalle(seed=0):
 
 
 def test_loss_equals_masked_joint_vocabulary_cross_entropy():
-    d = tiny_dalle()
+    dalle = tiny_dalle()
     text = torch.randint(1, 50, (3, 8))
     text[:, 5:] = 0
     image = torch.randint(0, 30, (3, 16))
-    loss, lt, li = d(text, image)
-    logits, tb = d.masked_logits(text, image)
-    T = d.text_seq_len
+    loss, lt, li = dalle(text, image)
+    logits, tb = dalle.masked_logits(text, image)
+    T = dalle.text_seq_len
     # text positions give no probability to image ids and vice versa
     p = logits.softmax(-1)
-    assert p[:, :T, d.num_text_tokens :].max() == 0 and p[:, T:, : d.num_text_tokens].max() == 0
-    labels = torch.cat([tb[:, 1:], image + d.num_text_tokens], 1)
+    assert (
+        p[:, :T, dalle.num_text_tokens :].max() == 0
+        and p[:, T:, : dalle.num_text_tokens].max() == 0
+    )
+    labels = torch.cat([tb[:, 1:], image + dalle.num_text_tokens], 1)
     ref_t = F.cross_entropy(logits[:, :T].flatten(0, 1), labels[:, :T].flatten())
     ref_i = F.cross_entropy(logits[:, T:].flatten(0, 1), labels[:, T:].flatten())
     assert torch.allclose(lt.double(), ref_t, atol=1e-5) and torch.allclose(
@@ -201,18 +204,18 @@ def test_loss_equals_masked_joint_vocabulary_cross_entropy():
     )
     assert torch.allclose(loss.double(), (ref_t + 7 * ref_i) / 8, atol=1e-5)
     # padding gets a distinct id per position, predicted like any text token
-    assert tb[0, 6:].tolist() == [d.num_text_tokens - 8 + i for i in range(5, 8)]
+    assert tb[0, 6:].tolist() == [dalle.num_text_tokens - 8 + i for i in range(5, 8)]
 
 
 def test_kv_cache_sampling_equals_full_forward_sampling():
-    d = tiny_dalle()
+    dalle = tiny_dalle()
     text = torch.randint(1, 50, (3, 8))
     text[:, 6:] = 0
     for top_k in (0.9, 5, 0.0):
-        a = d.generate_image_tokens(
+        a = dalle.generate_image_tokens(
             text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=True
         )
-        b = d.generate_image_tokens(
+        b = dalle.generate_image_tokens(
             text, top_k, 1.0, torch.Generator().manual_seed(1), use_cache=False
         )
         assert torch.equal(a, b) and a.shape == (3, 16)
@@ -235,16 +238,16 @@ def test_cpu_bf16_attention_equals_sdpa():
 def test_top_k_counts_the_vocabulary_it_is_told(over, kept):
     """thres 0.9 keeps int(0.1 * 30) = 3 of the 30 image tokens counted over the image vocabulary;
     over the joint vocabulary, as DALLE-pytorch counts, int(0.1 * (58 + 30)) = 8."""
-    d = tiny_dalle()
+    dalle = tiny_dalle()
     text = torch.randint(1, 50, (2, 8))
-    out = d.generate_image_tokens(
+    out = dalle.generate_image_tokens(
         text, 0.9, 1e4, torch.Generator().manual_seed(0), use_cache=True, top_k_over=over
     )
     seen = set()
-    for i in range(d.image_seq_len):
+    for i in range(dalle.image_seq_len):
         with torch.no_grad():
-            h = d.transformer(d.embed(d.text_with_bos(text), out[:, :i]))[:, -1]
-            allowed = d.image_logits(h).topk(kept, dim=-1).indices
+            h = dalle.transformer(dalle.embed(dalle.text_with_bos(text), out[:, :i]))[:, -1]
+            allowed = dalle.image_logits(h).topk(kept, dim=-1).indices
         assert (allowed == out[:, i : i + 1]).any(-1).all()
         seen |= {
             (tuple(a.tolist()), o.item()) for a, o in zip(allowed, out[:, i]) if o not in a[:3]
@@ -258,26 +261,36 @@ def test_parameter_count_equals_dalle_pytorch_train_dalle():
     21,128 text tokens, 1024 image tokens on a 16x16 grid) with train_dalle.py's defaults (learned
     positional embeddings: no --rotary_emb, no --shift_tokens), VAE excluded; read off the package."""
     with torch.device('meta'):
-        d = models.DALLE(21128, 32, 1024, 16, dim=512, depth=8, heads=8, dim_head=64)
-    assert sum(p.numel() for p in d.parameters()) == 56392872
+        dalle = models.DALLE(21128, 32, 1024, 16, dim=512, depth=8, heads=8, dim_head=64)
+    assert sum(p.numel() for p in dalle.parameters()) == 56392872
 
 
 def test_amp_trains_in_bfloat16_and_fp16_needs_cuda():
-    d = models.DALLE(20, 4, 16, 2, dim=16, depth=1, heads=2, dim_head=8)
+    dalle = models.DALLE(20, 4, 16, 2, dim=16, depth=1, heads=2, dim_head=8)
     vae = models.DiscreteVAE(8, 16, 8, 2, 0, 8).eval()
     seen = []
-    d.blocks[0].attn.to_qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    c = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': True})
-    amp, scaler = train_dalle.autocast(torch.device('cpu'), c)
-    opt = train_dalle.make_optimizer(d.parameters(), 1e-3)
-    before = d.text_emb.weight.detach().clone()
+    dalle.blocks[0].attn.to_qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    train_cfg = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': True})
+    amp, scaler = train_dalle.autocast(torch.device('cpu'), train_cfg)
+    opt = train_dalle.make_optimizer(dalle.parameters(), 1e-3)
+    before = dalle.text_emb.weight.detach().clone()
     loss, _, _ = train_dalle.train_step(
-        d, vae, opt, torch.rand(2, 3, 8, 8) * 2 - 1, torch.randint(1, 20, (2, 4)), c, amp
+        dalle,
+        vae,
+        opt,
+        torch.rand(2, 3, 8, 8) * 2 - 1,
+        torch.randint(1, 20, (2, 4)),
+        train_cfg,
+        amp,
     )
     assert seen == [torch.bfloat16] and torch.isfinite(loss) and scaler is None
-    assert d.text_emb.weight.dtype == torch.float32 and not torch.equal(before, d.text_emb.weight)
+    assert dalle.text_emb.weight.dtype == torch.float32 and not torch.equal(
+        before, dalle.text_emb.weight
+    )
     with pytest.raises(utils.UserError, match='needs CUDA'):
-        train_dalle.autocast(torch.device('cpu'), utils.to_cfg({**c, 'AMP_DTYPE': 'float16'}))
+        train_dalle.autocast(
+            torch.device('cpu'), utils.to_cfg({**train_cfg, 'AMP_DTYPE': 'float16'})
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,18 +400,20 @@ def test_vae_temperature_compounds_at_log_points_as_dalle_pytorch():
     every log point; the closed form equals that loop at every step."""
     import math
 
-    c = utils.to_cfg({**train_vae.DEFAULTS['TRAIN'], 'ANNEAL_RATE': 1e-4, 'LR_DECAY_EVERY': 10})
-    temp = c.STARTING_TEMP
+    train_cfg = utils.to_cfg(
+        {**train_vae.DEFAULTS['TRAIN'], 'ANNEAL_RATE': 1e-4, 'LR_DECAY_EVERY': 10}
+    )
+    temp = train_cfg.STARTING_TEMP
     for step in range(1, 400):
-        if step % c.LR_DECAY_EVERY == 0:
-            temp = max(temp * math.exp(-c.ANNEAL_RATE * step), c.TEMP_MIN)
-        assert train_vae.temperature(c, step) == pytest.approx(temp, rel=1e-12)
-    assert temp == c.TEMP_MIN
-    c.TEMP_SCHEDULE = 'exponential'
-    assert train_vae.temperature(c, 100) == pytest.approx(math.exp(-1e-2))
-    c.TEMP_SCHEDULE = 'cosine'
+        if step % train_cfg.LR_DECAY_EVERY == 0:
+            temp = max(temp * math.exp(-train_cfg.ANNEAL_RATE * step), train_cfg.TEMP_MIN)
+        assert train_vae.temperature(train_cfg, step) == pytest.approx(temp, rel=1e-12)
+    assert temp == train_cfg.TEMP_MIN
+    train_cfg.TEMP_SCHEDULE = 'exponential'
+    assert train_vae.temperature(train_cfg, 100) == pytest.approx(math.exp(-1e-2))
+    train_cfg.TEMP_SCHEDULE = 'cosine'
     with pytest.raises(utils.UserError, match="TEMP_SCHEDULE='cosine'"):
-        train_vae.temperature(c, 1)
+        train_vae.temperature(train_cfg, 1)
 
 
 @pytest.mark.slow
@@ -1146,7 +1161,7 @@ def test_wukong_filter_rules(tmp_path):
     with open(tmp_path / 'data.csv', 'w', encoding='utf-8') as f:
         f.write('filepath,caption\n' + ''.join(f'img/{n}.jpg,{c}\n' for n, c in rows))
     (tmp_path / 'food.txt').write_text('红烧肉\n米饭\n番茄炒蛋\n清蒸鱼\n排骨\n', encoding='utf-8')
-    c = utils.to_cfg(
+    filter_cfg = utils.to_cfg(
         {
             **preprocess_data.DEFAULTS['FILTER'],
             'INPUT_CSV': str(tmp_path / 'data.csv'),
@@ -1154,7 +1169,7 @@ def test_wukong_filter_rules(tmp_path):
             'OUT_DIR': str(tmp_path / 'out'),
         }
     )
-    m = preprocess_data.filter_pairs(c, utils.get_logger(None, 'filter'))
+    m = preprocess_data.filter_pairs(filter_cfg, utils.get_logger(None, 'filter'))
     assert m == {
         'input_pairs': 22,
         'kept': 10,
@@ -1172,5 +1187,7 @@ def test_wukong_filter_rules(tmp_path):
     val = utils.read_jsonl_pairs(str(tmp_path / 'out' / 'DALLE.val.jsonl'))
     assert len(train) == 9 and len(val) == 1 and all(os.path.isfile(p) for p, _ in train + val)
     assert {t for _, t in train + val} == {c for n, c in rows[:10]}
-    m2 = preprocess_data.filter_pairs(c, utils.get_logger(None, 'filter'))  # the split is seeded
+    m2 = preprocess_data.filter_pairs(
+        filter_cfg, utils.get_logger(None, 'filter')
+    )  # the split is seeded
     assert m2 == m and utils.read_jsonl_pairs(str(tmp_path / 'out' / 'DALLE.val.jsonl')) == val

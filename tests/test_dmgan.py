@@ -10,16 +10,16 @@ import models
 import utils
 
 
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.mark.parametrize('r_num, expected', [(2, 21_449_042), (3, 22_335_314)])  # DM-GAN's G_NET
 def test_generator_parameter_count_equals_original(r_num, expected):
-    G = models.DMGANGenerator(
+    netG = models.DMGANGenerator(
         gf_dim=64, z_dim=100, cond_dim=100, text_dim=256, branch_num=3, r_num=r_num
     )
-    assert n_params(G) == expected
+    assert n_params(netG) == expected
 
 
 @pytest.mark.parametrize('size, expected', [(64, 1_887_218), (128, 5_174_258), (256, 18_301_938)])
@@ -45,8 +45,8 @@ def test_memory_mask_is_per_sample():
 
 
 def test_generator_and_discriminator_shapes():
-    G = models.DMGANGenerator(gf_dim=4, z_dim=10, cond_dim=6, text_dim=12, branch_num=3, r_num=1)
-    imgs, atts, mu, logvar = G(
+    netG = models.DMGANGenerator(gf_dim=4, z_dim=10, cond_dim=6, text_dim=12, branch_num=3, r_num=1)
+    imgs, atts, mu, logvar = netG(
         torch.randn(2, 10),
         torch.randn(2, 12),
         torch.randn(2, 12, 7),
@@ -56,10 +56,10 @@ def test_generator_and_discriminator_shapes():
     assert [tuple(a.shape) for a in atts] == [(2, 7, 64, 64), (2, 7, 128, 128)]
     assert mu.shape == logvar.shape == (2, 6) and imgs[0].abs().max() <= 1
     for s, im in zip((64, 128, 256), imgs):
-        D = models.DMGANDiscriminator(s, df_dim=4, text_dim=12)
-        h = D(im)
+        netD = models.DMGANDiscriminator(s, df_dim=4, text_dim=12)
+        h = netD(im)
         assert h.shape == (2, 32, 4, 4)
-        assert D.uncond(h).shape == D.cond(h, torch.randn(2, 12)).shape == (2,)
+        assert netD.uncond(h).shape == netD.cond(h, torch.randn(2, 12)).shape == (2,)
 
 
 def test_spectral_norm_has_unit_top_singular_value():
@@ -74,26 +74,26 @@ def test_spectral_norm_has_unit_top_singular_value():
 
 def test_discriminator_loss_matches_hand_computation():
     torch.manual_seed(0)
-    D = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
+    netD = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
     real, fake, sent = (
         torch.rand(3, 3, 64, 64) * 2 - 1,
         torch.rand(3, 3, 64, 64) * 2 - 1,
         torch.randn(3, 4),
     )
     for _ in range(30):  # converge the spectral-norm power iteration,
-        D(real)
-    D.eval()  # then freeze it for the comparison
-    got = main.discriminator_loss(D, real, fake, sent)
+        netD(real)
+    netD.eval()  # then freeze it for the comparison
+    got = main.discriminator_loss(netD, real, fake, sent)
     sig = torch.sigmoid
-    rh, fh = D(real), D(fake)
+    rh, fh = netD(real), netD(fake)
 
     def bce(p, y):
         return -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
 
-    want = (bce(sig(D.uncond(rh)), 1) + bce(sig(D.cond(rh, sent)), 1)) / 2 + (
-        bce(sig(D.uncond(fh)), 0)
-        + bce(sig(D.cond(fh, sent)), 0)
-        + bce(sig(D.cond(rh[:2], sent[1:])), 0)
+    want = (bce(sig(netD.uncond(rh)), 1) + bce(sig(netD.cond(rh, sent)), 1)) / 2 + (
+        bce(sig(netD.uncond(fh)), 0)
+        + bce(sig(netD.cond(fh, sent)), 0)
+        + bce(sig(netD.cond(rh[:2], sent[1:])), 0)
     ) / 3
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -101,14 +101,14 @@ def test_discriminator_loss_matches_hand_computation():
 def test_discriminator_trains_with_two_forwards_per_backward():
     """D sees real and fake before one backward; spectral norm's power iteration runs in both."""
     torch.manual_seed(0)
-    D = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
-    opt = torch.optim.Adam([p for p in D.parameters() if p.requires_grad])
+    netD = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
+    opt = torch.optim.Adam([p for p in netD.parameters() if p.requires_grad])
     real, fake, sent = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 4)
     for _ in range(2):
         opt.zero_grad()
-        main.discriminator_loss(D, real, fake, sent).backward()
+        main.discriminator_loss(netD, real, fake, sent).backward()
         opt.step()
-    assert D.img_code[0].weight_bar.grad is not None and D.img_code[0].weight_u.grad is None
+    assert netD.img_code[0].weight_bar.grad is not None and netD.img_code[0].weight_u.grad is None
 
 
 def test_kl_loss_and_ema():
@@ -125,12 +125,12 @@ def test_kl_loss_and_ema():
 def tiny_step(amp_dtype, contrastive):
     """main.train_step on tiny random networks (2 stages, 32 -> 64 px) and a small image encoder."""
     torch.manual_seed(0)
-    T = utils.to_cfg(main.DEFAULTS['TRAIN'])
-    G = models.DMGANGenerator(
+    train_cfg = utils.to_cfg(main.DEFAULTS['TRAIN'])
+    netG = models.DMGANGenerator(
         gf_dim=4, z_dim=8, cond_dim=6, text_dim=12, branch_num=2, r_num=1, base_size=32
     )
     Ds = [models.DMGANDiscriminator(s, df_dim=4, text_dim=12) for s in (32, 64)]
-    G.apply(main.init_weights)
+    netG.apply(main.init_weights)
     for d in Ds:
         d.apply(main.init_weights)
     enc = (
@@ -147,7 +147,7 @@ def tiny_step(amp_dtype, contrastive):
         .eval()
         .requires_grad_(False)
     )
-    optG = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
     optsD = [torch.optim.Adam([p for p in d.parameters() if p.requires_grad], lr=2e-4) for d in Ds]
     B = 6
     reals = [torch.rand(B, 3, s, s) * 2 - 1 for s in (32, 64)]
@@ -157,7 +157,18 @@ def tiny_step(amp_dtype, contrastive):
     ]
     amp = torch.autocast('cpu', dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
     return main.train_step(
-        G, Ds, optG, optsD, enc, reals, torch.arange(B), feats, torch.randn(B, 8), T, amp, 0
+        netG,
+        Ds,
+        optG,
+        optsD,
+        enc,
+        reals,
+        torch.arange(B),
+        feats,
+        torch.randn(B, 8),
+        train_cfg,
+        amp,
+        0,
     )
 
 
@@ -563,14 +574,14 @@ def test_dmgan_and_dalle_score_through_the_one_path_as_directly(
         and len(list((tmp_path / 'dump').glob('*.png'))) == 30
     )
     # DALLE: the held-out captions, image i against caption i + 1 for the shuffled baseline
-    E = utils.to_cfg(
+    eval_cfg = utils.to_cfg(
         {
             **train_dalle.DEFAULTS['EVAL'],
             'HOLDOUT': os.path.join(tiny_shapes, 'test.jsonl'),
             'NUM_CAPTIONS': 30,
         }
     )
-    records = train_dalle.holdout_records(E)
+    records = train_dalle.holdout_records(eval_cfg)
     got = through(
         records,
         train_dalle.metric_plugins(judge, (text_enc, image_enc), 5),

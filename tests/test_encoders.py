@@ -176,13 +176,13 @@ TEXTS = ['a red circle on the left', 'big blue square', 'a circle']
 
 
 def tiny_specs(family, tok):
-    D = 16
+    embed_dim = 16
     if family == 'damsm':
         return (
-            {'family': 'damsm', 'dim': D, 'tokenizer': tok, 'word_dim': 12, 'dropout': 0.0},
+            {'family': 'damsm', 'dim': embed_dim, 'tokenizer': tok, 'word_dim': 12, 'dropout': 0.0},
             {
                 'family': 'damsm',
-                'dim': D,
+                'dim': embed_dim,
                 'image_size': 32,
                 'backbone': 'small',
                 'width': 4,
@@ -193,7 +193,7 @@ def tiny_specs(family, tok):
         return (
             {
                 'family': 'clip',
-                'dim': D,
+                'dim': embed_dim,
                 'tokenizer': tok,
                 'width': 16,
                 'heads': 2,
@@ -202,7 +202,7 @@ def tiny_specs(family, tok):
             },
             {
                 'family': 'clip',
-                'dim': D,
+                'dim': embed_dim,
                 'image_size': 32,
                 'layers': [2],
                 'width': 16,
@@ -215,7 +215,7 @@ def tiny_specs(family, tok):
             tiny_specs('clip', tok)[0],
             {
                 'family': 'clip',
-                'dim': D,
+                'dim': embed_dim,
                 'image_size': 64,
                 'layers': [1, 1, 1, 1],
                 'width': 8,
@@ -225,14 +225,14 @@ def tiny_specs(family, tok):
         )
     from transformers import CLIPConfig
 
-    c = CLIPConfig(
+    clip_config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tok['vocab']),
             hidden_size=24,
             intermediate_size=48,
             num_hidden_layers=2,
             num_attention_heads=2,
-            projection_dim=D,
+            projection_dim=embed_dim,
             max_position_embeddings=tok['context_length'],
             bos_token_id=len(WORDS),
             eos_token_id=len(WORDS) + 1,
@@ -245,19 +245,19 @@ def tiny_specs(family, tok):
             num_attention_heads=2,
             image_size=32,
             patch_size=8,
-            projection_dim=D,
+            projection_dim=embed_dim,
         ),
-        projection_dim=D,
+        projection_dim=embed_dim,
     )
     return (
         {
             'family': 'clip_hf',
-            'dim': D,
+            'dim': embed_dim,
             'tokenizer': tok,
             'keep_special': False,
-            'config': c.text_config.to_dict(),
+            'config': clip_config.text_config.to_dict(),
         },
-        {'family': 'clip_hf', 'dim': D, 'config': c.vision_config.to_dict()},
+        {'family': 'clip_hf', 'dim': embed_dim, 'config': clip_config.vision_config.to_dict()},
     )
 
 
@@ -513,7 +513,7 @@ def tiny_clip_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp('clip')
     vocab = write_bpe(folder)
     torch.manual_seed(0)
-    c = CLIPConfig(
+    clip_config = CLIPConfig(
         text_config=dict(
             vocab_size=len(vocab),
             hidden_size=24,
@@ -536,7 +536,7 @@ def tiny_clip_dir(tmp_path_factory):
         ),
         projection_dim=16,
     )
-    CLIPModel(c).save_pretrained(folder)
+    CLIPModel(clip_config).save_pretrained(folder)
     return folder
 
 

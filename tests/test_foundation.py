@@ -285,14 +285,14 @@ def test_coco_json_csv_jsonl_folder(tmp_path):
 
 
 def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_shapes):
-    import torchvision.transforms as T
+    from torchvision import transforms
     from PIL import Image
 
     good = tmp_path / 'good.png'
     Image.new('RGB', (8, 8), (255, 0, 0)).save(good)
     bad = tmp_path / 'bad.png'
     bad.write_bytes(b'not a png at all')
-    ds = utils.PairDataset([(str(bad), 'x'), (str(good), 'y')], T.ToTensor())
+    ds = utils.PairDataset([(str(bad), 'x'), (str(good), 'y')], transforms.ToTensor())
     imgs = [ds[i] for i in range(2)]
     assert len(ds.bad) == 1 and all(t == 'y' for _, t in imgs)
     data_dir = tmp_path / 'shapes'
@@ -304,7 +304,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path, tiny_shapes):
     tds[0]
     assert len(tds.bad) == 1  # each bad file counted once
     # every image unreadable (far more than Python's recursion limit): one line, no RecursionError
-    many = utils.PairDataset([(str(bad), 'x')] * 3000, T.ToTensor())
+    many = utils.PairDataset([(str(bad), 'x')] * 3000, transforms.ToTensor())
     with pytest.raises(utils.UserError, match='no readable image among the 3000 items'):
         many[0]
 
@@ -578,9 +578,9 @@ def test_dataloader_worker_errors_are_one_line(tmp_path):
     for i, size in enumerate((8, 8, 16, 16)):
         Image.new('RGB', (size, size)).save(tmp_path / f'{i}.png')
     code = (
-        "import sys, torch, torchvision.transforms as T; sys.path.insert(0, %r); import utils\n"
+        "import sys, torch; from torchvision import transforms; sys.path.insert(0, %r); import utils\n"
         "def main():\n"
-        "    ds = utils.PairDataset([(%r + f'/{i}.png', 'x') for i in range(4)], T.ToTensor())\n"
+        "    ds = utils.PairDataset([(%r + f'/{i}.png', 'x') for i in range(4)], transforms.ToTensor())\n"
         "    list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))\n"
         "utils.run_main(main)\n"
     ) % (ROOT, str(tmp_path))

@@ -132,11 +132,14 @@ def test_parameter_counts_equal_original_description(size, g_want, d_want):
         d_want,
     )  # coco_xmc.py: gf = df = 96, z 128, BERT 768
     with torch.device('meta'):
-        G, D = (
+        netG, netD = (
             models.XMCGenerator(size, 96, 128, 768, 15.0),
             models.XMCDiscriminator(size, 96, 768, 16),
         )
-    assert (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())) == (
+    assert (
+        sum(p.numel() for p in netG.parameters()),
+        sum(p.numel() for p in netD.parameters()),
+    ) == (
         g_want,
         d_want,
     )
@@ -145,11 +148,11 @@ def test_parameter_counts_equal_original_description(size, g_want, d_want):
 @pytest.mark.parametrize('size', [64, 128, 256])
 def test_generator_and_discriminator_shapes(size):
     torch.manual_seed(0)
-    G, D = models.XMCGenerator(size, 2, 4, 8, 15.0), models.XMCDiscriminator(size, 2, 8, 16)
+    netG, netD = models.XMCGenerator(size, 2, 4, 8, 15.0), models.XMCDiscriminator(size, 2, 8, 16)
     pad = torch.tensor([[False] * 5, [False, False, True, True, True]])
-    img = G(torch.randn(2, 4), torch.randn(2, 8), torch.randn(2, 5, 8), pad)
+    img = netG(torch.randn(2, 4), torch.randn(2, 8), torch.randn(2, 5, 8), pad)
     assert img.shape == (2, 3, size, size) and img.abs().max() <= 1
-    logit, pooled, sent_c, regions = D(img, torch.randn(2, 8))
+    logit, pooled, sent_c, regions = netD(img, torch.randn(2, 8))
     assert logit.shape == (2,) and pooled.shape == sent_c.shape == (
         2,
         2 * (8 if size == 64 else 16),
@@ -160,9 +163,11 @@ def test_generator_and_discriminator_shapes(size):
 def test_local_condbn_upsampling_after_the_conv_is_exact():
     """A 1x1 conv commutes with nearest upsampling: modulating from the coarse map is the original."""
     torch.manual_seed(0)
-    n = models.CondBN(3, 5, local=True)
+    cond_bn = models.CondBN(3, 5, local=True)
     x, c = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 2, 2)
-    torch.testing.assert_close(n(x, c), n(x, F.interpolate(c, scale_factor=4, mode='nearest')))
+    torch.testing.assert_close(
+        cond_bn(x, c), cond_bn(x, F.interpolate(c, scale_factor=4, mode='nearest'))
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -466,8 +471,8 @@ def test_watch_stops_cleanly_on_sigterm(tmp_path, embeddings, encoder, trained_r
 def test_embedding_resumes_without_recomputing_finished_shards(
     tmp_path, tiny_shapes, encoder, embeddings
 ):
-    E = embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=encoder)
-    encode, info = preprocess_data.caption_encoder(E, torch.device('cpu'))
+    emb_cfg = embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=encoder)
+    encode, info = preprocess_data.caption_encoder(emb_cfg, torch.device('cpu'))
     seen = []
 
     def interrupted(texts):  # dies in the train split's third batch (second shard)
@@ -478,7 +483,7 @@ def test_embedding_resumes_without_recomputing_finished_shards(
 
     with pytest.raises(KeyboardInterrupt):
         preprocess_data.embed_captions(
-            E, torch.device('cpu'), utils.get_logger(None, 'test'), (interrupted, info)
+            emb_cfg, torch.device('cpu'), utils.get_logger(None, 'test'), (interrupted, info)
         )
     first = tmp_path / 'emb' / 'train_00000.pt'
     assert sorted(os.listdir(tmp_path / 'emb')) == ['index.json', 'train_00000.pt']
@@ -490,7 +495,7 @@ def test_embedding_resumes_without_recomputing_finished_shards(
         return encode(texts)
 
     index = preprocess_data.embed_captions(
-        E, torch.device('cpu'), utils.get_logger(None, 'test'), (counting, info)
+        emb_cfg, torch.device('cpu'), utils.get_logger(None, 'test'), (counting, info)
     )
     total = sum(sp['num_captions'] for sp in index['splits'].values())
     assert index['complete'] and sum(seen) == total - 32 and first.stat().st_mtime_ns == stamp
