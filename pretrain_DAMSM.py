@@ -98,7 +98,9 @@ DEFAULTS = {
         'CLIP': 0.0,
         'CLASS_MASK': True,
     },  # AttnGAN masks same-class pairs out of its two losses
-    'EVAL': {'NUM': 0, 'R_NEG': 99, 'ATTN_IMAGES': 4},  # NUM: test images used (0 = all)
+    # NUM: test images used (0 = all); SWAP_WORDS: on the shapes captions, per attribute, the
+    # share of test images closer to their caption than to it with that word swapped
+    'EVAL': {'NUM': 0, 'R_NEG': 99, 'ATTN_IMAGES': 4, 'SWAP_WORDS': False},
 }
 CHOICES = {
     'DATA.FORMAT': ('attngan', 'csv'),
@@ -632,6 +634,7 @@ def evaluate(model, loader, cfg, device):
     of each test image; the word attention maps of the first few. Rank 0 only."""
     model.eval()
     sums, n, imgs, sents, classes, panels = collections.defaultdict(float), 0, [], [], [], None
+    texts = []
     skipped = []
     for raw in loader:
         skipped += raw.pop('skipped')
@@ -642,6 +645,7 @@ def evaluate(model, loader, cfg, device):
         imgs.append(feats[1].float().cpu())
         sents.append(feats[2][0][1].float().cpu())
         classes.append(cls.cpu())
+        texts += raw['text']
         if len(images) < 2:
             continue
         _, values, maps = compute_losses(feats, cls, cfg, model.logit_scale)
@@ -666,6 +670,8 @@ def evaluate(model, loader, cfg, device):
     metrics['R_precision'], metrics['R_precision_std'] = utils.r_precision(
         img, txt, cls, n_neg=cfg.EVAL.R_NEG
     )
+    if cfg.EVAL.SWAP_WORDS:
+        metrics.update(utils.swap_accuracy(img, model.text, texts))
     model.train()
     return metrics, panels
 
@@ -875,6 +881,11 @@ def main():
                 f"{metrics.get('val_loss', float('nan')):.3f} | R@1 i2t {metrics['i2t_R@1']:.3f} "
                 f"t2i {metrics['t2i_R@1']:.3f} | R-precision {metrics['R_precision']:.3f} "
                 f"± {metrics['R_precision_std']:.3f}"
+                + ''.join(
+                    f" | swap {a} {metrics[f'swap_{a}']:.3f}"
+                    for a in utils.ATTRIBUTES
+                    if f'swap_{a}' in metrics
+                )
             )
             for k, v in metrics.items():
                 if k not in ('epoch', 'step'):

@@ -2194,6 +2194,54 @@ def caption_attributes(data_dir):
     }
 
 
+def swapped_captions(caption, seed=0):
+    """Minimal pairs for a text encoder: for each attribute the caption names with exactly one
+    of its canonical words (a shape, a colour, a size), the caption with that word replaced by
+    another of its kind, drawn from `seed`. Captions naming it only by a synonym are left out."""
+    rng = random.Random(seed)
+    words = {'shape': SHAPES, 'colour': list(COLOURS), 'size': list(SIZES)}
+    pairs = {}
+    for attribute, kind in words.items():
+        found = [w for w in kind if re.search(rf'\b{w}\b', caption)]
+        if len(found) == 1:
+            other = rng.choice([w for w in kind if w != found[0]])
+            pairs[attribute] = re.sub(rf'\b{found[0]}\b', other, caption)
+    return pairs
+
+
+@torch.no_grad()
+def swap_accuracy(image_emb, text_encoder, captions, seed=0, batch_size=256):
+    """Per attribute, how often an image is closer (cosine of global features) to its own
+    caption than to the caption with that attribute's word swapped (swapped_captions): what an
+    encoder tells apart, and so what of a caption can reach a generator conditioned on it.
+    Returns {'swap_<attribute>': accuracy, 'swap_<attribute>_pairs': count}."""
+    rows = [
+        (i, a, text)
+        for i, cap in enumerate(captions)
+        for a, text in swapped_captions(cap, seed + i).items()
+    ]
+    if not rows:
+        return {}
+    texts = list(captions) + [t for *_, t in rows]
+    sent = torch.cat(
+        [
+            text_encoder.encode(texts[k : k + batch_size])[1].float().cpu()
+            for k in range(0, len(texts), batch_size)
+        ]
+    )
+    img = torch.nn.functional.normalize(torch.as_tensor(image_emb).float(), dim=-1)
+    sent = torch.nn.functional.normalize(sent, dim=-1)
+    own = (img * sent[: len(captions)]).sum(-1)
+    wins = collections.defaultdict(list)
+    for k, (i, a, _) in enumerate(rows):
+        wins[a].append(bool(own[i] > img[i] @ sent[len(captions) + k]))
+    out = {}
+    for a in ATTRIBUTES:
+        if wins[a]:
+            out[f'swap_{a}'], out[f'swap_{a}_pairs'] = float(np.mean(wins[a])), len(wins[a])
+    return out
+
+
 def shapes_key(path):
     """The dataset key (NNN.colour_shape/colour_shape_NNNNN) named in an image's path."""
     m = SHAPES_KEY_RE.search(path.replace(os.sep, '/'))

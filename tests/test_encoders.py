@@ -548,6 +548,8 @@ def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
     m = run_script(os.path.join(ROOT, 'cfg', cfg), out, fixture_data, *sets)
     assert m['epoch'] == 1 and m['step'] >= 1 and math.isfinite(m['train_loss'])
     assert 0.0 <= m['R_precision'] <= 1.0 and 0.0 <= m['i2t_R@10'] <= 1.0
+    if 'shapes' in cfg:  # EVAL.SWAP_WORDS: the minimal-pair accuracies
+        assert m['swap_colour_pairs'] >= 1 and 0.0 <= m['swap_colour'] <= 1.0
     te, ie = models.load_encoders(str(out / 'checkpoints' / 'text_encoder1.pth'))
     words, sent, pad = te.encode(['a red circle in the middle'])
     regions, glob = ie.encode(torch.zeros(1, 3, 40, 40))

@@ -326,6 +326,47 @@ def test_clip_score_and_clip_r_precision():
     }
 
 
+def test_swapped_captions_change_one_canonical_word():
+    pairs = utils.swapped_captions('a small red star at the top left.', seed=3)
+    assert set(pairs) == {'shape', 'colour', 'size'}
+    for attribute, text in pairs.items():
+        changed = [
+            (a, b)
+            for a, b in zip('a small red star at the top left.'.split(), text.split())
+            if a != b
+        ]
+        assert len(changed) == 1 and len(text.split()) == 8
+        kind = {'shape': utils.SHAPES, 'colour': list(utils.COLOURS), 'size': list(utils.SIZES)}[
+            attribute
+        ]
+        assert changed[0][0] in kind and changed[0][1] in kind
+    # a synonym only, or two colours: that attribute is left out
+    assert set(utils.swapped_captions('a tiny blue disc.')) == {'colour'}
+    assert 'colour' not in utils.swapped_captions('a red circle left of a blue square.')
+
+
+def test_swap_accuracy_reads_only_the_words_the_encoder_sees():
+    class ColourBlind(torch.nn.Module):  # sentence feature = one-hot of the shape word only
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, texts):
+            g = torch.zeros(len(texts), len(utils.SHAPES))
+            for i, t in enumerate(texts):
+                for j, w in enumerate(utils.SHAPES):
+                    if w in t.split():
+                        g[i, j] = 1.0
+            return None, g, None
+
+    captions = [f'a large {c} {s} .' for c in ('red', 'blue') for s in utils.SHAPES]
+    image_emb = ColourBlind().encode(captions)[1] + 0.01  # images that show their caption's shape
+    m = utils.swap_accuracy(image_emb, ColourBlind(), captions)
+    assert m['swap_shape'] == 1.0 and m['swap_shape_pairs'] == 12
+    assert m['swap_colour'] == 0.0 and m['swap_size'] == 0.0  # ties are not wins
+    assert utils.swap_accuracy(image_emb, ColourBlind(), ['a tiny disc.']) == {}
+
+
 # ----------------------------------------------------------------------------
 # The shapes judge
 # ----------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""What of a caption a text encoder passes on: probes of its sentence features on the shapes data.
+
+    python bench/probe_encoder.py output/clip_shapes/checkpoints/text_encoder1.pth [more ...]
+
+For each encoder (a text_encoder<N>.pth of pretrain_DAMSM.py, its image encoder beside it), on the
+captions of single-object images: a linear classifier trained on the sentence features of 2,000
+training captions predicts the object's shape, colour, size and cell for 1,000 test captions
+(chance 0.17 / 0.13 / 0.50 / 0.11), and the swap accuracy of utils.swap_accuracy on the first
+caption of each test image (own caption against the word swapped, chance 0.5). A generator
+conditioned on the sentence features can only draw what they carry.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import models  # noqa: E402
+import utils  # noqa: E402
+
+TARGETS = ('shape', 'colour', 'size', 'cell')
+
+
+def single_object_captions(data_dir, split, n_images, attributes):
+    """(caption, {target: class index}) for the first two captions of the first n_images
+    single-object images of a split."""
+    captions = {}
+    with open(os.path.join(data_dir, f'{split}.jsonl')) as f:
+        for line in f:
+            row = json.loads(line)
+            captions.setdefault(utils.shapes_key(row['image_path']), []).append(row['sentences'])
+    out = []
+    for key in [k for k in captions if len(attributes[k]['objects']) == 1][:n_images]:
+        o = attributes[key]['objects'][0]
+        labels = {
+            'shape': utils.SHAPES.index(o['shape']),
+            'colour': list(utils.COLOURS).index(o['colour']),
+            'size': list(utils.SIZES).index(o['size']),
+            'cell': o['cell'],
+        }
+        out += [(c, labels) for c in captions[key][:2]]
+    return out
+
+
+@torch.no_grad()
+def sentences(text_encoder, texts, batch_size=256):
+    return torch.cat(
+        [
+            text_encoder.encode(texts[i : i + batch_size])[1].float()
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
+
+
+def linear_probe(x_train, y_train, x_test, y_test, steps=500, seed=0):
+    torch.manual_seed(seed)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    head = torch.nn.Linear(x_train.shape[1], int(y_train.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(head(x_train), y_train).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((head(x_test).argmax(1) == y_test).float().mean())
+
+
+def first_captions(data_dir, n_images):
+    """The first caption and image of the first n_images test images, images in [-1, 1] at 64 px."""
+    rows, seen = [], set()
+    with open(os.path.join(data_dir, 'test.jsonl')) as f:
+        for line in f:
+            row = json.loads(line)
+            if row['image_path'] not in seen and len(seen) < n_images:
+                seen.add(row['image_path'])
+                rows.append(row)
+    images = torch.stack(
+        [
+            torch.from_numpy(
+                np.asarray(
+                    utils.load_image(os.path.join(data_dir, r['image_path'])).resize((64, 64)),
+                    dtype=np.float32,
+                )
+                / 127.5
+                - 1
+            ).permute(2, 0, 1)
+            for r in rows
+        ]
+    )
+    return [r['sentences'] for r in rows], images
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('encoders', nargs='+', help='text_encoder<N>.pth files (or run dirs)')
+    p.add_argument('--data', default='data/shapes', help='the shapes dataset')
+    p.add_argument('--train_images', type=int, default=1000)
+    p.add_argument('--test_images', type=int, default=500)
+    args = p.parse_args()
+    attributes = utils.caption_attributes(args.data)
+    train = single_object_captions(args.data, 'train', args.train_images, attributes)
+    test = single_object_captions(args.data, 'test', args.test_images, attributes)
+    swap_texts, swap_images = first_captions(args.data, 1000)
+    print(f'{len(train)} training / {len(test)} test captions of single-object images')
+    print(
+        '| encoder | '
+        + ' | '.join(f'probe {t}' for t in TARGETS)
+        + ' | swap shape | swap colour | swap size |'
+    )
+    print('|---' * (len(TARGETS) + 4) + '|')
+    for path in args.encoders:
+        text_encoder, image_encoder = models.load_encoders(path)
+        x_train, x_test = (sentences(text_encoder, [c for c, _ in s]) for s in (train, test))
+        probes = [
+            linear_probe(
+                x_train,
+                torch.tensor([y[t] for _, y in train]),
+                x_test,
+                torch.tensor([y[t] for _, y in test]),
+            )
+            for t in TARGETS
+        ]
+        with torch.no_grad():
+            image_emb = torch.cat(
+                [image_encoder.encode(b)[1].float() for b in torch.split(swap_images, 250)]
+            )
+        swap = utils.swap_accuracy(image_emb, text_encoder, swap_texts)
+        print(
+            f'| {path} | '
+            + ' | '.join(f'{v:.3f}' for v in probes)
+            + ' | '
+            + ' | '.join(f"{swap.get(f'swap_{a}', float('nan')):.3f}" for a in utils.ATTRIBUTES)
+            + ' |'
+        )
+
+
+if __name__ == '__main__':
+    main()
