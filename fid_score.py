@@ -4,6 +4,7 @@
   python fid_score.py --path GEN_DIR REAL_DIR ...          (the same, as one flag)
   python fid_score.py --save-stats REAL_DIR real.npz       statistics for later; either side may be an .npz
   python fid_score.py GEN_DIR REAL_DIR --json fid.json     also write the value to a file
+  python fid_score.py --data bird|coco                     T2I_CLIP-GAN's preset folders (printed)
 
 The synthetic dataset has no pretrained judge, so it trains its own (ShapesJudge):
 
@@ -212,6 +213,11 @@ def parse_args():
         'paths', nargs='*', help='two folders or .npz files (or DIR OUT.npz with --save-stats)'
     )
     p.add_argument('--path', nargs=2, help='the two paths as one flag')
+    p.add_argument(
+        '--data',
+        choices=sorted(utils.EVAL_PRESETS),
+        help="T2I_CLIP-GAN's preset: the eval_clip_<data> images against the dataset's",
+    )
     p.add_argument('--dims', type=int, help=f'Inception features: {models.FIDInceptionV3.DIMS}')
     p.add_argument('--batch_size', '--batch-size', type=int)
     p.add_argument('--num_workers', '--num-workers', type=int, help='decoding processes')
@@ -263,6 +269,10 @@ def main():
         print('attribute accuracy: ' + ' '.join(f'{k} {v:.4f}' for k, v in acc.items()))
         return report({'images': len(files), **acc}, args.json)
     paths = args.path or args.paths
+    if args.data:
+        if paths:
+            raise utils.UserError(f"--data {args.data} names both folders; give no paths with it")
+        paths = utils.eval_preset(args.data)
     if len(paths) != 2:
         raise utils.UserError(
             f"expected two paths (GEN_DIR REAL_DIR, or --save-stats DIR OUT.npz), got {len(paths)}"

@@ -2,6 +2,7 @@
 
   python inception_score.py --path GEN_DIR [--splits 10] [--batch_size 50] [--gpu N] [--weights PATH]
                             [--net tf|torchvision] [--json is.json]
+  python inception_score.py --data bird|coco      T2I_CLIP-GAN's preset folder (printed)
 
 IS = exp(E_x KL(p(y|x) || p(y))), p(y) the mean of p(y|x) over the split; reported as
 mean and std over `splits` consecutive splits (improved-gan inception_score/model.py
@@ -50,6 +51,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('paths', nargs='*', help='folder of generated images')
     p.add_argument('--path', help='folder of generated images (as the positional argument)')
+    p.add_argument(
+        '--data',
+        choices=sorted(utils.EVAL_PRESETS),
+        help="T2I_CLIP-GAN's preset: the images main.py --cfg cfg/eval_clip_<data>.yml writes",
+    )
     p.add_argument('--splits', type=int, default=DEFAULTS['SPLITS'])
     p.add_argument('--batch_size', '--batch-size', type=int, default=DEFAULTS['BATCH_SIZE'])
     p.add_argument('--num_workers', '--num-workers', type=int, default=DEFAULTS['NUM_WORKERS'])
@@ -66,6 +72,10 @@ def main():
     p.add_argument('--json', help='also write the result to this file')
     args = p.parse_args()
     paths = ([args.path] if args.path else []) + args.paths
+    if args.data:
+        if paths:
+            raise utils.UserError(f"--data {args.data} names the folder; give no path with it")
+        paths = utils.eval_preset(args.data)[:1]
     if args.splits < 1 or args.batch_size < 1:
         raise utils.UserError(
             f"--splits {args.splits} --batch_size {args.batch_size}: expected at least 1 each"

@@ -1923,6 +1923,26 @@ TV_INCEPTION_WEIGHTS = (
 TV_INCEPTION_WEIGHTS_URL = 'https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth'
 
 
+# fid_score.py / inception_score.py --data: T2I_CLIP-GAN's presets (its fid_score.py hard-codes
+# the generator's valid/single folder and the dataset's real images), in this repository's layout:
+# what `main.py --cfg cfg/eval_clip_<data>.yml` writes, and the images of the AttnGAN layout.
+EVAL_PRESETS = {
+    'bird': ('output/eval_clip_bird/valid/single', 'data/birds/CUB_200_2011/images'),
+    'coco': ('output/eval_clip_coco/valid/single', 'data/coco/images'),
+}
+
+
+def eval_preset(name):
+    """The (generated, real) folders of a --data preset, said on stdout; one line when absent."""
+    paths = EVAL_PRESETS[name]
+    for what, p in zip(('generated images', 'real images'), paths):
+        if not os.path.isdir(p):
+            hint = f'main.py --cfg cfg/eval_clip_{name}.yml' if what[0] == 'g' else 'the dataset'
+            raise UserError(f"--data {name}: {p}: no such folder ({what}; from {hint})")
+    print(f"--data {name}: generated {paths[0]}, real {paths[1]}")
+    return list(paths)
+
+
 def folder_images(path):
     """pytorch-fid's file list: the images at the folder's top level. A folder with
     none there (pytorch-fid would fail) is searched recursively (the CUB layout)."""

@@ -3,6 +3,7 @@ R-precision and CLIP score on hand-built embeddings, the shapes judge."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from unittest import mock
@@ -178,6 +179,38 @@ def test_missing_weights_is_one_line(fid_setup, tmp_path):
     msg = p.stderr.strip()
     assert len(msg.splitlines()) == 1
     assert utils.FID_WEIGHTS in msg and str(tmp_path) in msg and '--judge' in msg
+
+
+@pytest.mark.slow
+def test_data_presets_name_t2i_clip_gans_folders(fid_setup, tmp_path):
+    a, b, w = fid_setup
+    gen, real = (tmp_path / p for p in utils.EVAL_PRESETS['bird'])
+
+    def cli(script, *args):
+        return subprocess.run(
+            [sys.executable, os.path.join(ROOT, script), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+
+    p = cli('fid_score.py', '--data', 'bird', '--weights', w)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert str(utils.EVAL_PRESETS['bird'][0]) in p.stderr and 'eval_clip_bird' in p.stderr
+    shutil.copytree(a, gen)
+    shutil.copytree(b, real)
+    opts = ['--weights', w, '--dims', '64', '--num_workers', '0']
+    preset = cli('fid_score.py', '--data', 'bird', *opts, '--json', 'p.json')
+    explicit = cli('fid_score.py', str(gen), str(real), *opts, '--json', 'e.json')
+    assert preset.returncode == 0 and explicit.returncode == 0, preset.stderr + explicit.stderr
+    assert 'generated output/eval_clip_bird/valid/single' in preset.stdout
+    assert (
+        json.load(open(tmp_path / 'p.json'))['fid'] == json.load(open(tmp_path / 'e.json'))['fid']
+    )
+    score = cli('inception_score.py', '--data', 'bird', '--weights', w, '--splits', '1')
+    assert score.returncode == 0 and 'IS: ' in score.stdout, score.stderr
+    both = cli('fid_score.py', '--data', 'coco', a, b)
+    assert both.returncode == 2 and 'give no paths' in both.stderr
 
 
 def test_eigenvalue_trace_agrees_with_sqrtm():
