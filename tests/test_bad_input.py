@@ -175,3 +175,30 @@ def test_unreadable_test_images_are_left_out_of_r_precision_and_counted(tiny_sha
     assert [len(b['skipped']) for b in batches] == [0, 1]
     assert 'broken.jpg' in batches[1]['skipped'][0]
     assert batches[1]['class_id'].tolist() == [1, 2]
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
+    import errno
+
+    import utils
+
+    net = torch.nn.Linear(3, 2)
+    first = utils.save_checkpoint(str(tmp_path), 'run', 1, models={'net': net})
+    before = digest(tmp_path)
+    real_fsync = os.fsync
+
+    def full(fd):  # the bytes reach the temporary file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, 'fsync', full)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    with pytest.raises(utils.UserError) as e:
+        utils.save_checkpoint(str(tmp_path), 'run', 2, models={'net': net})
+    monkeypatch.setattr(os, 'fsync', real_fsync)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and 'run_00000002.pt' in msg
+    assert os.strerror(errno.ENOSPC) in msg and 'nothing was overwritten' in msg
+    assert digest(tmp_path) == before  # no partial file, no temporary file, the old one intact
+    state = utils.load_checkpoint(first, 'run')
+    assert state['step'] == 1 and not torch.equal(state['models']['net']['weight'], net.weight)
