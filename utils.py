@@ -1898,6 +1898,17 @@ def encode_pairs(image_encoder, text_encoder, images, texts, batch_size=100):
     return torch.cat(img), torch.cat(txt)
 
 
+@torch.no_grad()
+def encode_sentences(text_encoder, texts, batch_size=256):
+    """Sentence features (on the CPU, float) of a list of captions, in batches."""
+    return torch.cat(
+        [
+            text_encoder.encode(list(texts[i : i + batch_size]))[1].float().cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
+    )
+
+
 def clip_metrics(image_emb, text_emb, n_neg=99, folds=10, seed=0):
     """CLIP score and CLIP-R-precision (Park et al. 2021: the true caption against 99
     captions of other images, any class) on features from a CLIP-like encoder pair."""
@@ -2242,13 +2253,7 @@ def swap_accuracy(image_emb, text_encoder, captions, seed=0, batch_size=256):
     ]
     if not rows:
         return {}
-    texts = list(captions) + [t for *_, t in rows]
-    sent = torch.cat(
-        [
-            text_encoder.encode(texts[k : k + batch_size])[1].float().cpu()
-            for k in range(0, len(texts), batch_size)
-        ]
-    )
+    sent = encode_sentences(text_encoder, list(captions) + [t for *_, t in rows], batch_size)
     img = torch.nn.functional.normalize(torch.as_tensor(image_emb).float(), dim=-1)
     sent = torch.nn.functional.normalize(sent, dim=-1)
     own = (img * sent[: len(captions)]).sum(-1)

@@ -48,16 +48,6 @@ def single_object_captions(data_dir, split, n_images, attributes):
     return out
 
 
-@torch.no_grad()
-def sentences(text_encoder, texts, batch_size=256):
-    return torch.cat(
-        [
-            text_encoder.encode(texts[i : i + batch_size])[1].float()
-            for i in range(0, len(texts), batch_size)
-        ]
-    )
-
-
 def linear_probe(x_train, y_train, x_test, y_test, steps=500, seed=0):
     torch.manual_seed(seed)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
@@ -117,7 +107,9 @@ def main():
     print('|---' * (len(TARGETS) + 4) + '|')
     for path in args.encoders:
         text_encoder, image_encoder = models.load_encoders(path)
-        x_train, x_test = (sentences(text_encoder, [c for c, _ in s]) for s in (train, test))
+        x_train, x_test = (
+            utils.encode_sentences(text_encoder, [c for c, _ in s]) for s in (train, test)
+        )
         probes = [
             linear_probe(
                 x_train,
