@@ -42,7 +42,13 @@ DEFAULTS = {
         'AMP': False,  # bf16 autocast
         'KEEP_CHECKPOINTS': 3,
         'LOG_EVERY': 50,
-        'SMOOTH': {'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0, 'LAMBDA': 1.0},
+        'SMOOTH': {
+            'GAMMA1': 5.0,
+            'GAMMA2': 5.0,
+            'GAMMA3': 10.0,
+            'LAMBDA': 1.0,
+            'WORD_LOSS': 'attngan',  # models.words_loss form: attngan | t2i_clip_gan
+        },
         'CONTRASTIVE': {'ENABLE': False, 'TEMPERATURE': 0.5, 'WEIGHT': 0.2},
     },
     'GAN': {'DF_DIM': 64, 'GF_DIM': 128, 'Z_DIM': 100, 'CONDITION_DIM': 100, 'R_NUM': 2},
@@ -133,7 +139,14 @@ def damsm_loss(image_encoder, fake, words, sent, pad, class_ids, smooth_cfg):
     (AttnGAN Eq. 10-14), with the frozen encoders; weighted by LAMBDA by the caller."""
     regions, global_feat = image_encoder.encode(fake)
     w0, w1, _ = models.words_loss(
-        regions, words, pad, class_ids, smooth_cfg.GAMMA1, smooth_cfg.GAMMA2, smooth_cfg.GAMMA3
+        regions,
+        words,
+        pad,
+        class_ids,
+        smooth_cfg.GAMMA1,
+        smooth_cfg.GAMMA2,
+        smooth_cfg.GAMMA3,
+        smooth_cfg.WORD_LOSS,
     )
     s0, s1 = models.sent_loss(global_feat, sent, class_ids, smooth_cfg.GAMMA3)
     return w0 + w1 + s0 + s1, global_feat
@@ -196,6 +209,11 @@ def train_step(
 def train(run, args):
     cfg, dev, log = run.cfg, run.device, run.log
     train_cfg, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
+    if train_cfg.SMOOTH.WORD_LOSS not in models.WORD_LOSS_FORMS:
+        raise utils.UserError(
+            f"TRAIN.SMOOTH.WORD_LOSS={train_cfg.SMOOTH.WORD_LOSS!r}: expected one of "
+            f"{', '.join(models.WORD_LOSS_FORMS)}"
+        )
     text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     ds = build_dataset(cfg, 'train', train=True, two_captions=contrastive)
     loader = utils.make_loader(

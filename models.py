@@ -1132,19 +1132,37 @@ def _match_losses(scores, class_ids):
     return F.cross_entropy(scores, labels), F.cross_entropy(scores.t(), labels)
 
 
-def words_loss(regions, words, pad_mask, class_ids=None, gamma1=4.0, gamma2=5.0, gamma3=10.0):
-    """DAMSM word loss (AttnGAN Eq. 8-13; miscc/losses.words_loss, GlobalAttention.func_attention).
+WORD_LOSS_FORMS = ('attngan', 't2i_clip_gan')
+
+
+def _l2norm(x, dim):
+    """T2I_CLIP-GAN's l2norm: x / (|x| + 1e-8)."""
+    return x / (x.norm(dim=dim, keepdim=True) + 1e-8)
+
+
+def words_loss(
+    regions, words, pad_mask, class_ids=None, gamma1=4.0, gamma2=5.0, gamma3=10.0, form='attngan'
+):
+    """DAMSM word loss (AttnGAN Eq. 7-13; miscc/losses.words_loss, GlobalAttention.func_attention).
     regions (B, D, h, w) = v, words (B, D, T) = e, pad_mask (B, T) True at padding.
-    For caption i and image j: s = e^T v normalised over the words for each region (Eq. 8;
+    For caption i and image j: s = e^T v normalised over the words for each region (Eq. 7-8;
     padding masked out); α = softmax over the regions of γ1·s (Eq. 9); region context
-    c_k = Σ_r α_kr v_r; R(Q_j, D_i) = log Σ_k exp(γ2·cos(c_k, e_k)) (Eq. 10; the paper's 1/γ2
-    power is left out, as in AttnGAN's code); P(D_i|Q_i) = softmax over the batch of γ3·R
-    (Eq. 11); loss0 = -mean log P(D_i|Q_i), loss1 = -mean log P(Q_i|D_i) (Eq. 12-13).
+    c_k = Σ_r α_kr v_r; R(Q_j, D_i) = log Σ_k exp(γ2·cos(c_k, e_k)) over the caption's words
+    (Eq. 10); P(D_i|Q_i) = softmax over the batch of γ3·R (Eq. 11); loss0 = -mean log P(D_i|Q_i),
+    loss1 = -mean log P(Q_i|D_i) (Eq. 12-13).
+    form 'attngan' is AttnGAN's code: raw e^T v, and Eq. 10 without the paper's 1/γ2 power.
+    form 't2i_clip_gan' is T2I_CLIP-GAN's (DMGAN+CLIP/code/miscc/losses.similarity_text_image):
+    e and v L2-normalised first (s is a cosine, c is built from unit regions) and Eq. 10 with the
+    power, R = (1/γ2) log Σ_k exp(γ2·cos(c_k, e_k)).
     All caption-image pairs at once, in chunks of captions to bound memory.
     Returns loss0, loss1 and each caption's attention map on its own image (T, h, w)."""
+    if form not in WORD_LOSS_FORMS:
+        raise ValueError(f"word loss form {form!r}: expected one of {WORD_LOSS_FORMS}")
     B, D, T = words.shape
     h, w = regions.shape[2:]
     ctx = regions.reshape(B, D, h * w)
+    if form == 't2i_clip_gan':
+        ctx, words = _l2norm(ctx, 1), _l2norm(words, 1)
     chunk = max(1, (1 << 22) // (B * T * max(h * w, D)))
     sims, maps = [], []
     for c0 in range(0, B, chunk):
@@ -1155,7 +1173,10 @@ def words_loss(regions, words, pad_mask, class_ids=None, gamma1=4.0, gamma2=5.0,
         cos = (c * e[:, None]).sum(2) / (c.norm(dim=2) * e.norm(dim=1)[:, None]).clamp(min=1e-8)
         sims.append(torch.logsumexp((gamma2 * cos).masked_fill(pad[:, None], float('-inf')), dim=2))
         maps += [alpha[k, c0 + k].reshape(T, h, w) for k in range(len(e))]
-    loss0, loss1 = _match_losses(torch.cat(sims).t() * gamma3, class_ids)  # rows images
+    sim = torch.cat(sims).t()  # rows images
+    if form == 't2i_clip_gan':
+        sim = sim / gamma2
+    loss0, loss1 = _match_losses(sim * gamma3, class_ids)
     return loss0, loss1, maps
 
 
@@ -1726,10 +1747,13 @@ class XMCDiscriminator(nn.Module):
     """Spectral-norm residual D with projection conditioning (Sec. 4.2). Returns the
     logit, the pooled feature (sentence and image contrastive losses), the projected
     sentence, and region features at cond_size x cond_size projected to the word
-    dimension (word contrastive loss)."""
+    dimension (word contrastive loss). Images arrive in [-1, 1] and are mapped linearly to
+    input_range first: the original's D sees [0, 1] (its data, and G's (tanh + 1) / 2), and
+    spectral norm makes the input scale matter."""
 
-    def __init__(self, img_size=128, df_dim=96, text_dim=768, cond_size=16):
+    def __init__(self, img_size=128, df_dim=96, text_dim=768, cond_size=16, input_range=(0.0, 1.0)):
         super().__init__()
+        self.input_range = tuple(float(v) for v in input_range)
         mults, downs = XMC_D_CHANNELS[img_size]
         self.blocks = nn.ModuleList([XMCDiscBlock(3, df_dim, True, optimized=True)])
         c, size, self.cond_index = df_dim, img_size // 2, None
@@ -1751,6 +1775,9 @@ class XMCDiscriminator(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x, sent):
+        lo, hi = self.input_range
+        if (lo, hi) != (-1.0, 1.0):
+            x = (x + 1) * ((hi - lo) / 2) + lo
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i == self.cond_index:
@@ -1766,6 +1793,9 @@ RESNET50_FILES = (
     'resnet50-11ad3fa6.pth',
 )  # torchvision IMAGENET1K_V1, _V2
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# XMC-GAN's README: gsutil cp gs://gresearch/xmcgan/resnet_pretrained.npy data/
+# (pretrained_model_utils.py _DEFAULT_RESNET_PATH), relative to the working directory as there
+XMC_RESNET_NPY = os.path.join('data', 'resnet_pretrained.npy')
 
 
 def same_pads(size, kernel, stride):
@@ -1921,8 +1951,9 @@ class PretrainedResNet50(nn.Module):
     images, bilinear to 224 (pretrained_model_utils.py), -> the 1000 logits (its `outputs`).
     weights: a .npy file (the original's resnet_pretrained.npy: resnet_v1.py's Flax ResNet50, fed
     [0, 1] images as the original does), a .pth file (torchvision's ResNet-50, fed ImageNet
-    mean/std as its weights expect), 'auto' (torchvision's cache) or '' (random torchvision
-    init, for tests); a named file that is absent stops the run."""
+    mean/std as its weights expect), 'auto' (the original's file where its README puts it,
+    XMC_RESNET_NPY, else torchvision's cache) or '' (random torchvision init, for tests); a named
+    file that is absent stops the run."""
 
     def __init__(self, weights='auto', log=None):
         super().__init__()
@@ -1931,16 +1962,17 @@ class PretrainedResNet50(nn.Module):
             found = [
                 p
                 for p in (
-                    os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES
+                    XMC_RESNET_NPY,
+                    *(os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES),
                 )
                 if os.path.isfile(p)
             ]
             if not found:
                 raise utils.UserError(
                     f"{os.path.join(torch.hub.get_dir(), 'checkpoints', RESNET50_FILES[0])}: "
-                    "ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks in torchvision's "
-                    "cache; give a .pth or XMC-GAN's resnet_pretrained.npy, or '' for a random "
-                    "init)"
+                    f"ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks for "
+                    f"{XMC_RESNET_NPY}, then in torchvision's cache; give a .pth or XMC-GAN's "
+                    "resnet_pretrained.npy, or '' for a random init)"
                 )
             path = found[0]
         if path and not os.path.isfile(path):
@@ -1982,17 +2014,16 @@ class PretrainedResNet50(nn.Module):
         return super().train(False)  # frozen, BatchNorm statistics included
 
     def forward(self, images):
-        if self.flax:
-            # get_pretrained_embs: jax.image.resize 'bilinear', whose antialias=True default filters
-            # when shrinking (256 px); fp32 as PyTorch's CPU antialiased resize has no bf16
-            x = (images.float() + 1) / 2
-            return self.net(
-                F.interpolate(
-                    x, size=(224, 224), mode='bilinear', align_corners=False, antialias=True
-                )
-            )
-        x = F.interpolate((images + 1) / 2, size=(224, 224), mode='bilinear', align_corners=False)
-        return self.net((x - self.mean) / self.std)
+        # get_pretrained_embs: [0, 1] images, jax.image.resize 'bilinear' to 224, whose antialias=True
+        # default filters when shrinking (256 px); fp32 as PyTorch's CPU antialiased resize has no bf16
+        x = F.interpolate(
+            (images.float() + 1) / 2,
+            size=(224, 224),
+            mode='bilinear',
+            align_corners=False,
+            antialias=True,
+        )
+        return self.net(x if self.flax else (x - self.mean) / self.std)
 
 
 # ============================================================================
@@ -2443,38 +2474,44 @@ def causal_attention_matmul(q, k, v):
     return s.softmax(-1).to(v.dtype) @ v
 
 
+ATTN_DROPOUT_AT = ('output', 'weights')
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention: qkv without bias, dim_head^-0.5 scaling (DALLE-pytorch
-    attention.py), computed by scaled_dot_product_attention."""
+    attention.py), computed by scaled_dot_product_attention. Dropout at 'output' is
+    DALLE-pytorch's (to_out = Linear then Dropout); 'weights' drops attention probabilities."""
 
-    def __init__(self, dim, heads, dim_head, dropout=0.0):
+    def __init__(self, dim, heads, dim_head, dropout=0.0, dropout_at='output'):
         super().__init__()
+        if dropout_at not in ATTN_DROPOUT_AT:
+            raise utils.UserError(
+                f"MODEL.ATTN_DROPOUT_AT={dropout_at!r}: expected one of {', '.join(ATTN_DROPOUT_AT)}"
+            )
         self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.dropout_at = dropout_at
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
 
     def forward(self, x, cache=None, max_len=None):
         B, N, _ = x.shape
         q, k, v = self.to_qkv(x).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        p_weights = self.dropout if self.training and self.dropout_at == 'weights' else 0.0
         past = 0
         if cache is not None:
             past = cache.len
             k, v = cache.append(k, v, max_len)
         if past and N > 1:  # a block of new positions after a cached prefix
             mask = torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif (
-            N > 1
-            and x.device.type == 'cpu'
-            and q.dtype == torch.bfloat16
-            and not (self.training and self.dropout)
-        ):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_weights)
+        elif N > 1 and x.device.type == 'cpu' and q.dtype == torch.bfloat16 and not p_weights:
             y = causal_attention_matmul(q, k, v)
         else:  # full causal pass, or one new position seeing all
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=N > 1, dropout_p=self.dropout if self.training else 0.0
-            )
-        return self.to_out(y.transpose(1, 2).reshape(B, N, -1))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=N > 1, dropout_p=p_weights)
+        y = self.to_out(y.transpose(1, 2).reshape(B, N, -1))
+        if self.dropout_at == 'output':
+            y = F.dropout(y, self.dropout, self.training)
+        return y
 
 
 class GEGLUFeedForward(nn.Module):
@@ -2494,12 +2531,21 @@ class DALLEBlock(nn.Module):
     """Pre-norm residual block with LayerScale (CaiT): x + γ·f(LN(x)). γ starts at 0.1 for the
     first 18 layers, 1e-5 up to 24, 1e-6 after (DALLE-pytorch's per-layer rule)."""
 
-    def __init__(self, dim, heads, dim_head, layer, attn_dropout=0.0, ff_dropout=0.0):
+    def __init__(
+        self,
+        dim,
+        heads,
+        dim_head,
+        layer,
+        attn_dropout=0.0,
+        ff_dropout=0.0,
+        attn_dropout_at='output',
+    ):
         super().__init__()
         eps = 0.1 if layer <= 18 else 1e-5 if layer <= 24 else 1e-6
         self.norm_attn, self.attn = (
             nn.LayerNorm(dim),
-            CausalSelfAttention(dim, heads, dim_head, attn_dropout),
+            CausalSelfAttention(dim, heads, dim_head, attn_dropout, attn_dropout_at),
         )
         self.norm_ff, self.ff = nn.LayerNorm(dim), GEGLUFeedForward(dim, 4, ff_dropout)
         self.scale_attn = nn.Parameter(torch.full((dim,), eps))
@@ -2533,6 +2579,7 @@ class DALLE(nn.Module):
         attn_dropout=0.0,
         ff_dropout=0.0,
         loss_img_weight=7.0,
+        attn_dropout_at='output',
     ):
         super().__init__()
         self.hparams = dict(
@@ -2547,6 +2594,7 @@ class DALLE(nn.Module):
             attn_dropout=attn_dropout,
             ff_dropout=ff_dropout,
             loss_img_weight=loss_img_weight,
+            attn_dropout_at=attn_dropout_at,
         )
         self.text_seq_len, self.image_seq_len = text_seq_len, image_fmap_size**2
         self.num_text_tokens = num_text_tokens + text_seq_len  # + a pad id per position
@@ -2557,7 +2605,8 @@ class DALLE(nn.Module):
         self.image_pos_row = nn.Parameter(torch.randn(image_fmap_size, dim))
         self.image_pos_col = nn.Parameter(torch.randn(image_fmap_size, dim))
         self.blocks = nn.ModuleList(
-            DALLEBlock(dim, heads, dim_head, i + 1, attn_dropout, ff_dropout) for i in range(depth)
+            DALLEBlock(dim, heads, dim_head, i + 1, attn_dropout, ff_dropout, attn_dropout_at)
+            for i in range(depth)
         )
         self.norm_out = nn.LayerNorm(dim)
         self.to_logits = nn.Linear(dim, self.num_text_tokens + num_image_tokens)

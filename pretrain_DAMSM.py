@@ -87,7 +87,7 @@ DEFAULTS = {
         'RESET_OPTIMIZER': True,  # AttnGAN builds a new Adam every epoch
         'RNN_GRAD_CLIP': 0.25,  # damsm: text encoder only; clip_hf, clip: all weights; 0 = off
         'AMP': False,  # CUDA only
-        'SMOOTH': {'GAMMA1': 4.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0},
+        'SMOOTH': {'GAMMA1': 4.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0, 'WORD_LOSS': 'attngan'},
         'LOG_EVERY': 50,
     },
     'LOSS': {
@@ -109,6 +109,7 @@ CHOICES = {
     'MODEL.TOKENIZER': ('attngan', 'words', 'clip', 'bert'),
     'TRAIN.OPTIMIZER': ('adam', 'adamw'),
     'TRAIN.SCHEDULE': ('attngan', 'onecycle_epoch', 'cosine', 'constant'),
+    'TRAIN.SMOOTH.WORD_LOSS': models.WORD_LOSS_FORMS,  # models.words_loss
 }
 
 
@@ -557,6 +558,7 @@ def compute_losses(feats, class_ids, cfg, logit_scale=None, world=1, gather=_ide
                 smooth_cfg.GAMMA1,
                 smooth_cfg.GAMMA2,
                 smooth_cfg.GAMMA3,
+                smooth_cfg.WORD_LOSS,
             )
             terms['w_loss0'] += w0
             terms['w_loss1'] += w1

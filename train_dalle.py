@@ -43,6 +43,7 @@ DEFAULTS = {
         'HEADS': 8,
         'DIM_HEAD': 64,
         'ATTN_DROPOUT': 0.0,
+        'ATTN_DROPOUT_AT': 'output',  # output: the attention block's output (DALLE-pytorch); weights: probabilities
         'FF_DROPOUT': 0.0,
         'LOSS_IMG_WEIGHT': 7.0,
     },
@@ -306,6 +307,7 @@ def train(run, args):
             model_cfg.ATTN_DROPOUT,
             model_cfg.FF_DROPOUT,
             model_cfg.LOSS_IMG_WEIGHT,
+            model_cfg.ATTN_DROPOUT_AT,
         ).to(dev)
     if ckpt and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
         raise utils.UserError(

@@ -37,14 +37,18 @@ DEFAULTS = {
         'EPOCHS': 20,
         'BATCH_SIZE': 8,
         'LEARNING_RATE': 1e-3,  # Adam
-        'LR_DECAY_RATE': 0.98,  # ExponentialLR, stepped every LR_DECAY_EVERY steps
-        'LR_DECAY_EVERY': 100,  # DALLE-pytorch stepped it at its log points, every 100 steps
+        'LR_DECAY_RATE': 0.98,  # ExponentialLR, stepped at the decay points
+        'LR_DECAY_EVERY': 100,  # batches between decay points (DALLE-pytorch's log points)
+        'LR_DECAY_PER_EPOCH': 0,  # > 0: every int(images / this / BATCH_SIZE) batches instead (text2img: 4)
+        'LR_DECAY_COUNTER': 'epoch',  # epoch: batch index i of the epoch, i % EVERY == 0 (i = 0 too);
+        # global: every EVERY-th step of the run
         'STARTING_TEMP': 1.0,
         'TEMP_MIN': 0.5,
         'ANNEAL_RATE': 1e-6,
         'TEMP_SCHEDULE': 'compound',  # DALLE-pytorch: temp = max(temp * exp(-ANNEAL_RATE * step), TEMP_MIN) at each
-        # LR_DECAY_EVERY-th step; 'exponential': STARTING_TEMP * exp(-ANNEAL_RATE * step)
+        # decay point; 'exponential': STARTING_TEMP * exp(-ANNEAL_RATE * step)
         'KL_LOSS_WEIGHT': 0.0,
+        'KL_REDUCTION': 'sum',  # sum: over batch, positions and codes (DALLE-pytorch); batchmean: / batch
         'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
         'REINMAX': False,  # upstream DiscreteVAE(reinmax=) (not in 1.6.6): ReinMax gradient for STRAIGHT_THROUGH
         'LOGIT_INIT_SCALE': 1.0,  # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
@@ -139,11 +143,18 @@ def build_dataset(cfg):
 # ----------------------------------------------------------------------------
 # Losses (DALLE-pytorch DiscreteVAE.forward)
 # ----------------------------------------------------------------------------
-def kl_to_uniform(logits):
-    """KL(q(z|x) || uniform) per position, summed over positions and averaged over the batch
-    ('batchmean' as DALLE-pytorch)."""
+def kl_to_uniform(logits, reduction='sum'):
+    """KL(q(z|x) || uniform), summed over positions and codes, and over the batch ('sum') or
+    averaged over it ('batchmean'). DALLE-pytorch's DiscreteVAE.forward calls
+    F.kl_div(log_uniform, log_qy, 'batchmean', log_target=True), and batchmean divides by the
+    first dimension of log_uniform, a 1-element tensor: the sum."""
     log_q = F.log_softmax(logits.float().flatten(2).transpose(1, 2), dim=-1)  # (B, h*w, K)
-    return (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum() / logits.shape[0]
+    kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum()
+    if reduction == 'batchmean':
+        return kl / logits.shape[0]
+    if reduction != 'sum':
+        raise utils.UserError(f"TRAIN.KL_REDUCTION={reduction!r}: expected sum or batchmean")
+    return kl
 
 
 def vae_loss(images, recon, logits, train_cfg):
@@ -153,19 +164,63 @@ def vae_loss(images, recon, logits, train_cfg):
     rec = (F.smooth_l1_loss if train_cfg.SMOOTH_L1_LOSS else F.mse_loss)(recon.float(), images)
     if not train_cfg.KL_LOSS_WEIGHT:
         return rec, rec, None
-    kl = kl_to_uniform(logits)
+    kl = kl_to_uniform(logits, train_cfg.KL_REDUCTION)
     return rec + train_cfg.KL_LOSS_WEIGHT * kl, rec, kl
 
 
-def temperature(train_cfg, step):
-    """The Gumbel temperature after `step` steps. 'compound' is DALLE-pytorch train_vae.py's rule,
-    temp <- max(temp * exp(-ANNEAL_RATE * global_step), TEMP_MIN) at its log points (here every
-    LR_DECAY_EVERY steps, when the LR decays too), in closed form: after k = step // E points at
-    steps E, 2E, ..., kE the exponent is ANNEAL_RATE * E * k(k+1)/2. 'exponential' anneals every
-    step, STARTING_TEMP * exp(-ANNEAL_RATE * step)."""
+def decay_interval(train_cfg, n_images):
+    """Batches between decay points: LR_DECAY_EVERY, or text2img train_vae.py's
+    int(len(ds) / LR_DECAY_PER_EPOCH / BATCH_SIZE) (its `i % int(len(ds)/4/BATCH_SIZE)`)."""
+    if not train_cfg.LR_DECAY_PER_EPOCH:
+        return train_cfg.LR_DECAY_EVERY
+    every = int(n_images / train_cfg.LR_DECAY_PER_EPOCH / train_cfg.BATCH_SIZE)
+    if every < 1:
+        raise utils.UserError(
+            f"TRAIN.LR_DECAY_PER_EPOCH={train_cfg.LR_DECAY_PER_EPOCH}: {n_images} images in batches "
+            f"of {train_cfg.BATCH_SIZE} give an interval of 0 batches (text2img divides by it)"
+        )
+    return every
+
+
+def is_decay_point(train_cfg, every, i, step):
+    """After the step on batch i of the epoch (`step` steps done in all): DALLE-pytorch and
+    text2img decay the LR and anneal the temperature when i % every == 0, the counter restarting
+    every epoch (so at i = 0 too); 'global' counts the run's steps."""
+    if train_cfg.LR_DECAY_COUNTER == 'epoch':
+        return i % every == 0
+    if train_cfg.LR_DECAY_COUNTER == 'global':
+        return step % every == 0
+    raise utils.UserError(
+        f"TRAIN.LR_DECAY_COUNTER={train_cfg.LR_DECAY_COUNTER!r}: expected epoch or global"
+    )
+
+
+def _anneal_exponent(train_cfg, step, every, steps_per_epoch):
+    """Sum over the decay points before `step` of the global step the original multiplies by:
+    its global_step, the index of the batch just done ('epoch' counter: the points are
+    e * L + j * every for j < ceil(L / every) in each epoch e of L batches), or the steps done
+    ('global': every, 2 every, ...)."""
+    if train_cfg.LR_DECAY_COUNTER == 'global':
+        k = step // every
+        return every * k * (k + 1) / 2
+    L = steps_per_epoch
+    n, (epochs, rest) = -(-L // every), divmod(step, L)
+    m = -(-rest // every)  # points of the current epoch already passed
+    full = n * L * epochs * (epochs - 1) / 2 + epochs * every * n * (n - 1) / 2
+    return full + m * epochs * L + every * m * (m - 1) / 2
+
+
+def temperature(train_cfg, step, every, steps_per_epoch):
+    """The Gumbel temperature for step index `step`. 'compound' is DALLE-pytorch train_vae.py's
+    rule, temp <- max(temp * exp(-ANNEAL_RATE * global_step), TEMP_MIN) at each decay point, in
+    closed form. 'exponential' anneals every step, STARTING_TEMP * exp(-ANNEAL_RATE * step)."""
     if train_cfg.TEMP_SCHEDULE == 'compound':
-        k = step // train_cfg.LR_DECAY_EVERY
-        exponent = train_cfg.ANNEAL_RATE * train_cfg.LR_DECAY_EVERY * k * (k + 1) / 2
+        exponent = train_cfg.ANNEAL_RATE * _anneal_exponent(
+            train_cfg,
+            step,
+            every,
+            steps_per_epoch,
+        )
     elif train_cfg.TEMP_SCHEDULE == 'exponential':
         exponent = train_cfg.ANNEAL_RATE * step
     else:
@@ -251,7 +306,6 @@ def train(run, args):
         raise utils.UserError(
             f"MODEL.IMAGE_SIZE={model_cfg.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2**model_cfg.NUM_LAYERS}"
         )
-    temperature(train_cfg, 0)  # an unknown TEMP_SCHEDULE stops here, before any step
     if train_cfg.REINMAX and not train_cfg.STRAIGHT_THROUGH:
         raise utils.UserError(
             "TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)"
@@ -264,6 +318,11 @@ def train(run, args):
         raise utils.UserError(
             f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE} exceeds the {len(ds)} training images"
         )
+    every = decay_interval(train_cfg, len(ds))
+    # an unknown schedule, counter or KL reduction stops here, before any step
+    is_decay_point(train_cfg, every, 0, 0)
+    temperature(train_cfg, 0, every, len(loader))
+    kl_to_uniform(torch.zeros(1, 2, 1, 1), train_cfg.KL_REDUCTION)
     vae = models.DiscreteVAE(
         model_cfg.IMAGE_SIZE,
         model_cfg.NUM_TOKENS,
@@ -327,12 +386,12 @@ def train(run, args):
                     utils.set_rng_state(ckpt['rng'])
                 continue
             images = images.to(dev, non_blocking=True)
-            temp = temperature(train_cfg, step)
+            temp = temperature(train_cfg, step, every, len(loader))
             loss, rec, kl, recon, logits = train_step(
                 model, opt, images, temp, train_cfg, amp, step
             )
             step += 1
-            if step % train_cfg.LR_DECAY_EVERY == 0:
+            if is_decay_point(train_cfg, every, i, step):
                 sched.step()
             counts += torch.bincount(
                 logits.detach().max(1).indices.flatten(), minlength=model_cfg.NUM_TOKENS
@@ -340,7 +399,9 @@ def train(run, args):
             last = {'loss': loss.item(), 'recon': rec.item(), 'temp': temp}
             bar.set_postfix(**last)
             if step % train_cfg.LOG_EVERY == 0:
-                last['kl'] = (kl if kl is not None else kl_to_uniform(logits)).item()
+                last['kl'] = (
+                    kl if kl is not None else kl_to_uniform(logits, train_cfg.KL_REDUCTION)
+                ).item()
                 ppl, used = codebook_usage(counts)
                 if train_cfg.RESTART_DEAD_CODES:
                     last['restarted'] = restart_dead_codes(
@@ -366,6 +427,7 @@ def train(run, args):
         'train_seconds': round(time.time() - t0, 1),
         'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
         **{f'final_{k}': v for k, v in last.items()},
+        'final_lr': sched.get_last_lr()[0],
         'vae_pt': os.path.join(run.out, 'vae.pt'),
     }
     if cfg.EVAL.HOLDOUT and run.main:

@@ -29,7 +29,14 @@ DEFAULTS = {
     'EMBEDDINGS': 'data/coco/xmc_bert',  # preprocess_data.py TASK embed: index.json + shards
     'IMAGE_SIZE': 128,
     'WORKERS': 4,
-    'GAN': {'GF_DIM': 96, 'DF_DIM': 96, 'Z_DIM': 128, 'GAMMA_FOR_G': 15.0, 'COND_SIZE': 16},
+    'GAN': {
+        'GF_DIM': 96,
+        'DF_DIM': 96,
+        'Z_DIM': 128,
+        'GAMMA_FOR_G': 15.0,
+        'COND_SIZE': 16,
+        'D_INPUT_RANGE': [0.0, 1.0],  # the images D sees ([-1, 1] = the data's own range)
+    },
     'TRAIN': {
         'FLAG': True,  # false: score the checkpoints of EVAL.WORKDIR
         'BATCH_SIZE': 56,  # global per step; a rank loads BATCH_SIZE/world x D_STEPS_PER_G_STEP
@@ -40,10 +47,10 @@ DEFAULTS = {
         'DISCRIMINATOR_LR': 4e-4,
         'EMA_DECAY': 0.999,
         'AMP': False,  # bf16 autocast
-        'GATHER_NEGATIVES': True,  # contrastive negatives from every rank
+        'GATHER_NEGATIVES': False,  # contrastive negatives from this rank's batch; true = every rank's
         'FLIP': True,  # random horizontal flip of training images
         'RESNET': 'auto',  # ImageNet ResNet-50: the original's .npy or a torchvision .pth
-        # ('auto' = torchvision's cache)
+        # ('auto' = data/resnet_pretrained.npy if there, else torchvision's cache)
         'CONTRASTIVE': {
             'TEMPERATURE': 0.1,
             'GAMMA1': 5.0,
@@ -196,6 +203,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def build_networks(cfg, text_dim):
+    lo_hi = cfg.GAN.D_INPUT_RANGE
+    if len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
+        raise utils.UserError(f"GAN.D_INPUT_RANGE={lo_hi}: expected [low, high] with low < high")
     if cfg.IMAGE_SIZE not in models.XMC_G_CHANNELS:
         raise utils.UserError(
             f"IMAGE_SIZE={cfg.IMAGE_SIZE}: XMC-GAN's channel tables have "
@@ -205,7 +215,9 @@ def build_networks(cfg, text_dim):
         models.XMCGenerator(
             cfg.IMAGE_SIZE, cfg.GAN.GF_DIM, cfg.GAN.Z_DIM, text_dim, cfg.GAN.GAMMA_FOR_G
         ),
-        models.XMCDiscriminator(cfg.IMAGE_SIZE, cfg.GAN.DF_DIM, text_dim, cfg.GAN.COND_SIZE),
+        models.XMCDiscriminator(
+            cfg.IMAGE_SIZE, cfg.GAN.DF_DIM, text_dim, cfg.GAN.COND_SIZE, cfg.GAN.D_INPUT_RANGE
+        ),
     )
 
 
@@ -291,6 +303,16 @@ def discriminator_losses(ddp_D, real, fake, p, contrastive_cfg, gather, scale, f
 # ----------------------------------------------------------------------------
 # Training (xmc_gan.py train_d / train_g_d, train_utils.train_step)
 # ----------------------------------------------------------------------------
+def negatives(gather_negatives, world):
+    """(gather, scale) for the contrastive losses. The original contrasts each device's own
+    batch (attention_lib.contrastive_loss over the local batch; sync_match is not implemented):
+    identity, scale 1. Gathering makes the global batch the negatives; the world-size scale turns
+    DDP's gradient average into that global loss's gradient."""
+    if gather_negatives and world > 1:
+        return utils.all_gather_with_grad, world
+    return (lambda x: x), 1
+
+
 def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
     """The batch's first D_STEPS_PER_G_STEP - 1 parts each drive a D-only step; on the last,
     ONE forward of G and D gives d_loss and g_loss, and D and G update together from the same
@@ -401,8 +423,7 @@ def train(run, args):
     ddp_D = utils.wrap_ddp(
         netD, dev, find_unused_parameters=not train_cfg.CONTRASTIVE.WORD
     )  # D's region conv
-    gather = utils.all_gather_with_grad if train_cfg.GATHER_NEGATIVES else (lambda x: x)
-    scale = run.world if train_cfg.GATHER_NEGATIVES else 1
+    gather, scale = negatives(train_cfg.GATHER_NEGATIVES, run.world)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
     max_steps = train_cfg.MAX_STEPS or train_cfg.MAX_EPOCH * sampler.batches
     test = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')

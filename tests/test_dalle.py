@@ -3,6 +3,7 @@ of train_vae.py, train_dalle.py (resume, --chinese, CLIP BPE, VQGAN), dalle_gen.
 clip_sort.py and the Wukong-style filter, all on tiny configs."""
 
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -234,6 +235,31 @@ def test_cpu_bf16_attention_equals_sdpa():
     assert torch.allclose(got.float(), attn(x), atol=0.05)
 
 
+def test_attention_dropout_is_on_the_output_as_dalle_pytorch():
+    """attention.py: to_out = Sequential(Linear, Dropout(attn_dropout)): in training each output
+    element is 0 or the no-dropout value / (1 - p); 'weights' drops attention probabilities."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 24)
+    attn = models.CausalSelfAttention(24, 3, 8, dropout=0.5)
+    assert attn.dropout_at == 'output'
+    with torch.no_grad():
+        clean = attn.eval()(x)
+        y = attn.train()(x)
+    kept = y != 0
+    assert 0.3 < kept.float().mean() < 0.7
+    torch.testing.assert_close(y[kept], clean[kept] / 0.5)
+    other = models.CausalSelfAttention(24, 3, 8, dropout=0.5, dropout_at='weights')
+    other.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        z = other.train()(x)
+    assert (z != 0).all() and not torch.allclose(z, clean)  # the probabilities, not the output
+    assert train_dalle.DEFAULTS['MODEL']['ATTN_DROPOUT_AT'] == 'output'
+    dalle = models.DALLE(50, 8, 30, 4, dim=24, depth=1, heads=3, dim_head=8, attn_dropout=0.5)
+    assert dalle.blocks[0].attn.dropout_at == dalle.hparams['attn_dropout_at'] == 'output'
+    with pytest.raises(utils.UserError, match='ATTN_DROPOUT_AT'):
+        models.CausalSelfAttention(24, 3, 8, dropout_at='probs')
+
+
 @pytest.mark.parametrize('over,kept', [('image', 3), ('all', 8)])
 def test_top_k_counts_the_vocabulary_it_is_told(over, kept):
     """thres 0.9 keeps int(0.1 * 30) = 3 of the 30 image tokens counted over the image vocabulary;
@@ -358,7 +384,9 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shap
             f'EVAL.JUDGE={tiny_judge}',
         ],
     )
-    assert m['train_steps'] == 8 and m['final_temp'] < 1.0  # compounded at steps 2, 4, 6
+    assert (
+        m['train_steps'] == 8 and m['final_temp'] < 1.0
+    )  # compounded after batches 0 and 2 of each epoch
     assert m['holdout_images'] == 20 and os.path.isfile(a / 'holdout_recon.png')
     for attr in (
         'colour',
@@ -395,25 +423,120 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shap
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_vae_temperature_compounds_at_log_points_as_dalle_pytorch():
-    """DALLE-pytorch train_vae.py: temp = max(temp * exp(-anneal_rate * global_step), temp_min) at
-    every log point; the closed form equals that loop at every step."""
-    import math
+def original_vae_schedule(epochs, steps_per_epoch, every, rate, start, temp_min, lr_rate):
+    """DALLE-pytorch / text2img train_vae.py's loop: the temperature and LR factor each step
+    uses; after the step on batch i, `if i % every == 0` anneals with global_step and decays."""
+    temp, lr, global_step, used = start, 1.0, 0, []
+    for _ in range(epochs):
+        for i in range(steps_per_epoch):
+            used.append((temp, lr))
+            if i % every == 0:
+                temp = max(temp * math.exp(-rate * global_step), temp_min)
+                lr *= lr_rate
+            global_step += 1
+    return used
 
-    train_cfg = utils.to_cfg(
-        {**train_vae.DEFAULTS['TRAIN'], 'ANNEAL_RATE': 1e-4, 'LR_DECAY_EVERY': 10}
+
+@pytest.mark.parametrize('steps_per_epoch, every', [(100, 7), (45, 10), (12, 4), (9, 20)])
+def test_vae_temperature_and_lr_decay_at_the_original_points(steps_per_epoch, every):
+    """The decay points restart with each epoch and include its first batch; the compound
+    temperature's closed form equals the original's loop at every step."""
+    train_cfg = utils.to_cfg({**train_vae.DEFAULTS['TRAIN'], 'ANNEAL_RATE': 3e-5})
+    assert train_cfg.LR_DECAY_COUNTER == 'epoch' and train_cfg.TEMP_SCHEDULE == 'compound'
+    epochs = 4
+    want = original_vae_schedule(
+        epochs, steps_per_epoch, every, 3e-5, 1.0, train_cfg.TEMP_MIN, train_cfg.LR_DECAY_RATE
     )
-    temp = train_cfg.STARTING_TEMP
+    lr, step = 1.0, 0
+    for _ in range(epochs):
+        for i in range(steps_per_epoch):
+            temp = train_vae.temperature(train_cfg, step, every, steps_per_epoch)
+            assert (temp, lr) == pytest.approx(want[step], rel=1e-9), step
+            step += 1
+            if train_vae.is_decay_point(train_cfg, every, i, step):
+                lr *= train_cfg.LR_DECAY_RATE
+
+
+def test_vae_decay_interval_of_text2img_and_the_global_option():
+    """text2img train_vae.py: `i % int(len(ds)/4/BATCH_SIZE)`; 'global' keeps every
+    LR_DECAY_EVERY-th step of the run, temp <- max(temp * exp(-rate * steps done), min) there."""
+    cfg = utils.to_cfg({**train_vae.DEFAULTS['TRAIN'], 'BATCH_SIZE': 64, 'LR_DECAY_PER_EPOCH': 4})
+    assert train_vae.decay_interval(cfg, 45975) == 179
+    with pytest.raises(utils.UserError, match='LR_DECAY_PER_EPOCH'):
+        train_vae.decay_interval(cfg, 255)
+    cfg.LR_DECAY_PER_EPOCH = 0
+    assert train_vae.decay_interval(cfg, 45975) == 100
+    args = utils.base_parser('t').parse_args(
+        ['--cfg', os.path.join(ROOT, 'cfg/dalle/wukong_vae.yml')]
+    )
+    wukong = utils.build_cfg(train_vae.DEFAULTS, args).TRAIN  # text2img's README command
+    assert (wukong.LR_DECAY_PER_EPOCH, wukong.LR_DECAY_COUNTER, wukong.KL_REDUCTION) == (
+        4,
+        'epoch',
+        'sum',
+    )
+    cfg.update(LR_DECAY_COUNTER='global', ANNEAL_RATE=1e-4)
+    temp = cfg.STARTING_TEMP
     for step in range(1, 400):
-        if step % train_cfg.LR_DECAY_EVERY == 0:
-            temp = max(temp * math.exp(-train_cfg.ANNEAL_RATE * step), train_cfg.TEMP_MIN)
-        assert train_vae.temperature(train_cfg, step) == pytest.approx(temp, rel=1e-12)
-    assert temp == train_cfg.TEMP_MIN
-    train_cfg.TEMP_SCHEDULE = 'exponential'
-    assert train_vae.temperature(train_cfg, 100) == pytest.approx(math.exp(-1e-2))
-    train_cfg.TEMP_SCHEDULE = 'cosine'
+        if train_vae.is_decay_point(cfg, 10, 0, step):
+            assert step % 10 == 0
+            temp = max(temp * math.exp(-cfg.ANNEAL_RATE * step), cfg.TEMP_MIN)
+        assert train_vae.temperature(cfg, step, 10, 37) == pytest.approx(temp, rel=1e-12)
+    assert temp == cfg.TEMP_MIN
+    cfg.TEMP_SCHEDULE = 'exponential'
+    assert train_vae.temperature(cfg, 100, 10, 37) == pytest.approx(math.exp(-1e-2))
+    cfg.TEMP_SCHEDULE = 'cosine'
     with pytest.raises(utils.UserError, match="TEMP_SCHEDULE='cosine'"):
-        train_vae.temperature(train_cfg, 1)
+        train_vae.temperature(cfg, 1, 10, 37)
+    cfg.LR_DECAY_COUNTER = 'run'
+    with pytest.raises(utils.UserError, match="LR_DECAY_COUNTER='run'"):
+        train_vae.is_decay_point(cfg, 10, 0, 1)
+
+
+@pytest.mark.parametrize('counter, decays', [('epoch', 4), ('global', 2)])
+def test_train_vae_decays_the_lr_at_the_counted_points(nested_images, tmp_path, counter, decays):
+    """32 images in batches of 8, 2 epochs, every 3 batches: the original's points are batches
+    0 and 3 of each epoch (4 decays); 'global' decays after steps 3 and 6."""
+    m = run_script(
+        train_vae,
+        [
+            '--image_folder',
+            nested_images,
+            '--epochs',
+            2,
+            '--out',
+            tmp_path,
+            *VAE_ARGS,
+            '--set',
+            'TRAIN.LR_DECAY_EVERY=3',
+            '--set',
+            f'TRAIN.LR_DECAY_COUNTER={counter}',
+        ],
+    )
+    assert m['train_steps'] == 8
+    assert m['final_lr'] == pytest.approx(1e-3 * 0.98**decays, rel=1e-9)
+
+
+def test_vae_kl_is_dalle_pytorchs_sum():
+    """DiscreteVAE.forward: F.kl_div(log_uniform, log_qy, None, None, 'batchmean',
+    log_target=True) with log_uniform of shape (1,), so 'batchmean' divides by 1: the KL summed
+    over batch, positions and codes; KL_REDUCTION batchmean divides by the batch."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 16, 4, 4)
+    log_qy = F.log_softmax(logits.flatten(2).transpose(1, 2), dim=-1)
+    log_uniform = torch.log(torch.tensor([1.0 / 16]))
+    want = F.kl_div(log_uniform, log_qy, None, None, 'batchmean', log_target=True)
+    by_hand = (log_qy.exp() * (log_qy - math.log(1 / 16))).sum()
+    assert want.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert train_vae.DEFAULTS['TRAIN']['KL_REDUCTION'] == 'sum'
+    assert train_vae.kl_to_uniform(logits).item() == pytest.approx(want.item(), rel=1e-6)
+    assert train_vae.kl_to_uniform(logits, 'batchmean').item() == pytest.approx(
+        want.item() / 3, rel=1e-6
+    )
+    train_cfg = utils.to_cfg({**train_vae.DEFAULTS['TRAIN'], 'KL_LOSS_WEIGHT': 0.5})
+    images = torch.zeros(3, 3, 16, 16)
+    loss, rec, kl = train_vae.vae_loss(images, images + 0.1, logits, train_cfg)
+    assert loss.item() == pytest.approx(0.01 + 0.5 * want.item(), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -122,6 +122,28 @@ def test_kl_loss_and_ema():
     torch.testing.assert_close(a.weight, 0.9 * before + 0.1 * b.weight)
 
 
+def test_damsm_term_follows_the_cfg_word_loss_form():
+    """main.damsm_loss reads TRAIN.SMOOTH.WORD_LOSS: w0 + w1 + s0 + s1 of that form."""
+    torch.manual_seed(0)
+    regions, glob = torch.randn(3, 6, 2, 2), torch.randn(3, 6)
+    words, sent, pad = torch.randn(3, 6, 4), torch.randn(3, 6), torch.zeros(3, 4, dtype=torch.bool)
+
+    class Encoder:
+        @staticmethod
+        def encode(fake):
+            return regions, glob
+
+    got = {}
+    for form in models.WORD_LOSS_FORMS:
+        smooth = utils.to_cfg({**main.DEFAULTS['TRAIN']['SMOOTH'], 'WORD_LOSS': form})
+        got[form], _ = main.damsm_loss(Encoder, None, words, sent, pad, None, smooth)
+        w0, w1, _ = models.words_loss(regions, words, pad, None, 5.0, 5.0, 10.0, form)
+        s0, s1 = models.sent_loss(glob, sent, None, 10.0)
+        assert got[form].item() == pytest.approx((w0 + w1 + s0 + s1).item(), rel=1e-6)
+    assert main.DEFAULTS['TRAIN']['SMOOTH']['WORD_LOSS'] == 'attngan'
+    assert got['attngan'].item() != pytest.approx(got['t2i_clip_gan'].item(), rel=1e-3)
+
+
 def tiny_step(amp_dtype, contrastive):
     """main.train_step on tiny random networks (2 stages, 32 -> 64 px) and a small image encoder."""
     torch.manual_seed(0)

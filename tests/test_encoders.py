@@ -93,6 +93,86 @@ def test_words_loss_matches_reference():
     assert abs(n0.item() - r0) > 1e-6
 
 
+def ref_words_loss_t2i_clip_gan(regions, words, lengths, cls, g1, g2, g3):
+    """T2I_CLIP-GAN's similarity_text_image read literally (DMGAN+CLIP/code/miscc/losses.py):
+    words and regions over x / (|x| + 1e-8), cosine scores, softmax over words per patch,
+    gamma1 and softmax over patches, context from the unit regions, R = log((sum exp(g2 cos))^(1/g2))
+    (over the caption's words; the original also summed its padding slots)."""
+
+    def l2norm(x):
+        return x / (np.linalg.norm(x, axis=0, keepdims=True) + 1e-8)
+
+    B, D = words.shape[:2]
+    ctx = regions.reshape(B, D, -1)
+    sim = np.zeros((B, B))
+    for i in range(B):
+        q = l2norm(words[i, :, : lengths[i]])  # D x n
+        for j in range(B):
+            v = l2norm(ctx[j])  # D x 49
+            a = _softmax(g1 * _softmax(v.T @ q, axis=1), axis=0)  # patches x n
+            c = v @ a  # D x n
+            cos = (c * q).sum(0) / (np.linalg.norm(c, axis=0) * np.linalg.norm(q, axis=0))
+            sim[j, i] = np.log(np.sum(np.exp(g2 * cos)) ** (1 / g2))
+    return _ce_both_ways(_mask_same_class(sim * g3, cls))
+
+
+def test_words_loss_t2i_clip_gan_form_matches_the_original():
+    rng = np.random.RandomState(3)
+    B, D, T = 4, 5, 6
+    regions, words = rng.randn(B, D, 3, 3) * 3, rng.randn(B, D, T) * 2
+    lengths, cls = np.array([6, 2, 4, 1]), np.array([0, 1, 0, 2])
+    pad = torch.arange(T)[None] >= torch.as_tensor(lengths)[:, None]
+    args = (torch.tensor(regions), torch.tensor(words), pad, torch.tensor(cls), 4.0, 5.0, 10.0)
+    w0, w1, _ = models.words_loss(*args, form='t2i_clip_gan')
+    r0, r1 = ref_words_loss_t2i_clip_gan(regions, words, lengths, cls, 4.0, 5.0, 10.0)
+    assert w0.item() == pytest.approx(r0, rel=1e-9) and w1.item() == pytest.approx(r1, rel=1e-9)
+    a0, _, _ = models.words_loss(*args)  # AttnGAN's form stays the default and differs
+    assert a0.item() == pytest.approx(
+        ref_words_loss(regions, words, lengths, cls, 4.0, 5.0, 10.0)[0]
+    )
+    assert abs(a0.item() - r0) > 1e-3
+
+
+@pytest.mark.parametrize(
+    'script, cfg, form',
+    [
+        ('pretrain_DAMSM', 'cfg/DAMSM/clip_bird.yml', 't2i_clip_gan'),
+        ('pretrain_DAMSM', 'cfg/DAMSM/clip_coco.yml', 't2i_clip_gan'),
+        ('main', 'cfg/clip_bird_DMGAN.yml', 't2i_clip_gan'),
+        ('main', 'cfg/clip_coco_DMGAN.yml', 't2i_clip_gan'),
+        ('pretrain_DAMSM', 'cfg/DAMSM/bird.yml', 'attngan'),
+        ('pretrain_DAMSM', 'cfg/DAMSM/coco.yml', 'attngan'),
+        ('main', 'cfg/bird_DMGAN.yml', 'attngan'),
+        ('main', 'cfg/coco_DMGAN.yml', 'attngan'),
+    ],
+)
+def test_word_loss_form_of_each_reproduction_cfg(script, cfg, form):
+    """T2I_CLIP-GAN's cfgs use its word loss, AttnGAN's and DM-GAN's use AttnGAN's."""
+    import importlib
+
+    defaults = importlib.import_module(script).DEFAULTS
+    args = utils.base_parser('t').parse_args(['--cfg', os.path.join(ROOT, cfg)])
+    assert utils.build_cfg(defaults, args).TRAIN.SMOOTH.WORD_LOSS == form
+
+
+def test_pretraining_word_terms_follow_the_cfg_form():
+    """pretrain_DAMSM.compute_losses reads TRAIN.SMOOTH.WORD_LOSS."""
+    torch.manual_seed(0)
+    regions, img = torch.randn(3, 6, 2, 2), torch.randn(3, 6)
+    words, sent, pad = torch.randn(3, 6, 4), torch.randn(3, 6), torch.zeros(3, 4, dtype=torch.bool)
+    cfg = utils.to_cfg(pretrain_DAMSM.DEFAULTS)
+    got = {}
+    for form in models.WORD_LOSS_FORMS:
+        cfg.TRAIN.SMOOTH.WORD_LOSS = form
+        _, values, _ = pretrain_DAMSM.compute_losses(
+            (regions, img, [(words, sent, pad)]), torch.arange(3), cfg
+        )
+        w0, _, _ = models.words_loss(regions, words, pad, torch.arange(3), 4.0, 5.0, 10.0, form)
+        assert values['w_loss0'] == pytest.approx(w0.item(), rel=1e-6)
+        got[form] = values['w_loss0']
+    assert got['attngan'] != pytest.approx(got['t2i_clip_gan'], rel=1e-3)
+
+
 def test_sent_loss_matches_reference():
     rng = np.random.RandomState(1)
     img, sent = rng.randn(5, 8), rng.randn(5, 8)
@@ -595,8 +675,13 @@ DDP_CASES = {
     'clip_hf': {
         'family': 'clip_hf',
         'loss': {'WORDS': 1.0, 'SENT': 1.0, 'NTXENT': 1.0, 'CLIP': 1.0},
+        'word_loss': 't2i_clip_gan',
     },
-    'clip': {'family': 'clip', 'loss': {'WORDS': 1.0, 'SENT': 1.0, 'NTXENT': 0.0, 'CLIP': 1.0}},
+    'clip': {
+        'family': 'clip',
+        'loss': {'WORDS': 1.0, 'SENT': 1.0, 'NTXENT': 0.0, 'CLIP': 1.0},
+        'word_loss': 'attngan',
+    },
 }
 
 
@@ -613,7 +698,14 @@ def _ddp_setup(name):
     cfg = utils.to_cfg(
         {
             'LOSS': {**pretrain_DAMSM.DEFAULTS['LOSS'], **case['loss']},
-            'TRAIN': {'SMOOTH': {'GAMMA1': 4.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0}},
+            'TRAIN': {
+                'SMOOTH': {
+                    'GAMMA1': 4.0,
+                    'GAMMA2': 5.0,
+                    'GAMMA3': 10.0,
+                    'WORD_LOSS': case['word_loss'],
+                }
+            },
             'TEXT': {'WORDS_NUM': 12},
         }
     )

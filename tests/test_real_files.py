@@ -627,3 +627,35 @@ def test_pretrained_resnet_npy_feeds_0_1_images_to_the_head(tmp_path, monkeypatc
         torch.testing.assert_close(
             out, reference_forward(tree, seen['x'], TINY['stage_sizes']), rtol=1e-4, atol=1e-4
         )
+
+
+def test_pretrained_resnet_pth_is_resized_as_the_original_then_normalised():
+    """TRAIN.RESNET=<.pth> (torchvision weights): the same [0, 1] jax.image.resize input as the
+    original's, then ImageNet mean/std as torchvision's weights expect."""
+    import torch
+
+    import models
+
+    rn = models.PretrainedResNet50('')
+    seen = {}
+    rn.net.register_forward_pre_hook(lambda m, a: seen.setdefault('x', a[0]))
+    images = torch.rand(2, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        out = rn(images)
+    want = (jax_bilinear_resize((images + 1) / 2, 224) - rn.mean) / rn.std
+    torch.testing.assert_close(seen['x'], want, rtol=0, atol=3e-4)  # fp32 rounding, / std
+    assert out.shape == (2, 1000)
+
+
+def test_pretrained_resnet_auto_takes_the_originals_npy_first(tmp_path, monkeypatch):
+    """TRAIN.RESNET=auto: data/resnet_pretrained.npy, where the original's README downloads it
+    (and pretrained_model_utils.py reads it), before torchvision's cache."""
+    import models
+
+    tiny = models.FlaxResNetV1(**TINY)
+    os.makedirs(tmp_path / 'data')
+    write_resnet_npy(str(tmp_path / 'data' / 'resnet_pretrained.npy'), flax_tree(tiny, 3), 'numpy1')
+    full = models.FlaxResNetV1
+    monkeypatch.setattr(models, 'FlaxResNetV1', lambda: full(**TINY))
+    monkeypatch.chdir(tmp_path)
+    assert models.PretrainedResNet50('auto').flax

@@ -160,6 +160,40 @@ def test_generator_and_discriminator_shapes(size):
     assert regions.shape == (2, 16 * 16, 8)
 
 
+def test_discriminator_sees_0_1_images_as_the_original():
+    """coco_dataset.py feeds D [0, 1] images and G's output is (tanh + 1) / 2: by default our D
+    maps its [-1, 1] input to [0, 1] before the first block; [-1, 1] is the option."""
+    cfg = utils.to_cfg({**xmc_gan.DEFAULTS, 'IMAGE_SIZE': 64})
+    cfg.GAN.update(GF_DIM=2, DF_DIM=2, Z_DIM=4)
+    _, netD = xmc_gan.build_networks(cfg, 8)
+    assert netD.input_range == (0.0, 1.0)
+    signed = models.XMCDiscriminator(64, 2, 8, 16, input_range=(-1.0, 1.0))
+    signed.load_state_dict(netD.state_dict())
+    netD.eval(), signed.eval()  # the same spectral-norm estimate in both
+    x, sent = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 8)
+    with torch.no_grad():
+        got, want, other = netD(x, sent)[0], signed((x + 1) / 2, sent)[0], signed(x, sent)[0]
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, other)
+    cfg.GAN.D_INPUT_RANGE = [1.0, 0.0]
+    with pytest.raises(utils.UserError, match='D_INPUT_RANGE'):
+        xmc_gan.build_networks(cfg, 8)
+
+
+def test_contrastive_negatives_are_each_ranks_own_by_default():
+    """attention_lib.contrastive_loss contrasts the device's local batch (no gather)."""
+    assert xmc_gan.DEFAULTS['TRAIN']['GATHER_NEGATIVES'] is False
+    for name in ('coco_xmc.yml', 'coco_xmc_256.yml'):
+        args = utils.base_parser('t').parse_args(['--cfg', os.path.join(ROOT, 'cfg', name)])
+        cfg = utils.build_cfg(xmc_gan.DEFAULTS, args)
+        assert cfg.TRAIN.GATHER_NEGATIVES is False and cfg.GAN.D_INPUT_RANGE == [0.0, 1.0]
+    x = torch.randn(3, 2)
+    gather, scale = xmc_gan.negatives(False, world=7)
+    assert gather(x) is x and scale == 1
+    gather, scale = xmc_gan.negatives(True, world=7)
+    assert gather is utils.all_gather_with_grad and scale == 7
+
+
 def test_local_condbn_upsampling_after_the_conv_is_exact():
     """A 1x1 conv commutes with nearest upsampling: modulating from the coarse map is the original."""
     torch.manual_seed(0)
