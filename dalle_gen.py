@@ -3,6 +3,11 @@
   python dalle_gen.py "a large red circle in the center." 16 output/samples/red_circle \
       --dalle_path output/shapes_dalle/checkpoints/shapes_dalle.pt
   python dalle_gen.py TEXT IMG_NUM SAVE_PATH --cfg cfg/dalle/shapes_gen.yml [--top_k 0.9 --temperature 1 --batch_size 8]
+  python dalle_gen.py TEXT IMG_NUM SAVE_PATH --dalle_path dalle.pt [--chinese] [--taming --vqgan_config_path model.yaml]
+
+--dalle_path takes train_dalle.py's checkpoints (they carry the tokenizer and the VAE) and
+DALLE-pytorch's dalle.pt, for which, as its generate.py, the tokenizer comes from --chinese /
+--bpe_path (default CLIP BPE) and a VQGAN's architecture from --vqgan_config_path.
 
 Writes SAVE_PATH/{i}.png, SAVE_PATH/grid.png and SAVE_PATH/caption.txt; TEXT may hold several
 captions separated by '|' (as DALLE-pytorch's generate.py), each then in SAVE_PATH/<k>/, with the
@@ -28,12 +33,20 @@ DEFAULTS = {
     'TEMPERATURE': 1.0,
     'TOP_K_OVER': 'all',  # TOP_K's share of the text + image vocabulary, as DALLE-pytorch counts it; or 'image'
     'USE_CACHE': True,  # false: a full forward per token (DALLE-pytorch's default)
+    # for DALLE-pytorch's dalle.pt only (ours carry both): its tokenizer and VQGAN config
+    'TEXT': {'TOKENIZER': 'clip', 'TOKENIZER_PATH': ''},  # clip (BPE) | chinese (--chinese)
+    'TAMING': False,  # generate.py --taming
+    'VQGAN_MODEL_PATH': '',  # not read: the VQGAN's weights are inside the DALLE checkpoint
+    'VQGAN_CONFIG_PATH': '',
 }
 FLAGS = {
     'dalle_path': 'DALLE_PATH',
     'batch_size': 'BATCH_SIZE',
     'top_k': 'TOP_K',
     'temperature': 'TEMPERATURE',
+    'bpe_path': 'TEXT.TOKENIZER_PATH',
+    'vqgan_model_path': 'VQGAN_MODEL_PATH',
+    'vqgan_config_path': 'VQGAN_CONFIG_PATH',
 }
 
 
@@ -46,7 +59,12 @@ def parse_args(argv=None):
     p.add_argument('--batch_size', type=int, default=None)
     p.add_argument('--top_k', type=float, default=None)
     p.add_argument('--temperature', type=float, default=None)
+    p.add_argument('--chinese', action='store_true', help='TEXT.TOKENIZER=chinese')
+    p.add_argument('--taming', action='store_true', help='TAMING=true')
+    for flag in ('bpe_path', 'vqgan_model_path', 'vqgan_config_path'):
+        p.add_argument(f'--{flag}', default=None, help=f'cfg {FLAGS[flag]}')
     args = p.parse_args(argv)
+    args.set = ['TEXT.TOKENIZER=chinese'] * args.chinese + ['TAMING=true'] * args.taming + args.set
     if args.img_num < 1:
         raise utils.UserError(f"IMG_NUM={args.img_num}: expected at least 1")
     args.out = args.out or args.save_path
@@ -83,6 +101,27 @@ def generate(
     return torch.cat(images), t_tokens
 
 
+def load(cfg, device, log):
+    """DALLE, VAE and tokenizer of DALLE_PATH: ours, or DALLE-pytorch's dalle.pt."""
+    obj = utils.load_weights(cfg.DALLE_PATH)
+    if models.is_dalle_pytorch_checkpoint(obj):
+        if cfg.TAMING and not cfg.VQGAN_CONFIG_PATH:
+            raise utils.UserError("--taming: give the VQGAN's model.yaml as --vqgan_config_path")
+        log.info(
+            f"a DALLE-pytorch {obj.get('version', '')} checkpoint: tokenizer "
+            f"{cfg.TEXT.TOKENIZER} {cfg.TEXT.TOKENIZER_PATH}".rstrip()
+        )
+        return models.load_dalle_pytorch(
+            obj,
+            cfg.DALLE_PATH,
+            device,
+            cfg.TEXT.TOKENIZER,
+            cfg.TEXT.TOKENIZER_PATH,
+            cfg.VQGAN_CONFIG_PATH,
+        )
+    return models.load_dalle(utils.checkpoint_of_kind(obj, cfg.DALLE_PATH, 'dalle'), device)
+
+
 def main():
     args = parse_args()
     run = utils.setup(args, DEFAULTS, tensorboard=False)
@@ -93,9 +132,7 @@ def main():
             "--image_text_folder DATA writes output/dalle/checkpoints/dalle.pt), or give --dalle_path"
         )
     log.info(f"DALLE: {cfg.DALLE_PATH}")
-    dalle, vae, tokenizer = models.load_dalle(
-        utils.load_checkpoint(cfg.DALLE_PATH, 'dalle'), run.device
-    )
+    dalle, vae, tokenizer = load(cfg, run.device, log)
     dalle.eval()
     texts = utils.split_captions(args.text)
     tps = []

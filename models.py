@@ -1108,6 +1108,261 @@ def load_encoders(net_e, device='cpu', attngan_words=None, words_num=ATTNGAN_WOR
     return tuple(m.to(device).eval().requires_grad_(False) for m in modules)
 
 
+# ---- open_clip's checkpoint layout (open_clip model.py CLIP, transformer.py, modified_resnet.py) ----
+# Our 'clip' family is open_clip's CLIP with other module names; pretrain_DAMSM.py's DualEncoder
+# (text., image., logit_scale) maps one to one onto open_clip's CLIP.state_dict(). Names and their
+# order are those of open_clip's RN50 / ViT-B-32 (tests/data/open_clip_rn50_keys.txt).
+_OC_BLOCK = [  # ResidualAttentionBlock: ours -> open_clip's (nn.MultiheadAttention, mlp c_fc/c_proj)
+    (r'in_proj\.weight', 'attn.in_proj_weight'),
+    (r'in_proj\.bias', 'attn.in_proj_bias'),
+    (r'out_proj\.(weight|bias)', r'attn.out_proj.\1'),
+    (r'mlp\.0\.(weight|bias)', r'mlp.c_fc.\1'),
+    (r'mlp\.2\.(weight|bias)', r'mlp.c_proj.\1'),
+    (r'(ln_[12]\.(?:weight|bias))', r'\1'),
+]
+_OC_STEM = {'0': 'conv1', '1': 'bn1', '3': 'conv2', '4': 'bn2', '6': 'conv3', '7': 'bn3'}
+# open_clip's parameter and buffer order (its state_dict and named_parameters), as key patterns
+_OC_ORDER = [
+    r'positional_embedding',
+    r'text_projection',
+    r'logit_scale',
+    r'visual\.class_embedding',
+    r'visual\.positional_embedding',
+    r'visual\.proj',
+    r'visual\.conv1\.',
+    r'visual\.ln_pre\.',
+    r'visual\.bn1\.',
+    r'visual\.conv2\.',
+    r'visual\.bn2\.',
+    r'visual\.conv3\.',
+    r'visual\.bn3\.',
+    r'visual\.layer(\d+)\.(\d+)\.',
+    r'visual\.attnpool\.',
+    r'visual\.transformer\.resblocks\.(\d+)\.',
+    r'visual\.ln_post\.',
+    r'transformer\.resblocks\.(\d+)\.',
+    r'token_embedding\.',
+    r'ln_final\.',
+]
+_OC_INNER = [
+    r'ln_1\.',
+    r'attn\.in_proj_weight',
+    r'attn\.in_proj_bias',
+    r'attn\.out_proj\.',
+    r'ln_2\.',
+    r'mlp\.c_fc\.',
+    r'mlp\.c_proj\.',
+    r'conv1\.',
+    r'bn1\.',
+    r'conv2\.',
+    r'bn2\.',
+    r'conv3\.',
+    r'bn3\.',
+    r'downsample\.0\.',
+    r'downsample\.1\.',
+    r'positional_embedding',
+    r'k_proj\.',
+    r'q_proj\.',
+    r'v_proj\.',
+    r'c_proj\.',
+]
+_OC_LEAF = ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+OPEN_CLIP_BUFFERS = ('running_mean', 'running_var', 'num_batches_tracked')
+
+
+def _oc_block(ours, prefix):
+    for pattern, theirs in _OC_BLOCK:
+        if re.fullmatch(pattern, ours):
+            return prefix + re.sub(pattern, theirs, ours)
+    return None
+
+
+def open_clip_key(key):
+    """pretrain_DAMSM.py DualEncoder name of the clip family -> open_clip CLIP name (None if none)."""
+    if key == 'logit_scale':
+        return key
+    if key.startswith('text.'):
+        k = key[5:]
+        if k in ('token_embedding.weight', 'positional_embedding', 'text_projection'):
+            return k
+        if m := re.fullmatch(r'ln_final\.(weight|bias)', k):
+            return k
+        if m := re.fullmatch(r'blocks\.(\d+)\.(.+)', k):
+            return _oc_block(m.group(2), f'transformer.resblocks.{m.group(1)}.')
+        return None
+    if not key.startswith('image.net.'):
+        return None
+    k = key[10:]
+    if m := re.fullmatch(r'stem\.(\d)\.(.+)', k):  # ModifiedResNet's three-conv stem
+        return f'visual.{_OC_STEM[m.group(1)]}.{m.group(2)}' if m.group(1) in _OC_STEM else None
+    if m := re.fullmatch(r'stages\.(\d+)\.(\d+)\.(.+)', k):
+        rest = m.group(3)
+        if d := re.fullmatch(r'downsample\.([12])\.(.+)', rest):  # open_clip names the pool '-1'
+            rest = f'downsample.{int(d.group(1)) - 1}.{d.group(2)}'
+        elif not re.fullmatch(r'(conv[123]|bn[123])\..+', rest):
+            return None
+        return f'visual.layer{int(m.group(1)) + 1}.{m.group(2)}.{rest}'
+    if re.fullmatch(r'attnpool\.(positional_embedding|[qkvc]_proj\.(weight|bias))', k):
+        return 'visual.' + k
+    if k in ('conv1.weight', 'class_embedding', 'positional_embedding', 'proj') or re.fullmatch(
+        r'ln_(pre|post)\.(weight|bias)', k
+    ):  # VisionTransformer
+        return 'visual.' + k
+    if m := re.fullmatch(r'blocks\.(\d+)\.(.+)', k):
+        return _oc_block(m.group(2), f'visual.transformer.resblocks.{m.group(1)}.')
+    return None
+
+
+def open_clip_order(key):
+    """Sort key giving open_clip's state-dict order."""
+    for i, pattern in enumerate(_OC_ORDER):
+        if m := re.match(pattern, key):
+            rest = key[m.end() :]
+            inner = next((j for j, p in enumerate(_OC_INNER) if re.match(p, rest)), -1)
+            leaf = key.rsplit('.', 1)[-1]
+            return (
+                i,
+                *map(int, m.groups()),
+                inner,
+                _OC_LEAF.index(leaf) if leaf in _OC_LEAF else -1,
+            )
+    return (len(_OC_ORDER), key)
+
+
+def open_clip_names(state, where):
+    """{our name: open_clip name} for every entry of a DualEncoder state dict; an entry without
+    a counterpart is an error naming it."""
+    out = {}
+    for key in state:
+        theirs = open_clip_key(key)
+        if theirs is None:
+            raise utils.UserError(f"{where}: {key!r} has no open_clip counterpart")
+        out[key] = theirs
+    return out
+
+
+def to_open_clip_state_dict(state, where='model'):
+    """DualEncoder state dict (clip family) -> open_clip CLIP.state_dict(), in its order."""
+    names = open_clip_names(state, where)
+    return {names[k]: state[k] for k in sorted(state, key=lambda k: open_clip_order(names[k]))}
+
+
+def open_clip_is_excluded(name):
+    """open_clip_train main.py: no weight decay (its first AdamW group) for these."""
+    return any(s in name for s in ('bn', 'ln', 'bias', 'logit_scale'))
+
+
+def open_clip_param_groups(oc_state):
+    """open_clip's two AdamW groups over these open_clip names: (no decay, decay), in order."""
+    params = [k for k in oc_state if k.rsplit('.', 1)[-1] not in OPEN_CLIP_BUFFERS]
+    excluded = [k for k in params if oc_state[k].ndim < 2 or open_clip_is_excluded(k)]
+    return excluded, [k for k in params if k not in set(excluded)]
+
+
+def from_open_clip_state_dict(oc_state, ours, path):
+    """open_clip CLIP.state_dict() (a DDP run's 'module.' prefix removed) -> the state dict of our
+    DualEncoder `ours` expects: every open_clip entry must map onto one of ours with its shape,
+    and every one of ours be there; else one line naming the key."""
+    if oc_state and all(k.startswith('module.') for k in oc_state):
+        oc_state = {k[7:]: v for k, v in oc_state.items()}
+    names = open_clip_names(ours, 'the model this cfg builds')
+    back = {theirs: k for k, theirs in names.items()}
+    state = {}
+    for key, value in oc_state.items():
+        if key not in back:
+            raise utils.UserError(
+                f"{path}: state_dict key {key!r} maps to nothing in the model this cfg builds "
+                f"(MODEL.FAMILY clip, MODEL.CLIP, LOSS.CLIP > 0 for logit_scale)"
+            )
+        want = ours[back[key]].shape
+        if value.shape != want:
+            raise utils.UserError(
+                f"{path}: state_dict key {key!r} has shape {tuple(value.shape)}, the model this "
+                f"cfg builds {tuple(want)} (MODEL.CLIP, TEXT.EMBEDDING_DIM, TEXT.WORDS_NUM, the "
+                "tokenizer's vocabulary)"
+            )
+        state[back[key]] = value
+    missing = [names[k] for k in ours if k not in state]
+    if missing:
+        raise utils.UserError(f"{path}: state_dict lacks {missing[0]!r}")
+    return state
+
+
+def is_open_clip_checkpoint(obj):
+    """open_clip_train's epoch_N.pt ({'epoch', 'name', 'state_dict', 'optimizer'}) or a bare
+    open_clip CLIP.state_dict() (what its --resume also takes)."""
+    if not isinstance(obj, dict) or 'kind' in obj:
+        return False
+    sd = obj.get('state_dict', obj)
+    return utils.is_state_dict(sd) and any(k.startswith(('visual.', 'module.visual.')) for k in sd)
+
+
+def to_open_clip_checkpoint(model, opt, epoch, name, scaler=None, ddp=False):
+    """open_clip_train main.py's epoch_N.pt of a DualEncoder (clip family) and its optimizer:
+    {'epoch', 'name', 'state_dict' (open_clip names and order, 'module.' as its DDP runs write
+    it), 'optimizer' (AdamW's two groups: no decay for gains, biases, logit_scale, then the
+    rest, each parameter's state moved to its open_clip index), 'scaler' when one is on}."""
+    state = model.state_dict()
+    oc = to_open_clip_state_dict(state)
+    back = {v: k for k, v in open_clip_names(state, 'model').items()}
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    ours = {by_id[id(p)]: (opt.state.get(p, {}), g) for g in opt.param_groups for p in g['params']}
+    template = torch.optim.AdamW([torch.zeros(1)]).state_dict()['param_groups'][0]
+    out, groups, idx = {}, [], 0
+    for members, decay in zip(open_clip_param_groups(oc), (False, True)):
+        ids = []
+        for theirs in members:
+            if back[theirs] not in ours:
+                raise utils.UserError(f"{back[theirs]}: not in the optimizer; open_clip trains all")
+            st, g = ours[back[theirs]]
+            if st:
+                out[idx] = dict(st)
+            ids.append(idx)
+            idx += 1
+        g = ours[back[members[0]]][1] if members else opt.param_groups[0]
+        groups.append(
+            {
+                **template,
+                'lr': g['lr'],
+                'betas': tuple(g['betas']),
+                'eps': g['eps'],
+                'weight_decay': g['weight_decay'] if decay else 0.0,
+                'params': ids,
+            }
+        )
+    ckpt = {
+        'epoch': int(epoch),
+        'name': name,
+        'state_dict': {('module.' if ddp else '') + k: v for k, v in oc.items()},
+        'optimizer': {'state': out, 'param_groups': groups},
+    }
+    if scaler is not None and scaler.is_enabled():
+        ckpt['scaler'] = scaler.state_dict()
+    return ckpt
+
+
+def open_clip_optimizer_state(saved, model, opt, path):
+    """open_clip's AdamW state (its two groups over its parameter order) -> `opt`'s state dict:
+    each parameter's moments moved to its place in opt, opt's own groups kept (lr, weight decay
+    come from the cfg, as a resumed open_clip run takes them from its flags)."""
+    oc_groups = open_clip_param_groups(to_open_clip_state_dict(model.state_dict()))
+    groups = saved.get('param_groups', [])
+    if [len(g['params']) for g in groups] != [len(m) for m in oc_groups]:
+        raise utils.UserError(
+            f"{path}: optimizer groups of {[len(g['params']) for g in groups]} parameters; "
+            f"open_clip's AdamW over this model has {[len(m) for m in oc_groups]}"
+        )
+    back = {v: k for k, v in open_clip_names(model.state_dict(), 'model').items()}
+    params = dict(model.named_parameters())
+    order = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g['params'])}
+    state = {}
+    for g, members in zip(groups, oc_groups):
+        for i, theirs in zip(g['params'], members):
+            if i in saved['state']:
+                state[order[id(params[back[theirs]])]] = saved['state'][i]
+    return {'state': state, 'param_groups': opt.state_dict()['param_groups']}
+
+
 @torch.no_grad()
 def encode_text(text_encoder, texts, device):
     """Frozen text features: words (B, D, T), sentence (B, D), padding mask (B, T)."""
@@ -2411,12 +2666,72 @@ def build_vae(class_name, hparams):
     raise utils.UserError(f"vae class {class_name!r}: expected DiscreteVAE or VQGAN")
 
 
+# DiscreteVAE's constructor arguments in DALLE-pytorch (dalle_pytorch.py DiscreteVAE) that only
+# shape its training loss or its Gumbel sampling; tokenising and decoding do not read them.
+DP_VAE_TRAINING_ONLY = (
+    'smooth_l1_loss',
+    'temperature',
+    'straight_through',
+    'reinmax',
+    'kl_div_loss_weight',
+)
+DP_VAE_ARCH = (
+    'image_size',
+    'num_tokens',
+    'codebook_dim',
+    'num_layers',
+    'num_resnet_blocks',
+    'hidden_dim',
+    'channels',
+)
+
+
+def discrete_vae_from_hparams(hparams, where):
+    """A DiscreteVAE from DALLE-pytorch's vae_params (or ours). A key DiscreteVAE does not take
+    is an error naming it; the training-only ones are accepted; `normalization` must be the
+    default (0.5, 0.5) per channel, the [-1, 1] space this DiscreteVAE works in."""
+    if not isinstance(hparams, dict):
+        raise utils.UserError(f"{where}: VAE hparams are {type(hparams).__name__}, expected a dict")
+    unknown = sorted(
+        set(hparams) - set(DP_VAE_ARCH) - set(DP_VAE_TRAINING_ONLY) - {'normalization'}
+    )
+    if unknown:
+        raise utils.UserError(f"{where}: VAE hparams {unknown} are not DiscreteVAE arguments")
+    channels = hparams.get('channels', 3)
+    if channels != 3:
+        raise utils.UserError(
+            f"{where}: VAE hparams channels={channels}: only RGB (3) images are used here"
+        )
+    norm = hparams.get('normalization', ((0.5,) * 3, (0.5,) * 3))
+    try:
+        norm_ok = [tuple(float(v) for v in t[:channels]) for t in norm] == [(0.5,) * 3] * 2
+    except TypeError:
+        norm_ok = False
+    if not norm_ok:
+        raise utils.UserError(
+            f"{where}: VAE hparams normalization={norm!r}: only DALLE-pytorch's default "
+            "((0.5,)*3, (0.5,)*3) is supported"
+        )
+    return DiscreteVAE(**{k: hparams[k] for k in DP_VAE_ARCH if k in hparams})
+
+
+def _load_strict(module, state, where, what):
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise utils.UserError(f"{where}: {what} ({' '.join(str(e).split())[:300]})")
+
+
 def load_discrete_vae(path):
     """A DALLE-pytorch `vae.pt` ({'hparams', 'weights'}, as train_vae.py also writes it) or a
     train_vae.py training checkpoint."""
     if not os.path.isfile(path):
         raise utils.UserError(f"{path}: VAE file not found")
     obj = utils.load_weights(path)
+    if is_dalle_pytorch_checkpoint(obj):
+        raise utils.UserError(
+            f"{path}: a DALLE-pytorch DALLE checkpoint, not a VAE; give it as --dalle_path"
+        )
     if isinstance(obj, dict) and 'hparams' in obj and 'weights' in obj:
         hparams, weights = obj['hparams'], obj['weights']
     elif isinstance(obj, dict) and obj.get('kind') == 'vae':
@@ -2426,22 +2741,8 @@ def load_discrete_vae(path):
             f"{path}: expected DALLE-pytorch's {{'hparams', 'weights'}} or a "
             "train_vae.py checkpoint"
         )
-    known = {
-        'image_size',
-        'num_tokens',
-        'codebook_dim',
-        'num_layers',
-        'num_resnet_blocks',
-        'hidden_dim',
-        'channels',
-    }
-    vae = DiscreteVAE(**{k: v for k, v in hparams.items() if k in known})
-    try:
-        vae.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise utils.UserError(
-            f"{path}: weights do not match its hparams ({' '.join(str(e).split())[:300]})"
-        )
+    vae = discrete_vae_from_hparams(hparams, path)
+    _load_strict(vae, weights, path, 'weights do not match its hparams')
     return vae
 
 
@@ -2734,3 +3035,311 @@ def load_dalle(ckpt, device):
         vae.to(device).eval().requires_grad_(False),
         utils.DalleTokenizer(x['tokenizer']),
     )
+
+
+# ---- DALLE-pytorch checkpoints (lucidrains/DALLE-pytorch train_dalle.py save_model) ----------
+# {'hparams': dalle_params, 'vae_params', 'epoch', 'version', 'vae_class_name',
+#  'weights': dalle.state_dict(), 'opt_state', 'scheduler_state'}; the DALLE's state dict holds
+# the frozen VAE under 'vae.' (DiscreteVAE names as ours; VQGanVAE wraps taming's VQModel as
+# 'vae.model.'). Names below are those of dalle_pytorch.py DALLE, transformer.py (LayerScale ->
+# PreNorm -> CachedAs -> Attention, FeedForward.net) and attention.py, versions 1.4.0 (where
+# CachedAs came in) to 1.6.6.
+# DALLE.__init__ defaults, used for hparams a checkpoint lacks (train_dalle.py writes them all).
+DP_DALLE_DEFAULTS = dict(
+    heads=8,
+    dim_head=64,
+    reversible=False,
+    attn_dropout=0.0,
+    ff_dropout=0.0,
+    sparse_attn=False,
+    attn_types=None,
+    loss_img_weight=7,
+    stable=False,
+    sandwich_norm=False,
+    shift_tokens=True,
+    rotary_emb=True,
+    shared_attn_ids=None,
+    shared_ff_ids=None,
+    share_input_output_emb=False,
+    optimize_for_inference=False,
+)
+# hparams whose other values build a different network than models.DALLE (DALLE-pytorch's
+# train_dalle.py default model: full attention, learned positions, no token shift)
+DP_DALLE_FIXED = dict(
+    reversible=False,
+    sparse_attn=False,
+    stable=False,
+    sandwich_norm=False,
+    shift_tokens=False,
+    rotary_emb=False,
+    share_input_output_emb=False,
+)
+_DP_BLOCK = r'transformer\.layers\.layers\.(\d+)\.'
+DP_DALLE_KEYS = [  # DALLE-pytorch name pattern -> ours
+    (r'text_emb\.weight', 'text_emb.weight'),
+    (r'image_emb\.weight', 'image_emb.weight'),
+    (r'text_pos_emb\.weight', 'text_pos_emb.weight'),
+    # axial_positional_embedding < 0.3 names them weights_0/1, >= 0.3 an nn.ParameterList
+    (r'image_pos_emb\.weights[_.]0', 'image_pos_row'),
+    (r'image_pos_emb\.weights[_.]1', 'image_pos_col'),
+    (_DP_BLOCK + r'0\.scale', r'blocks.\1.scale_attn'),
+    (_DP_BLOCK + r'0\.fn\.norm\.(weight|bias)', r'blocks.\1.norm_attn.\2'),
+    (_DP_BLOCK + r'0\.fn\.fn\.fn\.to_qkv\.weight', r'blocks.\1.attn.to_qkv.weight'),
+    (_DP_BLOCK + r'0\.fn\.fn\.fn\.to_out\.0\.(weight|bias)', r'blocks.\1.attn.to_out.\2'),
+    (_DP_BLOCK + r'1\.scale', r'blocks.\1.scale_ff'),
+    (_DP_BLOCK + r'1\.fn\.norm\.(weight|bias)', r'blocks.\1.norm_ff.\2'),
+    (_DP_BLOCK + r'1\.fn\.fn\.net\.0\.(weight|bias)', r'blocks.\1.ff.fc_in.\2'),
+    (_DP_BLOCK + r'1\.fn\.fn\.net\.3\.(weight|bias)', r'blocks.\1.ff.fc_out.\2'),
+    (r'to_logits\.0\.(weight|bias)', r'norm_out.\1'),
+    (r'to_logits\.1\.(weight|bias)', r'to_logits.\1'),
+]
+
+
+def is_dalle_pytorch_checkpoint(obj):
+    return (
+        isinstance(obj, dict)
+        and 'kind' not in obj
+        and {'hparams', 'vae_params', 'weights'} <= set(obj)
+    )
+
+
+def dalle_pytorch_key(key):
+    """DALLE-pytorch DALLE parameter name -> ours (None if it has no counterpart)."""
+    for pattern, ours in DP_DALLE_KEYS:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, ours, key)
+    return None
+
+
+def dalle_pytorch_param_names(depth, axial_sep='_'):
+    """DALLE-pytorch's trainable parameters in DALLE.parameters() order (the order of its
+    optimizer state): text_pos_emb, image_pos_emb, transformer (each LayerScale's scale before
+    its PreNorm's norm and function), to_logits, text_emb, image_emb; the frozen VAE has none."""
+    names = ['text_pos_emb.weight'] + [f'image_pos_emb.weights{axial_sep}{i}' for i in (0, 1)]
+    for i in range(depth):
+        p = f'transformer.layers.layers.{i}'
+        for part, fn in (
+            ('0', ('fn.fn.to_qkv.weight', 'fn.fn.to_out.0.weight', 'fn.fn.to_out.0.bias')),
+            ('1', ('fn.net.0.weight', 'fn.net.0.bias', 'fn.net.3.weight', 'fn.net.3.bias')),
+        ):
+            names += [f'{p}.{part}.scale', f'{p}.{part}.fn.norm.weight', f'{p}.{part}.fn.norm.bias']
+            names += [f'{p}.{part}.fn.{x}' for x in fn]
+    return names + [
+        'to_logits.0.weight',
+        'to_logits.0.bias',
+        'to_logits.1.weight',
+        'to_logits.1.bias',
+        'text_emb.weight',
+        'image_emb.weight',
+    ]
+
+
+def _dalle_pytorch_shape(name, ours):
+    """The shape DALLE-pytorch stores our weight `name` (shape `ours`) in: LayerScale's scale is
+    (1, 1, dim), the axial position embeddings (1, rows, 1, dim) and (1, 1, cols, dim)."""
+    if name.endswith(('scale_attn', 'scale_ff')):
+        return (1, 1) + ours
+    if name == 'image_pos_row':
+        return (1, ours[0], 1, ours[1])
+    if name == 'image_pos_col':
+        return (1, 1) + ours
+    return ours
+
+
+def dalle_pytorch_hparams(hparams, path):
+    """DALLE-pytorch's dalle_params -> models.DALLE keyword arguments (without the image
+    tokenizer's num_image_tokens, image_fmap_size). A key DALLE-pytorch's DALLE does not take,
+    or a value that builds another network, is an error naming it."""
+    if not isinstance(hparams, dict):
+        raise utils.UserError(f"{path}: 'hparams' is {type(hparams).__name__}, expected a dict")
+    required = ('num_text_tokens', 'text_seq_len', 'dim', 'depth')
+    unknown = sorted(set(hparams) - set(DP_DALLE_DEFAULTS) - set(required))
+    if unknown:
+        raise utils.UserError(f"{path}: hparams {unknown} are not DALLE-pytorch DALLE arguments")
+    missing = [k for k in required if k not in hparams]
+    if missing:
+        raise utils.UserError(f"{path}: hparams lack {missing}")
+    hp = {**DP_DALLE_DEFAULTS, **hparams}
+    for key, value in DP_DALLE_FIXED.items():
+        if bool(hp[key]) != value:
+            raise utils.UserError(
+                f"{path}: hparams {key}={hp[key]!r} is not supported: models.DALLE is "
+                f"DALLE-pytorch's train_dalle.py default model ({key}={value})"
+            )
+    types = hp['attn_types'] if hp['attn_types'] is not None else ('full',)
+    if isinstance(types, str) or any(t != 'full' for t in types):
+        raise utils.UserError(
+            f"{path}: hparams attn_types={hp['attn_types']!r} is not supported (only full attention)"
+        )
+    depth = int(hp['depth'])
+    for key in ('shared_attn_ids', 'shared_ff_ids'):
+        ids = hp[key]
+        if ids is not None:
+            cycled = [ids[i % len(ids)] for i in range(depth)]
+            if len(set(cycled)) < depth:  # a layer shared by two depths: fewer weights than ours
+                raise utils.UserError(f"{path}: hparams {key}={ids!r} shares layers; not supported")
+    return dict(
+        num_text_tokens=int(hp['num_text_tokens']),
+        text_seq_len=int(hp['text_seq_len']),
+        dim=int(hp['dim']),
+        depth=depth,
+        heads=int(hp['heads']),
+        dim_head=int(hp['dim_head']),
+        attn_dropout=float(hp['attn_dropout']),
+        ff_dropout=float(hp['ff_dropout']),
+        loss_img_weight=float(hp['loss_img_weight']),
+    )
+
+
+def _dalle_pytorch_vae(obj, weights, path, vqgan_config_path):
+    """The frozen image tokenizer of a DALLE-pytorch checkpoint: its DiscreteVAE (vae_params,
+    weights 'vae.*'), or its VQGanVAE (no vae_params; taming's model.yaml needed for the
+    architecture, the weights 'vae.model.*' in the checkpoint, the loss's dropped)."""
+    name = obj.get('vae_class_name')
+    if name is None:  # checkpoints before vae_class_name was saved
+        name = (
+            'DiscreteVAE'
+            if obj['vae_params'] is not None
+            else (
+                'VQGanVAE'
+                if any(k.startswith('vae.model.') for k in weights)
+                else 'OpenAIDiscreteVAE'
+            )
+        )
+    if name == 'DiscreteVAE':
+        if obj['vae_params'] is None:
+            raise utils.UserError(f"{path}: vae_class_name DiscreteVAE but no vae_params")
+        vae = discrete_vae_from_hparams(obj['vae_params'], f"{path} vae_params")
+        state = {k[4:]: v for k, v in weights.items() if k.startswith('vae.')}
+    elif name == 'VQGanVAE':
+        if not vqgan_config_path:
+            raise utils.UserError(
+                f"{path}: its VAE is a VQGAN (vae_class_name VQGanVAE); give its taming "
+                "model.yaml as --vqgan_config_path (with --taming, as DALLE-pytorch)"
+            )
+        vae = VQGAN(*read_vqgan_config(vqgan_config_path))
+        state = {
+            k[10:]: v
+            for k, v in weights.items()
+            if k.startswith('vae.model.') and not k.startswith('vae.model.loss.')
+        }
+        stray = sorted(
+            k for k in weights if k.startswith('vae.') and not k.startswith('vae.model.')
+        )
+        if stray:
+            raise utils.UserError(f"{path}: weights key {stray[0]!r} maps to nothing in a VQGAN")
+    else:
+        raise utils.UserError(
+            f"{path}: vae_class_name {name!r} is not supported (DiscreteVAE or VQGanVAE)"
+        )
+    _load_strict(vae, state, path, f"its 'vae.' weights do not fit its {name}")
+    return vae
+
+
+def load_dalle_pytorch(
+    obj, path, device, tokenizer_kind='clip', tokenizer_path='', vqgan_config_path=''
+):
+    """DALLE, VAE and tokenizer from a DALLE-pytorch dalle.pt (already read with
+    weights_only=True). Every DALLE weight maps onto models.DALLE (a name that does not, or a
+    shape that differs, is an error naming it); T2I's copy (text2img, DALLE-pytorch 1.5.1) has
+    one more text_pos_emb row, which its forward never reads (positions 0..text_seq_len), and
+    is dropped. The checkpoint holds no tokenizer: DALLE-pytorch rebuilds it from the flags
+    (default CLIP BPE with its raw ids, --chinese BERT WordPiece), so this one comes from
+    tokenizer_kind/path and must have num_text_tokens ids."""
+    weights = obj['weights']
+    if isinstance(weights, str):
+        raise utils.UserError(
+            f"{path}: 'weights' is DeepSpeed's placeholder ({weights[:60]!r}...); consolidate "
+            "the DeepSpeed checkpoint into a state dict first"
+        )
+    if not isinstance(weights, dict):
+        raise utils.UserError(
+            f"{path}: 'weights' is {type(weights).__name__}, expected a state dict"
+        )
+    kw = dalle_pytorch_hparams(obj['hparams'], path)
+    if tokenizer_kind not in ('clip', 'chinese'):
+        raise utils.UserError(
+            f"TEXT.TOKENIZER={tokenizer_kind!r}: a DALLE-pytorch checkpoint was trained with its "
+            "CLIP BPE (the default) or --chinese"
+        )
+    spec = {'kind': tokenizer_kind, 'path': tokenizer_path}
+    if tokenizer_kind == 'clip':
+        spec['shift'] = 0  # SimpleTokenizer's ids as they are (id 0 shares padding's id there)
+    tokenizer = utils.DalleTokenizer(spec)
+    if tokenizer.vocab_size != kw['num_text_tokens']:
+        raise utils.UserError(
+            f"{path}: hparams num_text_tokens={kw['num_text_tokens']}, but the {tokenizer_kind} "
+            f"tokenizer ({tokenizer_path or 'default'}) has {tokenizer.vocab_size} ids; give the "
+            "tokenizer it was trained with (--chinese, --bpe_path)"
+        )
+    vae = _dalle_pytorch_vae(obj, weights, path, vqgan_config_path)
+    dalle = DALLE(num_image_tokens=vae.num_tokens, image_fmap_size=vae.fmap_size, **kw)
+    ours = dalle.state_dict()
+    state = {}
+    for key, value in weights.items():
+        if key.startswith('vae.'):
+            continue
+        name = dalle_pytorch_key(key)
+        if name is None or name not in ours:
+            raise utils.UserError(f"{path}: weights key {key!r} maps to no models.DALLE weight")
+        want = tuple(ours[name].shape)
+        expect = _dalle_pytorch_shape(name, want)
+        if name == 'text_pos_emb.weight' and tuple(value.shape) == (want[0] + 1, want[1]):
+            value = value[: want[0]]  # T2I's <bos><eos> row that no position reaches
+        elif tuple(value.shape) != expect:
+            raise utils.UserError(
+                f"{path}: weights key {key!r} has shape {tuple(value.shape)}, expected {expect} "
+                f"(hparams {kw}; VAE {vae.class_name}, a {vae.fmap_size}x{vae.fmap_size} grid of "
+                f"{vae.num_tokens} tokens)"
+            )
+        state[name] = value.reshape(want)
+    missing = sorted(set(ours) - set(state))
+    if missing:
+        raise utils.UserError(f"{path}: weights lack the DALLE-pytorch counterpart of {missing[0]}")
+    dalle.load_state_dict(state)
+    return (
+        dalle.to(device),
+        vae.to(device).eval().requires_grad_(False),
+        tokenizer,
+    )
+
+
+def dalle_pytorch_optimizer_state(obj, dalle, opt, path):
+    """DALLE-pytorch's opt_state (Adam over DALLE.parameters() without the VAE) in the order of
+    `opt`'s parameters (dalle.parameters()), moments reshaped as the weights; the group keeps
+    opt's own settings (fused, ...) with the saved lr, betas, eps, weight decay. None when the
+    checkpoint has no optimizer state."""
+    saved = obj.get('opt_state')
+    if not saved:
+        return None
+    axial = '.' if any(k.startswith('image_pos_emb.weights.') for k in obj['weights']) else '_'
+    theirs = dalle_pytorch_param_names(dalle.hparams['depth'], axial)
+    groups = saved.get('param_groups', [])
+    ids = [i for g in groups for i in g['params']]
+    if len(groups) != 1 or len(ids) != len(theirs):
+        raise utils.UserError(
+            f"{path}: opt_state has {len(groups)} groups of {len(ids)} parameters; DALLE-pytorch's "
+            f"Adam over this DALLE has one group of {len(theirs)}"
+        )
+    names = [n for n, _ in dalle.named_parameters()]
+    params = dict(dalle.named_parameters())
+    index = {n: j for j, n in enumerate(names)}
+    state = {}
+    for i, key in zip(ids, theirs):
+        name = dalle_pytorch_key(key)
+        if i in saved['state']:
+            shape = params[name].shape
+            state[index[name]] = {
+                k: v.reshape(shape) if k in ('exp_avg', 'exp_avg_sq', 'max_exp_avg_sq') else v
+                for k, v in saved['state'][i].items()
+            }
+    group = {k: v for k, v in opt.state_dict()['param_groups'][0].items()}
+    group.update(
+        {
+            k: groups[0][k]
+            for k in ('lr', 'betas', 'eps', 'weight_decay', 'amsgrad')
+            if k in groups[0]
+        }
+    )
+    group['params'] = list(range(len(names)))
+    return {'state': state, 'param_groups': [group]}

@@ -13,6 +13,10 @@ Several GPUs: torchrun --nproc_per_node=N pretrain_DAMSM.py --cfg ... (losses on
 Each epoch: train and validation losses, retrieval R@1/5/10 both ways and R-precision on the
 test split, word attention maps (log, TensorBoard, metrics.json); text_encoder<N>.pth and
 image_encoder<N>.pth (N = epochs done) for main.py's TRAIN.NET_E; --resume auto continues.
+open_clip's checkpoints both ways (family clip): TRAIN.OPEN_CLIP_CHECKPOINT also writes its
+epoch_<N>.pt beside them (open_clip_train main.py's layout: open_clip can --resume it), and
+--resume takes an open_clip epoch_<N>.pt (or a bare open_clip state dict: weights only):
+  python pretrain_DAMSM.py --cfg cfg/clip_wukong_rn50.yml --resume logs/RUN/checkpoints/epoch_10.pt
 """
 
 import collections
@@ -87,6 +91,7 @@ DEFAULTS = {
         'RESET_OPTIMIZER': True,  # AttnGAN builds a new Adam every epoch
         'RNN_GRAD_CLIP': 0.25,  # damsm: text encoder only; clip_hf, clip: all weights; 0 = off
         'AMP': False,  # CUDA only
+        'OPEN_CLIP_CHECKPOINT': False,  # clip: also open_clip's epoch_<N>.pt beside text_encoder<N>.pth
         'SMOOTH': {'GAMMA1': 4.0, 'GAMMA2': 5.0, 'GAMMA3': 10.0, 'WORD_LOSS': 'attngan'},
         'LOG_EVERY': 50,
     },
@@ -129,6 +134,11 @@ def check_cfg(cfg):
         )
     if not any(cfg.LOSS[k] > 0 for k in ('WORDS', 'SENT', 'NTXENT', 'CLIP')):
         raise utils.UserError("LOSS: WORDS, SENT, NTXENT and CLIP are all 0; nothing to train")
+    if cfg.TRAIN.OPEN_CLIP_CHECKPOINT and (cfg.MODEL.FAMILY != 'clip' or cfg.LOSS.CLIP <= 0):
+        raise utils.UserError(
+            "TRAIN.OPEN_CLIP_CHECKPOINT needs MODEL.FAMILY clip and LOSS.CLIP > 0 (open_clip's "
+            "CLIP has a logit_scale)"
+        )
     if cfg.LOSS.NTXENT > 0 and cfg.DATA.FORMAT != 'attngan':
         raise utils.UserError("LOSS.NTXENT > 0 needs two captions per image: DATA.FORMAT attngan")
 
@@ -697,6 +707,58 @@ def save_encoders(run, model, epoch, step):
         )
 
 
+def read_resume(resume, run):
+    """(our checkpoint, None), (None, an open_clip checkpoint as read) or (None, None)."""
+    if resume and resume != 'auto':
+        obj = utils.load_weights(resume)
+        if models.is_open_clip_checkpoint(obj):
+            return None, obj
+        ckpt = utils.checkpoint_of_kind(obj, resume, 'damsm')
+        utils.report_resume_differences(ckpt, run.cfg, run.log)
+        return ckpt, None
+    return utils.resolve_resume(resume, run.out, 'damsm', run.log, run.cfg), None
+
+
+def resume_open_clip(obj, path, model, opt, scaler, steps_per_epoch, cfg, log):
+    """An open_clip checkpoint into the clip family's DualEncoder, as open_clip's --resume
+    takes it: with 'epoch', the weights, AdamW's state and the scaler, training going on after
+    that epoch (its step count, which it does not save, = epoch x steps per epoch, as its
+    schedule counts); a bare state dict: the weights, from epoch 0. Returns (step, epoch)."""
+    if cfg.MODEL.FAMILY != 'clip':
+        raise utils.UserError(
+            f"{path}: an open_clip checkpoint; it loads into MODEL.FAMILY clip, not "
+            f"{cfg.MODEL.FAMILY}"
+        )
+    full = 'state_dict' in obj and 'epoch' in obj
+    sd = obj['state_dict'] if 'state_dict' in obj else obj
+    model.load_state_dict(models.from_open_clip_state_dict(sd, model.state_dict(), path))
+    if not full:
+        log.info(f"open_clip weights from {path}; training starts at epoch 0")
+        return 0, 0
+    epoch = int(obj['epoch'])
+    if obj.get('optimizer'):
+        opt.load_state_dict(models.open_clip_optimizer_state(obj['optimizer'], model, opt, path))
+    if obj.get('scaler') and scaler.is_enabled():
+        scaler.load_state_dict(obj['scaler'])
+    log.info(
+        f"resuming open_clip checkpoint {path} ({obj.get('name', '')}): after epoch {epoch}, "
+        f"optimizer {'restored' if obj.get('optimizer') else 'new'}"
+    )
+    return epoch * steps_per_epoch, epoch
+
+
+def save_open_clip(run, model, opt, scaler, epoch):
+    """<run>/checkpoints/epoch_<epoch>.pt in open_clip_train's layout (rank 0)."""
+    if not run.main:
+        return None
+    path = os.path.join(run.out, 'checkpoints', f'epoch_{epoch}.pt')
+    ckpt = models.to_open_clip_checkpoint(
+        model, opt, epoch, run.cfg.CONFIG_NAME, scaler, ddp=run.world > 1
+    )
+    utils.atomic_torch_save(ckpt, path)
+    return path
+
+
 def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
     train_cfg, amp = cfg.TRAIN, cfg.TRAIN.AMP and run.device.type == 'cuda'
     clip_params = [
@@ -848,11 +910,6 @@ def main():
     scaler = torch.amp.GradScaler('cuda', enabled=cfg.TRAIN.AMP and device.type == 'cuda')
     if cfg.TRAIN.AMP and device.type != 'cuda':
         log.info("TRAIN.AMP is for CUDA; training in float32 on the CPU")
-    step, start = 0, 0
-    ckpt = utils.resolve_resume(args.resume, run.out, 'damsm', log, run.cfg)
-    if ckpt:
-        step, start = utils.restore_checkpoint(ckpt, {'model': model}, {'opt': opt}, scaler=scaler)
-    ddp = utils.wrap_ddp(model, device)
     loader = utils.make_loader(
         train_set,
         cfg.TRAIN.BATCH_SIZE,
@@ -866,6 +923,15 @@ def main():
             f"{len(train_set)} training items per rank give no batch of "
             f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE}"
         )
+    step, start = 0, 0
+    ckpt, foreign = read_resume(args.resume, run)
+    if ckpt:
+        step, start = utils.restore_checkpoint(ckpt, {'model': model}, {'opt': opt}, scaler=scaler)
+    elif foreign is not None:
+        step, start = resume_open_clip(
+            foreign, args.resume, model, opt, scaler, len(loader), cfg, log
+        )
+    ddp = utils.wrap_ddp(model, device)
     eval_loader = torch.utils.data.DataLoader(
         eval_set, batch_size=cfg.TRAIN.BATCH_SIZE, num_workers=cfg.WORKERS, collate_fn=collate_eval
     )
@@ -900,6 +966,8 @@ def main():
             utils.write_metrics(run.out, metrics)
         if (epoch + 1) % cfg.TRAIN.SNAPSHOT_INTERVAL == 0 or epoch + 1 == cfg.TRAIN.MAX_EPOCH:
             save_encoders(run, model, epoch + 1, step)
+            if cfg.TRAIN.OPEN_CLIP_CHECKPOINT:
+                save_open_clip(run, model, opt, scaler, epoch + 1)
         utils.save_checkpoint(
             run.out,
             'damsm',

@@ -3,15 +3,20 @@ tokens then image tokens of a frozen discrete VAE or taming VQGAN.
 
   python train_dalle.py --image_text_folder DALLE.train.jsonl --vae_path vae.pt --chinese --amp \
       --dalle_output_file_name vae_dalle                          # text2img's README command
-  python train_dalle.py --image_text_folder DALLE.train.jsonl --vqgan_model_path last.ckpt \
+  python train_dalle.py --image_text_folder DALLE.train.jsonl --taming --vqgan_model_path last.ckpt \
       --vqgan_config_path model.yaml --chinese --amp
   python train_dalle.py --cfg cfg/dalle/shapes_dalle.yml          # the embedded run
   python train_dalle.py --dalle_path <run>/checkpoints/dalle_00001000.pt   # resume (or --resume auto)
+  python train_dalle.py --image_text_folder DATA --dalle_path dalle.pt   # resume a DALLE-pytorch dalle.pt
   torchrun --nproc_per_node=N train_dalle.py ...                   # data-parallel
 
 Data: a DALLE jsonl ({"image_path", "sentences"} lines), a folder of images with same-stem
 .txt captions, or an open_clip CSV. Checkpoints in <run>/checkpoints: dalle_<step>.pt and,
 at the end, <DALLE_OUTPUT_FILE_NAME>.pt, both with the VAE inside (dalle_gen.py needs nothing else).
+--dalle_path also takes DALLE-pytorch's own dalle.pt (its train_dalle.py save_model): weights,
+DiscreteVAE or VQGAN (then --taming --vqgan_config_path), Adam and ReduceLROnPlateau state, and
+the epoch to redo (as DALLE-pytorch resumes); the tokenizer flags must be the ones it was trained
+with (default CLIP BPE, --chinese), as in DALLE-pytorch.
 """
 
 import os
@@ -29,6 +34,7 @@ DEFAULTS = {
     'VAE_PATH': '',  # DALLE-pytorch vae.pt; '' = output/vae/vae.pt, where train_vae.py leaves it
     'VQGAN_MODEL_PATH': '',  # taming last.ckpt (with VQGAN_CONFIG_PATH model.yaml)
     'VQGAN_CONFIG_PATH': '',
+    'TAMING': False,  # DALLE-pytorch --taming: the VAE is the VQGAN of the two paths above
     'DALLE_OUTPUT_FILE_NAME': 'dalle',
     'WORKERS': 4,
     'TEXT': {
@@ -135,11 +141,18 @@ def parse_args(argv=None):
             p.add_argument(f'--{flag}', type=typ, default=None, help=f'cfg {key}')
     p.add_argument('--chinese', action='store_true', help='TEXT.TOKENIZER=chinese (BERT WordPiece)')
     p.add_argument(
-        '--dalle_path', default=None, help='resume from this checkpoint (= --resume PATH)'
+        '--taming', action='store_true', help='TAMING=true: VQGAN of --vqgan_model/config_path'
+    )
+    p.add_argument(
+        '--dalle_path',
+        default=None,
+        help='resume from this checkpoint (= --resume PATH); ours or DALLE-pytorch\'s dalle.pt',
     )
     args = p.parse_args(argv)
     if args.chinese:
         args.set = ['TEXT.TOKENIZER=chinese'] + args.set
+    if args.taming:
+        args.set = ['TAMING=true'] + args.set
     if args.dalle_path:
         if args.resume and args.resume != args.dalle_path:
             raise utils.UserError("--dalle_path and --resume name different checkpoints; give one")
@@ -218,7 +231,14 @@ DEFAULT_VAE_PATH = os.path.join('output', 'vae', 'vae.pt')  # train_vae.py witho
 
 
 def load_vae(cfg, log):
-    """A frozen image tokenizer: taming VQGAN (both VQGAN paths) or a DiscreteVAE (VAE_PATH)."""
+    """A frozen image tokenizer: taming VQGAN (both VQGAN paths, with or without TAMING) or a
+    DiscreteVAE (VAE_PATH)."""
+    if cfg.TAMING and not (cfg.VQGAN_MODEL_PATH and cfg.VQGAN_CONFIG_PATH):
+        # DALLE-pytorch downloads the ImageNet f16/1024 VQGAN here; nothing is downloaded here
+        raise utils.UserError(
+            "--taming: give the VQGAN as --vqgan_model_path last.ckpt --vqgan_config_path "
+            "model.yaml (taming-transformers' files; none is downloaded)"
+        )
     if cfg.VQGAN_MODEL_PATH or cfg.VQGAN_CONFIG_PATH:
         if not (cfg.VQGAN_MODEL_PATH and cfg.VQGAN_CONFIG_PATH):
             raise utils.UserError("--vqgan_model_path and --vqgan_config_path go together")
@@ -233,6 +253,38 @@ def load_vae(cfg, log):
         )
     log.info(f"VAE: {path}")
     return models.load_discrete_vae(path)
+
+
+def read_resume(resume, run):
+    """(our checkpoint, None) or (None, DALLE-pytorch's dalle.pt as read) or (None, None)."""
+    if resume and resume != 'auto':
+        obj = utils.load_weights(resume)
+        if models.is_dalle_pytorch_checkpoint(obj):
+            return None, obj
+        ckpt = utils.checkpoint_of_kind(obj, resume, 'dalle')
+        utils.report_resume_differences(ckpt, run.cfg, run.log)
+        return ckpt, None
+    return utils.resolve_resume(resume, run.out, 'dalle', run.log, run.cfg), None
+
+
+def resume_dalle_pytorch(obj, path, dalle, opt, sched, steps_per_epoch, log):
+    """The training state of a DALLE-pytorch dalle.pt: Adam's moments, ReduceLROnPlateau's
+    state (when --lr_decay is on, as DALLE-pytorch loads it), and its epoch: the one running
+    when it saved (also at that epoch's end), which DALLE-pytorch redoes from its start on
+    resume; it saves no step or RNG state, so the step count restarts at epoch x steps per
+    epoch. Returns (step, epoch)."""
+    opt_state = models.dalle_pytorch_optimizer_state(obj, dalle, opt, path)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    if sched is not None and obj.get('scheduler_state'):
+        sched.load_state_dict(obj['scheduler_state'])
+    epoch = int(obj.get('epoch', 0))
+    log.info(
+        f"DALLE-pytorch state: epoch {epoch} redone from its start, optimizer "
+        f"{'restored' if opt_state else 'new (none saved)'}, scheduler "
+        f"{'restored' if sched is not None and obj.get('scheduler_state') else 'not restored'}"
+    )
+    return epoch * steps_per_epoch, epoch
 
 
 # ----------------------------------------------------------------------------
@@ -285,8 +337,22 @@ def train(run, args):
             "IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv"
         )
     pairs = utils.read_pairs(cfg.IMAGE_TEXT_FOLDER)
-    ckpt = utils.resolve_resume(args.resume, run.out, 'dalle', log, run.cfg)
-    if ckpt:  # as DALLE-pytorch's --dalle_path: the model, VAE and tokenizer of the checkpoint
+    ckpt, foreign = read_resume(args.resume, run)
+    if foreign is not None:  # DALLE-pytorch's dalle.pt
+        dalle, vae, tokenizer = models.load_dalle_pytorch(
+            foreign,
+            args.resume,
+            dev,
+            cfg.TEXT.TOKENIZER,
+            cfg.TEXT.TOKENIZER_PATH,
+            cfg.VQGAN_CONFIG_PATH,
+        )
+        log.info(
+            f"resuming DALLE-pytorch {foreign.get('version', '(no version)')} checkpoint "
+            f"{args.resume}: hparams {dalle.hparams}, VAE {vae.class_name} (the cfg's MODEL keys "
+            "are not used)"
+        )
+    elif ckpt:  # as DALLE-pytorch's --dalle_path: the model, VAE and tokenizer of the checkpoint
         dalle, vae, tokenizer = models.load_dalle(ckpt, dev)
         log.info(
             f"resumed model hparams {ckpt['extra']['hparams']} (the cfg's MODEL keys are not used)"
@@ -309,7 +375,7 @@ def train(run, args):
             model_cfg.LOSS_IMG_WEIGHT,
             model_cfg.ATTN_DROPOUT_AT,
         ).to(dev)
-    if ckpt and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
+    if (ckpt or foreign is not None) and dalle.text_seq_len != cfg.TEXT.TEXT_SEQ_LEN:
         raise utils.UserError(
             f"TEXT.TEXT_SEQ_LEN={cfg.TEXT.TEXT_SEQ_LEN} but the checkpoint has {dalle.text_seq_len}"
         )
@@ -349,6 +415,10 @@ def train(run, args):
     if ckpt:
         step, epoch = utils.restore_checkpoint(ckpt, {'dalle': dalle}, {'opt': opt}, scheds, scaler)
         skip = ckpt['extra'].get('batches_done', 0)
+    elif foreign is not None:
+        step, epoch = resume_dalle_pytorch(
+            foreign, args.resume, dalle, opt, sched, len(loader), log
+        )
     model = utils.wrap_ddp(dalle, dev)
     extra = {
         'hparams': dalle.hparams,

@@ -1748,7 +1748,8 @@ class PairDataset(torch.utils.data.Dataset):
 class DalleTokenizer:
     """encode(text) -> ids >= 1 (0 is padding), vocab_size, and a `spec` saved in checkpoints.
     clip: CLIP BPE without <sot>/<eot> as DALLE-pytorch's SimpleTokenizer, ids shifted by one so
-    that BPE id 0 ('!') does not collide with padding; chinese: BERT WordPiece (hfl/chinese-
+    that BPE id 0 ('!') does not collide with padding (spec 'shift': 0 keeps SimpleTokenizer's
+    own ids, for DALLE-pytorch checkpoints); chinese: BERT WordPiece (hfl/chinese-
     roberta-wwm-ext vocabulary) without [CLS]/[SEP], [PAD] = 0; words: AttnGAN tokenisation and
     a vocabulary of the training captions, 1 = <unk>."""
 
@@ -1765,7 +1766,8 @@ class DalleTokenizer:
                 self.hf = transformers.CLIPTokenizer.from_pretrained(
                     path or 'openai/clip-vit-base-patch32'
                 )
-                self.shift, self.vocab_size = 1, len(self.hf) + 1
+                self.shift = int(spec.get('shift', 1))
+                self.vocab_size = len(self.hf) + self.shift
             elif kind == 'chinese':
                 name = path or 'hfl/chinese-roberta-wwm-ext'
                 if os.path.isfile(

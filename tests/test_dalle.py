@@ -2,11 +2,15 @@
 of train_vae.py, train_dalle.py (resume, --chinese, CLIP BPE, VQGAN), dalle_gen.py,
 clip_sort.py and the Wukong-style filter, all on tiny configs."""
 
+import collections
 import hashlib
 import math
 import json
+import math
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -317,6 +321,283 @@ def test_amp_trains_in_bfloat16_and_fp16_needs_cuda():
         train_dalle.autocast(
             torch.device('cpu'), utils.to_cfg({**train_cfg, 'AMP_DTYPE': 'float16'})
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# DALLE-pytorch's dalle.pt (train_dalle.py save_model) into models.DALLE
+# ----------------------------------------------------------------------------------------------
+# train_dalle.py 1.6.6's dalle_params at the tiny sizes of tests/data/dalle_pytorch_1.6.6_tiny_keys.txt
+DP_HPARAMS = dict(
+    num_text_tokens=64,
+    text_seq_len=8,
+    dim=16,
+    depth=2,
+    heads=2,
+    dim_head=8,
+    reversible=False,
+    loss_img_weight=7,
+    attn_types=('full',),
+    ff_dropout=0.0,
+    attn_dropout=0.0,
+    stable=False,
+    shift_tokens=False,
+    rotary_emb=False,
+    shared_attn_ids=None,
+    shared_ff_ids=None,
+    share_input_output_emb=False,
+)
+DP_TEXT = [[5, 9, 17, 3, 40, 0, 0, 0], [60, 2, 33, 0, 0, 0, 0, 0], [1, 63, 12, 7, 8, 9, 10, 11]]
+# DALLE-pytorch 1.6.6 itself on dalle_pytorch_checkpoint()'s weights: dalle(DP_TEXT, dp_images(),
+# return_loss=True) and vae.get_codebook_indices(dp_images())[0]
+DP_LOSS = 3.007211923599243
+DP_CODES0 = [2, 2, 2, 2, 2, 4, 2, 2, 2, 2, 2, 2, 8, 8, 8, 8]
+
+
+def dp_layout():
+    with open(os.path.join(ROOT, 'tests', 'data', 'dalle_pytorch_1.6.6_tiny_keys.txt')) as f:
+        rows = [line.split(' ', 1) for line in f if line.strip() and not line.startswith('#')]
+    return [(k, tuple(int(x) for x in s.strip('()\n').split(',') if x.strip())) for k, s in rows]
+
+
+def dp_images():
+    """Three 16 px images in [0, 1], DALLE-pytorch's input range."""
+    x = torch.sin(torch.arange(3 * 3 * 16 * 16, dtype=torch.float64) * 0.1)
+    return (x.float().reshape(3, 3, 16, 16) * 0.5 + 0.5).clamp(0, 1)
+
+
+def dalle_pytorch_checkpoint(path=None, layout=None, **top):
+    """A dalle.pt as DALLE-pytorch 1.6.6's train_dalle.py save_model writes it: hparams,
+    vae_params (its train_vae.py's), epoch, version, vae_class_name, weights (dalle.state_dict(),
+    VAE included, in its order), the Adam (lr 3e-4) over DALLE.parameters() without the VAE after
+    two steps, a ReduceLROnPlateau stepped once. Weights are fixed functions of their index."""
+    layout = layout or dp_layout()
+    weights = collections.OrderedDict(
+        (
+            k,
+            (torch.sin(torch.arange(math.prod(s), dtype=torch.float64) * 0.37 + i) * 0.2)
+            .float()
+            .reshape(s),
+        )
+        for i, (k, s) in enumerate(layout)
+    )
+    trainable = [k for k, _ in layout if not k.startswith('vae.')]
+    params = [weights[k].clone().requires_grad_() for k in trainable]
+    opt = torch.optim.Adam(params, lr=3e-4)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode='min', factor=0.5, patience=10, cooldown=10, min_lr=1e-6
+    )
+    for _ in range(2):
+        sum((p * p).sum() for p in params).backward()
+        opt.step()
+        opt.zero_grad()
+    sched.step(1.0)
+    weights.update((k, p.detach().clone()) for k, p in zip(trainable, params))
+    obj = {
+        'hparams': dict(DP_HPARAMS),
+        'vae_params': {**DP_VAE_HPARAMS, 'channels': 3},
+        'epoch': 3,
+        'version': '1.6.6',
+        'vae_class_name': 'DiscreteVAE',
+        'weights': weights,
+        'opt_state': opt.state_dict(),
+        'scheduler_state': sched.state_dict(),
+        **top,
+    }
+    if path is not None:
+        torch.save(obj, path)
+    return obj
+
+
+def load_dp(obj, tmp_path, **kw):
+    """models.load_dalle_pytorch on obj as torch.load(weights_only=True) reads it back."""
+    torch.save(obj, tmp_path / 'dp.pt')
+    read = utils.load_weights(str(tmp_path / 'dp.pt'))
+    bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
+    return read, models.load_dalle_pytorch(read, 'dp.pt', 'cpu', 'clip', bpe, **kw)
+
+
+def test_dalle_pytorch_checkpoint_gives_its_forward_and_adam_state(tmp_path):
+    obj = dalle_pytorch_checkpoint()
+    read, (dalle, vae, tok) = load_dp(obj, tmp_path)
+    # SimpleTokenizer's raw ids, 64 of them as num_text_tokens ('a</w>' is BPE id 29)
+    assert tok.vocab_size == 64 and tok.encode('a') == [29]
+    dalle.eval()
+    with torch.no_grad():
+        codes = vae.get_codebook_indices(dp_images() * 2 - 1)
+        loss = dalle(torch.tensor(DP_TEXT), codes)[0]
+    assert codes[0].tolist() == DP_CODES0
+    assert loss.item() == pytest.approx(DP_LOSS, abs=1e-5)
+    w = obj['weights']
+    assert torch.equal(dalle.blocks[1].scale_ff, w['transformer.layers.layers.1.1.scale'].flatten())
+    assert torch.equal(dalle.image_pos_row, w['image_pos_emb.weights_0'][0, :, 0])
+    assert torch.equal(dalle.image_pos_col, w['image_pos_emb.weights_1'][0, 0])
+    assert torch.equal(dalle.norm_out.bias, w['to_logits.0.bias'])
+    # its Adam: moments by name, the saved lr, our fused kernel kept
+    opt = train_dalle.make_optimizer(dalle.parameters(), 1.0)
+    opt.load_state_dict(models.dalle_pytorch_optimizer_state(read, dalle, opt, 'dp.pt'))
+    assert opt.param_groups[0]['lr'] == 3e-4 and opt.param_groups[0]['fused']
+    theirs = [k for k, _ in dp_layout() if not k.startswith('vae.')]
+    for key, param in (
+        ('image_pos_emb.weights_1', dalle.image_pos_col),
+        ('transformer.layers.layers.0.0.scale', dalle.blocks[0].scale_attn),
+        ('image_emb.weight', dalle.image_emb.weight),
+    ):
+        saved = obj['opt_state']['state'][theirs.index(key)]
+        assert torch.equal(opt.state[param]['exp_avg'], saved['exp_avg'].reshape(param.shape))
+        assert float(opt.state[param]['step']) == 2
+    # axial_positional_embedding >= 0.3 stores weights.0 / weights.1 (an nn.ParameterList)
+    renamed = {k.replace('weights_', 'weights.'): v for k, v in obj['weights'].items()}
+    _, (d2, _, _) = load_dp({**obj, 'weights': renamed}, tmp_path)
+    assert torch.equal(d2.image_pos_col, dalle.image_pos_col)
+    # text2img's copy (1.5.1) has text_seq_len + 2 position rows; the last is never read
+    t2i = dict(obj['weights'])
+    t2i['text_pos_emb.weight'] = torch.cat([t2i['text_pos_emb.weight'], torch.ones(1, 16)])
+    _, (d3, _, _) = load_dp({**obj, 'weights': t2i}, tmp_path)
+    assert torch.equal(d3.text_pos_emb.weight, dalle.text_pos_emb.weight)
+
+
+def _without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+DP_BAD = {
+    'unmapped weight': (
+        lambda o: {
+            **o,
+            'weights': {
+                **o['weights'],
+                'transformer.layers.layers.0.0.fn.fn.to_qkv.weight': torch.zeros(48, 16),
+            },
+        },
+        "weights key 'transformer.layers.layers.0.0.fn.fn.to_qkv.weight' maps to no models.DALLE weight",
+    ),
+    'missing weight': (
+        lambda o: {**o, 'weights': _without(o['weights'], 'to_logits.1.bias')},
+        'lack the DALLE-pytorch counterpart of to_logits.bias',
+    ),
+    'grid of another size': (
+        lambda o: {
+            **o,
+            'weights': {**o['weights'], 'image_pos_emb.weights_0': torch.zeros(1, 8, 1, 16)},
+        },
+        "weights key 'image_pos_emb.weights_0' has shape (1, 8, 1, 16), expected (1, 4, 1, 16)",
+    ),
+    'rotary': (
+        lambda o: {**o, 'hparams': {**o['hparams'], 'rotary_emb': True}},
+        'hparams rotary_emb=True is not supported',
+    ),
+    'shift_tokens left to its default': (
+        lambda o: {**o, 'hparams': _without(o['hparams'], 'shift_tokens')},
+        'hparams shift_tokens=True is not supported',
+    ),
+    'sparse attention': (
+        lambda o: {**o, 'hparams': {**o['hparams'], 'attn_types': ('full', 'axial_row')}},
+        "attn_types=('full', 'axial_row') is not supported",
+    ),
+    'unknown hparam': (
+        lambda o: {**o, 'hparams': {**o['hparams'], 'ff_mult': 2}},
+        "hparams ['ff_mult'] are not DALLE-pytorch DALLE arguments",
+    ),
+    'other vocabulary': (
+        lambda o: {**o, 'hparams': {**o['hparams'], 'num_text_tokens': 65}},
+        'num_text_tokens=65, but the clip tokenizer',
+    ),
+    'vae normalization off': (
+        lambda o: {**o, 'vae_params': {**o['vae_params'], 'normalization': None}},
+        'normalization=None',
+    ),
+    'vae weight unknown': (
+        lambda o: {**o, 'weights': {**o['weights'], 'vae.extra.weight': torch.zeros(1)}},
+        "its 'vae.' weights do not fit its DiscreteVAE",
+    ),
+    'vqgan without its config': (
+        lambda o: {**o, 'vae_params': None, 'vae_class_name': 'VQGanVAE'},
+        'give its taming model.yaml as --vqgan_config_path',
+    ),
+    'openai vae': (
+        lambda o: {**o, 'vae_params': None, 'vae_class_name': 'OpenAIDiscreteVAE'},
+        "vae_class_name 'OpenAIDiscreteVAE' is not supported",
+    ),
+    'deepspeed placeholder': (
+        lambda o: {
+            **o,
+            'weights': 'To get a working standard checkpoint, look into consolidating DeepSpeed checkpoints.',
+        },
+        "DeepSpeed's placeholder",
+    ),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DP_BAD))
+def test_dalle_pytorch_checkpoint_bad_input_names_the_key(case, tmp_path):
+    change, message = DP_BAD[case]
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        load_dp(change(dalle_pytorch_checkpoint()), tmp_path)
+
+
+def test_dalle_pytorch_optimizer_state_must_fit(tmp_path):
+    obj = dalle_pytorch_checkpoint()
+    read, (dalle, _, _) = load_dp(obj, tmp_path)
+    opt = train_dalle.make_optimizer(dalle.parameters(), 1.0)
+    state = obj['opt_state']
+    short = {**state, 'param_groups': [{**state['param_groups'][0], 'params': list(range(30))}]}
+    with pytest.raises(
+        utils.UserError, match='opt_state has 1 groups of 30 parameters.*one group of 35'
+    ):
+        models.dalle_pytorch_optimizer_state({**read, 'opt_state': short}, dalle, opt, 'dp.pt')
+    assert (
+        models.dalle_pytorch_optimizer_state({**read, 'opt_state': None}, dalle, opt, 'dp.pt')
+        is None
+    )
+
+
+# a VQGAN whose 256 px images make the 16x16 grid DALLE-pytorch's VQGanVAE assumes (its
+# image_size is 256, its num_layers log2(resolution / attn_resolutions[0]))
+DP_VQGAN_YAML = (
+    TINY_VQGAN_YAML.replace('resolution: 16', 'resolution: 256')
+    .replace('ch_mult: [1, 2]', 'ch_mult: [1, 1, 1, 1, 1]')
+    .replace('attn_resolutions: [8]', 'attn_resolutions: [16]')
+)
+
+
+def test_dalle_pytorch_checkpoint_with_its_vqgan(tmp_path):
+    """vae_class_name VQGanVAE: no vae_params; the VQModel's weights under 'vae.model.' (the
+    loss's dropped), its architecture from the config given with --vqgan_config_path."""
+    (tmp_path / 'model.yaml').write_text(DP_VQGAN_YAML)
+    vq = models.VQGAN(*models.read_vqgan_config(str(tmp_path / 'model.yaml')))
+    assert vq.fmap_size == 16 and vq.image_size == 256
+    torch.manual_seed(0)
+    vq_state = {
+        k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in vq.state_dict().items()
+    }
+    layout = []
+    for k, s in dp_layout():
+        if k.startswith('vae.'):
+            continue
+        if k.startswith('image_pos_emb.weights_0'):
+            s = (1, 16, 1, 16)
+        elif k.startswith('image_pos_emb.weights_1'):
+            s = (1, 1, 16, 16)
+        elif k == 'image_emb.weight':
+            s = (16, 16)  # n_embed 16
+        layout.append((k, s))
+    obj = dalle_pytorch_checkpoint(layout=layout, vae_params=None, vae_class_name='VQGanVAE')
+    obj['weights'].update({f'vae.model.{k}': v for k, v in vq_state.items()})
+    obj['weights']['vae.model.loss.discriminator.main.0.weight'] = torch.zeros(64, 3, 4, 4)
+    obj['weights']['vae.model.loss.perceptual_loss.scaling_layer.shift'] = torch.zeros(1, 3, 1, 1)
+    _, (dalle, vae, _) = load_dp(obj, tmp_path, vqgan_config_path=str(tmp_path / 'model.yaml'))
+    assert isinstance(vae, models.VQGAN) and dalle.image_seq_len == 256
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in vq_state.items())
+    # a VQGAN of another grid than the DALLE's: one line naming the position weights
+    (tmp_path / 'small.yaml').write_text(TINY_VQGAN_YAML)
+    small = models.VQGAN(*models.read_vqgan_config(str(tmp_path / 'small.yaml'))).state_dict()
+    obj['weights'] = {k: v for k, v in obj['weights'].items() if not k.startswith('vae.model.')}
+    obj['weights'].update({f'vae.model.{k}': v for k, v in small.items()})
+    with pytest.raises(
+        utils.UserError,
+        match=r"image_pos_emb.weights_0' has shape \(1, 16, 1, 16\), expected \(1, 8, 1, 16\)",
+    ):
+        load_dp(obj, tmp_path, vqgan_config_path=str(tmp_path / 'small.yaml'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1067,6 +1348,7 @@ def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
         [
             '--image_text_folder',
             data,
+            '--taming',
             '--vqgan_model_path',
             ckpt,
             '--vqgan_config_path',
@@ -1095,6 +1377,100 @@ def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
             train_dalle,
             ['--image_text_folder', data, '--vqgan_model_path', ckpt, '--out', tmp_path / 'x'],
         )
+    assert ck['cfg']['TAMING'] is True
+    # --taming without the files: DALLE-pytorch would download the ImageNet VQGAN; one line here
+    with pytest.raises(utils.UserError, match='--taming: give the VQGAN as --vqgan_model_path'):
+        run_script(train_dalle, ['--image_text_folder', data, '--taming', '--out', tmp_path / 'y'])
+    with pytest.raises(utils.UserError, match='--taming: give the VQGAN as'):
+        run_script(
+            train_dalle,
+            [
+                '--image_text_folder',
+                data,
+                '--taming',
+                '--vqgan_config_path',
+                cfg,
+                '--out',
+                tmp_path / 'z',
+            ],
+        )
+
+
+@pytest.mark.slow
+def test_train_dalle_resumes_a_dalle_pytorch_checkpoint_and_dalle_gen_samples_it(
+    tiny_shapes, tmp_path
+):
+    """--dalle_path dalle.pt of DALLE-pytorch: the epoch it saved is redone from its start, Adam
+    goes on from its two steps; dalle_gen.py samples the same file; a bad one is one line."""
+    dalle_pytorch_checkpoint(tmp_path / 'dalle.pt')
+    bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
+    data = os.path.join(tiny_shapes, 'test.jsonl')  # 200 captions of 20 images
+    common = ['--bpe_path', bpe, '--text_seq_len', 8, '--truncate_captions', '--batch_size', 8]
+    common += [
+        '--set',
+        'WORKERS=0',
+        '--set',
+        'TRAIN.SAMPLE_EVERY=0',
+        '--set',
+        'TRAIN.NUM_SAMPLES=2',
+    ]
+    m = run_script(
+        train_dalle,
+        ['--image_text_folder', data, '--dalle_path', tmp_path / 'dalle.pt', '--epochs', 5]
+        + common
+        + ['--out', tmp_path / 'run'],
+    )
+    steps = len(utils.read_pairs(data)) // 8
+    assert m['train_steps'] == 5 * steps  # epochs 3 and 4 run, counted from epoch 3's start
+    ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
+    assert ck['epoch'] == 5 and ck['extra']['tokenizer'] == {
+        'kind': 'clip',
+        'path': bpe,
+        'shift': 0,
+    }
+    adam_steps = {float(s['step']) for s in ck['optimizers']['opt']['state'].values()}
+    assert adam_steps == {2.0 + 2 * steps}  # DALLE-pytorch's 2 steps, then ours
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'resuming DALLE-pytorch 1.6.6 checkpoint' in log and 'epoch 3 redone' in log
+    run_script(
+        dalle_gen,
+        [
+            'a red circle.',
+            3,
+            tmp_path / 'gen',
+            '--dalle_path',
+            tmp_path / 'dalle.pt',
+            '--bpe_path',
+            bpe,
+        ],
+    )
+    assert {'0.png', '1.png', '2.png', 'grid.png'} <= set(os.listdir(tmp_path / 'gen'))
+    # one line naming the file and the key, non-zero exit
+    bad = dalle_pytorch_checkpoint()
+    bad['weights']['transformer.layers.layers.0.0.fn.fn.to_qkv.weight'] = torch.zeros(48, 16)
+    torch.save(bad, tmp_path / 'bad.pt')
+    for argv in (
+        ['dalle_gen.py', 'a red circle.', 2, tmp_path / 'g2', '--dalle_path', tmp_path / 'bad.pt'],
+        [
+            'train_dalle.py',
+            '--image_text_folder',
+            data,
+            '--dalle_path',
+            tmp_path / 'bad.pt',
+            '--out',
+            tmp_path / 'r2',
+        ],
+    ):
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, argv[0]), *map(str, argv[1:]), '--bpe_path', bpe],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+        assert last.startswith('error: ') and 'bad.pt' in last, last
+        assert "'transformer.layers.layers.0.0.fn.fn.to_qkv.weight' maps to no" in last, last
 
 
 # ----------------------------------------------------------------------------------------------

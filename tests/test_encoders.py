@@ -5,6 +5,8 @@ step of every cfg on fixture data, resume, and 2-process DDP against one process
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -666,6 +668,321 @@ def test_bad_cfg_values_are_one_line_errors(fixture_data, tmp_path):
             fixture_data,
             'MODEL.FINETUNE=[text_model.nothing]',
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# open_clip's checkpoints both ways (clip family)
+# ----------------------------------------------------------------------------------------------
+def clip_dual(
+    vision, patch, vocab, ctx, embed, width, image, text_width, heads, layers, head_width=64
+):
+    """pretrain_DAMSM.py's DualEncoder of the clip family at these open_clip sizes ('words'
+    tokenizer: <eot> is the largest id, where open_clip's argmax pooling looks)."""
+    tok = models.tokenizer_spec('words', ctx, words=['<end>'] + [f'w{i}' for i in range(vocab - 3)])
+    text = {
+        'family': 'clip',
+        'dim': embed,
+        'tokenizer': tok,
+        'width': text_width,
+        'heads': heads,
+        'layers': layers,
+        'keep_special': False,
+    }
+    image_spec = {
+        'family': 'clip',
+        'dim': embed,
+        'image_size': image,
+        'layers': vision,
+        'width': width,
+        'head_width': head_width,
+        'patch_size': patch,
+    }
+    return pretrain_DAMSM.DualEncoder(
+        models.build_text_encoder(text), models.build_image_encoder(image_spec), True
+    )
+
+
+def test_open_clip_layout_is_open_clips_rn50():
+    with torch.device('meta'):
+        rn50 = clip_dual([3, 4, 6, 3], 0, 49408, 77, 1024, 64, 224, 512, 8, 12)
+    oc = models.to_open_clip_state_dict(rn50.state_dict())
+    with open(os.path.join(ROOT, 'tests', 'data', 'open_clip_rn50_keys.txt')) as f:
+        expected = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+    assert [f'{k} {tuple(v.shape)}' for k, v in oc.items()] == expected
+    no_decay, decay = models.open_clip_param_groups(oc)
+    assert {
+        'logit_scale',
+        'visual.bn1.weight',
+        'ln_final.bias',
+        'visual.attnpool.c_proj.bias',
+    } <= set(no_decay)
+    assert {
+        'text_projection',
+        'positional_embedding',
+        'visual.attnpool.positional_embedding',
+    } <= set(decay)
+    assert len(no_decay) + len(decay) == sum(1 for _ in rn50.parameters())
+
+
+SMALL_CLIP = {  # vision layers, patch size, vocab, context, embed, width, image, text width, heads, layers, head width
+    'resnet': ([1, 1, 1, 1], 0, 30, 12, 32, 8, 64, 32, 2, 2, 64),
+    'vit': ([2], 16, 30, 12, 32, 64, 64, 32, 2, 2, 32),
+}
+
+
+def _small_clip(vision, seed):
+    torch.manual_seed(seed)
+    m = clip_dual(*SMALL_CLIP[vision])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _clip_cfg():
+    d = pretrain_DAMSM.DEFAULTS
+    return utils.to_cfg(
+        {
+            **d,
+            'MODEL': {**d['MODEL'], 'FAMILY': 'clip'},
+            'TRAIN': {
+                **d['TRAIN'],
+                'OPTIMIZER': 'adamw',
+                'WEIGHT_DECAY': 0.1,
+                'BETAS': [0.9, 0.999],
+            },
+        }
+    )
+
+
+def _clip_step(model, opt):
+    x = torch.linspace(-1, 1, 2 * 3 * 64 * 64).reshape(2, 3, 64, 64)
+    ids, lengths = model.text.tokenizer(['w1 w5 w7', 'w3 w2'])
+    _, glob, _, sent, _ = model(x, ids, lengths, regions=False)
+    loss = models.clip_loss(glob, sent, model.logit_scale.exp())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize('vision', sorted(SMALL_CLIP))
+@pytest.mark.parametrize('ddp', [False, True])
+def test_open_clip_round_trip_gives_identical_outputs(vision, ddp, tmp_path):
+    """ours -> open_clip's epoch_N.pt (torch.save, weights_only read) -> a fresh model: the same
+    features, the same AdamW moments, so the same next step."""
+    cfg = _clip_cfg()
+    ours = _small_clip(vision, 0)
+    opt = pretrain_DAMSM.build_optimizer(ours, cfg)
+    _clip_step(ours, opt)
+    torch.save(
+        models.to_open_clip_checkpoint(ours, opt, 3, 'run', ddp=ddp), tmp_path / 'epoch_3.pt'
+    )
+    read = utils.load_weights(str(tmp_path / 'epoch_3.pt'))
+    assert set(read) == {'epoch', 'name', 'state_dict', 'optimizer'} and read['epoch'] == 3
+    assert models.is_open_clip_checkpoint(read)
+    assert all(k.startswith('module.') == ddp for k in read['state_dict'])
+    no_decay, decay = models.open_clip_param_groups(
+        models.to_open_clip_state_dict(ours.state_dict())
+    )
+    groups = read['optimizer']['param_groups']
+    assert [len(g['params']) for g in groups] == [len(no_decay), len(decay)]
+    assert [g['weight_decay'] for g in groups] == [0.0, 0.1]
+    back = _small_clip(vision, 1)
+    assert not torch.equal(back.text.token_embedding.weight, ours.text.token_embedding.weight)
+    back.load_state_dict(
+        models.from_open_clip_state_dict(read['state_dict'], back.state_dict(), 'p')
+    )
+    back_opt = pretrain_DAMSM.build_optimizer(back, cfg)
+    back_opt.load_state_dict(
+        models.open_clip_optimizer_state(read['optimizer'], back, back_opt, 'p')
+    )
+    ours.eval(), back.eval()
+    x = torch.rand(3, 3, 48, 48) * 2 - 1
+    texts = ['w1 w2', 'w9 w3 w4 w5', 'w20']
+    with torch.no_grad():
+        for a, b in zip(
+            ours.image.encode(x) + ours.text.encode(texts),
+            back.image.encode(x) + back.text.encode(texts),
+        ):
+            assert torch.equal(a, b)
+    assert torch.equal(ours.logit_scale, back.logit_scale)
+    ours.train(), back.train()
+    _clip_step(ours, opt)
+    _clip_step(back, back_opt)
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values())
+    )
+
+
+def _open_clip_twin(vision):
+    """open_clip's own CLIP (open_clip_torch, requirements-dev.txt) at SMALL_CLIP's sizes."""
+    open_clip = pytest.importorskip('open_clip')
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    layers, patch, vocab, ctx, embed, width, image, tw, heads, tl, hw = SMALL_CLIP[vision]
+    vcfg = CLIPVisionCfg(
+        layers=layers if not patch else layers[0],
+        width=width,
+        image_size=image,
+        patch_size=patch or 16,
+        head_width=hw,
+    )
+    tcfg = CLIPTextCfg(context_length=ctx, vocab_size=vocab, width=tw, heads=heads, layers=tl)
+    return open_clip, open_clip.CLIP(embed, vcfg, tcfg)
+
+
+def _open_clip_adamw(model, lr=1e-3, wd=0.1):
+    """open_clip_train main.py's AdamW: gains, biases, logit_scale without weight decay first."""
+    named = list(model.named_parameters())
+    excluded = [p for n, p in named if p.ndim < 2 or models.open_clip_is_excluded(n)]
+    rest = [p for n, p in named if not (p.ndim < 2 or models.open_clip_is_excluded(n))]
+    return torch.optim.AdamW(
+        [{'params': excluded, 'weight_decay': 0.0}, {'params': rest, 'weight_decay': wd}],
+        lr=lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
+
+
+@pytest.mark.parametrize('vision', sorted(SMALL_CLIP))
+def test_open_clip_itself_reads_our_checkpoint_and_we_read_its(vision, tmp_path):
+    """Against open_clip 3.3.0: its load_checkpoint and its AdamW take our epoch_N.pt (single
+    process and DDP's 'module.'), and compute our features; its own checkpoint, saved as
+    open_clip_train does after a step, gives its features and moments here."""
+    open_clip, oc = _open_clip_twin(vision)
+    ours = _small_clip(vision, 0)
+    opt = pretrain_DAMSM.build_optimizer(ours, _clip_cfg())
+    _clip_step(ours, opt)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    pixels = models._prepare(x, 64, models.CLIP_MEAN, models.CLIP_STD)
+    ids, lengths = ours.text.tokenizer(['w1 w5 w7', 'w3'])
+    for ddp in (False, True):
+        torch.save(models.to_open_clip_checkpoint(ours, opt, 1, 'run', ddp=ddp), tmp_path / 'e.pt')
+        open_clip.load_checkpoint(oc, str(tmp_path / 'e.pt'))  # strict
+        oc_opt = _open_clip_adamw(oc)
+        oc_opt.load_state_dict(torch.load(tmp_path / 'e.pt', weights_only=True)['optimizer'])
+    ours.eval(), oc.eval()
+    with torch.no_grad():
+        assert torch.allclose(oc.encode_image(pixels), ours.image(x, regions=False)[1], atol=1e-5)
+        assert torch.allclose(oc.encode_text(ids), ours.text(ids, lengths)[1], atol=1e-5)
+    # the other way: open_clip trains a step and saves as its main.py does
+    torch.manual_seed(3)
+    _, oc = _open_clip_twin(vision)
+    oc_opt = _open_clip_adamw(oc)
+    img, txt, scale = oc(pixels, ids)
+    models.clip_loss(img, txt, scale).backward()
+    oc_opt.step()
+    ckpt = {
+        'epoch': 1,
+        'name': 'oc',
+        'state_dict': oc.state_dict(),
+        'optimizer': oc_opt.state_dict(),
+    }
+    torch.save(ckpt, tmp_path / 'epoch_1.pt')
+    read = utils.load_weights(str(tmp_path / 'epoch_1.pt'))
+    back = _small_clip(vision, 1)
+    back.load_state_dict(
+        models.from_open_clip_state_dict(read['state_dict'], back.state_dict(), 'p')
+    )
+    back_opt = pretrain_DAMSM.build_optimizer(back, _clip_cfg())
+    back_opt.load_state_dict(
+        models.open_clip_optimizer_state(read['optimizer'], back, back_opt, 'p')
+    )
+    oc.eval(), back.eval()
+    with torch.no_grad():
+        assert torch.allclose(oc.encode_image(pixels), back.image(x, regions=False)[1], atol=1e-5)
+        assert torch.allclose(oc.encode_text(ids), back.text(ids, lengths)[1], atol=1e-5)
+    oc_params = dict(oc.named_parameters())
+    for name, p in back.named_parameters():
+        theirs = oc_params[models.open_clip_key(name)]
+        assert torch.equal(back_opt.state[p]['exp_avg'], oc_opt.state[theirs]['exp_avg'])
+
+
+def test_open_clip_bad_checkpoint_names_the_key(tmp_path):
+    ours = _small_clip('resnet', 0)
+    sd = models.to_open_clip_state_dict(ours.state_dict())
+    target = ours.state_dict()
+    bad = {
+        "state_dict key 'visual.attnpool.extra.weight' maps to nothing": {
+            **sd,
+            'visual.attnpool.extra.weight': torch.zeros(1),
+        },
+        "state_dict key 'token_embedding.weight' has shape (31, 32)": {
+            **sd,
+            'token_embedding.weight': torch.zeros(31, 32),
+        },
+        "state_dict lacks 'ln_final.bias'": {k: v for k, v in sd.items() if k != 'ln_final.bias'},
+    }
+    for message, state in bad.items():
+        with pytest.raises(utils.UserError, match=re.escape(f'p: {message}')):
+            models.from_open_clip_state_dict(state, target, 'p')
+    opt = pretrain_DAMSM.build_optimizer(ours, _clip_cfg())
+    saved = models.to_open_clip_checkpoint(ours, opt, 1, 'run')['optimizer']
+    one = {**saved, 'param_groups': [{**saved['param_groups'][1], 'params': list(range(40))}]}
+    with pytest.raises(utils.UserError, match=r'optimizer groups of \[40\] parameters'):
+        models.open_clip_optimizer_state(one, ours, opt, 'p')
+
+
+@pytest.mark.slow
+def test_pretrain_writes_and_resumes_open_clip_checkpoints(fixture_data, tmp_path):
+    """TRAIN.OPEN_CLIP_CHECKPOINT writes epoch_1.pt beside text_encoder1.pth; --resume takes it
+    (AdamW goes on from its steps); a broken one is one line naming the file and the key."""
+    cfg = os.path.join(ROOT, 'cfg', 'clip_shapes.yml')
+    m = run_script(cfg, tmp_path / 'a', fixture_data, 'TRAIN.OPEN_CLIP_CHECKPOINT=true')
+    path = tmp_path / 'a' / 'checkpoints' / 'epoch_1.pt'
+    oc = utils.load_weights(str(path))
+    assert oc['epoch'] == 1 and oc['name'] == 'clip_shapes'
+    ours = utils.load_checkpoint(str(tmp_path / 'a' / 'checkpoints' / f"damsm_{m['step']:08d}.pt"))
+    assert list(oc['state_dict']) == list(models.to_open_clip_state_dict(ours['models']['model']))
+    theirs = models.to_open_clip_state_dict(ours['models']['model'])
+    assert all(torch.equal(oc['state_dict'][k], v) for k, v in theirs.items())
+    m2 = run_script(cfg, tmp_path / 'b', fixture_data, 'TRAIN.MAX_EPOCH=2', resume=str(path))
+    assert m2['epoch'] == 2 and m2['step'] == 2 * m['step']
+    assert 'resuming open_clip checkpoint' in (tmp_path / 'b' / 'log.txt').read_text()
+    later = utils.load_checkpoint(
+        str(tmp_path / 'b' / 'checkpoints' / f"damsm_{m2['step']:08d}.pt")
+    )
+    assert {float(s['step']) for s in later['optimizers']['opt']['state'].values()} == {
+        2.0 * m['step']
+    }
+    oc['state_dict']['visual.layer1.0.extra.weight'] = torch.zeros(1)
+    torch.save(oc, tmp_path / 'bad.pt')
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'pretrain_DAMSM.py'),
+            '--cfg',
+            cfg,
+            '--out',
+            str(tmp_path / 'c'),
+            '--set',
+            f'DATA.TRAIN_CSV={fixture_data}/train.csv',
+            '--set',
+            f'DATA.VAL_CSV={fixture_data}/test.csv',
+            '--set',
+            'EVAL.R_NEG=2',
+            '--set',
+            'TRAIN.BATCH_SIZE=8',
+            '--set',
+            'EVAL.NUM=6',
+            '--set',
+            'WORKERS=0',
+            '--resume',
+            str(tmp_path / 'bad.pt'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr
+    assert (
+        last.startswith('error: ') and 'bad.pt' in last and "'visual.layer1.0.extra.weight'" in last
+    ), last
 
 
 # ----------------------------------------------------------------------------------------------
