@@ -6,7 +6,6 @@ import collections
 import hashlib
 import math
 import json
-import math
 import os
 import re
 import shutil
