@@ -1,6 +1,6 @@
 """What of a caption a text encoder passes on: probes of its sentence features on the shapes data.
 
-    python bench/probe_encoder.py output/clip_shapes/checkpoints/text_encoder1.pth [more ...]
+    python bench/probe_encoder.py output/clip_shapes/checkpoints/text_encoder3.pth [more ...]
 
 For each encoder (a text_encoder<N>.pth of pretrain_DAMSM.py, its image encoder beside it), on the
 captions of single-object images: a linear classifier trained on the sentence features of 2,000

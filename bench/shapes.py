@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEMS = {
     'dmgan_clip': dict(
         prep=['pretrain_DAMSM.py', '--cfg', 'cfg/clip_shapes.yml'],
-        needs='output/clip_shapes/checkpoints/text_encoder1.pth',
+        needs='output/clip_shapes/checkpoints/text_encoder3.pth',
         train=['main.py', '--cfg', 'cfg/shapes_DMGAN.yml'],
         eval='cfg/eval_shapes_DMGAN.yml',
         encoder_run='output/clip_shapes',
