@@ -101,6 +101,11 @@ CASES = {
         ['train_vae.py', '--image_folder', '{data}', '--out', '{in}/a_file/run'],
         ['a_file/run', 'cannot write'],
     ),
+    # sysfs refuses new entries even to root, for whom a chmod 0o555 folder stays writable
+    'output dir not writable': (
+        ['train_vae.py', '--image_folder', '{data}', '--out', '/sys/t2i-run'],
+        ['/sys/t2i-run', 'cannot write'],
+    ),
 }
 
 
