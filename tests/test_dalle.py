@@ -395,6 +395,60 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shap
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_vae_holdout_judge_scores_are_the_shared_judge_accuracy(tiny_shapes, tmp_path):
+    """train_vae's judge_* of originals, reconstructions and token averages are the values
+    utils.judge_accuracy gives those images (the scoring every generator's images get)."""
+    torch.manual_seed(2)
+    judge = models.ShapesJudge(width=4, cell_dim=4, image_size=32)
+    for m in judge.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(0.01)  # a random judge whose verdicts vary with the image
+    utils.save_checkpoint(
+        str(tmp_path),
+        'judge',
+        0,
+        {'judge': judge},
+        name='judge_final.pt',
+        extra={
+            'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
+            'attributes': utils.caption_attributes(tiny_shapes),
+        },
+    )
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(**DP_VAE_HPARAMS)
+    cfg = utils.to_cfg({**utils.COMMON_DEFAULTS, **train_vae.DEFAULTS})
+    cfg.MODEL.IMAGE_SIZE = 16
+    cfg.EVAL.HOLDOUT, cfg.EVAL.JUDGE = f'{tiny_shapes}/test.jsonl', str(tmp_path)
+    m = train_vae.evaluate(cfg, vae, torch.device('cpu'), utils.get_logger(None, 'vae'))
+    # the reference: the judge called directly on the same three sets of images
+    paths = train_vae.holdout_paths(cfg.EVAL.HOLDOUT)
+    ds = utils.PairDataset([(p, '') for p in paths], train_vae.image_transform(16))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        recon = vae.decode(vae.get_codebook_indices(x)).clamp(-1, 1)
+    grid = F.interpolate(
+        F.interpolate(x, size=vae.fmap_size, mode='area'),
+        size=16,
+        mode='bilinear',
+        align_corners=False,
+    )
+    j, keys = models.load_judge(str(tmp_path)), [utils.shapes_key(p) for p in paths]
+    ref = {
+        name: utils.judge_accuracy(j, images, keys)
+        for name, images in (('original', x), ('recon', recon), ('token_average', grid))
+    }
+    for name, acc in ref.items():
+        for k, v in acc.items():
+            assert m[f'judge_{name}_{k}'] == v, (name, k)
+            if name != 'original':
+                assert m[f'judge_{name}_ratio_{k}'] == v / max(ref['original'][k], 1e-8)
+    assert len([k for k in m if k.startswith('judge_')]) == 5 * len(ref['original']) + 1
+    assert len({m[f'judge_{n}_colour'] for n in ref}) > 1  # the three sets score differently
+    protocol = m['judge_protocol']
+    assert protocol['num_images'] == len(paths) == 20 and protocol['split'] == cfg.EVAL.HOLDOUT
+    assert protocol['weights']['judge']['path'] == j.weights_path
+
+
 def test_vae_temperature_compounds_at_log_points_as_dalle_pytorch():
     """DALLE-pytorch train_vae.py: temp = max(temp * exp(-anneal_rate * global_step), temp_min) at
     every log point; the closed form equals that loop at every step."""
