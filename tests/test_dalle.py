@@ -6,23 +6,20 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from conftest import ROOT, run_in_process, write_clip_bpe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import clip_sort  # noqa: E402
-import dalle_gen  # noqa: E402
-import models  # noqa: E402
-import preprocess_data  # noqa: E402
-import train_dalle  # noqa: E402
-import train_vae  # noqa: E402
-import utils  # noqa: E402
+import clip_sort
+import dalle_gen
+import models
+import preprocess_data
+import train_dalle
+import train_vae
+import utils
 
 # DALLE-pytorch 1.6.6 DiscreteVAE(image_size=16, num_layers=2, num_tokens=16, codebook_dim=8,
 # hidden_dim=8, num_resnet_blocks=1).state_dict(), keys and shapes read off the package.
@@ -75,13 +72,7 @@ TINY_VQGAN_YAML = """model:
 
 def run_script(module, argv):
     """module.main() with argv, in this process; returns the run's metrics.json."""
-    old = sys.argv
-    sys.argv = [module.__name__ + '.py'] + [str(a) for a in argv]
-    try:
-        module.main()
-    finally:
-        sys.argv = old
-        utils.cleanup_distributed()
+    run_in_process(module, argv)
     out = argv[argv.index('--out') + 1] if '--out' in argv else None
     if out is None:
         return None
@@ -969,25 +960,10 @@ def test_train_dalle_chinese_tokenizer(tiny_shapes, tiny_vae, tmp_path):
     assert ck['extra']['hparams']['num_text_tokens'] == tok.vocab_size
 
 
-def tiny_clip_bpe_dir(path):
-    """A CLIP BPE tokenizer (a small alphabet + a few merges) as vocab.json/merges.txt, CLIP's files."""
-    alphabet = [chr(c) for c in range(ord('a'), ord('z') + 1)] + ['.', ',', ';']
-    vocab = {ch: i for i, ch in enumerate(alphabet + [ch + '</w>' for ch in alphabet])}
-    merges = [('r', 'e'), ('re', 'd</w>'), ('c', 'i'), ('ci', 'r')]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab['<|startoftext|>'], vocab['<|endoftext|>'] = len(vocab), len(vocab) + 1
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, 'vocab.json'), 'w') as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, 'merges.txt'), 'w') as f:
-        f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-    return str(path)
-
-
 @pytest.mark.slow
 def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
-    bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
+    bpe = str(tmp_path / 'bpe')
+    write_clip_bpe(bpe)
     tok = utils.DalleTokenizer({'kind': 'clip', 'path': bpe})
     ids = tok.encode('a red circle.')
     assert 0 not in ids and min(ids) >= 1 and len(ids) < len('a red circle.')  # shifted, merged
@@ -1053,7 +1029,8 @@ def _tiny_vision():
 def test_clip_sort_transformers_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    bpe = tiny_clip_bpe_dir(tmp_path / 'clip')
+    bpe = str(tmp_path / 'clip')
+    write_clip_bpe(bpe)
     tok = CLIPTokenizer.from_pretrained(bpe)
     cfg = CLIPConfig(
         text_config=dict(
@@ -1131,43 +1108,6 @@ def test_clip_sort_transformers_chinese_clip(tmp_path):
         run_script(clip_sort, ['红色的圆', 4, tmp_path / 'g', '--clip_model', d])
     with pytest.raises(utils.UserError, match='not both'):
         run_script(clip_sort, ['红色的圆', 3, tmp_path / 'g', '--clip_model', d, '--clip_path', d])
-
-
-@pytest.fixture(scope='module')
-def tiny_encoder(tmp_path_factory, tiny_shapes):
-    """A random-init CLIP-family encoder pair saved as pretrain_DAMSM.py saves them."""
-    import pretrain_DAMSM
-
-    torch.manual_seed(0)
-    data = utils.AttnGANData(tiny_shapes, 10)
-    words = [data.ixtoword[i] for i in range(1, len(data.ixtoword))]
-    tok = models.tokenizer_spec('words', 30, words=words)
-    text = models.build_text_encoder(
-        {
-            'family': 'clip',
-            'dim': 16,
-            'tokenizer': tok,
-            'width': 16,
-            'heads': 2,
-            'layers': 1,
-            'keep_special': False,
-        }
-    )
-    image = models.build_image_encoder(
-        {
-            'family': 'clip',
-            'dim': 16,
-            'image_size': 32,
-            'layers': [1],
-            'width': 16,
-            'head_width': 8,
-            'patch_size': 8,
-        }
-    )
-    out = tmp_path_factory.mktemp('enc')
-    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
-    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
-    return str(out / 'checkpoints' / 'text_encoder1.pth')
 
 
 # ----------------------------------------------------------------------------------------------
