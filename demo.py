@@ -44,8 +44,13 @@ class Step:
 def steps(out, scale):
     """The pipeline up to the XMC-GAN evaluation; the DALLE steps follow (dalle_steps), as they
     sample the captions that evaluation chose for the sample grid."""
-    n = lambda key: max(1, round(LENGTH[key] * scale))  # noqa: E731
-    d = lambda *p: os.path.join(out, *p)  # noqa: E731
+
+    def n(key):
+        return max(1, round(LENGTH[key] * scale))
+
+    def d(*p):
+        return os.path.join(out, *p)
+
     enc = d('clip', 'checkpoints', f"text_encoder{n('clip_epochs')}.pth")
     return [
         Step(
@@ -296,7 +301,10 @@ def grid_captions(out):
 def dalle_steps(out, encoder):
     """dalle_gen.py and clip_sort.py on the grid's captions, all in one call each ('|'-separated
     captions; caption i in dalle_gen/<i>)."""
-    d = lambda *p: os.path.join(out, *p)  # noqa: E731
+
+    def d(*p):
+        return os.path.join(out, *p)
+
     rows = grid_captions(out)
     text, path = ' | '.join(r['caption'] for r in rows), d('dalle_gen')
     return [
@@ -465,8 +473,13 @@ def write_report(out, times, scale, total_s):
         load(os.path.join(out, 'vae', 'metrics.json')),
         load(os.path.join(out, 'dalle', 'metrics.json')),
     )
-    f = lambda v: '–' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v))  # noqa: E731
-    t = lambda *names: f'{sum(times.get(n, 0) for n in names):.0f} s'  # noqa: E731
+
+    def f(v):
+        return '–' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v))
+
+    def t(*names):
+        return f'{sum(times.get(n, 0) for n in names):.0f} s'
+
     head = [
         'system',
         'R-precision',

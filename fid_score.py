@@ -118,7 +118,10 @@ def train_judge(args):
         step, epoch = utils.restore_checkpoint(
             ckpt, {'judge': judge}, {'opt': opt}, {'sched': sched}
         )
-    test_batches = lambda: (utils.to_judge(x, dev) for x in torch.split(x_te, 250))  # noqa: E731
+
+    def test_batches():
+        return (utils.to_judge(x, dev) for x in torch.split(x_te, 250))
+
     while epoch < cfg.TRAIN.EPOCHS:
         judge.train()
         perm = torch.randperm(len(x_tr))

@@ -9,6 +9,7 @@
 import copy
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -626,7 +627,9 @@ def chosen_model(args):
 
 def main():
     parser = utils.base_parser(__doc__.splitlines()[0])
-    args = parser.parse_known_args()[0]
+    # --help is left to the chosen trainer's parser, so it lists that trainer's own flags
+    argv = [a for a in sys.argv[1:] if a not in ('-h', '--help')]
+    args = parser.parse_known_args(argv)[0]
     model = chosen_model(args)
     if model == 'XMCGAN':  # its own defaults and flags (xmc_gan.py)
         import xmc_gan

@@ -883,7 +883,10 @@ class AttentionPool2d(nn.Module):
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([x.mean(1, keepdim=True), x], 1) + self.positional_embedding
-        heads = lambda t: t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
+
+        def heads(t):
+            return t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+
         v = self.v_proj(x)
         a = F.scaled_dot_product_attention(
             heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(v)

@@ -214,7 +214,11 @@ def captions(scene, n, rng):
     """n distinct captions naming every object's size, colour and shape, its position
     (one object) or the relation between the two, in varied wording and word order."""
     objs, bg = scene['objects'], scene['background']
-    w = lambda k: rng.choice(SYN.get(k, [k]))  # noqa: E731 (a synonym)
+
+    def w(k):
+        """A synonym of k."""
+        return rng.choice(SYN.get(k, [k]))
+
     out, tries = [], 0
     while len(out) < n and tries < 500:
         tries += 1
@@ -336,7 +340,10 @@ def make_shapes(c, log):
 def write_views(root, split, items):
     """The same images as an open_clip CSV (tab, filepath/title), DALLE jsonl lines
     and a COCO-style captions json; image paths relative to each file's folder."""
-    rel = lambda k: os.path.join('CUB_200_2011', 'images', k + '.jpg')  # noqa: E731
+
+    def rel(k):
+        return os.path.join('CUB_200_2011', 'images', k + '.jpg')
+
     with open(os.path.join(root, f'{split}.csv'), 'w') as f:
         f.write('filepath\ttitle\n')
         f.writelines(f'{rel(k)}\t{cap}\n' for k, _, caps in items for cap in caps)

@@ -444,7 +444,10 @@ def param_groups(model, cfg):
     train_cfg = cfg.TRAIN
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.MODEL.FAMILY == 'clip_hf':
-        is_backbone = lambda n: n.startswith(('text.model.', 'image.model.'))  # noqa: E731
+
+        def is_backbone(n):
+            return n.startswith(('text.model.', 'image.model.'))
+
         groups = [
             ('backbone', train_cfg.BACKBONE_LR, [(n, p) for n, p in named if is_backbone(n)]),
             ('head', train_cfg.LINEAR_LR, [(n, p) for n, p in named if not is_backbone(n)]),
@@ -476,7 +479,10 @@ def build_optimizer(model, cfg):
 def one_cycle(i, total, pct, div, final_div):
     """torch's OneCycleLR (cos, two phases) at step i, as a fraction of max_lr."""
     up, end = pct * total - 1, total - 1
-    cos = lambda a, b, t: b + (a - b) / 2 * (1 + math.cos(math.pi * t))  # noqa: E731
+
+    def cos(a, b, t):
+        return b + (a - b) / 2 * (1 + math.cos(math.pi * t))
+
     if 0 < up and i <= up:
         return cos(1 / div, 1.0, i / up)
     return cos(1.0, 1 / div / final_div, min(1.0, (i - up) / (end - up)))

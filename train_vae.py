@@ -455,7 +455,8 @@ def log_reconstructions(run, vae, images, recon, n, step):
 def evaluate(cfg, vae, dev, log, run=None):
     """MSE of hard reconstructions in [-1, 1] and codebook usage on the held-out images; with
     EVAL.JUDGE, the shapes judge's colour/shape accuracy on originals and reconstructions, and on
-    the originals averaged over each token's pixels (what one colour per token keeps)."""
+    the originals averaged over each token's pixels (what one colour per token keeps), scored by
+    utils.evaluate_generator as every generator's images are; judge_protocol names the judge file."""
     paths = holdout_paths(cfg.EVAL.HOLDOUT)[: cfg.EVAL.MAX_IMAGES]
     if not paths:
         raise utils.UserError(f"EVAL.HOLDOUT={cfg.EVAL.HOLDOUT}: no images")
@@ -492,28 +493,37 @@ def evaluate(cfg, vae, dev, log, run=None):
             mode='bilinear',
             align_corners=False,
         )
-        out.update(
-            judge_scores(
-                cfg.EVAL.JUDGE, paths, originals, {'recon': recons, 'token_average': grid}, dev
+        judge = models.load_judge(cfg.EVAL.JUDGE, dev)
+        records = [{'key': utils.shapes_key(p), 'index': i} for i, p in enumerate(paths)]
+
+        def score(images):
+            """The judge on images[i] for record i, as every generator's images are scored."""
+            res = utils.evaluate_generator(
+                lambda batch: images[[r['index'] for r in batch]],
+                [dict(r) for r in records],  # JudgeAccuracy writes its verdicts into them
+                [utils.JudgeAccuracy(judge, store='float')],
+                64,
+                cfg.EVAL.HOLDOUT,
+                cfg.SEED,
+                {'judge': judge.weights_path},
+                image_size,
             )
-        )
+            return res.pop('protocol'), {k[len('judge_') :]: v for k, v in res.items()}
+
+        out['judge_protocol'], orig = score(originals)
+        out.update({f'judge_original_{k}': v for k, v in orig.items()})
+        for name, images in (('recon', recons), ('token_average', grid)):
+            acc = score(images)[1]
+            out.update({f'judge_{name}_{k}': v for k, v in acc.items()})
+            # the share of the originals' accuracy that survives tokenisation
+            out.update({f'judge_{name}_ratio_{k}': acc[k] / max(orig[k], 1e-8) for k in orig})
     log.info(
-        ' | '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in out.items())
+        ' | '.join(
+            f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}'
+            for k, v in out.items()
+            if not isinstance(v, dict)
+        )
     )
-    return out
-
-
-def judge_scores(judge_path, paths, originals, others, dev):
-    """The shapes judge on originals and on each {name: images} of the same
-    images: judge_original_*, judge_<name>_* and judge_<name>_ratio_* (share of the originals')."""
-    judge = models.load_judge(judge_path, dev)
-    keys = [utils.shapes_key(p) for p in paths]
-    orig = utils.judge_accuracy(judge, originals, keys)
-    out = {f'judge_original_{k}': v for k, v in orig.items()}
-    for name, images in others.items():
-        acc = utils.judge_accuracy(judge, images, keys)
-        out.update({f'judge_{name}_{k}': v for k, v in acc.items()})
-        out.update({f'judge_{name}_ratio_{k}': acc[k] / max(orig[k], 1e-8) for k in orig})
     return out
 
 

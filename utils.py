@@ -628,8 +628,13 @@ def plot_curves(path, xs, series, xlabel, title, ymax=1.0):
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
     x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
-    px = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)  # noqa: E731
-    py = lambda y: H - bottom - min(max(y, 0), ymax) / ymax * (H - top - bottom)  # noqa: E731
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (W - left - right)
+
+    def py(y):
+        return H - bottom - min(max(y, 0), ymax) / ymax * (H - top - bottom)
+
     d.rectangle([left, top, W - right, H - bottom], outline='black')
     for i in range(6):
         y = ymax * i / 5

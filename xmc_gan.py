@@ -713,7 +713,9 @@ def evaluate(run, watch):
             else set()
         )
 
-    fmt = lambda s: ' '.join(f'{k}={v:.4f}' for k, v in s.items() if not k.endswith('_std'))  # noqa: E731
+    def fmt(s):
+        return ' '.join(f'{k}={v:.4f}' for k, v in s.items() if not k.endswith('_std'))
+
     try:
         while not STOP['requested']:
             for path in [

@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny synthetic dataset in the real AttnGAN/CUB layout."""
+"""Shared fixtures and helpers: a tiny synthetic dataset in the real AttnGAN/CUB layout, a judge
+and encoders over it, and the two ways a test runs a script (in this process, in a child)."""
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -10,8 +13,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import models  # noqa: E402
+import pretrain_DAMSM  # noqa: E402
 import preprocess_data  # noqa: E402
 import utils  # noqa: E402
+
+
+def run_python(*args, cwd=ROOT, env=None, timeout=600):
+    """A child python with args (a script and its flags, or -c/-m ...), output captured; env adds
+    to this process's environment. The timeout only guards against a hang."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+def run_in_process(module, argv):
+    """module.main() as `python module.py argv` would run it, in this process (faster than a
+    child, and its exceptions reach the test)."""
+    old = sys.argv
+    sys.argv = [module.__name__ + '.py'] + [str(a) for a in argv]
+    try:
+        module.main()
+    finally:
+        sys.argv = old
+        utils.cleanup_distributed()
 
 
 def protocol0_names(names):
@@ -111,3 +140,68 @@ def tiny_judge(tmp_path_factory, tiny_shapes):
         },
     )
     return str(out)
+
+
+def save_encoder_pair(out, text, image, epoch=1, step=1):
+    """text_encoder<epoch>.pth and image_encoder<epoch>.pth in out/checkpoints, written by
+    pretrain_DAMSM.save_encoders itself; returns the text encoder's path."""
+    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
+    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), epoch, step)
+    return os.path.join(str(out), 'checkpoints', f'text_encoder{epoch}.pth')
+
+
+@pytest.fixture(scope='session')
+def tiny_vocabulary(tiny_shapes):
+    """AttnGAN's ixtoword of the tiny dataset as a list ('<end>' first)."""
+    data = utils.AttnGANData(tiny_shapes, 10)
+    return [data.ixtoword[i] for i in range(len(data.ixtoword))]
+
+
+@pytest.fixture(scope='session')
+def tiny_encoder(tmp_path_factory, tiny_vocabulary):
+    """A random-init CLIP-family encoder pair over the tiny dataset's vocabulary, saved as
+    pretrain_DAMSM.py saves them (read-only: copy before writing)."""
+    torch.manual_seed(0)
+    tok = models.tokenizer_spec('words', 30, words=tiny_vocabulary[1:])
+    text = models.build_text_encoder(
+        {
+            'family': 'clip',
+            'dim': 16,
+            'tokenizer': tok,
+            'width': 16,
+            'heads': 2,
+            'layers': 1,
+            'keep_special': False,
+        }
+    )
+    image = models.build_image_encoder(
+        {
+            'family': 'clip',
+            'dim': 16,
+            'image_size': 32,
+            'layers': [1],
+            'width': 16,
+            'head_width': 8,
+            'patch_size': 8,
+        }
+    )
+    return save_encoder_pair(tmp_path_factory.mktemp('enc'), text, image)
+
+
+TINY_BPE_MERGES = ('r e', 're d</w>', 'c a', 'ca t</w>', 'c i', 'ci r')
+
+
+def write_clip_bpe(folder, merges=TINY_BPE_MERGES):
+    """A tiny CLIP BPE vocabulary (a small alphabet, a few merges) as vocab.json + merges.txt in
+    CLIP's format, what transformers' CLIPTokenizer reads; returns the vocab dict."""
+    alphabet = [chr(c) for c in range(ord('a'), ord('z') + 1)] + ['.', ',', ';']
+    vocab = {ch: i for i, ch in enumerate(alphabet + [ch + '</w>' for ch in alphabet])}
+    for m in merges:
+        vocab[m.replace(' ', '')] = len(vocab)
+    vocab['<|startoftext|>'], vocab['<|endoftext|>'] = len(vocab), len(vocab) + 1
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'vocab.json'), 'w') as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, 'merges.txt'), 'w') as f:
+        f.write('#version: 0.2\n' + '\n'.join(merges) + '\n')
+    return vocab

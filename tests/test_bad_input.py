@@ -4,24 +4,14 @@ as they were."""
 
 import hashlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
+from conftest import ROOT, run_python
 
 
 def cli(script, *args, cwd=ROOT):
-    return subprocess.run(
-        [PY, os.path.join(ROOT, script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+    return run_python(os.path.join(ROOT, script), *args, cwd=cwd, timeout=300)
 
 
 def digest(folder):

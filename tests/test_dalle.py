@@ -16,17 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from conftest import ROOT, run_in_process, write_clip_bpe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import clip_sort  # noqa: E402
-import dalle_gen  # noqa: E402
-import models  # noqa: E402
-import preprocess_data  # noqa: E402
-import train_dalle  # noqa: E402
-import train_vae  # noqa: E402
-import utils  # noqa: E402
+import clip_sort
+import dalle_gen
+import models
+import preprocess_data
+import train_dalle
+import train_vae
+import utils
 
 # DALLE-pytorch 1.6.6 DiscreteVAE(image_size=16, num_layers=2, num_tokens=16, codebook_dim=8,
 # hidden_dim=8, num_resnet_blocks=1).state_dict(), keys and shapes read off the package.
@@ -79,13 +77,7 @@ TINY_VQGAN_YAML = """model:
 
 def run_script(module, argv):
     """module.main() with argv, in this process; returns the run's metrics.json."""
-    old = sys.argv
-    sys.argv = [module.__name__ + '.py'] + [str(a) for a in argv]
-    try:
-        module.main()
-    finally:
-        sys.argv = old
-        utils.cleanup_distributed()
+    run_in_process(module, argv)
     out = argv[argv.index('--out') + 1] if '--out' in argv else None
     if out is None:
         return None
@@ -364,6 +356,10 @@ def dp_images():
     return (x.float().reshape(3, 3, 16, 16) * 0.5 + 0.5).clamp(0, 1)
 
 
+# the 64-id vocabulary the DALLE-pytorch checkpoint below (and its expected loss) was made with
+DALLE_PYTORCH_TEST_MERGES = ('r e', 're d</w>', 'c i', 'ci r')
+
+
 def dalle_pytorch_checkpoint(path=None, layout=None, **top):
     """A dalle.pt as DALLE-pytorch 1.6.6's train_dalle.py save_model writes it: hparams,
     vae_params (its train_vae.py's), epoch, version, vae_class_name, weights (dalle.state_dict(),
@@ -411,7 +407,8 @@ def load_dp(obj, tmp_path, **kw):
     """models.load_dalle_pytorch on obj as torch.load(weights_only=True) reads it back."""
     torch.save(obj, tmp_path / 'dp.pt')
     read = utils.load_weights(str(tmp_path / 'dp.pt'))
-    bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
+    bpe = str(tmp_path / 'bpe')
+    write_clip_bpe(bpe, DALLE_PYTORCH_TEST_MERGES)
     return read, models.load_dalle_pytorch(read, 'dp.pt', 'cpu', 'clip', bpe, **kw)
 
 
@@ -701,6 +698,60 @@ def test_train_vae_smoke_and_mid_epoch_resume(nested_images, tmp_path, tiny_shap
     )
     wa, wb = (torch.load(p / 'vae.pt', weights_only=True)['weights'] for p in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_vae_holdout_judge_scores_are_the_shared_judge_accuracy(tiny_shapes, tmp_path):
+    """train_vae's judge_* of originals, reconstructions and token averages are the values
+    utils.judge_accuracy gives those images (the scoring every generator's images get)."""
+    torch.manual_seed(2)
+    judge = models.ShapesJudge(width=4, cell_dim=4, image_size=32)
+    for m in judge.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(0.01)  # a random judge whose verdicts vary with the image
+    utils.save_checkpoint(
+        str(tmp_path),
+        'judge',
+        0,
+        {'judge': judge},
+        name='judge_final.pt',
+        extra={
+            'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
+            'attributes': utils.caption_attributes(tiny_shapes),
+        },
+    )
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(**DP_VAE_HPARAMS)
+    cfg = utils.to_cfg({**utils.COMMON_DEFAULTS, **train_vae.DEFAULTS})
+    cfg.MODEL.IMAGE_SIZE = 16
+    cfg.EVAL.HOLDOUT, cfg.EVAL.JUDGE = f'{tiny_shapes}/test.jsonl', str(tmp_path)
+    m = train_vae.evaluate(cfg, vae, torch.device('cpu'), utils.get_logger(None, 'vae'))
+    # the reference: the judge called directly on the same three sets of images
+    paths = train_vae.holdout_paths(cfg.EVAL.HOLDOUT)
+    ds = utils.PairDataset([(p, '') for p in paths], train_vae.image_transform(16))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        recon = vae.decode(vae.get_codebook_indices(x)).clamp(-1, 1)
+    grid = F.interpolate(
+        F.interpolate(x, size=vae.fmap_size, mode='area'),
+        size=16,
+        mode='bilinear',
+        align_corners=False,
+    )
+    j, keys = models.load_judge(str(tmp_path)), [utils.shapes_key(p) for p in paths]
+    ref = {
+        name: utils.judge_accuracy(j, images, keys)
+        for name, images in (('original', x), ('recon', recon), ('token_average', grid))
+    }
+    for name, acc in ref.items():
+        for k, v in acc.items():
+            assert m[f'judge_{name}_{k}'] == v, (name, k)
+            if name != 'original':
+                assert m[f'judge_{name}_ratio_{k}'] == v / max(ref['original'][k], 1e-8)
+    assert len([k for k in m if k.startswith('judge_')]) == 5 * len(ref['original']) + 1
+    assert len({m[f'judge_{n}_colour'] for n in ref}) > 1  # the three sets score differently
+    protocol = m['judge_protocol']
+    assert protocol['num_images'] == len(paths) == 20 and protocol['split'] == cfg.EVAL.HOLDOUT
+    assert protocol['weights']['judge']['path'] == j.weights_path
 
 
 def original_vae_schedule(epochs, steps_per_epoch, every, rate, start, temp_min, lr_rate):
@@ -1318,25 +1369,10 @@ def test_train_dalle_chinese_tokenizer(tiny_shapes, tiny_vae, tmp_path):
     assert ck['extra']['hparams']['num_text_tokens'] == tok.vocab_size
 
 
-def tiny_clip_bpe_dir(path):
-    """A CLIP BPE tokenizer (a small alphabet + a few merges) as vocab.json/merges.txt, CLIP's files."""
-    alphabet = [chr(c) for c in range(ord('a'), ord('z') + 1)] + ['.', ',', ';']
-    vocab = {ch: i for i, ch in enumerate(alphabet + [ch + '</w>' for ch in alphabet])}
-    merges = [('r', 'e'), ('re', 'd</w>'), ('c', 'i'), ('ci', 'r')]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab['<|startoftext|>'], vocab['<|endoftext|>'] = len(vocab), len(vocab) + 1
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, 'vocab.json'), 'w') as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, 'merges.txt'), 'w') as f:
-        f.write('#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges))
-    return str(path)
-
-
 @pytest.mark.slow
 def test_train_dalle_clip_bpe_and_vqgan(tiny_shapes, tmp_path):
-    bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
+    bpe = str(tmp_path / 'bpe')
+    write_clip_bpe(bpe)
     tok = utils.DalleTokenizer({'kind': 'clip', 'path': bpe})
     ids = tok.encode('a red circle.')
     assert 0 not in ids and min(ids) >= 1 and len(ids) < len('a red circle.')  # shifted, merged
@@ -1402,7 +1438,8 @@ def test_train_dalle_resumes_a_dalle_pytorch_checkpoint_and_dalle_gen_samples_it
     """--dalle_path dalle.pt of DALLE-pytorch: the epoch it saved is redone from its start, Adam
     goes on from its two steps; dalle_gen.py samples the same file; a bad one is one line."""
     dalle_pytorch_checkpoint(tmp_path / 'dalle.pt')
-    bpe = tiny_clip_bpe_dir(tmp_path / 'bpe')
+    bpe = str(tmp_path / 'bpe')
+    write_clip_bpe(bpe, DALLE_PYTORCH_TEST_MERGES)
     data = os.path.join(tiny_shapes, 'test.jsonl')  # 200 captions of 20 images
     common = ['--bpe_path', bpe, '--text_seq_len', 8, '--truncate_captions', '--batch_size', 8]
     common += [
@@ -1497,7 +1534,8 @@ def _tiny_vision():
 def test_clip_sort_transformers_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    bpe = tiny_clip_bpe_dir(tmp_path / 'clip')
+    bpe = str(tmp_path / 'clip')
+    write_clip_bpe(bpe)
     tok = CLIPTokenizer.from_pretrained(bpe)
     cfg = CLIPConfig(
         text_config=dict(
@@ -1575,43 +1613,6 @@ def test_clip_sort_transformers_chinese_clip(tmp_path):
         run_script(clip_sort, ['红色的圆', 4, tmp_path / 'g', '--clip_model', d])
     with pytest.raises(utils.UserError, match='not both'):
         run_script(clip_sort, ['红色的圆', 3, tmp_path / 'g', '--clip_model', d, '--clip_path', d])
-
-
-@pytest.fixture(scope='module')
-def tiny_encoder(tmp_path_factory, tiny_shapes):
-    """A random-init CLIP-family encoder pair saved as pretrain_DAMSM.py saves them."""
-    import pretrain_DAMSM
-
-    torch.manual_seed(0)
-    data = utils.AttnGANData(tiny_shapes, 10)
-    words = [data.ixtoword[i] for i in range(1, len(data.ixtoword))]
-    tok = models.tokenizer_spec('words', 30, words=words)
-    text = models.build_text_encoder(
-        {
-            'family': 'clip',
-            'dim': 16,
-            'tokenizer': tok,
-            'width': 16,
-            'heads': 2,
-            'layers': 1,
-            'keep_special': False,
-        }
-    )
-    image = models.build_image_encoder(
-        {
-            'family': 'clip',
-            'dim': 16,
-            'image_size': 32,
-            'layers': [1],
-            'width': 16,
-            'head_width': 8,
-            'patch_size': 8,
-        }
-    )
-    out = tmp_path_factory.mktemp('enc')
-    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
-    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
-    return str(out / 'checkpoints' / 'text_encoder1.pth')
 
 
 # ----------------------------------------------------------------------------------------------

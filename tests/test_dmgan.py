@@ -1,9 +1,16 @@
 """DM-GAN: parameter-count parity with the original, memory attention, losses."""
 
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from conftest import ROOT, run_python, save_encoder_pair
 
 import main
 import models
@@ -205,61 +212,11 @@ def test_bf16_autocast_step_matches_fp32(contrastive):
 
 
 # ---------------------------------------------------------------- the script, end to end
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import pretrain_DAMSM  # noqa: E402
-from conftest import ROOT  # noqa: E402
-
-
 @pytest.fixture(scope='module')
-def tiny_encoder(tmp_path_factory, tiny_shapes):
-    """A random-init CLIP-family encoder pair over the tiny dataset's vocabulary, saved as
-    pretrain_DAMSM.py saves them."""
-    torch.manual_seed(0)
-    data = utils.AttnGANData(tiny_shapes, 10)
-    words = [data.ixtoword[i] for i in range(1, len(data.ixtoword))]
-    tok = models.tokenizer_spec('words', 30, words=words)
-    text = models.build_text_encoder(
-        {
-            'family': 'clip',
-            'dim': 16,
-            'tokenizer': tok,
-            'width': 16,
-            'heads': 2,
-            'layers': 1,
-            'keep_special': False,
-        }
-    )
-    image = models.build_image_encoder(
-        {
-            'family': 'clip',
-            'dim': 16,
-            'image_size': 32,
-            'layers': [1],
-            'width': 16,
-            'head_width': 8,
-            'patch_size': 8,
-        }
-    )
-    out = tmp_path_factory.mktemp('enc')
-    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
-    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
-    return str(out / 'checkpoints' / 'text_encoder1.pth')
-
-
-@pytest.fixture(scope='module')
-def tiny_rnn_encoder(tmp_path_factory, tiny_shapes):
+def tiny_rnn_encoder(tmp_path_factory, tiny_vocabulary):
     """A random-init DAMSM pair (bi-LSTM + small CNN) over AttnGAN's vocabulary of the tiny data."""
     torch.manual_seed(0)
-    data = utils.AttnGANData(tiny_shapes, 10)
-    tok = models.tokenizer_spec(
-        'attngan', 18, words=[data.ixtoword[i] for i in range(len(data.ixtoword))]
-    )
+    tok = models.tokenizer_spec('attngan', 18, words=tiny_vocabulary)
     text = models.build_text_encoder(
         {'family': 'damsm', 'dim': 16, 'tokenizer': tok, 'word_dim': 8, 'dropout': 0.5}
     )
@@ -273,10 +230,7 @@ def tiny_rnn_encoder(tmp_path_factory, tiny_shapes):
             'train_backbone': True,
         }
     )
-    out = tmp_path_factory.mktemp('rnn_enc')
-    run = type('R', (), {'out': str(out), 'cfg': utils.to_cfg({'X': 1})})()
-    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': text, 'image': image})(), 1, 1)
-    return str(out / 'checkpoints' / 'text_encoder1.pth')
+    return save_encoder_pair(tmp_path_factory.mktemp('rnn_enc'), text, image)
 
 
 @pytest.mark.slow
@@ -317,8 +271,8 @@ def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_enco
 
 
 def dmgan_args(cfg, out, data, enc, *sets):
+    """main.py and its flags for a tiny DM-GAN run."""
     argv = [
-        sys.executable,
         os.path.join(ROOT, 'main.py'),
         '--cfg',
         os.path.join(ROOT, 'cfg', cfg),
@@ -348,7 +302,7 @@ def dmgan_args(cfg, out, data, enc, *sets):
 
 
 def run_ok(argv):
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    r = run_python(*argv)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
@@ -416,12 +370,7 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
         'sha256': sha256_of(judge_file),
     }
     # keys.json lets fid_score.py's judge score the dumped files: the same verdicts up to PNG rounding
-    r = subprocess.run(
-        [sys.executable, 'fid_score.py', '--judge', str(tiny_judge), '--accuracy', str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    r = run_python('fid_score.py', '--judge', tiny_judge, '--accuracy', out)
     assert r.returncode == 0, r.stderr[-2000:]
     acc = dict(zip(*[iter(r.stdout.split('attribute accuracy:')[1].split())] * 2))
     assert abs(float(acc['colour']) - m['judge_colour']) < 0.05
@@ -438,7 +387,9 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_shapes, tiny_encoder, 
     run_ok(dmgan_args('shapes_DMGAN.yml', tmp_path / 'straight', tiny_shapes, tiny_encoder, *sets))
     straight = json.load(open(tmp_path / 'straight' / 'metrics.json'))
     argv = dmgan_args('shapes_DMGAN.yml', tmp_path / 'killed', tiny_shapes, tiny_encoder, *sets)
-    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ck = tmp_path / 'killed' / 'checkpoints'
     while p.poll() is None and not (
         ck.is_dir() and any(f.startswith('dmgan_') and f.endswith('.pt') for f in os.listdir(ck))
@@ -498,19 +449,15 @@ def test_learning_curve_over_the_checkpoints(tiny_shapes, tiny_encoder, tiny_jud
 
 @pytest.mark.slow
 def test_eval_refuses_wrong_checkpoint_kind(tiny_shapes, tiny_encoder, tmp_path):
-    r = subprocess.run(
-        dmgan_args(
+    r = run_python(
+        *dmgan_args(
             'shapes_DMGAN.yml',
             tmp_path / 'e',
             tiny_shapes,
             tiny_encoder,
             'TRAIN.FLAG=false',
             f'TRAIN.NET_G={tiny_encoder}',
-        ),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
+        )
     )
     assert r.returncode == 2 and "kind 'text_encoder', expected 'dmgan'" in r.stderr
 

@@ -19,7 +19,13 @@ sys.path.insert(0, ROOT)
 import models  # noqa: E402
 import pretrain_DAMSM  # noqa: E402
 import utils  # noqa: E402
-from conftest import make_tiny_shapes, write_attngan_metadata  # noqa: E402
+from conftest import (  # noqa: E402
+    make_tiny_shapes,
+    run_in_process,
+    save_encoder_pair,
+    write_attngan_metadata,
+    write_clip_bpe,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +206,10 @@ def test_clip_loss_matches_reference():
     rng = np.random.RandomState(2)
     img, txt = rng.randn(4, 6), rng.randn(4, 6)
     t = math.log(1 / 0.07)
-    n = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+
+    def n(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     logits = math.exp(t) * n(img) @ n(txt).T
     li = np.mean([-np.log(_softmax(logits, 1)[k, k]) for k in range(4)])
     lt = np.mean([-np.log(_softmax(logits.T, 1)[k, k]) for k in range(4)])
@@ -364,8 +373,7 @@ def test_encoder_api_and_checkpoint_roundtrip(family, tmp_path):
     )
     assert te.word_strings(TEXTS[0]) == ['a', 'red', 'circle', 'on', 'the', 'left']
     # saved as pretrain_DAMSM does, rebuilt by load_encoders from the spec alone
-    run = type('R', (), {'out': str(tmp_path), 'cfg': utils.to_cfg({'X': 1})})()
-    pretrain_DAMSM.save_encoders(run, type('M', (), {'text': te, 'image': ie})(), 7, 70)
+    save_encoder_pair(tmp_path, te, ie, epoch=7, step=70)
     for kind in ('text_encoder', 'image_encoder'):  # only plain types: weights_only loading
         assert (
             torch.load(tmp_path / 'checkpoints' / f'{kind}7.pth', weights_only=True)['kind'] == kind
@@ -404,24 +412,10 @@ def test_clip_text_pools_at_end_token_not_largest_id():
     assert te.word_strings('红色的狗') == ['红', '色', '的', '狗']
 
 
-def write_bpe(folder):
-    """A tiny CLIP BPE vocabulary (vocab.json + merges.txt, CLIP's format) -> the vocab dict."""
-    chars = 'abcdefghijklmnopqrstuvwxyz'
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + '</w>': len(chars) + i for i, c in enumerate(chars)})
-    merges = ['r e', 're d</w>', 'c a', 'ca t</w>']
-    for m in merges:
-        vocab[m.replace(' ', '')] = len(vocab)
-    vocab['<|startoftext|>'], vocab['<|endoftext|>'] = len(vocab), len(vocab) + 1
-    (folder / 'vocab.json').write_text(json.dumps(vocab))
-    (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
-    return vocab
-
-
 def test_clip_bpe_tokenizer_from_a_local_folder(tmp_path):
     """transformers' CLIPTokenizer from vocab.json + merges.txt in CLIP's format; the spec
     carries vocabulary and merges, so the checkpoint needs no file."""
-    vocab = write_bpe(tmp_path)
+    vocab = write_clip_bpe(tmp_path)
     spec = models.tokenizer_spec('clip', 6, str(tmp_path))
     tok = models.TextEncoderTokenizer(spec)
     ids, lengths = tok(['a red cat', 'red red red red red red'])
@@ -494,7 +488,6 @@ def fixture_data(tmp_path_factory):
 
 def run_script(cfg, out, data, *sets, resume=None):
     argv = [
-        'pretrain_DAMSM.py',
         '--cfg',
         cfg,
         '--out',
@@ -522,13 +515,7 @@ def run_script(cfg, out, data, *sets, resume=None):
         argv += ['--set', s]
     if resume:
         argv += ['--resume', resume]
-    old = sys.argv
-    sys.argv = argv
-    try:
-        pretrain_DAMSM.main()
-    finally:
-        sys.argv = old
-        utils.cleanup_distributed()
+    run_in_process(pretrain_DAMSM, argv)
     with open(os.path.join(out, 'metrics.json')) as f:
         return json.load(f)
 
@@ -593,7 +580,7 @@ def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel
 
     folder = tmp_path_factory.mktemp('clip')
-    vocab = write_bpe(folder)
+    vocab = write_clip_bpe(folder)
     torch.manual_seed(0)
     clip_config = CLIPConfig(
         text_config=dict(

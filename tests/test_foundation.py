@@ -16,20 +16,9 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, make_tiny_shapes
+from conftest import ROOT, make_tiny_shapes, run_python
 
 PY = sys.executable
-
-
-def run_script(*args, cwd=ROOT, env=None):
-    return subprocess.run(
-        [PY, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
 
 
 # ---------------------------------------------------------------- cfg / CLI
@@ -90,10 +79,10 @@ def test_cfg_unknown_keys_name_the_closest(tmp_path):
 
 
 def test_script_errors_are_one_line(tmp_path):
-    r = run_script('preprocess_data.py', '--set', 'SHAPES.NUM_TRAN=5', '--out', str(tmp_path / 'r'))
+    r = run_python('preprocess_data.py', '--set', 'SHAPES.NUM_TRAN=5', '--out', str(tmp_path / 'r'))
     assert r.returncode == 2
     assert r.stderr.strip().count('\n') == 0 and "SHAPES.NUM_TRAIN" in r.stderr, r.stderr
-    r = run_script(
+    r = run_python(
         'preprocess_data.py',
         '--gpu',
         '0',
@@ -470,21 +459,16 @@ utils.run_main(main)
 def test_ddp_gloo_two_processes(tmp_path):
     script = tmp_path / 'ddp.py'
     script.write_text(DDP_SCRIPT.format(root=ROOT, tmp=str(tmp_path)))
-    r = subprocess.run(
-        [
-            PY,
-            '-m',
-            'torch.distributed.run',
-            '--standalone',
-            '--nproc_per_node=2',
-            str(script),
-            '--out',
-            str(tmp_path / 'run'),
-        ],
-        capture_output=True,
-        text=True,
+    r = run_python(
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        '--nproc_per_node=2',
+        script,
+        '--out',
+        tmp_path / 'run',
         timeout=240,
-        cwd=str(tmp_path),
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     outs = [json.load(open(tmp_path / f'rank{i}.json')) for i in range(2)]
@@ -584,7 +568,7 @@ def test_dataloader_worker_errors_are_one_line(tmp_path):
         "    list(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))\n"
         "utils.run_main(main)\n"
     ) % (ROOT, str(tmp_path))
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    r = run_python('-c', code, timeout=120)
     assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr
     assert r.stderr.startswith(
         'error: in a data-loading worker: RuntimeError: stack expects each tensor'

@@ -4,7 +4,6 @@ R-precision and CLIP score on hand-built embeddings, the shapes judge."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 from unittest import mock
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 from fid_weights import calibrated_random_weights
 
 import fid_score
@@ -21,10 +20,6 @@ import inception_score
 import models
 import preprocess_data
 import utils
-
-
-def run(*args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kw)
 
 
 # ----------------------------------------------------------------------------
@@ -81,7 +76,7 @@ def test_fid_parity_with_pytorch_fid_dims_64(fid_setup, tmp_path):
     ref = pytorch_fid_value((a, b), w, 64)
     assert ref > 1.0
     # the CLI (default: BatchNorm folded, channels_last, eigenvalue trace)
-    p = run(
+    p = run_python(
         'fid_score.py',
         a,
         b,
@@ -120,11 +115,13 @@ def test_fid_parity_with_pytorch_fid_dims_2048(fid_setup):
 def test_fid_identical_folders_and_npz_round_trip(fid_setup, tmp_path, monkeypatch):
     a, b, w = fid_setup
     npz = str(tmp_path / 'a.npz')
-    p = run(
+    p = run_python(
         'fid_score.py', '--save-stats', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0'
     )
     assert p.returncode == 0, p.stderr
-    p = run('fid_score.py', '--path', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0')
+    p = run_python(
+        'fid_score.py', '--path', a, npz, '--dims', '64', '--weights', w, '--num_workers', '0'
+    )
     assert p.returncode == 0, p.stderr
     assert abs(float(p.stdout.split('FID:')[-1])) < 1e-6  # a folder against its own statistics
     with pytest.warns(UserWarning, match='singular'):
@@ -174,7 +171,7 @@ def test_fewer_images_than_dims_warns():
 @pytest.mark.slow
 def test_missing_weights_is_one_line(fid_setup, tmp_path):
     a, b, _ = fid_setup
-    p = run('fid_score.py', a, b, env={**os.environ, 'TORCH_HOME': str(tmp_path)})
+    p = run_python('fid_score.py', a, b, env={'TORCH_HOME': str(tmp_path)})
     assert p.returncode == 2
     msg = p.stderr.strip()
     assert len(msg.splitlines()) == 1
@@ -187,12 +184,7 @@ def test_data_presets_name_t2i_clip_gans_folders(fid_setup, tmp_path):
     gen, real = (tmp_path / p for p in utils.EVAL_PRESETS['bird'])
 
     def cli(script, *args):
-        return subprocess.run(
-            [sys.executable, os.path.join(ROOT, script), *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-        )
+        return run_python(os.path.join(ROOT, script), *args, cwd=tmp_path)
 
     p = cli('fid_score.py', '--data', 'bird', '--weights', w)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
@@ -264,7 +256,7 @@ def test_inception_score_equals_torch_fidelity():
 @pytest.mark.slow
 def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     a, _, w = fid_setup
-    p = run(
+    p = run_python(
         'inception_score.py',
         '--path',
         a,
@@ -521,7 +513,7 @@ def test_shapes_key():
 @pytest.mark.slow
 def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     out = tmp_path / 'judge'
-    p = run(
+    p = run_python(
         'fid_score.py',
         '--train_judge',
         '--cfg',
@@ -558,7 +550,7 @@ def test_train_judge_and_use_it(tiny_shapes, tmp_path):
             gen / f'{i:03d}.png'
         )
     json.dump({f'{i:03d}.png': k for i, k in enumerate(keys)}, open(gen / 'keys.json', 'w'))
-    p = run(
+    p = run_python(
         'fid_score.py',
         '--judge',
         str(out),
@@ -582,6 +574,6 @@ def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     assert acc['images'] == 20 and acc['shape'] == pytest.approx(
         utils.judge_accuracy(judge, images, keys, attrs)['shape']
     )
-    p = run('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
+    p = run_python('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
     assert p.returncode == 0, p.stderr
     assert float(p.stdout.split('FID:')[-1]) < 1e-3  # the test images against their own statistics

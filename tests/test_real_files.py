@@ -403,7 +403,10 @@ def test_resnet_npy_reads_as_the_original_tree(tmp_path, form):
     got = utils.safe_npy_load(path)
     assert isinstance(got, np.ndarray) and got.shape == () and got.dtype == object
     got = got.item()
-    plain = lambda t: type(t) is dict and all(plain(v) for v in t.values() if isinstance(v, dict))  # noqa: E731
+
+    def plain(t):
+        return type(t) is dict and all(plain(v) for v in t.values() if isinstance(v, dict))
+
     assert plain(got)  # FrozenDicts read as dicts
     a, b = flat(tree), flat(got)
     assert a.keys() == b.keys()
@@ -542,7 +545,9 @@ def reference_forward(tree, x, stage_sizes):
         return F.conv2d(F.pad(x, pads), k, stride=stride)
 
     def bn(x, v, st):
-        t = lambda a: torch.from_numpy(a).view(1, -1, 1, 1)  # noqa: E731
+        def t(a):
+            return torch.from_numpy(a).view(1, -1, 1, 1)
+
         return (x - t(st['mean'])) / torch.sqrt(t(st['var']) + 1e-5) * t(v['scale']) + t(v['bias'])
 
     x = bn(conv(x, p['init_conv'], 2), p['init_bn'], s['init_bn'])

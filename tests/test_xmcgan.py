@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import ROOT, run_in_process, run_python, save_encoder_pair
 
 import main
 import models
 import preprocess_data
 import utils
 import xmc_gan
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------
@@ -205,15 +204,15 @@ def test_local_condbn_upsampling_after_the_conv_is_exact():
 
 
 # ----------------------------------------------------------------------------
-# Fixtures: a tiny project encoder, its caption embeddings, a 2-checkpoint run
+# Fixtures: a tiny project encoder, its caption embeddings, a 2-checkpoint run (the judge:
+# conftest's tiny_judge)
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def encoder(tmp_path_factory, tiny_shapes):
+def encoder(tmp_path_factory, tiny_vocabulary):
     """A random-init CLIP-style text encoder and small CNN image encoder, saved the way
     pretrain_DAMSM.py saves them."""
-    d = utils.AttnGANData(tiny_shapes, 10)
     torch.manual_seed(0)
-    tok = models.tokenizer_spec('words', 18, words=[d.ixtoword[i] for i in range(len(d.ixtoword))])
+    tok = models.tokenizer_spec('words', 18, words=tiny_vocabulary)
     te = models.build_text_encoder(
         {
             'family': 'clip',
@@ -235,12 +234,7 @@ def encoder(tmp_path_factory, tiny_shapes):
             'train_backbone': True,
         }
     )
-    out = tmp_path_factory.mktemp('enc')
-    for kind, m in (('text_encoder', te), ('image_encoder', ie)):
-        utils.save_checkpoint(
-            str(out), kind, 0, models={kind: m}, extra={'spec': m.spec}, keep=0, name=f'{kind}1.pth'
-        )
-    return str(out / 'checkpoints' / 'text_encoder1.pth')
+    return save_encoder_pair(tmp_path_factory.mktemp('enc'), te, ie)
 
 
 def embed_cfg(data, out, **kw):
@@ -270,12 +264,17 @@ def embeddings(tmp_path_factory, tiny_shapes, encoder):
     return str(out)
 
 
-def run_main(monkeypatch, cfg, *argv):
-    path = os.path.join(os.path.dirname(cfg['OUT']), os.path.basename(cfg['OUT']) + '.yml')
+def write_cfg(cfg):
+    """cfg (its OUT aside) as <OUT>.yml beside the run directory; returns the file's path."""
+    path = str(cfg['OUT']) + '.yml'
     with open(path, 'w') as f:
         yaml.safe_dump({k: v for k, v in cfg.items() if k != 'OUT'}, f)
-    monkeypatch.setattr(sys, 'argv', ['main.py', '--cfg', path, '--out', cfg['OUT'], *argv])
-    main.main()
+    return path
+
+
+def run_main(cfg, *argv):
+    """main.py --cfg <cfg> --out <OUT> argv, in this process."""
+    run_in_process(main, ['--cfg', write_cfg(cfg), '--out', cfg['OUT'], *argv])
 
 
 def tiny_train_cfg(embeddings, out, **train):
@@ -298,31 +297,6 @@ def tiny_train_cfg(embeddings, out, **train):
 
 
 @pytest.fixture(scope='module')
-def judge(tmp_path_factory, tiny_shapes):
-    """A random-init shapes judge saved as fid_score.py saves a trained one (its features give
-    the "shapes FID")."""
-    spec = {
-        'n_shapes': 6,
-        'n_colours': 8,
-        'n_sizes': 2,
-        'width': 4,
-        'cell_dim': 4,
-        'image_size': 32,
-    }
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp('judge')
-    utils.save_checkpoint(
-        str(out),
-        'judge',
-        0,
-        {'judge': models.ShapesJudge(**spec)},
-        name='judge_final.pt',
-        extra={'model': spec, 'attributes': utils.caption_attributes(tiny_shapes)},
-    )
-    return str(out)
-
-
-@pytest.fixture(scope='module')
 def dmgan_run(tmp_path_factory, encoder):
     """A (random-init) DM-GAN run dir on the same encoder, for the side-by-side sample grid."""
     cfg = utils.to_cfg(main.DEFAULTS)
@@ -340,9 +314,7 @@ def dmgan_run(tmp_path_factory, encoder):
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory, embeddings):
     out = tmp_path_factory.mktemp('runs') / 'straight'
-    mp = pytest.MonkeyPatch()
-    run_main(mp, tiny_train_cfg(embeddings, out))
-    mp.undo()
+    run_main(tiny_train_cfg(embeddings, out))
     return str(out)
 
 
@@ -350,14 +322,14 @@ def trained_run(tmp_path_factory, embeddings):
 # Training
 # ----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_one_train_step_at_the_original_test_sizes(monkeypatch, tmp_path, embeddings):
+def test_one_train_step_at_the_original_test_sizes(tmp_path, embeddings):
     """coco_xmc.py's test config: gf/df 16, z 8, batch 2, at 128 px, all four contrastive losses
     (a random-init ResNet-50 for the pretrained one); the EMA moved 0.1% of the way."""
     cfg = tiny_train_cfg(
         embeddings, tmp_path / 'run', MAX_STEPS=1, RESNET='', CONTRASTIVE={'PRETRAINED_IMAGE': True}
     )
     cfg.update(IMAGE_SIZE=128, GAN={'GF_DIM': 16, 'DF_DIM': 16, 'Z_DIM': 8})
-    run_main(monkeypatch, cfg)
+    run_main(cfg)
     ckpt = utils.load_checkpoint(
         str(tmp_path / 'run' / 'checkpoints' / 'xmcgan_00000001.pt'), 'xmcgan'
     )
@@ -378,11 +350,11 @@ def test_one_train_step_at_the_original_test_sizes(monkeypatch, tmp_path, embedd
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_equals_uninterrupted(monkeypatch, tmp_path, embeddings, trained_run):
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, embeddings, trained_run):
     cfg = tiny_train_cfg(embeddings, tmp_path / 'resumed', MAX_STEPS=1)
-    run_main(monkeypatch, cfg)
+    run_main(cfg)
     cfg['TRAIN']['MAX_STEPS'] = 2
-    run_main(monkeypatch, cfg, '--resume', 'auto')
+    run_main(cfg, '--resume', 'auto')
     a = utils.load_checkpoint(os.path.join(trained_run, 'checkpoints', 'xmcgan_00000002.pt'))
     b = utils.load_checkpoint(str(tmp_path / 'resumed' / 'checkpoints' / 'xmcgan_00000002.pt'))
     assert a['extra']['batch'] == b['extra']['batch'] == 2 and a['epoch'] == b['epoch'] == 0
@@ -424,13 +396,13 @@ def rows(path):
 
 @pytest.mark.slow
 def test_evaluation_scores_each_checkpoint_once(
-    monkeypatch, tmp_path, embeddings, encoder, judge, trained_run, dmgan_run, tiny_shapes
+    tmp_path, embeddings, encoder, tiny_judge, trained_run, dmgan_run, tiny_shapes
 ):
     """FID on the judge's features against saved real statistics, judge accuracy, R-precision;
     sample grids of real images, XMC-GAN and DM-GAN on the same captions."""
-    cfg = eval_cfg(embeddings, encoder, judge, trained_run, tmp_path / 'eval')
+    cfg = eval_cfg(embeddings, encoder, tiny_judge, trained_run, tmp_path / 'eval')
     cfg['EVAL'].update(DMGAN=dmgan_run, SAVE_IMAGES=True)
-    run_main(monkeypatch, cfg)
+    run_main(cfg)
     table = tmp_path / 'eval' / 'eval.txt'
     assert [r.split('\t')[:2] for r in rows(table)] == [
         ['xmcgan_00000001.pt', '1'],
@@ -470,7 +442,7 @@ def test_evaluation_scores_each_checkpoint_once(
     keys = json.loads((dump / 'keys.json').read_text())
     assert sorted(keys) == sorted(p.name for p in dump.glob('*.png')) and len(keys) == 12
     assert set(keys.values()) <= set(json.load(open(os.path.join(tiny_shapes, 'attributes.json'))))
-    run_main(monkeypatch, cfg)
+    run_main(cfg)
     assert len(rows(table)) == 2
 
 
@@ -478,10 +450,8 @@ def test_evaluation_scores_each_checkpoint_once(
 def test_watch_stops_cleanly_on_sigterm(tmp_path, embeddings, encoder, trained_run):
     cfg = eval_cfg(embeddings, encoder, '', trained_run, tmp_path / 'eval')
     cfg['EVAL'].update(BASELINE=False, FID=False)
-    path = tmp_path / 'eval.yml'
-    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != 'OUT'}))
     proc = subprocess.Popen(
-        [sys.executable, 'main.py', '--cfg', str(path), '--out', cfg['OUT'], '--watch'],
+        [sys.executable, 'main.py', '--cfg', write_cfg(cfg), '--out', cfg['OUT'], '--watch'],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -602,3 +572,11 @@ def test_model_is_read_from_the_merged_cfg(tmp_path):
     assert main.chosen_model(parse(['--set', 'MODEL=XMCGAN'])) == 'XMCGAN'
     assert main.chosen_model(parse(['--cfg', str(cfg)])) == 'XMCGAN'
     assert main.chosen_model(parse(['--cfg', str(cfg), '--set', 'MODEL=DMGAN'])) == 'DMGAN'
+
+
+def test_help_lists_the_chosen_trainers_flags():
+    """main.py --help answers with the parser of the trainer the cfg's MODEL chooses."""
+    xmc = run_python('main.py', '--cfg', os.path.join('cfg', 'eval_coco_xmc.yml'), '--help')
+    dmgan = run_python('main.py', '--help')
+    assert xmc.returncode == dmgan.returncode == 0, xmc.stderr + dmgan.stderr
+    assert '--watch' in xmc.stdout and '--watch' not in dmgan.stdout
