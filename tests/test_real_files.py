@@ -212,6 +212,63 @@ def test_released_damsm_encoders_load(tmp_path):
         models.load_encoders(str(tmp_path / 'text_encoder200.pth'))
 
 
+# What the converted modules compute: bench/parity_originals.py runs the original code/model.py of
+# MinfengZhu/DM-GAN and taoxugit/AttnGAN as they are against our modules (float64, the same
+# weights and inputs); its --tiny --save run recorded the original's outputs in
+# tests/data/dmgan_original_outputs.pt (the command is in the file, 'made_with').
+ORIGINAL_OUTPUTS = os.path.join(os.path.dirname(__file__), 'data', 'dmgan_original_outputs.pt')
+
+
+def parity_bench():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'bench', 'parity_originals.py')
+    spec = importlib.util.spec_from_file_location('parity_originals', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_converted_modules_reproduce_the_original_outputs(tmp_path):
+    """G_NET (eval: no padding, padding shared by the batch; train), D_NET64/128/256 (logits,
+    sigmoid outputs, power-iterated u/v), RNN_ENCODER (sorted, and unsorted for ours) and
+    CNN_ENCODER (299 and 64 px, eval and train; DM-GAN's copy given its align_corners=True
+    resize): the original weights through our loaders give the original's outputs."""
+    import torch
+
+    bench = parity_bench()
+    fx = torch.load(ORIGINAL_OUTPUTS, weights_only=True)
+    assert fx['dtype'] == 'float64' and 'parity_originals.py' in fx['made_with']
+    nets = fx['nets']
+    # Inception's 25M weights are not in the file: the bench's seeded draw, fingerprint-checked
+    nets['CNN_ENCODER']['state'] = bench.rebuild_cnn_state(nets['CNN_ENCODER'])
+    ratios, cache = {}, {}
+    for check in fx['checks']:
+        ours = bench.run_ours(check, nets, str(tmp_path), cache, torch.float64)
+        for out, (_, _, ratio) in bench.compare_stored(ours, check['ref']).items():
+            ratios[f"{check['name']}: {out}"] = ratio
+    assert len(fx['checks']) == 15 and len(ratios) == 60
+    # float64 on both sides: what is left is rounding (about 1e-12 at most, from the spectral
+    # norm's eps: v / (|v| + eps) in DM-GAN's spectral.py, v / max(|v|, eps) here)
+    assert max(ratios.values()) < 1e-9, {k: r for k, r in ratios.items() if not r < 1e-9}
+
+
+def test_converted_modules_match_the_original_code():
+    """The bench itself, where the original code is at hand (T2I_ORIGINAL_CODE: a folder
+    holding clones DM-GAN/ and AttnGAN/ of the two repositories)."""
+    root = os.environ.get('T2I_ORIGINAL_CODE')
+    if not root:
+        pytest.skip(
+            'T2I_ORIGINAL_CODE is unset: set it to a folder with clones DM-GAN/ '
+            '(MinfengZhu/DM-GAN) and AttnGAN/ (taoxugit/AttnGAN) to run their code/model.py '
+            'against ours (bench/parity_originals.py --tiny)'
+        )
+    code = [os.path.join(root, name, 'code') for name in ('DM-GAN', 'AttnGAN')]
+    for c in code:
+        assert os.path.isfile(os.path.join(c, 'model.py')), f'T2I_ORIGINAL_CODE: no {c}/model.py'
+    assert parity_bench().main(['--dmgan_code', code[0], '--attngan_code', code[1], '--tiny']) == 0
+
+
 def test_offline_stand_in_tokenizers_are_refused(tmp_path):
     """transformers offline turns a hub name into a tokenizer of special tokens only (2 for CLIP,
     5 for the Chinese BERT); that must stop the run, not train on [UNK]."""
