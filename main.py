@@ -34,6 +34,9 @@ DEFAULTS = {
         'FLAG': True,  # false: evaluate NET_G
         'NET_G': '',  # generator to evaluate, or to fine-tune from (with netD<i>.pth beside it)
         'NET_E': '',  # .../text_encoder<N>.pth from pretrain_DAMSM.py
+        # resize of a damsm-family image encoder's input to 299 px (other families keep theirs):
+        # DM-GAN code/model.py CNN_ENCODER's nn.Upsample, align_corners=True in PyTorch <= 0.3.1
+        'NET_E_ALIGN_CORNERS': True,
         'BATCH_SIZE': 64,
         'MAX_EPOCH': 600,
         'SNAPSHOT_INTERVAL': 2000,  # epochs between checkpoints
@@ -52,7 +55,15 @@ DEFAULTS = {
         },
         'CONTRASTIVE': {'ENABLE': False, 'TEMPERATURE': 0.5, 'WEIGHT': 0.2},
     },
-    'GAN': {'DF_DIM': 64, 'GF_DIM': 128, 'Z_DIM': 100, 'CONDITION_DIM': 100, 'R_NUM': 2},
+    'GAN': {
+        'DF_DIM': 64,
+        'GF_DIM': 128,
+        'Z_DIM': 100,
+        'CONDITION_DIM': 100,
+        'R_NUM': 2,
+        # DM-GAN code/spectral.py iterates u/v on every forward, eval mode too; false: not in eval
+        'SN_EVAL_POWER_ITERATION': True,
+    },
     # The word limit is the text encoder's own (its tokenizer's context length); WORDS_NUM
     # sets it for AttnGAN's released encoders, which carry none.
     'TEXT': {
@@ -227,7 +238,12 @@ def train(run, args):
     sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
     netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
     netsD = nn.ModuleList(
-        [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_enc.spec['dim']) for s in sizes]
+        [
+            models.DMGANDiscriminator(
+                s, cfg.GAN.DF_DIM, text_enc.spec['dim'], cfg.GAN.SN_EVAL_POWER_ITERATION
+            )
+            for s in sizes
+        ]
     ).to(dev)
     netG.apply(init_weights)
     netsD.apply(init_weights)

@@ -502,7 +502,7 @@ def tokenizer_spec(kind, context_length, path='', words=None):
     return spec
 
 
-def _prepare(images, size, mean=None, std=None):
+def _prepare(images, size, mean=None, std=None, align_corners=False):
     """[-1, 1] images at any size -> the network's input: bilinear resize to `size`
     (antialiased when shrinking), then (x+1)/2 normalised with mean/std when given
     (Inception takes [-1, 1], as AttnGAN feeds it)."""
@@ -511,7 +511,7 @@ def _prepare(images, size, mean=None, std=None):
             images,
             size=(size, size),
             mode='bilinear',
-            align_corners=False,
+            align_corners=align_corners,
             antialias=images.shape[-1] > size,
         )
     if mean is not None:
@@ -681,7 +681,16 @@ class CNNImageEncoder(ImageEncoder):
         return self
 
     def forward(self, images, regions=True):
-        x = self.to_regions(_prepare(images, self.spec['image_size']))
+        # spec['align_corners']: CNN_ENCODER's nn.Upsample(size=(299, 299), mode='bilinear') is
+        # align_corners=True in DM-GAN's PyTorch 0.3.1 and False in AttnGAN's code on today's
+        # PyTorch (code/model.py of both); checkpoints without the key were trained with False.
+        x = self.to_regions(
+            _prepare(
+                images,
+                self.spec['image_size'],
+                align_corners=self.spec.get('align_corners', False),
+            )
+        )
         code = self.emb_cnn_code(self.to_global(x).mean((2, 3)))
         return self.emb_features(x), code
 
@@ -1067,6 +1076,7 @@ def attngan_damsm_modules(text_state, image_state, words, words_num, text_path):
             'width': 0,
             'train_backbone': False,
             'bn_stats': 'adapt',
+            'align_corners': False,  # AttnGAN code/model.py CNN_ENCODER on today's PyTorch
         }
     )
     text.load_state_dict(text_state)
@@ -1074,13 +1084,16 @@ def attngan_damsm_modules(text_state, image_state, words, words_num, text_path):
     return text, image
 
 
-def load_encoders(net_e, device='cpu', attngan_words=None, words_num=ATTNGAN_WORDS_NUM):
+def load_encoders(
+    net_e, device='cpu', attngan_words=None, words_num=ATTNGAN_WORDS_NUM, align_corners=None
+):
     """AttnGAN's convention: TRAIN.NET_E = .../text_encoder<N>.pth, the image encoder beside it
     as image_encoder<N>.pth. Both rebuilt from the spec they carry, in eval mode and frozen
     (requires_grad False; gradients still flow to their inputs). A run directory stands for
     its newest text_encoder<N>.pth. AttnGAN's own released files (plain state dicts) load too,
     given the dataset's vocabulary (`attngan_words()`, called only then) and word limit
-    (AttnGAN's TEXT.WORDS_NUM)."""
+    (AttnGAN's TEXT.WORDS_NUM). `align_corners` (None: the spec's) sets a damsm-family image
+    encoder's bilinear resize to its input size (CNNImageEncoder); other families keep theirs."""
     if os.path.isdir(net_e):
         net_e = newest_text_encoder(net_e)
     folder, name = os.path.split(net_e)
@@ -1106,6 +1119,8 @@ def load_encoders(net_e, device='cpu', attngan_words=None, words_num=ATTNGAN_WOR
             module = build(ckpt['extra']['spec'])
             module.load_state_dict(ckpt['models'][kind])
             modules.append(module)
+    if align_corners is not None and isinstance(modules[1], CNNImageEncoder):
+        modules[1].spec = {**modules[1].spec, 'align_corners': bool(align_corners)}
     for m, path in zip(modules, paths):  # the evaluation protocol names the files it scored with
         m.weights_path = path
     return tuple(m.to(device).eval().requires_grad_(False) for m in modules)
@@ -1622,11 +1637,14 @@ class DMGANGenerator(nn.Module):
 class SpectralNorm(nn.Module):
     """Spectral normalisation by one power iteration per forward, as DM-GAN's
     spectral.py: the raw weight and the u/v vectors are parameters of the wrapper
-    (u, v without gradient), which is what the original's parameter count includes."""
+    (u, v without gradient), which is what the original's parameter count includes.
+    The original iterates in eval mode too (its forward never reads self.training);
+    eval_power_iteration=False freezes u/v in eval mode instead."""
 
-    def __init__(self, module):
+    def __init__(self, module, eval_power_iteration=True):
         super().__init__()
         self.module = module
+        self.eval_power_iteration = eval_power_iteration
         w = module.weight.detach()
         del module._parameters['weight']
         height = w.shape[0]
@@ -1640,7 +1658,7 @@ class SpectralNorm(nn.Module):
 
     def forward(self, x):
         w = self.weight_bar.reshape(self.weight_bar.shape[0], -1)
-        if self.training:
+        if self.training or self.eval_power_iteration:
             with torch.no_grad():
                 v = F.normalize(w.t() @ self.weight_u, dim=0, eps=1e-12)
                 self.weight_v.copy_(v)
@@ -1652,18 +1670,21 @@ class SpectralNorm(nn.Module):
         return self.module(x)
 
 
-def sn_conv(cin, cout, k, s, p):
-    return SpectralNorm(nn.Conv2d(cin, cout, k, s, p, bias=True))
+def sn_conv(cin, cout, k, s, p, eval_power_iteration=True):
+    return SpectralNorm(nn.Conv2d(cin, cout, k, s, p, bias=True), eval_power_iteration)
 
 
 class DGetLogits(nn.Module):
     """Unconditional logit from the 4x4 code, or conditional on the sentence code."""
 
-    def __init__(self, ndf, nef, condition):
+    def __init__(self, ndf, nef, condition, sn_eval_power_iteration=True):
         super().__init__()
         self.nef = nef
         self.joint = (
-            nn.Sequential(sn_conv(ndf * 8 + nef, ndf * 8, 3, 1, 1), nn.LeakyReLU(0.2))
+            nn.Sequential(
+                sn_conv(ndf * 8 + nef, ndf * 8, 3, 1, 1, sn_eval_power_iteration),
+                nn.LeakyReLU(0.2),
+            )
             if condition
             else None
         )
@@ -1677,28 +1698,29 @@ class DGetLogits(nn.Module):
 
 class DMGANDiscriminator(nn.Module):
     """D_NET64 / D_NET128 / D_NET256: down-sampling to a 4x4 x 8ndf code, then
-    unconditional and sentence-conditional logits."""
+    unconditional and sentence-conditional logits. sn_eval_power_iteration: SpectralNorm's."""
 
-    def __init__(self, img_size, df_dim=64, text_dim=256):
+    def __init__(self, img_size, df_dim=64, text_dim=256, sn_eval_power_iteration=True):
         super().__init__()
+        it = sn_eval_power_iteration
         ndf, lrelu = df_dim, (lambda: nn.LeakyReLU(0.2))
         trunk = [3, ndf, ndf * 2, ndf * 4, ndf * 8]  # 64 -> 4 in four 4x4/2 convs
         if img_size < 64:  # embedded 32 / 16 px stages: the last three / two
             trunk = [3] + trunk[-int(math.log2(img_size // 4)) :]
         layers = []
         for cin, cout in zip(trunk[:-1], trunk[1:]):
-            layers += [sn_conv(cin, cout, 4, 2, 1), lrelu()]
+            layers += [sn_conv(cin, cout, 4, 2, 1, it), lrelu()]
         extra = int(math.log2(max(img_size, 64) // 64))  # 0 / 1 / 2 more down-blocks
         c = ndf * 8
         for _ in range(extra):
-            layers += [sn_conv(c, c * 2, 4, 2, 1), lrelu()]
+            layers += [sn_conv(c, c * 2, 4, 2, 1, it), lrelu()]
             c *= 2
         for _ in range(extra):  # 3x3 blocks back to 8 ndf
-            layers += [sn_conv(c, c // 2, 3, 1, 1), lrelu()]
+            layers += [sn_conv(c, c // 2, 3, 1, 1, it), lrelu()]
             c //= 2
         self.img_code = nn.Sequential(*layers)
         self.uncond = DGetLogits(ndf, text_dim, condition=False)
-        self.cond = DGetLogits(ndf, text_dim, condition=True)
+        self.cond = DGetLogits(ndf, text_dim, condition=True, sn_eval_power_iteration=it)
 
     def forward(self, x):
         return self.img_code(x)
@@ -1778,7 +1800,9 @@ def load_dmgan_encoders(cfg, device):
         return [data.ixtoword[i] for i in range(len(data.ixtoword))]
 
     words_num = cfg.TEXT.get('WORDS_NUM', ATTNGAN_WORDS_NUM)  # cfgs of older checkpoints lack it
-    text_enc, image_enc = load_encoders(cfg.TRAIN.NET_E, device, vocabulary, words_num)
+    # main.py's TRAIN.NET_E_ALIGN_CORNERS; the cfgs of older checkpoints lack it and ran with False
+    align = cfg.TRAIN.get('NET_E_ALIGN_CORNERS', False)
+    text_enc, image_enc = load_encoders(cfg.TRAIN.NET_E, device, vocabulary, words_num, align)
     for m in (text_enc, image_enc):
         m.eval().requires_grad_(False)
     if text_enc.spec['dim'] != cfg.TEXT.EMBEDDING_DIM:

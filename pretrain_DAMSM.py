@@ -62,8 +62,11 @@ DEFAULTS = {
             'WIDTH': 32,
             'TRAIN_BACKBONE': False,
             'BN_STATS': 'adapt',
+            'ALIGN_CORNERS': False,
         },  # AttnGAN pretrain_DAMSM.py runs cnn_model.train(): the frozen Inception's
-        # BatchNorm uses batch statistics and updates its running ones; or 'frozen'
+        # BatchNorm uses batch statistics and updates its running ones; or 'frozen'.
+        # ALIGN_CORNERS: the bilinear resize to 299 px, as AttnGAN code/model.py CNN_ENCODER's
+        # nn.Upsample runs on today's PyTorch (False; True on PyTorch <= 0.3.1)
         'CLIP': {
             'VISION_LAYERS': [3, 4, 6, 3],
             'VISION_WIDTH': 64,
@@ -335,6 +338,7 @@ def build_encoders(cfg, words, log):
             'width': model_cfg.CNN.WIDTH,
             'train_backbone': model_cfg.CNN.TRAIN_BACKBONE,
             'bn_stats': model_cfg.CNN.BN_STATS,
+            'align_corners': bool(model_cfg.CNN.ALIGN_CORNERS),
         }
         if model_cfg.CNN.BN_STATS not in ('adapt', 'frozen'):
             raise utils.UserError(

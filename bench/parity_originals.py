@@ -14,7 +14,8 @@ and both sides run on the same inputs (same z, sentence and word features, masks
 (DM-GAN/ and AttnGAN/ are clones of the two repositories.) Prints max |ours - original| per
 output and its ratio to max |original|, and exits 1 when an equality row's ratio is above --tol.
 Rows marked 'deviation' measure the known differences, on inputs chosen to show them; they do not
-count. --tiny runs widths the original code accepts at a fraction of the size (GF_DIM 4, DF_DIM 2,
+count. Ours runs with main.py's defaults for DM-GAN's modules (GAN.SN_EVAL_POWER_ITERATION,
+TRAIN.NET_E_ALIGN_CORNERS); the deviation rows turn those options off. --tiny runs widths the original code accepts at a fraction of the size (GF_DIM 4, DF_DIM 2,
 EMBEDDING_DIM 8, ...), the setting of the test fixture; --save writes the original's weights,
 the inputs and the original's outputs there, for tests/test_real_files.py to check our modules
 against without the original code. The shims the 2018 code needs on this PyTorch are made here,
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import main as dmgan_main  # noqa: E402  (main.py: the DM-GAN cfgs' defaults)
 import models  # noqa: E402
 import utils  # noqa: E402
 
@@ -232,12 +234,10 @@ def d_input(x, size):
     return F.interpolate(x['d_base'], size=(size, size), mode='bilinear', align_corners=False)
 
 
-def cnn_input(x, size, align_corners=False):
+def cnn_input(x, size):
     if size == x['images'].shape[-1]:
         return x['images']
-    return F.interpolate(
-        x['images'], size=(size, size), mode='bilinear', align_corners=align_corners
-    )
+    return F.interpolate(x['images'], size=(size, size), mode='bilinear', align_corners=False)
 
 
 # ---- our modules, through the project's loaders ------------------------------------------------
@@ -252,15 +252,15 @@ def ours_generator(state, gcfg, folder):
     return models.load_dmgan_generator(cfg, gcfg['EMBEDDING_DIM'], 'cpu')
 
 
-def ours_discriminator(state, size, df_dim, text_dim, folder):
+def ours_discriminator(state, size, df_dim, text_dim, folder, sn_eval_power_iteration=True):
     path = os.path.join(folder, 'netD.pth')
     torch.save(state, path)
-    netD = models.DMGANDiscriminator(size, df_dim, text_dim)
+    netD = models.DMGANDiscriminator(size, df_dim, text_dim, sn_eval_power_iteration)
     netD.load_state_dict(models.convert_dmgan_state_dict(utils.load_weights(path)))
     return netD
 
 
-def ours_encoders(text_state, image_state, words_num, folder):
+def ours_encoders(text_state, image_state, words_num, folder, align_corners=None):
     torch.save(text_state, os.path.join(folder, 'text_encoder200.pth'))
     torch.save(image_state, os.path.join(folder, 'image_encoder200.pth'))
     n = text_state['encoder.weight'].shape[0]
@@ -269,6 +269,7 @@ def ours_encoders(text_state, image_state, words_num, folder):
         os.path.join(folder, 'text_encoder200.pth'),
         attngan_words=lambda: words,
         words_num=words_num,
+        align_corners=align_corners,
     )
 
 
@@ -343,11 +344,11 @@ def run_ours_rnn(te, x, perm=None):
     return {'words': words, 'sent': sent}
 
 
-def run_ours_cnn(ie, x, size, train, align_corners=False):
+def run_ours_cnn(ie, x, size, train):
     before = {k: v.clone() for k, v in ie.state_dict().items()}
     ie.train(train)  # train: BatchNorm on batch statistics, as AttnGAN's cnn_model.train()
     with torch.no_grad():
-        regions, code = ie(cnn_input(x, size, align_corners))
+        regions, code = ie(cnn_input(x, size))
     ie.eval().load_state_dict(before)  # train mode moved the running statistics
     return {'features': regions, 'cnn_code': code}
 
@@ -365,22 +366,32 @@ def run_ours(check, nets, folder, cache, dtype=torch.float64):
     if kind.startswith('D_NET'):
         d = nets[kind]
         state = converged_sn(d['state']) if check.get('converged_sn') else d['state']
-        netD = ours_discriminator(state, d['size'], d['df_dim'], d['text_dim'], folder).to(dtype)
+        netD = ours_discriminator(
+            state,
+            d['size'],
+            d['df_dim'],
+            d['text_dim'],
+            folder,
+            check.get('sn_eval_power_iteration', True),
+        ).to(dtype)
         return run_ours_d(netD, x, d['size'], check['train'])
-    if 'encoders' not in cache:
-        cache['encoders'] = [
+    # net_e_align_corners: main.py's TRAIN.NET_E_ALIGN_CORNERS; None: the file's own (AttnGAN's)
+    align = check.get('net_e_align_corners')
+    if ('encoders', align) not in cache:
+        cache['encoders', align] = [
             m.to(dtype)
             for m in ours_encoders(
                 nets['RNN_ENCODER']['state'],
                 nets['CNN_ENCODER']['state'],
                 check['words_num'],
                 folder,
+                align,
             )
         ]
-    te, ie = cache['encoders']
+    te, ie = cache['encoders', align]
     if kind == 'RNN_ENCODER':
         return run_ours_rnn(te, x, check.get('perm'))
-    return run_ours_cnn(ie, x, check['size'], check['train'], check.get('align_corners', False))
+    return run_ours_cnn(ie, x, check['size'], check['train'])
 
 
 # ---- the original modules' outputs ------------------------------------------------------------
@@ -558,17 +569,25 @@ def build_checks(dm, an, dm_cfg, an_cfg, tiny):
             deviation="the original's mask mixes samples (README: per-sample mask, a fix)",
         ),
     ]
+    sn_eval = dmgan_main.DEFAULTS['GAN']['SN_EVAL_POWER_ITERATION']
     for size in (64, 128, 256):
         checks += [
             dict(
                 name=f'D_NET{size} (power iteration each forward)', net=f'D_NET{size}', train=True
             ),
             dict(
-                name=f'D_NET{size}, ours in eval mode',
+                name=f'D_NET{size} eval (power iteration too)',
+                net=f'D_NET{size}',
+                train=False,
+                sn_eval_power_iteration=sn_eval,
+            ),
+            dict(
+                name=f'D_NET{size} eval, no eval power iteration',
                 net=f'D_NET{size}',
                 train=False,
                 converged_sn=True,
-                deviation='our eval mode skips the power iteration the original always does',
+                sn_eval_power_iteration=False,
+                deviation='GAN.SN_EVAL_POWER_ITERATION false: u/v frozen in eval',
             ),
         ]
     for who in ('AttnGAN', 'DM-GAN'):
@@ -604,12 +623,16 @@ def build_checks(dm, an, dm_cfg, an_cfg, tiny):
             size=64,
             train=True,
         ),
+    ]
+    dm_align = dmgan_main.DEFAULTS['TRAIN']['NET_E_ALIGN_CORNERS']
+    checks += [
         dict(
             name='DM-GAN CNN_ENCODER eval, 299 px',
             net='CNN_ENCODER',
             who='DM-GAN',
             size=299,
             train=False,
+            net_e_align_corners=dm_align,
         ),
         dict(
             name='DM-GAN CNN_ENCODER eval, 64 px',
@@ -617,16 +640,16 @@ def build_checks(dm, an, dm_cfg, an_cfg, tiny):
             who='DM-GAN',
             size=64,
             train=False,
-            deviation='resize to 299: DM-GAN align_corners=True, ours False',
+            net_e_align_corners=dm_align,
         ),
         dict(
-            name='DM-GAN CNN_ENCODER, ours given its resize',
+            name='DM-GAN CNN_ENCODER eval, 64 px, False',
             net='CNN_ENCODER',
             who='DM-GAN',
-            size=299,
-            orig_size=64,
-            align_corners=True,
+            size=64,
             train=False,
+            net_e_align_corners=False,
+            deviation='TRAIN.NET_E_ALIGN_CORNERS false: AttnGAN-today resize to 299',
         ),
     ]
     for c in checks:
@@ -654,9 +677,7 @@ def run_original(check, originals, dtype):
     pre = '' if check['who'] == 'AttnGAN' else 'dm_'
     if kind == 'RNN_ENCODER':
         return run_original_rnn(originals[pre + 'RNN_ENCODER'], x)
-    return run_original_cnn(
-        originals[pre + 'CNN_ENCODER'], x, check.get('orig_size', check['size']), check['train']
-    )
+    return run_original_cnn(originals[pre + 'CNN_ENCODER'], x, check['size'], check['train'])
 
 
 def main(argv=None):

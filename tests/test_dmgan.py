@@ -79,9 +79,36 @@ def test_spectral_norm_has_unit_top_singular_value():
     assert not sn.weight_u.requires_grad and sn.weight_bar.requires_grad
 
 
+def test_spectral_norm_iterates_in_eval_mode_unless_told_not_to():
+    """DM-GAN code/spectral.py runs its power iteration on every forward, eval mode too: the
+    default (main.py GAN.SN_EVAL_POWER_ITERATION true); false freezes u/v in eval mode."""
+    assert main.DEFAULTS['GAN']['SN_EVAL_POWER_ITERATION'] is True
+    x = torch.randn(1, 4, 5, 5)
+    for flag in (True, False):
+        torch.manual_seed(0)
+        sn = models.SpectralNorm(torch.nn.Conv2d(4, 6, 3), eval_power_iteration=flag).eval()
+        u = sn.weight_u.detach().clone()
+        w = sn.weight_bar.detach().reshape(6, -1)
+        want_u = torch.nn.functional.normalize(
+            w @ torch.nn.functional.normalize(w.t() @ u, dim=0), dim=0
+        )
+        sn(x)
+        torch.testing.assert_close(sn.weight_u, want_u if flag else u, rtol=0, atol=1e-6)
+        assert not torch.equal(sn.weight_u, u) if flag else torch.equal(sn.weight_u, u)
+    netD = models.DMGANDiscriminator(64, df_dim=2, text_dim=4, sn_eval_power_iteration=False)
+    assert all(
+        not m.eval_power_iteration for m in netD.modules() if isinstance(m, models.SpectralNorm)
+    )
+    assert all(
+        m.eval_power_iteration
+        for m in models.DMGANDiscriminator(64, df_dim=2, text_dim=4).modules()
+        if isinstance(m, models.SpectralNorm)
+    )
+
+
 def test_discriminator_loss_matches_hand_computation():
     torch.manual_seed(0)
-    netD = models.DMGANDiscriminator(64, df_dim=2, text_dim=4)
+    netD = models.DMGANDiscriminator(64, df_dim=2, text_dim=4, sn_eval_power_iteration=False)
     real, fake, sent = (
         torch.rand(3, 3, 64, 64) * 2 - 1,
         torch.rand(3, 3, 64, 64) * 2 - 1,

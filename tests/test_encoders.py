@@ -1176,3 +1176,79 @@ def test_csv_image_paths_resolve_as_open_clip_then_beside_the_csv(tmp_path, monk
         (str(tmp_path / 'work' / 'img' / 'a.jpg'), 'one'),  # from the working directory
         (str(tmp_path / 'data' / 'img' / 'b.jpg'), 'two'),
     ]  # else beside the CSV
+
+
+def _small_damsm_image(**extra):
+    torch.manual_seed(0)
+    spec = {
+        'family': 'damsm',
+        'dim': 8,
+        'image_size': 32,
+        'backbone': 'small',
+        'width': 4,
+        'train_backbone': False,
+        **extra,
+    }
+    return models.build_image_encoder(spec).eval()
+
+
+def test_damsm_image_resize_follows_align_corners():
+    """CNN_ENCODER's nn.Upsample to its input size: align_corners=True as DM-GAN's PyTorch 0.3.1
+    ran it, False (and for checkpoints without the key) as AttnGAN's code runs today."""
+    x = torch.rand(2, 3, 20, 20) * 2 - 1
+    for align in (True, False):
+        want = torch.nn.functional.interpolate(
+            x, size=(32, 32), mode='bilinear', align_corners=align
+        )
+        torch.testing.assert_close(models._prepare(x, 32, align_corners=align), want)
+    seen = []
+    old, new = _small_damsm_image(), _small_damsm_image(align_corners=True)
+    for enc in (old, new):
+        h = enc.to_regions.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        with torch.no_grad():
+            enc(x)
+        h.remove()
+    torch.testing.assert_close(seen[0], models._prepare(x, 32, align_corners=False))
+    torch.testing.assert_close(seen[1], models._prepare(x, 32, align_corners=True))
+    assert not torch.allclose(seen[0], seen[1])
+
+
+def test_align_corners_defaults_and_loading(tmp_path, monkeypatch):
+    """main.py (DM-GAN cfgs) resizes as DM-GAN's CNN_ENCODER (True), pretrain_DAMSM.py as
+    AttnGAN's today (False, written into the spec); the embedded shapes DAMSM cfg keeps False;
+    load_encoders / load_dmgan_encoders set it on damsm-family image encoders only."""
+    import main
+
+    assert main.DEFAULTS['TRAIN']['NET_E_ALIGN_CORNERS'] is True
+    assert pretrain_DAMSM.DEFAULTS['MODEL']['CNN']['ALIGN_CORNERS'] is False
+    for name in ('bird_DMGAN.yml', 'coco_DMGAN.yml', 'eval_bird.yml', 'eval_coco.yml'):
+        assert (
+            'NET_E_ALIGN_CORNERS' not in utils.load_yaml(os.path.join(ROOT, 'cfg', name))['TRAIN']
+        )
+    for name in ('bird.yml', 'coco.yml'):
+        cnn = utils.load_yaml(os.path.join(ROOT, 'cfg', 'DAMSM', name))['MODEL'].get('CNN', {})
+        assert 'ALIGN_CORNERS' not in cnn
+    shapes = utils.load_yaml(os.path.join(ROOT, 'cfg', 'shapes_DMGAN_DAMSM.yml'))
+    assert shapes['TRAIN']['NET_E_ALIGN_CORNERS'] is False
+    text = models.build_text_encoder(
+        {
+            'family': 'damsm',
+            'dim': 8,
+            'tokenizer': models.tokenizer_spec('words', 6, words=['a', 'b']),
+            'word_dim': 4,
+            'dropout': 0.0,
+        }
+    )
+    path = save_encoder_pair(tmp_path, text, _small_damsm_image())
+    assert 'align_corners' not in models.load_encoders(path)[1].spec  # as saved: False
+    for align in (True, False):
+        image = models.load_encoders(path, align_corners=align)[1]
+        assert image.spec['align_corners'] is align
+        cfg = utils.to_cfg(
+            {
+                'DATA_DIR': '',
+                'TEXT': {'EMBEDDING_DIM': 8, 'CAPTIONS_PER_IMAGE': 10},
+                'TRAIN': {'NET_E': path, 'NET_E_ALIGN_CORNERS': align},
+            }
+        )
+        assert models.load_dmgan_encoders(cfg, 'cpu')[1].spec['align_corners'] is align

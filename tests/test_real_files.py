@@ -231,9 +231,10 @@ def parity_bench():
 
 def test_converted_modules_reproduce_the_original_outputs(tmp_path):
     """G_NET (eval: no padding, padding shared by the batch; train), D_NET64/128/256 (logits,
-    sigmoid outputs, power-iterated u/v), RNN_ENCODER (sorted, and unsorted for ours) and
-    CNN_ENCODER (299 and 64 px, eval and train; DM-GAN's copy given its align_corners=True
-    resize): the original weights through our loaders give the original's outputs."""
+    sigmoid outputs, power-iterated u/v; train and eval mode), RNN_ENCODER (sorted, and unsorted
+    for ours) and CNN_ENCODER (299 and 64 px, eval and train; DM-GAN's with main.py's
+    TRAIN.NET_E_ALIGN_CORNERS): the original weights through our loaders give the original's
+    outputs."""
     import torch
 
     bench = parity_bench()
@@ -247,7 +248,7 @@ def test_converted_modules_reproduce_the_original_outputs(tmp_path):
         ours = bench.run_ours(check, nets, str(tmp_path), cache, torch.float64)
         for out, (_, _, ratio) in bench.compare_stored(ours, check['ref']).items():
             ratios[f"{check['name']}: {out}"] = ratio
-    assert len(fx['checks']) == 15 and len(ratios) == 60
+    assert len(fx['checks']) == 18 and len(ratios) == 78
     # float64 on both sides: what is left is rounding (about 1e-12 at most, from the spectral
     # norm's eps: v / (|v| + eps) in DM-GAN's spectral.py, v / max(|v|, eps) here)
     assert max(ratios.values()) < 1e-9, {k: r for k, r in ratios.items() if not r < 1e-9}
