@@ -717,18 +717,6 @@ def save_encoders(run, model, epoch, step):
         )
 
 
-def read_resume(resume, run):
-    """(our checkpoint, None), (None, an open_clip checkpoint as read) or (None, None)."""
-    if resume and resume != 'auto':
-        obj = utils.load_weights(resume)
-        if models.is_open_clip_checkpoint(obj):
-            return None, obj
-        ckpt = utils.checkpoint_of_kind(obj, resume, 'damsm')
-        utils.report_resume_differences(ckpt, run.cfg, run.log)
-        return ckpt, None
-    return utils.resolve_resume(resume, run.out, 'damsm', run.log, run.cfg), None
-
-
 def resume_open_clip(obj, path, model, opt, scaler, steps_per_epoch, cfg, log):
     """An open_clip checkpoint into the clip family's DualEncoder, as open_clip's --resume
     takes it: with 'epoch', the weights, AdamW's state and the scaler, training going on after
@@ -934,7 +922,7 @@ def main():
             f"TRAIN.BATCH_SIZE={cfg.TRAIN.BATCH_SIZE}"
         )
     step, start = 0, 0
-    ckpt, foreign = read_resume(args.resume, run)
+    ckpt, foreign = utils.read_resume(args.resume, run, 'damsm', models.is_open_clip_checkpoint)
     if ckpt:
         step, start = utils.restore_checkpoint(ckpt, {'model': model}, {'opt': opt}, scaler=scaler)
     elif foreign is not None:

@@ -255,18 +255,6 @@ def load_vae(cfg, log):
     return models.load_discrete_vae(path)
 
 
-def read_resume(resume, run):
-    """(our checkpoint, None) or (None, DALLE-pytorch's dalle.pt as read) or (None, None)."""
-    if resume and resume != 'auto':
-        obj = utils.load_weights(resume)
-        if models.is_dalle_pytorch_checkpoint(obj):
-            return None, obj
-        ckpt = utils.checkpoint_of_kind(obj, resume, 'dalle')
-        utils.report_resume_differences(ckpt, run.cfg, run.log)
-        return ckpt, None
-    return utils.resolve_resume(resume, run.out, 'dalle', run.log, run.cfg), None
-
-
 def resume_dalle_pytorch(obj, path, dalle, opt, sched, steps_per_epoch, log):
     """The training state of a DALLE-pytorch dalle.pt: Adam's moments, ReduceLROnPlateau's
     state (when --lr_decay is on, as DALLE-pytorch loads it), and its epoch: the one running
@@ -337,7 +325,7 @@ def train(run, args):
             "IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv"
         )
     pairs = utils.read_pairs(cfg.IMAGE_TEXT_FOLDER)
-    ckpt, foreign = read_resume(args.resume, run)
+    ckpt, foreign = utils.read_resume(args.resume, run, 'dalle', models.is_dalle_pytorch_checkpoint)
     if foreign is not None:  # DALLE-pytorch's dalle.pt
         dalle, vae, tokenizer = models.load_dalle_pytorch(
             foreign,

@@ -945,6 +945,19 @@ def report_resume_differences(ckpt, cfg, log):
         )
 
 
+def read_resume(resume, run, kind, is_foreign):
+    """--resume -> (our checkpoint of `kind`, None), (None, a file of the original's layout
+    that `is_foreign` recognises, as read) or (None, None) when there is nothing to resume."""
+    if resume and resume != 'auto':
+        obj = load_weights(resume)
+        if is_foreign(obj):
+            return None, obj
+        ckpt = checkpoint_of_kind(obj, resume, kind)
+        report_resume_differences(ckpt, run.cfg, run.log)
+        return ckpt, None
+    return resolve_resume(resume, run.out, kind, run.log, run.cfg), None
+
+
 def resolve_resume(resume, out_dir, kind, log=None, cfg=None):
     """--resume auto: newest loadable checkpoint of `kind` in the run dir (None if
     there is none); --resume PATH: that file. Returns the loaded checkpoint or None;

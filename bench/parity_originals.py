@@ -53,26 +53,12 @@ FULL_WORDS, TINY_WORDS = 5450, 12  # vocabulary of AttnGAN's bird captions.pickl
 
 
 # ---- the original code, as it is --------------------------------------------------------------
-class _EasyDict(dict):
-    """Stand-in for easydict.EasyDict (attribute access to dict items), which the original's
-    miscc/config.py imports, where the package is not installed."""
-
-    def __getattr__(self, k):
-        try:
-            return self[k]
-        except KeyError:
-            raise AttributeError(k) from None
-
-    def __setattr__(self, k, v):
-        self[k] = v
-
-
 def install_shims():
     try:
         import easydict  # noqa: F401
     except ImportError:
         sys.modules['easydict'] = types.ModuleType('easydict')
-        sys.modules['easydict'].EasyDict = _EasyDict
+        sys.modules['easydict'].EasyDict = utils.Cfg  # easydict's attribute access to dict items
 
 
 def import_original(code_dir):
