@@ -43,6 +43,9 @@ DEFAULTS = {
         'DISCRIMINATOR_LR': 2e-4,
         'GENERATOR_LR': 2e-4,
         'EMA_DECAY': 0.999,
+        # weight of the conditioning augmentation's KL term: DM-GAN code/trainer.py adds
+        # KL_loss unweighted (StackGAN's cfg names it TRAIN.COEFF.KL)
+        'KL_WEIGHT': 1.0,
         'AMP': False,  # bf16 autocast
         'KEEP_CHECKPOINTS': 3,
         'LOG_EVERY': 50,
@@ -199,7 +202,11 @@ def train_step(
             train_cfg.SMOOTH.LAMBDA > 0 or len(feats) == 2
         )  # else the image encoder adds nothing
         for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
-            errG = errG + generator_adv_loss(ddp_Ds, fakes, sent) + kl_loss(mu, logvar)
+            errG = (
+                errG
+                + generator_adv_loss(ddp_Ds, fakes, sent)
+                + train_cfg.KL_WEIGHT * kl_loss(mu, logvar)
+            )
             if use_encoder:
                 damsm, code = damsm_loss(
                     image_enc, fakes[-1], words, sent, pad, class_ids, train_cfg.SMOOTH

@@ -123,6 +123,17 @@ def tiny_shapes(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def fixture_data(tmp_path_factory):
+    """8 train / 8 test tiny shapes images whose metadata has the bytes of AttnGAN's birds.zip,
+    as a CRLF copy (read-only: copy before writing)."""
+    root = make_tiny_shapes(
+        tmp_path_factory.mktemp('enc') / 'shapes', num_train=8, num_test=8, image_size=32, seed=1
+    )
+    write_attngan_metadata(root, crlf=True)
+    return root
+
+
+@pytest.fixture(scope='session')
 def tiny_judge(tmp_path_factory, tiny_shapes):
     """A random-init shapes judge saved as fid_score.py --train_judge saves it."""
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_python, save_encoder_pair
+from conftest import ROOT, run_in_process, run_python, save_encoder_pair
 
 import main
 import models
@@ -104,6 +104,37 @@ def test_spectral_norm_iterates_in_eval_mode_unless_told_not_to():
         for m in models.DMGANDiscriminator(64, df_dim=2, text_dim=4).modules()
         if isinstance(m, models.SpectralNorm)
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('flag', [True, False])
+def test_main_hands_sn_eval_power_iteration_to_every_discriminator(
+    tiny_shapes, tiny_encoder, tmp_path, monkeypatch, flag
+):
+    """GAN.SN_EVAL_POWER_ITERATION reaches the spectral norms of every stage's D that main.py
+    trains (one step of the embedded cfg)."""
+    built = []
+
+    class Spy(models.DMGANDiscriminator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(models, 'DMGANDiscriminator', Spy)
+    argv = dmgan_args(
+        'shapes_DMGAN.yml',
+        tmp_path / 'run',
+        tiny_shapes,
+        tiny_encoder,
+        'TRAIN.BATCH_SIZE=16',
+        'TRAIN.MAX_EPOCH=1',
+        f'GAN.SN_EVAL_POWER_ITERATION={str(flag).lower()}',
+    )[1:]
+    run_in_process(main, argv)
+    assert json.load(open(tmp_path / 'run' / 'metrics.json'))['train_steps'] >= 1
+    assert len(built) == 2  # BRANCH_NUM 2: the 16 and 32 px stages
+    norms = [m for d in built for m in d.modules() if isinstance(m, models.SpectralNorm)]
+    assert norms and all(m.eval_power_iteration is flag for m in norms)
 
 
 def test_discriminator_loss_matches_hand_computation():
@@ -295,6 +326,37 @@ def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_enco
         len([f for f in os.listdir(tmp_path / 'eval' / 'valid' / 'single') if f.endswith('.png')])
         == 12
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    'cfg, encoder',
+    [
+        ('bird_DMGAN.yml', 'tiny_rnn_encoder'),
+        ('coco_DMGAN.yml', 'tiny_rnn_encoder'),
+        ('clip_bird_DMGAN.yml', 'tiny_encoder'),
+        ('clip_coco_DMGAN.yml', 'tiny_encoder'),
+    ],
+)
+def test_real_cfgs_train_on_attngans_own_metadata(cfg, encoder, fixture_data, tmp_path, request):
+    """Each bird/coco cfg (its three stages to 256 px, flips, crops, DataLoader workers) trains on
+    a layout whose filenames.pickle / class_info.pickle have the bytes of AttnGAN's files, as a
+    CRLF checkout of them; only the widths shrink."""
+    argv = dmgan_args(
+        cfg,
+        tmp_path / 'run',
+        fixture_data,
+        request.getfixturevalue(encoder),
+        'TEXT.CAPTIONS_PER_IMAGE=10',
+        'TRAIN.BATCH_SIZE=8',
+        'TRAIN.MAX_EPOCH=1',
+        'WORKERS=1',
+    )
+    run_in_process(main, argv[1:] + ['--gpu', '-1'])
+    m = json.load(open(tmp_path / 'run' / 'metrics.json'))
+    assert m['train_steps'] == 1 and math.isfinite(m['final_loss_G'])
+    ckpt = utils.load_checkpoint(m['checkpoint'], 'dmgan')
+    assert sorted(k for k in ckpt['models'] if k.startswith('D')) == ['D0', 'D1', 'D2']
 
 
 def dmgan_args(cfg, out, data, enc, *sets):

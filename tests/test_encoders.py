@@ -20,10 +20,8 @@ import models  # noqa: E402
 import pretrain_DAMSM  # noqa: E402
 import utils  # noqa: E402
 from conftest import (  # noqa: E402
-    make_tiny_shapes,
     run_in_process,
     save_encoder_pair,
-    write_attngan_metadata,
     write_clip_bpe,
 )
 
@@ -476,16 +474,6 @@ def test_inception_weights_load_into_the_cnn_encoder(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The script: one step of every cfg on fixture data, resume, metrics
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope='module')
-def fixture_data(tmp_path_factory):
-    """Tiny shapes data whose metadata has the bytes of AttnGAN's birds.zip, as a CRLF copy."""
-    root = make_tiny_shapes(
-        tmp_path_factory.mktemp('enc') / 'shapes', num_train=8, num_test=8, image_size=32, seed=1
-    )
-    write_attngan_metadata(root, crlf=True)
-    return root
-
-
 def run_script(cfg, out, data, *sets, resume=None):
     argv = [
         '--cfg',
