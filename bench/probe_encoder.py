@@ -8,6 +8,12 @@ training captions predicts the object's shape, colour, size and cell for 1,000 t
 (chance 0.17 / 0.13 / 0.50 / 0.11), and the swap accuracy of utils.swap_accuracy on the first
 caption of each test image (own caption against the word swapped, chance 0.5). A generator
 conditioned on the sentence features can only draw what they carry.
+
+    python bench/probe_encoder.py ENCODER --generator output/shapes_DMGAN/checkpoints/dmgan_<step>.pt
+
+also probes what reaches DM-GAN's initial stage through that checkpoint's conditioning
+augmentation (its G_ema, run on ENCODER's sentence features): the mean mu and one draw
+c = mu + sigma * eps (StackGAN Sec. 3.1), the only text the 4x4 -> base_size stage sees.
 """
 
 import argparse
@@ -93,6 +99,7 @@ def main():
     p.add_argument('--data', default='data/shapes', help='the shapes dataset')
     p.add_argument('--train_images', type=int, default=1000)
     p.add_argument('--test_images', type=int, default=500)
+    p.add_argument('--generator', help="a main.py dmgan_<step>.pt trained on the first encoder")
     args = p.parse_args()
     attributes = utils.caption_attributes(args.data)
     train = single_object_captions(args.data, 'train', args.train_images, attributes)
@@ -131,6 +138,33 @@ def main():
             + ' | '.join(f"{swap.get(f'swap_{a}', float('nan')):.3f}" for a in utils.ATTRIBUTES)
             + ' |'
         )
+        if args.generator and path == args.encoders[0]:
+            probe_conditioning(args.generator, x_train, x_test, train, test)
+
+
+def probe_conditioning(path, x_train, x_test, train, test):
+    """The probes on the conditioning augmentation's mu and on one draw c of it."""
+    ckpt = utils.load_checkpoint(path, 'dmgan')
+    netG = models.build_dmgan_generator(utils.to_cfg(ckpt['cfg']), x_train.shape[1])
+    netG.load_state_dict(ckpt['models']['G_ema'])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        (c_train, mu_train, logvar), (c_test, mu_test, _) = (
+            netG.ca_net(x) for x in (x_train, x_test)
+        )
+    sigma = torch.exp(0.5 * logvar).mean().item()
+    for name, a, b in (('mu', mu_train, mu_test), ('c = mu + sigma * eps', c_train, c_test)):
+        probes = [
+            linear_probe(
+                a,
+                torch.tensor([y[t] for _, y in train]),
+                b,
+                torch.tensor([y[t] for _, y in test]),
+            )
+            for t in TARGETS
+        ]
+        print(f'| {path}: {name} | ' + ' | '.join(f'{v:.3f}' for v in probes) + ' | | | |')
+    print(f"mean |mu| {mu_train.abs().mean().item():.3f}, mean sigma {sigma:.3f}")
 
 
 if __name__ == '__main__':
