@@ -7,11 +7,20 @@ matmul's, measured in the same run (FLOPs counted by torch.utils.flop_counter on
     python bench/dmgan.py                                  # CPU: 2 timed steps per variant
     python bench/dmgan.py --device cuda --steps 20 --warmup 3
 
-Random weights and random text features (the frozen text encoder is not part of the step);
-the original implementation's rate, to compare against, is measured outside this project.
+Random weights and random text features (the frozen text encoder is not part of the step).
+
+    python bench/dmgan.py --original DM-GAN/code           # against the original's modules
+
+times, alternating in one process on the same inputs, the original's step (MinfengZhu/DM-GAN
+code/model.py G_NET and D_NET64/128/256 at its cfg/bird_DMGAN.yml, the D and G updates of
+code/trainer.py train() with miscc/losses.py's adversarial terms, KL_loss and the 0.999
+parameter average) and ours doing the same work (main.train_step without the DAMSM image
+encoder, models.ema_update, channels_last as main.py trains), in fp32; it prints each rate and
+ours / original.
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -22,8 +31,10 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main
 import models
+import parity_originals  # the original code imported as it is, with the shims it needs
 import utils
 
 
@@ -102,6 +113,128 @@ def build(cfg, dev, channels_last):
     )
 
 
+def adversarial_inputs(cfg, dev):
+    """Real images per stage, words / sentence / padding mask of 18 words, z: one seeded draw."""
+    text_dim, B, T = cfg.TEXT.EMBEDDING_DIM, cfg.TRAIN.BATCH_SIZE, 18  # config.py WORDS_NUM
+    sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
+    g = torch.Generator().manual_seed(0)
+    return {
+        'reals': [(torch.rand(B, 3, s, s, generator=g) * 2 - 1).to(dev) for s in sizes],
+        'words': torch.randn(B, text_dim, T, generator=g).to(dev),
+        'sent': torch.randn(B, text_dim, generator=g).to(dev),
+        'mask': torch.zeros(B, T, dtype=torch.bool, device=dev),
+        'cap_lens': torch.full((B,), T, dtype=torch.long, device=dev),
+        'noise': torch.randn(B, cfg.GAN.Z_DIM, generator=g).to(dev),
+    }
+
+
+def ours_adversarial(cfg, x, dev):
+    """main.py's step with the adversarial terms and KL only (LAMBDA 0, no contrastive view)."""
+    torch.manual_seed(0)
+    sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
+    netG = models.build_dmgan_generator(cfg, cfg.TEXT.EMBEDDING_DIM)
+    netsD = [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, cfg.TEXT.EMBEDDING_DIM) for s in sizes]
+    for net in (netG, *netsD):
+        net.apply(main.init_weights)
+        net.to(dev, memory_format=torch.channels_last)
+    netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
+    optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    optsD = [
+        torch.optim.Adam([p for p in d.parameters() if p.requires_grad], 2e-4, betas=(0.5, 0.999))
+        for d in netsD
+    ]
+    train_cfg = utils.to_cfg({**cfg.TRAIN, 'SMOOTH': {**cfg.TRAIN.SMOOTH, 'LAMBDA': 0.0}})
+    reals = [r.contiguous(memory_format=torch.channels_last) for r in x['reals']]
+    feats = [(x['words'], x['sent'], x['mask'])]
+    amp = torch.autocast(dev.type, enabled=False)
+    B = x['sent'].shape[0]
+
+    def step(i):
+        args = (optG, optsD, None, reals, torch.arange(B), feats, x['noise'], train_cfg, amp, i)
+        main.train_step(netG, netsD, *args)
+        models.ema_update(netG_ema, netG, 0.999)
+
+    return step
+
+
+def original_adversarial(code_dir, x, dev):
+    """The original's modules and its trainer.py step without the DAMSM words/sentence terms."""
+    mod = parity_originals.import_original(code_dir)
+    parity_originals.configure(mod, os.path.join(code_dir, 'cfg', 'bird_DMGAN.yml'), False)
+    torch.manual_seed(0)
+    netG = mod.G_NET().to(dev)
+    netsD = [d().to(dev) for d in (mod.D_NET64, mod.D_NET128, mod.D_NET256)]
+    optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    optsD = [
+        torch.optim.Adam([p for p in d.parameters() if p.requires_grad], 2e-4, betas=(0.5, 0.999))
+        for d in netsD
+    ]
+    avg_param_G = [p.detach().clone() for p in netG.parameters()]
+    B = x['sent'].shape[0]
+    real_labels, fake_labels = torch.ones(B, device=dev), torch.zeros(B, device=dev)
+    bce = nn.BCELoss()
+    sent, words, reals = x['sent'], x['words'], x['reals']
+
+    def step(i):
+        fake_imgs, _, mu, logvar = netG(x['noise'], sent, words, x['mask'], x['cap_lens'])
+        for netD, opt, real, fake in zip(netsD, optsD, reals, fake_imgs):  # losses.py
+            netD.zero_grad()
+            real_features, fake_features = netD(real), netD(fake.detach())
+            cond_real = bce(netD.COND_DNET(real_features, sent), real_labels)
+            cond_fake = bce(netD.COND_DNET(fake_features, sent), fake_labels)
+            cond_wrong = bce(netD.COND_DNET(real_features[: B - 1], sent[1:B]), fake_labels[1:B])
+            real_err = bce(netD.UNCOND_DNET(real_features), real_labels)
+            fake_err = bce(netD.UNCOND_DNET(fake_features), fake_labels)
+            errD = (real_err + cond_real) / 2.0 + (fake_err + cond_fake + cond_wrong) / 3.0
+            errD.backward()
+            opt.step()
+        netG.zero_grad()
+        errG = 0
+        for netD, fake in zip(netsD, fake_imgs):
+            features = netD(fake)
+            errG = errG + bce(netD.COND_DNET(features, sent), real_labels)
+            errG = errG + bce(netD.UNCOND_DNET(features), real_labels)
+        kl = -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())  # losses.py KL_loss
+        (errG + kl).backward()
+        optG.step()
+        with torch.no_grad():
+            for p, avg_p in zip(netG.parameters(), avg_param_G):
+                avg_p.mul_(0.999).add_(p, alpha=0.001)
+
+    return step
+
+
+def against_original(cfg, code_dir, dev, steps, warmup, rounds=3):
+    """Alternating rounds of `steps` timed steps each; the median of each side's rounds."""
+    x = adversarial_inputs(cfg, dev)
+    sides = {
+        'original modules (fp32)': original_adversarial(code_dir, x, dev),
+        'ours, same work (fp32, channels_last)': ours_adversarial(cfg, x, dev),
+    }
+    for step in sides.values():
+        for i in range(warmup):
+            step(i)
+    times = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, step in sides.items():
+            sync(dev)
+            t = time.perf_counter()
+            for i in range(steps):
+                step(i)
+            sync(dev)
+            times[name].append((time.perf_counter() - t) / steps)
+    B = cfg.TRAIN.BATCH_SIZE
+    rows = {}
+    for name, ts in times.items():
+        dt = sorted(ts)[len(ts) // 2]
+        rows[name] = {'images_per_s': B / dt, 'seconds_per_step': dt, 'rounds_s': ts}
+        print(f"{name:40s} {B / dt:.3f} images/s ({dt:.2f} s/step; rounds {ts})", flush=True)
+    original, ours = rows.values()
+    ratio = ours['images_per_s'] / original['images_per_s']
+    print(f"ours / original: {ratio:.2f}x (fp32, same work, batch {B})")
+    return rows, ratio
+
+
 def main_():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--device', default='cpu')
@@ -109,6 +242,8 @@ def main_():
     p.add_argument('--steps', type=int, default=2, help='timed steps per variant')
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--out', default='output/bench/dmgan.json')
+    p.add_argument('--original', help="MinfengZhu/DM-GAN code/ folder: time against its modules")
+    p.add_argument('--rounds', type=int, default=3, help='alternating rounds (with --original)')
     args = p.parse_args()
     dev = utils.get_device(0 if args.device.startswith('cuda') else -1)
     cfg = utils.merge_cfg(
@@ -117,6 +252,27 @@ def main_():
         args.cfg,
     )
     B = cfg.TRAIN.BATCH_SIZE
+    if args.original:
+        rows, ratio = against_original(
+            cfg, args.original, dev, args.steps, args.warmup, args.rounds
+        )
+        os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(
+                {
+                    'device': str(dev),
+                    'cfg': args.cfg,
+                    'original': parity_originals.git_head(args.original),
+                    'batch': B,
+                    'results': rows,
+                    'ours_over_original': ratio,
+                    'threads': torch.get_num_threads(),
+                    'date': time.strftime('%Y-%m-%d %H:%M'),
+                },
+                f,
+                indent=1,
+            )
+        return
     rows = {}
     for name, dtype, cl in (
         ('fp32', None, False),
