@@ -47,6 +47,10 @@ DEFAULTS = {
         # KL_loss unweighted (StackGAN's cfg names it TRAIN.COEFF.KL)
         'KL_WEIGHT': 1.0,
         'AMP': False,  # bf16 autocast
+        # layout of G, the Ds and the real images: channels_last | contiguous | auto (channels_last
+        # on CUDA or under AMP: tensor cores, oneDNN's bf16 kernels; in fp32 on a CPU the step at
+        # the bird cfg ran 1.47x slower in it, bench/dmgan.py --original)
+        'MEMORY_FORMAT': 'auto',
         'KEEP_CHECKPOINTS': 3,
         'LOG_EVERY': 50,
         'SMOOTH': {
@@ -225,6 +229,19 @@ def train_step(
     return {'loss_D': errD_total, 'loss_G': errG.item(), 'damsm': damsm_total}
 
 
+def memory_format(train_cfg, dev):
+    """TRAIN.MEMORY_FORMAT as a torch memory format (auto: channels_last on CUDA or under AMP)."""
+    choice = train_cfg.MEMORY_FORMAT
+    if choice == 'auto':
+        choice = 'channels_last' if dev.type == 'cuda' or train_cfg.AMP else 'contiguous'
+    formats = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
+    if choice not in formats:
+        raise utils.UserError(
+            f"TRAIN.MEMORY_FORMAT={choice!r}: expected auto, channels_last or contiguous"
+        )
+    return formats[choice]
+
+
 def train(run, args):
     cfg, dev, log = run.cfg, run.device, run.log
     train_cfg, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
@@ -254,8 +271,9 @@ def train(run, args):
     ).to(dev)
     netG.apply(init_weights)
     netsD.apply(init_weights)
-    for net in (netG, netsD):  # NHWC: faster convolutions on CPU (oneDNN) and on tensor cores
-        net.to(memory_format=torch.channels_last)
+    layout = memory_format(train_cfg, dev)
+    for net in (netG, netsD):
+        net.to(memory_format=layout)
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
     optG = torch.optim.Adam(netG.parameters(), lr=train_cfg.GENERATOR_LR, betas=(0.5, 0.999))
     optsD = [
@@ -291,10 +309,7 @@ def train(run, args):
         utils.set_epoch(loader, epoch)
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=log)
         for batch in bar:
-            reals = [
-                im.to(dev, non_blocking=True, memory_format=torch.channels_last)
-                for im in batch['imgs']
-            ]
+            reals = [im.to(dev, non_blocking=True, memory_format=layout) for im in batch['imgs']]
             views = [batch['text']] + ([batch['text2']] if contrastive else [])
             noise = torch.randn(
                 reals[0].shape[0], cfg.GAN.Z_DIM, device=dev

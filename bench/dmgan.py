@@ -15,7 +15,7 @@ times, alternating in one process on the same inputs, the original's step (Minfe
 code/model.py G_NET and D_NET64/128/256 at its cfg/bird_DMGAN.yml, the D and G updates of
 code/trainer.py train() with miscc/losses.py's adversarial terms, KL_loss and the 0.999
 parameter average) and ours doing the same work (main.train_step without the DAMSM image
-encoder, models.ema_update, channels_last as main.py trains), in fp32; it prints each rate and
+encoder, models.ema_update, the memory format main.py picks), in fp32; it prints each rate and
 ours / original.
 """
 
@@ -134,9 +134,10 @@ def ours_adversarial(cfg, x, dev):
     sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
     netG = models.build_dmgan_generator(cfg, cfg.TEXT.EMBEDDING_DIM)
     netsD = [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, cfg.TEXT.EMBEDDING_DIM) for s in sizes]
+    layout = main.memory_format(cfg.TRAIN, dev)  # as main.py trains
     for net in (netG, *netsD):
         net.apply(main.init_weights)
-        net.to(dev, memory_format=torch.channels_last)
+        net.to(dev, memory_format=layout)
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
     optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
     optsD = [
@@ -144,7 +145,7 @@ def ours_adversarial(cfg, x, dev):
         for d in netsD
     ]
     train_cfg = utils.to_cfg({**cfg.TRAIN, 'SMOOTH': {**cfg.TRAIN.SMOOTH, 'LAMBDA': 0.0}})
-    reals = [r.contiguous(memory_format=torch.channels_last) for r in x['reals']]
+    reals = [r.contiguous(memory_format=layout) for r in x['reals']]
     feats = [(x['words'], x['sent'], x['mask'])]
     amp = torch.autocast(dev.type, enabled=False)
     B = x['sent'].shape[0]
@@ -209,7 +210,7 @@ def against_original(cfg, code_dir, dev, steps, warmup, rounds=3):
     x = adversarial_inputs(cfg, dev)
     sides = {
         'original modules (fp32)': original_adversarial(code_dir, x, dev),
-        'ours, same work (fp32, channels_last)': ours_adversarial(cfg, x, dev),
+        'ours, same work (fp32, TRAIN.MEMORY_FORMAT auto)': ours_adversarial(cfg, x, dev),
     }
     for step in sides.values():
         for i in range(warmup):

@@ -137,6 +137,21 @@ def test_main_hands_sn_eval_power_iteration_to_every_discriminator(
     assert norms and all(m.eval_power_iteration is flag for m in norms)
 
 
+def test_memory_format_follows_the_device_and_amp():
+    """TRAIN.MEMORY_FORMAT auto: channels_last on CUDA or under AMP, contiguous in fp32 on a CPU."""
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    cfg = utils.to_cfg({'MEMORY_FORMAT': 'auto', 'AMP': False})
+    assert main.memory_format(cfg, cpu) == torch.contiguous_format
+    assert main.memory_format(cfg, cuda) == torch.channels_last
+    cfg.AMP = True
+    assert main.memory_format(cfg, cpu) == torch.channels_last
+    cfg.MEMORY_FORMAT = 'contiguous'
+    assert main.memory_format(cfg, cuda) == torch.contiguous_format
+    cfg.MEMORY_FORMAT = 'nhwc'
+    with pytest.raises(utils.UserError, match='TRAIN.MEMORY_FORMAT'):
+        main.memory_format(cfg, cpu)
+
+
 def test_discriminator_loss_matches_hand_computation():
     torch.manual_seed(0)
     netD = models.DMGANDiscriminator(64, df_dim=2, text_dim=4, sn_eval_power_iteration=False)
