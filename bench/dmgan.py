@@ -1,8 +1,8 @@
 """DM-GAN training-step speed at the original bird cfg (cfg/bird_DMGAN.yml: batch 10, three
 stages to 256 px, DF 32 / GF 64, R_NUM 2; DAMSM Inception-v3 image encoder at 299 px, frozen):
-images/s of a full step (every D, then G with the DAMSM losses; main.train_step) in fp32 and
-with bf16 autocast + channels_last, and the FLOP rate each reaches as a share of a plain
-matmul's, measured in the same run (FLOPs counted by torch.utils.flop_counter on one step).
+images/s of a full step (every D, then G with the DAMSM losses, main.train_step; then the EMA
+update) in fp32 and with bf16 autocast + channels_last, and the FLOP rate each reaches as a
+share of a plain matmul's, measured in the same run (FLOPs counted by torch.utils.flop_counter on one step).
 
     python bench/dmgan.py                                  # CPU: 2 timed steps per variant
     python bench/dmgan.py --device cuda --steps 20 --warmup 3
@@ -55,64 +55,6 @@ def matmul_rate(dev, dtype, n=2048, reps=10):
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def build(cfg, dev, channels_last):
-    text_dim, B = cfg.TEXT.EMBEDDING_DIM, cfg.TRAIN.BATCH_SIZE
-    sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
-    torch.manual_seed(0)
-    netG = models.build_dmgan_generator(cfg, text_dim)
-    netsD = nn.ModuleList([models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_dim) for s in sizes])
-    netG.apply(main.init_weights)
-    netsD.apply(main.init_weights)
-    image_enc = models.build_image_encoder(
-        {
-            'family': 'damsm',
-            'dim': text_dim,
-            'image_size': 299,
-            'backbone': 'inception_v3',
-            'width': 0,
-            'train_backbone': False,
-        }
-    )
-    image_enc.eval().requires_grad_(False)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    netG, netsD, image_enc = (m.to(dev, memory_format=fmt) for m in (netG, netsD, image_enc))
-    optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    optsD = [
-        torch.optim.Adam(
-            [p for p in d.parameters() if p.requires_grad], lr=2e-4, betas=(0.5, 0.999)
-        )
-        for d in netsD
-    ]
-    reals = [
-        torch.rand(B, 3, s, s, device=dev).mul(2).sub(1).contiguous(memory_format=fmt)
-        for s in sizes
-    ]
-    T = 18  # config.py WORDS_NUM
-    feats = [
-        (
-            torch.randn(B, text_dim, T, device=dev),
-            torch.randn(B, text_dim, device=dev),
-            torch.zeros(B, T, dtype=torch.bool, device=dev),
-        )
-    ]
-    noise = torch.randn(B, cfg.GAN.Z_DIM, device=dev)
-    class_ids = torch.arange(B, device=dev)
-    return lambda amp, step: main.train_step(
-        netG,
-        list(netsD),
-        optG,
-        optsD,
-        image_enc,
-        reals,
-        class_ids,
-        feats,
-        noise,
-        cfg.TRAIN,
-        amp,
-        step,
-    )
-
-
 def adversarial_inputs(cfg, dev):
     """Real images per stage, words / sentence / padding mask of 18 words, z: one seeded draw."""
     text_dim, B, T = cfg.TEXT.EMBEDDING_DIM, cfg.TRAIN.BATCH_SIZE, 18  # config.py WORDS_NUM
@@ -128,32 +70,46 @@ def adversarial_inputs(cfg, dev):
     }
 
 
-def ours_adversarial(cfg, x, dev):
-    """main.py's step with the adversarial terms and KL only (LAMBDA 0, no contrastive view)."""
-    torch.manual_seed(0)
+def build(cfg, dev, layout, x, damsm=True):
+    """main.py's step on inputs x: every D, then G (with the DAMSM losses through a frozen
+    Inception-v3 unless damsm is False), then the EMA update; step(amp, i)."""
+    text_dim = cfg.TEXT.EMBEDDING_DIM
     sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
-    netG = models.build_dmgan_generator(cfg, cfg.TEXT.EMBEDDING_DIM)
-    netsD = [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, cfg.TEXT.EMBEDDING_DIM) for s in sizes]
-    layout = main.memory_format(cfg.TRAIN, dev)  # as main.py trains
+    torch.manual_seed(0)
+    netG = models.build_dmgan_generator(cfg, text_dim)
+    netsD = [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_dim) for s in sizes]
     for net in (netG, *netsD):
         net.apply(main.init_weights)
         net.to(dev, memory_format=layout)
+    image_enc, train_cfg = None, utils.to_cfg({**cfg.TRAIN, 'SMOOTH': {**cfg.TRAIN.SMOOTH}})
+    if damsm:
+        image_enc = models.build_image_encoder(
+            {
+                'family': 'damsm',
+                'dim': text_dim,
+                'image_size': 299,
+                'backbone': 'inception_v3',
+                'width': 0,
+                'train_backbone': False,
+            }
+        )
+        image_enc.eval().requires_grad_(False).to(dev, memory_format=layout)
+    else:
+        train_cfg.SMOOTH.LAMBDA = 0.0  # main.train_step then runs no image encoder
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
     optG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999))
     optsD = [
         torch.optim.Adam([p for p in d.parameters() if p.requires_grad], 2e-4, betas=(0.5, 0.999))
         for d in netsD
     ]
-    train_cfg = utils.to_cfg({**cfg.TRAIN, 'SMOOTH': {**cfg.TRAIN.SMOOTH, 'LAMBDA': 0.0}})
     reals = [r.contiguous(memory_format=layout) for r in x['reals']]
     feats = [(x['words'], x['sent'], x['mask'])]
-    amp = torch.autocast(dev.type, enabled=False)
-    B = x['sent'].shape[0]
+    class_ids = torch.arange(x['sent'].shape[0], device=dev)
 
-    def step(i):
-        args = (optG, optsD, None, reals, torch.arange(B), feats, x['noise'], train_cfg, amp, i)
+    def step(amp, i):
+        args = (optG, optsD, image_enc, reals, class_ids, feats, x['noise'], train_cfg, amp, i)
         main.train_step(netG, netsD, *args)
-        models.ema_update(netG_ema, netG, 0.999)
+        models.ema_update(netG_ema, netG, train_cfg.EMA_DECAY)
 
     return step
 
@@ -208,9 +164,11 @@ def original_adversarial(code_dir, x, dev):
 def against_original(cfg, code_dir, dev, steps, warmup, rounds=3):
     """Alternating rounds of `steps` timed steps each; the median of each side's rounds."""
     x = adversarial_inputs(cfg, dev)
+    ours = build(cfg, dev, main.memory_format(cfg.TRAIN, dev), x, damsm=False)  # as main.py
+    amp = torch.autocast(dev.type, enabled=False)
     sides = {
         'original modules (fp32)': original_adversarial(code_dir, x, dev),
-        'ours, same work (fp32, TRAIN.MEMORY_FORMAT auto)': ours_adversarial(cfg, x, dev),
+        'ours, same work (fp32, TRAIN.MEMORY_FORMAT auto)': lambda i: ours(amp, i),
     }
     for step in sides.values():
         for i in range(warmup):
@@ -275,11 +233,12 @@ def main_():
             )
         return
     rows = {}
-    for name, dtype, cl in (
-        ('fp32', None, False),
-        ('bf16 autocast + channels_last', torch.bfloat16, True),
+    x = adversarial_inputs(cfg, dev)
+    for name, dtype, layout in (
+        ('fp32', None, torch.contiguous_format),
+        ('bf16 autocast + channels_last', torch.bfloat16, torch.channels_last),
     ):
-        step = build(cfg, dev, cl)
+        step = build(cfg, dev, layout, x)
         amp = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         for i in range(args.warmup):
             step(amp, i)

@@ -68,6 +68,19 @@ def linear_probe(x_train, y_train, x_test, y_test, steps=500, seed=0):
         return float((head(x_test).argmax(1) == y_test).float().mean())
 
 
+def probe_targets(x_train, x_test, train, test):
+    """The linear probe's test accuracy for each of TARGETS."""
+    return [
+        linear_probe(
+            x_train,
+            torch.tensor([y[t] for _, y in train]),
+            x_test,
+            torch.tensor([y[t] for _, y in test]),
+        )
+        for t in TARGETS
+    ]
+
+
 def first_captions(data_dir, n_images):
     """The first caption and image of the first n_images test images, images in [-1, 1] at 64 px."""
     rows, seen = [], set()
@@ -117,15 +130,7 @@ def main():
         x_train, x_test = (
             utils.encode_sentences(text_encoder, [c for c, _ in s]) for s in (train, test)
         )
-        probes = [
-            linear_probe(
-                x_train,
-                torch.tensor([y[t] for _, y in train]),
-                x_test,
-                torch.tensor([y[t] for _, y in test]),
-            )
-            for t in TARGETS
-        ]
+        probes = probe_targets(x_train, x_test, train, test)
         with torch.no_grad():
             image_emb = torch.cat(
                 [image_encoder.encode(b)[1].float() for b in torch.split(swap_images, 250)]
@@ -154,15 +159,7 @@ def probe_conditioning(path, x_train, x_test, train, test):
         )
     sigma = torch.exp(0.5 * logvar).mean().item()
     for name, a, b in (('mu', mu_train, mu_test), ('c = mu + sigma * eps', c_train, c_test)):
-        probes = [
-            linear_probe(
-                a,
-                torch.tensor([y[t] for _, y in train]),
-                b,
-                torch.tensor([y[t] for _, y in test]),
-            )
-            for t in TARGETS
-        ]
+        probes = probe_targets(a, b, train, test)
         print(f'| {path}: {name} | ' + ' | '.join(f'{v:.3f}' for v in probes) + ' | | | |')
     print(f"mean |mu| {mu_train.abs().mean().item():.3f}, mean sigma {sigma:.3f}")
 

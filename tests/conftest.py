@@ -138,19 +138,23 @@ def tiny_judge(tmp_path_factory, tiny_shapes):
     """A random-init shapes judge saved as fid_score.py --train_judge saves it."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('judge')
-    judge = models.ShapesJudge(width=4, cell_dim=4, image_size=32)
+    save_tiny_judge(out, models.ShapesJudge(**TINY_JUDGE), tiny_shapes)
+    return str(out)
+
+
+TINY_JUDGE = {'width': 4, 'cell_dim': 4, 'image_size': 32}
+
+
+def save_tiny_judge(folder, judge, data_dir):
+    """A ShapesJudge of TINY_JUDGE's sizes saved as fid_score.py --train_judge saves it."""
     utils.save_checkpoint(
-        str(out),
+        str(folder),
         'judge',
         0,
         {'judge': judge},
         name='judge_final.pt',
-        extra={
-            'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
-            'attributes': utils.caption_attributes(tiny_shapes),
-        },
+        extra={'model': TINY_JUDGE, 'attributes': utils.caption_attributes(data_dir)},
     )
-    return str(out)
 
 
 def save_encoder_pair(out, text, image, epoch=1, step=1):

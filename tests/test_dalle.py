@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from conftest import ROOT, run_in_process, write_clip_bpe
+from conftest import TINY_JUDGE, ROOT, run_in_process, save_tiny_judge, write_clip_bpe
 
 import clip_sort
 import dalle_gen
@@ -704,21 +704,11 @@ def test_vae_holdout_judge_scores_are_the_shared_judge_accuracy(tiny_shapes, tmp
     """train_vae's judge_* of originals, reconstructions and token averages are the values
     utils.judge_accuracy gives those images (the scoring every generator's images get)."""
     torch.manual_seed(2)
-    judge = models.ShapesJudge(width=4, cell_dim=4, image_size=32)
+    judge = models.ShapesJudge(**TINY_JUDGE)
     for m in judge.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.fill_(0.01)  # a random judge whose verdicts vary with the image
-    utils.save_checkpoint(
-        str(tmp_path),
-        'judge',
-        0,
-        {'judge': judge},
-        name='judge_final.pt',
-        extra={
-            'model': {'width': 4, 'cell_dim': 4, 'image_size': 32},
-            'attributes': utils.caption_attributes(tiny_shapes),
-        },
-    )
+    save_tiny_judge(tmp_path, judge, tiny_shapes)
     torch.manual_seed(0)
     vae = models.DiscreteVAE(**DP_VAE_HPARAMS)
     cfg = utils.to_cfg({**utils.COMMON_DEFAULTS, **train_vae.DEFAULTS})
