@@ -10,6 +10,7 @@ share of a plain matmul's, measured in the same run (FLOPs counted by torch.util
 Random weights and random text features (the frozen text encoder is not part of the step).
 
     python bench/dmgan.py --original DM-GAN/code           # against the original's modules
+    python bench/dmgan.py --original DM-GAN/code --profile # + top operators, peak memory per side
 
 times, alternating in one process on the same inputs, the original's step (MinfengZhu/DM-GAN
 code/model.py G_NET and D_NET64/128/256 at its cfg/bird_DMGAN.yml, the D and G updates of
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import main
 import models
 import parity_originals  # the original code imported as it is, with the shims it needs
+import profiling
 import utils
 
 
@@ -161,33 +163,60 @@ def original_adversarial(code_dir, x, dev):
     return step
 
 
-def against_original(cfg, code_dir, dev, steps, warmup, rounds=3):
-    """Alternating rounds of `steps` timed steps each; the median of each side's rounds."""
-    x = adversarial_inputs(cfg, dev)
-    ours = build(cfg, dev, main.memory_format(cfg.TRAIN, dev), x, damsm=False)  # as main.py
+def load_cfg(path):
+    return utils.merge_cfg(
+        utils.to_cfg({**utils.COMMON_DEFAULTS, **main.DEFAULTS}), utils.load_yaml(path), path
+    )
+
+
+def side_original(cfg_path, code_dir, device):
+    """The original's step at cfg_path's inputs, step(i); module level for profiling's children."""
+    dev = torch.device(device)
+    return original_adversarial(code_dir, adversarial_inputs(load_cfg(cfg_path), dev), dev)
+
+
+def side_ours(cfg_path, device):
+    """Ours doing the original's work (no DAMSM image encoder, the memory format main.py picks)."""
+    dev, cfg = torch.device(device), load_cfg(cfg_path)
+    ours = build(cfg, dev, main.memory_format(cfg.TRAIN, dev), adversarial_inputs(cfg, dev), False)
     amp = torch.autocast(dev.type, enabled=False)
+    return lambda i: ours(amp, i)
+
+
+def against_original(cfg_path, code_dir, dev, steps, warmup, rounds=3, profile=False):
+    """Alternating rounds of `steps` timed steps each; the median of each side's rounds; with
+    profile, each side's top operators of one step and its peak memory in a process of its own."""
     sides = {
-        'original modules (fp32)': original_adversarial(code_dir, x, dev),
-        'ours, same work (fp32, TRAIN.MEMORY_FORMAT auto)': lambda i: ours(amp, i),
+        'original modules (fp32)': (side_original, (cfg_path, code_dir, str(dev))),
+        'ours, same work (fp32, TRAIN.MEMORY_FORMAT auto)': (side_ours, (cfg_path, str(dev))),
     }
-    for step in sides.values():
+    steps_of = {name: make(*args) for name, (make, args) in sides.items()}
+    for step in steps_of.values():
         for i in range(warmup):
             step(i)
     times = {name: [] for name in sides}
     for _ in range(rounds):
-        for name, step in sides.items():
+        for name, step in steps_of.items():
             sync(dev)
             t = time.perf_counter()
             for i in range(steps):
                 step(i)
             sync(dev)
             times[name].append((time.perf_counter() - t) / steps)
-    B = cfg.TRAIN.BATCH_SIZE
+    B = load_cfg(cfg_path).TRAIN.BATCH_SIZE
     rows = {}
     for name, ts in times.items():
         dt = sorted(ts)[len(ts) // 2]
         rows[name] = {'images_per_s': B / dt, 'seconds_per_step': dt, 'rounds_s': ts}
         print(f"{name:40s} {B / dt:.3f} images/s ({dt:.2f} s/step; rounds {ts})", flush=True)
+    if profile:
+        for name, (make, args) in sides.items():
+            rows[name]['top_ops'] = profiling.top_ops(lambda: steps_of[name](0), dev)
+            profiling.print_top_ops(name, rows[name]['top_ops'])
+            mib = profiling.peak_memory_mib(make, args, warmup + steps, str(dev))
+            rows[name]['peak_memory_mib'] = mib
+            kind = 'allocator peak' if dev.type == 'cuda' else 'max RSS of its own process'
+            print(f'{name}: peak memory {mib:.0f} MiB ({kind}, {warmup + steps} steps)', flush=True)
     original, ours = rows.values()
     ratio = ours['images_per_s'] / original['images_per_s']
     print(f"ours / original: {ratio:.2f}x (fp32, same work, batch {B})")
@@ -203,17 +232,18 @@ def main_():
     p.add_argument('--out', default='output/bench/dmgan.json')
     p.add_argument('--original', help="MinfengZhu/DM-GAN code/ folder: time against its modules")
     p.add_argument('--rounds', type=int, default=3, help='alternating rounds (with --original)')
+    p.add_argument(
+        '--profile',
+        action='store_true',
+        help='with --original: top 10 operators of one step and peak memory of each side',
+    )
     args = p.parse_args()
     dev = utils.get_device(0 if args.device.startswith('cuda') else -1)
-    cfg = utils.merge_cfg(
-        utils.to_cfg({**utils.COMMON_DEFAULTS, **main.DEFAULTS}),
-        utils.load_yaml(args.cfg),
-        args.cfg,
-    )
+    cfg = load_cfg(args.cfg)
     B = cfg.TRAIN.BATCH_SIZE
     if args.original:
         rows, ratio = against_original(
-            cfg, args.original, dev, args.steps, args.warmup, args.rounds
+            args.cfg, args.original, dev, args.steps, args.warmup, args.rounds, args.profile
         )
         os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
         with open(args.out, 'w') as f:
