@@ -183,9 +183,10 @@ def side_ours(cfg_path, device):
     return lambda i: ours(amp, i)
 
 
-def against_original(cfg_path, code_dir, dev, steps, warmup, rounds=3, profile=False):
+def against_original(cfg_path, B, code_dir, dev, steps, warmup, rounds=3, profile=False):
     """Alternating rounds of `steps` timed steps each; the median of each side's rounds; with
-    profile, each side's top operators of one step and its peak memory in a process of its own."""
+    profile, each side's top operators of one step and its peak memory in a process of its own.
+    B is the cfg's batch size, for images/s."""
     sides = {
         'original modules (fp32)': (side_original, (cfg_path, code_dir, str(dev))),
         'ours, same work (fp32, TRAIN.MEMORY_FORMAT auto)': (side_ours, (cfg_path, str(dev))),
@@ -203,7 +204,6 @@ def against_original(cfg_path, code_dir, dev, steps, warmup, rounds=3, profile=F
                 step(i)
             sync(dev)
             times[name].append((time.perf_counter() - t) / steps)
-    B = load_cfg(cfg_path).TRAIN.BATCH_SIZE
     rows = {}
     for name, ts in times.items():
         dt = sorted(ts)[len(ts) // 2]
@@ -243,7 +243,7 @@ def main_():
     B = cfg.TRAIN.BATCH_SIZE
     if args.original:
         rows, ratio = against_original(
-            args.cfg, args.original, dev, args.steps, args.warmup, args.rounds, args.profile
+            args.cfg, B, args.original, dev, args.steps, args.warmup, args.rounds, args.profile
         )
         os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
         with open(args.out, 'w') as f:
