@@ -6,6 +6,7 @@ lives here, once.
 """
 
 import argparse
+import atexit
 import collections
 import csv
 import difflib
@@ -47,6 +48,7 @@ def worker_error_line(e):
 def run_main(fn):
     """Call fn(); turn UserError, and any error of a DataLoader worker (an unreadable image,
     images of mixed sizes), into a one-line message and a non-zero exit."""
+    code = 0
     try:
         fn()
         # ranks leave together: one tearing gloo down while rank 0 still writes its checkpoint
@@ -55,18 +57,34 @@ def run_main(fn):
             torch.distributed.barrier()
     except UserError as e:
         print(f"error: {worker_error_line(e) or e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Exception as e:
         line = worker_error_line(e)
         if line is None:
             raise
         print(f"error: in a data-loading worker: {line}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     finally:
-        cleanup_distributed()
+        distributed = cleanup_distributed()
+    if distributed:
+        exit_before_finalizing(code)
+    if code:
+        sys.exit(code)
+
+
+def exit_before_finalizing(code):
+    """Leave a process that ran collectives without the interpreter's finalization. A DDP
+    reducer keeps the gloo group, and its worker threads, alive past destroy_process_group; a
+    worker that lets go of the last collective's tensor during finalization needs the GIL and
+    aborts the process (SIGABRT). The exit handlers (TensorBoard's close among them) run first."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------
@@ -393,10 +411,13 @@ def init_distributed(device):
 
 
 def cleanup_distributed():
+    """Destroy the process group; True when there was one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
 
 
 def get_rank():
@@ -593,6 +614,8 @@ def setup(args, defaults, tensorboard=True):
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(cfg.OUT_DIR, 'tb'))
+        # its writing thread is a daemon: events not yet flushed (up to 2 minutes) die with it
+        atexit.register(writer.close)
     log.info(f"run dir {cfg.OUT_DIR} | device {device} | world {world} | seed {cfg.SEED}")
     return Run(cfg, device, rank, world, log, writer)
 

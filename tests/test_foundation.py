@@ -429,13 +429,14 @@ def test_write_killed_midway_leaves_previous_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------- distributed
 DDP_SCRIPT = """
-import os, sys, json, torch
+import atexit, os, sys, json, torch
 sys.path.insert(0, {root!r})
 import utils
 
 def main():
     args = utils.base_parser('ddp').parse_args()
     run = utils.setup(args, {{'N': 8}}, tensorboard=False)
+    atexit.register(lambda: open(os.path.join({tmp!r}, f'exit{{run.rank}}'), 'w').close())
     ds = torch.utils.data.TensorDataset(torch.arange(run.cfg.N, dtype=torch.float32)[:, None])
     loader = utils.make_loader(ds, batch_size=2, shuffle=False)
     seen = torch.cat([b[0] for b in loader])
@@ -450,6 +451,8 @@ def main():
                mean=utils.all_reduce_mean(float(run.rank)))
     json.dump(out, open(os.path.join({tmp!r}, f'rank{{run.rank}}.json'), 'w'))
     utils.save_checkpoint(run.out, 'ddp', 1, {{'m': model}})
+    if os.environ.get('BAD_INPUT'):
+        raise utils.UserError(f'rank {{run.rank}}: bad input')
 
 utils.run_main(main)
 """
@@ -483,6 +486,54 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert outs[0]['mean'] == 0.5
     assert len(os.listdir(tmp_path / 'run' / 'checkpoints')) == 1  # only rank 0 saved
     assert r.stdout.count('run dir') == 1  # only rank 0 logs
+    # the ranks leave without finalizing the interpreter, after the exit handlers ran
+    assert (tmp_path / 'exit0').exists() and (tmp_path / 'exit1').exists()
+
+
+@pytest.mark.slow
+def test_ddp_bad_input_is_one_line_per_rank_and_a_failed_run(tmp_path):
+    script = tmp_path / 'ddp.py'
+    script.write_text(DDP_SCRIPT.format(root=ROOT, tmp=str(tmp_path)))
+    r = run_python(
+        '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script,
+        '--out', tmp_path / 'run', timeout=240, cwd=tmp_path, env={'BAD_INPUT': '1'},
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert 'error: rank 0: bad input' in r.stderr and 'error: rank 1: bad input' in r.stderr
+    assert f'File "{script}"' not in r.stderr  # no worker traceback (the launcher prints its own)
+    assert 'terminate called' not in r.stderr and 'SIGABRT' not in r.stderr
+    assert 'exitcode  : 2' in r.stderr  # the one-line error's status, not an abort
+
+
+TB_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import utils
+
+RUNS = []  # a run still reachable when the interpreter finalizes (its writer never collected)
+
+def main():
+    run = utils.setup(utils.base_parser('tb').parse_args(), {{}}, tensorboard=True)
+    RUNS.append(run)
+    for step in range(3):
+        run.writer.add_scalar('loss', 1.0 / (step + 1), step)
+
+utils.run_main(main)
+"""
+
+
+def test_tensorboard_scalars_are_on_disk_after_a_run_that_never_closed_its_writer(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = tmp_path / 'tb.py'
+    script.write_text(TB_SCRIPT.format(root=ROOT))
+    r = run_python(script, '--out', tmp_path / 'run', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / 'run' / 'tb'))
+    events.Reload()
+    assert [(e.step, round(e.value, 3)) for e in events.Scalars('loss')] == [
+        (0, 1.0), (1, 0.5), (2, 0.333)
+    ]  # fmt: skip
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
