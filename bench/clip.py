@@ -5,6 +5,7 @@ clamp. Rounds alternate between the two so that a busy machine slows both alike.
 
     python bench/clip.py --threads 1           # CPU, batch 4 (CPU time per step: steady on a shared machine)
     python bench/clip.py --device cuda --batch 64 --steps 20
+    python bench/clip.py --threads 1 --profile # + each side's top operators and peak memory
 
 Ours differs in how, not what, it computes: the text transformer runs only up to the longest
 caption of the batch (exact under the causal mask), the attention pool computes only the query
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models
+import profiling
 import utils
 
 CAPTIONS = [
@@ -82,50 +84,52 @@ class Ours(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
-def make_steps(batch, device, pad_text):
+def make_step(name, batch, device, pad_text=False):
+    """One side's training step on the shared batch (seeded, so both sides see the same
+    images and captions): -> (step, parameter count, longest caption in tokens)."""
     import open_clip
 
-    ids = open_clip.get_tokenizer('RN50')([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]).to(
-        device
-    )
+    torch.manual_seed(0)
+    ids = open_clip.get_tokenizer('RN50')([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)])
+    ids = ids.to(device)
     lengths = ids.argmax(-1) + 1  # up to and with the end token (the largest id)
     images = torch.rand(batch, 3, 224, 224, device=device) * 2 - 1
-    normed = models._prepare(
-        images, 224, models.CLIP_MEAN, models.CLIP_STD
-    )  # what open_clip is fed
+    if name == 'open_clip':
+        model = open_clip.create_model('RN50').to(device)
+        normed = models._prepare(images, 224, models.CLIP_MEAN, models.CLIP_STD)  # its input
+        clip_loss = open_clip.ClipLoss()
 
-    theirs = open_clip.create_model('RN50').to(device)
-    ours = Ours().to(device)
-    opts = {'open_clip': adamw(theirs), 'ours': adamw(ours)}
+        def loss_of():
+            return clip_loss(*model(normed, ids))
+    else:
+        model = Ours().to(device)
+        text_lengths = torch.full_like(lengths, 77) if pad_text else lengths
 
-    def step_theirs():
-        img, txt, scale = theirs(normed, ids)
-        loss = open_clip.ClipLoss()(img, txt, scale)
-        opts['open_clip'].zero_grad(set_to_none=True)
+        def loss_of():
+            _, glob = model.image(images, regions=False)
+            _, sent, _ = model.text(ids, text_lengths)
+            return models.clip_loss(glob, sent, model.logit_scale)
+
+    opt = adamw(model)
+
+    def step():
+        loss = loss_of()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opts['open_clip'].step()
+        opt.step()
         with torch.no_grad():
-            theirs.logit_scale.clamp_(0, math.log(100))
+            model.logit_scale.clamp_(0, math.log(100))
         return loss
 
-    text_lengths = torch.full_like(lengths, 77) if pad_text else lengths
+    return step, sum(p.numel() for p in model.parameters()), int(lengths.max())
 
-    def step_ours():
-        _, glob = ours.image(images, regions=False)
-        _, sent, _ = ours.text(ids, text_lengths)
-        loss = models.clip_loss(glob, sent, ours.logit_scale)
-        opts['ours'].zero_grad(set_to_none=True)
-        loss.backward()
-        opts['ours'].step()
-        with torch.no_grad():
-            ours.logit_scale.clamp_(0, math.log(100))
-        return loss
 
-    counts = {
-        'open_clip': sum(p.numel() for p in theirs.parameters()),
-        'ours': sum(p.numel() for p in ours.parameters()),
-    }
-    return {'open_clip': step_theirs, 'ours': step_ours}, counts, int(lengths.max())
+def side_step(name, batch, device, pad_text, threads):
+    """step(i) of one side, built in profiling's child process (module level for spawn)."""
+    if threads:
+        torch.set_num_threads(threads)
+    step = make_step(name, batch, torch.device(device), pad_text)[0]
+    return lambda i: step()
 
 
 def timed(fn, steps, device):
@@ -150,6 +154,11 @@ def main():
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0 = torch default)')
     p.add_argument('--out', default='output/bench/clip.json')
+    p.add_argument(
+        '--profile',
+        action='store_true',
+        help="also each side's top 10 operators of one step and its peak memory, in a process of its own",
+    )
     args = p.parse_args()
     device = utils.get_device(0 if args.device.startswith('cuda') else -1)
     if args.threads:
@@ -157,9 +166,10 @@ def main():
     torch.manual_seed(0)
     rows = {}
     for label, pad in (('ours', False), ('ours, text padded to 77', True)):
-        steps, counts, longest = make_steps(args.batch, device, pad)
-        for fn in steps.values():  # warm-up
-            fn()
+        steps, counts = {}, {}
+        for name in ('open_clip', 'ours'):
+            steps[name], counts[name], longest = make_step(name, args.batch, device, pad)
+            steps[name]()  # warm-up
         runs = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, fn in steps.items():
@@ -176,6 +186,16 @@ def main():
             'open_clip_cpu_s_per_step': med['open_clip'][1],
             'cpu_ratio': med['open_clip'][1] / med['ours'][1],
         }
+        if args.profile:
+            for name, fn in steps.items():
+                ops = profiling.top_ops(fn, device)
+                profiling.print_top_ops(f'{name}, row "{label}"', ops)
+                mib = profiling.peak_memory_mib(
+                    side_step, (name, args.batch, str(device), pad, args.threads), 2, str(device)
+                )
+                print(f'peak memory, {name}: {mib:,.0f} MiB', flush=True)
+                rows[label][f'{name}_top_ops'] = ops
+                rows[label][f'{name}_peak_mib'] = mib
         print(
             f"{label:24s} {med['ours'][0]:.3f} vs open_clip {med['open_clip'][0]:.3f} steps/s (ratio "
             f"{rows[label]['ratio']:.2f}) | CPU s/step {med['ours'][1]:.2f} vs {med['open_clip'][1]:.2f} "
