@@ -13,7 +13,11 @@ conditioned on the sentence features can only draw what they carry.
 
 also probes what reaches DM-GAN's initial stage through that checkpoint's conditioning
 augmentation (its G_ema, run on ENCODER's sentence features): the mean mu and one draw
-c = mu + sigma * eps (StackGAN Sec. 3.1), the only text the 4x4 -> base_size stage sees.
+c = mu + sigma * eps (StackGAN Sec. 3.1), the only text the 4x4 -> base_size stage sees,
+and what its discriminators tell apart: per stage, how often D's conditional logit scores a
+real test image higher with its own first caption than with that caption's shape, colour or
+size word swapped (the swap pairs above; chance 0.5). What D cannot tell apart, the
+adversarial loss does not ask of G.
 """
 
 import argparse
@@ -145,6 +149,7 @@ def main():
         )
         if args.generator and path == args.encoders[0]:
             probe_conditioning(args.generator, x_train, x_test, train, test)
+            probe_discriminators(args.generator, text_encoder, swap_texts, swap_images)
 
 
 def probe_conditioning(path, x_train, x_test, train, test):
@@ -162,6 +167,40 @@ def probe_conditioning(path, x_train, x_test, train, test):
         probes = probe_targets(a, b, train, test)
         print(f'| {path}: {name} | ' + ' | '.join(f'{v:.3f}' for v in probes) + ' | | | |')
     print(f"mean |mu| {mu_train.abs().mean().item():.3f}, mean sigma {sigma:.3f}")
+
+
+@torch.no_grad()
+def probe_discriminators(path, text_encoder, captions, images):
+    """Per D stage: own caption against each swapped one, as utils.swap_accuracy does for an
+    encoder, scored by the conditional logit."""
+    ckpt = utils.load_checkpoint(path, 'dmgan')
+    cfg = utils.to_cfg(ckpt['cfg'])
+    rows = [
+        (i, a, text)
+        for i, cap in enumerate(captions)
+        for a, text in utils.swapped_captions(cap, i).items()
+    ]
+    own = utils.encode_sentences(text_encoder, list(captions))
+    other = utils.encode_sentences(text_encoder, [t for *_, t in rows])
+    index = torch.tensor([i for i, *_ in rows])
+    for stage in range(cfg.TREE.BRANCH_NUM):
+        size = cfg.TREE.BASE_SIZE * 2**stage
+        netD = models.DMGANDiscriminator(size, cfg.GAN.DF_DIM, own.shape[1])
+        netD.load_state_dict(ckpt['models'][f'D{stage}'])
+        netD.eval()
+        x = F.interpolate(images, size=(size, size), mode='bilinear', antialias=True)
+        codes = netD(x)
+        wins = netD.cond(codes[index], own[index]) > netD.cond(codes[index], other)
+        swap = {
+            a: wins[[k for k, (_, b, _) in enumerate(rows) if b == a]].float().mean().item()
+            for a in utils.ATTRIBUTES
+        }
+        print(
+            f'| {path}: D{stage} ({size} px) | '
+            + ' | ' * len(TARGETS)
+            + ' | '.join(f'{swap[a]:.3f}' for a in utils.ATTRIBUTES)
+            + ' |'
+        )
 
 
 if __name__ == '__main__':
