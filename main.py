@@ -46,9 +46,6 @@ DEFAULTS = {
         # weight of the conditioning augmentation's KL term: DM-GAN code/trainer.py adds
         # KL_loss unweighted (StackGAN's cfg names it TRAIN.COEFF.KL)
         'KL_WEIGHT': 1.0,
-        # the mismatched pairs of D's conditional loss: shifted (DM-GAN: image i, caption i+1) |
-        # hardest (the batch's other-class caption nearest in sentence features), main.wrong_pairs
-        'WRONG_CAPTION': 'shifted',
         'AMP': False,  # bf16 autocast
         # layout of G, the Ds and the real images: channels_last | contiguous | auto (channels_last
         # on CUDA or under AMP: tensor cores, oneDNN's bf16 kernels; in fp32 on a CPU the step at
@@ -136,32 +133,13 @@ def bce(logits, target):
     )
 
 
-WRONG_CAPTION_CHOICES = ('shifted', 'hardest')
-
-
-def wrong_pairs(sent, class_ids, choice='shifted'):
-    """(images, captions): index pairs of the mismatched term. 'shifted': real image i with
-    caption i+1 (DM-GAN code/trainer.py, AttnGAN Eq. 4). 'hardest': each real image with the
-    caption of another class in the batch nearest to its own in sentence features (cosine), so
-    the pair differs in what the features tell apart least; images whose class fills the batch
-    have none."""
-    if choice == 'shifted':
-        n = len(sent)
-        return torch.arange(n - 1, device=sent.device), torch.arange(1, n, device=sent.device)
-    unit = F.normalize(sent.detach().float(), dim=-1)
-    sim = (unit @ unit.t()).masked_fill(class_ids[:, None] == class_ids[None, :], float('-inf'))
-    images = torch.isfinite(sim).any(1).nonzero().squeeze(1)
-    return images, sim[images].argmax(1)
-
-
-def discriminator_loss(netD, real, fake, sent, wrong=None):
-    """(uncond_real + cond_real)/2 + (uncond_fake + cond_fake + cond_wrong)/3 (AttnGAN Eq. 4
-    with its mismatched term), the wrong pairs from wrong_pairs (default: 'shifted')."""
-    images, captions = wrong if wrong is not None else wrong_pairs(sent, None)
+def discriminator_loss(netD, real, fake, sent):
+    """(uncond_real + cond_real)/2 + (uncond_fake + cond_fake + cond_wrong)/3, the wrong
+    pair being real image i with caption i+1 (AttnGAN Eq. 4 with its mismatched term)."""
     real_h, fake_h = netD(real), netD(fake.detach())
     cond_real = bce(netD.cond(real_h, sent), 1.0)
     cond_fake = bce(netD.cond(fake_h, sent), 0.0)
-    cond_wrong = bce(netD.cond(real_h[images], sent[captions]), 0.0)
+    cond_wrong = bce(netD.cond(real_h[:-1], sent[1:]), 0.0)
     uncond_real, uncond_fake = bce(netD.uncond(real_h), 1.0), bce(netD.uncond(fake_h), 0.0)
     return (uncond_real + cond_real) / 2 + (uncond_fake + cond_fake + cond_wrong) / 3
 
@@ -208,15 +186,13 @@ def train_step(
     each caption view (two with the contrastive term), the same z for every view."""
     with amp:
         outs = [ddp_G(noise, s, w, p) for w, s, p in feats]
-    wrongs = [wrong_pairs(s, class_ids, train_cfg.WRONG_CAPTION) for _, s, _ in feats]
     # --- D: every stage, summed over caption views
     errD_total = 0.0
     for i, (ddp_D, optD) in enumerate(zip(ddp_Ds, optsD)):
         optD.zero_grad(set_to_none=True)
         with amp:
             errD = sum(
-                discriminator_loss(ddp_D, reals[i], out[0][i], f[1], wrong)
-                for out, f, wrong in zip(outs, feats, wrongs)
+                discriminator_loss(ddp_D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats)
             )
         utils.check_finite(errD, f'D{i}', step)
         errD.backward()
@@ -269,11 +245,6 @@ def memory_format(train_cfg, dev):
 def train(run, args):
     cfg, dev, log = run.cfg, run.device, run.log
     train_cfg, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
-    if train_cfg.WRONG_CAPTION not in WRONG_CAPTION_CHOICES:
-        raise utils.UserError(
-            f"TRAIN.WRONG_CAPTION={train_cfg.WRONG_CAPTION!r}: expected one of "
-            f"{', '.join(WRONG_CAPTION_CHOICES)}"
-        )
     if train_cfg.SMOOTH.WORD_LOSS not in models.WORD_LOSS_FORMS:
         raise utils.UserError(
             f"TRAIN.SMOOTH.WORD_LOSS={train_cfg.SMOOTH.WORD_LOSS!r}: expected one of "

@@ -178,36 +178,6 @@ def test_discriminator_loss_matches_hand_computation():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_wrong_pairs_shifted_and_hardest():
-    sent = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.05]])
-    images, captions = main.wrong_pairs(sent, None, 'shifted')
-    assert images.tolist() == [0, 1, 2] and captions.tolist() == [1, 2, 3]
-    # image 0 and 3 share a class: each is paired with the nearest caption of another class
-    images, captions = main.wrong_pairs(sent, torch.tensor([5, 6, 7, 5]), 'hardest')
-    assert images.tolist() == [0, 1, 2, 3] and captions.tolist() == [1, 3, 1, 1]
-    images, captions = main.wrong_pairs(sent, torch.tensor([5, 5, 5, 5]), 'hardest')
-    assert images.numel() == 0 and captions.numel() == 0  # one class: no wrong caption
-
-
-def test_discriminator_loss_takes_the_wrong_pairs_it_is_given():
-    torch.manual_seed(0)
-    netD = models.DMGANDiscriminator(64, df_dim=2, text_dim=4, sn_eval_power_iteration=False)
-    real, fake, sent = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64), torch.randn(3, 4)
-    netD.eval()
-    default = main.discriminator_loss(netD, real, fake, sent)
-    shifted = main.discriminator_loss(netD, real, fake, sent, main.wrong_pairs(sent, None))
-    torch.testing.assert_close(default, shifted)
-    pairs = (torch.tensor([0, 1, 2]), torch.tensor([2, 2, 0]))
-    got = main.discriminator_loss(netD, real, fake, sent, pairs)
-    rh, fh = netD(real), netD(fake)
-    want = (main.bce(netD.uncond(rh), 1.0) + main.bce(netD.cond(rh, sent), 1.0)) / 2 + (
-        main.bce(netD.uncond(fh), 0.0)
-        + main.bce(netD.cond(fh, sent), 0.0)
-        + main.bce(netD.cond(rh, sent[[2, 2, 0]]), 0.0)
-    ) / 3
-    torch.testing.assert_close(got, want)
-
-
 def test_discriminator_trains_with_two_forwards_per_backward():
     """D sees real and fake before one backward; spectral norm's power iteration runs in both."""
     torch.manual_seed(0)
