@@ -268,6 +268,9 @@ COMMON_DEFAULTS = {
     'SEED': 0,  # --seed
     'GPU_ID': -1,  # --gpu; -1 = CPU
     'DETERMINISTIC': False,
+    # torch's intra-op CPU threads (0: torch's default, one per core). Small embedded models
+    # step faster on one: their operators are too small to pay for splitting across threads.
+    'CPU_THREADS': 0,
 }
 
 
@@ -601,6 +604,10 @@ def guard_run_dir(out_dir, args):
 def setup(args, defaults, tensorboard=True):
     """Parse cfg, choose the device, start DDP, seed, create the run dir and logs."""
     cfg = build_cfg(defaults, args)
+    if not isinstance(cfg.CPU_THREADS, int) or cfg.CPU_THREADS < 0:
+        raise UserError(f"CPU_THREADS={cfg.CPU_THREADS!r}: expected 0 (torch's default) or more")
+    if cfg.CPU_THREADS:
+        torch.set_num_threads(cfg.CPU_THREADS)
     device = get_device(cfg.GPU_ID)
     rank, world = init_distributed(device)
     seed_everything(cfg.SEED + rank, cfg.DETERMINISTIC)
@@ -616,7 +623,10 @@ def setup(args, defaults, tensorboard=True):
         writer = SummaryWriter(os.path.join(cfg.OUT_DIR, 'tb'))
         # its writing thread is a daemon: events not yet flushed (up to 2 minutes) die with it
         atexit.register(writer.close)
-    log.info(f"run dir {cfg.OUT_DIR} | device {device} | world {world} | seed {cfg.SEED}")
+    log.info(
+        f"run dir {cfg.OUT_DIR} | device {device} | world {world} | seed {cfg.SEED} | "
+        f"CPU threads {torch.get_num_threads()}"
+    )
     return Run(cfg, device, rank, world, log, writer)
 
 

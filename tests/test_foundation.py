@@ -118,6 +118,27 @@ def test_setup_saves_cfg_and_metrics(tmp_path):
     assert 'hello log' in open(os.path.join(run.out, 'log.txt')).read()
 
 
+def test_cpu_threads_from_the_cfg(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        args = utils.base_parser('t').parse_args(
+            ['--out', str(tmp_path / 'run'), '--set', 'CPU_THREADS=1']
+        )
+        run = utils.setup(args, DEFAULTS, tensorboard=False)
+        assert torch.get_num_threads() == 1
+        assert 'CPU threads 1' in open(os.path.join(run.out, 'log.txt')).read()
+        args = utils.base_parser('t').parse_args(
+            ['--out', str(tmp_path / 'bad'), '--set', 'CPU_THREADS=-2']
+        )
+        with pytest.raises(
+            utils.UserError, match=r"CPU_THREADS=-2: expected 0 \(torch's default\)"
+        ):
+            utils.setup(args, DEFAULTS, tensorboard=False)
+        assert not (tmp_path / 'bad').exists()  # refused before the run dir is made
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_progress_is_plain_lines_off_a_terminal(capsys):
     for _ in utils.progress(range(10), desc='train', every=4):
         pass
