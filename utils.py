@@ -268,8 +268,9 @@ COMMON_DEFAULTS = {
     'SEED': 0,  # --seed
     'GPU_ID': -1,  # --gpu; -1 = CPU
     'DETERMINISTIC': False,
-    # torch's intra-op CPU threads (0: torch's default, one per core). Small embedded models
-    # step faster on one: their operators are too small to pay for splitting across threads.
+    # torch's intra-op CPU threads (0: torch's default, one per core). 1 for each of several jobs
+    # sharing the cores: beside another job, the embedded DM-GAN stepped 4x faster on one
+    # thread than on two (bench/threads.py measures it on an idle machine).
     'CPU_THREADS': 0,
 }
 
