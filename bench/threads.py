@@ -13,6 +13,7 @@ A recipe is skipped, with the command that makes its input, when that input is m
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def seconds_per_step(cmd, threads, workdir):
         sys.exit(f"bench/threads.py: {' '.join(cmd)} failed (exit {r.returncode}): {tail}")
     with open(os.path.join(out, 'metrics.json')) as f:
         m = json.load(f)
+    shutil.rmtree(out)  # its checkpoints are not needed
     return m['train_seconds'] / m['train_steps']
 
 
@@ -99,6 +101,7 @@ def main():
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(summary, f, indent=1)
+    shutil.rmtree(workdir)
 
 
 if __name__ == '__main__':
