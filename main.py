@@ -47,6 +47,8 @@ DEFAULTS = {
         # KL_loss unweighted (StackGAN's cfg names it TRAIN.COEFF.KL)
         'KL_WEIGHT': 1.0,
         'AMP': False,  # bf16 autocast
+        # adversarial terms: bce (DM-GAN code/miscc/losses.py) | hinge (d_term, g_term)
+        'GAN_LOSS': 'bce',
         # layout of G, the Ds and the real images: channels_last | contiguous | auto (channels_last
         # on CUDA or under AMP: tensor cores, oneDNN's bf16 kernels; in fp32 on a CPU the step at
         # the bird cfg ran 1.47x slower in it, bench/dmgan.py --original)
@@ -70,6 +72,8 @@ DEFAULTS = {
         'R_NUM': 2,
         # DM-GAN code/spectral.py iterates u/v on every forward, eval mode too; false: not in eval
         'SN_EVAL_POWER_ITERATION': True,
+        # the Ds' conditional logit: concat (DM-GAN D_GET_LOGITS) | projection (Miyato & Koyama)
+        'D_CONDITION': 'concat',
     },
     # The word limit is the text encoder's own (its tokenizer's context length); WORDS_NUM
     # sets it for AttnGAN's released encoders, which carry none.
@@ -133,23 +137,40 @@ def bce(logits, target):
     )
 
 
-def discriminator_loss(netD, real, fake, sent):
+GAN_LOSSES = ('bce', 'hinge')
+
+
+def d_term(logits, real, form):
+    """One discriminator term: DM-GAN's BCE, or the hinge (Lim & Ye 2017; SNGAN, XMC-GAN Sec. 3.2)
+    E[relu(1 - D)] on real pairs, E[relu(1 + D)] on fake and mismatched ones."""
+    if form == 'hinge':
+        return F.relu(1 - logits.float()).mean() if real else F.relu(1 + logits.float()).mean()
+    return bce(logits, 1.0 if real else 0.0)
+
+
+def g_term(logits, form):
+    """The generator's "fool D" term: BCE towards real, or the hinge form's -E[D]."""
+    return -logits.float().mean() if form == 'hinge' else bce(logits, 1.0)
+
+
+def discriminator_loss(netD, real, fake, sent, form='bce'):
     """(uncond_real + cond_real)/2 + (uncond_fake + cond_fake + cond_wrong)/3, the wrong
     pair being real image i with caption i+1 (AttnGAN Eq. 4 with its mismatched term)."""
     real_h, fake_h = netD(real), netD(fake.detach())
-    cond_real = bce(netD.cond(real_h, sent), 1.0)
-    cond_fake = bce(netD.cond(fake_h, sent), 0.0)
-    cond_wrong = bce(netD.cond(real_h[:-1], sent[1:]), 0.0)
-    uncond_real, uncond_fake = bce(netD.uncond(real_h), 1.0), bce(netD.uncond(fake_h), 0.0)
+    cond_real = d_term(netD.cond(real_h, sent), True, form)
+    cond_fake = d_term(netD.cond(fake_h, sent), False, form)
+    cond_wrong = d_term(netD.cond(real_h[:-1], sent[1:]), False, form)
+    uncond_real = d_term(netD.uncond(real_h), True, form)
+    uncond_fake = d_term(netD.uncond(fake_h), False, form)
     return (uncond_real + cond_real) / 2 + (uncond_fake + cond_fake + cond_wrong) / 3
 
 
-def generator_adv_loss(netsD, fakes, sent):
+def generator_adv_loss(netsD, fakes, sent, form='bce'):
     """Sum over stages of the unconditional and conditional "fool D" terms (DM-GAN Eq. 11)."""
     total = 0.0
     for netD, fake in zip(netsD, fakes):
         h = netD(fake)
-        total = total + bce(netD.uncond(h), 1.0) + bce(netD.cond(h, sent), 1.0)
+        total = total + g_term(netD.uncond(h), form) + g_term(netD.cond(h, sent), form)
     return total
 
 
@@ -192,7 +213,8 @@ def train_step(
         optD.zero_grad(set_to_none=True)
         with amp:
             errD = sum(
-                discriminator_loss(ddp_D, reals[i], out[0][i], f[1]) for out, f in zip(outs, feats)
+                discriminator_loss(ddp_D, reals[i], out[0][i], f[1], train_cfg.GAN_LOSS)
+                for out, f in zip(outs, feats)
             )
         utils.check_finite(errD, f'D{i}', step)
         errD.backward()
@@ -208,7 +230,7 @@ def train_step(
         for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
             errG = (
                 errG
-                + generator_adv_loss(ddp_Ds, fakes, sent)
+                + generator_adv_loss(ddp_Ds, fakes, sent, train_cfg.GAN_LOSS)
                 + train_cfg.KL_WEIGHT * kl_loss(mu, logvar)
             )
             if use_encoder:
@@ -250,6 +272,10 @@ def train(run, args):
             f"TRAIN.SMOOTH.WORD_LOSS={train_cfg.SMOOTH.WORD_LOSS!r}: expected one of "
             f"{', '.join(models.WORD_LOSS_FORMS)}"
         )
+    if train_cfg.GAN_LOSS not in GAN_LOSSES:
+        raise utils.UserError(
+            f"TRAIN.GAN_LOSS={train_cfg.GAN_LOSS!r}: expected one of {', '.join(GAN_LOSSES)}"
+        )
     text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     ds = build_dataset(cfg, 'train', train=True, two_captions=contrastive)
     loader = utils.make_loader(
@@ -264,7 +290,11 @@ def train(run, args):
     netsD = nn.ModuleList(
         [
             models.DMGANDiscriminator(
-                s, cfg.GAN.DF_DIM, text_enc.spec['dim'], cfg.GAN.SN_EVAL_POWER_ITERATION
+                s,
+                cfg.GAN.DF_DIM,
+                text_enc.spec['dim'],
+                cfg.GAN.SN_EVAL_POWER_ITERATION,
+                cfg.GAN.D_CONDITION,
             )
             for s in sizes
         ]

@@ -1696,12 +1696,40 @@ class DGetLogits(nn.Module):
         return self.outlogits(h).view(-1)  # logits; BCE-with-logits replaces sigmoid + BCE
 
 
+class ProjectionLogits(nn.Module):
+    """Conditional logit of a projection discriminator (Miyato & Koyama 2018, Eq. 3):
+    psi(phi(x)) + (V s)^T phi(x), with V a spectrally normalised linear map of the sentence
+    code. phi is the whole 4x4 code, not its sum over positions (the paper's choice for
+    ImageNet classes), so a caption's place enters the inner product as well as its shape."""
+
+    def __init__(self, ndf, nef, sn_eval_power_iteration=True):
+        super().__init__()
+        self.outlogits = nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4)
+        self.embed = SpectralNorm(
+            nn.Linear(nef, ndf * 8 * 4 * 4, bias=False), sn_eval_power_iteration
+        )
+
+    def forward(self, h, c):
+        return self.outlogits(h).view(-1) + (self.embed(c) * h.flatten(1)).sum(1)
+
+
+D_CONDITIONS = ('concat', 'projection')
+
+
 class DMGANDiscriminator(nn.Module):
     """D_NET64 / D_NET128 / D_NET256: down-sampling to a 4x4 x 8ndf code, then
-    unconditional and sentence-conditional logits. sn_eval_power_iteration: SpectralNorm's."""
+    unconditional and sentence-conditional logits. sn_eval_power_iteration: SpectralNorm's.
+    condition: concat (DM-GAN's D_GET_LOGITS, the sentence code tiled beside the image code)
+    or projection (ProjectionLogits)."""
 
-    def __init__(self, img_size, df_dim=64, text_dim=256, sn_eval_power_iteration=True):
+    def __init__(
+        self, img_size, df_dim=64, text_dim=256, sn_eval_power_iteration=True, condition='concat'
+    ):
         super().__init__()
+        if condition not in D_CONDITIONS:
+            raise utils.UserError(
+                f"GAN.D_CONDITION={condition!r}: expected one of {', '.join(D_CONDITIONS)}"
+            )
         it = sn_eval_power_iteration
         ndf, lrelu = df_dim, (lambda: nn.LeakyReLU(0.2))
         trunk = [3, ndf, ndf * 2, ndf * 4, ndf * 8]  # 64 -> 4 in four 4x4/2 convs
@@ -1720,7 +1748,11 @@ class DMGANDiscriminator(nn.Module):
             c //= 2
         self.img_code = nn.Sequential(*layers)
         self.uncond = DGetLogits(ndf, text_dim, condition=False)
-        self.cond = DGetLogits(ndf, text_dim, condition=True, sn_eval_power_iteration=it)
+        self.cond = (
+            DGetLogits(ndf, text_dim, condition=True, sn_eval_power_iteration=it)
+            if condition == 'concat'
+            else ProjectionLogits(ndf, text_dim, it)
+        )
 
     def forward(self, x):
         return self.img_code(x)

@@ -185,7 +185,9 @@ def probe_discriminators(path, text_encoder, captions, images):
     index = torch.tensor([i for i, *_ in rows])
     for stage in range(cfg.TREE.BRANCH_NUM):
         size = cfg.TREE.BASE_SIZE * 2**stage
-        netD = models.DMGANDiscriminator(size, cfg.GAN.DF_DIM, own.shape[1])
+        netD = models.DMGANDiscriminator(
+            size, cfg.GAN.DF_DIM, own.shape[1], condition=cfg.GAN.get('D_CONDITION', 'concat')
+        )
         netD.load_state_dict(ckpt['models'][f'D{stage}'])
         netD.eval()
         x = F.interpolate(images, size=(size, size), mode='bilinear', antialias=True)

@@ -178,6 +178,33 @@ def test_discriminator_loss_matches_hand_computation():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_projection_logit_is_psi_plus_the_projected_sentence_inner_product():
+    torch.manual_seed(0)
+    netD = models.DMGANDiscriminator(
+        32, df_dim=2, text_dim=4, sn_eval_power_iteration=False, condition='projection'
+    ).eval()
+    x, sent = torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 4)
+    h = netD(x)
+    head = netD.cond
+    w = head.embed.weight_bar / (head.embed.weight_u @ head.embed.weight_bar @ head.embed.weight_v)
+    want = head.outlogits(h).view(-1) + ((sent @ w.t()) * h.flatten(1)).sum(1)
+    torch.testing.assert_close(head(h, sent), want, rtol=1e-5, atol=1e-4)
+    # swapping captions between samples changes only the projection term
+    assert not torch.allclose(head(h, sent), head(h, sent.flip(0)))
+    with pytest.raises(utils.UserError, match='GAN.D_CONDITION'):
+        models.DMGANDiscriminator(32, 2, 4, condition='concatenate')
+
+
+def test_hinge_terms():
+    logits = torch.tensor([-2.0, 0.5, 3.0])
+    assert main.d_term(logits, True, 'hinge').item() == pytest.approx((3.0 + 0.5 + 0.0) / 3)
+    assert main.d_term(logits, False, 'hinge').item() == pytest.approx((0.0 + 1.5 + 4.0) / 3)
+    assert main.g_term(logits, 'hinge').item() == pytest.approx(-0.5)
+    assert main.g_term(logits, 'bce').item() == pytest.approx(
+        -torch.log(torch.sigmoid(logits)).mean().item()
+    )
+
+
 def test_discriminator_trains_with_two_forwards_per_backward():
     """D sees real and fake before one backward; spectral norm's power iteration runs in both."""
     torch.manual_seed(0)
