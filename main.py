@@ -7,6 +7,7 @@
 """
 
 import copy
+import functools
 import json
 import os
 import sys
@@ -53,6 +54,10 @@ DEFAULTS = {
         # on CUDA or under AMP: tensor cores, oneDNN's bf16 kernels; in fp32 on a CPU the step at
         # the bird cfg ran 1.47x slower in it, bench/dmgan.py --original)
         'MEMORY_FORMAT': 'auto',
+        # encode every training caption once with the frozen text encoder (the original encodes
+        # each batch); for small caption sets that fit in memory, where the encoder is a large
+        # part of the step
+        'CACHE_TEXT_FEATURES': False,
         'KEEP_CHECKPOINTS': 3,
         'LOG_EVERY': 50,
         'SMOOTH': {
@@ -329,6 +334,12 @@ def train(run, args):
     ):  # the logit heads are reached through the wrapper's module
         ddp_D.cond, ddp_D.uncond = netD.cond, netD.uncond
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
+    if train_cfg.CACHE_TEXT_FEATURES:
+        texts = [t for k in ds.keys for t in ds.d.raw_captions(k)]
+        encode = models.TextFeatureCache(text_enc, texts, dev)
+        log.info(f"text features of {len(encode.index):,} captions cached")
+    else:
+        encode = functools.partial(models.encode_text, text_enc, device=dev)
     fixed = fixed_test_batch(cfg, text_enc, dev)
     log.info(
         f"G {count(netG):,} params, D {[count(d) for d in netsD]}, {len(ds)} images, "
@@ -344,7 +355,7 @@ def train(run, args):
             noise = torch.randn(
                 reals[0].shape[0], cfg.GAN.Z_DIM, device=dev
             )  # same z for both views
-            feats = [models.encode_text(text_enc, v, dev) for v in views]
+            feats = [encode(v) for v in views]
             last = train_step(
                 ddp_G,
                 ddp_Ds,

@@ -1388,6 +1388,33 @@ def encode_text(text_encoder, texts, device):
     return words.to(device).float(), sent.to(device).float(), pad.to(device)
 
 
+class TextFeatureCache:
+    """encode_text for a fixed set of captions, each encoded once. A batch's words are cut to
+    its longest caption; the positions dropped are padding, which every reader of the words
+    masks out, so the features a generator or loss sees are those of encode_text."""
+
+    def __init__(self, text_encoder, texts, device, chunk=1024):
+        self.index = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        unique = list(self.index)
+        words, sents, counts = [], [], []
+        with torch.no_grad():
+            for i in range(0, len(unique), chunk):
+                w, s, pad = encode_text(text_encoder, unique[i : i + chunk], device)
+                words.append(w)
+                sents.append(s)
+                counts.append((~pad).sum(1))
+        width = max(w.shape[2] for w in words)
+        self.words = torch.cat([F.pad(w, (0, width - w.shape[2])) for w in words])
+        self.sent, self.n_words = torch.cat(sents), torch.cat(counts)
+
+    def __call__(self, texts):
+        rows = torch.tensor([self.index[t] for t in texts], device=self.sent.device)
+        n_words = self.n_words[rows]
+        width = int(n_words.max())
+        pad = torch.arange(width, device=rows.device)[None] >= n_words[:, None]
+        return self.words[rows, :, :width], self.sent[rows], pad
+
+
 # ---- losses -----------------------------------------------------------------------------------
 def _cosine(a, b, dim, eps=1e-8):
     """AttnGAN's cosine_similarity: a·b / max(|a||b|, eps)."""

@@ -2,6 +2,7 @@
 
     python bench/shapes.py                                  # DM-GAN (both encoders) and DALLE, seeds 0 1 2
     python bench/shapes.py --systems dmgan_clip --seeds 0   # one recipe, one seed
+    python bench/shapes.py --systems dmgan_clip --jobs 3    # its seeds at once, a CPU thread each
 
 For each system: its text encoder (DALLE: its VAE) is trained once (seed 0) with its cfg, unless
 the file its cfg names is already there; then, per seed, the generator is trained with its cfg
@@ -12,6 +13,7 @@ learning curve is <out>/<system>_seed<N>_eval/curve.png.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -80,12 +82,66 @@ def metrics(run_dir):
         return json.load(f)
 
 
+def train_and_score(name, seed, args):
+    """One seed of a system: its generator trained with the system's cfg, then scored."""
+    sys_ = SYSTEMS[name]
+    gen_dir, eval_dir = f'{args.out}/{name}_seed{seed}', f'{args.out}/{name}_seed{seed}_eval'
+    # several seeds at once: one CPU thread each, so they do not contend for the cores
+    threads = ['--set', 'CPU_THREADS=1'] if args.jobs > 1 else []
+    train_s = run(
+        sys_['train']
+        + [
+            '--seed',
+            str(seed),
+            '--out',
+            gen_dir,
+            '--overwrite',
+            '--set',
+            f'EVAL.JUDGE={args.judge}',
+        ]
+        + threads
+        + [a for kv in args.set for a in ('--set', kv)],
+        os.path.join(ROOT, gen_dir + '.log'),
+    )
+    if sys_['eval']:
+        run(
+            ['main.py', '--cfg', sys_['eval'], '--out', eval_dir]
+            + ['--set', f'TRAIN.NET_G={gen_dir}', '--set', f"TRAIN.NET_E={sys_['needs']}"]
+            + ['--set', f'EVAL.JUDGE={args.judge}']
+            + threads,
+            os.path.join(ROOT, eval_dir + '.log'),
+        )
+    m = metrics(eval_dir if sys_['eval'] else gen_dir)
+    row = {
+        'seed': seed,
+        'train_seconds': metrics(gen_dir)['train_seconds'],
+        'wall_seconds': train_s,
+        **m,
+    }
+    print(
+        f"{name} seed {seed}: "
+        + ' '.join(f"{c} {m[f'judge_{c}']:.3f}" for c in COLUMNS)
+        + f" R-precision {m['r_precision']:.3f} ({row['train_seconds']:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--systems', nargs='+', default=list(SYSTEMS), choices=list(SYSTEMS))
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--out', default='output/bench_shapes')
     p.add_argument('--judge', default='output/judge', help='fid_score.py --train_judge run dir')
+    p.add_argument(
+        '--set', action='append', default=[], help="KEY=VALUE for the generators' training cfg"
+    )
+    p.add_argument(
+        '--jobs',
+        type=int,
+        default=1,
+        help='seeds trained at once, one CPU thread each (1: in turn)',
+    )
     args = p.parse_args()
     os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
     result = {
@@ -100,57 +156,8 @@ def main():
         if not os.path.isfile(os.path.join(ROOT, sys_['needs'])):
             prep_seconds = run(sys_['prep'], os.path.join(ROOT, args.out, f'{name}_prep.log'))
         enc_r = metrics(sys_['encoder_run'])
-        rows = []
-        for seed in args.seeds:
-            gen_dir, eval_dir = (
-                f'{args.out}/{name}_seed{seed}',
-                f'{args.out}/{name}_seed{seed}_eval',
-            )
-            train_s = run(
-                sys_['train']
-                + [
-                    '--seed',
-                    str(seed),
-                    '--out',
-                    gen_dir,
-                    '--overwrite',
-                    '--set',
-                    f'EVAL.JUDGE={args.judge}',
-                ],
-                os.path.join(ROOT, gen_dir + '.log'),
-            )
-            if sys_['eval']:
-                run(
-                    [
-                        'main.py',
-                        '--cfg',
-                        sys_['eval'],
-                        '--out',
-                        eval_dir,
-                        '--set',
-                        f'TRAIN.NET_G={gen_dir}',
-                        '--set',
-                        f"TRAIN.NET_E={sys_['needs']}",
-                        '--set',
-                        f'EVAL.JUDGE={args.judge}',
-                    ],
-                    os.path.join(ROOT, eval_dir + '.log'),
-                )
-            m = metrics(eval_dir if sys_['eval'] else gen_dir)
-            rows.append(
-                {
-                    'seed': seed,
-                    'train_seconds': metrics(gen_dir)['train_seconds'],
-                    'wall_seconds': train_s,
-                    **m,
-                }
-            )
-            print(
-                f"{name} seed {seed}: "
-                + ' '.join(f"{c} {m[f'judge_{c}']:.3f}" for c in COLUMNS)
-                + f" R-precision {m['r_precision']:.3f} ({rows[-1]['train_seconds']:.0f} s)",
-                flush=True,
-            )
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(lambda seed: train_and_score(name, seed, args), args.seeds))
         result['systems'][name] = {
             'prepared': sys_['needs'],
             'encoder_r_precision': enc_r.get('R_precision'),

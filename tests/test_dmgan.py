@@ -333,6 +333,30 @@ def tiny_rnn_encoder(tmp_path_factory, tiny_vocabulary):
     return save_encoder_pair(tmp_path_factory.mktemp('rnn_enc'), text, image)
 
 
+@pytest.mark.parametrize('which', ['tiny_encoder', 'tiny_rnn_encoder'])
+def test_cached_text_features_are_what_the_encoder_gives(which, request):
+    """TRAIN.CACHE_TEXT_FEATURES: the words of each caption up to the batch's longest, its
+    sentence and its padding are encode_text's, so a memory stage reads the same."""
+    text_enc, _ = models.load_encoders(request.getfixturevalue(which))
+    texts = ['a red circle.', 'a small blue square at the top left.', 'a red circle.', 'green']
+    cache = models.TextFeatureCache(
+        text_enc, texts + ['a large red star in the middle of it.'], 'cpu'
+    )
+    assert len(cache.index) == 4
+    words, sent, pad = cache(texts)
+    ref_words, ref_sent, ref_pad = models.encode_text(text_enc, texts, 'cpu')
+    width = pad.shape[1]
+    assert width == int((~ref_pad).sum(1).max()) and not ref_pad[:, :width].logical_xor(pad).any()
+    assert not ref_pad[:, width:].logical_not().any()  # what was cut is padding
+    torch.testing.assert_close(sent, ref_sent)
+    keep = (~pad)[:, None].expand_as(words)
+    torch.testing.assert_close(words[keep], ref_words[:, :, :width][keep])
+    torch.manual_seed(0)
+    memory = models.DynamicMemory(8, words.shape[1]).eval()
+    h = torch.randn(len(texts), 8, 4, 4)
+    torch.testing.assert_close(memory(h, words, pad)[0], memory(h, ref_words, ref_pad)[0])
+
+
 @pytest.mark.slow
 def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_encoder, tmp_path):
     """The original DM-GAN's conditioning: the DAMSM bi-LSTM words/sentence, the CNN's regions."""
