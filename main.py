@@ -6,6 +6,7 @@
   torchrun --nproc_per_node=N main.py --cfg ...              # data-parallel
 """
 
+import contextlib
 import copy
 import functools
 import json
@@ -205,6 +206,20 @@ def kl_loss(mu, logvar):
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def frozen(modules):
+    """The modules' trainable parameters need no gradient for a while: G's step through the Ds
+    (DM-GAN computes those gradients and the next D step discards them)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def train_step(
     ddp_G, ddp_Ds, optG, optsD, image_enc, reals, class_ids, feats, noise, train_cfg, amp, step
 ):
@@ -227,31 +242,35 @@ def train_step(
         errD_total += errD.item()
     # --- G: adversarial + LAMBDA * DAMSM + KL (+ contrastive between the two fakes)
     optG.zero_grad(set_to_none=True)
-    with amp:
-        errG, img_codes, damsm_total = 0.0, [], 0.0
-        use_encoder = (
-            train_cfg.SMOOTH.LAMBDA > 0 or len(feats) == 2
-        )  # else the image encoder adds nothing
-        for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
-            errG = (
-                errG
-                + generator_adv_loss(ddp_Ds, fakes, sent, train_cfg.GAN_LOSS)
-                + train_cfg.KL_WEIGHT * kl_loss(mu, logvar)
-            )
-            if use_encoder:
-                damsm, code = damsm_loss(
-                    image_enc, fakes[-1], words, sent, pad, class_ids, train_cfg.SMOOTH
+    netsD = [getattr(d, 'module', d) for d in ddp_Ds]  # no D gradient, so no DDP sync, here
+    with frozen(netsD):
+        with amp:
+            errG, img_codes, damsm_total = 0.0, [], 0.0
+            use_encoder = (
+                train_cfg.SMOOTH.LAMBDA > 0 or len(feats) == 2
+            )  # else the image encoder adds nothing
+            for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
+                errG = (
+                    errG
+                    + generator_adv_loss(netsD, fakes, sent, train_cfg.GAN_LOSS)
+                    + train_cfg.KL_WEIGHT * kl_loss(mu, logvar)
                 )
-                errG = errG + train_cfg.SMOOTH.LAMBDA * damsm
-                img_codes.append(code)
-                damsm_total += damsm.item()
-        if len(feats) == 2:
-            # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
-            a, b = (utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes)
-            cl = models.nt_xent_loss(a, b, train_cfg.CONTRASTIVE.TEMPERATURE)
-            errG = errG + train_cfg.CONTRASTIVE.WEIGHT * cl
-    utils.check_finite(errG, 'G', step)
-    errG.backward()
+                if use_encoder:
+                    damsm, code = damsm_loss(
+                        image_enc, fakes[-1], words, sent, pad, class_ids, train_cfg.SMOOTH
+                    )
+                    errG = errG + train_cfg.SMOOTH.LAMBDA * damsm
+                    img_codes.append(code)
+                    damsm_total += damsm.item()
+            if len(feats) == 2:
+                # T2I_CLIP-GAN / DM-GAN+CL: NT-Xent between the two fakes' image embeddings
+                a, b = (
+                    utils.all_gather_with_grad(F.normalize(c.float(), dim=-1)) for c in img_codes
+                )
+                cl = models.nt_xent_loss(a, b, train_cfg.CONTRASTIVE.TEMPERATURE)
+                errG = errG + train_cfg.CONTRASTIVE.WEIGHT * cl
+        utils.check_finite(errG, 'G', step)
+        errG.backward()
     optG.step()
     return {'loss_D': errD_total, 'loss_G': errG.item(), 'damsm': damsm_total}
 

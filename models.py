@@ -1518,8 +1518,7 @@ class GLU(nn.Module):
     """Gated linear unit over channels: first half * sigmoid(second half)."""
 
     def forward(self, x):
-        a, b = x.chunk(2, dim=1)
-        return a * torch.sigmoid(b)
+        return F.glu(x, dim=1)
 
 
 def conv3x3(cin, cout, bias=False):

@@ -301,6 +301,45 @@ def tiny_step(amp_dtype, contrastive):
     )
 
 
+def test_generator_step_leaves_the_discriminators_gradients_alone():
+    """G's step reads the Ds with their weights frozen: the gradients the D step left are
+    untouched (DM-GAN computes D gradients there and discards them), and every D weight is
+    trainable again afterwards."""
+    torch.manual_seed(0)
+    netG = models.DMGANGenerator(
+        gf_dim=4, z_dim=8, cond_dim=6, text_dim=12, branch_num=2, r_num=1, base_size=16
+    )
+    Ds = [models.DMGANDiscriminator(s, df_dim=4, text_dim=12) for s in (16, 32)]
+    optG = torch.optim.Adam(netG.parameters())
+    left_by_d_step = []
+
+    class Record(torch.optim.SGD):
+        def step(self, closure=None):
+            left_by_d_step.append([p.grad.clone() for p in self.param_groups[0]['params']])
+
+    optsD = [Record([p for p in d.parameters() if p.requires_grad], lr=0.0) for d in Ds]
+    train_cfg = utils.to_cfg({**main.DEFAULTS['TRAIN'], 'SMOOTH': {'LAMBDA': 0.0}})
+    B = 4
+    main.train_step(
+        netG,
+        Ds,
+        optG,
+        optsD,
+        None,
+        [torch.rand(B, 3, s, s) * 2 - 1 for s in (16, 32)],
+        torch.arange(B),
+        [(torch.randn(B, 12, 5), torch.randn(B, 12), torch.zeros(B, 5, dtype=torch.bool))],
+        torch.randn(B, 8),
+        train_cfg,
+        torch.autocast('cpu', enabled=False),
+        0,
+    )
+    for opt, grads in zip(optsD, left_by_d_step):
+        for p, g in zip(opt.param_groups[0]['params'], grads):
+            assert p.requires_grad and torch.equal(p.grad, g)
+    assert all(p.grad is not None for p in netG.parameters())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('contrastive', [False, True])
 def test_bf16_autocast_step_matches_fp32(contrastive):
