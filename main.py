@@ -353,6 +353,7 @@ def train(run, args):
     ):  # the logit heads are reached through the wrapper's module
         ddp_D.cond, ddp_D.uncond = netD.cond, netD.uncond
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
+    t0 = time.time()  # training time includes the one encoding pass of the cache
     if train_cfg.CACHE_TEXT_FEATURES:
         texts = [t for k in ds.keys for t in ds.d.raw_captions(k)]
         encode = models.TextFeatureCache(text_enc, texts, dev)
@@ -364,7 +365,7 @@ def train(run, args):
         f"G {count(netG):,} params, D {[count(d) for d in netsD]}, {len(ds)} images, "
         f"{len(loader)} steps/epoch, contrastive={contrastive}"
     )
-    t0, last = time.time(), {}
+    last = {}
     for epoch in range(start_epoch, train_cfg.MAX_EPOCH):
         utils.set_epoch(loader, epoch)
         bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=log)

@@ -73,7 +73,7 @@ def run(cmd, log):
     with open(log, 'w') as f:
         r = subprocess.run([sys.executable] + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
-        sys.exit(f"bench/shapes.py: {' '.join(cmd)} failed (exit {r.returncode}); see {log}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {r.returncode}); see {log}")
     return time.time() - t0
 
 
@@ -108,7 +108,8 @@ def train_and_score(name, seed, args):
             ['main.py', '--cfg', sys_['eval'], '--out', eval_dir]
             + ['--set', f'TRAIN.NET_G={gen_dir}', '--set', f"TRAIN.NET_E={sys_['needs']}"]
             + ['--set', f'EVAL.JUDGE={args.judge}']
-            + threads,
+            + threads
+            + [a for kv in args.set if not kv.startswith('TRAIN.') for a in ('--set', kv)],
             os.path.join(ROOT, eval_dir + '.log'),
         )
     m = metrics(eval_dir if sys_['eval'] else gen_dir)
@@ -134,7 +135,10 @@ def main():
     p.add_argument('--out', default='output/bench_shapes')
     p.add_argument('--judge', default='output/judge', help='fid_score.py --train_judge run dir')
     p.add_argument(
-        '--set', action='append', default=[], help="KEY=VALUE for the generators' training cfg"
+        '--set',
+        action='append',
+        default=[],
+        help="KEY=VALUE for the generators' training cfg (and, but TRAIN.*, their evaluation's)",
     )
     p.add_argument(
         '--jobs',
@@ -143,6 +147,8 @@ def main():
         help='seeds trained at once, one CPU thread each (1: in turn)',
     )
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f'--jobs {args.jobs}: expected 1 or more')
     os.makedirs(os.path.join(ROOT, args.out), exist_ok=True)
     result = {
         'date': time.strftime('%Y-%m-%d %H:%M'),
@@ -150,14 +156,26 @@ def main():
         'machine': platform.processor() or platform.machine(),
         'systems': {},
     }
+    failed = []
     for name in args.systems:
         sys_ = SYSTEMS[name]
         prep_seconds = None
         if not os.path.isfile(os.path.join(ROOT, sys_['needs'])):
-            prep_seconds = run(sys_['prep'], os.path.join(ROOT, args.out, f'{name}_prep.log'))
+            try:
+                prep_seconds = run(sys_['prep'], os.path.join(ROOT, args.out, f'{name}_prep.log'))
+            except RuntimeError as e:
+                sys.exit(f'bench/shapes.py: {e}')
         enc_r = metrics(sys_['encoder_run'])
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda seed: train_and_score(name, seed, args), args.seeds))
+            runs = {seed: pool.submit(train_and_score, name, seed, args) for seed in args.seeds}
+        rows = []
+        for seed, run_ in runs.items():
+            if run_.exception():
+                failed.append(f'{name} seed {seed}: {run_.exception()}')
+            else:
+                rows.append(run_.result())
+        if not rows:
+            continue
         result['systems'][name] = {
             'prepared': sys_['needs'],
             'encoder_r_precision': enc_r.get('R_precision'),
@@ -194,6 +212,8 @@ def main():
                     + ' | | | |'
                 )
     print('targets: ' + ', '.join(f'{c} >= {t}' for c, t in TARGETS.items()))
+    if failed:
+        sys.exit('bench/shapes.py: ' + '; '.join(failed))
 
 
 if __name__ == '__main__':
