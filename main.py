@@ -521,10 +521,10 @@ def dmgan_sampler(cfg, netG, text_enc, dev):
     return sample
 
 
-def metric_plugins(eval_cfg, text_enc, image_enc, judge=None, out_dir=None):
+def metric_plugins(eval_cfg, text_enc, image_enc, judge=None, out_dir=None, real=None):
     """R-precision and CLIP score on the conditioning encoders; with a judge, its accuracy on the
     images as their PNG files hold them and the shuffled-caption baseline; with out_dir, the
-    image dump."""
+    image dump (and its grid beside the real images, given `real`: key -> image)."""
     plugins = utils.encoder_plugins(
         text_enc, image_enc, eval_cfg.R_NEG, eval_cfg.R_FOLDS, eval_cfg.SEED
     )
@@ -535,7 +535,7 @@ def metric_plugins(eval_cfg, text_enc, image_enc, judge=None, out_dir=None):
             utils.ShuffledJudge(accuracy, lambda n: utils.derangement(n, eval_cfg.SEED)),
         ]
     if out_dir:
-        plugins.append(utils.ImageDump(out_dir))
+        plugins.append(utils.ImageDump(out_dir, real))
     return plugins
 
 
@@ -560,12 +560,13 @@ def generate_and_score(
     """Scores (and the protocol) of netG's images of eval_records; the records, each with its
     judge verdict when a judge is given. Saves each image in out_dir when given."""
     eval_cfg = cfg.EVAL
-    records = eval_records(cfg, build_dataset(cfg, 'test', train=False))
+    test = build_dataset(cfg, 'test', train=False)
+    records = eval_records(cfg, test)
     torch.manual_seed(eval_cfg.SEED)  # conditioning augmentation samples from the global generator
     scores = utils.evaluate_generator(
         dmgan_sampler(cfg, netG, text_enc, dev),
         records,
-        metric_plugins(eval_cfg, text_enc, image_enc, judge, out_dir),
+        metric_plugins(eval_cfg, text_enc, image_enc, judge, out_dir, lambda k: test.images(k)[-1]),
         eval_cfg.BATCH_SIZE,
         'test',
         eval_cfg.SEED,

@@ -2720,22 +2720,45 @@ class InceptionScore:
 
 class ImageDump:
     """Each image as a PNG named by its record's 'file' in `folder`, and keys.json (file ->
-    dataset key), what fid_score.py, inception_score.py and the judge read."""
+    dataset key), what fid_score.py, inception_score.py and the judge read. Given `real` (dataset
+    key -> that image in [-1, 1], (3, H, W)), also grid.png in the folder above (outside the
+    folder FID reads): the first `grid` real images above the generated ones, their captions
+    numbered in grid.txt."""
 
-    def __init__(self, folder):
-        self.folder = folder
+    def __init__(self, folder, real=None, grid=10):
+        self.folder, self.real, self.grid = folder, real, grid
 
     def start(self, size):
         os.makedirs(self.folder, exist_ok=True)
-        self.keys = {}
+        self.keys, self.shown = {}, []
 
     def add(self, images, records):
         for im, r in zip(images, records):
             save_image_grid(im[None], os.path.join(self.folder, r['file']), nrow=1)
             self.keys[r['file']] = r['key']
+            if self.real is not None and len(self.shown) < self.grid:
+                self.shown.append((im.detach().float().cpu(), r))
 
     def result(self):
         atomic_write_text(os.path.join(self.folder, 'keys.json'), json.dumps(self.keys, indent=0))
+        if self.shown:
+            fakes = [im for im, _ in self.shown]
+            reals = [
+                torch.nn.functional.interpolate(
+                    self.real(r['key'])[None].float(),
+                    size=im.shape[-2:],
+                    mode='bilinear',
+                    antialias=True,
+                )[0]
+                for im, r in self.shown
+            ]
+            save_image_grid(
+                torch.stack(reals + fakes), os.path.join(self.folder, '..', 'grid.png'), len(fakes)
+            )
+            atomic_write_text(
+                os.path.join(self.folder, '..', 'grid.txt'),
+                ''.join(f"{i}. {r.get('caption', '')}\n" for i, (_, r) in enumerate(self.shown, 1)),
+            )
         return {}
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from conftest import ROOT, run_in_process, run_python, save_encoder_pair
 
 import main
@@ -537,11 +538,13 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
     records = json.load(open(out / 'captions.json'))
     assert m['num_images'] == len(pngs) == len(records) == 30  # 20 test images, then 10 of pass 2
     assert sorted(r['file'] for r in records) == pngs
+    grid = Image.open(out.parent / 'grid.png')  # 10 real test images above their generated ones
+    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)
+    assert (out.parent / 'grid.txt').read_text().splitlines()[0] == f"1. {records[0]['caption']}"
     assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
     for prefix in ('judge_', 'untrained_judge_', 'real_judge_', 'wrong_caption_judge_'):
         for attr in ('shape', 'colour', 'size', 'position', 'all'):
             assert 0 <= m[prefix + attr] <= 1, prefix + attr
-    from PIL import Image
 
     assert Image.open(out / pngs[0]).size == (32, 32)
     # one judge line per image; the breakdown and the shuffled-caption baseline beside the scores
@@ -636,7 +639,6 @@ def test_learning_curve_over_the_checkpoints(tiny_shapes, tiny_encoder, tiny_jud
         curve[-1]['judge_all'] == final['judge_all']
         and curve[-1]['r_precision'] == final['r_precision']
     )
-    from PIL import Image
 
     assert Image.open(tmp_path / 'eval' / 'curve.png').size == (640, 400)
 

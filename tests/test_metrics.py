@@ -577,3 +577,25 @@ def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     p = run_python('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
     assert p.returncode == 0, p.stderr
     assert float(p.stdout.split('FID:')[-1]) < 1e-3  # the test images against their own statistics
+
+
+def test_image_dump_grid_puts_the_real_images_above_the_generated_ones(tmp_path):
+    """ImageDump with `real`: grid.png outside the image folder (which FID reads whole), the first
+    `grid` real images in its top row and the generated ones below, captions in grid.txt."""
+    reals = {'a': -torch.ones(3, 8, 8), 'b': torch.ones(3, 8, 8), 'c': torch.zeros(3, 8, 8)}
+    dump = utils.ImageDump(str(tmp_path / 'single'), real=lambda k: reals[k], grid=2)
+    dump.start(8)
+    fake = torch.zeros(3, 3, 8, 8)
+    fake[:, 0] = 1  # red
+    records = [{'file': f'{k}.png', 'key': k, 'caption': f'caption {k}'} for k in 'abc']
+    dump.add(fake, records)
+    dump.result()
+    assert sorted(os.listdir(tmp_path / 'single')) == ['a.png', 'b.png', 'c.png', 'keys.json']
+    grid = np.asarray(Image.open(tmp_path / 'grid.png').convert('RGB')).astype(int)
+    pad = 2  # torchvision's make_grid padding
+    assert grid.shape == (2 * 8 + 3 * pad, 2 * 8 + 3 * pad, 3)
+    top_left, top_right = grid[pad + 4, pad + 4], grid[pad + 4, 2 * pad + 8 + 4]
+    bottom_left = grid[2 * pad + 8 + 4, pad + 4]
+    assert top_left.tolist() == [0, 0, 0] and top_right.tolist() == [255, 255, 255]
+    assert bottom_left[0] == 255 and bottom_left[1] == bottom_left[2] == 128
+    assert (tmp_path / 'grid.txt').read_text() == '1. caption a\n2. caption b\n'
