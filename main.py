@@ -242,13 +242,12 @@ def train_step(
         errD_total += errD.item()
     # --- G: adversarial + LAMBDA * DAMSM + KL (+ contrastive between the two fakes)
     optG.zero_grad(set_to_none=True)
-    netsD = [getattr(d, 'module', d) for d in ddp_Ds]  # no D gradient, so no DDP sync, here
+    netsD = [utils.unwrap(d) for d in ddp_Ds]  # no D gradient, so no DDP sync, here
     with frozen(netsD):
         with amp:
             errG, img_codes, damsm_total = 0.0, [], 0.0
-            use_encoder = (
-                train_cfg.SMOOTH.LAMBDA > 0 or len(feats) == 2
-            )  # else the image encoder adds nothing
+            # without the DAMSM term or the contrastive term the image encoder adds nothing
+            use_encoder = train_cfg.SMOOTH.LAMBDA > 0 or len(feats) == 2
             for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
                 errG = (
                     errG

@@ -2742,6 +2742,7 @@ class ImageDump:
     def result(self):
         atomic_write_text(os.path.join(self.folder, 'keys.json'), json.dumps(self.keys, indent=0))
         if self.shown:
+            parent = os.path.dirname(os.path.abspath(self.folder))
             fakes = [im for im, _ in self.shown]
             reals = [
                 torch.nn.functional.interpolate(
@@ -2753,10 +2754,10 @@ class ImageDump:
                 for im, r in self.shown
             ]
             save_image_grid(
-                torch.stack(reals + fakes), os.path.join(self.folder, '..', 'grid.png'), len(fakes)
+                torch.stack(reals + fakes), os.path.join(parent, 'grid.png'), len(fakes)
             )
             atomic_write_text(
-                os.path.join(self.folder, '..', 'grid.txt'),
+                os.path.join(parent, 'grid.txt'),
                 ''.join(f"{i}. {r.get('caption', '')}\n" for i, (_, r) in enumerate(self.shown, 1)),
             )
         return {}
