@@ -51,6 +51,10 @@ DEFAULTS = {
         'AMP': False,  # bf16 autocast
         # adversarial terms: bce (DM-GAN code/miscc/losses.py) | hinge (d_term, g_term)
         'GAN_LOSS': 'bce',
+        # weight of XMC-GAN's sentence contrastive loss scored by the projection D's conditional
+        # logit, on reals in D's loss and on fakes in G's (models.sentence_contrastive_loss);
+        # 0: DM-GAN's single mismatched pair only
+        'SENTENCE_CONTRASTIVE': 0.0,
         # layout of G, the Ds and the real images: channels_last | contiguous | auto (channels_last
         # on CUDA or under AMP: tensor cores, oneDNN's bf16 kernels; in fp32 on a CPU the step at
         # the bird cfg ran 1.47x slower in it, bench/dmgan.py --original)
@@ -159,24 +163,31 @@ def g_term(logits, form):
     return -logits.float().mean() if form == 'hinge' else bce(logits, 1.0)
 
 
-def discriminator_loss(netD, real, fake, sent, form='bce'):
+def discriminator_loss(netD, real, fake, sent, form='bce', contrastive=0.0):
     """(uncond_real + cond_real)/2 + (uncond_fake + cond_fake + cond_wrong)/3, the wrong
-    pair being real image i with caption i+1 (AttnGAN Eq. 4 with its mismatched term)."""
+    pair being real image i with caption i+1 (AttnGAN Eq. 4 with its mismatched term); with
+    `contrastive`, plus that weight of the sentence contrastive loss on the real images."""
     real_h, fake_h = netD(real), netD(fake.detach())
     cond_real = d_term(netD.cond(real_h, sent), True, form)
     cond_fake = d_term(netD.cond(fake_h, sent), False, form)
     cond_wrong = d_term(netD.cond(real_h[:-1], sent[1:]), False, form)
     uncond_real = d_term(netD.uncond(real_h), True, form)
     uncond_fake = d_term(netD.uncond(fake_h), False, form)
-    return (uncond_real + cond_real) / 2 + (uncond_fake + cond_fake + cond_wrong) / 3
+    loss = (uncond_real + cond_real) / 2 + (uncond_fake + cond_fake + cond_wrong) / 3
+    if contrastive:
+        loss = loss + contrastive * models.sentence_contrastive_loss(netD.cond, real_h, sent)
+    return loss
 
 
-def generator_adv_loss(netsD, fakes, sent, form='bce'):
-    """Sum over stages of the unconditional and conditional "fool D" terms (DM-GAN Eq. 11)."""
+def generator_adv_loss(netsD, fakes, sent, form='bce', contrastive=0.0):
+    """Sum over stages of the unconditional and conditional "fool D" terms (DM-GAN Eq. 11);
+    with `contrastive`, plus that weight of the sentence contrastive loss on the fakes."""
     total = 0.0
     for netD, fake in zip(netsD, fakes):
         h = netD(fake)
         total = total + g_term(netD.uncond(h), form) + g_term(netD.cond(h, sent), form)
+        if contrastive:
+            total = total + contrastive * models.sentence_contrastive_loss(netD.cond, h, sent)
     return total
 
 
@@ -233,7 +244,14 @@ def train_step(
         optD.zero_grad(set_to_none=True)
         with amp:
             errD = sum(
-                discriminator_loss(ddp_D, reals[i], out[0][i], f[1], train_cfg.GAN_LOSS)
+                discriminator_loss(
+                    ddp_D,
+                    reals[i],
+                    out[0][i],
+                    f[1],
+                    train_cfg.GAN_LOSS,
+                    train_cfg.SENTENCE_CONTRASTIVE,
+                )
                 for out, f in zip(outs, feats)
             )
         utils.check_finite(errD, f'D{i}', step)
@@ -251,7 +269,9 @@ def train_step(
             for (fakes, _, mu, logvar), (words, sent, pad) in zip(outs, feats):
                 errG = (
                     errG
-                    + generator_adv_loss(netsD, fakes, sent, train_cfg.GAN_LOSS)
+                    + generator_adv_loss(
+                        netsD, fakes, sent, train_cfg.GAN_LOSS, train_cfg.SENTENCE_CONTRASTIVE
+                    )
                     + train_cfg.KL_WEIGHT * kl_loss(mu, logvar)
                 )
                 if use_encoder:
@@ -298,6 +318,11 @@ def train(run, args):
     if train_cfg.GAN_LOSS not in GAN_LOSSES:
         raise utils.UserError(
             f"TRAIN.GAN_LOSS={train_cfg.GAN_LOSS!r}: expected one of {', '.join(GAN_LOSSES)}"
+        )
+    if train_cfg.SENTENCE_CONTRASTIVE and cfg.GAN.D_CONDITION != 'projection':
+        raise utils.UserError(
+            f"TRAIN.SENTENCE_CONTRASTIVE={train_cfg.SENTENCE_CONTRASTIVE}: needs "
+            f"GAN.D_CONDITION projection (has {cfg.GAN.D_CONDITION!r})"
         )
     text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     ds = build_dataset(cfg, 'train', train=True, two_captions=contrastive)

@@ -1738,6 +1738,23 @@ class ProjectionLogits(nn.Module):
     def forward(self, h, c):
         return self.outlogits(h).view(-1) + (self.embed(c) * h.flatten(1)).sum(1)
 
+    def pair_scores(self, h, c):
+        """(B, B): the conditional part (V s_j)^T phi(x_i) of image i's logit with caption j."""
+        return h.flatten(1) @ self.embed(c).t()
+
+
+def sentence_contrastive_loss(cond, h, sent):
+    """XMC-GAN's image-sentence contrastive loss (Zhang et al. 2021, Eq. 2 and 6) scored by a
+    projection discriminator's conditional logit: each image against every caption of the batch,
+    its own caption the positive. DM-GAN's mismatched pair (real i, caption i+1) is one such
+    negative; here all B - 1 are."""
+    if not isinstance(cond, ProjectionLogits):
+        raise utils.UserError(
+            "TRAIN.SENTENCE_CONTRASTIVE needs GAN.D_CONDITION projection (its pair scores)"
+        )
+    scores = cond.pair_scores(h, sent).float()
+    return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
+
 
 D_CONDITIONS = ('concat', 'projection')
 
@@ -2096,12 +2113,17 @@ class XMCDiscriminator(nn.Module):
         self.input_range = tuple(float(v) for v in input_range)
         mults, downs = XMC_D_CHANNELS[img_size]
         self.blocks = nn.ModuleList([XMCDiscBlock(3, df_dim, True, optimized=True)])
-        c, size, self.cond_index = df_dim, img_size // 2, None
+        c, size = df_dim, img_size // 2
+        sizes = {size: (0, c)}  # feature size -> (block index, channels), the last block wins
         for i, (m, d) in enumerate(zip(mults, downs)):
             self.blocks.append(XMCDiscBlock(c, df_dim * m, d))
             c, size = df_dim * m, size // 2 if d else size
-            if size == cond_size:
-                self.cond_index, cond_ch = i + 1, c
+            sizes[size] = (i + 1, c)
+        if cond_size not in sizes:
+            raise utils.UserError(
+                f'GAN.COND_SIZE={cond_size} at {img_size} px: expected one of {sorted(sizes)}'
+            )
+        self.cond_index, cond_ch = sizes[cond_size]
         self.out = sn(nn.Linear(c, 1))
         self.sent_proj = sn(nn.Linear(text_dim, c))
         self.region_proj = sn(nn.Conv2d(cond_ch, text_dim, 1))

@@ -13,6 +13,7 @@ main.py hands over here when the cfg says MODEL: XMCGAN.
 import copy
 import functools
 import json
+import logging
 import os
 import signal
 import time
@@ -49,6 +50,7 @@ DEFAULTS = {
         'AMP': False,  # bf16 autocast
         'GATHER_NEGATIVES': False,  # contrastive negatives from this rank's batch; true = every rank's
         'FLIP': True,  # random horizontal flip of training images
+        'PRELOAD': False,  # decode every image once, up front (the original decodes per step)
         'RESNET': 'auto',  # ImageNet ResNet-50: the original's .npy or a torchvision .pth
         # ('auto' = data/resnet_pretrained.npy if there, else torchvision's cache)
         'CONTRASTIVE': {
@@ -150,28 +152,44 @@ class XMCDataset(torch.utils.data.Dataset):
     """An image, bilinearly resized to size x size without crop (tf.image.resize, no antialias)
     and, with `flip`, flipped at random, in [-1, 1] (the original: [0, 1]); and one random
     caption of it (coco_dataset.py). The randomness is a function of (seed, epoch, index), so
-    neither resuming nor the worker count changes what a step sees."""
+    neither resuming nor the worker count changes what a step sees. With `preload` every file
+    is decoded once, up front, and kept as uint8: the same pixels, no decoding per step."""
 
-    def __init__(self, emb, size, flip, seed=0):
+    def __init__(self, emb, size, flip, seed=0, preload=False):
         self.emb, self.size, self.flip, self.seed, self.epoch = emb, size, flip, seed, 0
         self.bad = set()  # indices of unreadable files (utils.skip_unreadable)
+        self.cache = None
+        if preload:
+            self.cache = [self._decode(i) for i in range(len(self))]
+            self.bad = {i for i, img in enumerate(self.cache) if img is None}
+
+    def _decode(self, index):
+        try:
+            img = utils.load_image(self.emb.images[index][1])
+        except utils.BadImage as e:
+            logging.getLogger('t2i').warning(f"skipping {e}")
+            return None
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+    def _pixels(self, index):
+        if self.cache is not None:
+            return self.cache[index]
+        img = utils.load_image(self.emb.images[index][1])
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
     def __len__(self):
         return len(self.emb.images)
 
     def __getitem__(self, index):
-        index, img = utils.skip_unreadable(
-            self,
-            index,
-            lambda i: torch.from_numpy(
-                np.asarray(utils.load_image(self.emb.images[i][1]), dtype=np.float32) / 255
-            ).permute(2, 0, 1),
-        )
+        index, img = utils.skip_unreadable(self, index, self._pixels)
         _, _, _, first, n = self.emb.images[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         row = first + int(rng.integers(n))
         img = F.interpolate(
-            img[None], size=(self.size, self.size), mode='bilinear', align_corners=False
+            img[None].float() / 255,
+            size=(self.size, self.size),
+            mode='bilinear',
+            align_corners=False,
         )[0]
         if self.flip and rng.random() < 0.5:
             img = img.flip(-1)
@@ -378,7 +396,9 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
 def train(run, args):
     cfg, dev, log, train_cfg = run.cfg, run.device, run.log, run.cfg.TRAIN
     emb = EmbeddedCaptions(cfg.EMBEDDINGS, 'train')
-    ds = XMCDataset(emb, cfg.IMAGE_SIZE, flip=train_cfg.FLIP, seed=cfg.SEED)
+    ds = XMCDataset(
+        emb, cfg.IMAGE_SIZE, flip=train_cfg.FLIP, seed=cfg.SEED, preload=train_cfg.PRELOAD
+    )
     if train_cfg.BATCH_SIZE % run.world:
         raise utils.UserError(
             f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE}: not divisible by the {run.world} ranks"

@@ -1,14 +1,14 @@
 """The embedded 10-minute recipes, several seeds each, and one table of the judge's accuracy.
 
-    python bench/shapes.py                                  # DM-GAN (both encoders) and DALLE, seeds 0 1 2
+    python bench/shapes.py                                  # DM-GAN (both encoders), XMC-GAN, DALLE, seeds 0 1 2
     python bench/shapes.py --systems dmgan_clip --seeds 0   # one recipe, one seed
     python bench/shapes.py --systems dmgan_clip --jobs 3    # its seeds at once, a CPU thread each
 
-For each system: its text encoder (DALLE: its VAE) is trained once (seed 0) with its cfg, unless
-the file its cfg names is already there; then, per seed, the generator is trained with its cfg
+For each system: its text encoder (and XMC-GAN's caption embeddings, DALLE's VAE) is made once
+(seed 0) with its cfg, unless the file its cfg names is already there; then, per seed, the generator is trained with its cfg
 and scored on the 1,000 test captions (one image each, the judge, R-precision with the encoder it
-is conditioned on, DALLE with the CLIP from scratch, baselines). Prints mean +- std over the seeds beside the encoder's
-R-precision on the real test images and the baselines, and writes <out>/shapes.json. Each run's
+is conditioned on, DALLE with the CLIP from scratch, baselines). Prints mean +- std over the
+seeds beside the encoder's R-precision on the real test images and the baselines, and writes <out>/shapes.json. Each run's
 learning curve is <out>/<system>_seed<N>_eval/curve.png.
 """
 
@@ -24,28 +24,54 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# system: the command that trains what conditions or tokenises it (run once, seed 0, unless its
-# file exists), that file, the generator's training command, its evaluation cfg (None: training
-# ends with the evaluation), and the run dir whose R-precision on the real test images the
-# generator's R-precision is measured against.
+# system: the commands that train what conditions or tokenises it, each with the file it writes
+# (run once, seed 0, unless that file exists); the generator's training command; its evaluation
+# cfg (None: training ends with the evaluation), the key that points it at the run and its other
+# settings; the run dir whose R-precision on the real test images the generator's is measured
+# against.
+CLIP = (
+    ['pretrain_DAMSM.py', '--cfg', 'cfg/clip_shapes.yml'],
+    'output/clip_shapes/checkpoints/text_encoder3.pth',
+)
 SYSTEMS = {
     'dmgan_clip': dict(
-        prep=['pretrain_DAMSM.py', '--cfg', 'cfg/clip_shapes.yml'],
-        needs='output/clip_shapes/checkpoints/text_encoder3.pth',
+        prep=[CLIP],
         train=['main.py', '--cfg', 'cfg/shapes_DMGAN.yml'],
-        eval='cfg/eval_shapes_DMGAN.yml',
+        eval=('cfg/eval_shapes_DMGAN.yml', 'TRAIN.NET_G', [f'TRAIN.NET_E={CLIP[1]}']),
         encoder_run='output/clip_shapes',
     ),
     'dmgan_damsm': dict(
-        prep=['pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml'],
-        needs='output/DAMSM_shapes/checkpoints/text_encoder4.pth',
+        prep=[
+            (
+                ['pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml'],
+                'output/DAMSM_shapes/checkpoints/text_encoder4.pth',
+            )
+        ],
         train=['main.py', '--cfg', 'cfg/shapes_DMGAN_DAMSM.yml'],
-        eval='cfg/eval_shapes_DMGAN.yml',
+        eval=(
+            'cfg/eval_shapes_DMGAN.yml',
+            'TRAIN.NET_G',
+            ['TRAIN.NET_E=output/DAMSM_shapes/checkpoints/text_encoder4.pth'],
+        ),
         encoder_run='output/DAMSM_shapes',
     ),
+    'xmc': dict(
+        prep=[
+            CLIP,
+            (
+                ['preprocess_data.py', '--cfg', 'cfg/preprocess/shapes_text.yml'],
+                'data/shapes/xmc_text/index.json',
+            ),
+        ],
+        train=['main.py', '--cfg', 'cfg/shapes_xmc.yml'],
+        eval=('cfg/eval_shapes_xmc.yml', 'EVAL.WORKDIR', []),
+        encoder_run='output/clip_shapes',
+    ),
     'dalle': dict(
-        prep=['train_vae.py', '--cfg', 'cfg/dalle/shapes_vae.yml'],
-        needs='output/shapes_vae/vae.pt',
+        prep=[
+            CLIP,
+            (['train_vae.py', '--cfg', 'cfg/dalle/shapes_vae.yml'], 'output/shapes_vae/vae.pt'),
+        ],
         train=[
             'train_dalle.py',
             '--cfg',
@@ -104,15 +130,18 @@ def train_and_score(name, seed, args):
         os.path.join(ROOT, gen_dir + '.log'),
     )
     if sys_['eval']:
+        eval_cfg, run_key, sets = sys_['eval']
         run(
-            ['main.py', '--cfg', sys_['eval'], '--out', eval_dir]
-            + ['--set', f'TRAIN.NET_G={gen_dir}', '--set', f"TRAIN.NET_E={sys_['needs']}"]
+            ['main.py', '--cfg', eval_cfg, '--out', eval_dir, '--overwrite']
+            + [a for kv in [f'{run_key}={gen_dir}', *sets] for a in ('--set', kv)]
             + ['--set', f'EVAL.JUDGE={args.judge}']
             + threads
             + [a for kv in args.set if not kv.startswith('TRAIN.') for a in ('--set', kv)],
             os.path.join(ROOT, eval_dir + '.log'),
         )
     m = metrics(eval_dir if sys_['eval'] else gen_dir)
+    if 'latest' in m:  # XMC-GAN's evaluation: one entry per checkpoint
+        m = m[f"eval/{m['latest']}"]
     row = {
         'seed': seed,
         'train_seconds': metrics(gen_dir)['train_seconds'],
@@ -160,11 +189,14 @@ def main():
     for name in args.systems:
         sys_ = SYSTEMS[name]
         prep_seconds = None
-        if not os.path.isfile(os.path.join(ROOT, sys_['needs'])):
-            try:
-                prep_seconds = run(sys_['prep'], os.path.join(ROOT, args.out, f'{name}_prep.log'))
-            except RuntimeError as e:
-                sys.exit(f'bench/shapes.py: {e}')
+        for k, (cmd, made) in enumerate(sys_['prep']):
+            if not os.path.isfile(os.path.join(ROOT, made)):
+                try:
+                    prep_seconds = (prep_seconds or 0) + run(
+                        cmd, os.path.join(ROOT, args.out, f'{name}_prep{k}.log')
+                    )
+                except RuntimeError as e:
+                    sys.exit(f'bench/shapes.py: {e}')
         enc_r = metrics(sys_['encoder_run'])
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             runs = {seed: pool.submit(train_and_score, name, seed, args) for seed in args.seeds}
@@ -177,7 +209,7 @@ def main():
         if not rows:
             continue
         result['systems'][name] = {
-            'prepared': sys_['needs'],
+            'prepared': [made for _, made in sys_['prep']],
             'encoder_r_precision': enc_r.get('R_precision'),
             'prep_seconds': prep_seconds,
             'runs': rows,

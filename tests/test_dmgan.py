@@ -196,6 +196,39 @@ def test_projection_logit_is_psi_plus_the_projected_sentence_inner_product():
         models.DMGANDiscriminator(32, 2, 4, condition='concatenate')
 
 
+def test_sentence_contrastive_loss_scores_every_caption_of_the_batch():
+    """Image i against caption j is D's conditional logit minus its unconditional part; the loss
+    is the cross-entropy of each image over the batch's captions, its own the target, added to
+    D's loss on reals and to G's on fakes with TRAIN.SENTENCE_CONTRASTIVE's weight."""
+    torch.manual_seed(0)
+    netD = models.DMGANDiscriminator(
+        32, df_dim=2, text_dim=4, sn_eval_power_iteration=False, condition='projection'
+    ).eval()
+    real, fake, sent = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32), torch.randn(3, 4)
+    h, head = netD(real), netD.cond
+    scores = torch.stack(
+        [
+            torch.stack([head(h[i : i + 1], sent[j : j + 1])[0] for j in range(3)])
+            - head.outlogits(h[i : i + 1]).view(())
+            for i in range(3)
+        ]
+    )
+    torch.testing.assert_close(head.pair_scores(h, sent), scores, rtol=1e-4, atol=1e-4)
+    want = -sum(scores[i, i] - torch.logsumexp(scores[i], 0) for i in range(3)) / 3
+    got = models.sentence_contrastive_loss(head, h, sent)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    base = main.discriminator_loss(netD, real, fake, sent, 'hinge')
+    with_term = main.discriminator_loss(netD, real, fake, sent, 'hinge', contrastive=0.5)
+    torch.testing.assert_close(with_term - base, 0.5 * got, rtol=1e-5, atol=1e-5)
+    g_base = main.generator_adv_loss([netD], [fake], sent, 'hinge')
+    g_with = main.generator_adv_loss([netD], [fake], sent, 'hinge', contrastive=2.0)
+    fake_term = models.sentence_contrastive_loss(head, netD(fake), sent)
+    torch.testing.assert_close(g_with - g_base, 2.0 * fake_term, rtol=1e-5, atol=1e-5)
+    concat = models.DMGANDiscriminator(32, df_dim=2, text_dim=4)
+    with pytest.raises(utils.UserError, match='D_CONDITION projection'):
+        models.sentence_contrastive_loss(concat.cond, concat(real), sent)
+
+
 def test_hinge_terms():
     logits = torch.tensor([-2.0, 0.5, 3.0])
     assert main.d_term(logits, True, 'hinge').item() == pytest.approx((3.0 + 0.5 + 0.0) / 3)

@@ -159,6 +159,20 @@ def test_generator_and_discriminator_shapes(size):
     assert regions.shape == (2, 16 * 16, 8)
 
 
+def test_32_px_conditions_its_word_regions_at_a_size_it_has():
+    """At 32 px the region features for the word loss sit at 8x8 (or 16/4); a size the D never
+    reaches is an error naming the sizes it has."""
+    torch.manual_seed(0)
+    netG, netD = models.XMCGenerator(32, 2, 4, 8, 15.0), models.XMCDiscriminator(32, 2, 8, 8)
+    img = netG(torch.randn(2, 4), torch.randn(2, 8), torch.randn(2, 5, 8), None)
+    assert img.shape == (2, 3, 32, 32)
+    assert netD(img, torch.randn(2, 8))[3].shape == (2, 8 * 8, 8)
+    with pytest.raises(
+        utils.UserError, match=r'COND_SIZE=2 at 32 px: expected one of \[4, 8, 16\]'
+    ):
+        models.XMCDiscriminator(32, 2, 8, 2)
+
+
 def test_discriminator_sees_0_1_images_as_the_original():
     """coco_dataset.py feeds D [0, 1] images and G's output is (tanh + 1) / 2: by default our D
     maps its [-1, 1] input to [0, 1] before the first block; [-1, 1] is the option."""
@@ -316,6 +330,29 @@ def trained_run(tmp_path_factory, embeddings):
     out = tmp_path_factory.mktemp('runs') / 'straight'
     run_main(tiny_train_cfg(embeddings, out))
     return str(out)
+
+
+def test_preloaded_images_are_the_same_pixels_and_skip_the_same_bad_file(tmp_path, embeddings):
+    """TRAIN.PRELOAD decodes once and changes nothing a step sees: the same image, flip and
+    caption for every index, and an unreadable file skipped the same way."""
+    bad = tmp_path / 'broken.png'
+    bad.write_bytes(b'not a png')
+    datasets = []
+    for preload in (False, True):
+        emb = xmc_gan.EmbeddedCaptions(embeddings, 'train')
+        emb.images = [list(r) for r in emb.images]
+        emb.images[1][1] = str(bad)
+        datasets.append(xmc_gan.XMCDataset(emb, 32, flip=True, seed=3, preload=preload))
+    assert datasets[1].bad == {1}
+    for ds in datasets:
+        ds.epoch = 2
+    for i in range(len(datasets[0])):
+        a, b = datasets[0][i], datasets[1][i]
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(torch.as_tensor(a[k]), torch.as_tensor(b[k]), rtol=0, atol=0)
+    assert datasets[0].bad == {1}
+    torch.testing.assert_close(datasets[0][1]['image'], datasets[0][2]['image'])
 
 
 # ----------------------------------------------------------------------------
