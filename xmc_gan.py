@@ -837,6 +837,7 @@ def evaluate(run, watch):
                     },
                 )
                 log.info(f"{name} (step {step}, {time.time() - t0:.0f}s): {fmt(scores)}")
+                write_curve(run.out, mpath, ccfg.CONFIG_NAME)
             if not watch:
                 break
             for _ in range(max(1, int(eval_cfg.POLL_SECONDS))):
@@ -845,6 +846,27 @@ def evaluate(run, watch):
     except utils.Interrupted:
         log.info("stop requested: the checkpoint in progress was not scored")
     log.info(f"{len(scored())} checkpoint(s) scored in {table}")
+
+
+CURVE_SCORES = ('r_precision', 'judge_all', 'judge_count', 'judge_shape', 'judge_colour')
+CURVE_SCORES += ('judge_size', 'judge_position')
+
+
+def write_curve(out, metrics_path, run_name):
+    """curve.png: the scores in [0, 1] of every checkpoint scored so far against its step."""
+    with open(metrics_path) as f:
+        rows = sorted(
+            (v for k, v in json.load(f).items() if k.startswith('eval/')), key=lambda r: r['step']
+        )
+    names = [n for n in CURVE_SCORES if all(n in r for r in rows)]
+    if names:
+        utils.plot_curves(
+            os.path.join(out, 'curve.png'),
+            [r['step'] for r in rows],
+            {n: [r[n] for r in rows] for n in names},
+            'step',
+            f'XMC-GAN learning curve ({run_name}, EMA G)',
+        )
 
 
 def main():
