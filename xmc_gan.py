@@ -50,7 +50,7 @@ DEFAULTS = {
         'AMP': False,  # bf16 autocast
         'GATHER_NEGATIVES': False,  # contrastive negatives from this rank's batch; true = every rank's
         'FLIP': True,  # random horizontal flip of training images
-        'PRELOAD': False,  # decode every image once, up front (the original decodes per step)
+        'PRELOAD': False,  # decode and resize every image once, up front (the original: per step)
         'RESNET': 'auto',  # ImageNet ResNet-50: the original's .npy or a torchvision .pth
         # ('auto' = data/resnet_pretrained.npy if there, else torchvision's cache)
         'CONTRASTIVE': {
@@ -152,45 +152,42 @@ class XMCDataset(torch.utils.data.Dataset):
     """An image, bilinearly resized to size x size without crop (tf.image.resize, no antialias)
     and, with `flip`, flipped at random, in [-1, 1] (the original: [0, 1]); and one random
     caption of it (coco_dataset.py). The randomness is a function of (seed, epoch, index), so
-    neither resuming nor the worker count changes what a step sees. With `preload` every file
-    is decoded once, up front, and kept as uint8: the same pixels, no decoding per step."""
+    neither resuming nor the worker count changes what a step sees. With `preload` every image
+    is decoded and resized once, up front (3 x size^2 floats each): the same pixels, no
+    decoding per step."""
 
     def __init__(self, emb, size, flip, seed=0, preload=False):
         self.emb, self.size, self.flip, self.seed, self.epoch = emb, size, flip, seed, 0
         self.bad = set()  # indices of unreadable files (utils.skip_unreadable)
         self.cache = None
         if preload:
-            self.cache = [self._decode(i) for i in range(len(self))]
-            self.bad = {i for i, img in enumerate(self.cache) if img is None}
+            self.cache = []
+            for i in range(len(self)):
+                try:
+                    self.cache.append(self._resized(i))
+                except utils.BadImage as e:
+                    logging.getLogger('t2i').warning(f"skipping {e}")
+                    self.cache.append(None)
+                    self.bad.add(i)
 
-    def _decode(self, index):
-        try:
-            img = utils.load_image(self.emb.images[index][1])
-        except utils.BadImage as e:
-            logging.getLogger('t2i').warning(f"skipping {e}")
-            return None
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-
-    def _pixels(self, index):
-        if self.cache is not None:
-            return self.cache[index]
-        img = utils.load_image(self.emb.images[index][1])
-        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    def _resized(self, index):
+        img = np.asarray(utils.load_image(self.emb.images[index][1]), dtype=np.float32) / 255
+        return F.interpolate(
+            torch.from_numpy(img).permute(2, 0, 1)[None],
+            size=(self.size, self.size),
+            mode='bilinear',
+            align_corners=False,
+        )[0]
 
     def __len__(self):
         return len(self.emb.images)
 
     def __getitem__(self, index):
-        index, img = utils.skip_unreadable(self, index, self._pixels)
+        read = self._resized if self.cache is None else self.cache.__getitem__
+        index, img = utils.skip_unreadable(self, index, read)
         _, _, _, first, n = self.emb.images[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         row = first + int(rng.integers(n))
-        img = F.interpolate(
-            img[None].float() / 255,
-            size=(self.size, self.size),
-            mode='bilinear',
-            align_corners=False,
-        )[0]
         if self.flip and rng.random() < 0.5:
             img = img.flip(-1)
         words, length, sent, _ = self.emb.caption(row)
