@@ -862,7 +862,7 @@ def write_curve(out, metrics_path, run_name):
             [r['step'] for r in rows],
             {n: [r[n] for r in rows] for n in names},
             'step',
-            f'XMC-GAN learning curve ({run_name}, EMA G)',
+            f'XMC-GAN learning curve ({run_name}, EMA generator)',
         )
 
 
