@@ -667,11 +667,7 @@ def learning_curve(run, text_enc, image_enc, judge):
     if not rows:
         raise utils.UserError(f"EVAL.CURVE: no dmgan_<step>.pt under {cfg.TRAIN.NET_G}/checkpoints")
     utils.atomic_write_text(os.path.join(run.out, 'curve.json'), json.dumps(rows, indent=1))
-    names = ['r_precision'] + (
-        [f'judge_{a}' for a in ('all', 'count', 'shape', 'colour', 'size', 'position')]
-        if judge is not None
-        else []
-    )
+    names = [n for n in utils.CURVE_SCORES if judge is not None or not n.startswith('judge_')]
     timed = all(r['train_seconds'] is not None for r in rows)
     utils.plot_curves(
         os.path.join(run.out, 'curve.png'),

@@ -653,6 +653,18 @@ CURVE_COLOURS = [
 ]
 
 
+# what a generator's learning curve draws: R-precision, then the shapes judge's accuracies
+CURVE_SCORES = (
+    'r_precision',
+    'judge_all',
+    'judge_count',
+    'judge_shape',
+    'judge_colour',
+    'judge_size',
+    'judge_position',
+)
+
+
 def plot_curves(path, xs, series, xlabel, title, ymax=1.0):
     """A line plot as a PNG (PIL only): one line per name in `series` ({name: [y per x]}),
     y from 0 to ymax, with a legend; for learning curves of scores in [0, 1]."""

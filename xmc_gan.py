@@ -845,17 +845,13 @@ def evaluate(run, watch):
     log.info(f"{len(scored())} checkpoint(s) scored in {table}")
 
 
-CURVE_SCORES = ('r_precision', 'judge_all', 'judge_count', 'judge_shape', 'judge_colour')
-CURVE_SCORES += ('judge_size', 'judge_position')
-
-
 def write_curve(out, metrics_path, run_name):
     """curve.png: the scores in [0, 1] of every checkpoint scored so far against its step."""
     with open(metrics_path) as f:
         rows = sorted(
             (v for k, v in json.load(f).items() if k.startswith('eval/')), key=lambda r: r['step']
         )
-    names = [n for n in CURVE_SCORES if all(n in r for r in rows)]
+    names = [n for n in utils.CURVE_SCORES if all(n in r for r in rows)]
     if names:
         utils.plot_curves(
             os.path.join(out, 'curve.png'),

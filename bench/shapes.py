@@ -1,15 +1,16 @@
 """The embedded 10-minute recipes, several seeds each, and one table of the judge's accuracy.
 
-    python bench/shapes.py                                  # DM-GAN (both encoders), XMC-GAN, DALLE, seeds 0 1 2
+    python bench/shapes.py                                  # every system, seeds 0 1 2
     python bench/shapes.py --systems dmgan_clip --seeds 0   # one recipe, one seed
     python bench/shapes.py --systems dmgan_clip --jobs 3    # its seeds at once, a CPU thread each
 
 For each system: its text encoder (and XMC-GAN's caption embeddings, DALLE's VAE) is made once
-(seed 0) with its cfg, unless the file its cfg names is already there; then, per seed, the generator is trained with its cfg
-and scored on the 1,000 test captions (one image each, the judge, R-precision with the encoder it
-is conditioned on, DALLE with the CLIP from scratch, baselines). Prints mean +- std over the
-seeds beside the encoder's R-precision on the real test images and the baselines, and writes <out>/shapes.json. Each run's
-learning curve is <out>/<system>_seed<N>_eval/curve.png.
+(seed 0) with its cfg, unless the file its cfg names is already there; then, per seed, the
+generator is trained with its cfg and scored on the 1,000 test captions (one image each, the
+judge, R-precision with the encoder it is conditioned on, DALLE with the CLIP from scratch,
+baselines). Prints mean +- std over the seeds beside the encoder's R-precision on the real test
+images and the baselines, and writes <out>/shapes.json. Each run's learning curve is
+<out>/<system>_seed<N>_eval/curve.png (DM-GAN, XMC-GAN; DALLE draws none).
 """
 
 import argparse
