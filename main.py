@@ -55,6 +55,10 @@ DEFAULTS = {
         # logit, on reals in D's loss and on fakes in G's (models.sentence_contrastive_loss);
         # 0: DM-GAN's single mismatched pair only
         'SENTENCE_CONTRASTIVE': 0.0,
+        # weight of XMC-GAN's word-region contrastive loss (Eq. 3-5, its gammas: coco_xmc.py) on
+        # D's 4x4 code, on reals in D's loss and on fakes in G's
+        # (models.word_region_contrastive_loss); 0: off
+        'WORD_CONTRASTIVE': {'WEIGHT': 0.0, 'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 50.0},
         # layout of G, the Ds and the real images: channels_last | contiguous | auto (channels_last
         # on CUDA or under AMP: tensor cores, oneDNN's bf16 kernels; in fp32 on a CPU the step at
         # the bird cfg ran 1.47x slower in it, bench/dmgan.py --original)
@@ -163,10 +167,18 @@ def g_term(logits, form):
     return -logits.float().mean() if form == 'hinge' else bce(logits, 1.0)
 
 
-def discriminator_loss(netD, real, fake, sent, form='bce', contrastive=0.0):
+def word_term(netD, h, words, pad, word_cfg):
+    """TRAIN.WORD_CONTRASTIVE's weighted word-region contrastive loss on D's code h."""
+    return word_cfg.WEIGHT * models.word_region_contrastive_loss(
+        netD, h, words, pad, word_cfg.GAMMA1, word_cfg.GAMMA2, word_cfg.GAMMA3
+    )
+
+
+def discriminator_loss(netD, real, fake, sent, form='bce', contrastive=0.0, words=None):
     """(uncond_real + cond_real)/2 + (uncond_fake + cond_fake + cond_wrong)/3, the wrong
     pair being real image i with caption i+1 (AttnGAN Eq. 4 with its mismatched term); with
-    `contrastive`, plus that weight of the sentence contrastive loss on the real images."""
+    `contrastive`, plus that weight of the sentence contrastive loss on the real images; with
+    `words` (words, pad mask, TRAIN.WORD_CONTRASTIVE), plus the word-region one on them."""
     real_h, fake_h = netD(real), netD(fake.detach())
     cond_real = d_term(netD.cond(real_h, sent), True, form)
     cond_fake = d_term(netD.cond(fake_h, sent), False, form)
@@ -176,18 +188,22 @@ def discriminator_loss(netD, real, fake, sent, form='bce', contrastive=0.0):
     loss = (uncond_real + cond_real) / 2 + (uncond_fake + cond_fake + cond_wrong) / 3
     if contrastive:
         loss = loss + contrastive * models.sentence_contrastive_loss(netD.cond, real_h, sent)
+    if words and words[2].WEIGHT:
+        loss = loss + word_term(netD, real_h, *words)
     return loss
 
 
-def generator_adv_loss(netsD, fakes, sent, form='bce', contrastive=0.0):
+def generator_adv_loss(netsD, fakes, sent, form='bce', contrastive=0.0, words=None):
     """Sum over stages of the unconditional and conditional "fool D" terms (DM-GAN Eq. 11);
-    with `contrastive`, plus that weight of the sentence contrastive loss on the fakes."""
+    with `contrastive` / `words`, plus the sentence / word-region contrastive losses on the fakes."""
     total = 0.0
     for netD, fake in zip(netsD, fakes):
         h = netD(fake)
         total = total + g_term(netD.uncond(h), form) + g_term(netD.cond(h, sent), form)
         if contrastive:
             total = total + contrastive * models.sentence_contrastive_loss(netD.cond, h, sent)
+        if words and words[2].WEIGHT:
+            total = total + word_term(netD, h, *words)
     return total
 
 
@@ -251,6 +267,7 @@ def train_step(
                     f[1],
                     train_cfg.GAN_LOSS,
                     train_cfg.SENTENCE_CONTRASTIVE,
+                    (f[0], f[2], train_cfg.WORD_CONTRASTIVE),
                 )
                 for out, f in zip(outs, feats)
             )
@@ -270,7 +287,12 @@ def train_step(
                 errG = (
                     errG
                     + generator_adv_loss(
-                        netsD, fakes, sent, train_cfg.GAN_LOSS, train_cfg.SENTENCE_CONTRASTIVE
+                        netsD,
+                        fakes,
+                        sent,
+                        train_cfg.GAN_LOSS,
+                        train_cfg.SENTENCE_CONTRASTIVE,
+                        (words, pad, train_cfg.WORD_CONTRASTIVE),
                     )
                     + train_cfg.KL_WEIGHT * kl_loss(mu, logvar)
                 )
@@ -343,6 +365,7 @@ def train(run, args):
                 text_enc.spec['dim'],
                 cfg.GAN.SN_EVAL_POWER_ITERATION,
                 cfg.GAN.D_CONDITION,
+                word_regions=train_cfg.WORD_CONTRASTIVE.WEIGHT > 0,
             )
             for s in sizes
         ]

@@ -1756,6 +1756,17 @@ def sentence_contrastive_loss(cond, h, sent):
     return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
 
 
+def word_region_contrastive_loss(netD, h, words, pad_mask, gamma1=5.0, gamma2=5.0, gamma3=50.0):
+    """XMC-GAN's word-region contrastive loss (Zhang et al. 2021, Eq. 3-5) on a DM-GAN
+    discriminator's 4x4 code: each cell, mapped to the word space by D's word_regions, is a
+    region; every image of the batch against every caption (word_contrastive_loss).
+    h (B, 8ndf, 4, 4), words (B, D, T), pad_mask (B, T) True at padding."""
+    if netD.word_regions is None:
+        raise utils.UserError('TRAIN.WORD_CONTRASTIVE.WEIGHT > 0 needs D built with word_regions')
+    regions = netD.word_regions(h).flatten(2).transpose(1, 2)
+    return word_contrastive_loss(regions, words.transpose(1, 2), pad_mask, gamma1, gamma2, gamma3)
+
+
 D_CONDITIONS = ('concat', 'projection')
 
 
@@ -1766,7 +1777,13 @@ class DMGANDiscriminator(nn.Module):
     or projection (ProjectionLogits)."""
 
     def __init__(
-        self, img_size, df_dim=64, text_dim=256, sn_eval_power_iteration=True, condition='concat'
+        self,
+        img_size,
+        df_dim=64,
+        text_dim=256,
+        sn_eval_power_iteration=True,
+        condition='concat',
+        word_regions=False,
     ):
         super().__init__()
         if condition not in D_CONDITIONS:
@@ -1796,6 +1813,8 @@ class DMGANDiscriminator(nn.Module):
             if condition == 'concat'
             else ProjectionLogits(ndf, text_dim, it)
         )
+        # the 4x4 code's cells as regions in the word space, for word_region_contrastive_loss
+        self.word_regions = sn_conv(ndf * 8, text_dim, 1, 1, 0, it) if word_regions else None
 
     def forward(self, x):
         return self.img_code(x)
@@ -2027,6 +2046,36 @@ def attention_for_g(regions, words, gamma, pad_mask):
         logits = logits.masked_fill(pad_mask[:, None, :], -1e9)
     att = logits.softmax(-1)
     return att @ w, att
+
+
+def contrastive_loss(a, b, tau):
+    """InfoNCE both ways (Sec. 3.1, Eq. 1): cosine / tau against every item of the batch,
+    cross-entropy with the pair's own as target, a->b plus b->a (summed, not averaged, as
+    attention_lib.contrastive_loss). L_sent: (image, sentence); L_img: (fake, real) (Sec. 4.1)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = a @ b.t() / tau
+    labels = torch.arange(len(a), device=a.device)
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
+
+
+def word_region_scores(regions, words, pad_mask, gamma1, gamma2):
+    """S_word(image b, caption c) for every pair (Sec. 4.1; attention_lib.word_loss): each word
+    attends over the L2-normalised regions with softmax(gamma1 * cos); S = log sum over the real
+    words of exp(gamma2 * cos(word, its region context)), / gamma2.
+    regions (B, R, D), words (C, T, D), pad_mask (C, T) True at padding -> (B, C)."""
+    r, w = F.normalize(regions.float(), dim=-1), F.normalize(words.float(), dim=-1)
+    alpha = (gamma1 * torch.einsum('brd,ctd->bcrt', r, w)).softmax(dim=2)
+    context = torch.einsum('bcrt,brd->bctd', alpha, r)
+    sim = gamma2 * F.cosine_similarity(w[None], context, dim=-1)
+    return torch.logsumexp(sim.masked_fill(pad_mask[None], float('-inf')), -1) / gamma2
+
+
+def word_contrastive_loss(regions, words, pad_mask, gamma1, gamma2, gamma3):
+    """L_word (Sec. 4.1): gamma3 * S_word, cross-entropy over captions per image plus over
+    images per caption (AttnGAN's DAMSM word loss with XMC-GAN's 5 / 5 / 50)."""
+    s = gamma3 * word_region_scores(regions, words, pad_mask, gamma1, gamma2)
+    labels = torch.arange(len(s), device=s.device)
+    return F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels)
 
 
 class XMCGenerator(nn.Module):

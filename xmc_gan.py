@@ -244,39 +244,6 @@ def hinge_loss(real_logit, fake_logit):
     return F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean(), -fake_logit.mean()
 
 
-def contrastive_loss(a, b, tau):
-    """InfoNCE both ways (Sec. 3.1, Eq. 1): cosine / tau against every item of the batch,
-    cross-entropy with the pair's own as target, a->b plus b->a (summed, not averaged, as
-    attention_lib.contrastive_loss). L_sent: (image, sentence); L_img: (fake, real) (Sec. 4.1)."""
-    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = a @ b.t() / tau
-    labels = torch.arange(len(a), device=a.device)
-    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
-
-
-def word_region_scores(regions, words, lengths, gamma1, gamma2):
-    """S_word(image b, caption c) for every pair (Sec. 4.1; attention_lib.word_loss): each word
-    attends over the L2-normalised regions with softmax(gamma1 * cos); S = log sum over the real
-    words of exp(gamma2 * cos(word, its region context)), / gamma2.
-    regions (B, R, D), words (C, T, D), lengths (C,) -> (B, C)."""
-    r, w = F.normalize(regions.float(), dim=-1), F.normalize(words.float(), dim=-1)
-    alpha = (gamma1 * torch.einsum('brd,ctd->bcrt', r, w)).softmax(dim=2)
-    context = torch.einsum('bcrt,brd->bctd', alpha, r)
-    sim = gamma2 * F.cosine_similarity(w[None], context, dim=-1)
-    return (
-        torch.logsumexp(sim.masked_fill(pad_mask(lengths, w.shape[1])[None], float('-inf')), -1)
-        / gamma2
-    )
-
-
-def word_contrastive_loss(regions, words, lengths, gamma1, gamma2, gamma3):
-    """L_word (Sec. 4.1): gamma3 * S_word, cross-entropy over captions per image plus over
-    images per caption (AttnGAN's DAMSM word loss with XMC-GAN's 5 / 5 / 50)."""
-    s = gamma3 * word_region_scores(regions, words, lengths, gamma1, gamma2)
-    labels = torch.arange(len(s), device=s.device)
-    return F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels)
-
-
 def discriminator_losses(ddp_D, real, fake, p, contrastive_cfg, gather, scale, fake_terms):
     """One D forward on [real; fake] (the sentence projection serves both the projection logit
     and L_sent, as the original) -> hinge (D, G) and the contrastive terms on D's features.
@@ -289,29 +256,30 @@ def discriminator_losses(ddp_D, real, fake, p, contrastive_cfg, gather, scale, f
         pooled.float().split(B),
     )
     (real_reg, fake_reg), sent_c = regions.float().split(B), gather(sent_c[:B].float())
-    words, lengths, tau = gather(p['words']), gather(p['length']), contrastive_cfg.TEMPERATURE
+    words, tau = gather(p['words']), contrastive_cfg.TEMPERATURE
+    pad = pad_mask(gather(p['length']), words.shape[1])
     terms = {}
 
     def word(reg):
-        return scale * word_contrastive_loss(
+        return scale * models.word_contrastive_loss(
             gather(reg),
             words,
-            lengths,
+            pad,
             contrastive_cfg.GAMMA1,
             contrastive_cfg.GAMMA2,
             contrastive_cfg.GAMMA3,
         )
 
     if contrastive_cfg.SENTENCE:
-        terms['real_sentence'] = scale * contrastive_loss(gather(real_pool), sent_c, tau)
+        terms['real_sentence'] = scale * models.contrastive_loss(gather(real_pool), sent_c, tau)
     if contrastive_cfg.WORD:
         terms['real_word'] = word(real_reg)
     if fake_terms and contrastive_cfg.SENTENCE:
-        terms['fake_sentence'] = scale * contrastive_loss(gather(fake_pool), sent_c, tau)
+        terms['fake_sentence'] = scale * models.contrastive_loss(gather(fake_pool), sent_c, tau)
     if fake_terms and contrastive_cfg.WORD:
         terms['fake_word'] = word(fake_reg)
     if fake_terms and contrastive_cfg.IMAGE:
-        terms['image'] = scale * contrastive_loss(gather(fake_pool), gather(real_pool), tau)
+        terms['image'] = scale * models.contrastive_loss(gather(fake_pool), gather(real_pool), tau)
     return (*hinge_loss(real_logit, fake_logit), terms)
 
 
@@ -365,7 +333,7 @@ def train_step(nets, opts, resnet, batch, cfg, amp, gather, scale, step):
         if resnet is not None:  # ImageNet ResNet-50 outputs of real vs fake (Sec. 4.1, L_img)
             with torch.no_grad():
                 real_out = resnet(p['image'])
-            c_loss_g_pretrained = scale * contrastive_loss(
+            c_loss_g_pretrained = scale * models.contrastive_loss(
                 gather(real_out.float()), gather(resnet(fake).float()), contrastive_cfg.TEMPERATURE
             )
     d_loss, g_loss = hinge_d + c_loss_d, hinge_g + c_loss_g + c_loss_g_pretrained

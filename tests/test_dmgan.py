@@ -229,6 +229,50 @@ def test_sentence_contrastive_loss_scores_every_caption_of_the_batch():
         models.sentence_contrastive_loss(concat.cond, concat(real), sent)
 
 
+def test_word_region_contrastive_loss_reads_the_4x4_cells_as_regions():
+    """Each cell of D's 4x4 code, through D's spectrally normalised 1x1 map, is one region of
+    XMC-GAN's word loss; the term enters D's loss on reals and G's on fakes with
+    TRAIN.WORD_CONTRASTIVE.WEIGHT, and a D without the map is an error."""
+    torch.manual_seed(0)
+    netD = models.DMGANDiscriminator(
+        32,
+        df_dim=2,
+        text_dim=4,
+        sn_eval_power_iteration=False,
+        condition='projection',
+        word_regions=True,
+    ).eval()
+    real, fake = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32)
+    sent, words = torch.randn(3, 4), torch.randn(3, 4, 5)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    h = netD(real)
+    conv = netD.word_regions
+    w = conv.weight_bar.flatten(1)
+    w = w / (conv.weight_u @ w @ conv.weight_v)
+    cells = [[h[b, :, y, x] for y in range(4) for x in range(4)] for b in range(3)]
+    regions = torch.stack([torch.stack([w @ c + conv.module.bias for c in row]) for row in cells])
+    want = models.word_contrastive_loss(regions, words.transpose(1, 2), pad, 5.0, 5.0, 50.0)
+    got = models.word_region_contrastive_loss(netD, h, words, pad)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # padded words do not count
+    words2 = words.clone()
+    words2[1, :, 3:] = torch.randn(4, 2)
+    torch.testing.assert_close(models.word_region_contrastive_loss(netD, h, words2, pad), got)
+    word_cfg = utils.to_cfg({'WEIGHT': 0.5, 'GAMMA1': 5.0, 'GAMMA2': 5.0, 'GAMMA3': 50.0})
+    base = main.discriminator_loss(netD, real, fake, sent, 'hinge')
+    with_term = main.discriminator_loss(
+        netD, real, fake, sent, 'hinge', words=(words, pad, word_cfg)
+    )
+    torch.testing.assert_close(with_term - base, 0.5 * got, rtol=1e-4, atol=1e-4)
+    g_base = main.generator_adv_loss([netD], [fake], sent, 'hinge')
+    g_with = main.generator_adv_loss([netD], [fake], sent, 'hinge', words=(words, pad, word_cfg))
+    fake_term = models.word_region_contrastive_loss(netD, netD(fake), words, pad)
+    torch.testing.assert_close(g_with - g_base, 0.5 * fake_term, rtol=1e-4, atol=1e-4)
+    plain = models.DMGANDiscriminator(32, df_dim=2, text_dim=4, condition='projection')
+    with pytest.raises(utils.UserError, match='word_regions'):
+        models.word_region_contrastive_loss(plain, plain(real), words, pad)
+
+
 def test_hinge_terms():
     logits = torch.tensor([-2.0, 0.5, 3.0])
     assert main.d_term(logits, True, 'hinge').item() == pytest.approx((3.0 + 0.5 + 0.0) / 3)
