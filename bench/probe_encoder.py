@@ -186,7 +186,11 @@ def probe_discriminators(path, text_encoder, captions, images):
     for stage in range(cfg.TREE.BRANCH_NUM):
         size = cfg.TREE.BASE_SIZE * 2**stage
         netD = models.DMGANDiscriminator(
-            size, cfg.GAN.DF_DIM, own.shape[1], condition=cfg.GAN.get('D_CONDITION', 'concat')
+            size,
+            cfg.GAN.DF_DIM,
+            own.shape[1],
+            condition=cfg.GAN.get('D_CONDITION', 'concat'),
+            word_regions='word_regions.weight_bar' in ckpt['models'][f'D{stage}'],
         )
         netD.load_state_dict(ckpt['models'][f'D{stage}'])
         netD.eval()
