@@ -689,14 +689,9 @@ def learning_curve(run, text_enc, image_enc, judge):
         )
     if not rows:
         raise utils.UserError(f"EVAL.CURVE: no dmgan_<step>.pt under {cfg.TRAIN.NET_G}/checkpoints")
-    utils.atomic_write_text(os.path.join(run.out, 'curve.json'), json.dumps(rows, indent=1))
-    names = [n for n in utils.CURVE_SCORES if judge is not None or not n.startswith('judge_')]
-    timed = all(r['train_seconds'] is not None for r in rows)
-    utils.plot_curves(
-        os.path.join(run.out, 'curve.png'),
-        [r['train_seconds'] if timed else r['step'] for r in rows],
-        {n: [r[n] for r in rows] for n in names},
-        'training seconds' if timed else 'step',
+    utils.write_learning_curve(
+        run.out,
+        rows,
         f'DM-GAN learning curve ({cfg.CONFIG_NAME}, {rows[-1]["num_images"]} test images)',
     )
     return rows

@@ -83,6 +83,7 @@ DEFAULTS = {
         'BASELINE': False,  # also an untrained DALLE on the same captions
         'ENCODER': '',  # pretrain_DAMSM.py text_encoder<N>.pth: R-precision of the samples
         'R_NEG': 99,  # R-precision negatives (DM-GAN's protocol), fewer if the captions lack them
+        'CURVE': False,  # also score every dalle_<step>.pt of the run: curve.json, curve.png
     },
 }
 
@@ -432,12 +433,17 @@ def train(run, args):
             scaler,
             epoch=epoch,
             cfg=cfg,
-            extra={**extra, 'batches_done': batches_done},
+            extra={
+                **extra,
+                'batches_done': batches_done,
+                'train_seconds': round(seconds_before + time.time() - t0, 1),
+            },
             keep=train_cfg.KEEP_N_CHECKPOINTS,
             name=name,
         )
 
     t0, start_step, last = time.time(), step, {}
+    seconds_before = ckpt['extra'].get('train_seconds', 0.0) if ckpt else 0.0
     where = (epoch, skip)  # (epoch, batches done in it) of the latest save
     for epoch in range(
         epoch,
@@ -625,6 +631,34 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     )
     res['eval_captions'] = len(records)
     log.info(' | '.join(f'{k} {v:.3f}' for k, v in res.items() if not isinstance(v, dict)))
+    if eval_cfg.CURVE:
+        curve, final_step = [], utils.load_checkpoint(dalle_path, 'dalle')['step']
+        for path in utils.list_checkpoints(out, 'dalle'):
+            ckpt = utils.load_checkpoint(path, 'dalle', map_location=dev)
+            if ckpt['step'] == final_step:  # the weights just scored
+                scores = res
+            else:
+                model = models.DALLE(**dalle.hparams).to(dev)
+                model.load_state_dict(ckpt['models']['dalle'])
+                scores = score(model.eval(), {**weights, 'dalle': path})[0]
+            curve.append(
+                {
+                    'checkpoint': os.path.basename(path),
+                    'step': ckpt['step'],
+                    'train_seconds': ckpt['extra'].get('train_seconds'),
+                    **{
+                        k: v
+                        for k, v in scores.items()
+                        if not isinstance(v, dict) and not k.startswith('untrained_')
+                    },
+                }
+            )
+            log.info(f"curve: step {ckpt['step']}: judge all {scores['judge_all']:.3f}")
+        if not curve:
+            raise utils.UserError(f"EVAL.CURVE: no dalle_<step>.pt under {out}/checkpoints")
+        utils.write_learning_curve(
+            out, curve, f'DALLE learning curve ({cfg.CONFIG_NAME}, {len(records)} test captions)'
+        )
     return res
 
 

@@ -665,6 +665,22 @@ CURVE_SCORES = (
 )
 
 
+def write_learning_curve(out, rows, title):
+    """curve.json (the rows: one per checkpoint, with 'step', 'train_seconds' and its scores)
+    and curve.png (the CURVE_SCORES every row has, against training seconds when every row
+    has them, else against the step)."""
+    atomic_write_text(os.path.join(out, 'curve.json'), json.dumps(rows, indent=1))
+    names = [n for n in CURVE_SCORES if all(n in r for r in rows)]
+    timed = all(r.get('train_seconds') is not None for r in rows)
+    plot_curves(
+        os.path.join(out, 'curve.png'),
+        [r['train_seconds'] if timed else r['step'] for r in rows],
+        {n: [r[n] for r in rows] for n in names},
+        'training seconds' if timed else 'step',
+        title,
+    )
+
+
 def plot_curves(path, xs, series, xlabel, title, ymax=1.0):
     """A line plot as a PNG (PIL only): one line per name in `series` ({name: [y per x]}),
     y from 0 to ymax, with a legend; for learning curves of scores in [0, 1]."""

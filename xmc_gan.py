@@ -814,20 +814,13 @@ def evaluate(run, watch):
 
 
 def write_curve(out, metrics_path, run_name):
-    """curve.png: the scores in [0, 1] of every checkpoint scored so far against its step."""
+    """curve.json and curve.png: the scores of every checkpoint scored so far against its step."""
     with open(metrics_path) as f:
         rows = sorted(
             (v for k, v in json.load(f).items() if k.startswith('eval/')), key=lambda r: r['step']
         )
-    names = [n for n in utils.CURVE_SCORES if all(n in r for r in rows)]
-    if names:
-        utils.plot_curves(
-            os.path.join(out, 'curve.png'),
-            [r['step'] for r in rows],
-            {n: [r[n] for r in rows] for n in names},
-            'step',
-            f'XMC-GAN learning curve ({run_name}, EMA generator)',
-        )
+    if rows:
+        utils.write_learning_curve(out, rows, f'XMC-GAN learning curve ({run_name}, EMA generator)')
 
 
 def main():

@@ -10,7 +10,7 @@ generator is trained with its cfg and scored on the 1,000 test captions (one ima
 judge, R-precision with the encoder it is conditioned on, DALLE with the CLIP from scratch,
 baselines). Prints mean +- std over the seeds beside the encoder's R-precision on the real test
 images and the baselines, and writes <out>/shapes.json. Each run's learning curve is
-<out>/<system>_seed<N>_eval/curve.png (DM-GAN, XMC-GAN; DALLE draws none).
+<out>/<system>_seed<N>_eval/curve.png (DALLE: <out>/dalle_seed<N>/curve.png).
 """
 
 import argparse

@@ -1109,8 +1109,17 @@ def test_train_dalle_resume_then_generate_and_rerank(
             'EVAL.BASELINE=true',
             '--set',
             f'EVAL.ENCODER={tiny_encoder}',
+            '--set',
+            'EVAL.CURVE=true',
         ],
     )
+    # the learning curve: every step checkpoint scored, the last one the final evaluation
+    curve = json.load(open(a / 'curve.json'))
+    assert [r['step'] for r in curve] == [20, 40, 50] and (a / 'curve.png').is_file()
+    assert curve[-1]['judge_all'] == m['judge_all'] and curve[-1]['r_precision'] == m['r_precision']
+    seconds = [r['train_seconds'] for r in curve]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert all(0 <= r['judge_all'] <= 1 and 'untrained_judge_all' not in r for r in curve)
     assert (
         m['train_steps'] == 50 and m['final_loss'] > 0 and m['dalle_path'].endswith('vae_dalle.pt')
     )
