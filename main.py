@@ -399,6 +399,7 @@ def train(run, args):
         ddp_Ds, netsD
     ):  # the logit heads are reached through the wrapper's module
         ddp_D.cond, ddp_D.uncond = netD.cond, netD.uncond
+        ddp_D.word_regions = netD.word_regions
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
     t0 = time.time()  # training time includes the one encoding pass of the cache
     if train_cfg.CACHE_TEXT_FEATURES:
@@ -483,8 +484,13 @@ def init_from_released(path, netG, netG_ema, netsD, dev, log):
             raise utils.UserError(
                 f"{d_path}: expected a D_NET state dict (torch.save(netD.state_dict()))"
             )
-        try:
-            netD.load_state_dict(models.convert_dmgan_state_dict(raw))
+        try:  # the original D has no word-region head: a TRAIN.WORD_CONTRASTIVE one starts new
+            missing, unexpected = netD.load_state_dict(
+                models.convert_dmgan_state_dict(raw), strict=False
+            )
+            missing = [k for k in missing if not k.startswith('word_regions.')]
+            if missing or unexpected:
+                raise RuntimeError(f"missing {missing[:4]}, unexpected {unexpected[:4]}")
         except RuntimeError as e:
             raise utils.UserError(
                 f"{d_path}: does not match D{i} of the cfg's GAN/TREE keys ({str(e)[:200]})"

@@ -498,7 +498,7 @@ def train(run, args):
     final = save(*where, name=f'{cfg.DALLE_OUTPUT_FILE_NAME}.pt')
     metrics = {
         'train_steps': step,
-        'train_seconds': round(time.time() - t0, 1),
+        'train_seconds': round(seconds_before + time.time() - t0, 1),
         'steps_per_second': round((step - start_step) / max(time.time() - t0, 1e-9), 3),
         **{f'final_{k}': v for k, v in last.items()},
         'dalle_path': final,

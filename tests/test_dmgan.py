@@ -1,6 +1,8 @@
 """DM-GAN: parameter-count parity with the original, memory attention, losses."""
 
+import copy
 import json
+import logging
 import math
 import os
 import signal
@@ -848,3 +850,55 @@ def test_dmgan_and_dalle_score_through_the_one_path_as_directly(
             ('image_encoder', tiny_encoder.replace('text_encoder', 'image_encoder')),
         )
     }
+
+
+def test_fine_tuning_from_released_ds_leaves_the_word_head_new(tmp_path, monkeypatch):
+    """The original D_NET state dicts have no word-region head: with TRAIN.WORD_CONTRASTIVE the
+    rest loads strictly and the head keeps its initialisation; any other gap is an error."""
+    torch.manual_seed(0)
+    released = models.DMGANDiscriminator(32, df_dim=2, text_dim=4)
+    torch.save(released.state_dict(), tmp_path / 'netD0.pth')
+    netG = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(models, 'dmgan_generator_state', lambda path, dev: netG.state_dict())
+    netD = models.DMGANDiscriminator(32, df_dim=2, text_dim=4, word_regions=True)
+    head = copy.deepcopy(netD.word_regions.state_dict())
+    log = logging.getLogger('test')
+    main.init_from_released(
+        str(tmp_path / 'netG.pth'), netG, copy.deepcopy(netG), [netD], 'cpu', log
+    )
+    got = netD.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in released.state_dict().items())
+    assert all(torch.equal(netD.word_regions.state_dict()[k], v) for k, v in head.items())
+    state = released.state_dict()
+    state['stray.weight'] = torch.zeros(1)
+    torch.save(state, tmp_path / 'netD0.pth')
+    with pytest.raises(utils.UserError, match='netD0.pth: does not match D0'):
+        main.init_from_released(
+            str(tmp_path / 'netG.pth'), netG, copy.deepcopy(netG), [netD], 'cpu', log
+        )
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_trains_with_the_contrastive_terms(
+    tiny_shapes, tiny_encoder, tmp_path
+):
+    """torchrun, 2 CPU processes (gloo): the discriminators' heads, the word-region one
+    included, are reached through the DDP wrapper; rank 0 writes the checkpoint."""
+    argv = dmgan_args(
+        'shapes_DMGAN.yml',
+        tmp_path / 'run',
+        tiny_shapes,
+        tiny_encoder,
+        'TRAIN.BATCH_SIZE=4',
+        'TRAIN.MAX_EPOCH=1',
+        'TRAIN.SNAPSHOT_INTERVAL=1',
+        'TRAIN.SENTENCE_CONTRASTIVE=1.0',
+        'TRAIN.WORD_CONTRASTIVE.WEIGHT=1.0',
+    )
+    r = run_python(
+        '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *argv, timeout=600
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (ckpt,) = utils.list_checkpoints(str(tmp_path / 'run'), 'dmgan')
+    state = utils.load_checkpoint(ckpt, 'dmgan')['models']['D1']
+    assert 'word_regions.weight_bar' in state
