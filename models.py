@@ -1421,6 +1421,15 @@ def _cosine(a, b, dim, eps=1e-8):
     return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp(min=eps)
 
 
+def info_nce(logits):
+    """InfoNCE (Oord et al. 2018, Eq. 4) over a batch's pairwise logits whose diagonal holds the
+    matching pairs: cross-entropy of each row against its diagonal entry (a -> b) and of each
+    column (b -> a). DAMSM's matching losses, CLIP's and XMC-GAN's contrastive losses are this
+    on their own logits."""
+    labels = torch.arange(len(logits), device=logits.device)
+    return F.cross_entropy(logits, labels), F.cross_entropy(logits.t(), labels)
+
+
 def _match_losses(scores, class_ids):
     """Cross-entropy of the matching score matrix (rows images, columns captions) in both
     directions; pairs of the same class other than the true one masked out (AttnGAN)."""
@@ -1428,8 +1437,7 @@ def _match_losses(scores, class_ids):
         same = class_ids[:, None] == class_ids[None, :]
         same.fill_diagonal_(False)
         scores = scores.masked_fill(same, float('-inf'))
-    labels = torch.arange(len(scores), device=scores.device)
-    return F.cross_entropy(scores, labels), F.cross_entropy(scores.t(), labels)
+    return info_nce(scores)
 
 
 WORD_LOSS_FORMS = ('attngan', 't2i_clip_gan')
@@ -1490,9 +1498,8 @@ def clip_loss(img, txt, logit_scale):
     """CLIP's contrastive loss (Radford et al. 2021, Fig. 3): logits = exp(t)·cos(I, T),
     symmetric cross-entropy, (L_image + L_text) / 2."""
     img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    logits = logit_scale.exp() * img @ txt.t()
-    labels = torch.arange(len(img), device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    loss_image, loss_text = info_nce(logit_scale.exp() * img @ txt.t())
+    return (loss_image + loss_text) / 2
 
 
 def nt_xent_loss(z1, z2, tau=0.5):
@@ -2053,9 +2060,8 @@ def contrastive_loss(a, b, tau):
     cross-entropy with the pair's own as target, a->b plus b->a (summed, not averaged, as
     attention_lib.contrastive_loss). L_sent: (image, sentence); L_img: (fake, real) (Sec. 4.1)."""
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = a @ b.t() / tau
-    labels = torch.arange(len(a), device=a.device)
-    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
+    a_to_b, b_to_a = info_nce(a @ b.t() / tau)
+    return a_to_b + b_to_a
 
 
 def word_region_scores(regions, words, pad_mask, gamma1, gamma2):
@@ -2073,9 +2079,10 @@ def word_region_scores(regions, words, pad_mask, gamma1, gamma2):
 def word_contrastive_loss(regions, words, pad_mask, gamma1, gamma2, gamma3):
     """L_word (Sec. 4.1): gamma3 * S_word, cross-entropy over captions per image plus over
     images per caption (AttnGAN's DAMSM word loss with XMC-GAN's 5 / 5 / 50)."""
-    s = gamma3 * word_region_scores(regions, words, pad_mask, gamma1, gamma2)
-    labels = torch.arange(len(s), device=s.device)
-    return F.cross_entropy(s, labels) + F.cross_entropy(s.t(), labels)
+    per_image, per_caption = info_nce(
+        gamma3 * word_region_scores(regions, words, pad_mask, gamma1, gamma2)
+    )
+    return per_image + per_caption
 
 
 class XMCGenerator(nn.Module):
