@@ -702,7 +702,7 @@ def load_inception_weights(encoder, path, log=None):
     if not path:
         return
     if path == 'auto':
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', utils.TV_INCEPTION_WEIGHTS)
+        path = utils.hub_cached(utils.TV_INCEPTION_WEIGHTS)
     if not os.path.isfile(path):
         raise utils.UserError(
             f"{path}: Inception-v3 ImageNet weights not found (MODEL.PRETRAINED; 'auto' looks "
@@ -2377,22 +2377,17 @@ class PretrainedResNet50(nn.Module):
         super().__init__()
         path = weights
         if weights == 'auto':
-            found = [
-                p
-                for p in (
-                    XMC_RESNET_NPY,
-                    *(os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in RESNET50_FILES),
-                )
-                if os.path.isfile(p)
-            ]
-            if not found:
+            path = (
+                XMC_RESNET_NPY
+                if os.path.isfile(XMC_RESNET_NPY)
+                else utils.hub_cached(*RESNET50_FILES)
+            )
+            if not os.path.isfile(path):
                 raise utils.UserError(
-                    f"{os.path.join(torch.hub.get_dir(), 'checkpoints', RESNET50_FILES[0])}: "
-                    f"ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks for "
+                    f"{path}: ImageNet ResNet-50 weights not found (TRAIN.RESNET=auto looks for "
                     f"{XMC_RESNET_NPY}, then in torchvision's cache; give a .pth or XMC-GAN's "
                     "resnet_pretrained.npy, or '' for a random init)"
                 )
-            path = found[0]
         if path and not os.path.isfile(path):
             raise utils.UserError(f"{path}: ResNet-50 weights file not found (TRAIN.RESNET)")
         self.flax = path.endswith('.npy')

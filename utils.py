@@ -2089,14 +2089,21 @@ def batches(files, batch_size, workers, device):
         yield x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div(255)
 
 
+def hub_cached(*filenames):
+    """The first of `filenames` present in torch hub's cache (its checkpoints folder, where
+    pytorch-fid and torchvision keep their downloads), else where the first would be: callers
+    test os.path.isfile and name that path in their error. Nothing is downloaded here."""
+    paths = [os.path.join(torch.hub.get_dir(), 'checkpoints', f) for f in filenames]
+    return next((p for p in paths if os.path.isfile(p)), paths[0])
+
+
 def weights_path(path, filename, url, hint=''):
-    """--weights wins; else torch hub's cache, where pytorch-fid and torchvision keep
-    their downloads. Nothing is downloaded here."""
+    """--weights wins; else torch hub's cache (hub_cached)."""
     if path:
         if not os.path.isfile(path):
             raise UserError(f"--weights {path}: file not found")
         return path
-    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
+    cached = hub_cached(filename)
     if os.path.isfile(cached):
         return cached
     raise UserError(

@@ -111,6 +111,10 @@ def test_missing_weights_under_auto_stop_the_run(tmp_path, monkeypatch):
     ):
         models.PretrainedResNet50('auto')
     models.load_inception_weights(enc, '')  # '' is the explicit random init
+    # the cache is searched in the order given: a later file is found when the first is absent
+    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True)
+    (tmp_path / 'hub' / 'checkpoints' / models.RESNET50_FILES[1]).write_bytes(b'')
+    assert utils.hub_cached(*models.RESNET50_FILES).endswith(models.RESNET50_FILES[1])
 
 
 # ----------------------------------------------------------------------------------------------
