@@ -400,7 +400,7 @@ def train(run, args):
     ):  # the logit heads are reached through the wrapper's module
         ddp_D.cond, ddp_D.uncond = netD.cond, netD.uncond
         ddp_D.word_regions = netD.word_regions
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
+    amp, _ = utils.autocast(dev, train_cfg.AMP)
     t0 = time.time()  # training time includes the one encoding pass of the cache
     if train_cfg.CACHE_TEXT_FEATURES:
         texts = [t for k in ds.keys for t in ds.d.raw_captions(k)]

@@ -757,8 +757,8 @@ def save_open_clip(run, model, opt, scaler, epoch):
     return path
 
 
-def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
-    train_cfg, amp = cfg.TRAIN, cfg.TRAIN.AMP and run.device.type == 'cuda'
+def train_epoch(ddp, model, loader, opt, amp, scaler, cfg, run, epoch, step):
+    train_cfg = cfg.TRAIN
     clip_params = [
         p
         for p in (model.text if cfg.MODEL.FAMILY == 'damsm' else model).parameters()
@@ -771,7 +771,7 @@ def train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step):
         for g in opt.param_groups:
             g['lr'] = g['base_lr'] * lr_factor(cfg, g['name'], step, epoch, len(loader))
         images, caps, cls = prepare_batch(raw, model.text.tokenizer, cfg, run.device)
-        with torch.autocast(run.device.type, dtype=torch.float16, enabled=amp):
+        with amp:
             feats = encode(ddp, images, caps, regions)
         loss, values, _ = compute_losses(
             feats, cls, cfg, model.logit_scale, run.world, utils.all_gather_with_grad
@@ -905,7 +905,9 @@ def main():
         f"{n_train:,} trained | {len(train_set)} training items, {len(eval_set)} test images"
     )
     opt = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler('cuda', enabled=cfg.TRAIN.AMP and device.type == 'cuda')
+    amp, scaler = utils.autocast(device, cfg.TRAIN.AMP, torch.float16, cuda_only=True)
+    # AMP off: a disabled scaler, whose scale, unscale_ and step pass through (one form of step)
+    scaler = scaler or torch.amp.GradScaler('cuda', enabled=False)
     if cfg.TRAIN.AMP and device.type != 'cuda':
         log.info("TRAIN.AMP is for CUDA; training in float32 on the CPU")
     loader = utils.make_loader(
@@ -938,7 +940,7 @@ def main():
         utils.set_epoch(loader, epoch)
         if cfg.TRAIN.RESET_OPTIMIZER:
             opt.state.clear()
-        step, metrics = train_epoch(ddp, model, loader, opt, scaler, cfg, run, epoch, step)
+        step, metrics = train_epoch(ddp, model, loader, opt, amp, scaler, cfg, run, epoch, step)
         if run.main:
             val, panels = evaluate(model, eval_loader, cfg, device)
             metrics.update(val, epoch=epoch + 1, step=step)

@@ -305,7 +305,8 @@ def train_step(model, vae, opt, images, text, train_cfg, amp, scaler=None):
 
 
 def autocast(device, train_cfg):
-    """bf16 autocast on CPU and CUDA; fp16 (with a GradScaler) on CUDA only."""
+    """TRAIN.AMP in TRAIN.AMP_DTYPE (utils.autocast): bf16 on CPU and CUDA; fp16 (with a
+    GradScaler) on CUDA only."""
     if train_cfg.AMP_DTYPE not in ('bfloat16', 'float16'):
         raise utils.UserError(
             f"TRAIN.AMP_DTYPE={train_cfg.AMP_DTYPE!r}: expected bfloat16 or float16"
@@ -313,10 +314,7 @@ def autocast(device, train_cfg):
     fp16 = train_cfg.AMP and train_cfg.AMP_DTYPE == 'float16'
     if fp16 and device.type != 'cuda':
         raise utils.UserError("TRAIN.AMP_DTYPE=float16 needs CUDA; use bfloat16 on the CPU")
-    amp = torch.autocast(
-        device.type, dtype=getattr(torch, train_cfg.AMP_DTYPE), enabled=train_cfg.AMP
-    )
-    return amp, (torch.amp.GradScaler('cuda') if fp16 else None)
+    return utils.autocast(device, train_cfg.AMP, getattr(torch, train_cfg.AMP_DTYPE))
 
 
 def train(run, args):

@@ -347,7 +347,7 @@ def train(run, args):
             'code_counts'
         )  # this window's code histogram, for RESTART_DEAD_CODES
     model = utils.wrap_ddp(vae, dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
+    amp, _ = utils.autocast(dev, train_cfg.AMP)
     if train_cfg.AMP:
         utils.warn_slow_bf16(dev, log)
     log.info(

@@ -373,6 +373,16 @@ def get_device(gpu):
     return torch.device('cuda', index)
 
 
+def autocast(device, enabled, dtype=torch.bfloat16, cuda_only=False):
+    """(torch.autocast context on `device` in `dtype` while `enabled`, GradScaler or None).
+    float16 gets a GradScaler: its narrow exponent range needs loss scaling to keep small
+    gradients (Micikevicius et al. 2018, Sec. 3.2); bfloat16 has float32's range and needs none.
+    cuda_only: on any other device the context is off and training stays in float32."""
+    on = enabled and (device.type == 'cuda' or not cuda_only)
+    scaler = torch.amp.GradScaler('cuda') if on and dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype, enabled=on), scaler
+
+
 def warn_slow_bf16(device, log):
     """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN
     emulates it, slower than fp32."""

@@ -409,7 +409,7 @@ def train(run, args):
         netD, dev, find_unused_parameters=not train_cfg.CONTRASTIVE.WORD
     )  # D's region conv
     gather, scale = negatives(train_cfg.GATHER_NEGATIVES, run.world)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=train_cfg.AMP)
+    amp, _ = utils.autocast(dev, train_cfg.AMP)
     max_steps = train_cfg.MAX_STEPS or train_cfg.MAX_EPOCH * sampler.batches
     test = EmbeddedCaptions(cfg.EMBEDDINGS, 'test')
     log.info(

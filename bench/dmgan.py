@@ -179,7 +179,7 @@ def side_ours(cfg_path, device):
     """Ours doing the original's work (no DAMSM image encoder, the memory format main.py picks)."""
     dev, cfg = torch.device(device), load_cfg(cfg_path)
     ours = build(cfg, dev, main.memory_format(cfg.TRAIN, dev), adversarial_inputs(cfg, dev), False)
-    amp = torch.autocast(dev.type, enabled=False)
+    amp, _ = utils.autocast(dev, False)
     return lambda i: ours(amp, i)
 
 
@@ -269,7 +269,7 @@ def main_():
         ('bf16 autocast + channels_last', torch.bfloat16, torch.channels_last),
     ):
         step = build(cfg, dev, layout, x)
-        amp = torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        amp, _ = utils.autocast(dev, dtype is not None)  # as main.py's TRAIN.AMP
         for i in range(args.warmup):
             step(amp, i)
         with FlopCounterMode(display=False) as fc:

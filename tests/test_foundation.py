@@ -147,6 +147,20 @@ def test_progress_is_plain_lines_off_a_terminal(capsys):
     assert [line.split()[1] for line in out.strip().splitlines()] == ['4/10', '8/10', '10/10']
 
 
+def test_autocast_policies_on_the_cpu():
+    """bfloat16 autocast runs anywhere without a scaler; cuda_only (pretrain_DAMSM's float16)
+    leaves a CPU run in float32."""
+    cpu, a = torch.device('cpu'), torch.randn(2, 2)
+    for enabled, dtype, cuda_only, want in (
+        (True, torch.bfloat16, False, torch.bfloat16),
+        (False, torch.bfloat16, False, torch.float32),
+        (True, torch.float16, True, torch.float32),
+    ):
+        amp, scaler = utils.autocast(cpu, enabled, dtype, cuda_only)
+        with amp:
+            assert (a @ a).dtype == want and scaler is None
+
+
 # ---------------------------------------------------------------- safe unpickling
 class _Evil:
     def __init__(self, path):
