@@ -49,7 +49,7 @@ DEFAULTS = {
         # KL_loss unweighted (StackGAN's cfg names it TRAIN.COEFF.KL)
         'KL_WEIGHT': 1.0,
         'AMP': False,  # bf16 autocast
-        # adversarial terms: bce (DM-GAN code/miscc/losses.py) | hinge (d_term, g_term)
+        # adversarial terms: bce (DM-GAN code/miscc/losses.py) | hinge (models.gan_d_term, gan_g_term)
         'GAN_LOSS': 'bce',
         # weight of XMC-GAN's sentence contrastive loss scored by the projection D's conditional
         # logit, on reals in D's loss and on fakes in G's (models.sentence_contrastive_loss);
@@ -144,29 +144,6 @@ def init_weights(module):
 # ----------------------------------------------------------------------------
 # Losses (DM-GAN code/miscc/losses.py; T2I_CLIP-GAN trainer.py)
 # ----------------------------------------------------------------------------
-def bce(logits, target):
-    # BCE on logits == the original's sigmoid + BCELoss, without its saturation.
-    return F.binary_cross_entropy_with_logits(
-        logits.float(), torch.full_like(logits.float(), target)
-    )
-
-
-GAN_LOSSES = ('bce', 'hinge')
-
-
-def d_term(logits, real, form):
-    """One discriminator term: DM-GAN's BCE, or the hinge (Lim & Ye 2017; SNGAN, XMC-GAN Sec. 3.2)
-    E[relu(1 - D)] on real pairs, E[relu(1 + D)] on fake and mismatched ones."""
-    if form == 'hinge':
-        return F.relu(1 - logits.float()).mean() if real else F.relu(1 + logits.float()).mean()
-    return bce(logits, 1.0 if real else 0.0)
-
-
-def g_term(logits, form):
-    """The generator's "fool D" term: BCE towards real, or the hinge form's -E[D]."""
-    return -logits.float().mean() if form == 'hinge' else bce(logits, 1.0)
-
-
 def word_term(netD, h, words, pad, word_cfg):
     """TRAIN.WORD_CONTRASTIVE's weighted word-region contrastive loss on D's code h."""
     return word_cfg.WEIGHT * models.word_region_contrastive_loss(
@@ -180,11 +157,11 @@ def discriminator_loss(netD, real, fake, sent, form='bce', contrastive=0.0, word
     `contrastive`, plus that weight of the sentence contrastive loss on the real images; with
     `words` (words, pad mask, TRAIN.WORD_CONTRASTIVE), plus the word-region one on them."""
     real_h, fake_h = netD(real), netD(fake.detach())
-    cond_real = d_term(netD.cond(real_h, sent), True, form)
-    cond_fake = d_term(netD.cond(fake_h, sent), False, form)
-    cond_wrong = d_term(netD.cond(real_h[:-1], sent[1:]), False, form)
-    uncond_real = d_term(netD.uncond(real_h), True, form)
-    uncond_fake = d_term(netD.uncond(fake_h), False, form)
+    cond_real = models.gan_d_term(netD.cond(real_h, sent), True, form)
+    cond_fake = models.gan_d_term(netD.cond(fake_h, sent), False, form)
+    cond_wrong = models.gan_d_term(netD.cond(real_h[:-1], sent[1:]), False, form)
+    uncond_real = models.gan_d_term(netD.uncond(real_h), True, form)
+    uncond_fake = models.gan_d_term(netD.uncond(fake_h), False, form)
     loss = (uncond_real + cond_real) / 2 + (uncond_fake + cond_fake + cond_wrong) / 3
     if contrastive:
         loss = loss + contrastive * models.sentence_contrastive_loss(netD.cond, real_h, sent)
@@ -199,7 +176,11 @@ def generator_adv_loss(netsD, fakes, sent, form='bce', contrastive=0.0, words=No
     total = 0.0
     for netD, fake in zip(netsD, fakes):
         h = netD(fake)
-        total = total + g_term(netD.uncond(h), form) + g_term(netD.cond(h, sent), form)
+        total = (
+            total
+            + models.gan_g_term(netD.uncond(h), form)
+            + models.gan_g_term(netD.cond(h, sent), form)
+        )
         if contrastive:
             total = total + contrastive * models.sentence_contrastive_loss(netD.cond, h, sent)
         if words and words[2].WEIGHT:
@@ -337,9 +318,9 @@ def train(run, args):
             f"TRAIN.SMOOTH.WORD_LOSS={train_cfg.SMOOTH.WORD_LOSS!r}: expected one of "
             f"{', '.join(models.WORD_LOSS_FORMS)}"
         )
-    if train_cfg.GAN_LOSS not in GAN_LOSSES:
+    if train_cfg.GAN_LOSS not in models.GAN_LOSSES:
         raise utils.UserError(
-            f"TRAIN.GAN_LOSS={train_cfg.GAN_LOSS!r}: expected one of {', '.join(GAN_LOSSES)}"
+            f"TRAIN.GAN_LOSS={train_cfg.GAN_LOSS!r}: expected one of {', '.join(models.GAN_LOSSES)}"
         )
     if train_cfg.SENTENCE_CONTRASTIVE and cfg.GAN.D_CONDITION != 'projection':
         raise utils.UserError(

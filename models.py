@@ -1515,6 +1515,31 @@ def nt_xent_loss(z1, z2, tau=0.5):
     return F.cross_entropy(sim, targets)
 
 
+GAN_LOSSES = ('bce', 'hinge')
+
+
+def _bce(logits, target):
+    # BCE on logits == DM-GAN's sigmoid + BCELoss (code/miscc/losses.py), without its saturation.
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), torch.full_like(logits.float(), target)
+    )
+
+
+def gan_d_term(logits, real, form):
+    """One discriminator term on D's logits. 'hinge' (Lim & Ye 2017, Geometric GAN; SNGAN,
+    Miyato et al. 2018; XMC-GAN Sec. 3.2): E[relu(1 - D)] on real pairs, E[relu(1 + D)] on fake
+    and mismatched ones. 'bce': DM-GAN's BCE towards 1 on real, 0 otherwise."""
+    if form == 'hinge':
+        return F.relu(1 - logits.float()).mean() if real else F.relu(1 + logits.float()).mean()
+    return _bce(logits, 1.0 if real else 0.0)
+
+
+def gan_g_term(logits, form):
+    """The generator's "fool D" term on D's logits of fakes: the hinge form's -E[D] (SNGAN;
+    XMC-GAN Sec. 3.2), or DM-GAN's BCE towards real."""
+    return -logits.float().mean() if form == 'hinge' else _bce(logits, 1.0)
+
+
 # ============================================================================
 # DM-GAN (Zhu et al. 2019), conditioned on DAMSM or CLIP text features
 # ============================================================================

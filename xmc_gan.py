@@ -239,11 +239,6 @@ def build_networks(cfg, text_dim):
 # ----------------------------------------------------------------------------
 # Losses (XMC-GAN Sec. 3-4; libml/losses.py, libml/attention_lib.py)
 # ----------------------------------------------------------------------------
-def hinge_loss(real_logit, fake_logit):
-    """Hinge loss (Sec. 3.2): L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))], L_G = -E[D(G(z))]."""
-    return F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean(), -fake_logit.mean()
-
-
 def discriminator_losses(ddp_D, real, fake, p, contrastive_cfg, gather, scale, fake_terms):
     """One D forward on [real; fake] (the sentence projection serves both the projection logit
     and L_sent, as the original) -> hinge (D, G) and the contrastive terms on D's features.
@@ -280,7 +275,10 @@ def discriminator_losses(ddp_D, real, fake, p, contrastive_cfg, gather, scale, f
         terms['fake_word'] = word(fake_reg)
     if fake_terms and contrastive_cfg.IMAGE:
         terms['image'] = scale * models.contrastive_loss(gather(fake_pool), gather(real_pool), tau)
-    return (*hinge_loss(real_logit, fake_logit), terms)
+    # the hinge (Sec. 3.2): L_D = E[relu(1 - D(x))] + E[relu(1 + D(G(z)))], L_G = -E[D(G(z))]
+    real_term = models.gan_d_term(real_logit, True, 'hinge')
+    fake_term = models.gan_d_term(fake_logit, False, 'hinge')
+    return real_term + fake_term, models.gan_g_term(fake_logit, 'hinge'), terms
 
 
 # ----------------------------------------------------------------------------

@@ -277,10 +277,10 @@ def test_word_region_contrastive_loss_reads_the_4x4_cells_as_regions():
 
 def test_hinge_terms():
     logits = torch.tensor([-2.0, 0.5, 3.0])
-    assert main.d_term(logits, True, 'hinge').item() == pytest.approx((3.0 + 0.5 + 0.0) / 3)
-    assert main.d_term(logits, False, 'hinge').item() == pytest.approx((0.0 + 1.5 + 4.0) / 3)
-    assert main.g_term(logits, 'hinge').item() == pytest.approx(-0.5)
-    assert main.g_term(logits, 'bce').item() == pytest.approx(
+    assert models.gan_d_term(logits, True, 'hinge').item() == pytest.approx((3.0 + 0.5 + 0.0) / 3)
+    assert models.gan_d_term(logits, False, 'hinge').item() == pytest.approx((0.0 + 1.5 + 4.0) / 3)
+    assert models.gan_g_term(logits, 'hinge').item() == pytest.approx(-0.5)
+    assert models.gan_g_term(logits, 'bce').item() == pytest.approx(
         -torch.log(torch.sigmoid(logits)).mean().item()
     )
 
