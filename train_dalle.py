@@ -279,11 +279,6 @@ def resume_dalle_pytorch(obj, path, dalle, opt, sched, steps_per_epoch, log):
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
-def make_optimizer(params, lr):
-    # Fused Adam: the same update as torch.optim.Adam, in one kernel over all tensors.
-    return torch.optim.Adam(params, lr=lr, fused=True)
-
-
 def train_step(model, vae, opt, images, text, train_cfg, amp, scaler=None):
     """One step: tokenise the images with the frozen VAE (unless given as tokens already),
     (CE_text + w·CE_img)/(w+1), clip the gradient norm, Adam. Returns (loss, CE_text, CE_img)."""
@@ -387,7 +382,7 @@ def train(run, args):
         raise utils.UserError(
             f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE} exceeds the {len(ds)} training pairs"
         )
-    opt = make_optimizer(dalle.parameters(), train_cfg.LEARNING_RATE)
+    opt = utils.make_optimizer(dalle.parameters(), train_cfg.LEARNING_RATE)
     sched = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode='min', factor=0.5, patience=10, cooldown=10, min_lr=1e-6

@@ -270,11 +270,6 @@ def restart_dead_codes(vae, images, dead, init_scale):
     return len(dead)
 
 
-def make_optimizer(params, lr):
-    # Fused Adam: the same update as torch.optim.Adam, in one kernel over all tensors.
-    return torch.optim.Adam(params, lr=lr, fused=True)
-
-
 def train_step(model, opt, images, temp, train_cfg, amp, step=0):
     """Gumbel-softmax reconstruction at temperature temp, the VAE loss, one Adam step."""
     with amp:
@@ -336,7 +331,7 @@ def train(run, args):
     ):  # larger initial logits: Gumbel noise (scale 1) no longer decides every early code
         vae.encoder[-1].weight.mul_(train_cfg.LOGIT_INIT_SCALE)
         vae.encoder[-1].bias.mul_(train_cfg.LOGIT_INIT_SCALE)
-    opt = make_optimizer(vae.parameters(), train_cfg.LEARNING_RATE)
+    opt = utils.make_optimizer(vae.parameters(), train_cfg.LEARNING_RATE)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=train_cfg.LR_DECAY_RATE)
     step, epoch, skip, counts = 0, 0, 0, None
     ckpt = utils.resolve_resume(args.resume, run.out, 'vae', log, run.cfg)

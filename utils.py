@@ -383,6 +383,12 @@ def autocast(device, enabled, dtype=torch.bfloat16, cuda_only=False):
     return torch.autocast(device.type, dtype=dtype, enabled=on), scaler
 
 
+def make_optimizer(params, lr):
+    """train_vae.py's and train_dalle.py's Adam."""
+    # Fused Adam: the same update as torch.optim.Adam, in one kernel over all tensors.
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 def warn_slow_bf16(device, log):
     """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN
     emulates it, slower than fp32."""

@@ -184,7 +184,7 @@ def main():
     if 'vae' in only:
         vae_train_cfg = utils.to_cfg(train_vae.DEFAULTS['TRAIN'])
         amp, _ = utils.autocast(dev, a.amp)
-        opt_o = train_vae.make_optimizer(our_vae.parameters(), vae_train_cfg.LEARNING_RATE)
+        opt_o = utils.make_optimizer(our_vae.parameters(), vae_train_cfg.LEARNING_RATE)
         opt_t = torch.optim.Adam(their_vae.parameters(), lr=vae_train_cfg.LEARNING_RATE)
 
         def ours():
@@ -247,7 +247,7 @@ def main():
     if 'dalle' in only:
         dalle_train_cfg = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': a.amp})
         amp, _ = utils.autocast(dev, a.amp)  # train_dalle's default AMP_DTYPE, bfloat16
-        opt_o = train_dalle.make_optimizer(ours_m.parameters(), dalle_train_cfg.LEARNING_RATE)
+        opt_o = utils.make_optimizer(ours_m.parameters(), dalle_train_cfg.LEARNING_RATE)
         opt_t = torch.optim.Adam(
             [q for q in theirs_m.parameters() if q.requires_grad], lr=dalle_train_cfg.LEARNING_RATE
         )

@@ -293,7 +293,7 @@ def test_amp_trains_in_bfloat16_and_fp16_needs_cuda():
     dalle.blocks[0].attn.to_qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     train_cfg = utils.to_cfg({**train_dalle.DEFAULTS['TRAIN'], 'AMP': True})
     amp, scaler = train_dalle.autocast(torch.device('cpu'), train_cfg)
-    opt = train_dalle.make_optimizer(dalle.parameters(), 1e-3)
+    opt = utils.make_optimizer(dalle.parameters(), 1e-3)
     before = dalle.text_emb.weight.detach().clone()
     loss, _, _ = train_dalle.train_step(
         dalle,
@@ -429,7 +429,7 @@ def test_dalle_pytorch_checkpoint_gives_its_forward_and_adam_state(tmp_path):
     assert torch.equal(dalle.image_pos_col, w['image_pos_emb.weights_1'][0, 0])
     assert torch.equal(dalle.norm_out.bias, w['to_logits.0.bias'])
     # its Adam: moments by name, the saved lr, our fused kernel kept
-    opt = train_dalle.make_optimizer(dalle.parameters(), 1.0)
+    opt = utils.make_optimizer(dalle.parameters(), 1.0)
     opt.load_state_dict(models.dalle_pytorch_optimizer_state(read, dalle, opt, 'dp.pt'))
     assert opt.param_groups[0]['lr'] == 3e-4 and opt.param_groups[0]['fused']
     theirs = [k for k, _ in dp_layout() if not k.startswith('vae.')]
@@ -534,7 +534,7 @@ def test_dalle_pytorch_checkpoint_bad_input_names_the_key(case, tmp_path):
 def test_dalle_pytorch_optimizer_state_must_fit(tmp_path):
     obj = dalle_pytorch_checkpoint()
     read, (dalle, _, _) = load_dp(obj, tmp_path)
-    opt = train_dalle.make_optimizer(dalle.parameters(), 1.0)
+    opt = utils.make_optimizer(dalle.parameters(), 1.0)
     state = obj['opt_state']
     short = {**state, 'param_groups': [{**state['param_groups'][0], 'params': list(range(30))}]}
     with pytest.raises(
