@@ -49,7 +49,7 @@ DEFAULTS = {
         # KL_loss unweighted (StackGAN's cfg names it TRAIN.COEFF.KL)
         'KL_WEIGHT': 1.0,
         'AMP': False,  # bf16 autocast
-        # adversarial terms: bce (DM-GAN code/miscc/losses.py) | hinge (models.gan_d_term, gan_g_term)
+        # adversarial terms (models.gan_d_term): bce (DM-GAN code/miscc/losses.py) | hinge
         'GAN_LOSS': 'bce',
         # weight of XMC-GAN's sentence contrastive loss scored by the projection D's conditional
         # logit, on reals in D's loss and on fakes in G's (models.sentence_contrastive_loss);
@@ -126,19 +126,6 @@ def build_dataset(cfg, split, train, two_captions=False):
         crop=cfg.DATA.CROP,
         preload=cfg.DATA.PRELOAD and train,
     )
-
-
-def init_weights(module):
-    """DM-GAN's weights_init: orthogonal conv/linear, BN gamma ~ N(1, 0.02)."""
-    if isinstance(module, models.SpectralNorm):
-        nn.init.orthogonal_(module.weight_bar.data)
-    elif isinstance(module, (nn.Conv2d, nn.Linear)) and 'weight' in module._parameters:
-        nn.init.orthogonal_(module.weight.data)
-        if module.bias is not None:
-            module.bias.data.zero_()
-    elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        module.weight.data.normal_(1.0, 0.02)
-        module.bias.data.zero_()
 
 
 # ----------------------------------------------------------------------------
@@ -297,19 +284,6 @@ def train_step(
     return {'loss_D': errD_total, 'loss_G': errG.item(), 'damsm': damsm_total}
 
 
-def memory_format(train_cfg, dev):
-    """TRAIN.MEMORY_FORMAT as a torch memory format (auto: channels_last on CUDA or under AMP)."""
-    choice = train_cfg.MEMORY_FORMAT
-    if choice == 'auto':
-        choice = 'channels_last' if dev.type == 'cuda' or train_cfg.AMP else 'contiguous'
-    formats = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
-    if choice not in formats:
-        raise utils.UserError(
-            f"TRAIN.MEMORY_FORMAT={choice!r}: expected auto, channels_last or contiguous"
-        )
-    return formats[choice]
-
-
 def train(run, args):
     cfg, dev, log = run.cfg, run.device, run.log
     train_cfg, contrastive = cfg.TRAIN, cfg.TRAIN.CONTRASTIVE.ENABLE
@@ -351,9 +325,9 @@ def train(run, args):
             for s in sizes
         ]
     ).to(dev)
-    netG.apply(init_weights)
-    netsD.apply(init_weights)
-    layout = memory_format(train_cfg, dev)
+    netG.apply(models.init_weights)
+    netsD.apply(models.init_weights)
+    layout = utils.memory_format(train_cfg, dev)
     for net in (netG, netsD):
         net.to(memory_format=layout)
     netG_ema = copy.deepcopy(netG).eval().requires_grad_(False)
@@ -725,7 +699,7 @@ def evaluate(run):
     if cfg.EVAL.BASELINE:
         torch.manual_seed(cfg.EVAL.SEED)
         untrained = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
-        untrained.apply(init_weights)
+        untrained.apply(models.init_weights)
         base, _ = generate_and_score(
             cfg, untrained.eval(), text_enc, image_enc, dev, None, None, log, judge
         )

@@ -1939,6 +1939,20 @@ def load_dmgan_encoders(cfg, device):
     return text_enc, image_enc
 
 
+def init_weights(module):
+    """DM-GAN's weights_init (code/miscc/utils.py): orthogonal conv/linear, BN gamma ~
+    N(1, 0.02)."""
+    if isinstance(module, SpectralNorm):
+        nn.init.orthogonal_(module.weight_bar.data)
+    elif isinstance(module, (nn.Conv2d, nn.Linear)) and 'weight' in module._parameters:
+        nn.init.orthogonal_(module.weight.data)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+        module.weight.data.normal_(1.0, 0.02)
+        module.bias.data.zero_()
+
+
 def build_dmgan_generator(cfg, text_dim):
     if cfg.TREE.BASE_SIZE not in (16, 32, 64):
         raise utils.UserError(

@@ -389,6 +389,19 @@ def make_optimizer(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
+def memory_format(train_cfg, dev):
+    """TRAIN.MEMORY_FORMAT as a torch memory format (auto: channels_last on CUDA or under AMP)."""
+    choice = train_cfg.MEMORY_FORMAT
+    if choice == 'auto':
+        choice = 'channels_last' if dev.type == 'cuda' or train_cfg.AMP else 'contiguous'
+    formats = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}
+    if choice not in formats:
+        raise UserError(
+            f"TRAIN.MEMORY_FORMAT={choice!r}: expected auto, channels_last or contiguous"
+        )
+    return formats[choice]
+
+
 def warn_slow_bf16(device, log):
     """bf16 autocast pays off on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN
     emulates it, slower than fp32."""

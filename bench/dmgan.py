@@ -81,7 +81,7 @@ def build(cfg, dev, layout, x, damsm=True):
     netG = models.build_dmgan_generator(cfg, text_dim)
     netsD = [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_dim) for s in sizes]
     for net in (netG, *netsD):
-        net.apply(main.init_weights)
+        net.apply(models.init_weights)
         net.to(dev, memory_format=layout)
     image_enc, train_cfg = None, utils.to_cfg({**cfg.TRAIN, 'SMOOTH': {**cfg.TRAIN.SMOOTH}})
     if damsm:
@@ -178,7 +178,7 @@ def side_original(cfg_path, code_dir, device):
 def side_ours(cfg_path, device):
     """Ours doing the original's work (no DAMSM image encoder, the memory format main.py picks)."""
     dev, cfg = torch.device(device), load_cfg(cfg_path)
-    ours = build(cfg, dev, main.memory_format(cfg.TRAIN, dev), adversarial_inputs(cfg, dev), False)
+    ours = build(cfg, dev, utils.memory_format(cfg.TRAIN, dev), adversarial_inputs(cfg, dev), False)
     amp, _ = utils.autocast(dev, False)
     return lambda i: ours(amp, i)
 

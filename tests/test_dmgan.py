@@ -144,15 +144,15 @@ def test_memory_format_follows_the_device_and_amp():
     """TRAIN.MEMORY_FORMAT auto: channels_last on CUDA or under AMP, contiguous in fp32 on a CPU."""
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
     cfg = utils.to_cfg({'MEMORY_FORMAT': 'auto', 'AMP': False})
-    assert main.memory_format(cfg, cpu) == torch.contiguous_format
-    assert main.memory_format(cfg, cuda) == torch.channels_last
+    assert utils.memory_format(cfg, cpu) == torch.contiguous_format
+    assert utils.memory_format(cfg, cuda) == torch.channels_last
     cfg.AMP = True
-    assert main.memory_format(cfg, cpu) == torch.channels_last
+    assert utils.memory_format(cfg, cpu) == torch.channels_last
     cfg.MEMORY_FORMAT = 'contiguous'
-    assert main.memory_format(cfg, cuda) == torch.contiguous_format
+    assert utils.memory_format(cfg, cuda) == torch.contiguous_format
     cfg.MEMORY_FORMAT = 'nhwc'
     with pytest.raises(utils.UserError, match='TRAIN.MEMORY_FORMAT'):
-        main.memory_format(cfg, cpu)
+        utils.memory_format(cfg, cpu)
 
 
 def test_discriminator_loss_matches_hand_computation():
@@ -339,9 +339,9 @@ def tiny_step(amp_dtype, contrastive):
         gf_dim=4, z_dim=8, cond_dim=6, text_dim=12, branch_num=2, r_num=1, base_size=32
     )
     Ds = [models.DMGANDiscriminator(s, df_dim=4, text_dim=12) for s in (32, 64)]
-    netG.apply(main.init_weights)
+    netG.apply(models.init_weights)
     for d in Ds:
-        d.apply(main.init_weights)
+        d.apply(models.init_weights)
     enc = (
         models.build_image_encoder(
             {
