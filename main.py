@@ -715,13 +715,13 @@ def evaluate(run):
 
 
 def chosen_model(args):
-    """MODEL as the merged cfg will have it: the cfg file's, then any --set MODEL=..."""
-    model = utils.load_yaml(args.cfg).get('MODEL', 'DMGAN') if args.cfg else 'DMGAN'
-    for item in args.set:
-        key, _, value = item.partition('=')
-        if key.strip() == 'MODEL':
-            model = value.strip()
-    return model
+    """MODEL as the merged cfg will have it: the default, the cfg file's, then any --set MODEL=...,
+    merged by utils as the whole cfg is (values read as YAML), before the trainer is known."""
+    cfg = utils.to_cfg({'MODEL': DEFAULTS['MODEL']})
+    if args.cfg:
+        file_cfg = utils.load_yaml(args.cfg)
+        utils.merge_cfg(cfg, {k: v for k, v in file_cfg.items() if k == 'MODEL'}, args.cfg)
+    return utils.apply_set(cfg, [s for s in args.set if s.split('=', 1)[0] == 'MODEL']).MODEL
 
 
 def main():

@@ -610,6 +610,7 @@ def test_model_is_read_from_the_merged_cfg(tmp_path):
     assert main.chosen_model(parse(['--set', 'MODEL=XMCGAN'])) == 'XMCGAN'
     assert main.chosen_model(parse(['--cfg', str(cfg)])) == 'XMCGAN'
     assert main.chosen_model(parse(['--cfg', str(cfg), '--set', 'MODEL=DMGAN'])) == 'DMGAN'
+    assert main.chosen_model(parse(['--set', "MODEL='XMCGAN'"])) == 'XMCGAN'  # a YAML string
 
 
 def test_help_lists_the_chosen_trainers_flags():
