@@ -76,9 +76,9 @@ BACKGROUNDS = {
     'black': (25, 25, 25),
     'beige': (225, 210, 180),
 }
-CELLS = [(r, c) for r in range(3) for c in range(3)]  # 3x3 grid, reading order
+CELLS = [(row, col) for row in range(3) for col in range(3)]  # 3x3 grid, reading order
 CLASSES = [
-    f'{c}_{s}' for c in utils.COLOURS for s in utils.SHAPES
+    f'{colour}_{shape}' for colour in utils.COLOURS for shape in utils.SHAPES
 ]  # class = first object's colour+shape
 
 SYN = {
@@ -266,19 +266,19 @@ def captions(scene, n, rng):
     return out
 
 
-def make_shapes(c, log):
+def make_shapes(shapes_cfg, log):
     """Write the dataset in the CUB layout AttnGAN reads, plus CSV/jsonl/COCO views."""
-    rng = random.Random(c.SEED)
-    root = c.OUT_DIR
+    rng = random.Random(shapes_cfg.SEED)
+    root = shapes_cfg.OUT_DIR
     img_root = os.path.join(root, 'CUB_200_2011', 'images')
     done = os.path.join(root, 'DONE.json')
     want = {
-        'NUM_TRAIN': c.NUM_TRAIN,
-        'NUM_TEST': c.NUM_TEST,
-        'IMAGE_SIZE': c.IMAGE_SIZE,
-        'SEED': c.SEED,
-        'P_TWO_OBJECTS': c.P_TWO_OBJECTS,
-        'CAPTIONS_PER_IMAGE': c.CAPTIONS_PER_IMAGE,
+        'NUM_TRAIN': shapes_cfg.NUM_TRAIN,
+        'NUM_TEST': shapes_cfg.NUM_TEST,
+        'IMAGE_SIZE': shapes_cfg.IMAGE_SIZE,
+        'SEED': shapes_cfg.SEED,
+        'P_TWO_OBJECTS': shapes_cfg.P_TWO_OBJECTS,
+        'CAPTIONS_PER_IMAGE': shapes_cfg.CAPTIONS_PER_IMAGE,
     }
     if os.path.isfile(done):
         with open(done) as f:
@@ -292,26 +292,26 @@ def make_shapes(c, log):
         )
     splits, attrs, images_txt, bbox_txt = {'train': [], 'test': []}, {}, [], []
     counts = {}
-    total = c.NUM_TRAIN + c.NUM_TEST
+    total = shapes_cfg.NUM_TRAIN + shapes_cfg.NUM_TEST
     bar = utils.progress(range(total), desc='shapes', every=1000, log=log)
     for i in bar:
-        split = 'train' if i < c.NUM_TRAIN else 'test'
-        scene = sample_scene(rng, c.P_TWO_OBJECTS)
+        split = 'train' if i < shapes_cfg.NUM_TRAIN else 'test'
+        scene = sample_scene(rng, shapes_cfg.P_TWO_OBJECTS)
         first = scene['objects'][0]
         cls = CLASSES.index(f"{first['colour']}_{first['shape']}") + 1
         counts[cls] = counts.get(cls, 0) + 1
         key = f"{cls:03d}.{first['colour']}_{first['shape']}/{first['colour']}_{first['shape']}_{i:05d}"
         os.makedirs(os.path.join(img_root, os.path.dirname(key)), exist_ok=True)
         os.makedirs(os.path.join(root, 'text', os.path.dirname(key)), exist_ok=True)
-        render(scene, c.IMAGE_SIZE, rng).save(
-            os.path.join(img_root, key + '.jpg'), quality=c.JPEG_QUALITY
+        render(scene, shapes_cfg.IMAGE_SIZE, rng).save(
+            os.path.join(img_root, key + '.jpg'), quality=shapes_cfg.JPEG_QUALITY
         )
-        caps = captions(scene, c.CAPTIONS_PER_IMAGE, rng)
+        caps = captions(scene, shapes_cfg.CAPTIONS_PER_IMAGE, rng)
         with open(os.path.join(root, 'text', key + '.txt'), 'w') as f:
             f.write('\n'.join(caps) + '\n')
         images_txt.append(f'{i + 1} {key}.jpg')
         # The box is the whole image, so AttnGAN's bird crop keeps every object and position.
-        bbox_txt.append(f'{i + 1} 0.0 0.0 {c.IMAGE_SIZE}.0 {c.IMAGE_SIZE}.0')
+        bbox_txt.append(f'{i + 1} 0.0 0.0 {shapes_cfg.IMAGE_SIZE}.0 {shapes_cfg.IMAGE_SIZE}.0')
         splits[split].append((key, cls, caps))
         attrs[key] = {**scene, 'class_id': cls, 'split': split}
     for name, lines in (('images.txt', images_txt), ('bounding_boxes.txt', bbox_txt)):
@@ -332,8 +332,9 @@ def make_shapes(c, log):
         f.write('\n'.join(f'{i + 1} {n}' for i, n in enumerate(CLASSES)) + '\n')
     utils.atomic_write_text(done, json.dumps(want))
     log.info(
-        f'{root}: {c.NUM_TRAIN} train + {c.NUM_TEST} test images of {c.IMAGE_SIZE}px, '
-        f'{c.CAPTIONS_PER_IMAGE} captions each, {len(counts)} classes'
+        f'{root}: {shapes_cfg.NUM_TRAIN} train + {shapes_cfg.NUM_TEST} test images of '
+        f'{shapes_cfg.IMAGE_SIZE}px, {shapes_cfg.CAPTIONS_PER_IMAGE} captions each, '
+        f'{len(counts)} classes'
     )
 
 
@@ -393,49 +394,49 @@ def summarize(root, log):
 # ----------------------------------------------------------------------------
 # XMC-GAN caption embeddings: per-token features and sentence vectors, fp16 shards
 # ----------------------------------------------------------------------------
-def caption_table(E, split):
+def caption_table(embed_cfg, split):
     """One split's images [[key, image path, class id, first caption row, n captions]] and
     captions [(key, caption index, text)], in image order."""
-    src = E.SPLITS[split]
-    if E.SOURCE == 'coco':
+    src = embed_cfg.SPLITS[split]
+    if embed_cfg.SOURCE == 'coco':
         pairs = utils.read_coco_json(
-            os.path.join(E.DATA_DIR, 'annotations', f'captions_{src}.json'),
-            os.path.join(E.DATA_DIR, src),
+            os.path.join(embed_cfg.DATA_DIR, 'annotations', f'captions_{src}.json'),
+            os.path.join(embed_cfg.DATA_DIR, src),
         )
         # COCO has no classes: every image is its own (R-precision's "other classes")
         items = [
             (os.path.splitext(os.path.basename(p))[0], p, i, caps)
             for i, (p, caps) in enumerate(pairs)
         ]
-    elif E.SOURCE == 'attngan':
-        data = utils.AttnGANData(E.DATA_DIR, E.CAPTIONS_PER_IMAGE)
+    elif embed_cfg.SOURCE == 'attngan':
+        data = utils.AttnGANData(embed_cfg.DATA_DIR, embed_cfg.CAPTIONS_PER_IMAGE)
         if src not in data.keys:
             raise utils.UserError(
                 f"EMBED.SPLITS.{split}={src!r}: the AttnGAN layout has train and test"
             )
         items = [
-            (k, data.image_path(k), c, data.raw_captions(k))
-            for k, c in zip(data.keys[src], data.class_ids(src))
+            (k, data.image_path(k), class_id, data.raw_captions(k))
+            for k, class_id in zip(data.keys[src], data.class_ids(src))
         ]
     else:
-        raise utils.UserError(f"EMBED.SOURCE={E.SOURCE!r}: expected coco or attngan")
+        raise utils.UserError(f"EMBED.SOURCE={embed_cfg.SOURCE!r}: expected coco or attngan")
     images, captions = [], []
     for key, path, cls, caps in items:
-        caps = caps[: E.MAX_CAPTIONS] if E.MAX_CAPTIONS > 0 else caps
+        caps = caps[: embed_cfg.MAX_CAPTIONS] if embed_cfg.MAX_CAPTIONS > 0 else caps
         images.append([key, path, int(cls), len(captions), len(caps)])
         captions += [(key, j, text) for j, text in enumerate(caps)]
     return images, captions
 
 
-def caption_encoder(E, device):
+def caption_encoder(embed_cfg, device):
     """encode(texts) -> words (B, MAX_LEN, D), lengths (B,), sentence (B, D); and what it is."""
     import torch.nn.functional as F
 
-    L = E.MAX_LEN
-    if E.ENCODER.endswith('.pth'):  # a project encoder (pretrain_DAMSM.py)
+    L = embed_cfg.MAX_LEN
+    if embed_cfg.ENCODER.endswith('.pth'):  # a project encoder (pretrain_DAMSM.py)
         import models
 
-        text_enc = models.load_encoders(E.ENCODER, device)[0]
+        text_enc = models.load_encoders(embed_cfg.ENCODER, device)[0]
 
         def encode(texts):
             words, sent, pad = text_enc.encode(list(texts))
@@ -443,15 +444,15 @@ def caption_encoder(E, device):
             # its own sentence vector: the one its contrastive training aligned with images
             return F.pad(words, (0, 0, 0, L - words.shape[1])), (~pad).sum(1).clamp(min=1), sent
 
-        return encode, {'kind': 'project', 'name': E.ENCODER, 'dim': text_enc.spec['dim']}
+        return encode, {'kind': 'project', 'name': embed_cfg.ENCODER, 'dim': text_enc.spec['dim']}
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(E.ENCODER)
-        bert = AutoModel.from_pretrained(E.ENCODER).to(device).eval()
+        tok = AutoTokenizer.from_pretrained(embed_cfg.ENCODER)
+        bert = AutoModel.from_pretrained(embed_cfg.ENCODER).to(device).eval()
     except (OSError, ValueError) as e:
         raise utils.UserError(
-            f"EMBED.ENCODER={E.ENCODER}: cannot load a transformers model and tokenizer "
+            f"EMBED.ENCODER={embed_cfg.ENCODER}: cannot load a transformers model and tokenizer "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         )
 
@@ -465,10 +466,14 @@ def caption_encoder(E, device):
         # The original's sentence: the sum of all L outputs (padding positions included) / true length
         return h, n, h.sum(1) / n[:, None]
 
-    return encode, {'kind': 'transformers', 'name': E.ENCODER, 'dim': bert.config.hidden_size}
+    return encode, {
+        'kind': 'transformers',
+        'name': embed_cfg.ENCODER,
+        'dim': bert.config.hidden_size,
+    }
 
 
-def embed_captions(E, device, log, encoder=None):
+def embed_captions(embed_cfg, device, log, encoder=None):
     """Write <OUT_DIR>/<split>_<i>.pt shards of SHARD_SIZE captions (fp16 words (N, L, D),
     lengths, fp16 sentences, keys, caption indices, texts) and index.json (settings, encoder,
     image table). Resumable: a shard on disk is complete (written atomically) and skipped."""
@@ -476,12 +481,13 @@ def embed_captions(E, device, log, encoder=None):
 
     import torch
 
-    encode, info = encoder or caption_encoder(E, device)
+    encode, info = encoder or caption_encoder(embed_cfg, device)
     settings = {
-        k: E[k] for k in ('SOURCE', 'DATA_DIR', 'MAX_CAPTIONS', 'ENCODER', 'MAX_LEN', 'SHARD_SIZE')
+        k: embed_cfg[k]
+        for k in ('SOURCE', 'DATA_DIR', 'MAX_CAPTIONS', 'ENCODER', 'MAX_LEN', 'SHARD_SIZE')
     }
-    settings['SPLITS'] = dict(E.SPLITS)
-    index_path = os.path.join(E.OUT_DIR, 'index.json')
+    settings['SPLITS'] = dict(embed_cfg.SPLITS)
+    index_path = os.path.join(embed_cfg.OUT_DIR, 'index.json')
     if os.path.isfile(index_path):
         with open(index_path) as f:
             old = json.load(f)['settings']
@@ -491,12 +497,12 @@ def embed_captions(E, device, log, encoder=None):
                 f"{index_path}: embeddings written with other settings {diff} (old, new); "
                 "choose another EMBED.OUT_DIR or delete it"
             )
-    tables = {s: caption_table(E, s) for s in E.SPLITS}
-    S = E.SHARD_SIZE
+    tables = {s: caption_table(embed_cfg, s) for s in embed_cfg.SPLITS}
+    S = embed_cfg.SHARD_SIZE
     index = {
         'settings': settings,
         'encoder': info,
-        'max_len': E.MAX_LEN,
+        'max_len': embed_cfg.MAX_LEN,
         'dim': info['dim'],
         'dtype': 'float16',
         'complete': False,
@@ -510,7 +516,7 @@ def embed_captions(E, device, log, encoder=None):
             for s, (images, caps) in tables.items()
         },
     }
-    os.makedirs(E.OUT_DIR, exist_ok=True)
+    os.makedirs(embed_cfg.OUT_DIR, exist_ok=True)
     utils.atomic_write_text(index_path, json.dumps(index))
     done = skipped = 0
     for split, (_, caps) in tables.items():
@@ -518,10 +524,12 @@ def embed_captions(E, device, log, encoder=None):
         todo = [
             i
             for i, name in enumerate(index['splits'][split]['shards'])
-            if not os.path.isfile(os.path.join(E.OUT_DIR, name))
+            if not os.path.isfile(os.path.join(embed_cfg.OUT_DIR, name))
         ]
         skipped += len(index['splits'][split]['shards']) - len(todo)
-        n_batches = sum(math.ceil(len(caps[i * S : (i + 1) * S]) / E.BATCH_SIZE) for i in todo)
+        n_batches = sum(
+            math.ceil(len(caps[i * S : (i + 1) * S]) / embed_cfg.BATCH_SIZE) for i in todo
+        )
         bar = utils.progress(
             total=n_batches, desc=f'embed {split}', every=max(1, n_batches // 20), log=log
         )
@@ -529,8 +537,8 @@ def embed_captions(E, device, log, encoder=None):
             rows = caps[i * S : (i + 1) * S]
             words, lengths, sents = [], [], []
             with torch.inference_mode():
-                for b in range(0, len(rows), E.BATCH_SIZE):
-                    w, n, s = encode([t for _, _, t in rows[b : b + E.BATCH_SIZE]])
+                for b in range(0, len(rows), embed_cfg.BATCH_SIZE):
+                    w, n, s = encode([t for _, _, t in rows[b : b + embed_cfg.BATCH_SIZE]])
                     words.append(w.half().cpu())
                     lengths.append(n.cpu())
                     sents.append(s.half().cpu())
@@ -548,19 +556,19 @@ def embed_captions(E, device, log, encoder=None):
                     'caption_index': torch.tensor([j for _, j, _ in rows]),
                     'texts': [t for _, _, t in rows],
                 },
-                os.path.join(E.OUT_DIR, index['splits'][split]['shards'][i]),
+                os.path.join(embed_cfg.OUT_DIR, index['splits'][split]['shards'][i]),
             )
         bar.close()
     index['complete'] = True
     utils.atomic_write_text(index_path, json.dumps(index))
     size = sum(
-        os.path.getsize(os.path.join(E.OUT_DIR, n))
+        os.path.getsize(os.path.join(embed_cfg.OUT_DIR, n))
         for sp in index['splits'].values()
         for n in sp['shards']
     )
     log.info(
-        f"{E.OUT_DIR}: {done} captions embedded, {skipped} finished shards skipped; "
-        f"{sum(len(c) for _, c in tables.values())} captions x {E.MAX_LEN} x {info['dim']} "
+        f"{embed_cfg.OUT_DIR}: {done} captions embedded, {skipped} finished shards skipped; "
+        f"{sum(len(c) for _, c in tables.values())} captions x {embed_cfg.MAX_LEN} x {info['dim']} "
         f"in {size / 1e9:.3f} GB (fp16)"
     )
     return index
@@ -569,77 +577,82 @@ def embed_captions(E, device, log, encoder=None):
 # ----------------------------------------------------------------------------
 # filter: text2img's Wukong food subset (dealData_wukong.ipynb), over local images
 # ----------------------------------------------------------------------------
-def caption_rule(caption, c, forbidden, keywords):
+def caption_rule(caption, filter_cfg, forbidden, keywords):
     """The first caption rule a caption breaks, or None."""
-    if len(caption) > c.MAX_CAPTION_LEN:
+    if len(caption) > filter_cfg.MAX_CAPTION_LEN:
         return 'caption_too_long'
     if forbidden.search(caption):
         return 'forbidden_characters'
-    if any(len(p) > c.MAX_PIECE_LEN for p in re.split(r'[;,\s]', caption)):
+    if any(len(p) > filter_cfg.MAX_PIECE_LEN for p in re.split(r'[;,\s]', caption)):
         return 'piece_too_long'
     if not any(
         caption[i : i + n] in keywords
         for i in range(len(caption))
-        for n in range(1, c.KEYWORD_MAX_LEN + 1)
+        for n in range(1, filter_cfg.KEYWORD_MAX_LEN + 1)
     ):
         return 'no_keyword'
     return None
 
 
-def image_rule(path, c):
+def image_rule(path, filter_cfg):
     """The first image rule an image breaks, or None (reads the header only)."""
     try:
         with Image.open(path) as im:
             w, h = im.size
     except (OSError, ValueError, SyntaxError):
         return 'unreadable_image'
-    if max(w, h) > c.MAX_ASPECT * min(w, h):
+    if max(w, h) > filter_cfg.MAX_ASPECT * min(w, h):
         return 'aspect_ratio'
-    if min(w, h) < c.MIN_SIDE:
+    if min(w, h) < filter_cfg.MIN_SIDE:
         return 'too_small'
     return None
 
 
-def filter_pairs(c, log):
+def filter_pairs(filter_cfg, log):
     """Caption rules, then image rules (each drop counted under its first broken rule), a
     seeded 9:1 split; writes {train,val}_clean.csv (open_clip: tab, filepath/title) and
     DALLE.{train,val}.jsonl, image paths relative to OUT_DIR."""
-    pairs = utils.read_csv_pairs(c.INPUT_CSV, c.IMG_KEY, c.CAPTION_KEY, c.SEP)
-    if not os.path.isfile(c.KEYWORDS):
-        raise utils.UserError(f"{c.KEYWORDS}: keyword file not found (one keyword a line)")
-    with open(c.KEYWORDS, encoding='utf-8') as f:
+    pairs = utils.read_csv_pairs(
+        filter_cfg.INPUT_CSV, filter_cfg.IMG_KEY, filter_cfg.CAPTION_KEY, filter_cfg.SEP
+    )
+    if not os.path.isfile(filter_cfg.KEYWORDS):
+        raise utils.UserError(f"{filter_cfg.KEYWORDS}: keyword file not found (one keyword a line)")
+    with open(filter_cfg.KEYWORDS, encoding='utf-8') as f:
         keywords = {w.strip() for w in f if w.strip()}
-    forbidden = re.compile(c.FORBIDDEN)
+    forbidden = re.compile(filter_cfg.FORBIDDEN)
     drops, kept = {}, []
     for path, caption in pairs:
         caption = caption.strip()
-        rule = caption_rule(caption, c, forbidden, keywords) or image_rule(path, c)
+        rule = caption_rule(caption, filter_cfg, forbidden, keywords) or image_rule(
+            path, filter_cfg
+        )
         if rule:
             drops[rule] = drops.get(rule, 0) + 1
         else:
             kept.append((path, caption))
-    order = np.random.RandomState(c.SPLIT_SEED).permutation(len(kept))
-    n_val = int(round(c.VAL_FRACTION * len(kept)))
+    order = np.random.RandomState(filter_cfg.SPLIT_SEED).permutation(len(kept))
+    n_val = int(round(filter_cfg.VAL_FRACTION * len(kept)))
     splits = {'train': [kept[i] for i in order[n_val:]], 'val': [kept[i] for i in order[:n_val]]}
-    os.makedirs(c.OUT_DIR, exist_ok=True)
+    os.makedirs(filter_cfg.OUT_DIR, exist_ok=True)
     for split, items in splits.items():
         rel = [
-            (os.path.relpath(os.path.abspath(p), os.path.abspath(c.OUT_DIR)), t) for p, t in items
+            (os.path.relpath(os.path.abspath(p), os.path.abspath(filter_cfg.OUT_DIR)), t)
+            for p, t in items
         ]
         utils.atomic_write_text(
-            os.path.join(c.OUT_DIR, f'{split}_clean.csv'),
+            os.path.join(filter_cfg.OUT_DIR, f'{split}_clean.csv'),
             'filepath\ttitle\n' + ''.join(f'{p}\t{t}\n' for p, t in rel),
         )
         utils.atomic_write_text(
-            os.path.join(c.OUT_DIR, f'DALLE.{split}.jsonl'),
+            os.path.join(filter_cfg.OUT_DIR, f'DALLE.{split}.jsonl'),
             ''.join(
                 json.dumps({'image_path': p, 'sentences': t}, ensure_ascii=False) + '\n'
                 for p, t in rel
             ),
         )
     log.info(
-        f"{c.INPUT_CSV}: {len(pairs)} pairs -> {len(kept)} kept (train {len(splits['train'])}, "
-        f"val {len(splits['val'])}); dropped: "
+        f"{filter_cfg.INPUT_CSV}: {len(pairs)} pairs -> {len(kept)} kept "
+        f"(train {len(splits['train'])}, val {len(splits['val'])}); dropped: "
         + ', '.join(f'{k} {v}' for k, v in sorted(drops.items()))
     )
     return {

@@ -666,14 +666,18 @@ def fixed_captions(pairs, tokenizer, cfg, n):
 
 
 @torch.no_grad()
-def write_samples(run, dalle, vae, fixed, s, step):
+def write_samples(run, dalle, vae, fixed, sample_cfg, step):
     texts, ids = fixed
     if not run.main or not texts:
         return
     dalle.eval()
     g = torch.Generator(device=run.device).manual_seed(0)
     tokens = dalle.generate_image_tokens(
-        ids.to(run.device), s.TOP_K, s.TEMPERATURE, generator=g, top_k_over=s.TOP_K_OVER
+        ids.to(run.device),
+        sample_cfg.TOP_K,
+        sample_cfg.TEMPERATURE,
+        generator=g,
+        top_k_over=sample_cfg.TOP_K_OVER,
     )
     utils.log_images(
         run.writer, 'samples/images', vae.decode(tokens).float().clamp(-1, 1), step, nrow=len(texts)
