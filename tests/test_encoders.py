@@ -474,7 +474,9 @@ def test_inception_weights_load_into_the_cnn_encoder(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The script: one step of every cfg on fixture data, resume, metrics
 # ----------------------------------------------------------------------------------------------
-def run_script(cfg, out, data, *sets, resume=None):
+def run_pretrain_damsm(cfg, out, data, *sets, resume=None):
+    """pretrain_DAMSM.main() on the fixture data at a tiny size, in this process; returns
+    the run's metrics.json."""
     argv = [
         '--cfg',
         cfg,
@@ -602,7 +604,7 @@ def tiny_clip_dir(tmp_path_factory):
 def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
     out = tmp_path / 'run'
     sets = [s.replace('{clip}', str(tiny_clip_dir)) for s in CFGS[cfg]]
-    m = run_script(os.path.join(ROOT, 'cfg', cfg), out, fixture_data, *sets)
+    m = run_pretrain_damsm(os.path.join(ROOT, 'cfg', cfg), out, fixture_data, *sets)
     assert m['epoch'] == 1 and m['step'] >= 1 and math.isfinite(m['train_loss'])
     assert 0.0 <= m['R_precision'] <= 1.0 and 0.0 <= m['i2t_R@10'] <= 1.0
     if 'shapes' in cfg:  # EVAL.SWAP_WORDS: the minimal-pair accuracies
@@ -622,9 +624,9 @@ def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
 def test_resume_auto_continues_from_the_last_epoch(fixture_data, tmp_path):
     cfg = os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml')
     out = tmp_path / 'run'
-    run_script(cfg, out, fixture_data)
+    run_pretrain_damsm(cfg, out, fixture_data)
     ckpt = utils.load_checkpoint(str(out / 'checkpoints' / 'damsm_00000001.pt'), 'damsm')
-    m = run_script(cfg, out, fixture_data, 'TRAIN.MAX_EPOCH=2', resume='auto')
+    m = run_pretrain_damsm(cfg, out, fixture_data, 'TRAIN.MAX_EPOCH=2', resume='auto')
     assert m['epoch'] == 2 and m['step'] == 2
     assert 'resuming from' in (out / 'log.txt').read_text()
     later = utils.load_checkpoint(str(out / 'checkpoints' / 'damsm_00000002.pt'), 'damsm')
@@ -635,9 +637,9 @@ def test_resume_auto_continues_from_the_last_epoch(fixture_data, tmp_path):
 def test_bad_cfg_values_are_one_line_errors(fixture_data, tmp_path):
     cfg = os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml')
     with pytest.raises(utils.UserError, match='MODEL.FAMILY'):
-        run_script(cfg, tmp_path / 'a', fixture_data, 'MODEL.FAMILY=lstm')
+        run_pretrain_damsm(cfg, tmp_path / 'a', fixture_data, 'MODEL.FAMILY=lstm')
     with pytest.raises(utils.UserError, match='FINETUNE'):
-        run_script(
+        run_pretrain_damsm(
             os.path.join(ROOT, 'cfg', 'DAMSM', 'clip_shapes.yml'),
             tmp_path / 'b',
             fixture_data,
@@ -907,7 +909,7 @@ def test_pretrain_writes_and_resumes_open_clip_checkpoints(fixture_data, tmp_pat
     """TRAIN.OPEN_CLIP_CHECKPOINT writes epoch_1.pt beside text_encoder1.pth; --resume takes it
     (AdamW goes on from its steps); a broken one is one line naming the file and the key."""
     cfg = os.path.join(ROOT, 'cfg', 'clip_shapes.yml')
-    m = run_script(cfg, tmp_path / 'a', fixture_data, 'TRAIN.OPEN_CLIP_CHECKPOINT=true')
+    m = run_pretrain_damsm(cfg, tmp_path / 'a', fixture_data, 'TRAIN.OPEN_CLIP_CHECKPOINT=true')
     path = tmp_path / 'a' / 'checkpoints' / 'epoch_1.pt'
     oc = utils.load_weights(str(path))
     assert oc['epoch'] == 1 and oc['name'] == 'clip_shapes'
@@ -915,7 +917,9 @@ def test_pretrain_writes_and_resumes_open_clip_checkpoints(fixture_data, tmp_pat
     assert list(oc['state_dict']) == list(models.to_open_clip_state_dict(ours['models']['model']))
     theirs = models.to_open_clip_state_dict(ours['models']['model'])
     assert all(torch.equal(oc['state_dict'][k], v) for k, v in theirs.items())
-    m2 = run_script(cfg, tmp_path / 'b', fixture_data, 'TRAIN.MAX_EPOCH=2', resume=str(path))
+    m2 = run_pretrain_damsm(
+        cfg, tmp_path / 'b', fixture_data, 'TRAIN.MAX_EPOCH=2', resume=str(path)
+    )
     assert m2['epoch'] == 2 and m2['step'] == 2 * m['step']
     assert 'resuming open_clip checkpoint' in (tmp_path / 'b' / 'log.txt').read_text()
     later = utils.load_checkpoint(
@@ -1084,7 +1088,7 @@ def test_r_precision_feasibility_is_checked_before_training(fixture_data, tmp_pa
     with pytest.raises(
         utils.UserError, match=r'R-precision on the 6 test images \(EVAL.R_NEG\) needs 50'
     ):
-        run_script(
+        run_pretrain_damsm(
             os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml'),
             tmp_path / 'r',
             fixture_data,
