@@ -64,8 +64,7 @@ def steps(out, scale):
             'attribute judge (metrics: attribute accuracy, shapes FID)',
             [
                 PY,
-                'fid_score.py',
-                '--train_judge',
+                'train_judge.py',
                 '--cfg',
                 'cfg/judge_shapes.yml',
                 '--out',
@@ -392,8 +391,8 @@ def load(path):
 
 
 def dalle_scores(out, rows):
-    """The judge on DALLE's images read back from dalle_gen.py's files, as `fid_score.py
-    --accuracy` reads them, through the evaluation path every generator takes: every sample
+    """The judge on DALLE's images read back from dalle_gen.py's files, as `train_judge.py
+    --score` reads them, through the evaluation path every generator takes: every sample
     (what one random draw gets) and each caption's top-1 after clip_sort.py; also each
     caption's first sample and top-1 for the grid."""
     import torch

@@ -309,6 +309,19 @@ class ShapesJudge(nn.Module):
         return torch.split(out, self.splits, dim=-1)
 
 
+def judge_loss(out, targets):
+    """ShapesJudge's training loss against utils.cell_targets: objectness (BCE) on all 9 cells;
+    shape, colour, size (CE) on the occupied cells only (an empty cell has no attributes)."""
+    occ, shape, colour, size = out
+    full = targets[..., 0] == 1
+    return (
+        F.binary_cross_entropy_with_logits(occ[..., 0], full.float())
+        + F.cross_entropy(shape[full], targets[full][:, 1])
+        + F.cross_entropy(colour[full], targets[full][:, 2])
+        + F.cross_entropy(size[full], targets[full][:, 3])
+    )
+
+
 # ---- loading them (weights files found by utils.weights_path), and FID's feature network -------
 def fid_inception(weights=None, device='cpu', exact=False):
     """The FID Inception with pytorch-fid's weights: BatchNorm folded and channels_last

@@ -2268,7 +2268,7 @@ def inception_score(logits, splits=10, shuffle_seed=None):
 
 
 # ----------------------------------------------------------------------------
-# Metrics: the shapes judge (its network: models.ShapesJudge; its training: fid_score.py --train_judge)
+# Metrics: the shapes judge (models.ShapesJudge and judge_loss; its training: train_judge.py)
 # ----------------------------------------------------------------------------
 # The synthetic world's vocabulary (preprocess_data.py draws it), in the order of the judge's heads.
 SHAPES = ['circle', 'square', 'triangle', 'diamond', 'star', 'cross']

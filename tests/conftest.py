@@ -135,7 +135,7 @@ def fixture_data(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def tiny_judge(tmp_path_factory, tiny_shapes):
-    """A random-init shapes judge saved as fid_score.py --train_judge saves it."""
+    """A random-init shapes judge saved as train_judge.py saves it."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('judge')
     save_tiny_judge(out, models.ShapesJudge(**TINY_JUDGE), tiny_shapes)
@@ -146,7 +146,7 @@ TINY_JUDGE = {'width': 4, 'cell_dim': 4, 'image_size': 32}
 
 
 def save_tiny_judge(folder, judge, data_dir):
-    """A ShapesJudge of TINY_JUDGE's sizes saved as fid_score.py --train_judge saves it."""
+    """A ShapesJudge of TINY_JUDGE's sizes saved as train_judge.py saves it."""
     utils.save_checkpoint(
         str(folder),
         'judge',

@@ -52,17 +52,17 @@ def test_a_step_that_exits_0_without_its_marker_is_a_failure(tmp_path):
 @pytest.mark.parametrize('scale', [1.0, 4.0])
 def test_every_step_names_a_real_cfg_and_valid_overrides(tmp_path, scale):
     """Each --cfg/--set of the pipeline merges into its script's defaults (no unknown key)."""
-    import fid_score
     import main
     import preprocess_data
     import pretrain_DAMSM
     import train_dalle
+    import train_judge
     import train_vae
     import xmc_gan
 
     defaults = {
         'preprocess_data.py': preprocess_data.DEFAULTS,
-        'fid_score.py': fid_score.DEFAULTS,
+        'train_judge.py': train_judge.DEFAULTS,
         'pretrain_DAMSM.py': pretrain_DAMSM.DEFAULTS,
         'train_vae.py': train_vae.DEFAULTS,
         'train_dalle.py': train_dalle.DEFAULTS,
