@@ -3,7 +3,7 @@
   python fid_score.py GEN_DIR REAL_DIR [--dims 2048] [--batch_size 50] [--gpu N] [--weights PATH]
   python fid_score.py --path GEN_DIR REAL_DIR ...          (the same, as one flag)
   python fid_score.py --save-stats REAL_DIR real.npz       statistics for later; either side may be an .npz
-  python fid_score.py GEN_DIR REAL_DIR --json fid.json     also write the value to a file
+  python fid_score.py GEN_DIR REAL_DIR --json fid.json     also write the value and its protocol
   python fid_score.py --data bird|coco                     T2I_CLIP-GAN's preset folders (printed)
   python fid_score.py GEN_DIR output/judge/test_stats.npz --judge output/judge     "shapes FID"
 
@@ -57,7 +57,7 @@ def parse_args():
         action='store_true',
         help='write the statistics of the first path to the second (.npz)',
     )
-    p.add_argument('--json', help='also write the result to this file')
+    p.add_argument('--json', help='also write the result and its protocol to this file')
     p.add_argument(
         '--exact',
         action='store_true',
@@ -70,9 +70,13 @@ def parse_args():
     return p.parse_args()
 
 
-def report(result, path):
-    if path:
-        utils.atomic_write_text(path, json.dumps(result, indent=2))
+def protocol(paths, net):
+    """utils.protocol of an FID: the first path's images (none for an .npz), no split and no seed
+    (FID draws nothing), the feature network's resizing and weights file."""
+    weights = {'fid_features': net.weights_path}
+    if paths[0].endswith('.npz'):
+        return utils.protocol(None, None, None, None, net.resize, weights)
+    return utils.folder_protocol(utils.folder_images(paths[0]), None, net.resize, weights)
 
 
 def main():
@@ -107,7 +111,14 @@ def main():
     stats = [utils.path_statistics(p, net, batch_size, workers, device) for p in paths]
     fid = utils.frechet_distance(*stats[0], *stats[1], method='sqrtm' if args.exact else 'eig')
     print('FID: ', fid)
-    report({'fid': fid, 'paths': paths, 'features': net.name}, args.json)
+    if args.json:
+        result = {
+            'fid': fid,
+            'paths': paths,
+            'features': net.name,
+            'protocol': protocol(paths, net),
+        }
+        utils.atomic_write_text(args.json, json.dumps(result, indent=2))
 
 
 if __name__ == '__main__':

@@ -191,7 +191,7 @@ def folder_keys(folder):
 
 def score(args):
     """utils.judge_accuracy of a folder's images against their keys' captions; with --json, the
-    accuracies and the number of images."""
+    accuracies, the number of images and the protocol."""
     if not args.judge:
         raise utils.UserError("--score DIR needs --judge (a trained shapes judge)")
     cfg = utils.build_cfg(DEFAULTS, args).SCORE
@@ -206,7 +206,9 @@ def score(args):
     )
     print('attribute accuracy: ' + ' '.join(f'{k} {v:.4f}' for k, v in acc.items()))
     if args.json:
-        utils.atomic_write_text(args.json, json.dumps({'images': len(files), **acc}, indent=2))
+        protocol = utils.folder_protocol(files, None, judge.resize, {'judge': judge.weights_path})
+        result = {'images': len(files), **acc, 'protocol': protocol}
+        utils.atomic_write_text(args.json, json.dumps(result, indent=2))
 
 
 def parse_args():

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_python
+from conftest import check_protocol, run_in_process, run_python
 
 import models
 import preprocess_data
+import train_judge
 import utils
 
 
@@ -172,6 +173,30 @@ def key_folder(folder, data_dir, keys):
     return str(folder)
 
 
+def test_score_writes_the_accuracy_with_its_protocol(tiny_shapes, tiny_judge, tmp_path, capsys):
+    keys = utils.read_attngan_split(tiny_shapes, 'test')
+    gen = key_folder(tmp_path / 'gen', tiny_shapes, keys)
+    out = tmp_path / 'acc.json'
+    run_in_process(
+        train_judge, ['--score', gen, '--judge', tiny_judge, '--json', out, '--num_workers', 0]
+    )
+    acc = json.load(open(out))
+    judge = models.load_judge(tiny_judge)
+    assert acc['images'] == 20 and 0 <= acc['all'] <= 1
+    assert f"all {acc['all']:.4f}" in capsys.readouterr().out
+    check_protocol(
+        acc['protocol'],
+        {'judge': os.path.join(tiny_judge, 'checkpoints', 'judge_final.pt')},
+        split=None,
+        num_images=20,
+        seed=None,
+        image_size=32,
+        resize=judge.resize,
+    )
+    with pytest.raises(utils.UserError, match='needs --judge'):
+        run_in_process(train_judge, ['--score', gen])
+
+
 @pytest.mark.slow
 def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     out = tmp_path / 'judge'
@@ -230,6 +255,7 @@ def test_train_judge_and_use_it(tiny_shapes, tmp_path):
     assert acc['images'] == 20 and acc['shape'] == pytest.approx(
         utils.judge_accuracy(judge, images, keys, attrs)['shape']
     )
+    check_protocol(acc['protocol'], {'judge': judge.weights_path}, num_images=20, image_size=32)
     p = run_python('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
     assert p.returncode == 0, p.stderr
     assert float(p.stdout.split('FID:')[-1]) < 1e-3  # the test images against their own statistics

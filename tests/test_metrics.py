@@ -1,6 +1,6 @@
 """Evaluation: FID equal to pytorch-fid, Inception Score equal to the original / torch-fidelity,
-R-precision and CLIP score on hand-built embeddings, the evaluation path's image dump (the shapes
-judge: test_judge.py)."""
+R-precision and CLIP score on hand-built embeddings, the evaluation path's image dump, and the
+protocol each script's --json carries (the shapes judge: test_judge.py)."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_python
+from conftest import ROOT, check_protocol, run_in_process, run_python
 from fid_weights import calibrated_random_weights
 
 import fid_score
@@ -91,8 +91,18 @@ def test_fid_parity_with_pytorch_fid_dims_64(fid_setup, tmp_path):
     )
     assert p.returncode == 0, p.stderr
     printed = float(p.stdout.split('FID:')[-1])
-    assert json.load(open(tmp_path / 'fid.json'))['fid'] == printed
+    result = json.load(open(tmp_path / 'fid.json'))
+    assert result['fid'] == printed
     assert abs(printed - ref) / ref < 1e-6
+    check_protocol(
+        result['protocol'],
+        {'fid_features': w},
+        split=None,
+        num_images=12,
+        seed=None,
+        image_size=32,
+        resize=models.INCEPTION_RESIZE,
+    )
     # --exact: pytorch-fid's arithmetic (unfused NCHW network, scipy sqrtm)
     assert abs(ours((a, b), w, 64, exact=True, method='sqrtm') - ref) / ref < 1e-6
 
@@ -205,6 +215,38 @@ def test_data_presets_name_t2i_clip_gans_folders(fid_setup, tmp_path):
     assert both.returncode == 2 and 'give no paths' in both.stderr
 
 
+def test_fid_json_carries_its_protocol(tiny_shapes, tiny_judge, tmp_path):
+    """Shapes FID (the tiny judge's 36-d features): the generated side's images, no split and no
+    seed, the judge's resizing and file; an .npz first names no images."""
+    gen = tmp_path / 'gen'
+    os.makedirs(gen)
+    for k in utils.read_attngan_split(tiny_shapes, 'test'):
+        shutil.copy(
+            os.path.join(tiny_shapes, 'CUB_200_2011', 'images', k + '.jpg'),
+            gen / (k.replace('/', '_') + '.jpg'),
+        )
+    real = os.path.join(tiny_shapes, 'CUB_200_2011', 'images')
+    common = ['--judge', tiny_judge, '--num_workers', 0]
+    with pytest.warns(UserWarning, match='20 images for 36 features'):
+        run_in_process(fid_score, [gen, real, *common, '--json', tmp_path / 'a.json'])
+        run_in_process(fid_score, ['--save-stats', gen, tmp_path / 'gen.npz', *common])
+    run_in_process(fid_score, [tmp_path / 'gen.npz', real, *common, '--json', tmp_path / 'b.json'])
+    a, b = (json.load(open(tmp_path / f)) for f in ('a.json', 'b.json'))
+    judge = models.load_judge(tiny_judge)
+    assert a['features'] == 'shapes-judge-36' and a['fid'] == pytest.approx(b['fid'])
+    weights = {'fid_features': judge.weights_path}
+    check_protocol(
+        a['protocol'],
+        weights,
+        split=None,
+        num_images=20,
+        seed=None,
+        image_size=32,
+        resize=judge.resize,
+    )
+    check_protocol(b['protocol'], weights, num_images=None, image_size=None, resize=judge.resize)
+
+
 def test_eigenvalue_trace_agrees_with_sqrtm():
     from pytorch_fid.fid_score import calculate_frechet_distance
 
@@ -272,6 +314,15 @@ def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.load(open(tmp_path / 'is.json'))
     assert res['images'] == 12 and res['net'] == 'tf' and 1.0 <= res['is_mean'] <= 1008
+    check_protocol(
+        res['protocol'],
+        {'is_inception': w},
+        split=None,
+        num_images=12,
+        seed=None,
+        image_size=32,
+        resize=models.INCEPTION_RESIZE,
+    )
     import torchvision
 
     tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
@@ -279,6 +330,39 @@ def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     net = models.inception_classifier('torchvision', str(tmp_path / 'tv.pth'), torch.device('cpu'))
     logits = inception_score.folder_logits(a, net, batch_size=6, workers=0)
     assert logits.shape == (12, 1000) and torch.isfinite(logits).all()
+
+
+def test_inception_score_json_carries_its_protocol(tmp_path, monkeypatch):
+    """The classifier's file, the folder's images and the shuffle's seed, with a stand-in
+    classifier (the score's arithmetic is tested above)."""
+    folder = tmp_path / 'images'
+    os.makedirs(folder)
+    for i in range(6):
+        Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(folder / f'{i}.png')
+    weights = tmp_path / 'classifier.pth'
+    weights.write_bytes(b'stand-in weights')
+
+    def classifier(net, path, device):
+        def classify(x):
+            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1) * 10
+
+        classify.weights_path = str(weights)
+        return classify
+
+    monkeypatch.setattr(models, 'inception_classifier', classifier)
+    argv = ['--path', folder, '--splits', 2, '--shuffle_seed', 2020, '--num_workers', 0]
+    run_in_process(inception_score, argv + ['--json', tmp_path / 'is.json'])
+    res = json.load(open(tmp_path / 'is.json'))
+    assert res['images'] == 6 and res['is_mean'] > 1
+    check_protocol(
+        res['protocol'],
+        {'is_inception': weights},
+        split=None,
+        num_images=6,
+        seed=2020,
+        image_size=24,
+        resize=models.INCEPTION_RESIZE,
+    )
 
 
 # ----------------------------------------------------------------------------
