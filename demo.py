@@ -1,5 +1,6 @@
 """The embedded demo: every system of this repository, end to end, on the synthetic shapes
-dataset, then a report (output/demo/report.md and report.html).
+dataset, then a report (output/demo/report.md and report.html; the scores only it computes,
+the judge on dalle_gen.py's samples, with their protocol in output/demo/metrics.json).
 
   python demo.py                                   # what `make demo` runs
   DEMO_SCALE=4 python demo.py                      # every training length 4x, in output/demo_x4
@@ -64,8 +65,7 @@ def steps(out, scale):
             'attribute judge (metrics: attribute accuracy, shapes FID)',
             [
                 PY,
-                'fid_score.py',
-                '--train_judge',
+                'train_judge.py',
                 '--cfg',
                 'cfg/judge_shapes.yml',
                 '--out',
@@ -392,10 +392,10 @@ def load(path):
 
 
 def dalle_scores(out, rows):
-    """The judge on DALLE's images read back from dalle_gen.py's files, as `fid_score.py
-    --accuracy` reads them, through the evaluation path every generator takes: every sample
-    (what one random draw gets) and each caption's top-1 after clip_sort.py; also each
-    caption's first sample and top-1 for the grid."""
+    """The judge on DALLE's images read back from dalle_gen.py's files, as `train_judge.py
+    --score` reads them, through the evaluation path every generator takes: every sample
+    (what one random draw gets) and each caption's top-1 after clip_sort.py, each with its
+    protocol in <out>/metrics.json; also each caption's first sample and top-1 for the grid."""
     import torch
     import models
     import utils
@@ -425,12 +425,21 @@ def dalle_scores(out, rows):
         'dalle': os.path.join(out, 'dalle', 'checkpoints', 'shapes_dalle.pt'),
     }
     size = utils.load_image(samples[0]['file']).size[0]
+    seed = utils.load_yaml(os.path.join(out, 'dalle_gen', 'cfg.yml'))['SEED']  # dalle_gen.py's
     before, after = (
         utils.evaluate_generator(
-            read, records, [utils.JudgeAccuracy(judge, store='float')], 64, 'test', 0, weights, size
+            read,
+            records,
+            [utils.JudgeAccuracy(judge, store='float')],
+            64,
+            'test',
+            seed,
+            weights,
+            size,
         )
         for records in (samples, top)
     )
+    utils.write_metrics(out, {'dalle_samples': before, 'dalle_clip_top1': after})
     return before, after, read(samples[::SAMPLES_PER_CAPTION]), read(top)
 
 

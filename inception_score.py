@@ -69,7 +69,7 @@ def main():
     p.add_argument(
         '--shuffle_seed', type=int, help='shuffle before splitting (torch-fidelity: 2020)'
     )
-    p.add_argument('--json', help='also write the result to this file')
+    p.add_argument('--json', help='also write the result and its protocol to this file')
     args = p.parse_args()
     paths = ([args.path] if args.path else []) + args.paths
     if args.data:
@@ -85,16 +85,18 @@ def main():
     device = utils.get_device(
         args.gpu if args.gpu is not None else (0 if torch.cuda.is_available() else -1)
     )
-    logits = folder_logits(
-        paths[0],
-        models.inception_classifier(args.net, args.weights, device),
-        args.batch_size,
-        args.num_workers,
-        device,
-    )
+    classifier = models.inception_classifier(args.net, args.weights, device)
+    logits = folder_logits(paths[0], classifier, args.batch_size, args.num_workers, device)
     mean, std = utils.inception_score(logits, args.splits, args.shuffle_seed)
     print(f'IS: {mean} +- {std}')
     if args.json:
+        # the seed: the shuffle before splitting, the score's only draw
+        protocol = utils.folder_protocol(
+            utils.folder_images(paths[0]),
+            args.shuffle_seed,
+            models.INCEPTION_RESIZE,
+            {'is_inception': classifier.weights_path},
+        )
         utils.atomic_write_text(
             args.json,
             json.dumps(
@@ -104,6 +106,7 @@ def main():
                     'splits': args.splits,
                     'net': args.net,
                     'images': len(logits),
+                    'protocol': protocol,
                 },
                 indent=2,
             ),

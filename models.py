@@ -300,6 +300,11 @@ class ShapesJudge(nn.Module):
             )
         return self.cell(F.adaptive_avg_pool2d(self.backbone(x), 3))  # (N, cell_dim, 3, 3)
 
+    @property
+    def resize(self):
+        """What cells() does to an image of another size, as a score's protocol records it."""
+        return f'antialiased bilinear to {self.image_size} px where sizes differ'
+
     def features(self, x):
         return self.cells(x).flatten(1)
 
@@ -309,7 +314,25 @@ class ShapesJudge(nn.Module):
         return torch.split(out, self.splits, dim=-1)
 
 
+def judge_loss(out, targets):
+    """ShapesJudge's training loss against utils.cell_targets: objectness (BCE) on all 9 cells;
+    shape, colour, size (CE) on the occupied cells only (an empty cell has no attributes)."""
+    occ, shape, colour, size = out
+    full = targets[..., 0] == 1
+    return (
+        F.binary_cross_entropy_with_logits(occ[..., 0], full.float())
+        + F.cross_entropy(shape[full], targets[full][:, 1])
+        + F.cross_entropy(colour[full], targets[full][:, 2])
+        + F.cross_entropy(size[full], targets[full][:, 3])
+    )
+
+
 # ---- loading them (weights files found by utils.weights_path), and FID's feature network -------
+# What FID's and IS's Inceptions do to every image, the resizing a score's protocol records
+# (pytorch-fid inception.py InceptionV3.forward; sbarratt's inception_score.py, its nn.Upsample).
+INCEPTION_RESIZE = 'bilinear to 299 px, align_corners=False'
+
+
 def fid_inception(weights=None, device='cpu', exact=False):
     """The FID Inception with pytorch-fid's weights: BatchNorm folded and channels_last
     for speed, or (exact) computed as pytorch-fid computes it, bit for bit."""
@@ -321,14 +344,20 @@ def fid_inception(weights=None, device='cpu', exact=False):
     )
     net = utils.load_state_dict(FIDInceptionV3(), path)
     net = net.eval().requires_grad_(False) if exact else net.fused()
+    net.weights_path = path  # the evaluation protocol names the file it scored with
     return net.to(device)
 
 
 def inception_classifier(net, weights, device):
-    """images in [0, 1] -> logits, for --net tf or torchvision."""
+    """images in [0, 1] -> logits, for --net tf or torchvision; its weights_path names the file."""
     if net == 'tf':
         inc = fid_inception(weights, device)
-        return lambda x: inc.logits(inc(x.contiguous(memory_format=torch.channels_last), 2048))
+
+        def classify(x):
+            return inc.logits(inc(x.contiguous(memory_format=torch.channels_last), 2048))
+
+        classify.weights_path = inc.weights_path
+        return classify
     if net == 'torchvision':
         import torchvision
 
@@ -339,10 +368,14 @@ def inception_classifier(net, weights, device):
             weights, utils.TV_INCEPTION_WEIGHTS, utils.TV_INCEPTION_WEIGHTS_URL
         )
         tv = utils.load_state_dict(tv, path).eval().requires_grad_(False).to(device)
-        # sbarratt: inputs in [-1, 1], bilinear upsampling to 299, transform_input=False
-        return lambda x: tv(
-            2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1
-        )
+
+        def classify(x):  # sbarratt: inputs in [-1, 1], bilinear upsampling to 299
+            return tv(
+                2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1
+            )
+
+        classify.weights_path = path
+        return classify
     raise utils.UserError(f"--net {net}: expected tf or torchvision")
 
 
@@ -359,16 +392,27 @@ def load_judge(path, device='cpu'):
 
 
 def feature_net(dims=2048, weights=None, judge=None, device='cpu', exact=False):
+    """FID's features: the FID Inception's `dims` (pytorch-fid's layers), or the judge's."""
     if judge is not None:
         j = load_judge(judge, device) if isinstance(judge, str) else judge
         dim = j.features(torch.zeros(1, 3, j.image_size, j.image_size, device=device)).shape[1]
-        return utils.FeatureNet(lambda x: j.features(2 * x - 1), dim, f'shapes-judge-{dim}')
+        return utils.FeatureNet(
+            lambda x: j.features(2 * x - 1),
+            dim,
+            f'shapes-judge-{dim}',
+            j.weights_path,
+            j.resize,
+        )
     if dims not in FIDInceptionV3.DIMS:
         raise utils.UserError(f"--dims {dims}: expected one of {FIDInceptionV3.DIMS}")
     net = fid_inception(weights, device, exact)
     layout = torch.contiguous_format if exact else torch.channels_last
     return utils.FeatureNet(
-        lambda x: net(x.contiguous(memory_format=layout), dims), dims, f'inception-{dims}'
+        lambda x: net(x.contiguous(memory_format=layout), dims),
+        dims,
+        f'inception-{dims}',
+        net.weights_path,
+        INCEPTION_RESIZE,
     )
 
 

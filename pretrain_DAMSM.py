@@ -11,8 +11,9 @@ One loop, three families (cfg MODEL.FAMILY; networks and losses in models.py, en
 Several GPUs: torchrun --nproc_per_node=N pretrain_DAMSM.py --cfg ... (losses on the global batch).
 
 Each epoch: train and validation losses, retrieval R@1/5/10 both ways and R-precision on the
-test split, word attention maps (log, TensorBoard, metrics.json); text_encoder<N>.pth and
-image_encoder<N>.pth (N = epochs done) for main.py's TRAIN.NET_E; --resume auto continues.
+test split, word attention maps (log, TensorBoard, metrics.json with the scores' protocol);
+text_encoder<N>.pth and image_encoder<N>.pth (N = epochs done) for main.py's TRAIN.NET_E;
+--resume auto continues.
 open_clip's checkpoints both ways (family clip): TRAIN.OPEN_CLIP_CHECKPOINT also writes its
 epoch_<N>.pt beside them (open_clip_train main.py's layout: open_clip can --resume it), and
 --resume takes an open_clip epoch_<N>.pt (or a bare open_clip state dict: weights only):
@@ -650,6 +651,11 @@ def attention_panels(images, maps, word_lists, size=96, max_words=10):
     return torch.stack(rows) * 2 - 1, max_words + 1
 
 
+# R-precision's negatives and the swapped words are drawn from one fixed seed (utils' default), so
+# every epoch is scored on the same draws.
+EVAL_SEED = 0
+
+
 @torch.no_grad()
 def evaluate(model, loader, cfg, device):
     """Validation losses on the test batches; retrieval and R-precision with the first caption
@@ -690,21 +696,33 @@ def evaluate(model, loader, cfg, device):
     metrics['eval_images'], metrics['eval_images_unreadable'] = len(img), len(skipped)
     metrics.update(retrieval(img, txt))
     metrics['R_precision'], metrics['R_precision_std'] = utils.r_precision(
-        img, txt, cls, n_neg=cfg.EVAL.R_NEG
+        img, txt, cls, n_neg=cfg.EVAL.R_NEG, seed=EVAL_SEED
     )
     if cfg.EVAL.SWAP_WORDS:
-        metrics.update(utils.swap_accuracy(img, model.text, texts))
+        metrics.update(utils.swap_accuracy(img, model.text, texts, seed=EVAL_SEED))
     model.train()
     return metrics, panels
+
+
+def eval_protocol(cfg, num_images, weights):
+    """utils.protocol of evaluate's scores: the test images as build_data's EvalSet prepares
+    them, EVAL_SEED, and `weights`, the files holding the encoders scored."""
+    size = cfg.TREE.BASE_SIZE
+    if cfg.DATA.FORMAT == 'attngan':  # AttnGAN's test transform (utils.TextImageDataset)
+        split, resize = 'test', f'resize to {int(size * 76 / 64)} px, centre crop'
+    else:  # open_clip's validation transform (image_transforms)
+        split, resize = cfg.DATA.VAL_CSV, f'bicubic resize to {size} px, centre crop'
+    return utils.protocol(split, num_images, EVAL_SEED, size, resize, weights)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------
 def save_encoders(run, model, epoch, step):
-    """text_encoder<epoch>.pth and image_encoder<epoch>.pth, each with the spec that rebuilds it."""
-    for kind, module in (('text_encoder', model.text), ('image_encoder', model.image)):
-        utils.save_checkpoint(
+    """text_encoder<epoch>.pth and image_encoder<epoch>.pth, each with the spec that rebuilds it;
+    returns their paths by kind."""
+    return {
+        kind: utils.save_checkpoint(
             run.out,
             kind,
             step,
@@ -715,6 +733,8 @@ def save_encoders(run, model, epoch, step):
             keep=0,
             name=f'{kind}{epoch}.pth',
         )
+        for kind, module in (('text_encoder', model.text), ('image_encoder', model.image))
+    }
 
 
 def resume_open_clip(obj, path, model, opt, scaler, steps_per_epoch, cfg, log):
@@ -963,12 +983,12 @@ def main():
                 utils.save_image_grid(
                     panels[0], os.path.join(run.out, 'attention_maps.png'), nrow=panels[1]
                 )
-            utils.write_metrics(run.out, metrics)
+        weights = {}
         if (epoch + 1) % cfg.TRAIN.SNAPSHOT_INTERVAL == 0 or epoch + 1 == cfg.TRAIN.MAX_EPOCH:
-            save_encoders(run, model, epoch + 1, step)
+            weights = save_encoders(run, model, epoch + 1, step)
             if cfg.TRAIN.OPEN_CLIP_CHECKPOINT:
                 save_open_clip(run, model, opt, scaler, epoch + 1)
-        utils.save_checkpoint(
+        weights['checkpoint'] = utils.save_checkpoint(
             run.out,
             'damsm',
             step,
@@ -978,6 +998,9 @@ def main():
             epoch=epoch + 1,
             cfg=cfg,
         )
+        if run.main:  # after the files: the protocol names those holding the weights scored
+            protocol = eval_protocol(cfg, metrics['eval_images'], weights)
+            utils.write_metrics(run.out, {**metrics, 'protocol': protocol})
     log.info(f"done: {run.out}/checkpoints/text_encoder{cfg.TRAIN.MAX_EPOCH}.pth (TRAIN.NET_E)")
 
 

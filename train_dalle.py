@@ -571,7 +571,7 @@ SAMPLE_BATCH = 32  # captions per generate_image_tokens call
 def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     """One sample (SAMPLE's top-k and temperature) for each of EVAL.NUM_CAPTIONS held-out
     captions, scored by the shapes judge against the attributes of the caption's own image
-    (the rule of `fid_score.py --accuracy`), and against the next caption's (shuffled: the
+    (the rule of `train_judge.py --score`), and against the next caption's (shuffled: the
     score the images get whatever the caption says); with BASELINE, an untrained DALLE on the
     same captions and noise. With EVAL.ENCODER, the R-precision of the samples (DM-GAN's
     protocol: true caption against R_NEG captions of images of other classes, by the encoder's

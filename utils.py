@@ -2163,10 +2163,12 @@ def load_state_dict(net, path):
 # Metrics: FID statistics and the Fréchet distance (pytorch-fid 0.3.0's numbers)
 # ----------------------------------------------------------------------------
 class FeatureNet:
-    """images in [0, 1] -> float64 features; `name` keeps saved statistics honest."""
+    """images in [0, 1] -> float64 features; `name` keeps saved statistics honest;
+    `weights_path` and `resize` (what the network does to the images) go into the protocol."""
 
-    def __init__(self, fn, dims, name):
+    def __init__(self, fn, dims, name, weights_path=None, resize=None):
         self.fn, self.dims, self.name = fn, dims, name
+        self.weights_path, self.resize = weights_path, resize
 
     @torch.inference_mode()
     def __call__(self, x):
@@ -2304,7 +2306,7 @@ def inception_score(logits, splits=10, shuffle_seed=None):
 
 
 # ----------------------------------------------------------------------------
-# Metrics: the shapes judge (its network: models.ShapesJudge; its training: fid_score.py --train_judge)
+# Metrics: the shapes judge (models.ShapesJudge and judge_loss; its training: train_judge.py)
 # ----------------------------------------------------------------------------
 # The synthetic world's vocabulary (preprocess_data.py draws it), in the order of the judge's heads.
 SHAPES = ['circle', 'square', 'triangle', 'diamond', 'star', 'cross']
@@ -2827,6 +2829,28 @@ class ImageDump:
         return {}
 
 
+def protocol(split, num_images, seed, image_size, resize, weights):
+    """How a score was measured, stored beside it: the split, the number of images, the seed(s),
+    the images' side, how images were resized (a description, or None), and each weights file
+    used ({name: path}; None: not used) with its sha256."""
+    return {
+        'split': split,
+        'num_images': num_images,
+        'seed': seed,
+        'image_size': image_size,
+        'resize': resize,
+        'weights': {
+            name: {'path': path, 'sha256': sha256(path)} for name, path in weights.items() if path
+        },
+    }
+
+
+def folder_protocol(files, seed, resize, weights):
+    """The protocol of a score of image files (no dataset split): their number and the side of
+    the first (batches refuse images of mixed sizes)."""
+    return protocol(None, len(files), seed, load_image(files[0]).size[0], resize, weights)
+
+
 class Interrupted(Exception):
     """A stop request between two batches of evaluate_generator: the result in progress is dropped."""
 
@@ -2860,8 +2884,8 @@ def evaluate_generator(
     log=None,
 ):
     """Every metric plug-in over the images `sampler` draws for `records`, batch by batch. Returns
-    the plug-ins' scores and `protocol`: the split, number of images, seed, image size and the
-    resizing the caller names, and the weights files used ({name: path}) with their sha256.
+    the plug-ins' scores and `protocol` (protocol(): the split, number of images, seed, image size
+    and the resizing the caller names, and the weights files used ({name: path}) with their sha256).
     `stop()`, asked before each batch, raises Interrupted when true; progress lines go to `log`."""
     for m in metrics:
         m.start(image_size)
@@ -2881,14 +2905,4 @@ def evaluate_generator(
         bar.update(len(batch))
     bar.close()
     scores = {k: v for m in metrics for k, v in m.result().items()}
-    protocol = {
-        'split': split,
-        'num_images': len(records),
-        'seed': seed,
-        'image_size': image_size,
-        'resize': resize,
-        'weights': {
-            name: {'path': path, 'sha256': sha256(path)} for name, path in weights.items() if path
-        },
-    }
-    return {**scores, 'protocol': protocol}
+    return {**scores, 'protocol': protocol(split, len(records), seed, image_size, resize, weights)}

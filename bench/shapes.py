@@ -163,7 +163,7 @@ def main():
     p.add_argument('--systems', nargs='+', default=list(SYSTEMS), choices=list(SYSTEMS))
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--out', default='output/bench_shapes')
-    p.add_argument('--judge', default='output/judge', help='fid_score.py --train_judge run dir')
+    p.add_argument('--judge', default='output/judge', help='train_judge.py run dir')
     p.add_argument(
         '--set',
         action='append',

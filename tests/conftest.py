@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: a tiny synthetic dataset in the real AttnGAN/CUB layout, a judge
 and encoders over it, and the two ways a test runs a script (in this process, in a child)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -41,6 +42,22 @@ def run_in_process(module, argv):
     finally:
         sys.argv = old
         utils.cleanup_distributed()
+
+
+PROTOCOL_KEYS = {'split', 'num_images', 'seed', 'image_size', 'resize', 'weights'}
+
+
+def check_protocol(protocol, weights, **fields):
+    """A score's protocol (utils.protocol): every key, the values of `fields`, and exactly the
+    weights files `weights` ({name: path}), each with its sha256 computed here."""
+    assert set(protocol) == PROTOCOL_KEYS
+    for k, v in fields.items():
+        assert protocol[k] == v, k
+    expected = {}
+    for name, path in weights.items():
+        with open(path, 'rb') as f:
+            expected[name] = {'path': str(path), 'sha256': hashlib.sha256(f.read()).hexdigest()}
+    assert protocol['weights'] == expected
 
 
 def protocol0_names(names):
@@ -135,7 +152,7 @@ def fixture_data(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def tiny_judge(tmp_path_factory, tiny_shapes):
-    """A random-init shapes judge saved as fid_score.py --train_judge saves it."""
+    """A random-init shapes judge saved as train_judge.py saves it."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp('judge')
     save_tiny_judge(out, models.ShapesJudge(**TINY_JUDGE), tiny_shapes)
@@ -146,7 +163,7 @@ TINY_JUDGE = {'width': 4, 'cell_dim': 4, 'image_size': 32}
 
 
 def save_tiny_judge(folder, judge, data_dir):
-    """A ShapesJudge of TINY_JUDGE's sizes saved as fid_score.py --train_judge saves it."""
+    """A ShapesJudge of TINY_JUDGE's sizes saved as train_judge.py saves it."""
     utils.save_checkpoint(
         str(folder),
         'judge',

@@ -1,11 +1,16 @@
 """demo.py's runner: finished steps are skipped on a re-run, a failing step stops the demo
-with its command and last line, and the pipeline's commands parse with the real cfgs."""
+with its command and last line, and the pipeline's commands parse with the real cfgs; the
+report's own scores go to metrics.json with their protocol."""
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
+from PIL import Image
+
+from conftest import check_protocol
 
 import demo
 import utils
@@ -52,17 +57,17 @@ def test_a_step_that_exits_0_without_its_marker_is_a_failure(tmp_path):
 @pytest.mark.parametrize('scale', [1.0, 4.0])
 def test_every_step_names_a_real_cfg_and_valid_overrides(tmp_path, scale):
     """Each --cfg/--set of the pipeline merges into its script's defaults (no unknown key)."""
-    import fid_score
     import main
     import preprocess_data
     import pretrain_DAMSM
     import train_dalle
+    import train_judge
     import train_vae
     import xmc_gan
 
     defaults = {
         'preprocess_data.py': preprocess_data.DEFAULTS,
-        'fid_score.py': fid_score.DEFAULTS,
+        'train_judge.py': train_judge.DEFAULTS,
         'pretrain_DAMSM.py': pretrain_DAMSM.DEFAULTS,
         'train_vae.py': train_vae.DEFAULTS,
         'train_dalle.py': train_dalle.DEFAULTS,
@@ -86,3 +91,36 @@ def test_every_step_names_a_real_cfg_and_valid_overrides(tmp_path, scale):
         utils.apply_set(cfg, sets)
         checked += 1
     assert checked >= 10
+
+
+def test_dalle_scores_go_to_metrics_json_with_their_protocol(tiny_shapes, tiny_judge, tmp_path):
+    """The judge on dalle_gen.py's files for two captions (here: real test images), every sample
+    and the clip_sort.py top-1, each with the seed dalle_gen.py ran with and the files used."""
+    out = tmp_path / 'demo'
+    shutil.copytree(tiny_judge, out / 'judge')
+    keys = utils.read_attngan_split(tiny_shapes, 'test')[:2]
+    rows = [{'key': k, 'caption': f'caption {i}'} for i, k in enumerate(keys)]
+    for i, k in enumerate(keys):
+        folder = out / 'dalle_gen' / str(i)
+        os.makedirs(folder)
+        image = Image.open(os.path.join(tiny_shapes, 'CUB_200_2011', 'images', k + '.jpg'))
+        for j in range(demo.SAMPLES_PER_CAPTION):
+            image.save(folder / f'{j}.png')
+        ranking = {'ranking': [{'file': str(folder / '3.png')}]}
+        (folder / 'ranking.json').write_text(json.dumps(ranking))
+    (out / 'dalle_gen' / 'cfg.yml').write_text('SEED: 7\n')
+    dalle = out / 'dalle' / 'checkpoints' / 'shapes_dalle.pt'
+    os.makedirs(dalle.parent)
+    dalle.write_bytes(b'stand-in weights')
+    before, after, _, _ = demo.dalle_scores(str(out), rows)
+    m = json.load(open(out / 'metrics.json'))
+    assert m['dalle_samples']['judge_all'] == before['judge_all']
+    assert m['dalle_clip_top1']['judge_all'] == after['judge_all']
+    weights = {
+        'judge': os.path.join(out, 'judge', 'checkpoints', 'judge_final.pt'),
+        'dalle': dalle,
+    }
+    for name, n in (('dalle_samples', 2 * demo.SAMPLES_PER_CAPTION), ('dalle_clip_top1', 2)):
+        check_protocol(
+            m[name]['protocol'], weights, split='test', num_images=n, seed=7, image_size=32
+        )

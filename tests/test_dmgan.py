@@ -645,8 +645,8 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
         'path': judge_file,
         'sha256': sha256_of(judge_file),
     }
-    # keys.json lets fid_score.py's judge score the dumped files: the same verdicts up to PNG rounding
-    r = run_python('fid_score.py', '--judge', tiny_judge, '--accuracy', out)
+    # keys.json lets train_judge.py score the dumped files: the same verdicts up to PNG rounding
+    r = run_python('train_judge.py', '--score', out, '--judge', tiny_judge)
     assert r.returncode == 0, r.stderr[-2000:]
     acc = dict(zip(*[iter(r.stdout.split('attribute accuracy:')[1].split())] * 2))
     assert abs(float(acc['colour']) - m['judge_colour']) < 0.05

@@ -20,6 +20,7 @@ import models  # noqa: E402
 import pretrain_DAMSM  # noqa: E402
 import utils  # noqa: E402
 from conftest import (  # noqa: E402
+    check_protocol,
     run_in_process,
     save_encoder_pair,
     write_clip_bpe,
@@ -609,6 +610,18 @@ def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
     assert 0.0 <= m['R_precision'] <= 1.0 and 0.0 <= m['i2t_R@10'] <= 1.0
     if 'shapes' in cfg:  # EVAL.SWAP_WORDS: the minimal-pair accuracies
         assert m['swap_colour_pairs'] >= 1 and 0.0 <= m['swap_colour'] <= 1.0
+    # R-precision's protocol names the files written after it, which hold the weights it scored
+    ck = out / 'checkpoints'
+    check_protocol(
+        m['protocol'],
+        {
+            'text_encoder': ck / 'text_encoder1.pth',
+            'image_encoder': ck / 'image_encoder1.pth',
+            'checkpoint': ck / f"damsm_{m['step']:08d}.pt",
+        },
+        num_images=m['eval_images'],
+        seed=pretrain_DAMSM.EVAL_SEED,
+    )
     te, ie = models.load_encoders(str(out / 'checkpoints' / 'text_encoder1.pth'))
     words, sent, pad = te.encode(['a red circle in the middle'])
     regions, glob = ie.encode(torch.zeros(1, 3, 40, 40))
@@ -618,6 +631,29 @@ def test_one_step_of_every_cfg(cfg, fixture_data, tiny_clip_dir, tmp_path):
 
         ref = CLIPModel.from_pretrained(tiny_clip_dir).text_model.embeddings.token_embedding.weight
         assert torch.allclose(te.model.text_model.embeddings.token_embedding.weight, ref, atol=1e-4)
+
+
+def test_eval_protocol_names_the_test_images_as_evalset_prepares_them(tmp_path):
+    weights = tmp_path / 'text_encoder1.pth'
+    weights.write_bytes(b'stand-in weights')
+    cfg = utils.to_cfg({**utils.COMMON_DEFAULTS, **pretrain_DAMSM.DEFAULTS})
+    common = dict(num_images=6, seed=pretrain_DAMSM.EVAL_SEED, image_size=299)
+    protocol = pretrain_DAMSM.eval_protocol(cfg, 6, {'text_encoder': str(weights)})
+    check_protocol(
+        protocol,
+        {'text_encoder': weights},
+        split='test',
+        resize='resize to 355 px, centre crop',
+        **common,
+    )
+    utils.apply_set(cfg, ['DATA.FORMAT=csv', 'DATA.VAL_CSV=val.csv'])
+    check_protocol(
+        pretrain_DAMSM.eval_protocol(cfg, 6, {}),
+        {},
+        split='val.csv',
+        resize='bicubic resize to 299 px, centre crop',
+        **common,
+    )
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Evaluation: FID equal to pytorch-fid, Inception Score equal to the original / torch-fidelity,
-R-precision and CLIP score on hand-built embeddings, the shapes judge."""
+R-precision and CLIP score on hand-built embeddings, the evaluation path's image dump, and the
+protocol each script's --json carries (the shapes judge: test_judge.py)."""
 
 import json
 import os
@@ -12,13 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_python
+from conftest import ROOT, check_protocol, run_in_process, run_python
 from fid_weights import calibrated_random_weights
 
 import fid_score
 import inception_score
 import models
-import preprocess_data
 import utils
 
 
@@ -91,8 +91,18 @@ def test_fid_parity_with_pytorch_fid_dims_64(fid_setup, tmp_path):
     )
     assert p.returncode == 0, p.stderr
     printed = float(p.stdout.split('FID:')[-1])
-    assert json.load(open(tmp_path / 'fid.json'))['fid'] == printed
+    result = json.load(open(tmp_path / 'fid.json'))
+    assert result['fid'] == printed
     assert abs(printed - ref) / ref < 1e-6
+    check_protocol(
+        result['protocol'],
+        {'fid_features': w},
+        split=None,
+        num_images=12,
+        seed=None,
+        image_size=32,
+        resize=models.INCEPTION_RESIZE,
+    )
     # --exact: pytorch-fid's arithmetic (unfused NCHW network, scipy sqrtm)
     assert abs(ours((a, b), w, 64, exact=True, method='sqrtm') - ref) / ref < 1e-6
 
@@ -205,6 +215,38 @@ def test_data_presets_name_t2i_clip_gans_folders(fid_setup, tmp_path):
     assert both.returncode == 2 and 'give no paths' in both.stderr
 
 
+def test_fid_json_carries_its_protocol(tiny_shapes, tiny_judge, tmp_path):
+    """Shapes FID (the tiny judge's 36-d features): the generated side's images, no split and no
+    seed, the judge's resizing and file; an .npz first names no images."""
+    gen = tmp_path / 'gen'
+    os.makedirs(gen)
+    for k in utils.read_attngan_split(tiny_shapes, 'test'):
+        shutil.copy(
+            os.path.join(tiny_shapes, 'CUB_200_2011', 'images', k + '.jpg'),
+            gen / (k.replace('/', '_') + '.jpg'),
+        )
+    real = os.path.join(tiny_shapes, 'CUB_200_2011', 'images')
+    common = ['--judge', tiny_judge, '--num_workers', 0]
+    with pytest.warns(UserWarning, match='20 images for 36 features'):
+        run_in_process(fid_score, [gen, real, *common, '--json', tmp_path / 'a.json'])
+        run_in_process(fid_score, ['--save-stats', gen, tmp_path / 'gen.npz', *common])
+    run_in_process(fid_score, [tmp_path / 'gen.npz', real, *common, '--json', tmp_path / 'b.json'])
+    a, b = (json.load(open(tmp_path / f)) for f in ('a.json', 'b.json'))
+    judge = models.load_judge(tiny_judge)
+    assert a['features'] == 'shapes-judge-36' and a['fid'] == pytest.approx(b['fid'])
+    weights = {'fid_features': judge.weights_path}
+    check_protocol(
+        a['protocol'],
+        weights,
+        split=None,
+        num_images=20,
+        seed=None,
+        image_size=32,
+        resize=judge.resize,
+    )
+    check_protocol(b['protocol'], weights, num_images=None, image_size=None, resize=judge.resize)
+
+
 def test_eigenvalue_trace_agrees_with_sqrtm():
     from pytorch_fid.fid_score import calculate_frechet_distance
 
@@ -272,6 +314,15 @@ def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.load(open(tmp_path / 'is.json'))
     assert res['images'] == 12 and res['net'] == 'tf' and 1.0 <= res['is_mean'] <= 1008
+    check_protocol(
+        res['protocol'],
+        {'is_inception': w},
+        split=None,
+        num_images=12,
+        seed=None,
+        image_size=32,
+        resize=models.INCEPTION_RESIZE,
+    )
     import torchvision
 
     tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
@@ -279,6 +330,39 @@ def test_inception_score_cli_and_torchvision_net(fid_setup, tmp_path):
     net = models.inception_classifier('torchvision', str(tmp_path / 'tv.pth'), torch.device('cpu'))
     logits = inception_score.folder_logits(a, net, batch_size=6, workers=0)
     assert logits.shape == (12, 1000) and torch.isfinite(logits).all()
+
+
+def test_inception_score_json_carries_its_protocol(tmp_path, monkeypatch):
+    """The classifier's file, the folder's images and the shuffle's seed, with a stand-in
+    classifier (the score's arithmetic is tested above)."""
+    folder = tmp_path / 'images'
+    os.makedirs(folder)
+    for i in range(6):
+        Image.fromarray(np.full((24, 24, 3), 40 * i, np.uint8)).save(folder / f'{i}.png')
+    weights = tmp_path / 'classifier.pth'
+    weights.write_bytes(b'stand-in weights')
+
+    def classifier(net, path, device):
+        def classify(x):
+            return torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1) * 10
+
+        classify.weights_path = str(weights)
+        return classify
+
+    monkeypatch.setattr(models, 'inception_classifier', classifier)
+    argv = ['--path', folder, '--splits', 2, '--shuffle_seed', 2020, '--num_workers', 0]
+    run_in_process(inception_score, argv + ['--json', tmp_path / 'is.json'])
+    res = json.load(open(tmp_path / 'is.json'))
+    assert res['images'] == 6 and res['is_mean'] > 1
+    check_protocol(
+        res['protocol'],
+        {'is_inception': weights},
+        split=None,
+        num_images=6,
+        seed=2020,
+        image_size=24,
+        resize=models.INCEPTION_RESIZE,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -393,192 +477,8 @@ def test_swap_accuracy_reads_only_the_words_the_encoder_sees():
 
 
 # ----------------------------------------------------------------------------
-# The shapes judge
+# The evaluation path: the image dump
 # ----------------------------------------------------------------------------
-def obj(shape, colour, size, cell):
-    return {'shape': shape, 'colour': colour, 'size': size, 'cell': cell}
-
-
-def test_judge_scene_matching_and_position():
-    one = {'objects': [obj('circle', 'red', 'small', 4)], 'relation': None}
-    assert utils.judge_scene([obj('circle', 'red', 'small', 4)], one)['all']
-    s = utils.judge_scene([obj('circle', 'red', 'small', 3)], one)
-    assert s['hits'] == [[True, True, True]] and not s['position'] and not s['all']
-    s = utils.judge_scene([], one)
-    assert not s['count'] and s['hits'] == [[False] * 3] and not s['position']
-
-    A, B = obj('star', 'blue', 'large', 0), obj('cross', 'pink', 'small', 2)
-    pair = {'objects': [A, B], 'relation': 'to the left of'}
-    assert utils.judge_scene([A, B], pair)['all']
-    # other cells, other reading order: still A left of B (column 0 < column 1)
-    moved = [dict(B, cell=1), dict(A, cell=6)]
-    assert utils.judge_scene(moved, pair)['all']
-    swapped = [dict(B, cell=0), dict(A, cell=5)]
-    s = utils.judge_scene(swapped, pair)
-    assert s['count'] and s['hits'] == [[True] * 3] * 2 and not s['position']
-    s = utils.judge_scene([A, B, obj('circle', 'red', 'small', 8)], pair)
-    assert not s['count'] and s['hits'] == [[True] * 3] * 2 and not s['position'] and not s['all']
-    # objects in every cell: the named ones are found, but no position credit for a crowd
-    crowd = [obj('circle', 'red', 'small', c) for c in range(9)]
-    s = utils.judge_scene(crowd, one)
-    assert s['hits'] == [[True] * 3] and not s['position'] and not s['count']
-
-
-def test_breakdown_categories_and_reasons():
-    """GenEval-style categories and the per-image reason, on hand-built scenes."""
-    one = {'objects': [obj('circle', 'red', 'small', 4)], 'relation': None}
-    A, B = obj('star', 'blue', 'large', 0), obj('cross', 'pink', 'small', 2)
-    pair = {'objects': [A, B], 'relation': 'to the left of'}
-    cases = [  # (judged objects, caption), what the breakdown should count
-        ([obj('circle', 'red', 'small', 4)], one),  # one object, all right
-        ([obj('circle', 'blue', 'small', 4)], one),  # right shape, wrong colour
-        ([obj('square', 'red', 'small', 3)], one),  # wrong shape and cell
-        ([A, B], pair),  # pair right
-        ([A, dict(B, colour='blue')], pair),  # pair: shapes right, B's colour wrong
-        ([A], pair),  # one object missing
-    ]
-    scenes = [utils.judge_scene(p, t) for p, t in cases]
-    b = utils.judge_breakdown(scenes, [t for _, t in cases])
-    assert b['single_object'] == pytest.approx(2 / 3) and b['colours'] == pytest.approx(1 / 3)
-    assert b['two_objects'] == pytest.approx(2 / 3) and b['colour_attribution'] == pytest.approx(
-        1 / 3
-    )
-    assert b['counting'] == pytest.approx(5 / 6) and b['position'] == pytest.approx(4 / 6)
-    reasons = [utils.scene_reason(p, t, s) for (p, t), s in zip(cases, scenes)]
-    assert reasons[0] == '' and reasons[3] == ''
-    assert reasons[1] == 'colour of object 1: the caption says red'
-    assert reasons[2] == 'shape of object 1: the caption says circle'
-    assert reasons[4] == 'colour of object 2: the caption says pink'
-    assert reasons[5] == 'count: the judge sees 1 object(s), the caption names 2'
-    assert utils.judge_breakdown(scenes[:3], [one] * 3)['two_objects'] is None
-
-
-def test_relation_from_cells_agrees_with_the_generator():
-    """The named-axis reading of cells holds for every relation sample_scene writes."""
-    import random
-
-    rng = random.Random(0)
-    for _ in range(3000):
-        scene = preprocess_data.sample_scene(rng, p_two=1.0)
-        a, b = scene['objects']
-        assert utils.relation_holds(scene['relation'], a['cell'], b['cell'])
-
-
-class Oracle(torch.nn.Module):
-    """A judge that reads the image's index from its first pixel and answers the truth."""
-
-    def __init__(self, scenes):
-        super().__init__()
-        self.targets = torch.stack([utils.cell_targets(s) for s in scenes])
-        self.p = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        t = self.targets[x[:, 0, 0, 0].round().long()]
-
-        def onehot(col, n):
-            return torch.nn.functional.one_hot(t[..., col].clamp(min=0), n).float() * 10
-
-        return (t[..., :1].float() * 20 - 10, onehot(1, 6), onehot(2, 8), onehot(3, 2))
-
-
-def test_judge_accuracy_with_an_oracle(tiny_shapes):
-    attrs = utils.caption_attributes(tiny_shapes)
-    keys = sorted(attrs)
-    judge = Oracle([attrs[k] for k in keys])
-    images = torch.arange(float(len(keys)))[:, None, None, None].expand(len(keys), 3, 4, 4)
-    acc = utils.judge_accuracy(judge, images, keys, attrs)
-    assert acc == {
-        **{k: 1.0 for k in ('count', 'shape', 'colour', 'size', 'position', 'all')},
-        **{f'breakdown_{k}': 1.0 for k in utils.BREAKDOWN},
-    }
-    records = []
-    wrong = utils.judge_accuracy(judge, images, keys[1:] + keys[:1], attrs, records=records)
-    assert wrong['all'] < 0.5 and [r['key'] for r in records] == keys[1:] + keys[:1]
-    assert all(r['correct'] == (r['reason'] == '') for r in records) and not all(
-        r['correct'] for r in records
-    )
-    assert {r['category'] for r in records} == {'one object', 'two objects'}
-    with pytest.raises(utils.UserError, match='not a key'):
-        utils.judge_accuracy(judge, images[:1], ['nope'], attrs)
-
-
-def test_shapes_key():
-    key = '003.red_triangle/red_triangle_00042'
-    assert utils.shapes_key(f'data/shapes/CUB_200_2011/images/{key}.jpg') == key
-    assert utils.shapes_key(f'out/gen/{key}_s3.png') == key
-    with pytest.raises(utils.UserError, match='keys.json'):
-        utils.shapes_key('out/gen/0001.png')
-
-
-@pytest.mark.slow
-def test_train_judge_and_use_it(tiny_shapes, tmp_path):
-    out = tmp_path / 'judge'
-    p = run_python(
-        'fid_score.py',
-        '--train_judge',
-        '--cfg',
-        'cfg/judge_shapes.yml',
-        '--out',
-        str(out),
-        '--set',
-        f'DATA_DIR={tiny_shapes}',
-        '--set',
-        'JUDGE.IMAGE_SIZE=32',
-        '--set',
-        'JUDGE.WIDTH=8',
-        '--set',
-        'JUDGE.CELL_DIM=8',
-        '--set',
-        'TRAIN.EPOCHS=1',
-        '--set',
-        'TRAIN.BATCH_SIZE=8',
-        '--set',
-        'TRAIN.WORKERS=0',
-    )
-    assert p.returncode == 0, p.stderr
-    m = json.load(open(out / 'metrics.json'))
-    assert m['feature_dim'] == 72 and 0 <= m['heldout_all'] <= 1 and 'wrong_caption_shape' in m
-    judge = models.load_judge(str(out))
-    assert len(judge.attributes) == 60
-    # score a folder of "generated" images named by keys.json, and its shapes FID
-    attrs = utils.caption_attributes(tiny_shapes)
-    keys = utils.read_attngan_split(tiny_shapes, 'test')
-    gen = tmp_path / 'gen'
-    os.makedirs(gen)
-    for i, k in enumerate(keys):
-        Image.open(os.path.join(tiny_shapes, 'CUB_200_2011', 'images', k + '.jpg')).save(
-            gen / f'{i:03d}.png'
-        )
-    json.dump({f'{i:03d}.png': k for i, k in enumerate(keys)}, open(gen / 'keys.json', 'w'))
-    p = run_python(
-        'fid_score.py',
-        '--judge',
-        str(out),
-        '--accuracy',
-        str(gen),
-        '--json',
-        str(tmp_path / 'acc.json'),
-    )
-    assert p.returncode == 0, p.stderr
-    acc = json.load(open(tmp_path / 'acc.json'))
-    images = (
-        torch.stack(
-            [
-                torch.from_numpy(np.array(Image.open(gen / f'{i:03d}.png'))).permute(2, 0, 1)
-                for i in range(len(keys))
-            ]
-        ).float()
-        / 127.5
-        - 1
-    )
-    assert acc['images'] == 20 and acc['shape'] == pytest.approx(
-        utils.judge_accuracy(judge, images, keys, attrs)['shape']
-    )
-    p = run_python('fid_score.py', str(gen), str(out / 'test_stats.npz'), '--judge', str(out))
-    assert p.returncode == 0, p.stderr
-    assert float(p.stdout.split('FID:')[-1]) < 1e-3  # the test images against their own statistics
-
-
 def test_image_dump_grid_puts_the_real_images_above_the_generated_ones(tmp_path):
     """ImageDump with `real`: grid.png outside the image folder (which FID reads whole), the first
     `grid` real images in its top row and the generated ones below, captions in grid.txt."""
