@@ -6,7 +6,7 @@ counts (asserted), dalle-pytorch's weights copied into ours so both compute the 
 (asserted); rounds alternate between the two so that a busy machine slows both alike.
 
     pip install -r bench/requirements.txt      # dalle-pytorch and its dependencies: see that file
-    python bench/dalle.py                      # preset seed (text2img's sizes), CPU, batch 4
+    python bench/dalle.py                      # preset text2img (its sizes), CPU, batch 4
     python bench/dalle.py --preset small --threads 1
     python bench/dalle.py --device cuda --batch 16
     python bench/dalle.py --preset small --amp     # ours as `--amp` runs it (bf16 autocast); dalle-pytorch's
@@ -37,8 +37,8 @@ import train_dalle  # noqa: E402
 import train_vae  # noqa: E402
 import utils  # noqa: E402
 
-PRESETS = {  # seed: text2img's train_vae command and the DALLE of its dalle_gen.py checkpoint (depth 8)
-    'seed': dict(
+PRESETS = {  # text2img: its train_vae command and the DALLE of its dalle_gen.py checkpoint (depth 8)
+    'text2img': dict(
         vae=dict(
             image_size=256,
             num_layers=4,
@@ -141,7 +141,7 @@ def alternate(fns, rounds, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--preset', choices=sorted(PRESETS), default='seed')
+    p.add_argument('--preset', choices=sorted(PRESETS), default='text2img')
     p.add_argument('--batch', type=int, default=4)
     p.add_argument('--steps', type=int, default=3, help='timed rounds per comparison (median)')
     p.add_argument('--sample_batch', type=int, default=1)
