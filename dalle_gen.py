@@ -36,7 +36,6 @@ DEFAULTS = {
     # for DALLE-pytorch's dalle.pt only (ours carry both): its tokenizer and VQGAN config
     'TEXT': {'TOKENIZER': 'clip', 'TOKENIZER_PATH': ''},  # clip (BPE) | chinese (--chinese)
     'TAMING': False,  # generate.py --taming
-    'VQGAN_MODEL_PATH': '',  # not read: the VQGAN's weights are inside the DALLE checkpoint
     'VQGAN_CONFIG_PATH': '',
 }
 FLAGS = {
@@ -45,7 +44,6 @@ FLAGS = {
     'top_k': 'TOP_K',
     'temperature': 'TEMPERATURE',
     'bpe_path': 'TEXT.TOKENIZER_PATH',
-    'vqgan_model_path': 'VQGAN_MODEL_PATH',
     'vqgan_config_path': 'VQGAN_CONFIG_PATH',
 }
 
@@ -61,8 +59,12 @@ def parse_args(argv=None):
     p.add_argument('--temperature', type=float, default=None)
     p.add_argument('--chinese', action='store_true', help='TEXT.TOKENIZER=chinese')
     p.add_argument('--taming', action='store_true', help='TAMING=true')
-    for flag in ('bpe_path', 'vqgan_model_path', 'vqgan_config_path'):
+    for flag in ('bpe_path', 'vqgan_config_path'):
         p.add_argument(f'--{flag}', default=None, help=f'cfg {FLAGS[flag]}')
+    # accepted as generate.py takes it; the VQGAN's weights are inside the DALLE checkpoint
+    p.add_argument(
+        '--vqgan_model_path', default=None, help='ignored: the checkpoint holds the VQGAN'
+    )
     args = p.parse_args(argv)
     args.set = ['TEXT.TOKENIZER=chinese'] * args.chinese + ['TAMING=true'] * args.taming + args.set
     if args.img_num < 1:
@@ -132,6 +134,10 @@ def main():
             "--image_text_folder DATA writes output/dalle/checkpoints/dalle.pt), or give --dalle_path"
         )
     log.info(f"DALLE: {cfg.DALLE_PATH}")
+    if args.vqgan_model_path:
+        log.info(
+            f"--vqgan_model_path {args.vqgan_model_path}: not read; the VQGAN is the checkpoint's"
+        )
     dalle, vae, tokenizer = load(cfg, run.device, log)
     dalle.eval()
     texts = utils.split_captions(args.text)

@@ -1689,3 +1689,23 @@ def test_wukong_filter_rules(tmp_path):
         filter_cfg, utils.get_logger(None, 'filter')
     )  # the split is seeded
     assert m2 == m and utils.read_jsonl_pairs(str(tmp_path / 'out' / 'DALLE.val.jsonl')) == val
+
+
+def test_dalle_gen_takes_generate_py_vqgan_flags_and_reads_only_the_config():
+    """generate.py's --vqgan_model_path is accepted (its commands run as written) but maps to no
+    cfg key: the DALLE checkpoint carries the VQGAN's weights; --vqgan_config_path is read."""
+    args = dalle_gen.parse_args(
+        [
+            'TEXT',
+            '2',
+            'out',
+            '--taming',
+            '--vqgan_model_path',
+            'last.ckpt',
+            '--vqgan_config_path',
+            'm.yaml',
+        ]
+    )
+    assert args.vqgan_model_path == 'last.ckpt'
+    assert not any(s.startswith('VQGAN_MODEL_PATH') for s in args.set)
+    assert 'VQGAN_CONFIG_PATH="m.yaml"' in args.set and 'TAMING=true' in args.set
