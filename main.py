@@ -660,6 +660,7 @@ def learning_curve(run, text_enc, image_enc, judge):
 
 def evaluate(run):
     cfg, dev, log = run.cfg, run.device, run.log
+    models.adopt_generator_cfg(cfg, log)
     text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     netG = models.load_dmgan_generator(cfg, text_enc.spec['dim'], dev)
     out_dir = os.path.join(run.out, 'valid', 'single')

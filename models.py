@@ -2026,18 +2026,50 @@ def dmgan_generator_state(path, dev):
     return utils.checkpoint_of_kind(raw, path, 'dmgan')['models']['G_ema']
 
 
+def dmgan_generator_path(net_g):
+    """TRAIN.NET_G as a file: itself, or its run dir's newest checkpoint."""
+    if not net_g:
+        raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint (or its run dir)")
+    if not os.path.isdir(net_g):
+        return net_g
+    found = utils.list_checkpoints(net_g, 'dmgan')
+    if not found:
+        raise utils.UserError(f"TRAIN.NET_G={net_g}: no dmgan_<step>.pt under {net_g}/checkpoints")
+    return found[-1]
+
+
+# the cfg keys that shape DM-GAN's generator (build_dmgan_generator)
+DMGAN_G_KEYS = (
+    ('TREE', 'BASE_SIZE'),
+    ('TREE', 'BRANCH_NUM'),
+    ('GAN', 'GF_DIM'),
+    ('GAN', 'Z_DIM'),
+    ('GAN', 'CONDITION_DIM'),
+    ('GAN', 'R_NUM'),
+)
+
+
+def adopt_generator_cfg(cfg, log):
+    """An evaluation of one of our checkpoints builds the generator it trained: its TREE / GAN
+    keys (saved with it) replace the evaluation cfg's, each change logged. A released G_NET
+    carries no cfg and keeps the evaluation cfg's."""
+    path = dmgan_generator_path(cfg.TRAIN.NET_G)
+    raw = utils.load_weights(path, 'cpu')
+    if utils.is_state_dict(raw):
+        return
+    trained = utils.checkpoint_of_kind(raw, path, 'dmgan').get('cfg') or {}
+    for section, key in DMGAN_G_KEYS:
+        value = trained.get(section, {}).get(key)
+        if value is not None and value != cfg[section][key]:
+            log.info(
+                f"{section}.{key}: {value} as {path} was trained (the cfg says {cfg[section][key]})"
+            )
+            cfg[section][key] = value
+
+
 def load_dmgan_generator(cfg, text_dim, dev):
     """The generator of TRAIN.NET_G (a checkpoint, its run dir's newest, or a released G_NET), in eval mode."""
-    if not cfg.TRAIN.NET_G:
-        raise utils.UserError("TRAIN.NET_G: empty; point it at a dmgan checkpoint (or its run dir)")
-    path = cfg.TRAIN.NET_G
-    if os.path.isdir(path):  # a run directory: its newest checkpoint
-        found = utils.list_checkpoints(path, 'dmgan')
-        if not found:
-            raise utils.UserError(
-                f"TRAIN.NET_G={path}: no dmgan_<step>.pt under {path}/checkpoints"
-            )
-        path = found[-1]
+    path = dmgan_generator_path(cfg.TRAIN.NET_G)
     netG = build_dmgan_generator(cfg, text_dim).to(dev)
     try:
         netG.load_state_dict(dmgan_generator_state(path, dev))

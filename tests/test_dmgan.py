@@ -478,7 +478,9 @@ def test_cached_text_features_are_what_the_encoder_gives(which, request):
 
 @pytest.mark.slow
 def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_encoder, tmp_path):
-    """The original DM-GAN's conditioning: the DAMSM bi-LSTM words/sentence, the CNN's regions."""
+    """The original DM-GAN's conditioning: the DAMSM bi-LSTM words/sentence, the CNN's regions.
+    The evaluation builds the generator the checkpoint trained (here two residual blocks where
+    its cfg says one) and logs the difference."""
     run_ok(
         dmgan_args(
             'shapes_DMGAN.yml',
@@ -488,6 +490,7 @@ def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_enco
             'TRAIN.BATCH_SIZE=4',
             'TRAIN.MAX_EPOCH=1',
             'TRAIN.CONTRASTIVE.ENABLE=false',
+            'GAN.R_NUM=2',
         )
     )
     assert json.load(open(tmp_path / 'train' / 'metrics.json'))['train_steps'] == 10
@@ -511,6 +514,7 @@ def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_enco
         len([f for f in os.listdir(tmp_path / 'eval' / 'valid' / 'single') if f.endswith('.png')])
         == 12
     )
+    assert 'GAN.R_NUM: 2 as' in open(tmp_path / 'eval' / 'log.txt').read()
 
 
 @pytest.mark.slow
