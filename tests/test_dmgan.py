@@ -621,16 +621,15 @@ def test_train_then_evaluate(tiny_shapes, tiny_encoder, tiny_judge, tmp_path, co
     records = json.load(open(out / 'captions.json'))
     assert m['num_images'] == len(pngs) == len(records) == 30  # 20 test images, then 10 of pass 2
     assert sorted(r['file'] for r in records) == pngs
-    side = 64  # cfg/shapes_DMGAN.yml: 32 -> 64 px
     grid = Image.open(out.parent / 'grid.png')  # 10 real test images above their generated ones
-    assert grid.size == (10 * (side + 2) + 2, 2 * (side + 2) + 2)
+    assert grid.size == (10 * 34 + 2, 2 * 34 + 2)
     assert (out.parent / 'grid.txt').read_text().splitlines()[0] == f"1. {records[0]['caption']}"
     assert 0 <= m['r_precision'] <= 1 and 0 <= m['untrained_r_precision'] <= 1
     for prefix in ('judge_', 'untrained_judge_', 'real_judge_', 'wrong_caption_judge_'):
         for attr in ('shape', 'colour', 'size', 'position', 'all'):
             assert 0 <= m[prefix + attr] <= 1, prefix + attr
 
-    assert Image.open(out / pngs[0]).size == (side, side)
+    assert Image.open(out / pngs[0]).size == (32, 32)
     # one judge line per image; the breakdown and the shuffled-caption baseline beside the scores
     lines = [json.loads(x) for x in open(tmp_path / 'eval' / 'judge.jsonl')]
     assert [x['file'] for x in lines] == [r['file'] for r in records]
