@@ -515,23 +515,9 @@ def tokenizer_spec(kind, context_length, path='', words=None):
     if kind in ('attngan', 'words'):
         spec['vocab'] = list(words) + (['<sot>', '<eot>'] if kind == 'words' else [])
         return spec
-    from transformers import BertTokenizer, CLIPTokenizer
-
-    try:
-        if kind == 'clip':
-            tok = CLIPTokenizer.from_pretrained(path)
-        elif os.path.isfile(path):
-            tok = BertTokenizer(vocab=path)
-        else:
-            tok = BertTokenizer.from_pretrained(path)
-        utils.check_real_vocabulary(
-            tok, f'MODEL.TOKENIZER_PATH={path}', 'clip' if kind == 'clip' else 'bert'
-        )
-    except (OSError, ValueError) as e:
-        raise utils.UserError(
-            f"{path}: cannot load a {kind} tokenizer offline "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        )
+    tok = utils.load_hf_tokenizer(
+        'clip' if kind == 'clip' else 'bert', path, f'MODEL.TOKENIZER_PATH={path}'
+    )
     vocab = tok.get_vocab()
     spec['vocab'] = [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     if len(spec['vocab']) != max(vocab.values()) + 1:

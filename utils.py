@@ -1413,6 +1413,28 @@ def check_real_vocabulary(tok, source, kind):
     return tok
 
 
+def load_hf_tokenizer(scheme, path, source):
+    """A named transformers tokenizer: 'clip' (CLIP's BPE: a hub name or a folder with
+    vocab.json + merges.txt) or 'bert' (WordPiece: a vocab.txt, a folder holding one, or a hub
+    name), with its real vocabulary; anything else is one line naming `source`."""
+    import transformers
+
+    try:
+        if scheme == 'clip':
+            tok = transformers.CLIPTokenizer.from_pretrained(path)
+        elif os.path.isfile(path):  # transformers 5 names the argument `vocab`, 4 `vocab_file`
+            v5 = 'vocab' in inspect.signature(transformers.BertTokenizer.__init__).parameters
+            tok = transformers.BertTokenizer(**{'vocab' if v5 else 'vocab_file': path})
+        else:
+            tok = transformers.BertTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{source}: cannot load the {scheme} tokenizer offline ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); give {TOKENIZER_FILES[scheme]} (no downloads here)"
+        )
+    return check_real_vocabulary(tok, source, scheme)
+
+
 def tokenize_attngan(text):
     """AttnGAN's tokenisation: lowercase, RegexpTokenizer(r'\\w+'), ASCII only."""
     text = text.replace('\ufffd\ufffd', ' ').lower()
@@ -1868,40 +1890,16 @@ class DalleTokenizer:
             self.index = {w: i for i, w in enumerate(spec['vocab'])}
             self.vocab_size = len(spec['vocab'])
             return
-        import transformers
-
-        try:
-            if kind == 'clip':
-                self.hf = transformers.CLIPTokenizer.from_pretrained(
-                    path or 'openai/clip-vit-base-patch32'
-                )
-                self.shift = int(spec.get('shift', 1))
-                self.vocab_size = len(self.hf) + self.shift
-            elif kind == 'chinese':
-                name = path or 'hfl/chinese-roberta-wwm-ext'
-                if os.path.isfile(
-                    name
-                ):  # a vocab.txt: transformers 5 names the argument `vocab`, 4 `vocab_file`
-                    v5 = (
-                        'vocab' in inspect.signature(transformers.BertTokenizer.__init__).parameters
-                    )
-                    self.hf = transformers.BertTokenizer(**{'vocab' if v5 else 'vocab_file': name})
-                else:
-                    self.hf = transformers.BertTokenizer.from_pretrained(name)
-                self.shift, self.vocab_size = 0, self.hf.vocab_size
-            else:
-                raise UserError(f"TEXT.TOKENIZER={kind!r}: expected clip, chinese or words")
-            check_real_vocabulary(
-                self.hf,
-                f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}",
-                'clip' if kind == 'clip' else 'bert',
-            )
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}: cannot load the {kind} "
-                f"tokenizer ({str(e).splitlines()[0][:160]}); give a local directory or "
-                "vocabulary file (no downloads here)"
-            )
+        source = f"TEXT.TOKENIZER_PATH={path or '(default hub name)'}"
+        if kind == 'clip':
+            self.hf = load_hf_tokenizer('clip', path or 'openai/clip-vit-base-patch32', source)
+            self.shift = int(spec.get('shift', 1))
+            self.vocab_size = len(self.hf) + self.shift
+        elif kind == 'chinese':
+            self.hf = load_hf_tokenizer('bert', path or 'hfl/chinese-roberta-wwm-ext', source)
+            self.shift, self.vocab_size = 0, self.hf.vocab_size
+        else:
+            raise UserError(f"TEXT.TOKENIZER={kind!r}: expected clip, chinese or words")
 
     @classmethod
     def from_captions(cls, captions):
