@@ -127,10 +127,10 @@ def steps(out, scale):
                 f"TRAIN.MAX_EPOCH={n('dmgan_epochs')}",
                 '--set',
                 f'TRAIN.NET_E={enc}',
-                # caching encodes all 80,172 training captions up front; 4 epochs draw only
-                # 39,936, so below 8 epochs encoding each batch is cheaper
+                # caching encodes all 80,172 training captions up front; an epoch draws 9,984,
+                # so up to 8 epochs encoding each batch is cheaper
                 '--set',
-                f"TRAIN.CACHE_TEXT_FEATURES={'true' if n('dmgan_epochs') >= 8 else 'false'}",
+                f"TRAIN.CACHE_TEXT_FEATURES={'true' if n('dmgan_epochs') > 8 else 'false'}",
             ],
             d('dmgan', 'metrics.json'),
         ),

@@ -660,7 +660,8 @@ def learning_curve(run, text_enc, image_enc, judge):
 
 def evaluate(run):
     cfg, dev, log = run.cfg, run.device, run.log
-    models.adopt_generator_cfg(cfg, log)
+    if models.adopt_generator_cfg(cfg, log) and run.main:
+        utils.save_cfg(cfg, run.out)  # cfg.yml records the generator evaluated
     text_enc, image_enc = models.load_dmgan_encoders(cfg, dev)
     netG = models.load_dmgan_generator(cfg, text_enc.spec['dim'], dev)
     out_dir = os.path.join(run.out, 'valid', 'single')
@@ -722,7 +723,9 @@ def chosen_model(args):
     if args.cfg:
         file_cfg = utils.load_yaml(args.cfg)
         utils.merge_cfg(cfg, {k: v for k, v in file_cfg.items() if k == 'MODEL'}, args.cfg)
-    return utils.apply_set(cfg, [s for s in args.set if s.split('=', 1)[0] == 'MODEL']).MODEL
+    return utils.apply_set(
+        cfg, [s for s in args.set if s.split('=', 1)[0].strip() == 'MODEL']
+    ).MODEL
 
 
 def main():

@@ -2038,19 +2038,21 @@ DMGAN_G_KEYS = (
 def adopt_generator_cfg(cfg, log):
     """An evaluation of one of our checkpoints builds the generator it trained: its TREE / GAN
     keys (saved with it) replace the evaluation cfg's, each change logged. A released G_NET
-    carries no cfg and keeps the evaluation cfg's."""
+    carries no cfg and keeps the evaluation cfg's. Returns whether a key changed."""
     path = dmgan_generator_path(cfg.TRAIN.NET_G)
     raw = utils.load_weights(path, 'cpu')
     if utils.is_state_dict(raw):
-        return
+        return False
     trained = utils.checkpoint_of_kind(raw, path, 'dmgan').get('cfg') or {}
+    changed = False
     for section, key in DMGAN_G_KEYS:
         value = trained.get(section, {}).get(key)
         if value is not None and value != cfg[section][key]:
             log.info(
                 f"{section}.{key}: {value} as {path} was trained (the cfg says {cfg[section][key]})"
             )
-            cfg[section][key] = value
+            cfg[section][key], changed = value, True
+    return changed
 
 
 def load_dmgan_generator(cfg, text_dim, dev):

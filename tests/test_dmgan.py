@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import yaml
 import torch
 from PIL import Image
 from conftest import ROOT, run_in_process, run_python, save_encoder_pair
@@ -515,6 +516,7 @@ def test_train_then_evaluate_on_the_damsm_rnn_encoder(tiny_shapes, tiny_rnn_enco
         == 12
     )
     assert 'GAN.R_NUM: 2 as' in open(tmp_path / 'eval' / 'log.txt').read()
+    assert yaml.safe_load(open(tmp_path / 'eval' / 'cfg.yml'))['GAN']['R_NUM'] == 2
 
 
 @pytest.mark.slow
