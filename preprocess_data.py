@@ -444,7 +444,12 @@ def caption_encoder(embed_cfg, device):
             # its own sentence vector: the one its contrastive training aligned with images
             return F.pad(words, (0, 0, 0, L - words.shape[1])), (~pad).sum(1).clamp(min=1), sent
 
-        return encode, {'kind': 'project', 'name': embed_cfg.ENCODER, 'dim': text_enc.spec['dim']}
+        return encode, {
+            'kind': 'project',
+            'name': embed_cfg.ENCODER,
+            'dim': text_enc.spec['dim'],
+            'sha256': utils.sha256(embed_cfg.ENCODER),
+        }
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -487,6 +492,9 @@ def embed_captions(embed_cfg, device, log, encoder=None):
         for k in ('SOURCE', 'DATA_DIR', 'MAX_CAPTIONS', 'ENCODER', 'MAX_LEN', 'SHARD_SIZE')
     }
     settings['SPLITS'] = dict(embed_cfg.SPLITS)
+    # the encoder's bytes, not only its path: a retrained encoder at the same path must not
+    # leave shards of the old one to be skipped as finished
+    settings['ENCODER_SHA256'] = info.get('sha256')
     index_path = os.path.join(embed_cfg.OUT_DIR, 'index.json')
     if os.path.isfile(index_path):
         with open(index_path) as f:

@@ -47,6 +47,10 @@ DEFAULTS = {
         'CSV_SEP': '\t',
         'CLASS_FROM': '',  # csv classes: '' = one per image, 'folder' = the image's folder
         'FLIP': True,  # AttnGAN's random horizontal flip of training images
+        'CROP': True,  # attngan: AttnGAN's resize to 76/64 and random (test: central) crop
+        # decode every image once; attngan: needs CROP and FLIP false; csv: one image size, and
+        # open_clip's random crop is done on the batch
+        'PRELOAD': False,
     },
     'TREE': {'BASE_SIZE': 299},  # training image side (DAMSM: BRANCH_NUM 1, 299)
     'TEXT': {'EMBEDDING_DIM': 256, 'CAPTIONS_PER_IMAGE': 10, 'WORDS_NUM': 18},
@@ -150,6 +154,9 @@ def check_cfg(cfg):
 # ----------------------------------------------------------------------------------------------
 # Data: AttnGAN layout (TextImageDataset) or open_clip's CSV; the test split, one item per image
 # ----------------------------------------------------------------------------------------------
+CROP_SCALE = (0.9, 1.0)  # open_clip transform.py: RandomResizedCrop's area share for training
+
+
 def image_transforms(size, train):
     """open_clip's CSV transforms (open_clip transform.py image_transform) ending in [-1, 1];
     the encoders normalise."""
@@ -158,7 +165,7 @@ def image_transforms(size, train):
     first = (
         [
             transforms.RandomResizedCrop(
-                size, scale=(0.9, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+                size, scale=CROP_SCALE, interpolation=transforms.InterpolationMode.BICUBIC
             )
         ]
         if train
@@ -173,16 +180,25 @@ def image_transforms(size, train):
 
 
 class CSVTrainSet(torch.utils.data.Dataset):
-    """open_clip's CsvDataset: one item per row (utils.PairDataset), plus the image's class."""
+    """open_clip's CsvDataset: one item per row (utils.PairDataset), plus the image's class.
+    With preload each distinct image is decoded once, at twice the training side, and an item
+    is its uint8 tensor: prepare_batch crops the batch (utils.random_resized_crop), because
+    decoding and cropping one image at a time cost more than the small CLIP's step."""
 
-    def __init__(self, pairs, classes, size):
+    def __init__(self, pairs, classes, size, preload=False):
         self.pairs, self.classes = utils.PairDataset(pairs, image_transforms(size, True)), classes
+        self.images, self.row_image = (
+            utils.preload_images([p for p, _ in pairs], 2 * size) if preload else (None, None)
+        )
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, i):  # an unreadable image is replaced by the next row, class kept
-        img, text = self.pairs[i]
+        if self.images is not None:
+            img, text = self.images[self.row_image[i]], self.pairs.pairs[i][1]
+        else:
+            img, text = self.pairs[i]
         return {'imgs': [img], 'text': text, 'class_id': self.classes[i]}
 
 
@@ -245,8 +261,12 @@ def build_data(cfg):
             train=True,
             two_captions=cfg.LOSS.NTXENT > 0,
             flip=data_cfg.FLIP,
+            crop=data_cfg.CROP,
+            preload=data_cfg.PRELOAD,
         )
-        test = utils.TextImageDataset(data, 'test', base_size=size, branch_num=1, train=False)
+        test = utils.TextImageDataset(
+            data, 'test', base_size=size, branch_num=1, train=False, crop=data_cfg.CROP
+        )
         cls = data.class_ids('test')
         keys = data.keys['test'][: num or None]
         evalset = EvalSet([(k, data.raw_captions(k)[:2], cls[i]) for i, k in enumerate(keys)], test)
@@ -255,7 +275,8 @@ def build_data(cfg):
         img_key=data_cfg.CSV_IMG_KEY, caption_key=data_cfg.CSV_CAPTION_KEY, sep=data_cfg.CSV_SEP
     )
     pairs = utils.read_csv_pairs(data_cfg.TRAIN_CSV, **kw)
-    train = CSVTrainSet(pairs, class_ids_for([p for p, _ in pairs], data_cfg.CLASS_FROM), size)
+    classes = class_ids_for([p for p, _ in pairs], data_cfg.CLASS_FROM)
+    train = CSVTrainSet(pairs, classes, size, data_cfg.PRELOAD)
     grouped = collections.OrderedDict()
     for path, cap in utils.read_csv_pairs(data_cfg.VAL_CSV, **kw):
         grouped.setdefault(path, []).append(cap)
@@ -521,7 +542,9 @@ def lr_factor(cfg, group, step, epoch, steps_per_epoch):
 # ----------------------------------------------------------------------------------------------
 def prepare_batch(raw, tokenizer, cfg, device):
     """A loader batch -> images, [(ids, lengths) per caption view], class ids, on device."""
-    images = raw['imgs'][0] if 'imgs' in raw else raw['image']
+    images = (raw['imgs'][0] if 'imgs' in raw else raw['image']).to(device, non_blocking=True)
+    if images.dtype == torch.uint8:  # preloaded (CSVTrainSet): open_clip's crop, on the batch
+        images = utils.random_resized_crop(images, cfg.TREE.BASE_SIZE, CROP_SCALE)
     caps = []
     for sfx in ('', '2') if cfg.LOSS.NTXENT > 0 else ('',):
         if tokenizer.kind == 'attngan' and 'caption' + sfx in raw:
@@ -529,7 +552,7 @@ def prepare_batch(raw, tokenizer, cfg, device):
         else:
             ids, lengths = tokenizer(raw['text' + sfx])
         caps.append((ids.to(device), torch.as_tensor(lengths).to(device)))
-    return images.to(device, non_blocking=True), caps, torch.as_tensor(raw['class_id']).to(device)
+    return images, caps, torch.as_tensor(raw['class_id']).to(device)
 
 
 def encode(model, images, caps, regions):

@@ -1872,6 +1872,72 @@ class PairDataset(torch.utils.data.Dataset):
         return img, (self.tokenize(text) if self.tokenize else text)
 
 
+def preload_images(paths, side, key='DATA.PRELOAD'):
+    """Every distinct image of `paths` decoded once, shrunk (bicubic) to side x side when larger,
+    as one uint8 tensor (N, 3, S, S), and each path's row in it. The images must share one size
+    (a batch is one tensor); an unreadable one is an error naming it."""
+    from PIL import Image
+
+    index, rows, first = {}, [], None
+    for p in paths:
+        if p not in index:
+            try:
+                img = load_image(p)
+            except BadImage as e:
+                raise UserError(f"{key}: {e}; preloading reads every image")
+            if first is None:
+                first = (p, img.size)
+            elif img.size != first[1]:
+                raise UserError(
+                    f"{key}: {p} is {img.size[0]}x{img.size[1]} px, {first[0]} "
+                    f"{first[1][0]}x{first[1][1]}: preloading needs one image size"
+                )
+            if img.size[0] > side:
+                img = img.resize((side, side), Image.BICUBIC)
+            index[p] = len(rows)
+            rows.append(torch.from_numpy(np.asarray(img, np.uint8).copy()).permute(2, 0, 1))
+    return torch.stack(rows), [index[p] for p in paths]
+
+
+def random_resized_crop_boxes(n, height, width, scale, ratio, generator=None):
+    """(n, 4) boxes (left, top, right, bottom) drawn as torchvision's RandomResizedCrop.get_params
+    draws one: up to 10 tries of an area share in `scale` and a log-uniform aspect in `ratio`,
+    integer sides, a uniform integer corner; without a fitting try, the centre crop."""
+    tries = 10
+    area = height * width * torch.empty(n, tries).uniform_(*scale, generator=generator)
+    aspect = torch.exp(
+        torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    )
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(1, keepdim=True)  # the first try that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    in_ratio = width / height  # the fallback: the whole image clamped to `ratio`, centred
+    fw, fh = width, height
+    if in_ratio < min(ratio):
+        fh = round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw = round(height * max(ratio))
+    found = fits.any(1)
+    w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
+    u = torch.rand(n, 2, generator=generator)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), ((height - h) / 2).floor())
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), ((width - w) / 2).floor())
+    return torch.stack([left, top, left + w, top + h], 1)
+
+
+def random_resized_crop(images, size, scale, ratio=(3 / 4, 4 / 3), generator=None):
+    """RandomResizedCrop for a whole uint8 batch (B, C, H, W) in one op: boxes as
+    random_resized_crop_boxes, resampled to size x size by roi_align (bilinear, averaging
+    ceil(box / size)^2 samples per output pixel, so shrinking is antialiased); float in [-1, 1]."""
+    from torchvision.ops import roi_align
+
+    boxes = random_resized_crop_boxes(len(images), *images.shape[2:], scale, ratio, generator)
+    boxes = torch.cat([torch.arange(len(images), dtype=boxes.dtype)[:, None], boxes], 1)
+    out = roi_align(images.float(), boxes.to(images.device), (size, size), 1.0, -1, True)
+    return out / 127.5 - 1
+
+
 # ----------------------------------------------------------------------------
 # Text: DALLE's caption tokenizers (DALLE-pytorch tokenizer.py), 0 = padding; a checkpoint
 # carries the spec

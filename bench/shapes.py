@@ -45,14 +45,14 @@ SYSTEMS = {
         prep=[
             (
                 ['pretrain_DAMSM.py', '--cfg', 'cfg/DAMSM/shapes.yml'],
-                'output/DAMSM_shapes/checkpoints/text_encoder4.pth',
+                'output/DAMSM_shapes/checkpoints/text_encoder7.pth',
             )
         ],
         train=['main.py', '--cfg', 'cfg/shapes_DMGAN_DAMSM.yml'],
         eval=(
             'cfg/eval_shapes_DMGAN.yml',
             'TRAIN.NET_G',
-            ['TRAIN.NET_E=output/DAMSM_shapes/checkpoints/text_encoder4.pth'],
+            ['TRAIN.NET_E=output/DAMSM_shapes/checkpoints/text_encoder7.pth'],
         ),
         encoder_run='output/DAMSM_shapes',
     ),

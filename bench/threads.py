@@ -30,7 +30,7 @@ RECIPES = {
     ),
     'dmgan_damsm': dict(
         cmd=['main.py', '--cfg', 'cfg/shapes_DMGAN_DAMSM.yml', '--set', 'TRAIN.MAX_EPOCH=1'],
-        needs=('output/DAMSM_shapes/checkpoints/text_encoder4.pth', 'pretrain_DAMSM.py --cfg cfg/DAMSM/shapes.yml'),
+        needs=('output/DAMSM_shapes/checkpoints/text_encoder7.pth', 'pretrain_DAMSM.py --cfg cfg/DAMSM/shapes.yml'),
     ),
     'xmc': dict(
         cmd=['main.py', '--cfg', 'cfg/shapes_xmc.yml', '--set', 'TRAIN.MAX_STEPS=100'],

@@ -1280,3 +1280,85 @@ def test_align_corners_defaults_and_loading(tmp_path, monkeypatch):
             }
         )
         assert models.load_dmgan_encoders(cfg, 'cpu')[1].spec['align_corners'] is align
+
+
+# ----------------------------------------------------------------------------------------------
+# Preloaded training images: decoded once, open_clip's random crop done on the batch
+# ----------------------------------------------------------------------------------------------
+def test_batch_random_resized_crop_draws_as_torchvision_and_resamples_exactly():
+    import torchvision.transforms as T
+    from PIL import Image
+
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    whole = utils.random_resized_crop(x, 16, (1.0, 1.0), (1.0, 1.0))
+    assert torch.equal(whole, x.float() / 127.5 - 1)  # the whole image at its size: its pixels
+    g = torch.Generator().manual_seed(0)
+    boxes = utils.random_resized_crop_boxes(4000, 64, 48, (0.5, 1.0), (3 / 4, 4 / 3), g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 48).all() and (boxes[:, 3] <= 64).all()
+    assert (w * h >= 0.5 * 64 * 48 - 64 - 48).all()  # the area share, up to rounding the sides
+    torch.manual_seed(0)
+    img = Image.new('RGB', (48, 64))
+    ref = [T.RandomResizedCrop.get_params(img, (0.5, 1.0), (3 / 4, 4 / 3)) for _ in range(4000)]
+    ref_w = np.array([r[3] for r in ref], float)
+    ref_h = np.array([r[2] for r in ref], float)
+    assert abs(w.mean().item() - ref_w.mean()) < 0.5 and abs(h.mean().item() - ref_h.mean()) < 0.5
+    # nothing fits (a 2:1 box of the whole area in a square): torchvision's centre crop
+    centre = utils.random_resized_crop_boxes(5, 20, 20, (1.0, 1.0), (2.0, 3.0))
+    assert centre.tolist() == [[0.0, 5.0, 20.0, 15.0]] * 5
+    out = utils.random_resized_crop(
+        torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), 32, (0.9, 1.0)
+    )
+    assert out.shape == (2, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+
+
+def test_preloaded_images_are_decoded_once_shrunk_and_a_bad_file_is_named(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i, colour in enumerate(['red', 'blue']):
+        p = tmp_path / f'{i}.png'
+        Image.new('RGB', (40, 40), colour).save(p)
+        paths.append(str(p))
+    images, rows = utils.preload_images([paths[0], paths[1], paths[0]], 20)
+    assert images.shape == (2, 3, 20, 20) and images.dtype == torch.uint8 and rows == [0, 1, 0]
+    assert images[0, 0].float().mean() > 250 and images[1, 2].float().mean() > 250
+    assert utils.preload_images(paths, 64)[0].shape == (2, 3, 40, 40)  # never enlarged
+    Image.new('RGB', (30, 40)).save(tmp_path / 'odd.png')
+    with pytest.raises(utils.UserError, match=r'odd.png is 30x40 px.*one image size'):
+        utils.preload_images(paths + [str(tmp_path / 'odd.png')], 20)
+    (tmp_path / 'bad.png').write_bytes(b'not an image')
+    with pytest.raises(utils.UserError, match=r'DATA.PRELOAD: .*bad.png: unreadable'):
+        utils.preload_images([str(tmp_path / 'bad.png')], 20)
+
+
+def test_csv_preload_gives_the_per_image_path_pixels(fixture_data):
+    """The same rows through DATA.PRELOAD (decoded at 2x, cropped on the batch) and through
+    open_clip's per-image transform, with the crop forced to the whole image: the same picture
+    up to the resampling filter."""
+    pairs = utils.read_csv_pairs(f'{fixture_data}/train.csv')[:8]
+    classes = list(range(len(pairs)))
+    plain = pretrain_DAMSM.CSVTrainSet(pairs, classes, 16)
+    pre = pretrain_DAMSM.CSVTrainSet(pairs, classes, 16, preload=True)
+    item = pre[3]
+    assert item['imgs'][0].dtype == torch.uint8 and item['imgs'][0].shape[-1] == 32
+    assert item['text'] == plain[3]['text'] == pairs[3][1]
+    batch = torch.stack([pre[i]['imgs'][0] for i in range(8)])
+    cropped = utils.random_resized_crop(batch, 16, (1.0, 1.0), (1.0, 1.0))
+    from torchvision import transforms
+
+    whole = transforms.Compose(
+        [
+            transforms.Resize((16, 16), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5,) * 3, (0.5,) * 3),
+        ]
+    )
+    ref = torch.stack([whole(utils.load_image(p)) for p, _ in pairs])
+    assert cropped.shape == ref.shape and (cropped - ref).abs().mean() < 0.05
+
+
+def test_damsm_preload_needs_its_crop_off(fixture_data, tmp_path):
+    cfg = os.path.join(ROOT, 'cfg', 'DAMSM', 'shapes.yml')
+    with pytest.raises(utils.UserError, match='DATA.PRELOAD needs DATA.CROP and DATA.FLIP false'):
+        run_pretrain_damsm(cfg, tmp_path / 'a', fixture_data, 'DATA.CROP=true')

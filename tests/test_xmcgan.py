@@ -557,6 +557,26 @@ def test_embedding_resumes_without_recomputing_finished_shards(
         )
 
 
+def test_a_retrained_encoder_at_the_same_path_does_not_reuse_old_shards(
+    tmp_path, tiny_shapes, encoder
+):
+    """The settings name the encoder's bytes: shards of an older encoder saved at the same path
+    are refused, not skipped as finished."""
+    import shutil
+
+    enc_dir = tmp_path / 'enc'
+    shutil.copytree(os.path.dirname(encoder), enc_dir)
+    path = str(enc_dir / os.path.basename(encoder))
+    emb_cfg = embed_cfg(tiny_shapes, tmp_path / 'emb', ENCODER=path)
+    log = utils.get_logger(None, 'test')
+    index = preprocess_data.embed_captions(emb_cfg, torch.device('cpu'), log)
+    assert index['settings']['ENCODER_SHA256'] == utils.sha256(path)
+    with open(path, 'ab') as f:  # other bytes at the same path
+        f.write(b'\0')
+    with pytest.raises(utils.UserError, match='other settings.*ENCODER_SHA256'):
+        preprocess_data.embed_captions(emb_cfg, torch.device('cpu'), log)
+
+
 def test_embedding_with_a_tiny_bert(tmp_path, tiny_shapes):
     """The transformers path with a random BertConfig saved like a hub model: [CLS] ... [SEP]
     within 17 tokens, sentence = sum of the 17 outputs / true length (the original's formula)."""
