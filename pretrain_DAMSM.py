@@ -732,7 +732,12 @@ def eval_protocol(cfg, num_images, weights):
     them, EVAL_SEED, and `weights`, the files holding the encoders scored."""
     size = cfg.TREE.BASE_SIZE
     if cfg.DATA.FORMAT == 'attngan':  # AttnGAN's test transform (utils.TextImageDataset)
-        split, resize = 'test', f'resize to {int(size * 76 / 64)} px, centre crop'
+        split = 'test'
+        resize = (
+            f'resize to {int(size * 76 / 64)} px, centre crop'
+            if cfg.DATA.CROP
+            else f'resize to {size} px'
+        )
     else:  # open_clip's validation transform (image_transforms)
         split, resize = cfg.DATA.VAL_CSV, f'bicubic resize to {size} px, centre crop'
     return utils.protocol(split, num_images, EVAL_SEED, size, resize, weights)

@@ -646,6 +646,14 @@ def test_eval_protocol_names_the_test_images_as_evalset_prepares_them(tmp_path):
         resize='resize to 355 px, centre crop',
         **common,
     )
+    utils.apply_set(cfg, ['DATA.CROP=false'])
+    check_protocol(
+        pretrain_DAMSM.eval_protocol(cfg, 6, {}),
+        {},
+        split='test',
+        resize='resize to 299 px',
+        **common,
+    )
     utils.apply_set(cfg, ['DATA.FORMAT=csv', 'DATA.VAL_CSV=val.csv'])
     check_protocol(
         pretrain_DAMSM.eval_protocol(cfg, 6, {}),
