@@ -641,14 +641,17 @@ def metric_plugins(cfg, emb, dev):
 
 def score(netG, ccfg, emb, plugins, eval_cfg, dev, weights, dump=None, log=None):
     """Mean, and std across samplings, of REPEATS samplings (the original's eval_avg_num); `dump`
-    (an ImageDump) sees the first. Returns them and the protocol, with the seeds of every sampling."""
-    runs = []
+    (an ImageDump) sees the first. Returns them, the protocol, with the seeds of every sampling,
+    and the first sampling's records (with the judge's verdicts when it scored them)."""
+    runs, first = [], None
     for r in range(eval_cfg.REPEATS):
         seed = eval_cfg.SEED + r
+        records = eval_records(emb, eval_cfg.NUM_IMAGES, seed)
+        first = first or records
         runs.append(
             utils.evaluate_generator(
                 xmc_sampler(netG, emb, ccfg.GAN.Z_DIM, seed, dev),
-                eval_records(emb, eval_cfg.NUM_IMAGES, seed),
+                records,
                 plugins + ([dump] if dump is not None and r == 0 else []),
                 eval_cfg.BATCH_SIZE,
                 'test',
@@ -664,12 +667,16 @@ def score(netG, ccfg, emb, plugins, eval_cfg, dev, weights, dump=None, log=None)
         )
     protocol = {**runs[0]['protocol'], 'seed': [eval_cfg.SEED + r for r in range(eval_cfg.REPEATS)]}
     runs = [{k: v for k, v in run.items() if k != 'protocol'} for run in runs]
-    return {
-        f'{k}{sfx}': float(fn([r[k] for r in runs]))
-        for k in runs[0]
-        if not k.endswith('_std')
-        for sfx, fn in (('', np.mean), ('_std', np.std))
-    }, protocol
+    return (
+        {
+            f'{k}{sfx}': float(fn([r[k] for r in runs]))
+            for k in runs[0]
+            if not k.endswith('_std')
+            for sfx, fn in (('', np.mean), ('_std', np.std))
+        },
+        protocol,
+        first,
+    )
 
 
 def evaluate(run, watch):
@@ -736,7 +743,7 @@ def evaluate(run, watch):
                     torch.manual_seed(
                         eval_cfg.SEED
                     )  # an untrained G: same architecture, same captions
-                    base, protocol = score(
+                    base, protocol, _ = score(
                         build_networks(ccfg, emb.dim)[0].to(dev).eval(),
                         ccfg,
                         emb,
@@ -757,7 +764,7 @@ def evaluate(run, watch):
                     if eval_cfg.SAVE_IMAGES
                     else None
                 )
-                scores, protocol = score(
+                scores, protocol, records = score(
                     netG.eval(),
                     ccfg,
                     emb,
@@ -768,6 +775,8 @@ def evaluate(run, watch):
                     dump,
                     log,
                 )
+                if 'judge_all' in scores:  # the first sampling's verdicts, one line per image
+                    utils.write_verdicts(os.path.join(run.out, f'judge_{step:08d}.jsonl'), records)
                 header = (
                     ''
                     if os.path.isfile(table)

@@ -480,6 +480,14 @@ def test_evaluation_scores_each_checkpoint_once(
     keys = json.loads((dump / 'keys.json').read_text())
     assert sorted(keys) == sorted(p.name for p in dump.glob('*.png')) and len(keys) == 12
     assert set(keys.values()) <= set(json.load(open(os.path.join(tiny_shapes, 'attributes.json'))))
+    verdicts = [  # the same images' judge verdicts, one line each
+        json.loads(ln)
+        for ln in (tmp_path / 'eval' / 'judge_00000002.jsonl').read_text().splitlines()
+    ]
+    assert {v['file']: v['key'] for v in verdicts} == keys
+    assert all(set(v) == set(utils.VERDICT_FIELDS) for v in verdicts)
+    assert all(v['category'] in ('one object', 'two objects') for v in verdicts)
+    assert all(v['correct'] == (v['reason'] == '') for v in verdicts)
     run_main(cfg)
     assert len(rows(table)) == 2
 
