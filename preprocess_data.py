@@ -494,13 +494,18 @@ def embed_captions(embed_cfg, device, log, encoder=None):
     settings['SPLITS'] = dict(embed_cfg.SPLITS)
     # the encoder's bytes, not only its path: a retrained encoder at the same path must not
     # leave shards of the old one to be skipped as finished
-    settings['ENCODER_SHA256'] = info.get('sha256')
+    if info.get('sha256'):
+        settings['ENCODER_SHA256'] = info['sha256']
     index_path = os.path.join(embed_cfg.OUT_DIR, 'index.json')
     if os.path.isfile(index_path):
         with open(index_path) as f:
             old = json.load(f)['settings']
         if old != settings:
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            diff = {
+                k: (old.get(k), settings.get(k))
+                for k in {**old, **settings}
+                if old.get(k) != settings.get(k)
+            }
             raise utils.UserError(
                 f"{index_path}: embeddings written with other settings {diff} (old, new); "
                 "choose another EMBED.OUT_DIR or delete it"

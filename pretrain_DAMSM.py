@@ -194,7 +194,7 @@ class CSVTrainSet(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.pairs)
 
-    def __getitem__(self, i):  # an unreadable image is replaced by the next row, class kept
+    def __getitem__(self, i):  # (not preloaded) an unreadable image: the next row, class kept
         if self.images is not None:
             img, text = self.images[self.row_image[i]], self.pairs.pairs[i][1]
         else:
@@ -540,11 +540,15 @@ def lr_factor(cfg, group, step, epoch, steps_per_epoch):
 # ----------------------------------------------------------------------------------------------
 # Losses on the global batch
 # ----------------------------------------------------------------------------------------------
-def prepare_batch(raw, tokenizer, cfg, device):
-    """A loader batch -> images, [(ids, lengths) per caption view], class ids, on device."""
+def prepare_batch(raw, tokenizer, cfg, device, crop_generator=None):
+    """A loader batch -> images, [(ids, lengths) per caption view], class ids, on device.
+    Preloaded training images (CSVTrainSet, uint8) get open_clip's random crop here, drawn from
+    crop_generator."""
     images = (raw['imgs'][0] if 'imgs' in raw else raw['image']).to(device, non_blocking=True)
-    if images.dtype == torch.uint8:  # preloaded (CSVTrainSet): open_clip's crop, on the batch
-        images = utils.random_resized_crop(images, cfg.TREE.BASE_SIZE, CROP_SCALE)
+    if images.dtype == torch.uint8:
+        images = utils.random_resized_crop(
+            images, cfg.TREE.BASE_SIZE, CROP_SCALE, generator=crop_generator
+        )
     caps = []
     for sfx in ('', '2') if cfg.LOSS.NTXENT > 0 else ('',):
         if tokenizer.kind == 'attngan' and 'caption' + sfx in raw:
@@ -815,10 +819,16 @@ def train_epoch(ddp, model, loader, opt, amp, scaler, cfg, run, epoch, step):
     regions = cfg.LOSS.WORDS > 0 or cfg.MODEL.FAMILY != 'clip'  # every weight in the graph, for DDP
     sums, n = collections.defaultdict(float), 0
     bar = utils.progress(loader, desc=f'epoch {epoch}', every=train_cfg.LOG_EVERY, log=run.log)
+    # preloaded images' crops: one stream per rank and epoch, so a resumed epoch draws the same
+    crop_generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([cfg.SEED, run.rank, epoch]).generate_state(1)[0])
+    )
     for raw in bar:
         for g in opt.param_groups:
             g['lr'] = g['base_lr'] * lr_factor(cfg, g['name'], step, epoch, len(loader))
-        images, caps, cls = prepare_batch(raw, model.text.tokenizer, cfg, run.device)
+        images, caps, cls = prepare_batch(
+            raw, model.text.tokenizer, cfg, run.device, crop_generator
+        )
         with amp:
             feats = encode(ddp, images, caps, regions)
         loss, values, _ = compute_losses(

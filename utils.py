@@ -1872,10 +1872,11 @@ class PairDataset(torch.utils.data.Dataset):
         return img, (self.tokenize(text) if self.tokenize else text)
 
 
-def preload_images(paths, side, key='DATA.PRELOAD'):
+def preload_images(paths, side):
     """Every distinct image of `paths` decoded once, shrunk (bicubic) to side x side when larger,
-    as one uint8 tensor (N, 3, S, S), and each path's row in it. The images must share one size
-    (a batch is one tensor); an unreadable one is an error naming it."""
+    as one uint8 tensor (N, 3, S, S), and each path's row in it. The images must be square and of
+    one size (a batch is one tensor, and shrinking keeps the crop's geometry); an unreadable one
+    is an error naming it."""
     from PIL import Image
 
     index, rows, first = {}, [], None
@@ -1884,13 +1885,13 @@ def preload_images(paths, side, key='DATA.PRELOAD'):
             try:
                 img = load_image(p)
             except BadImage as e:
-                raise UserError(f"{key}: {e}; preloading reads every image")
+                raise UserError(f"DATA.PRELOAD: {e}; preloading reads every image")
             if first is None:
                 first = (p, img.size)
-            elif img.size != first[1]:
+            if img.size != first[1] or img.size[0] != img.size[1]:
                 raise UserError(
-                    f"{key}: {p} is {img.size[0]}x{img.size[1]} px, {first[0]} "
-                    f"{first[1][0]}x{first[1][1]}: preloading needs one image size"
+                    f"DATA.PRELOAD: {p} is {img.size[0]}x{img.size[1]} px, {first[0]} "
+                    f"{first[1][0]}x{first[1][1]}: preloading needs square images of one size"
                 )
             if img.size[0] > side:
                 img = img.resize((side, side), Image.BICUBIC)

@@ -113,6 +113,14 @@ class EmbeddedCaptions:
             )
         if split not in index['splits']:
             raise utils.UserError(f"{path}: no '{split}' split (has {sorted(index['splits'])})")
+        enc = index['encoder']  # a project encoder retrained since: these are the old one's
+        if enc.get('sha256') and os.path.isfile(enc['name']):
+            if utils.sha256(enc['name']) != enc['sha256']:
+                raise utils.UserError(
+                    f"{path}: written by {enc['name']} as it was before (sha256 "
+                    f"{enc['sha256'][:12]}...); that file has changed since: re-run "
+                    "preprocess_data.py into an empty EMBED.OUT_DIR"
+                )
         sp = index['splits'][split]
         self.dim, self.encoder = index['dim'], index['encoder']
         self.images, self.shard_size = sp['images'], sp['shard_size']
@@ -647,7 +655,8 @@ def score(netG, ccfg, emb, plugins, eval_cfg, dev, weights, dump=None, log=None)
     for r in range(eval_cfg.REPEATS):
         seed = eval_cfg.SEED + r
         records = eval_records(emb, eval_cfg.NUM_IMAGES, seed)
-        first = first or records
+        if r == 0:
+            first = records
         runs.append(
             utils.evaluate_generator(
                 xmc_sampler(netG, emb, ccfg.GAN.Z_DIM, seed, dev),

@@ -579,10 +579,13 @@ def test_a_retrained_encoder_at_the_same_path_does_not_reuse_old_shards(
     log = utils.get_logger(None, 'test')
     index = preprocess_data.embed_captions(emb_cfg, torch.device('cpu'), log)
     assert index['settings']['ENCODER_SHA256'] == utils.sha256(path)
+    xmc_gan.EmbeddedCaptions(str(tmp_path / 'emb'), 'train')
     with open(path, 'ab') as f:  # other bytes at the same path
         f.write(b'\0')
     with pytest.raises(utils.UserError, match='other settings.*ENCODER_SHA256'):
         preprocess_data.embed_captions(emb_cfg, torch.device('cpu'), log)
+    with pytest.raises(utils.UserError, match='that file has changed since'):
+        xmc_gan.EmbeddedCaptions(str(tmp_path / 'emb'), 'train')
 
 
 def test_embedding_with_a_tiny_bert(tmp_path, tiny_shapes):
