@@ -28,7 +28,7 @@ LENGTH = {
     'judge_epochs': 3,
     'clip_epochs': 1,
     'damsm_epochs': 1,
-    'dmgan_epochs': 5,
+    'dmgan_epochs': 4,
     'xmc_steps': 200,
     'vae_epochs': 1,
     'dalle_steps': 300,
