@@ -385,6 +385,35 @@ def test_one_train_step_at_the_original_test_sizes(tmp_path, embeddings):
     )
 
 
+@pytest.mark.parametrize('d_steps', [1, 2])
+def test_d_steps_per_g_step_sets_the_updates_of_an_iteration(
+    tmp_path, embeddings, monkeypatch, d_steps
+):
+    """One iteration is D_STEPS_PER_G_STEP D updates and one G update (xmc_gan.py train_g_d),
+    each on its own BATCH_SIZE images: the embedded cfg's 1 reads one batch per G step."""
+    calls = []
+    real_step = torch.optim.Adam.step
+
+    def counted(self, *a, **k):
+        calls.append(len(self.param_groups[0]['params']))
+        return real_step(self, *a, **k)
+
+    seen = []
+    real_losses = xmc_gan.discriminator_losses
+    monkeypatch.setattr(torch.optim.Adam, 'step', counted)
+    monkeypatch.setattr(
+        xmc_gan,
+        'discriminator_losses',
+        lambda ddp_D, real, *a, **k: seen.append(len(real)) or real_losses(ddp_D, real, *a, **k),
+    )
+    run_main(tiny_train_cfg(embeddings, tmp_path / 'run', MAX_STEPS=1, D_STEPS_PER_G_STEP=d_steps))
+    ckpt = utils.load_checkpoint(str(tmp_path / 'run' / 'checkpoints' / 'xmcgan_00000001.pt'))
+    G, D = xmc_gan.build_networks(utils.to_cfg(ckpt['cfg']), 16)
+    n_g, n_d = len(list(G.parameters())), len([p for p in D.parameters() if p.requires_grad])
+    assert sorted(calls) == sorted([n_d] * d_steps + [n_g])
+    assert seen == [2] * d_steps
+
+
 @pytest.mark.slow
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, embeddings, trained_run):
     cfg = tiny_train_cfg(embeddings, tmp_path / 'resumed', MAX_STEPS=1)
