@@ -29,7 +29,7 @@ LENGTH = {
     'clip_epochs': 1,
     'damsm_epochs': 1,
     'dmgan_epochs': 4,
-    'xmc_steps': 200,
+    'xmc_steps': 450,
     'vae_epochs': 1,
     'dalle_steps': 300,
     'dalle_eval_captions': 128,
