@@ -571,6 +571,16 @@ def write_report(out, times, scale, total_s):
             t('vae', 'dalle'),
         ],
         [
+            f"DALLE, the CLIP's top-1 of {dl.get('rerank_samples', '–')} per caption (the same captions)",
+            dl.get('rerank_r_precision'),
+            dl.get('rerank_judge_all'),
+            dl.get('rerank_judge_colour'),
+            dl.get('rerank_judge_shape'),
+            dl.get('rerank_judge_position'),
+            '–',
+            '–',
+        ],
+        [
             'DALLE, the same samples against shuffled captions',
             '–',
             dl.get('shuffled_judge_all'),

@@ -2585,11 +2585,16 @@ class DiscreteVAE(nn.Module):
         num_resnet_blocks=0,
         hidden_dim=64,
         channels=3,
+        quantizer='gumbel',
     ):
         super().__init__()
         if image_size % (2**num_layers):
             raise ValueError(
                 f"image_size {image_size} is not divisible by 2**num_layers={2**num_layers}"
+            )
+        if quantizer not in VAE_QUANTIZERS:
+            raise utils.UserError(
+                f"VAE quantizer {quantizer!r}: expected one of {', '.join(VAE_QUANTIZERS)}"
             )
         self.hparams = dict(
             image_size=image_size,
@@ -2600,6 +2605,9 @@ class DiscreteVAE(nn.Module):
             hidden_dim=hidden_dim,
             channels=channels,
         )
+        if quantizer != 'gumbel':  # a DALLE-pytorch vae.pt names no quantizer: Gumbel's
+            self.hparams['quantizer'] = quantizer
+        self.quantizer = quantizer
         self.image_size, self.num_tokens = image_size, num_tokens
         self.fmap_size = image_size // 2**num_layers
         self.codebook = nn.Embedding(num_tokens, codebook_dim)
@@ -2612,7 +2620,8 @@ class DiscreteVAE(nn.Module):
             )
             cin = hidden_dim
         enc += [VAEResBlock(hidden_dim) for _ in range(num_resnet_blocks)]
-        enc.append(nn.Conv2d(hidden_dim, num_tokens, 1))
+        # Gumbel: logits over the codes; VQ: a vector in the codebook's space
+        enc.append(nn.Conv2d(hidden_dim, num_tokens if quantizer == 'gumbel' else codebook_dim, 1))
         dec = [nn.Conv2d(codebook_dim, hidden_dim, 1)] if num_resnet_blocks else []
         dec += [VAEResBlock(hidden_dim) for _ in range(num_resnet_blocks)]
         cin = hidden_dim if num_resnet_blocks else codebook_dim
@@ -2628,10 +2637,12 @@ class DiscreteVAE(nn.Module):
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
 
     def forward(self, images, temperature=0.9, hard=False, reinmax=False):
-        """Training pass: (reconstruction, logits (B, num_tokens, h, w)). The soft one-hot
-        from Gumbel-softmax mixes codebook vectors (hard=True: straight-through; with
-        reinmax=True the straight-through gradient is ReinMax's, as upstream DALLE-pytorch's
-        `reinmax` option)."""
+        """Training pass: (reconstruction, logits (B, num_tokens, h, w), the VQ loss or None).
+        Gumbel: the soft one-hot from Gumbel-softmax mixes codebook vectors (hard=True:
+        straight-through; with reinmax=True the straight-through gradient is ReinMax's, as
+        upstream DALLE-pytorch's `reinmax` option). VQ: vq_forward."""
+        if self.quantizer == 'vq':
+            return self.vq_forward(images)
         logits = self.encoder(images)
         # Gumbel noise from uniforms: the distribution of F.gumbel_softmax, whose exponential_
         # sampler took 40% of a CPU training step; codes on the last axis (contiguous softmax)
@@ -2640,9 +2651,8 @@ class DiscreteVAE(nn.Module):
         noisy = lg - torch.log(-torch.log(u))
         book = self.codebook.weight
         if not hard:
-            return self.decoder(
-                ((noisy / temperature).softmax(-1) @ book.float()).permute(0, 3, 1, 2)
-            ), logits
+            soft = (noisy / temperature).softmax(-1) @ book.float()
+            return self.decoder(soft.permute(0, 3, 1, 2)), logits, None
         idx = noisy.argmax(dim=-1)  # a sample of softmax(logits), whatever the temperature
         if reinmax:
             # ReinMax (Liu et al. 2023, Alg. 2): a second-order (Heun) estimate of the gradient
@@ -2659,11 +2669,32 @@ class DiscreteVAE(nn.Module):
         # the forward takes the sampled code's vector; the codebook gets the hard code's gradient
         z_soft = grad_path @ book.detach().float()
         z = F.embedding(idx, book).float() + z_soft - z_soft.detach()
-        return self.decoder(z.permute(0, 3, 1, 2)), logits
+        return self.decoder(z.permute(0, 3, 1, 2)), logits, None
+
+    def code_distances(self, z_e):
+        """Squared distances (B, h, w, num_tokens) of encoder outputs (B, D, h, w) to the codes."""
+        flat = z_e.float().permute(0, 2, 3, 1)
+        book = self.codebook.weight.float()
+        return flat.pow(2).sum(-1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(-1)
+
+    def vq_forward(self, images, beta=0.25):
+        """VQ-VAE (van den Oord et al. 2017, Sec. 3.1): each encoder output z_e is replaced by
+        its nearest code e, the decoder's gradient copied straight through to z_e; the loss
+        ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2 (Eq. 3, beta 0.25) moves the codes and
+        commits the encoder. The logits are minus the distances: their argmax is the code."""
+        z_e = self.encoder(images)
+        dist = self.code_distances(z_e)
+        z_q = F.embedding(dist.argmin(-1), self.codebook.weight).float()  # (B, h, w, D)
+        z_e = z_e.float().permute(0, 2, 3, 1)
+        loss = F.mse_loss(z_q, z_e.detach()) + beta * F.mse_loss(z_e, z_q.detach())
+        z = z_e + (z_q - z_e).detach()
+        return self.decoder(z.permute(0, 3, 1, 2)), -dist.permute(0, 3, 1, 2), loss
 
     @torch.no_grad()
     def get_codebook_indices(self, images):
-        """Hard tokens: argmax of the logits, no Gumbel noise (B, h*w)."""
+        """Hard tokens (B, h*w): argmax of the logits, no Gumbel noise; VQ: the nearest code."""
+        if self.quantizer == 'vq':
+            return self.code_distances(self.encoder(images)).argmin(-1).flatten(1)
         return self.encoder(images).max(1).indices.flatten(1)  # = argmax(1), 3x faster on CPU
 
     def decode(self, indices):
@@ -2936,6 +2967,7 @@ DP_VAE_TRAINING_ONLY = (
     'reinmax',
     'kl_div_loss_weight',
 )
+VAE_QUANTIZERS = ('gumbel', 'vq')
 DP_VAE_ARCH = (
     'image_size',
     'num_tokens',
@@ -2954,7 +2986,7 @@ def discrete_vae_from_hparams(hparams, where):
     if not isinstance(hparams, dict):
         raise utils.UserError(f"{where}: VAE hparams are {type(hparams).__name__}, expected a dict")
     unknown = sorted(
-        set(hparams) - set(DP_VAE_ARCH) - set(DP_VAE_TRAINING_ONLY) - {'normalization'}
+        set(hparams) - set(DP_VAE_ARCH) - set(DP_VAE_TRAINING_ONLY) - {'normalization', 'quantizer'}
     )
     if unknown:
         raise utils.UserError(f"{where}: VAE hparams {unknown} are not DiscreteVAE arguments")
@@ -2973,7 +3005,7 @@ def discrete_vae_from_hparams(hparams, where):
             f"{where}: VAE hparams normalization={norm!r}: only DALLE-pytorch's default "
             "((0.5,)*3, (0.5,)*3) is supported"
         )
-    return DiscreteVAE(**{k: hparams[k] for k in DP_VAE_ARCH if k in hparams})
+    return DiscreteVAE(**{k: hparams[k] for k in (*DP_VAE_ARCH, 'quantizer') if k in hparams})
 
 
 def _load_strict(module, state, where, what):

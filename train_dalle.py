@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import models
 import utils
@@ -84,6 +85,8 @@ DEFAULTS = {
         'ENCODER': '',  # pretrain_DAMSM.py text_encoder<N>.pth: R-precision of the samples
         'R_NEG': 99,  # R-precision negatives (DM-GAN's protocol), fewer if the captions lack them
         'CURVE': False,  # also score every dalle_<step>.pt of the run: curve.json, curve.png
+        'RERANK': 0,  # > 1: also the top-1 of that many samples per caption by ENCODER's cosine
+        # (text2img's dalle_gen.py then clip_sort.py): rerank_* scores, judge_rerank.jsonl
     },
 }
 
@@ -318,6 +321,10 @@ def train(run, args):
         raise utils.UserError(
             "IMAGE_TEXT_FOLDER (--image_text_folder): empty; give a jsonl, folder or csv"
         )
+    if cfg.EVAL.JUDGE and cfg.EVAL.RERANK > 1 and not cfg.EVAL.ENCODER:
+        raise utils.UserError(
+            f"EVAL.RERANK={cfg.EVAL.RERANK} needs EVAL.ENCODER: the CLIP that ranks the samples"
+        )
     pairs = utils.read_pairs(cfg.IMAGE_TEXT_FOLDER)
     ckpt, foreign = utils.read_resume(args.resume, run, 'dalle', models.is_dalle_pytorch_checkpoint)
     if foreign is not None:  # DALLE-pytorch's dalle.pt
@@ -539,24 +546,33 @@ def metric_plugins(judge, encoders=None, n_neg=99, out_dir=None):
     return plugins
 
 
-def dalle_sampler(model, vae, tokenizer, cfg, dev, shown):
+def dalle_sampler(model, vae, tokenizer, cfg, dev, shown, rerank=None):
     """Caption records -> one sample each (SAMPLE's top-k and temperature, a seeded generator);
-    the first 8 images are kept in `shown` for the sample grid."""
+    the first 8 images are kept in `shown` for the sample grid. rerank=(n, (text encoder,
+    image encoder)): n samples per caption, the one whose global image feature is nearest its
+    caption's sentence feature (cosine) kept, as clip_sort.py ranks dalle_gen.py's."""
     model.eval()
     g = torch.Generator(device=dev).manual_seed(cfg.SEED)
+    n = rerank[0] if rerank else 1
 
     def sample(batch):
         ids = torch.stack(
             [tokenizer.tokenize(r['caption'], cfg.TEXT.TEXT_SEQ_LEN, True) for r in batch]
         ).to(dev)
         tokens = model.generate_image_tokens(
-            ids,
+            ids.repeat_interleave(n, 0),
             cfg.SAMPLE.TOP_K,
             cfg.SAMPLE.TEMPERATURE,
             generator=g,
             top_k_over=cfg.SAMPLE.TOP_K_OVER,
         )
         images = vae.decode(tokens).float().clamp(-1, 1).cpu()
+        if rerank:
+            text_enc, image_enc = rerank[1]
+            captions = [r['caption'] for r in batch for _ in range(n)]
+            img, txt = utils.encode_pairs(image_enc, text_enc, images, captions)
+            best = F.cosine_similarity(img, txt, dim=-1).view(len(batch), n).argmax(1)
+            images = images.view(len(batch), n, *images.shape[1:])[torch.arange(len(batch)), best]
         if sum(map(len, shown)) < 8:
             shown.append(images)
         return images
@@ -575,8 +591,10 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     score the images get whatever the caption says); with BASELINE, an untrained DALLE on the
     same captions and noise. With EVAL.ENCODER, the R-precision of the samples (DM-GAN's
     protocol: true caption against R_NEG captions of images of other classes, by the encoder's
-    cosine) and their CLIP score. Writes holdout_samples.png (rows: trained, untrained), the
-    samples as PNGs with keys.json in holdout_images/ and judge.jsonl (one verdict per sample)."""
+    cosine) and their CLIP score; with EVAL.RERANK, the same for the encoder's top-1 of RERANK
+    samples per caption. Writes holdout_samples.png (rows: trained, reranked, untrained), the
+    samples as PNGs with keys.json in holdout_images/ (holdout_images_rerank/) and judge.jsonl
+    (judge_rerank.jsonl), one verdict per sample."""
     eval_cfg = cfg.EVAL
     held = holdout_records(eval_cfg)
     judge = models.load_judge(eval_cfg.JUDGE, dev)
@@ -592,11 +610,11 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
             min(eval_cfg.R_NEG, len(classes) - np.unique(classes, return_counts=True)[1].max())
         )
 
-    def score(model, files, out_dir=None):
+    def score(model, files, out_dir=None, rerank=None):
         """The scores of model's samples, their records (with the judge's verdicts), the first 8."""
         records, shown = [dict(r) for r in held], []
         res = utils.evaluate_generator(
-            dalle_sampler(model, vae, tokenizer, cfg, dev, shown),
+            dalle_sampler(model, vae, tokenizer, cfg, dev, shown, rerank),
             records,
             metric_plugins(judge, encoders, n_neg, out_dir),
             SAMPLE_BATCH,
@@ -613,6 +631,18 @@ def evaluate(cfg, dalle, vae, tokenizer, dev, log, out, dalle_path):
     if encoders is not None:
         res['r_precision_negatives'] = n_neg
     rows = [first]
+    if eval_cfg.RERANK > 1:
+        # R-precision of these is not an independent measure: the same encoder chose them
+        top, top_records, shown = score(
+            dalle,
+            weights,
+            os.path.join(out, 'holdout_images_rerank'),
+            (eval_cfg.RERANK, encoders),
+        )
+        utils.write_verdicts(os.path.join(out, 'judge_rerank.jsonl'), top_records)
+        res.update({f'rerank_{k}': v for k, v in top.items()})
+        res['rerank_samples'] = eval_cfg.RERANK
+        rows.append(shown)
     if eval_cfg.BASELINE:
         torch.manual_seed(cfg.SEED)  # same architecture, fresh initialisation
         untrained = models.DALLE(**dalle.hparams).to(dev)

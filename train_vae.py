@@ -32,6 +32,8 @@ DEFAULTS = {
         'NUM_RESNET_BLOCKS': 2,
         'EMB_DIM': 512,  # codebook_dim
         'HIDDEN_DIM': 256,
+        'QUANTIZER': 'gumbel',  # DALLE-pytorch's Gumbel-softmax codes; 'vq': VQ-VAE's nearest code
+        # (van den Oord et al. 2017), the quantizer of taming's VQGAN; its vae.pt is this project's
     },
     'TRAIN': {
         'EPOCHS': 20,
@@ -248,10 +250,19 @@ def restart_dead_codes(vae, images, dead, init_scale):
     k copies j's logits row and codebook vector and adds s * (h . h0 - |h0|^2 / 2), so it
     takes the part of j's inputs nearer h0 and reconstructions do not jump; s = init_scale over
     the mean squared feature norm moves logits by about init_scale, well above the Gumbel
-    noise. Rank 0 decides, every rank gets its result. Returns the number of codes restarted."""
+    noise. VQ: k becomes the encoder output h0 itself (the nearest code of h0 from then on).
+    Rank 0 decides, every rank gets its result. Returns the number of codes restarted."""
     dead = dead.nonzero().flatten()
     conv, book = vae.encoder[-1], vae.codebook.weight
-    if len(dead) and utils.is_main():
+    if len(dead) and utils.is_main() and vae.quantizer == 'vq':
+        z_e = vae.encoder(images)
+        idx = vae.code_distances(z_e).argmin(-1)
+        err = (vae.decode(idx.flatten(1)).float() - images).pow(2).mean(1, keepdim=True)
+        err = F.adaptive_avg_pool2d(err, idx.shape[-2:]).flatten()
+        pick = torch.multinomial(err + 1e-12, min(len(dead), len(err)))
+        dead = dead[: len(pick)]
+        book[dead] = z_e.permute(0, 2, 3, 1).flatten(0, 2)[pick].to(book.dtype)
+    elif len(dead) and utils.is_main():
         feats = vae.encoder[:-1](images)
         idx = conv(feats).max(1).indices
         err = (vae.decode(idx.flatten(1)).float() - images).pow(2).mean(1, keepdim=True)
@@ -271,23 +282,27 @@ def restart_dead_codes(vae, images, dead, init_scale):
 
 
 def train_step(model, opt, images, temp, train_cfg, amp, step=0):
-    """Gumbel-softmax reconstruction at temperature temp, the VAE loss, one Adam step."""
+    """Gumbel-softmax reconstruction at temperature temp (or the VQ one), the VAE loss (plus
+    the VQ loss), one Adam step."""
     with amp:
-        recon, logits = model(
+        recon, logits, vq = model(
             images, temperature=temp, hard=train_cfg.STRAIGHT_THROUGH, reinmax=train_cfg.REINMAX
         )
     loss, rec, kl = vae_loss(images, recon, logits, train_cfg)
+    if vq is not None:
+        loss = loss + vq
     utils.check_finite(loss, 'vae', step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return (
-        loss.detach(),
-        rec.detach(),
-        None if kl is None else kl.detach(),
-        recon.detach(),
-        logits.detach(),
-    )
+    return {
+        'loss': loss.detach(),
+        'recon': rec.detach(),
+        'kl': None if kl is None else kl.detach(),
+        'vq': None if vq is None else vq.detach(),
+        'images': recon.detach(),
+        'logits': logits.detach(),
+    }
 
 
 def save_vae_pt(vae, path):
@@ -305,6 +320,23 @@ def train(run, args):
         raise utils.UserError(
             "TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)"
         )
+    if model_cfg.QUANTIZER not in models.VAE_QUANTIZERS:
+        raise utils.UserError(
+            f"MODEL.QUANTIZER={model_cfg.QUANTIZER!r}: expected one of "
+            f"{', '.join(models.VAE_QUANTIZERS)}"
+        )
+    if model_cfg.QUANTIZER == 'vq':
+        gumbel_only = {
+            'TRAIN.STRAIGHT_THROUGH': (train_cfg.STRAIGHT_THROUGH, False),
+            'TRAIN.REINMAX': (train_cfg.REINMAX, False),
+            'TRAIN.KL_LOSS_WEIGHT': (train_cfg.KL_LOSS_WEIGHT, 0.0),
+            'TRAIN.LOGIT_INIT_SCALE': (train_cfg.LOGIT_INIT_SCALE, 1.0),
+        }
+        for key, (value, neutral) in gumbel_only.items():
+            if value != neutral:
+                raise utils.UserError(
+                    f"{key}={value}: a Gumbel-softmax setting; MODEL.QUANTIZER vq needs {neutral}"
+                )
     ds = build_dataset(cfg)
     loader = utils.make_loader(
         ds, train_cfg.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
@@ -325,6 +357,7 @@ def train(run, args):
         model_cfg.NUM_LAYERS,
         model_cfg.NUM_RESNET_BLOCKS,
         model_cfg.HIDDEN_DIM,
+        quantizer=model_cfg.QUANTIZER,
     ).to(dev)
     with (
         torch.no_grad()
@@ -382,21 +415,25 @@ def train(run, args):
                 continue
             images = images.to(dev, non_blocking=True)
             temp = temperature(train_cfg, step, every, len(loader))
-            loss, rec, kl, recon, logits = train_step(
-                model, opt, images, temp, train_cfg, amp, step
-            )
+            out = train_step(model, opt, images, temp, train_cfg, amp, step)
+            kl, recon, logits = out['kl'], out['images'], out['logits']
             step += 1
             if is_decay_point(train_cfg, every, i, step):
                 sched.step()
             counts += torch.bincount(
                 logits.detach().max(1).indices.flatten(), minlength=model_cfg.NUM_TOKENS
             )
-            last = {'loss': loss.item(), 'recon': rec.item(), 'temp': temp}
+            last = {'loss': out['loss'].item(), 'recon': out['recon'].item()}
+            if vae.quantizer == 'gumbel':
+                last['temp'] = temp
             bar.set_postfix(**last)
             if step % train_cfg.LOG_EVERY == 0:
-                last['kl'] = (
-                    kl if kl is not None else kl_to_uniform(logits, train_cfg.KL_REDUCTION)
-                ).item()
+                if vae.quantizer == 'vq':
+                    last['vq'] = out['vq'].item()
+                else:
+                    last['kl'] = (
+                        kl if kl is not None else kl_to_uniform(logits, train_cfg.KL_REDUCTION)
+                    ).item()
                 ppl, used = codebook_usage(counts)
                 if train_cfg.RESTART_DEAD_CODES:
                     last['restarted'] = restart_dead_codes(

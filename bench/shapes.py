@@ -8,9 +8,10 @@ For each system: its text encoder (and XMC-GAN's caption embeddings, DALLE's VAE
 (seed 0) with its cfg, unless the file its cfg names is already there; then, per seed, the
 generator is trained with its cfg and scored on the 1,000 test captions (one image each, the
 judge, R-precision with the encoder it is conditioned on, DALLE with the CLIP from scratch,
-baselines). Prints mean +- std over the seeds beside the encoder's R-precision on the real test
-images and the baselines, and writes <out>/shapes.json. Each run's learning curve is
-<out>/<system>_seed<N>_eval/curve.png (DALLE: <out>/dalle_seed<N>/curve.png).
+baselines; DALLE also the CLIP's top-1 of EVAL.RERANK samples per caption). Prints mean +- std
+over the seeds beside the encoder's R-precision on the real test images and the baselines, and
+writes <out>/shapes.json. Each run's learning curve is <out>/<system>_seed<N>_eval/curve.png
+(DALLE: <out>/dalle_seed<N>/curve.png).
 """
 
 import argparse
@@ -231,6 +232,12 @@ def main():
             + ' | '.join(cell(f'judge_{c}') for c in COLUMNS)
             + f" | {cell('r_precision')} | {s['encoder_r_precision']:.3f} | {cell('train_seconds')} |"
         )
+        if 'rerank_judge_all' in runs[0]:  # DALLE: the encoder's top-1 of EVAL.RERANK samples
+            print(
+                f"| {name}: top-1 of {runs[0]['rerank_samples']} by the CLIP | "
+                + ' | '.join(cell(f'rerank_judge_{c}') for c in COLUMNS)
+                + f" | {cell('rerank_r_precision')} (the ranking encoder's) | | |"
+            )
         r0 = runs[0]
         for label, prefix in (
             ('untrained', 'untrained_judge_'),

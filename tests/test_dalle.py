@@ -948,6 +948,59 @@ def test_dead_code_restarts_seed_where_reconstruction_fails():
     assert (best[0] < 1 - 1e-3).all()
 
 
+def test_vq_quantizer_is_the_nearest_code_straight_through():
+    """MODEL.QUANTIZER vq (VQ-VAE, van den Oord et al. 2017 Eq. 3): the decoder reads each
+    encoder output's nearest code, the reconstruction's gradient reaches the encoder unchanged,
+    and the VQ loss is ||sg[z_e] - e||^2 + 0.25 ||z_e - sg[e]||^2."""
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(16, 32, 8, 2, 1, 8, quantizer='vq')
+    assert vae.encoder[-1].out_channels == 8 and vae.hparams['quantizer'] == 'vq'
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    recon, logits, vq = vae(x)
+    z_e = vae.encoder(x).permute(0, 2, 3, 1).reshape(-1, 8)
+    nearest = (z_e[:, None] - vae.codebook.weight[None]).pow(2).sum(-1).argmin(1)
+    assert torch.equal(logits.argmax(1).flatten(), nearest)
+    assert torch.equal(vae.get_codebook_indices(x).flatten(), nearest)
+    assert torch.allclose(recon, vae.decode(nearest.view(4, 16)), atol=1e-5)
+    e = vae.codebook.weight[nearest]
+    assert vq.item() == pytest.approx(1.25 * (e - z_e).pow(2).mean().item(), rel=1e-5)
+    # straight-through: the encoder's gradient from the reconstruction is the decoder input's
+    vae.zero_grad()
+    recon.sum().backward()
+    assert vae.encoder[-1].weight.grad.abs().sum() > 0 and vae.codebook.weight.grad is None
+    # the Gumbel VAE's vae.pt keeps DALLE-pytorch's hparams: no quantizer key
+    assert 'quantizer' not in models.DiscreteVAE(16, 32, 8, 2, 1, 8).hparams
+
+
+def test_train_vae_vq_writes_a_vae_pt_that_dalle_reads(nested_images, tmp_path):
+    m = run_script(
+        train_vae,
+        ['--image_folder', nested_images, '--epochs', 1, '--out', tmp_path, *VAE_ARGS]
+        + ['--set', 'MODEL.QUANTIZER=vq', '--set', 'TRAIN.RESTART_DEAD_CODES=true'],
+    )
+    assert m['final_vq'] > 0 and 'final_temp' not in m and 'final_kl' not in m
+    vae = models.load_discrete_vae(str(tmp_path / 'vae.pt'))
+    assert vae.quantizer == 'vq' and vae.encoder[-1].out_channels == 8
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z_e = vae.encoder(x).permute(0, 2, 3, 1).reshape(-1, 8)
+    nearest = (z_e[:, None] - vae.codebook.weight[None]).pow(2).sum(-1).argmin(1)
+    assert torch.equal(vae.get_codebook_indices(x).flatten(), nearest)
+
+
+def test_vq_dead_codes_restart_at_encoder_outputs_where_reconstruction_fails():
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(32, 32, 8, 2, 1, 8, quantizer='vq')
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    dead = torch.arange(32) >= 28
+    kept = vae.codebook.weight[:28].clone()
+    assert train_vae.restart_dead_codes(vae, x, dead, 1.0) == 4
+    with torch.no_grad():
+        z_e = vae.encoder(x).permute(0, 2, 3, 1).reshape(-1, 8)
+    assert torch.equal(vae.codebook.weight[:28], kept)
+    gap = (vae.codebook.weight[28:, None] - z_e[None]).abs().amax(-1).amin(1)
+    assert gap.max() < 1e-6  # each restarted code is one of the encoder outputs
+
+
 def _dense_reference(vae, x, temp, hard, reinmax):
     """The textbook formulas on dense one-hots (DALLE-pytorch's einsum), with the noise the
     model draws: F.gumbel_softmax's straight-through and ReinMax (Liu et al. 2023, Alg. 2)."""
@@ -1021,6 +1074,27 @@ def test_train_vae_bad_input(tmp_path):
         run_script(
             train_vae,
             ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS, '--image_size', 18],
+        )
+    with pytest.raises(utils.UserError, match='STRAIGHT_THROUGH=True: a Gumbel-softmax setting'):
+        run_script(
+            train_vae,
+            [
+                '--image_folder',
+                tmp_path,
+                '--out',
+                tmp_path / 'o',
+                *VAE_ARGS,
+                '--set',
+                'MODEL.QUANTIZER=vq',
+                '--set',
+                'TRAIN.STRAIGHT_THROUGH=true',
+            ],
+        )
+    with pytest.raises(utils.UserError, match="MODEL.QUANTIZER='vqq': expected one of gumbel, vq"):
+        run_script(
+            train_vae,
+            ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS]
+            + ['--set', 'MODEL.QUANTIZER=vqq'],
         )
     with pytest.raises(utils.UserError, match='REINMAX=true needs TRAIN.STRAIGHT_THROUGH'):
         run_script(
@@ -1111,6 +1185,8 @@ def test_train_dalle_resume_then_generate_and_rerank(
             f'EVAL.ENCODER={tiny_encoder}',
             '--set',
             'EVAL.CURVE=true',
+            '--set',
+            'EVAL.RERANK=3',
         ],
     )
     # the learning curve: every step checkpoint scored, the last one the final evaluation
@@ -1144,6 +1220,13 @@ def test_train_dalle_resume_then_generate_and_rerank(
     dumped = json.load(open(a / 'holdout_images' / 'keys.json'))
     assert sorted(dumped) == sorted(x['file'] for x in lines)
     assert all((a / 'holdout_images' / f).is_file() for f in dumped)
+    # the encoder's top-1 of 3 samples per caption, scored and dumped the same way
+    lines = [json.loads(x) for x in open(a / 'judge_rerank.jsonl')]
+    assert m['rerank_samples'] == 3 and m['rerank_protocol']['num_images'] == 6
+    assert m['rerank_judge_all'] == pytest.approx(sum(x['correct'] for x in lines) / 6)
+    assert 0 <= m['rerank_r_precision'] <= 1
+    dumped = json.load(open(a / 'holdout_images_rerank' / 'keys.json'))
+    assert sorted(dumped) == sorted(x['file'] for x in lines)
     ck = utils.load_checkpoint(m['dalle_path'], 'dalle')
     assert {'hparams', 'vae_class_name', 'vae_params', 'tokenizer'} <= set(ck['extra'])
     assert (
@@ -1234,6 +1317,57 @@ def test_train_dalle_resume_then_generate_and_rerank(
 
 @pytest.mark.slow
 @pytest.mark.slow
+def test_reranked_sampler_keeps_the_sample_its_encoder_scores_highest():
+    """EVAL.RERANK: n samples per caption, the one whose image feature is nearest the caption's
+    sentence feature kept, caption by caption."""
+    n = 3
+
+    class Model:
+        def eval(self):
+            return self
+
+        def generate_image_tokens(self, ids, *args, **kwargs):
+            return torch.tensor([[5], [9], [1], [2], [0], [7]])[: len(ids)]
+
+    class VAE:
+        def decode(self, tokens):  # image k is filled with k / 10
+            return (tokens.float() / 10)[:, :, None, None].expand(-1, 3, 2, 2)
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, images):  # caption "a" prefers bright images, "b" dark ones
+            v = images.mean((1, 2, 3))
+            return None, torch.stack([v, 1 - v], 1)
+
+    class TextEncoder:
+        def encode(self, texts):
+            return None, torch.tensor([[1.0, 0.0] if t == 'a' else [0.0, 1.0] for t in texts]), None
+
+    class Tokenizer:
+        def tokenize(self, text, length, truncate):
+            return torch.zeros(length, dtype=torch.long)
+
+    cfg = utils.to_cfg(
+        {
+            'SEED': 0,
+            'TEXT': {'TEXT_SEQ_LEN': 4},
+            'SAMPLE': {'TOP_K': 0.9, 'TEMPERATURE': 1.0, 'TOP_K_OVER': 'image'},
+        }
+    )
+    shown = []
+    sample = train_dalle.dalle_sampler(
+        Model(), VAE(), Tokenizer(), cfg, 'cpu', shown, (n, (TextEncoder(), ImageEncoder()))
+    )
+    images = sample([{'caption': 'a'}, {'caption': 'b'}])
+    # caption a: tokens 5, 9, 1 -> the brightest, 9; caption b: 2, 0, 7 -> the darkest, 0
+    assert images.shape == (2, 3, 2, 2)
+    assert images[:, 0, 0, 0].tolist() == pytest.approx([0.9, 0.0])
+    assert len(shown[0]) == 2
+
+
 def test_cached_image_tokens_train_as_tokenising_every_step(tiny_shapes, tiny_vae, tmp_path):
     """TRAIN.CACHE_IMAGE_TOKENS: each image tokenised once gives the tokens (and so the weights)
     that tokenising every batch gives, under the fixed transform it requires."""
@@ -1315,6 +1449,13 @@ def test_train_dalle_caption_too_long(tiny_shapes, tiny_vae, tmp_path):
     ]
     with pytest.raises(utils.UserError, match=r"caption '.*' has \d+ tokens > TEXT_SEQ_LEN=4"):
         run_script(train_dalle, [*base, '--out', tmp_path / 'a'])
+    # reranking without the encoder that ranks is refused before any training
+    with pytest.raises(utils.UserError, match='EVAL.RERANK=8 needs EVAL.ENCODER'):
+        run_script(
+            train_dalle,
+            [*base, '--out', tmp_path / 'r', '--set', 'EVAL.JUDGE=x', '--set', 'EVAL.RERANK=8'],
+        )
+    assert not (tmp_path / 'r' / 'checkpoints').exists()
     m = run_script(
         train_dalle, [*base, '--out', tmp_path / 'b', '--truncate_captions', '--batch_size', 100]
     )
