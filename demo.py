@@ -22,14 +22,15 @@ import time
 
 PY = sys.executable
 DATA = 'data/shapes'  # preprocess_data.py --cfg cfg/preprocess/shapes.yml
-# Training length of each step at DEMO_SCALE 1, sized so the whole demo fits in ~15 minutes on
-# 2 CPU cores; the cfgs' own lengths (docs/experiments.md: ~10 minutes each) are the longer runs.
+# Training length of each step at DEMO_SCALE 1, sized so the whole demo takes ~13 minutes on 2 CPU
+# cores, leaving room for slower spells of a shared machine (one ran the same steps 1.16x slower);
+# the cfgs' own lengths (docs/experiments.md: ~10 minutes each) are the longer runs.
 LENGTH = {
     'judge_epochs': 3,
     'clip_epochs': 1,
     'damsm_epochs': 1,
-    'dmgan_epochs': 4,
-    'xmc_steps': 450,
+    'dmgan_epochs': 3,
+    'xmc_steps': 400,
     'vae_epochs': 1,
     'dalle_steps': 300,
     'dalle_eval_captions': 128,
