@@ -22,17 +22,17 @@ import time
 
 PY = sys.executable
 DATA = 'data/shapes'  # preprocess_data.py --cfg cfg/preprocess/shapes.yml
-# Training length of each step at DEMO_SCALE 1, sized so the whole demo takes ~13 minutes on 2 CPU
-# cores, leaving room for slower spells of a shared machine (one ran the same steps 1.16x slower);
-# the cfgs' own lengths (docs/experiments.md: ~10 minutes each) are the longer runs.
+# Training length of each step at DEMO_SCALE 1, sized so the whole demo fits in 15 minutes on 2 CPU
+# cores in the slower spells of a shared machine (which ran the same steps up to 1.3x slower than
+# its faster ones); the cfgs' own lengths (docs/experiments.md: ~10 minutes each) are the longer runs.
 LENGTH = {
     'judge_epochs': 3,
     'clip_epochs': 1,
     'damsm_epochs': 1,
     'dmgan_epochs': 3,
-    'xmc_steps': 400,
+    'xmc_steps': 250,
     'vae_epochs': 1,
-    'dalle_steps': 300,
+    'dalle_steps': 200,
     'dalle_eval_captions': 128,
 }
 SAMPLES_PER_CAPTION = 8  # dalle_gen.py images per caption, reranked by clip_sort.py
