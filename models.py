@@ -2571,6 +2571,8 @@ class DiscreteVAE(nn.Module):
     4x4 convs, resblocks, a 1x1 conv to logits over the codebook; Gumbel-softmax picks (soft) codes,
     whose codebook vectors the transposed-conv decoder turns back into an image.
     Module names and shapes equal DALLE-pytorch 1.6.6's, so `vae.pt` files load both ways.
+    quantizer='vq' (this project's option; its `vae.pt` DALLE-pytorch cannot read): the 1x1
+    conv gives a vector in the codebook's space and its nearest code is taken (vq_forward).
     Works in DALLE-pytorch's normalised space: images in [-1, 1] (it normalises [0, 1]
     inputs by (x - 0.5) / 0.5 inside; we take them already normalised)."""
 
@@ -2672,10 +2674,10 @@ class DiscreteVAE(nn.Module):
         return self.decoder(z.permute(0, 3, 1, 2)), logits, None
 
     def code_distances(self, z_e):
-        """Squared distances (B, h, w, num_tokens) of encoder outputs (B, D, h, w) to the codes."""
-        flat = z_e.float().permute(0, 2, 3, 1)
-        book = self.codebook.weight.float()
-        return flat.pow(2).sum(-1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(-1)
+        """Squared distances (B, h, w, num_tokens) of encoder outputs (B, D, h, w) to the codes,
+        in float32 under any autocast (bf16 |z|^2 - 2 z.e + |e|^2 picks a wrong nearest code for
+        about a third of the tokens)."""
+        return squared_distances(z_e.permute(0, 2, 3, 1), self.codebook.weight)
 
     def vq_forward(self, images, beta=0.25):
         """VQ-VAE (van den Oord et al. 2017, Sec. 3.1): each encoder output z_e is replaced by
@@ -2861,6 +2863,14 @@ class TamingDecoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def squared_distances(x, book):
+    """|x - e|^2 (..., K) of vectors x (..., D) to each row e of book (K, D), in float32 whatever
+    autocast is on: the expanded form loses the nearest code's margin in bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, book = x.float(), book.float()
+        return x.pow(2).sum(-1, keepdim=True) - 2 * x @ book.t() + book.pow(2).sum(-1)
+
+
 class VectorQuantizer(nn.Module):
     """Nearest codebook vector (VQ-VAE); only the lookup is needed to tokenise and decode."""
 
@@ -2869,10 +2879,8 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(n_embed, embed_dim)
 
     def indices(self, z):
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        e = self.embedding.weight
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
-        return d.argmin(1).view(z.shape[0], -1)
+        d = squared_distances(z.permute(0, 2, 3, 1), self.embedding.weight)
+        return d.argmin(-1).view(z.shape[0], -1)
 
 
 class VQGAN(nn.Module):

@@ -6,8 +6,8 @@ codebook tokens -> images, the tokenizer of the DALLE pipeline.
   python train_vae.py --cfg cfg/dalle/shapes_vae.yml   # the embedded run
   torchrun --nproc_per_node=N train_vae.py ...          # data-parallel
 
-Writes <run>/vae.pt ({'hparams', 'weights'}, readable by DALLE-pytorch) and training
-checkpoints in <run>/checkpoints (--resume auto).
+Writes <run>/vae.pt ({'hparams', 'weights'}, readable by DALLE-pytorch unless MODEL.QUANTIZER is
+vq) and training checkpoints in <run>/checkpoints (--resume auto).
 """
 
 import math
@@ -54,7 +54,8 @@ DEFAULTS = {
         'STRAIGHT_THROUGH': False,  # DiscreteVAE(straight_through=): hard one-hot forward, soft gradient
         'REINMAX': False,  # upstream DiscreteVAE(reinmax=) (not in 1.6.6): ReinMax gradient for STRAIGHT_THROUGH
         'LOGIT_INIT_SCALE': 1.0,  # scales the initial logits conv (1 = PyTorch's default init, as DALLE-pytorch)
-        'RESTART_DEAD_CODES': False,  # at each LOG_EVERY, codes unused since the last one split busy codes
+        'RESTART_DEAD_CODES': False,  # at each LOG_EVERY, codes unused since the last one split busy
+        # codes (VQ: restart at encoder outputs), drawn where reconstructions fail
         'SMOOTH_L1_LOSS': False,
         'AMP': False,  # bf16 autocast
         'LOG_EVERY': 100,  # scalars, codebook usage, reconstruction grids
@@ -306,7 +307,8 @@ def train_step(model, opt, images, temp, train_cfg, amp, step=0):
 
 
 def save_vae_pt(vae, path):
-    """DALLE-pytorch's vae.pt: {'hparams': vae_params, 'weights': state_dict}."""
+    """DALLE-pytorch's vae.pt: {'hparams': vae_params, 'weights': state_dict} (with a VQ
+    quantizer, hparams name it and the file is this project's)."""
     utils.atomic_torch_save({'hparams': dict(vae.hparams), 'weights': vae.state_dict()}, path)
 
 
@@ -315,10 +317,6 @@ def train(run, args):
     if model_cfg.IMAGE_SIZE % 2**model_cfg.NUM_LAYERS:
         raise utils.UserError(
             f"MODEL.IMAGE_SIZE={model_cfg.IMAGE_SIZE} is not divisible by 2**NUM_LAYERS={2**model_cfg.NUM_LAYERS}"
-        )
-    if train_cfg.REINMAX and not train_cfg.STRAIGHT_THROUGH:
-        raise utils.UserError(
-            "TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)"
         )
     if model_cfg.QUANTIZER not in models.VAE_QUANTIZERS:
         raise utils.UserError(
@@ -337,6 +335,10 @@ def train(run, args):
                 raise utils.UserError(
                     f"{key}={value}: a Gumbel-softmax setting; MODEL.QUANTIZER vq needs {neutral}"
                 )
+    if train_cfg.REINMAX and not train_cfg.STRAIGHT_THROUGH:
+        raise utils.UserError(
+            "TRAIN.REINMAX=true needs TRAIN.STRAIGHT_THROUGH=true (it is a straight-through gradient)"
+        )
     ds = build_dataset(cfg)
     loader = utils.make_loader(
         ds, train_cfg.BATCH_SIZE, shuffle=True, drop_last=True, workers=cfg.WORKERS, seed=cfg.SEED
@@ -470,7 +472,8 @@ def train(run, args):
 
 @torch.no_grad()
 def log_reconstructions(run, vae, images, recon, n, step):
-    """Originals, soft (Gumbel) and hard (argmax codes) reconstructions, one row each."""
+    """Originals, the training pass's reconstructions (soft or sampled Gumbel codes; VQ: the
+    nearest codes) and hard (argmax codes) ones, one row each."""
     if not run.main or n <= 0:
         return
     vae.eval()

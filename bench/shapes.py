@@ -192,7 +192,9 @@ def main():
         sys_ = SYSTEMS[name]
         prep_seconds = None
         for k, (cmd, made) in enumerate(sys_['prep']):
-            if not os.path.isfile(os.path.join(ROOT, made)):
+            if os.path.isfile(os.path.join(ROOT, made)):
+                print(f"{name}: reusing {made} (delete it to remake it: {' '.join(cmd)})")
+            else:
                 try:
                     prep_seconds = (prep_seconds or 0) + run(
                         cmd, os.path.join(ROOT, args.out, f'{name}_prep{k}.log')

@@ -972,6 +972,27 @@ def test_vq_quantizer_is_the_nearest_code_straight_through():
     assert 'quantizer' not in models.DiscreteVAE(16, 32, 8, 2, 1, 8).hparams
 
 
+def test_nearest_codes_are_the_float32_ones_under_bf16_autocast():
+    """The VQ distances run in float32 inside autocast: bf16's |z|^2 - 2 z.e + |e|^2 picks
+    other codes for many tokens."""
+    torch.manual_seed(0)
+    vae = models.DiscreteVAE(16, 256, 32, 2, 1, 8, quantizer='vq')
+    # encoder outputs and codes near one large vector, as a trained codebook's clusters
+    z_e = 10 + 0.3 * torch.randn(16, 32, 4, 4)
+    vae.codebook.weight.data = 10 + 0.3 * torch.randn(256, 32)
+    quant = models.VectorQuantizer(256, 32)
+    quant.embedding.weight.data = vae.codebook.weight.data.clone()
+    plain = vae.code_distances(z_e).argmin(-1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(vae.code_distances(z_e).argmin(-1), plain)
+        assert torch.equal(quant.indices(z_e), plain.flatten(1))
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # what the expanded form gives in bf16
+        flat, book = z_e.permute(0, 2, 3, 1), vae.codebook.weight
+        bf16 = flat.pow(2).sum(-1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(-1)
+    assert (bf16.argmin(-1) != plain).float().mean() > 0.1
+
+
+@pytest.mark.slow
 def test_train_vae_vq_writes_a_vae_pt_that_dalle_reads(nested_images, tmp_path):
     m = run_script(
         train_vae,
@@ -1315,8 +1336,6 @@ def test_train_dalle_resume_then_generate_and_rerank(
     assert {'0.png', '1.png', 'grid.png', 'ranking.json'} <= set(os.listdir(seed / 'samples'))
 
 
-@pytest.mark.slow
-@pytest.mark.slow
 def test_reranked_sampler_keeps_the_sample_its_encoder_scores_highest():
     """EVAL.RERANK: n samples per caption, the one whose image feature is nearest the caption's
     sentence feature kept, caption by caption."""
@@ -1368,6 +1387,7 @@ def test_reranked_sampler_keeps_the_sample_its_encoder_scores_highest():
     assert len(shown[0]) == 2
 
 
+@pytest.mark.slow
 def test_cached_image_tokens_train_as_tokenising_every_step(tiny_shapes, tiny_vae, tmp_path):
     """TRAIN.CACHE_IMAGE_TOKENS: each image tokenised once gives the tokens (and so the weights)
     that tokenising every batch gives, under the fixed transform it requires."""
