@@ -298,10 +298,10 @@ def train_step(model, opt, images, temp, train_cfg, amp, step=0):
     opt.step()
     return {
         'loss': loss.detach(),
-        'recon': rec.detach(),
+        'recon_loss': rec.detach(),
         'kl': None if kl is None else kl.detach(),
         'vq': None if vq is None else vq.detach(),
-        'images': recon.detach(),
+        'reconstruction': recon.detach(),
         'logits': logits.detach(),
     }
 
@@ -418,14 +418,14 @@ def train(run, args):
             images = images.to(dev, non_blocking=True)
             temp = temperature(train_cfg, step, every, len(loader))
             out = train_step(model, opt, images, temp, train_cfg, amp, step)
-            kl, recon, logits = out['kl'], out['images'], out['logits']
+            kl, recon, logits = out['kl'], out['reconstruction'], out['logits']
             step += 1
             if is_decay_point(train_cfg, every, i, step):
                 sched.step()
             counts += torch.bincount(
                 logits.detach().max(1).indices.flatten(), minlength=model_cfg.NUM_TOKENS
             )
-            last = {'loss': out['loss'].item(), 'recon': out['recon'].item()}
+            last = {'loss': out['loss'].item(), 'recon': out['recon_loss'].item()}
             if vae.quantizer == 'gumbel':
                 last['temp'] = temp
             bar.set_postfix(**last)

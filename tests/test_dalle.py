@@ -1087,51 +1087,30 @@ def test_vae_gumbel_codes_follow_the_softmax():
 
 def test_train_vae_bad_input(tmp_path):
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(utils.UserError, match='no images'):
-        run_script(
-            train_vae, ['--image_folder', tmp_path / 'empty', '--out', tmp_path / 'o', *VAE_ARGS]
-        )
-    with pytest.raises(utils.UserError, match='divisible'):
-        run_script(
-            train_vae,
-            ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS, '--image_size', 18],
-        )
-    with pytest.raises(utils.UserError, match='STRAIGHT_THROUGH=True: a Gumbel-softmax setting'):
-        run_script(
-            train_vae,
-            [
-                '--image_folder',
-                tmp_path,
-                '--out',
-                tmp_path / 'o',
-                *VAE_ARGS,
-                '--set',
-                'MODEL.QUANTIZER=vq',
-                '--set',
-                'TRAIN.STRAIGHT_THROUGH=true',
-            ],
-        )
-    with pytest.raises(utils.UserError, match="MODEL.QUANTIZER='vqq': expected one of gumbel, vq"):
-        run_script(
-            train_vae,
-            ['--image_folder', tmp_path, '--out', tmp_path / 'o', *VAE_ARGS]
-            + ['--set', 'MODEL.QUANTIZER=vqq'],
-        )
-    with pytest.raises(utils.UserError, match='REINMAX=true needs TRAIN.STRAIGHT_THROUGH'):
-        run_script(
-            train_vae,
-            [
-                '--image_folder',
-                tmp_path,
-                '--out',
-                tmp_path / 'o',
-                *VAE_ARGS,
-                '--set',
-                'TRAIN.REINMAX=true',
-                '--set',
-                'TRAIN.STRAIGHT_THROUGH=false',
-            ],
-        )
+
+    def fails(match, folder, *extra):
+        with pytest.raises(utils.UserError, match=match):
+            run_script(
+                train_vae, ['--image_folder', folder, '--out', tmp_path / 'o', *VAE_ARGS, *extra]
+            )
+
+    fails('no images', tmp_path / 'empty')
+    fails('divisible', tmp_path, '--image_size', 18)
+    fails(
+        'STRAIGHT_THROUGH=True: a Gumbel-softmax setting',
+        tmp_path,
+        *('--set', 'MODEL.QUANTIZER=vq', '--set', 'TRAIN.STRAIGHT_THROUGH=true'),
+    )
+    fails(
+        "MODEL.QUANTIZER='vqq': expected one of gumbel, vq",
+        tmp_path,
+        *('--set', 'MODEL.QUANTIZER=vqq'),
+    )
+    fails(
+        'REINMAX=true needs TRAIN.STRAIGHT_THROUGH',
+        tmp_path,
+        *('--set', 'TRAIN.REINMAX=true', '--set', 'TRAIN.STRAIGHT_THROUGH=false'),
+    )
 
 
 @pytest.fixture(scope='module')
