@@ -78,10 +78,13 @@ def ref_words_loss(regions, words, lengths, cls, g1, g2, g3):
     return _ce_both_ways(_mask_same_class(sim * g3, cls))
 
 
-def test_words_loss_matches_reference():
+# 3x3 regions: more than the 5 dimensions (the contexts are built); one region, as a 32 px CLIP
+# from scratch gives: its norms come from the regions' Gram matrix (models.gram_pays)
+@pytest.mark.parametrize('grid', [3, 1])
+def test_words_loss_matches_reference(grid):
     rng = np.random.RandomState(0)
     B, D, T = 4, 5, 6
-    regions, words = rng.randn(B, D, 3, 3), rng.randn(B, D, T)
+    regions, words = rng.randn(B, D, grid, grid), rng.randn(B, D, T)
     lengths = np.array([6, 3, 1, 4])
     cls = np.array([0, 1, 0, 2])
     pad = torch.arange(T)[None] >= torch.as_tensor(lengths)[:, None]
@@ -92,7 +95,7 @@ def test_words_loss_matches_reference():
     )
     r0, r1 = ref_words_loss(regions, words, lengths, cls, 4.0, 5.0, 10.0)
     assert w0.item() == pytest.approx(r0, rel=1e-9) and w1.item() == pytest.approx(r1, rel=1e-9)
-    assert maps[0].shape == (T, 3, 3)
+    assert maps[0].shape == (T, grid, grid)
     assert torch.allclose(maps[1][:3].sum((1, 2)), torch.ones(3, dtype=torch.float64))
     # without class masking the numbers change (the masking is really applied)
     n0, _, _ = models.words_loss(
@@ -124,10 +127,11 @@ def ref_words_loss_t2i_clip_gan(regions, words, lengths, cls, g1, g2, g3):
     return _ce_both_ways(_mask_same_class(sim * g3, cls))
 
 
-def test_words_loss_t2i_clip_gan_form_matches_the_original():
+@pytest.mark.parametrize('grid', [3, 1])
+def test_words_loss_t2i_clip_gan_form_matches_the_original(grid):
     rng = np.random.RandomState(3)
     B, D, T = 4, 5, 6
-    regions, words = rng.randn(B, D, 3, 3) * 3, rng.randn(B, D, T) * 2
+    regions, words = rng.randn(B, D, grid, grid) * 3, rng.randn(B, D, T) * 2
     lengths, cls = np.array([6, 2, 4, 1]), np.array([0, 1, 0, 2])
     pad = torch.arange(T)[None] >= torch.as_tensor(lengths)[:, None]
     args = (torch.tensor(regions), torch.tensor(words), pad, torch.tensor(cls), 4.0, 5.0, 10.0)
@@ -1376,3 +1380,20 @@ def test_damsm_preload_needs_its_crop_off(fixture_data, tmp_path):
     for key in ('DATA.CROP', 'DATA.FLIP'):
         with pytest.raises(utils.UserError, match='DATA.PRELOAD needs DATA.CROP and DATA.FLIP'):
             run_pretrain_damsm(cfg, tmp_path / key, fixture_data, f'{key}=true')
+
+
+@pytest.mark.parametrize('grid', [3, 2])
+def test_words_loss_gradients(grid):
+    """Both ways to the contexts' norms (built for 9 regions of 8 dimensions, from the Gram
+    matrix for 4) differentiate correctly."""
+    assert models.gram_pays(grid * grid, 8) == (grid == 2)
+    g = torch.Generator().manual_seed(1)
+    regions = torch.randn(3, 8, grid, grid, dtype=torch.float64, generator=g, requires_grad=True)
+    words = torch.randn(3, 8, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    pad = torch.tensor([[False] * 4, [False, False, True, True], [False, False, False, True]])
+
+    def loss(r, w):
+        w0, w1, _ = models.words_loss(r, w, pad, None, 4.0, 5.0, 10.0)
+        return w0 + w1
+
+    assert torch.autograd.gradcheck(loss, (regions, words))
