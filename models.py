@@ -1478,20 +1478,28 @@ def _l2norm(x, dim):
     return x / (x.norm(dim=dim, keepdim=True) + 1e-8)
 
 
+def gram_pays(regions, dims):
+    """Whether |c|^2 = alpha^T G alpha (R x R per word) costs less than building c (R x D) and
+    taking its norm; a 2x margin, as the Gram path adds a product and a Gram matrix of its own."""
+    return 2 * regions <= dims
+
+
 def _context_norm(alpha, gram, contexts):
-    """|c| of the attention contexts c_k = sum_r alpha_kr v_r, alpha (I, J, T, R) over the regions
-    of image j (I, J: the two batch axes, in either order). Where gram_pays, from the regions'
-    Gram matrix gram (J, R, R) = V^T V as |c|^2 = alpha^T G alpha, so the contexts (I x J x T x D)
-    are never built; otherwise from contexts(alpha) itself, (I, J, T, D)."""
+    """|c| of the attention contexts c_k = sum_r alpha_kr v_r, alpha (I, J, T, R): I the captions,
+    J the images whose regions v attend. Where gram_pays, from the images' Gram matrices gram
+    (J, R, R) = V^T V as |c|^2 = alpha^T G alpha, so the contexts (I x J x T x D) are never built;
+    otherwise from contexts(alpha) itself, (I, J, T, D)."""
     if gram is None:
         return contexts(alpha).norm(dim=3)
     # the clamp keeps sqrt's gradient finite where a context is zero
     return (torch.einsum('ijtr,jrq->ijtq', alpha, gram) * alpha).sum(3).clamp(min=1e-16).sqrt()
 
 
-def gram_pays(regions, dims):
-    """Whether |c|^2 = alpha^T G alpha (R x R per word) costs less than building c (R x D)."""
-    return 2 * regions <= dims
+def _float32(*tensors):
+    """The word losses in float32 (or float64) under any autocast, where bf16 moves the scaled
+    loss by ~1e-2: the tensors cast up, and the context that turns autocast off on their device."""
+    cast = [t if t.dtype == torch.float64 else t.float() for t in tensors]
+    return cast, torch.autocast(tensors[0].device.type, enabled=False)
 
 
 def words_loss(
@@ -1512,26 +1520,30 @@ def words_loss(
     Returns loss0, loss1 and each caption's attention map on its own image (T, h, w)."""
     if form not in WORD_LOSS_FORMS:
         raise ValueError(f"word loss form {form!r}: expected one of {WORD_LOSS_FORMS}")
-    B, D, T = words.shape
-    h, w = regions.shape[2:]
-    R = h * w
-    ctx = regions.reshape(B, D, R)
-    if form == 't2i_clip_gan':
-        ctx, words = _l2norm(ctx, 1), _l2norm(words, 1)
-    gram = ctx.transpose(1, 2) @ ctx if gram_pays(R, D) else None  # (B, R, R), _context_norm
-    chunk = max(1, (1 << 22) // (B * T * max(R, D)))
-    sims, maps = [], []
-    for c0 in range(0, B, chunk):
-        e, pad = words[c0 : c0 + chunk], pad_mask[c0 : c0 + chunk]  # (C, D, T), (C, T)
-        s = torch.einsum('jdr,idt->ijtr', ctx, e)  # (C, B, T, R): e_k . v_r
-        alpha = (
-            s.masked_fill(pad[:, None, :, None], float('-inf')).softmax(dim=2) * gamma1
-        ).softmax(dim=3)
-        dot = (alpha * s).sum(3)  # c_k . e_k
-        norm = _context_norm(alpha, gram, lambda a: torch.einsum('jdr,ijtr->ijtd', ctx, a))
-        cos = dot / (norm * e.norm(dim=1)[:, None]).clamp(min=1e-8)
-        sims.append(torch.logsumexp((gamma2 * cos).masked_fill(pad[:, None], float('-inf')), dim=2))
-        maps += [alpha[k, c0 + k].reshape(T, h, w) for k in range(len(e))]
+    (regions, words), fp32 = _float32(regions, words)
+    with fp32:
+        B, D, T = words.shape
+        h, w = regions.shape[2:]
+        R = h * w
+        ctx = regions.reshape(B, D, R)
+        if form == 't2i_clip_gan':
+            ctx, words = _l2norm(ctx, 1), _l2norm(words, 1)
+        gram = ctx.transpose(1, 2) @ ctx if gram_pays(R, D) else None  # (B, R, R), _context_norm
+        chunk = max(1, (1 << 22) // (B * T * max(R, D)))
+        sims, maps = [], []
+        for c0 in range(0, B, chunk):
+            e, pad = words[c0 : c0 + chunk], pad_mask[c0 : c0 + chunk]  # (C, D, T), (C, T)
+            s = torch.einsum('jdr,idt->ijtr', ctx, e)  # (C, B, T, R): e_k . v_r
+            alpha = (
+                s.masked_fill(pad[:, None, :, None], float('-inf')).softmax(dim=2) * gamma1
+            ).softmax(dim=3)
+            dot = (alpha * s).sum(3)  # c_k . e_k
+            norm = _context_norm(alpha, gram, lambda a: torch.einsum('jdr,ijtr->ijtd', ctx, a))
+            cos = dot / (norm * e.norm(dim=1)[:, None]).clamp(min=1e-8)
+            sims.append(
+                torch.logsumexp((gamma2 * cos).masked_fill(pad[:, None], float('-inf')), dim=2)
+            )
+            maps += [alpha[k, c0 + k].reshape(T, h, w) for k in range(len(e))]
     sim = torch.cat(sims).t()  # rows images
     if form == 't2i_clip_gan':
         sim = sim / gamma2
@@ -2193,14 +2205,16 @@ def word_region_scores(regions, words, pad_mask, gamma1, gamma2):
     attends over the L2-normalised regions with softmax(gamma1 * cos); S = log sum over the real
     words of exp(gamma2 * cos(word, its region context)), / gamma2.
     regions (B, R, D), words (C, T, D), pad_mask (C, T) True at padding -> (B, C)."""
-    r, w = F.normalize(regions.float(), dim=-1), F.normalize(words.float(), dim=-1)
-    cos = torch.einsum('brd,ctd->bctr', r, w)  # (B, C, T, R)
-    alpha = (gamma1 * cos).softmax(dim=3)
-    gram = r @ r.transpose(1, 2) if gram_pays(r.shape[1], r.shape[2]) else None
-    norm = _context_norm(
-        alpha.transpose(0, 1), gram, lambda a: torch.einsum('cbtr,brd->cbtd', a, r)
-    ).transpose(0, 1)
-    sim = gamma2 * (alpha * cos).sum(3) / norm.clamp(min=1e-8)  # |w| = 1
+    (regions, words), fp32 = _float32(regions, words)
+    with fp32:
+        r, w = F.normalize(regions, dim=-1), F.normalize(words, dim=-1)
+        cos = torch.einsum('brd,ctd->bctr', r, w)  # (B, C, T, R)
+        alpha = (gamma1 * cos).softmax(dim=3)
+        gram = r @ r.transpose(1, 2) if gram_pays(r.shape[1], r.shape[2]) else None
+        norm = _context_norm(
+            alpha.transpose(0, 1), gram, lambda a: torch.einsum('cbtr,brd->cbtd', a, r)
+        ).transpose(0, 1)
+        sim = gamma2 * (alpha * cos).sum(3) / norm.clamp(min=1e-8)  # |w| = 1
     return torch.logsumexp(sim.masked_fill(pad_mask[None], float('-inf')), -1) / gamma2
 
 

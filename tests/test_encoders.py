@@ -78,12 +78,16 @@ def ref_words_loss(regions, words, lengths, cls, g1, g2, g3):
     return _ce_both_ways(_mask_same_class(sim * g3, cls))
 
 
-# 3x3 regions: more than the 5 dimensions (the contexts are built); one region, as a 32 px CLIP
-# from scratch gives: its norms come from the regions' Gram matrix (models.gram_pays)
-@pytest.mark.parametrize('grid', [3, 1])
-def test_words_loss_matches_reference(grid):
+# (grid, dims): 3x3 regions of 5 dimensions build the contexts; one region (a 32 px CLIP from
+# scratch) and 2x2 regions of 8 dimensions take the norms from the regions' Gram matrix
+PATHS = [((3, 5), False), ((1, 5), True), ((2, 8), True)]
+
+
+@pytest.mark.parametrize('grid_dims, gram', PATHS)
+def test_words_loss_matches_reference(grid_dims, gram):
+    (grid, D), B, T = grid_dims, 4, 6
+    assert models.gram_pays(grid * grid, D) == gram
     rng = np.random.RandomState(0)
-    B, D, T = 4, 5, 6
     regions, words = rng.randn(B, D, grid, grid), rng.randn(B, D, T)
     lengths = np.array([6, 3, 1, 4])
     cls = np.array([0, 1, 0, 2])
@@ -127,10 +131,11 @@ def ref_words_loss_t2i_clip_gan(regions, words, lengths, cls, g1, g2, g3):
     return _ce_both_ways(_mask_same_class(sim * g3, cls))
 
 
-@pytest.mark.parametrize('grid', [3, 1])
-def test_words_loss_t2i_clip_gan_form_matches_the_original(grid):
+@pytest.mark.parametrize('grid_dims, gram', PATHS)
+def test_words_loss_t2i_clip_gan_form_matches_the_original(grid_dims, gram):
+    (grid, D), B, T = grid_dims, 4, 6
+    assert models.gram_pays(grid * grid, D) == gram
     rng = np.random.RandomState(3)
-    B, D, T = 4, 5, 6
     regions, words = rng.randn(B, D, grid, grid) * 3, rng.randn(B, D, T) * 2
     lengths, cls = np.array([6, 2, 4, 1]), np.array([0, 1, 0, 2])
     pad = torch.arange(T)[None] >= torch.as_tensor(lengths)[:, None]
@@ -1397,3 +1402,18 @@ def test_words_loss_gradients(grid):
         return w0 + w1
 
     assert torch.autograd.gradcheck(loss, (regions, words))
+
+
+def test_word_losses_in_float32_under_autocast():
+    """bf16 autocast leaves the word losses' own arithmetic in float32."""
+    g = torch.Generator().manual_seed(2)
+    regions, words = torch.randn(6, 64, 1, 1, generator=g), torch.randn(6, 64, 9, generator=g)
+    pad = torch.arange(9)[None] >= torch.tensor([9, 3, 5, 9, 1, 7])[:, None]
+    want = models.words_loss(regions, words, pad)[0]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = models.words_loss(regions, words, pad)[0]
+        scores = models.word_region_scores(
+            regions.view(6, 64, 1).transpose(1, 2), words.transpose(1, 2), pad, 5.0, 5.0
+        )
+    assert got.dtype == torch.float32 and scores.dtype == torch.float32
+    torch.testing.assert_close(got, want)

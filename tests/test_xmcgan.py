@@ -43,11 +43,12 @@ def test_contrastive_loss_matches_loop():
     assert models.contrastive_loss(a, b, tau).item() == pytest.approx(a2b + b2a, rel=1e-5)
 
 
-@pytest.mark.parametrize('R', [3, 8])  # half the 6 dimensions (Gram path), and more
-def test_word_loss_matches_original_algorithm(R):
+@pytest.mark.parametrize('R, gram', [(3, True), (8, False)])  # models.gram_pays with 6 dims
+def test_word_loss_matches_original_algorithm(R, gram):
     """attention_lib.word_loss, one (caption, image) pair at a time."""
     torch.manual_seed(0)
     B, T, D, g1, g2, g3 = 3, 4, 6, 5.0, 5.0, 50.0
+    assert models.gram_pays(R, D) == gram
     regions, words = torch.randn(B, R, D), torch.randn(B, T, D)
     lengths = torch.tensor([4, 2, 3])
     s = [[0.0] * B for _ in range(B)]  # s[caption][image]
