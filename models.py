@@ -1496,8 +1496,9 @@ def _context_norm(alpha, gram, contexts):
 
 
 def _float32(*tensors):
-    """The word losses in float32 (or float64) under any autocast, where bf16 moves the scaled
-    loss by ~1e-2: the tensors cast up, and the context that turns autocast off on their device."""
+    """For sums that bf16 rounds too coarsely (the word losses: ~1e-2 of the scaled loss; VQ's
+    nearest codes): the tensors cast up to float32 (float64 kept), and the context that turns
+    autocast off on their device."""
     cast = [t if t.dtype == torch.float64 else t.float() for t in tensors]
     return cast, torch.autocast(tensors[0].device.type, enabled=False)
 
@@ -2905,8 +2906,8 @@ class TamingDecoder(nn.Module):
 def squared_distances(x, book):
     """|x - e|^2 (..., K) of vectors x (..., D) to each row e of book (K, D), in float32 whatever
     autocast is on: the expanded form loses the nearest code's margin in bf16."""
-    with torch.autocast(x.device.type, enabled=False):
-        x, book = x.float(), book.float()
+    (x, book), fp32 = _float32(x, book)
+    with fp32:
         return x.pow(2).sum(-1, keepdim=True) - 2 * x @ book.t() + book.pow(2).sum(-1)
 
 
