@@ -6,8 +6,10 @@ For each encoder (a text_encoder<N>.pth of pretrain_DAMSM.py, its image encoder 
 captions of single-object images: a linear classifier trained on the sentence features of 2,000
 training captions predicts the object's shape, colour, size and cell for 1,000 test captions
 (chance 0.17 / 0.13 / 0.50 / 0.11), and the swap accuracy of utils.swap_accuracy on the first
-caption of each test image (own caption against the word swapped, chance 0.5). A generator
-conditioned on the sentence features can only draw what they carry.
+caption of each test image (own caption against the word swapped, chance 0.5), and the share
+of the training features' variance each attribute's class means explain (how faint a direction
+it is for the first linear layer that reads them). A generator conditioned on the sentence
+features can only draw what they carry.
 
     python bench/probe_encoder.py ENCODER --generator output/shapes_DMGAN/checkpoints/dmgan_<step>.pt
 
@@ -85,6 +87,21 @@ def probe_targets(x_train, x_test, train, test):
     ]
 
 
+def variance_shares(x, labels):
+    """For each of TARGETS, the share of the features' variance that its class means explain
+    (between-class over total): how loud that attribute is among the directions a generator's
+    first linear layer reads."""
+    x = x.float() - x.float().mean(0)
+    total = x.pow(2).sum(1).mean()
+    shares = []
+    for t in TARGETS:
+        y = torch.tensor([lab[t] for _, lab in labels])
+        means = torch.zeros(int(y.max()) + 1, x.shape[1]).index_add_(0, y, x)
+        means /= torch.bincount(y, minlength=len(means)).clamp(min=1)[:, None].float()
+        shares.append(float(means[y].pow(2).sum(1).mean() / total))
+    return shares
+
+
 def first_captions(data_dir, n_images):
     """The first caption and image of the first n_images test images, images in [-1, 1] at 64 px."""
     rows, seen = [], set()
@@ -129,12 +146,14 @@ def main():
         + ' | swap shape | swap colour | swap size |'
     )
     print('|---' * (len(TARGETS) + 4) + '|')
+    shares = {}
     for path in args.encoders:
         text_encoder, image_encoder = models.load_encoders(path)
         x_train, x_test = (
             utils.encode_sentences(text_encoder, [c for c, _ in s]) for s in (train, test)
         )
         probes = probe_targets(x_train, x_test, train, test)
+        shares[path] = variance_shares(x_train, train)
         with torch.no_grad():
             image_emb = torch.cat(
                 [image_encoder.encode(b)[1].float() for b in torch.split(swap_images, 250)]
@@ -150,6 +169,10 @@ def main():
         if args.generator and path == args.encoders[0]:
             probe_conditioning(args.generator, x_train, x_test, train, test)
             probe_discriminators(args.generator, text_encoder, swap_texts, swap_images)
+    print('\nShare of the sentence features\' variance explained by each attribute\'s class means')
+    print('| encoder | ' + ' | '.join(TARGETS) + ' |\n' + '|---' * (len(TARGETS) + 1) + '|')
+    for path, v in shares.items():
+        print(f'| {path} | ' + ' | '.join(f'{a:.3f}' for a in v) + ' |')
 
 
 def probe_conditioning(path, x_train, x_test, train, test):
