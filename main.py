@@ -310,21 +310,8 @@ def train(run, args):
         raise utils.UserError(
             f"TRAIN.BATCH_SIZE={train_cfg.BATCH_SIZE} exceeds the {len(ds)} training images"
         )
-    sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
     netG = models.build_dmgan_generator(cfg, text_enc.spec['dim']).to(dev)
-    netsD = nn.ModuleList(
-        [
-            models.DMGANDiscriminator(
-                s,
-                cfg.GAN.DF_DIM,
-                text_enc.spec['dim'],
-                cfg.GAN.SN_EVAL_POWER_ITERATION,
-                cfg.GAN.D_CONDITION,
-                word_regions=train_cfg.WORD_CONTRASTIVE.WEIGHT > 0,
-            )
-            for s in sizes
-        ]
-    ).to(dev)
+    netsD = nn.ModuleList(models.build_dmgan_discriminators(cfg, text_enc.spec['dim'])).to(dev)
     netG.apply(models.init_weights)
     netsD.apply(models.init_weights)
     layout = utils.memory_format(train_cfg, dev)

@@ -2033,6 +2033,21 @@ def build_dmgan_generator(cfg, text_dim):
     )
 
 
+def build_dmgan_discriminators(cfg, text_dim):
+    """One discriminator per stage of cfg.TREE, as cfg.GAN and the word-region term ask."""
+    return [
+        DMGANDiscriminator(
+            cfg.TREE.BASE_SIZE * 2**i,
+            cfg.GAN.DF_DIM,
+            text_dim,
+            cfg.GAN.SN_EVAL_POWER_ITERATION,
+            cfg.GAN.D_CONDITION,
+            word_regions=cfg.TRAIN.WORD_CONTRASTIVE.WEIGHT > 0,
+        )
+        for i in range(cfg.TREE.BRANCH_NUM)
+    ]
+
+
 def dmgan_generator_state(path, dev):
     """The averaged generator of one of our checkpoints (G_ema, as DM-GAN saves it), or a G_NET
     state dict released by the original code (bird_DMGAN.pth, netG_epoch_N.pth), renamed."""

@@ -6,6 +6,7 @@ share of a plain matmul's, measured in the same run (FLOPs counted by torch.util
 
     python bench/dmgan.py                                  # CPU: 2 timed steps per variant
     python bench/dmgan.py --device cuda --steps 20 --warmup 3
+    python bench/dmgan.py --cfg cfg/shapes_DMGAN.yml --no-damsm --steps 20   # another cfg's G and Ds
 
 Random weights and random text features (the frozen text encoder is not part of the step).
 
@@ -76,10 +77,9 @@ def build(cfg, dev, layout, x, damsm=True):
     """main.py's step on inputs x: every D, then G (with the DAMSM losses through a frozen
     Inception-v3 unless damsm is False), then the EMA update; step(amp, i)."""
     text_dim = cfg.TEXT.EMBEDDING_DIM
-    sizes = [cfg.TREE.BASE_SIZE * 2**i for i in range(cfg.TREE.BRANCH_NUM)]
     torch.manual_seed(0)
     netG = models.build_dmgan_generator(cfg, text_dim)
-    netsD = [models.DMGANDiscriminator(s, cfg.GAN.DF_DIM, text_dim) for s in sizes]
+    netsD = models.build_dmgan_discriminators(cfg, text_dim)
     for net in (netG, *netsD):
         net.apply(models.init_weights)
         net.to(dev, memory_format=layout)
@@ -233,6 +233,11 @@ def main_():
     p.add_argument('--original', help="MinfengZhu/DM-GAN code/ folder: time against its modules")
     p.add_argument('--rounds', type=int, default=3, help='alternating rounds (with --original)')
     p.add_argument(
+        '--no-damsm',
+        action='store_true',
+        help="leave out the DAMSM term (it always runs through the bird cfg's Inception-v3)",
+    )
+    p.add_argument(
         '--profile',
         action='store_true',
         help='with --original: top 10 operators of one step and peak memory of each side',
@@ -268,7 +273,7 @@ def main_():
         ('fp32', None, torch.contiguous_format),
         ('bf16 autocast + channels_last', torch.bfloat16, torch.channels_last),
     ):
-        step = build(cfg, dev, layout, x)
+        step = build(cfg, dev, layout, x, damsm=not args.no_damsm)
         amp, _ = utils.autocast(dev, dtype is not None)  # as main.py's TRAIN.AMP
         for i in range(args.warmup):
             step(amp, i)
